@@ -1,0 +1,16 @@
+"""molmo-latency: phase-level latency profiler for vision-language models.
+
+    >>> from molmo_latency import profile_phases
+    >>> from molmo_latency.models import reference_vlm
+    >>> ref = reference_vlm("tiny")
+    >>> with profile_phases(ref.model) as prof:
+    ...     _ = ref.model.generate(**ref.inputs(crops=2, prompt_tokens=16, new_tokens=8))
+    >>> prof.report().requests.select("decode_steps", "valid").row(0)
+    (7, True)
+"""
+
+__version__ = "0.1.0"
+
+from molmo_latency.profiler import PhaseProfiler, profile_phases  # noqa: E402
+
+__all__ = ["PhaseProfiler", "profile_phases", "__version__"]

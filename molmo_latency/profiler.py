@@ -1,0 +1,345 @@
+"""`profile_phases`: every phase of every generate() call, on one timeline, in the same run.
+
+Collection only: forward hooks on the vision, projector and LLM modules (found by an adapter)
+mark time with a timer policy (CUDA events on GPU, perf_counter_ns on CPU) and open NVTX /
+record_function ranges; the generate() wrapper brackets each request. Nothing synchronises
+inside generate(); each request's marks are resolved once, after generate() returned.
+The tables are built by :mod:`molmo_latency.records`.
+
+Example:
+    >>> from molmo_latency import profile_phases
+    >>> from molmo_latency.models import reference_vlm
+    >>> ref = reference_vlm("tiny")
+    >>> with profile_phases(ref.model) as prof:
+    ...     _ = ref.model.generate(**ref.inputs(crops=2, new_tokens=4))
+    >>> r = prof.report().requests
+    >>> r["decode_steps"].to_list(), r["valid"].to_list()
+    ([3], [True])
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from molmo_latency.adapters import PathSpec, PhaseMap, find_phases
+from molmo_latency.errors import MolmoLatencyError
+from molmo_latency.ranges import RangeEmitter
+from molmo_latency.records import PhaseReport, RequestRecord, build_report
+from molmo_latency.timers import Timer, timer_for
+
+
+class PhaseProfiler:
+    """Holds the hooks and the per-request records of one `profile_phases` block."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        nvtx: bool = True,
+        torch_profiler: Any = None,
+        trace_dir: str | os.PathLike | None = None,
+        phases: Mapping[str, PathSpec] | None = None,
+        timer: Timer | None = None,
+        nvml: str = "auto",
+        nvml_interval_ms: float = 10.0,
+    ):
+        if nvml not in ("auto", "off", "required"):
+            raise MolmoLatencyError(f"nvml must be 'auto', 'off' or 'required', got {nvml!r}")
+        self.model = model
+        self.phase_map: PhaseMap = find_phases(model, phases)
+        self.timer: Timer = timer if timer is not None else timer_for(model)
+        self.ranges = RangeEmitter(nvtx=nvtx)
+        self.nvml_mode = nvml
+        self.nvml_interval_ms = nvml_interval_ms
+        self.trace_dir = Path(trace_dir) if trace_dir is not None else None
+        self._torch_profiler_arg = torch_profiler if torch_profiler is not None else (
+            True if trace_dir is not None else None)
+        self.records: list[RequestRecord] = []
+        self.traces: list[dict[str, Any]] = []  # {"path": str, "requests": [int]}
+        self._active: RequestRecord | None = None
+        self._handles: list[Any] = []
+        self._had_generate_attr = False
+        self._saved_generate: Any = None
+        self._tprof: Any = None
+        self._own_tprof = False
+        self._trace_requests: list[int] = []
+        self._sampler: Any = None
+        self._entered = False
+
+    # ------------------------------------------------------------------ context manager
+    def __enter__(self) -> "PhaseProfiler":
+        if self._entered:
+            raise MolmoLatencyError("a profile_phases block cannot be entered twice")
+        self._entered = True
+        try:
+            self._install_hooks()
+            self._wrap_generate()
+            self._start_torch_profiler()
+            self._start_telemetry()
+        except BaseException:
+            self._restore()
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        """Leave the model exactly as it was: hooks off, generate restored, ranges closed."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        if self._saved_generate is not None or self._had_generate_attr:
+            if self._had_generate_attr:
+                self.model.generate = self._saved_generate
+            elif "generate" in vars(self.model):
+                del self.model.generate
+            self._saved_generate = None
+            self._had_generate_attr = False
+        self.ranges.pop_all()
+        self._active = None
+        self._stop_torch_profiler()
+        self._stop_telemetry()
+
+    # ---------------------------------------------------------------------------- hooks
+    def _install_hooks(self) -> None:
+        for name, span in self.phase_map.spans.items():
+            pre = functools.partial(self._on_start, name)
+            post = functools.partial(self._on_end, name)
+            self._handles.append(span.start.register_forward_pre_hook(lambda m, a, _f=pre: _f()))
+            self._handles.append(span.end.register_forward_hook(lambda m, a, o, _f=post: _f()))
+
+    def _on_start(self, name: str) -> None:
+        req = self._active
+        if req is None:
+            return
+        if name == "llm":
+            phase = "prefill" if req.llm_calls == 0 else "decode"
+            step = 0 if req.llm_calls == 0 else req.llm_calls - 1
+            req.llm_calls += 1
+        else:
+            phase = name
+            step = req.occurrences.get(name, 0)
+            req.occurrences[name] = step + 1
+        if req.open:
+            req.anomalies.append(f"{phase} started while {req.open[-1][0]} was open (nested phases)")
+        self.ranges.push(phase, step)
+        req.open.append((phase, step, len(req.marks), name))
+        req.marks.append(self.timer.mark())
+
+    def _on_end(self, name: str) -> None:
+        req = self._active
+        if req is None:
+            return
+        for i in range(len(req.open) - 1, -1, -1):
+            if req.open[i][3] == name:
+                break
+        else:
+            req.anomalies.append(f"{name} ended without a start")
+            return
+        end_idx = len(req.marks)
+        req.marks.append(self.timer.mark())
+        phase, step, start_idx, _ = req.open.pop(i)
+        self.ranges.pop()
+        req.spans.append((phase, step, start_idx, end_idx))
+
+    # ------------------------------------------------------------------------- generate
+    def _wrap_generate(self) -> None:
+        model = self.model
+        self._had_generate_attr = "generate" in vars(model)
+        original = model.generate
+        self._saved_generate = original
+
+        @functools.wraps(original)
+        def generate(*args: Any, **kwargs: Any) -> Any:
+            if self._active is not None:  # a generate() inside a generate(): one request
+                return original(*args, **kwargs)
+            req = self._begin(args, kwargs)
+            try:
+                out = original(*args, **kwargs)
+            except BaseException as exc:
+                self._finish(req, None, exc)
+                raise
+            self._finish(req, out, None)
+            return out
+
+        model.generate = generate
+
+    def _begin(self, args: tuple, kwargs: dict) -> RequestRecord:
+        ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+        req = RequestRecord(index=len(self.records))
+        if isinstance(ids, torch.Tensor) and ids.dim() == 2:
+            req.batch_size, req.input_tokens = int(ids.shape[0]), int(ids.shape[1])
+            token = self.phase_map.image_token_id
+            if token is not None:
+                req.image_tokens = int((ids[0] == token).sum())
+        self.records.append(req)
+        if self._tprof is not None and _tprof_recording(self._tprof):
+            self._trace_requests.append(req.index)
+        self.timer.begin()
+        req.wall_start_ns = time.perf_counter_ns()
+        self.ranges.push("request", req.index)
+        req.marks.append(self.timer.mark())
+        self._active = req
+        return req
+
+    def _finish(self, req: RequestRecord, out: Any, exc: BaseException | None) -> None:
+        req.marks.append(self.timer.mark())
+        self._active = None
+        for phase, _step, _idx, _name in req.open:
+            req.anomalies.append(f"{phase} never ended")
+        req.open.clear()
+        self.ranges.pop_all()
+        req.wall_end_ns = time.perf_counter_ns()
+        if exc is not None:
+            req.complete = False
+            req.error = f"{type(exc).__name__}: {exc}"
+        else:
+            req.output_tokens = _output_tokens(out, req.input_tokens)
+        try:
+            req.times_ns = self.timer.resolve(req.marks)
+        except Exception as resolve_exc:  # e.g. CUDA error after a failed generate()
+            req.anomalies.append(f"timing could not be resolved: {resolve_exc}")
+            req.times_ns = None
+        req.marks = []  # release CUDA events back to the pool
+        if self._tprof is not None and self._own_tprof:
+            self._tprof.step()
+
+    # --------------------------------------------------------------- torch.profiler
+    def _start_torch_profiler(self) -> None:
+        arg = self._torch_profiler_arg
+        if arg is None or arg is False:
+            return
+        from torch.profiler import ProfilerActivity, profile
+
+        if isinstance(arg, profile):
+            self._tprof, self._own_tprof = arg, False
+            return
+        activities = [ProfilerActivity.CPU]
+        if torch.cuda.is_available() and next(self.model.parameters()).is_cuda:
+            activities.append(ProfilerActivity.CUDA)
+        kwargs: dict[str, Any] = {"activities": activities}
+        if callable(arg):
+            kwargs["schedule"] = arg
+        elif isinstance(arg, Mapping):
+            kwargs.update(arg)
+        elif arg is not True:
+            raise MolmoLatencyError(
+                "torch_profiler must be True, a torch.profiler.schedule(...), a dict of "
+                f"torch.profiler.profile arguments or a profile object, got {type(arg).__name__}"
+            )
+        if self.trace_dir is None:
+            raise MolmoLatencyError("torch_profiler needs trace_dir=... to write its traces into")
+        self.trace_dir.mkdir(parents=True, exist_ok=True)
+        kwargs.setdefault("on_trace_ready", self._export_trace)
+        self._tprof, self._own_tprof = profile(**kwargs), True
+        self._tprof.__enter__()
+
+    def _export_trace(self, tprof: Any) -> None:
+        requests = list(self._trace_requests)
+        self._trace_requests.clear()
+        name = f"requests_{requests[0]}-{requests[-1]}" if requests else f"trace_{len(self.traces)}"
+        path = self.trace_dir / f"{name}.pt.trace.json.gz"
+        tprof.export_chrome_trace(str(path))
+        self.traces.append({"path": str(path), "requests": requests})
+
+    def _stop_torch_profiler(self) -> None:
+        tprof, self._tprof = self._tprof, None
+        if tprof is not None and self._own_tprof:
+            tprof.__exit__(None, None, None)
+
+    # -------------------------------------------------------------------- telemetry
+    def _start_telemetry(self) -> None:
+        if self.nvml_mode == "off":
+            return
+        param = next(self.model.parameters(), None)
+        on_gpu = param is not None and param.device.type == "cuda"
+        if not on_gpu and self.nvml_mode == "auto":
+            return  # a CPU model: GPU telemetry would explain nothing
+        try:
+            from molmo_latency.telemetry import start_telemetry
+        except ImportError:  # pragma: no cover - telemetry package missing
+            if self.nvml_mode == "required":
+                raise
+            return
+        index = (param.device.index or 0) if on_gpu else 0
+        self._sampler = start_telemetry(self.nvml_mode, index, interval_ms=self.nvml_interval_ms)
+
+    def _stop_telemetry(self) -> None:
+        sampler = self._sampler
+        if sampler is not None:
+            try:
+                sampler.stop()
+            except Exception as exc:  # noqa: BLE001 - keep the measurements, say what failed
+                warnings.warn(f"NVML sampler failed: {exc}", stacklevel=2)
+
+    # ------------------------------------------------------------------------ results
+    def report(self) -> PhaseReport:
+        """The `requests` and `phases` tables (polars) of every request so far."""
+        samples = None
+        if self._sampler is not None:
+            samples = self._sampler.samples()
+        return build_report(self.records, self.timer.kind, samples=samples, traces=self.traces)
+
+
+def profile_phases(
+    model: torch.nn.Module,
+    *,
+    nvtx: bool = True,
+    torch_profiler: Any = None,
+    trace_dir: str | os.PathLike | None = None,
+    phases: Mapping[str, PathSpec] | None = None,
+    timer: Timer | None = None,
+    nvml: str = "auto",
+    nvml_interval_ms: float = 10.0,
+) -> PhaseProfiler:
+    """Profile every `model.generate()` call inside a `with` block, phase by phase.
+
+    Args:
+        model: an HF VLM (LLaVA-style, Molmo2, Molmo remote code) or any model with `phases`.
+        nvtx: emit NVTX ranges (domain ``molmo_latency``) for Nsight Systems.
+        torch_profiler: None; True (record every request); a ``torch.profiler.schedule(...)``;
+            a dict of ``torch.profiler.profile`` arguments; or your own started profile object
+            (we call ``.step()`` after each request). Traces go to `trace_dir`.
+        trace_dir: where Chrome/Kineto traces are written (implies ``torch_profiler=True``).
+        phases: explicit mapping ``{"vision": path, "projector": path, "llm": (start, end)}``.
+        timer: a timer policy; default CUDA events for a CUDA model, perf_counter_ns otherwise.
+        nvml: "auto" | "off" | "required": GPU clocks, temperature, power, throttle reasons.
+
+    Example:
+        >>> from molmo_latency.models import reference_vlm
+        >>> ref = reference_vlm("tiny")
+        >>> with profile_phases(ref.model) as prof:
+        ...     _ = ref.model.generate(**ref.inputs(crops=1, new_tokens=3))
+        >>> prof.report().phases["phase"].to_list()
+        ['vision', 'projector', 'prefill', 'decode', 'decode']
+    """
+    return PhaseProfiler(
+        model, nvtx=nvtx, torch_profiler=torch_profiler, trace_dir=trace_dir, phases=phases,
+        timer=timer, nvml=nvml, nvml_interval_ms=nvml_interval_ms,
+    )
+
+
+def _tprof_recording(tprof: Any) -> bool:
+    from torch.profiler import ProfilerAction
+
+    action = getattr(tprof, "current_action", ProfilerAction.RECORD)
+    return action in (ProfilerAction.RECORD, ProfilerAction.RECORD_AND_SAVE)
+
+
+def _output_tokens(out: Any, input_tokens: int | None) -> int | None:
+    seqs = out if isinstance(out, torch.Tensor) else getattr(out, "sequences", None)
+    if not isinstance(seqs, torch.Tensor) or seqs.dim() < 1:
+        return None
+    length = int(seqs.shape[-1])
+    if input_tokens is not None and length >= input_tokens:
+        return length - input_tokens
+    return length  # a model whose generate() returns only the new tokens
+

@@ -1,0 +1,234 @@
+"""The phase profiler on the tiny reference model (CPU), as a user would check it."""
+
+import gzip
+import json
+import statistics
+
+import polars as pl
+import pytest
+import torch
+
+from molmo_latency import knobs, profile_phases
+from molmo_latency.errors import AdapterError, MolmoLatencyError
+from molmo_latency.models import reference_vlm
+from tests.fake_molmo import MolmoForCausalLM
+
+
+def _hook_counts(model):
+    return {name: (len(m._forward_hooks), len(m._forward_pre_hooks)) for name, m in model.named_modules()}
+
+
+def test_every_phase_of_every_request_on_one_timeline(tiny):
+    with profile_phases(tiny.model) as prof:
+        for crops in (1, 2, 4):
+            tiny.model.generate(**tiny.inputs(crops=crops, prompt_tokens=12, new_tokens=8))
+    rep = prof.report()
+    req, ph = rep.requests, rep.phases
+    assert req.height == 3 and req["valid"].all() and req["complete"].all()
+    assert req["output_tokens"].to_list() == [8, 8, 8]
+    assert (req["decode_steps"] == req["output_tokens"] - 1).all()
+    for r in req.iter_rows(named=True):
+        p = ph.filter(pl.col("request") == r["request"]).sort("start_ns")
+        counts = p.group_by("phase").len().sort("phase")
+        assert dict(counts.iter_rows()) == {"vision": 1, "projector": 1, "prefill": 1, "decode": 7}
+        assert p.filter(pl.col("phase") == "decode")["step"].to_list() == list(range(7))
+        # inside the request, no overlap, in order vision -> projector -> prefill -> decode
+        assert p["start_ns"].min() >= r["start_ns"] and p["end_ns"].max() <= r["end_ns"]
+        assert (p["start_ns"].shift(-1).drop_nulls() >= p["end_ns"].head(p.height - 1)).all()
+        assert p["phase"].to_list()[:3] == ["vision", "projector", "prefill"]
+        assert r["other_ms"] >= 0
+        parts = r["vision_ms"] + r["projector_ms"] + r["prefill_ms"] + r["decode_ms"] + r["other_ms"]
+        assert parts == pytest.approx(r["total_ms"], rel=1e-9, abs=1e-9)
+        assert r["total_ms"] == pytest.approx((r["end_ns"] - r["start_ns"]) / 1e6)
+        assert r["decode_per_token_ms"] == pytest.approx(r["decode_ms"] / 7)
+    assert req["image_tokens"].to_list() == [16, 32, 64]
+    assert (req["input_tokens"] == 1 + req["image_tokens"] + 12).all()
+
+
+def test_model_is_left_as_it_was(tiny):
+    before = _hook_counts(tiny.model)
+    with profile_phases(tiny.model):
+        assert "generate" in vars(tiny.model)
+        assert _hook_counts(tiny.model) != before
+    assert _hook_counts(tiny.model) == before
+    assert "generate" not in vars(tiny.model)
+
+
+def _median_phase(ref, column, n=5, **inputs):
+    with profile_phases(ref.model) as prof:
+        for _ in range(n):
+            ref.model.generate(**ref.inputs(**inputs))
+    return statistics.median(prof.report().requests[column].to_list())
+
+
+def test_knobs_change_what_they_should(tiny):
+    few = _median_phase(tiny, "vision_ms", crops=1, new_tokens=2)
+    many = _median_phase(tiny, "vision_ms", crops=16, new_tokens=2)
+    assert many > few
+    full = _median_phase(tiny, "decode_per_token_ms", n=7, crops=1, new_tokens=8)
+    with knobs.configured(tiny.model, blocks=1):
+        short = _median_phase(tiny, "decode_per_token_ms", n=7, crops=1, new_tokens=8)
+    assert short < full
+    assert knobs.get_active_blocks(tiny.model) == 4
+
+
+def test_top_k_knob_reaches_every_router(tiny):
+    with knobs.configured(tiny.model, top_k=1):
+        routers = [m for m in tiny.model.modules() if isinstance(getattr(m, "top_k", None), int)]
+        assert len(routers) == 4 and all(m.top_k == 1 for m in routers)
+        out = tiny.model.generate(**tiny.inputs(crops=1, new_tokens=3))
+        assert out.shape[1] == tiny.inputs(crops=1)["input_ids"].shape[1] + 3
+    assert knobs.get_top_k(tiny.model) == 2
+    with pytest.raises(MolmoLatencyError, match="exceeds the 8 experts"):
+        knobs.set_top_k(tiny.model, 9)
+    with pytest.raises(MolmoLatencyError, match="1..4"):
+        knobs.set_active_blocks(tiny.model, 5)
+
+
+def test_exception_inside_generate_keeps_partial_request_and_restores_model(tiny):
+    layer = tiny.model.model.language_model.layers[0]
+    calls = {"n": 0}
+
+    def boom(module, args, output):
+        calls["n"] += 1
+        if calls["n"] == 4:  # prefill + 2 decode steps, then fail in decode step 2
+            raise RuntimeError("injected failure")
+
+    before = _hook_counts(tiny.model)
+    handle = layer.register_forward_hook(boom)
+    try:
+        with pytest.raises(RuntimeError, match="injected"):
+            with profile_phases(tiny.model) as prof:
+                tiny.model.generate(**tiny.inputs(crops=1, new_tokens=8))
+    finally:
+        handle.remove()
+    assert _hook_counts(tiny.model) == before and "generate" not in vars(tiny.model)
+    req = prof.report().requests.row(0, named=True)
+    assert req["complete"] is False and req["valid"] is False
+    assert "injected failure" in req["invalid_reason"] and "decode never ended" in req["invalid_reason"]
+    phases = prof.report().phases
+    assert phases.filter(pl.col("phase") == "decode").height == 2
+    assert set(phases["phase"]) == {"vision", "projector", "prefill", "decode"}
+    # the profiler still works afterwards
+    with profile_phases(tiny.model) as prof2:
+        tiny.model.generate(**tiny.inputs(crops=1, new_tokens=3))
+    assert prof2.report().requests["valid"].to_list() == [True]
+
+
+def test_negative_other_is_flagged_not_clamped():
+    from molmo_latency.records import RequestRecord, build_report
+
+    rec = RequestRecord(index=0, spans=[("prefill", 0, 1, 2)], output_tokens=1)
+    rec.times_ns = [0, 0, 2_000_000, 1_000_000]  # a phase reaching past the request end
+    row = build_report([rec], "perf_counter").requests.row(0, named=True)
+    assert row["other_ms"] == pytest.approx(-1.0)
+    assert row["valid"] is False and "more than the request" in row["invalid_reason"]
+    assert "outside the request" in row["invalid_reason"]
+
+
+def test_parquet_round_trip(tiny, tmp_path):
+    with profile_phases(tiny.model) as prof:
+        tiny.model.generate(**tiny.inputs(crops=1, new_tokens=4))
+    rep = prof.report()
+    rep.write_parquet(tmp_path)
+    assert pl.read_parquet(tmp_path / "requests.parquet").equals(rep.requests)
+    assert pl.read_parquet(tmp_path / "phases.parquet").equals(rep.phases)
+
+
+def test_unmappable_model_error_names_what_was_looked_for():
+    with pytest.raises(AdapterError, match=r"model\.vision_tower.*vision_backbone\.image_vit"):
+        profile_phases(torch.nn.Linear(2, 2))
+    with pytest.raises(AdapterError, match="no submodule 'nope'"):
+        profile_phases(torch.nn.Sequential(torch.nn.Linear(2, 2)), phases={"llm": "nope"})
+
+
+def test_explicit_mapping(tiny):
+    mapping = {"vision": "model.vision_tower", "llm": ("model.language_model", "lm_head")}
+    with profile_phases(tiny.model, phases=mapping) as prof:
+        tiny.model.generate(**tiny.inputs(crops=1, new_tokens=3))
+    req = prof.report().requests.row(0, named=True)
+    assert req["projector_ms"] is None and req["vision_ms"] > 0 and req["decode_steps"] == 2
+
+
+def test_molmo_remote_code_layout_and_knobs():
+    torch.manual_seed(0)
+    model = MolmoForCausalLM().eval()
+    ids = torch.tensor([[5, 63, 63, 63, 7, 8]])
+    images = torch.randn(3, 48)
+    with profile_phases(model) as prof:
+        model.generate(ids, images=images, max_new_tokens=4)
+        assert prof.phase_map.layout == "molmo"
+        with knobs.configured(model, top_k=1, blocks=2):
+            assert len(model.model.transformer.blocks) == 2 and model.config.n_layers == 2
+            assert all(b.mlp.top_k == 1 for b in model.model.transformer.blocks)
+            model.generate(ids, images=images, max_new_tokens=4)
+    assert len(model.model.transformer.blocks) == 3 and model.config.n_layers == 3
+    assert knobs.get_top_k(model) == 2
+    req = prof.report().requests
+    assert req["valid"].to_list() == [True, True]
+    assert req["decode_steps"].to_list() == [3, 3] and req["image_tokens"].to_list() == [3, 3]
+
+
+def test_nvtx_and_record_function_ranges(tiny, tmp_path, monkeypatch):
+    import nvtx
+
+    events = []
+
+    class Domain:
+        def get_registered_string(self, s):
+            return s
+
+        def get_event_attributes(self, message=None, payload=None):
+            return (message, payload)
+
+        def push_range(self, attrs):
+            events.append(("push", *attrs))
+
+        def pop_range(self):
+            events.append(("pop",))
+
+    monkeypatch.setattr(nvtx, "get_domain", lambda name: Domain() if name == "molmo_latency" else None)
+    with profile_phases(tiny.model, trace_dir=tmp_path) as prof:
+        tiny.model.generate(**tiny.inputs(crops=1, new_tokens=3))
+    pushes = [e[1:] for e in events if e[0] == "push"]
+    assert pushes == [("request", 0), ("vision", 0), ("projector", 0), ("prefill", 0),
+                      ("decode", 0), ("decode", 1)]
+    assert sum(e[0] == "pop" for e in events) == len(pushes)
+    [trace] = prof.traces
+    assert trace["requests"] == [0]
+    with gzip.open(trace["path"], "rt") as f:
+        names = {e.get("name") for e in json.load(f)["traceEvents"] if e.get("cat") == "user_annotation"}
+    assert {"request[0]", "vision", "projector", "prefill", "decode[0]", "decode[1]"} <= names
+
+
+def test_torch_profiler_schedule_writes_one_trace_per_cycle(tiny, tmp_path):
+    from torch.profiler import schedule
+
+    with profile_phases(tiny.model, torch_profiler=schedule(wait=1, warmup=0, active=1, repeat=2),
+                        trace_dir=tmp_path) as prof:
+        for _ in range(5):
+            tiny.model.generate(**tiny.inputs(crops=1, new_tokens=2))
+    assert [t["requests"] for t in prof.traces] == [[1], [3]]
+    assert all(p.exists() for p in tmp_path.iterdir())
+
+
+def test_bad_arguments_get_clear_errors(tiny):
+    with pytest.raises(MolmoLatencyError, match="nvml must be"):
+        profile_phases(tiny.model, nvml="sometimes")
+    with pytest.raises(MolmoLatencyError, match="needs trace_dir"):
+        with profile_phases(tiny.model, torch_profiler=True):
+            pass
+    assert "generate" not in vars(tiny.model)
+    with pytest.raises(MolmoLatencyError, match="unknown reference preset"):
+        reference_vlm("huge")
+
+
+@pytest.mark.gpu
+def test_phases_on_cuda_with_events():
+    ref = reference_vlm("tiny", device="cuda")
+    with profile_phases(ref.model) as prof:
+        for crops in (1, 4):
+            ref.model.generate(**ref.inputs(crops=crops, new_tokens=8))
+    req = prof.report().requests
+    assert req["timer"].to_list() == ["cuda_event", "cuda_event"]
+    assert req["valid"].all() and (req["decode_steps"] == 7).all() and (req["other_ms"] >= 0).all()
