@@ -67,19 +67,31 @@ def _check_columns(df: pl.DataFrame, needed, what: str) -> None:
             f"telemetry aggregation needs {', '.join(needed)}")
 
 
-def _interp(te: np.ndarray, ev: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """Counter ``ev(te)`` interpolated linearly at ``x``; NaN outside ``[te[0], te[-1]]``."""
-    out = np.full(x.shape, np.nan)
+def _counter_diff(te: np.ndarray, ev: np.ndarray, s: np.ndarray, e: np.ndarray) -> np.ndarray:
+    """Counter increase ``ev(e) - ev(s)`` by linear interpolation between the samples ``(te, ev)``.
+
+    NaN where ``s`` or ``e`` lies outside ``[te[0], te[-1]]`` or the counter went backwards
+    (driver reload) anywhere between the samples that bracket ``s`` and ``e``.
+    """
+    out = np.full(s.shape, np.nan)
     m = te.size
     if m == 0:
         return out
-    j = np.searchsorted(te, x, side="right") - 1
-    exact_last = (j == m - 1) & (x == te[-1])
-    inside = (j >= 0) & (j < m - 1)
-    jj = j[inside]
-    frac = (x[inside] - te[jj]) / (te[jj + 1] - te[jj])
-    out[inside] = ev[jj] + (ev[jj + 1] - ev[jj]) * frac
-    out[exact_last] = ev[-1]
+    resets = np.concatenate([[0], np.cumsum(np.diff(ev) < 0)])  # counter segment of each sample
+
+    def at(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        j = np.searchsorted(te, x, side="right") - 1          # last sample at or before x
+        ok = (j >= 0) & ((j < m - 1) | (x == te[-1]))
+        lo = np.clip(j, 0, m - 1)
+        hi = np.clip(j + 1, 0, m - 1)
+        span = te[hi] - te[lo]
+        frac = np.divide(x - te[lo], span, out=np.zeros_like(x), where=span > 0)
+        return ev[lo] + (ev[hi] - ev[lo]) * frac, ok, lo, hi
+
+    v_s, ok_s, lo_s, _ = at(s)
+    v_e, ok_e, _, hi_e = at(e)
+    ok = ok_s & ok_e & (resets[lo_s] == resets[hi_e])
+    out[ok] = v_e[ok] - v_s[ok]
     return out
 
 
@@ -172,8 +184,7 @@ def aggregate_intervals(
     ev = energy["energy_mj"].to_numpy().astype(np.float64)
     s = iv["_s"].to_numpy().astype(np.float64)
     e = np.maximum(iv["_e"].to_numpy().astype(np.float64), s)
-    counter_j = (_interp(te, ev, e) - _interp(te, ev, s)) / 1000.0
-    counter_j = np.where(counter_j >= 0, counter_j, np.nan)  # a counter reset: fall back
+    counter_j = _counter_diff(te, ev, s, e) / 1000.0
     iv = iv.with_columns(
         pl.Series("_counter_j", counter_j, dtype=pl.Float64).fill_nan(None),
         ((pl.col("_e") - pl.col("_s")).clip(lower_bound=0).cast(pl.Float64) / 1e9).alias("_dur_s"))
