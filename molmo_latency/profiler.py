@@ -62,6 +62,8 @@ class PhaseProfiler:
         self._torch_profiler_arg = torch_profiler if torch_profiler is not None else (
             True if trace_dir is not None else None)
         self.records: list[RequestRecord] = []
+        self._requests_seen = 0
+        self._popped_until_ns: int | None = None
         self.traces: list[dict[str, Any]] = []  # {"path": str, "requests": [int]}
         self._active: RequestRecord | None = None
         self._handles: list[Any] = []
@@ -174,7 +176,8 @@ class PhaseProfiler:
 
     def _begin(self, args: tuple, kwargs: dict) -> RequestRecord:
         ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
-        req = RequestRecord(index=len(self.records))
+        req = RequestRecord(index=self._requests_seen)
+        self._requests_seen += 1
         if isinstance(ids, torch.Tensor) and ids.dim() == 2:
             req.batch_size, req.input_tokens = int(ids.shape[0]), int(ids.shape[1])
             token = self.phase_map.image_token_id
@@ -282,11 +285,30 @@ class PhaseProfiler:
 
     # ------------------------------------------------------------------------ results
     def report(self) -> PhaseReport:
-        """The `requests` and `phases` tables (polars) of every request so far."""
-        samples = None
-        if self._sampler is not None:
-            samples = self._sampler.samples()
+        """The `requests` and `phases` tables (polars) of every request held so far."""
+        samples = self._sampler.samples() if self._sampler is not None else None
         return build_report(self.records, self.timer.kind, samples=samples, traces=self.traces)
+
+    def pop_report(self) -> PhaseReport:
+        """The tables of the requests since the last pop, which the profiler then forgets.
+
+        For long sweeps: memory stays bounded, and telemetry samples are handed out once each.
+        """
+        if self._active is not None:
+            raise MolmoLatencyError("pop_report() cannot run inside generate()")
+        records, self.records = self.records, []
+        if self._sampler is None:
+            return build_report(records, self.timer.kind, traces=self.traces)
+        import polars as pl
+
+        samples = self._sampler.samples()  # all of them: a phase may hold an earlier sample
+        report = build_report(records, self.timer.kind, samples=samples, traces=self.traces)
+        if self._popped_until_ns is not None:
+            samples = samples.filter(pl.col("t_ns") > self._popped_until_ns)
+        if samples.height:
+            self._popped_until_ns = int(samples["t_ns"].max())
+        report.telemetry = samples
+        return report
 
 
 def profile_phases(

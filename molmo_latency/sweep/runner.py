@@ -1,0 +1,197 @@
+"""The sweep runner: warm-up, interleaved measurement, one cache policy, rows written as they
+finish, failures recorded and skipped, resumable.
+
+Example:
+    >>> import tempfile
+    >>> from molmo_latency.sweep import SweepSpec, run_sweep
+    >>> spec = SweepSpec.from_dict({"crops": [1, 2], "repeats": 2, "warmup": 1, "new_tokens": [3]})
+    >>> out = run_sweep("tiny", spec, tempfile.mkdtemp())
+    >>> out["measured"], out["failed_configs"]
+    (4, 0)
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import polars as pl
+import torch
+
+from molmo_latency.profiler import profile_phases
+from molmo_latency.sweep.machine import device_columns, versions
+from molmo_latency.sweep.rundir import RunDir
+from molmo_latency.sweep.source import ModelSource, open_source
+from molmo_latency.sweep.spec import Config, SweepSpec
+
+
+@dataclass
+class Progress:
+    """What the runner tells a progress display after each measured request."""
+
+    done: int
+    total: int
+    configs_done: int
+    configs_total: int
+    last_ms: float | None
+    last_config: str
+    stage: str  # "warmup" | "measure" | "kineto"
+
+
+ProgressFn = Callable[[Progress], None]
+
+
+def _noop(_: Progress) -> None:
+    pass
+
+
+def run_identity(model: str, device: str, dtype: str | None, spec: SweepSpec) -> dict[str, Any]:
+    return {"model": model, "device": device, "dtype": dtype, "sweep_digest": spec.digest()}
+
+
+def measure_config(source: ModelSource, prof, config: Config, spec: SweepSpec) -> None:
+    """One generate() of `config` under the run's cache policy (the profiler is active)."""
+    kwargs = source.inputs(config, free_generation=spec.protocol["free_generation"])
+    if spec.protocol["cache_policy"] == "empty_before_each" and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    cooldown = spec.protocol["cooldown_ms"]
+    if cooldown:
+        time.sleep(cooldown / 1000)
+    with source.configured(config):
+        source.model.generate(**kwargs)
+
+
+def unit_tables(report, config: Config, repeat: int, order: int, device_cols: dict[str, Any]) -> dict[str, pl.DataFrame]:
+    """Tag a one-request report with its configuration, repeat, order and device."""
+    keys = {"config_id": config.config_id, "repeat": repeat}
+    cfg = config.as_dict()
+    requests = report.requests.drop("batch_size").with_columns(
+        *[pl.lit(v, dtype=pl.Int64).alias(k) for k, v in cfg.items()],
+        pl.lit(config.config_id).alias("config_id"), pl.lit(repeat, dtype=pl.Int64).alias("repeat"),
+        pl.lit(order, dtype=pl.Int64).alias("order"),
+        *[pl.lit(v, dtype=pl.Int64 if k == "gpu_index" else pl.Utf8).alias(k) for k, v in device_cols.items()],
+    )
+    phases = report.phases.with_columns(pl.lit(keys["config_id"]).alias("config_id"),
+                                        pl.lit(repeat, dtype=pl.Int64).alias("repeat"))
+    tables = {"requests": requests, "phases": phases}
+    if report.telemetry is not None:
+        tables["telemetry"] = report.telemetry
+    return tables
+
+
+def run_sweep(
+    model: str | ModelSource,
+    spec: SweepSpec,
+    out: str | Path,
+    *,
+    device: str = "cpu",
+    dtype: str | None = None,
+    kineto: bool = False,
+    nvml: str = "auto",
+    trust_remote_code: bool = False,
+    progress: ProgressFn = _noop,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Profile `model` over `spec` into the run directory `out` (resuming a run made by the
+    same sweep and model). Returns counts: measured, skipped (already done), failed_configs."""
+    model_name = model if isinstance(model, str) else model.name
+    identity = run_identity(model_name, device, dtype, spec)
+    meta = {"created_unix": time.time(), "command": command, "sweep": spec.as_dict(),
+            "protocol": {**spec.protocol, "min_new_tokens": "= max_new_tokens" if not spec.protocol["free_generation"] else None,
+                         "warmup_kept_out_of_data": True, "timer": "cuda_event" if device.startswith("cuda") else "perf_counter",
+                         "synchronize_inside_generate": False, "kineto_requests_measured": False},
+            "versions": versions(), "nvml": nvml}
+    rd, resumed = RunDir.create_or_resume(out, identity, meta)
+    source = model if isinstance(model, ModelSource) else open_source(
+        model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, seed=spec.protocol["seed"])
+    dev_cols = device_columns(device)
+    rd.update_meta(model=source.describe(), device=dev_cols, resumed=resumed)
+
+    units = spec.units()
+    order_of = {(c.config_id, r): i for i, (c, r) in enumerate(units)}
+    done = rd.done_units()
+    failed = rd.failed_configs()
+    configs = spec.configs()
+    pending = [(c, r) for c, r in units if (c.config_id, r) not in done and c.config_id not in failed]
+    remaining = {c.config_id: 0 for c in configs}
+    for c, _ in pending:
+        remaining[c.config_id] += 1
+    total = len(units)
+    state = {"done": total - len(pending), "configs_done": sum(1 for c in configs if remaining[c.config_id] == 0)}
+    measured = 0
+
+    def fail(config: Config, exc: BaseException, stage: str) -> None:
+        rd.record_failure(config.as_dict(), config.config_id, exc, stage)
+        failed.add(config.config_id)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # after a failure only, never between measurements
+
+    with profile_phases(source.model, nvml=nvml) as prof:
+        # Warm-up: each configuration that still has work, interleaved, kept out of the data.
+        for w in range(spec.protocol["warmup"]):
+            for config in configs:
+                if remaining[config.config_id] == 0 or config.config_id in failed:
+                    continue
+                try:
+                    measure_config(source, prof, config, spec)
+                except Exception as exc:  # noqa: BLE001 - record and go on
+                    fail(config, exc, "warmup")
+                prof.pop_report()
+                progress(Progress(state["done"], total, state["configs_done"], len(configs), None,
+                                  config.config_id, "warmup"))
+        for config, repeat in pending:
+            if config.config_id in failed:
+                continue
+            try:
+                measure_config(source, prof, config, spec)
+            except Exception as exc:  # noqa: BLE001
+                prof.pop_report()
+                fail(config, exc, "measure")
+                state["done"] += remaining[config.config_id]
+                continue
+            report = prof.pop_report()
+            rd.write_unit(config.config_id, repeat,
+                          unit_tables(report, config, repeat, order_of[(config.config_id, repeat)], dev_cols))
+            measured += 1
+            state["done"] += 1
+            remaining[config.config_id] -= 1
+            if remaining[config.config_id] == 0:
+                state["configs_done"] += 1
+                if state["configs_done"] % max(1, len(configs) // 10) == 0:
+                    rd.consolidate()
+            progress(Progress(state["done"], total, state["configs_done"], len(configs),
+                              report.requests["total_ms"][0], config.config_id, "measure"))
+    if kineto:
+        _trace_configs(source, spec, rd, [c for c in configs if c.config_id not in failed], progress)
+    counts = rd.consolidate()
+    return {"run_dir": str(rd.path), "measured": measured, "skipped": total - len(pending),
+            "failed_configs": len(failed), "rows": counts.get("requests", 0), "resumed": resumed}
+
+
+def _trace_configs(source: ModelSource, spec: SweepSpec, rd: RunDir, configs: Iterable[Config],
+                   progress: ProgressFn) -> None:
+    """Extra, unmeasured requests per configuration under torch.profiler -> RUN_DIR/traces/."""
+    traces = rd.path / "traces"
+    traces.mkdir(exist_ok=True)
+    n = spec.protocol["kineto_per_config"]
+    configs = list(configs)
+    for i, config in enumerate(configs):
+        target = traces / f"{config.config_id}.pt.trace.json.gz"
+        if target.exists() or n == 0:
+            continue
+        tmp = Path(tempfile.mkdtemp(dir=traces, prefix=".tmp-"))
+        try:
+            with profile_phases(source.model, trace_dir=tmp, nvml="off") as prof:
+                for _ in range(n):
+                    measure_config(source, prof, config, spec)
+            [trace] = prof.traces
+            Path(trace["path"]).replace(target)
+        except Exception as exc:  # noqa: BLE001
+            rd.record_failure(config.as_dict(), config.config_id, exc, "kineto")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        progress(Progress(i + 1, len(configs), i + 1, len(configs), None, config.config_id, "kineto"))

@@ -1,0 +1,137 @@
+"""The sweep file: the grid of configurations and the measurement protocol.
+
+A sweep file is TOML with these top-level keys (lists are grid axes, scalars the protocol)::
+
+    crops = [1, 4, 12]          # image crops per request
+    top_k = [2, 8]              # MoE experts per token (omit: the model's own)
+    blocks = [8, 16]            # active transformer blocks (omit: all)
+    prompt_tokens = [32]        # text tokens after the image
+    new_tokens = [16]           # generated tokens (decode steps = new_tokens - 1)
+    batch_size = [1]
+    repeats = 5                 # measured requests per configuration
+    warmup = 1                  # unmeasured requests per configuration before measuring
+    seed = 0                    # model init and inputs
+    order = "interleaved"       # A B C A B C (default) or "blocked" (A A B B C C)
+    cache_policy = "keep"       # "keep" or "empty_before_each": the same for every request
+    free_generation = false     # true: let EOS stop generation (decode steps vary)
+    kineto_per_config = 1       # with --kineto: extra traced requests per config (not measured)
+    cooldown_ms = 0             # host sleep between requests (outside the measurement)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from molmo_latency.errors import SweepError
+
+GRID_KEYS = ("crops", "top_k", "blocks", "prompt_tokens", "new_tokens", "batch_size")
+GRID_MIN = {"crops": 0, "top_k": 1, "blocks": 1, "prompt_tokens": 0, "new_tokens": 1, "batch_size": 1}
+GRID_DEFAULTS = {"crops": [1], "top_k": [None], "blocks": [None], "prompt_tokens": [32],
+                 "new_tokens": [8], "batch_size": [1]}
+PROTOCOL_DEFAULTS: dict[str, Any] = {
+    "repeats": 5, "warmup": 1, "seed": 0, "order": "interleaved", "cache_policy": "keep",
+    "free_generation": False, "kineto_per_config": 1, "cooldown_ms": 0,
+}
+CHOICES = {"order": ("interleaved", "blocked"), "cache_policy": ("keep", "empty_before_each")}
+PROTOCOL_MIN = {"repeats": 1, "warmup": 0, "seed": 0, "kineto_per_config": 0, "cooldown_ms": 0}
+
+
+@dataclass(frozen=True)
+class Config:
+    """One point of the grid. `top_k`/`blocks` None means the model's own value."""
+
+    crops: int
+    top_k: int | None
+    blocks: int | None
+    prompt_tokens: int
+    new_tokens: int
+    batch_size: int = 1
+
+    @property
+    def config_id(self) -> str:
+        k = "def" if self.top_k is None else self.top_k
+        b = "all" if self.blocks is None else self.blocks
+        return (f"c{self.crops}-k{k}-b{b}-p{self.prompt_tokens}-n{self.new_tokens}"
+                f"-bs{self.batch_size}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    grid: dict[str, list[Any]]
+    protocol: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "sweep") -> "SweepSpec":
+        unknown = sorted(set(raw) - set(GRID_KEYS) - set(PROTOCOL_DEFAULTS))
+        if unknown:
+            raise SweepError(f"{source}: unknown key {unknown[0]!r}; known keys: "
+                             f"{', '.join(GRID_KEYS + tuple(PROTOCOL_DEFAULTS))}")
+        grid: dict[str, list[Any]] = {}
+        for key in GRID_KEYS:
+            values = raw.get(key, GRID_DEFAULTS[key])
+            if not isinstance(values, list):
+                values = [values]
+            if not values:
+                raise SweepError(f"{source}: {key!r} is an empty list; give at least one value")
+            for v in values:
+                if v is None and GRID_DEFAULTS[key] == [None]:
+                    continue
+                if not isinstance(v, int) or isinstance(v, bool):
+                    raise SweepError(f"{source}: {key!r} must hold integers, got {v!r}")
+                if v < GRID_MIN[key]:
+                    raise SweepError(f"{source}: {key!r} must be >= {GRID_MIN[key]}, got {v}")
+            if len(set(values)) != len(values):
+                raise SweepError(f"{source}: {key!r} repeats a value: {values}")
+            grid[key] = values
+        protocol = dict(PROTOCOL_DEFAULTS)
+        for key in PROTOCOL_DEFAULTS:
+            if key not in raw:
+                continue
+            value, default = raw[key], PROTOCOL_DEFAULTS[key]
+            if type(value) is not type(default):
+                raise SweepError(f"{source}: {key!r} must be a {type(default).__name__}, got {value!r}")
+            if key in CHOICES and value not in CHOICES[key]:
+                raise SweepError(f"{source}: {key!r} must be one of {CHOICES[key]}, got {value!r}")
+            if key in PROTOCOL_MIN and value < PROTOCOL_MIN[key]:
+                raise SweepError(f"{source}: {key!r} must be >= {PROTOCOL_MIN[key]}, got {value}")
+            protocol[key] = value
+        return cls(grid=grid, protocol=protocol)
+
+    def configs(self) -> list[Config]:
+        axes = [self.grid[k] for k in GRID_KEYS]
+        return [Config(*values) for values in itertools.product(*axes)]
+
+    def units(self) -> list[tuple[Config, int]]:
+        """(configuration, repeat) in measurement order: interleaved A B C A B C by default."""
+        configs, repeats = self.configs(), self.protocol["repeats"]
+        if self.protocol["order"] == "blocked":
+            return [(c, r) for c in configs for r in range(repeats)]
+        return [(c, r) for r in range(repeats) for c in configs]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"grid": self.grid, "protocol": self.protocol}
+
+    def digest(self) -> str:
+        blob = json.dumps(self.as_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def load_sweep(path: str | Path) -> SweepSpec:
+    """Read and validate a sweep TOML file; errors name the file and the key."""
+    p = Path(path)
+    try:
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SweepError(f"sweep file {p} does not exist") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise SweepError(f"sweep file {p} is not valid TOML: {exc}") from None
+    return SweepSpec.from_dict(raw, source=f"sweep file {p}")
