@@ -1,0 +1,397 @@
+"""Which part of the latency variance is the hardware: pure functions from frames to frames.
+
+Input is a requests table (``requests.parquet`` of a run directory, or any Parquet with
+REQUEST_COLUMNS and, when NVML was on, TELEMETRY_AGG_COLUMNS). Output:
+
+- :func:`phase_stats`: per configuration and phase, n, median, p95 and coefficient of variation.
+- :func:`hardware_share`: per target (decode per token, prefill), the share of the
+  *within-configuration* variance explained by the hardware columns: the R^2 of an OLS
+  regression of ``value - mean(value | config)`` on the config-demeaned SM clock, max
+  temperature and slowdown flag (numpy ``lstsq``, no intercept since everything is demeaned).
+- :func:`find_outliers`: requests with ``|robust z| > 3.5`` (median/MAD within configuration)
+  and their likely cause.
+- :func:`decode_vs_clock`: the points of the decode-time-against-SM-clock plot.
+
+Only valid, complete requests enter the statistics; invalid ones can still be outliers
+(cause "invalid measurement").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import polars as pl
+
+from molmo_latency.errors import MolmoLatencyError
+from molmo_latency.schema import CONFIG_COLUMNS, TELEMETRY_AGG_COLUMNS
+from molmo_latency.telemetry.device import SLOWDOWN_REASONS_MASK, throttle_reason_names
+
+__all__ = [
+    "Explanation",
+    "HARDWARE_TARGETS",
+    "PHASE_MS_COLUMNS",
+    "decode_vs_clock",
+    "explain",
+    "find_outliers",
+    "hardware_share",
+    "phase_stats",
+    "prepare_requests",
+]
+
+PHASE_MS_COLUMNS: tuple[str, ...] = (
+    "vision_ms", "projector_ms", "prefill_ms", "decode_per_token_ms", "decode_ms", "other_ms",
+    "total_ms", "prefill_total_ms",
+)
+HARDWARE_TARGETS: tuple[str, ...] = ("decode_per_token_ms", "prefill_ms")
+OUTLIER_METRICS: tuple[str, ...] = ("decode_per_token_ms", "prefill_ms", "total_ms")
+# (regressor column, coefficient column in the hardware_share table)
+_REGRESSORS = (
+    ("sm_clock_mean_mhz", "coef_ms_per_mhz"),
+    ("temp_max_c", "coef_ms_per_c"),
+    ("throttled", "coef_ms_throttled"),
+)
+_DTYPES = {"int64": pl.Int64, "float64": pl.Float64, "str": pl.String, "bool": pl.Boolean}
+NO_TELEMETRY = "no telemetry"
+
+
+def _usable() -> pl.Expr:
+    return pl.col("valid").fill_null(False) & pl.col("complete").fill_null(True)
+
+
+def prepare_requests(requests: pl.DataFrame) -> pl.DataFrame:
+    """Check a requests table and fill what ``explain`` needs and older tables may lack.
+
+    Raises :class:`~molmo_latency.errors.MolmoLatencyError` when a phase column is missing or
+    the table is empty. Adds null telemetry columns (NVML off), ``valid``/``complete`` = True,
+    a ``config_id`` from the configuration columns (or ``"all"``), a row ``request`` index,
+    ``order`` from ``start_ns`` and a boolean ``throttled`` (slowdown bit seen); casts
+    ``config_id`` to text.
+
+    >>> df = prepare_requests(pl.DataFrame({c: [1.0] for c in PHASE_MS_COLUMNS}))
+    >>> df["config_id"].to_list(), df["sm_clock_mean_mhz"].to_list(), df["valid"].to_list()
+    (['all'], [None], [True])
+    """
+    missing = [c for c in PHASE_MS_COLUMNS if c not in requests.columns]
+    if missing:
+        raise MolmoLatencyError(
+            f"the requests table lacks the phase column(s) {', '.join(missing)}; explain needs "
+            "the requests.parquet that `molmo-latency profile` writes (or prof.report().requests "
+            f"saved as Parquet), with {', '.join(PHASE_MS_COLUMNS)}")
+    if requests.height == 0:
+        raise MolmoLatencyError("the requests table has no rows: nothing to explain; run a sweep "
+                                "that measures at least one request")
+    df = requests
+    add = [pl.lit(None, dtype=_DTYPES[t]).alias(c)
+           for c, t in TELEMETRY_AGG_COLUMNS.items() if c not in df.columns]
+    for col, value in (("valid", True), ("complete", True)):
+        if col not in df.columns:
+            add.append(pl.lit(value).alias(col))
+    if "invalid_reason" not in df.columns:
+        add.append(pl.lit(None, dtype=pl.String).alias("invalid_reason"))
+    if add:
+        df = df.with_columns(add)
+    if "config_id" not in df.columns:
+        knobs = [c for c in CONFIG_COLUMNS if c in df.columns]
+        if knobs:
+            df = df.with_columns(pl.concat_str(
+                [pl.format(f"{k}={{}}", pl.col(k)) for k in knobs], separator=",").alias("config_id"))
+        else:
+            df = df.with_columns(pl.lit("all").alias("config_id"))
+    df = df.with_columns(pl.col("config_id").cast(pl.String))
+    if "request" not in df.columns:
+        df = df.with_row_index("request").with_columns(pl.col("request").cast(pl.Int64))
+    if "order" not in df.columns:
+        key = "start_ns" if "start_ns" in df.columns else "request"
+        df = df.with_columns(pl.col(key).rank("ordinal").cast(pl.Int64).sub(1).alias("order"))
+    if "repeat" not in df.columns:
+        df = df.with_columns(pl.lit(None, dtype=pl.Int64).alias("repeat"))
+    return df.with_columns(
+        pl.when(pl.col("throttle_reasons").is_null()).then(None)
+        .otherwise((pl.col("throttle_reasons") & SLOWDOWN_REASONS_MASK) != 0)
+        .alias("throttled"))
+
+
+def _config_order(df: pl.DataFrame) -> pl.DataFrame:
+    return df.select("config_id").unique(maintain_order=True).with_row_index("_cfg_order")
+
+
+def phase_stats(requests: pl.DataFrame) -> pl.DataFrame:
+    """Per configuration and phase column: ``n``, ``median_ms``, ``p95_ms``, ``mean_ms``, ``cv``.
+
+    Over valid, complete requests; ``cv`` = sample std / mean (null below 2 values or for a zero
+    mean). Rows come in configuration order of first appearance, phases in PHASE_MS_COLUMNS order.
+
+    >>> df = prepare_requests(pl.DataFrame({**{c: [1.0, 1.0] for c in PHASE_MS_COLUMNS},
+    ...                                     "total_ms": [10.0, 14.0]}))
+    >>> row = phase_stats(df).filter(pl.col("phase") == "total_ms").row(0, named=True)
+    >>> row["n"], row["median_ms"], round(row["cv"], 4)     # std 2.83 / mean 12
+    (2, 12.0, 0.2357)
+    """
+    phase_order = pl.DataFrame({"phase": list(PHASE_MS_COLUMNS),
+                                "_phase_order": list(range(len(PHASE_MS_COLUMNS)))})
+    long = (requests.filter(_usable())
+            .select("config_id", *PHASE_MS_COLUMNS)
+            .unpivot(index="config_id", variable_name="phase", value_name="ms")
+            .filter(pl.col("ms").is_not_null() & pl.col("ms").is_not_nan()))
+    stats = long.group_by("config_id", "phase").agg(
+        pl.len().cast(pl.Int64).alias("n"),
+        pl.col("ms").median().alias("median_ms"),
+        pl.col("ms").quantile(0.95, interpolation="linear").alias("p95_ms"),
+        pl.col("ms").mean().alias("mean_ms"),
+        pl.col("ms").std(ddof=1).alias("_std"),
+    ).with_columns(
+        pl.when((pl.col("n") >= 2) & (pl.col("mean_ms") != 0))
+        .then(pl.col("_std") / pl.col("mean_ms")).otherwise(None).alias("cv"))
+    return (stats.join(_config_order(requests), on="config_id")
+            .join(phase_order, on="phase")
+            .sort("_cfg_order", "_phase_order")
+            .select("config_id", "phase", "n", "median_ms", "p95_ms", "mean_ms", "cv"))
+
+
+def hardware_share(requests: pl.DataFrame, targets: tuple[str, ...] = HARDWARE_TARGETS) -> pl.DataFrame:
+    """Share of the within-configuration variance of each target explained by the hardware.
+
+    For each target: keep valid requests with the target and the SM clock present, in
+    configurations with at least 2 of them; demean the target and the regressors (SM clock
+    mean, max temperature, slowdown flag; a regressor null everywhere or constant within every
+    configuration is left out) by configuration; ``r2 = 1 - SS_res / SS_tot`` of the OLS fit
+    (numpy lstsq). ``r2_adj`` charges one degree of freedom per configuration mean and per
+    regressor. Coefficients are in ms per MHz, per degree C and for a throttled request.
+    ``r2_relative`` is the same fit on the relative residual ``value / mean(value | config) - 1``:
+    a clock effect is multiplicative (time ~ 1 / clock), so when configurations differ in size
+    one common slope fits relative residuals better and every configuration weighs the same.
+    ``note`` says ``"no telemetry"`` when no request has telemetry.
+
+    >>> clock = [1410.0, 1300.0, 1200.0, 1410.0, 1250.0]
+    >>> df = prepare_requests(pl.DataFrame({**{c: [1.0] * 5 for c in PHASE_MS_COLUMNS},
+    ...     "decode_per_token_ms": [10 * 1410 / c for c in clock], "sm_clock_mean_mhz": clock}))
+    >>> round(hardware_share(df).row(0, named=True)["r2"], 3)
+    0.998
+    """
+    out = []
+    for target in targets:
+        row: dict = {"target": target, "n": 0, "n_configs": 0, "regressors": None, "r2": None,
+                     "r2_adj": None, "r2_relative": None,
+                     **{coef: None for _, coef in _REGRESSORS}, "note": None}
+        base = requests.filter(_usable() & pl.col(target).is_not_null() & pl.col(target).is_not_nan())
+        if base.get_column("sm_clock_mean_mhz").null_count() == base.height:
+            row["note"] = NO_TELEMETRY
+            out.append(row)
+            continue
+        used = [c for c, _ in _REGRESSORS if base.get_column(c).null_count() < base.height]
+        data = (base.select("config_id", target, *used).drop_nulls()
+                .with_columns(pl.col("throttled").cast(pl.Float64) if "throttled" in used else [])
+                .filter(pl.len().over("config_id") >= 2))
+        demeaned = data.select(
+            (pl.col(c) - pl.col(c).mean().over("config_id")).alias(c) for c in (target, *used))
+        y = demeaned.get_column(target).to_numpy().astype(float)
+        mean_t = data.select(pl.col(target).mean().over("config_id")).to_series().to_numpy()
+        y_rel = np.divide(y, mean_t, out=np.zeros_like(y), where=mean_t != 0)
+        x_cols = [c for c in used
+                  if np.ptp(demeaned.get_column(c).to_numpy()) > 1e-9 * (1 + data.get_column(c).abs().max())]
+        n, g, k = data.height, data.get_column("config_id").n_unique(), len(x_cols)
+        row.update(n=n, n_configs=g, regressors=", ".join(x_cols) or None)
+        ss_tot = float(np.sum(y * y))
+        if n == 0:
+            row["note"] = "too few requests with telemetry (need 2 per configuration)"
+        elif ss_tot <= 0:
+            row["note"] = "no within-configuration variance"
+        elif k == 0:
+            row.update(r2=0.0, note="the hardware columns do not vary within a configuration")
+        else:
+            x = demeaned.select(x_cols).to_numpy().astype(float)
+            beta, *_ = np.linalg.lstsq(x, y, rcond=None)
+            resid = y - x @ beta
+            r2 = max(0.0, 1.0 - float(np.sum(resid * resid)) / ss_tot)
+            row["r2"] = r2
+            ss_rel = float(np.sum(y_rel * y_rel))
+            if ss_rel > 0:
+                beta_rel, *_ = np.linalg.lstsq(x, y_rel, rcond=None)
+                resid_rel = y_rel - x @ beta_rel
+                row["r2_relative"] = max(0.0, 1.0 - float(np.sum(resid_rel * resid_rel)) / ss_rel)
+            dof = n - g - k
+            row["r2_adj"] = 1.0 - (1.0 - r2) * (n - g) / dof if dof > 0 else None
+            if dof <= 0:
+                row["note"] = "as many parameters as requests: R^2 is not informative"
+            coefs = dict(zip(x_cols, beta.tolist()))
+            for col, coef in _REGRESSORS:
+                row[coef] = coefs.get(col)
+        out.append(row)
+    schema = {"target": pl.String, "n": pl.Int64, "n_configs": pl.Int64, "regressors": pl.String,
+              "r2": pl.Float64, "r2_adj": pl.Float64, "r2_relative": pl.Float64,
+              **{coef: pl.Float64 for _, coef in _REGRESSORS}, "note": pl.String}
+    return pl.DataFrame(out, schema=schema, orient="row")
+
+
+def find_outliers(
+    requests: pl.DataFrame,
+    *,
+    z: float = 3.5,
+    metrics: tuple[str, ...] = OUTLIER_METRICS,
+    clock_drop: float = 0.05,
+    idle_gap_ms: float = 1000.0,
+) -> pl.DataFrame:
+    """Requests whose metric is far from their configuration's, with the likely cause.
+
+    Robust z = 0.6745 (x - median) / MAD over the configuration's valid requests (MAD = 0:
+    (x - median) / (1.2533 mean absolute deviation)); configurations with fewer than 3 valid
+    values are skipped. A request is an outlier when ``|z| > z``. Cause, first that applies:
+
+    1. ``invalid measurement``: ``valid`` is False (detail: ``invalid_reason``);
+    2. ``throttling`` (slow outliers): a slowdown bit (not idle / app / display clocks) was seen;
+    3. ``clock drop`` (slow): SM clock mean more than ``clock_drop`` below the config median;
+    4. ``first run after idle`` (slow): lowest ``order`` in its configuration, or more than
+       ``idle_gap_ms`` since the previous request ended;
+    5. ``unexplained``.
+
+    >>> vals = [10.0, 10.1, 9.9, 10.0, 10.2, 9.8, 10.1, 30.0]
+    >>> df = prepare_requests(pl.DataFrame({**{c: [1.0] * 8 for c in PHASE_MS_COLUMNS},
+    ...     "decode_per_token_ms": vals, "throttle_reasons": [0] * 7 + [0x20], "order": list(range(8))}))
+    >>> find_outliers(df).select("request", "metric", "cause", "detail").row(0)
+    (7, 'decode_per_token_ms', 'throttling', 'SwThermalSlowdown')
+    """
+    df = requests.with_row_index("_row")
+    if "start_ns" in df.columns and "end_ns" in df.columns:
+        gap = (df.sort("order", "_row")
+               .select("_row", ((pl.col("start_ns") - pl.col("end_ns").shift(1)) / 1e6)
+                       .alias("gap_before_ms")))
+        df = df.join(gap, on="_row", how="left", maintain_order="left")
+    else:
+        df = df.with_columns(pl.lit(None, dtype=pl.Float64).alias("gap_before_ms"))
+    df = df.with_columns(
+        pl.col("sm_clock_mean_mhz").filter(_usable()).median().over("config_id").alias("_clock_med"),
+        (pl.col("order") == pl.col("order").min().over("config_id")).alias("_first"),
+    )
+    frames = []
+    for metric in metrics:
+        m = pl.col(metric)
+        ok = _usable() & m.is_not_null() & m.is_not_nan()
+        med = m.filter(ok).median().over("config_id")
+        mad = (m - med).abs().filter(ok).median().over("config_id")
+        mean_ad = (m - med).abs().filter(ok).mean().over("config_id")
+        count = ok.sum().over("config_id")
+        scored = df.with_columns(
+            med.alias("median_ms"), mad.alias("_mad"), mean_ad.alias("_meanad"), count.alias("_n"),
+        ).filter(m.is_not_null() & m.is_not_nan() & (pl.col("_n") >= 3)).with_columns(
+            pl.when(pl.col("_mad") > 0).then(0.6745 * (m - pl.col("median_ms")) / pl.col("_mad"))
+            .when(pl.col("_meanad") > 0).then((m - pl.col("median_ms")) / (1.253314 * pl.col("_meanad")))
+            .when(m == pl.col("median_ms")).then(0.0)
+            .otherwise(pl.lit(float("inf")) * (m - pl.col("median_ms")).sign())
+            .alias("robust_z"))
+        hits = scored.filter(pl.col("robust_z").abs() > z).with_columns(
+            pl.lit(metric).alias("metric"), m.alias("value_ms"))
+        frames.append(hits)
+    hits = pl.concat(frames, how="diagonal_relaxed") if frames else pl.DataFrame()
+    schema = {"config_id": pl.String, "request": pl.Int64, "repeat": pl.Int64, "order": pl.Int64,
+              "metric": pl.String, "value_ms": pl.Float64, "median_ms": pl.Float64,
+              "robust_z": pl.Float64, "cause": pl.String, "detail": pl.String}
+    if hits.height == 0:
+        return pl.DataFrame(schema=schema)
+    rows = []
+    for r in hits.iter_rows(named=True):  # only the outliers: a handful of rows
+        cause, detail = _cause(r, clock_drop, idle_gap_ms)
+        rows.append({k: r.get(k) for k in ("config_id", "request", "repeat", "order", "metric",
+                                           "value_ms", "median_ms", "robust_z")}
+                    | {"cause": cause, "detail": detail})
+    out = pl.DataFrame(rows, schema=schema, orient="row")
+    return out.sort(pl.col("robust_z").abs(), descending=True)
+
+
+def _cause(r: dict, clock_drop: float, idle_gap_ms: float) -> tuple[str, str | None]:
+    if r.get("valid") is False:
+        return "invalid measurement", r.get("invalid_reason")
+    if r["robust_z"] < 0:
+        return "unexplained", "faster than its configuration"
+    if r.get("throttled"):
+        names = [n for n in throttle_reason_names(r["throttle_reasons"])
+                 if n not in ("GpuIdle", "ApplicationsClocksSetting", "DisplayClockSetting")]
+        return "throttling", ", ".join(names)
+    clock, med = r.get("sm_clock_mean_mhz"), r.get("_clock_med")
+    if clock is not None and med and clock < (1.0 - clock_drop) * med:
+        return "clock drop", f"SM clock {clock:.0f} MHz vs {med:.0f} MHz median ({clock / med - 1:+.0%})"
+    if r.get("_first"):
+        return "first run after idle", f"first request of its configuration (order {r['order']})"
+    gap = r.get("gap_before_ms")
+    if gap is not None and gap > idle_gap_ms:
+        return "first run after idle", f"{gap / 1000:.1f} s idle before it"
+    return "unexplained", None
+
+
+def decode_vs_clock(requests: pl.DataFrame) -> pl.DataFrame:
+    """Points of the decode-per-token against SM clock plot: one per valid request with both.
+
+    ``ratio_to_config_median`` is the decode time over its configuration's median, so that
+    configurations of different sizes share one axis.
+
+    >>> df = prepare_requests(pl.DataFrame({**{c: [1.0, 1.0] for c in PHASE_MS_COLUMNS},
+    ...     "decode_per_token_ms": [10.0, 12.0], "sm_clock_mean_mhz": [1410.0, None]}))
+    >>> decode_vs_clock(df).select("decode_per_token_ms", "ratio_to_config_median").rows()
+    [(10.0, 0.9090909090909091)]
+    """
+    m = pl.col("decode_per_token_ms")
+    usable = requests.filter(_usable() & m.is_not_null() & m.is_not_nan())
+    return (usable.with_columns((m / m.median().over("config_id")).alias("ratio_to_config_median"))
+            .filter(pl.col("sm_clock_mean_mhz").is_not_null())
+            .select("config_id", "request", "sm_clock_mean_mhz", "temp_max_c", "throttled",
+                    "decode_per_token_ms", "ratio_to_config_median"))
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """What ``explain`` found: the tables and notes a renderer shows."""
+
+    configs: pl.DataFrame
+    phase_stats: pl.DataFrame
+    hardware: pl.DataFrame
+    outliers: pl.DataFrame
+    decode_points: pl.DataFrame
+    has_telemetry: bool
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """Plain lists and dicts (JSON-ready)."""
+        return {
+            "has_telemetry": self.has_telemetry,
+            "notes": list(self.notes),
+            "configs": self.configs.to_dicts(),
+            "phase_stats": self.phase_stats.to_dicts(),
+            "hardware": self.hardware.to_dicts(),
+            "outliers": self.outliers.to_dicts(),
+        }
+
+
+def explain(requests: pl.DataFrame, *, z: float = 3.5, clock_drop: float = 0.05,
+            idle_gap_ms: float = 1000.0) -> Explanation:
+    """All of the above over a requests table.
+
+    >>> df = pl.DataFrame({**{c: [1.0, 1.1, 0.9] for c in PHASE_MS_COLUMNS}, "config_id": ["a"] * 3})
+    >>> e = explain(df)
+    >>> e.has_telemetry, e.hardware["note"].to_list(), e.configs["n_valid"].to_list()
+    (False, ['no telemetry', 'no telemetry'], [3])
+    """
+    df = prepare_requests(requests)
+    knobs = [c for c in CONFIG_COLUMNS if c in df.columns]
+    configs = (df.group_by("config_id", maintain_order=True)
+               .agg(*[pl.col(k).first() for k in knobs],
+                    pl.len().cast(pl.Int64).alias("n_requests"),
+                    _usable().sum().cast(pl.Int64).alias("n_valid"),
+                    pl.col("sm_clock_mean_mhz").is_not_null().sum().cast(pl.Int64)
+                    .alias("n_with_telemetry")))
+    has_telemetry = df.get_column("sm_clock_mean_mhz").null_count() < df.height
+    notes = []
+    if not has_telemetry:
+        notes.append("no telemetry: NVML was off or unavailable for this run, so the hardware "
+                     "share cannot be measured; profile on a GPU with --nvml required")
+    n_bad = df.height - int(df.select(_usable().sum()).item())
+    if n_bad:
+        notes.append(f"{n_bad} invalid or incomplete request(s) left out of the statistics")
+    return Explanation(
+        configs=configs,
+        phase_stats=phase_stats(df),
+        hardware=hardware_share(df),
+        outliers=find_outliers(df, z=z, clock_drop=clock_drop, idle_gap_ms=idle_gap_ms),
+        decode_points=decode_vs_clock(df),
+        has_telemetry=has_telemetry,
+        notes=notes,
+    )
