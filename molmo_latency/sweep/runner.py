@@ -83,6 +83,85 @@ def unit_tables(report, config: Config, repeat: int, order: int, device_cols: di
     return tables
 
 
+class Worker:
+    """What measures: one loaded model, its phase profiler and the warm-up of each configuration.
+
+    The local sweep loop owns one; on Ray (:mod:`molmo_latency.scale`) each actor owns one. A
+    worker measures one (configuration, repeat) at a time and returns that unit's tables; it
+    writes nothing (the caller writes them into the run directory).
+
+    Example:
+        >>> from molmo_latency.sweep import SweepSpec
+        >>> from molmo_latency.sweep.runner import Worker
+        >>> spec = SweepSpec.from_dict({"crops": [1], "repeats": 1, "warmup": 1, "new_tokens": [3]})
+        >>> [(config, repeat)] = spec.units()
+        >>> with Worker.open("tiny", spec) as worker:
+        ...     worker.warm_up(config)
+        ...     tables = worker.measure(config, repeat, order=0)
+        >>> tables["requests"].select("config_id", "repeat", "decode_steps", "device").row(0)
+        ('c1-kdef-ball-p32-n3-bs1', 0, 2, 'cpu')
+    """
+
+    def __init__(self, source: ModelSource, spec: SweepSpec, *, device: str = "cpu", nvml: str = "auto",
+                 columns: dict[str, Any] | None = None):
+        self.source = source
+        self.spec = spec
+        self.nvml = nvml
+        # host and device columns of every row (plus any the caller adds, e.g. a worker id)
+        self.columns = {**device_columns(device), **(columns or {})}
+        self.warmed: set[str] = set()
+        self._profiler = None
+        self._prof = None
+
+    @classmethod
+    def open(cls, model: str | ModelSource, spec: SweepSpec, *, device: str = "cpu", dtype: str | None = None,
+             nvml: str = "auto", trust_remote_code: bool = False, columns: dict[str, Any] | None = None) -> "Worker":
+        """Load `model` (a preset, a local HF directory or a loaded source) for `spec`'s seed."""
+        source = model if isinstance(model, ModelSource) else open_source(
+            model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, seed=spec.protocol["seed"])
+        return cls(source, spec, device=device, nvml=nvml, columns=columns)
+
+    def __enter__(self) -> "Worker":
+        self._profiler = profile_phases(self.source.model, nvml=self.nvml)
+        self._prof = self._profiler.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        profiler, self._profiler, self._prof = self._profiler, None, None
+        if profiler is not None:
+            profiler.__exit__(*exc)
+
+    def warm_up(self, config: Config) -> None:
+        """One unmeasured request of `config` (its report is dropped); raises what generate() raised."""
+        try:
+            measure_config(self.source, self._prof, config, self.spec)
+        finally:
+            self._prof.pop_report()
+        self.warmed.add(config.config_id)
+
+    def measure(self, config: Config, repeat: int, order: int) -> dict[str, pl.DataFrame]:
+        """One measured request of `config`: the unit's tables (requests, phases, telemetry)."""
+        try:
+            measure_config(self.source, self._prof, config, self.spec)
+        finally:
+            report = self._prof.pop_report()
+        return unit_tables(report, config, repeat, order, self.columns)
+
+    def after_failure(self) -> None:
+        """Give back what a failed request held (never between measurements)."""
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def run_meta(spec: SweepSpec, *, device: str, nvml: str, command: str | None, **extra: Any) -> dict[str, Any]:
+    """What run.json records about a new run: the command, the sweep, the protocol, versions."""
+    return {"created_unix": time.time(), "command": command, "sweep": spec.as_dict(),
+            "protocol": {**spec.protocol, "min_new_tokens": "= max_new_tokens" if not spec.protocol["free_generation"] else None,
+                         "warmup_kept_out_of_data": True, "timer": "cuda_event" if device.startswith("cuda") else "perf_counter",
+                         "synchronize_inside_generate": False, "kineto_requests_measured": False},
+            "versions": versions(), "nvml": nvml, **extra}
+
+
 def run_sweep(
     model: str | ModelSource,
     spec: SweepSpec,
@@ -100,15 +179,9 @@ def run_sweep(
     same sweep and model). Returns counts: measured, skipped (already done), failed_configs."""
     model_name = model if isinstance(model, str) else model.name
     identity = run_identity(model_name, device, dtype, spec)
-    meta = {"created_unix": time.time(), "command": command, "sweep": spec.as_dict(),
-            "protocol": {**spec.protocol, "min_new_tokens": "= max_new_tokens" if not spec.protocol["free_generation"] else None,
-                         "warmup_kept_out_of_data": True, "timer": "cuda_event" if device.startswith("cuda") else "perf_counter",
-                         "synchronize_inside_generate": False, "kineto_requests_measured": False},
-            "versions": versions(), "nvml": nvml}
-    rd, resumed = RunDir.create_or_resume(out, identity, meta)
-    source = model if isinstance(model, ModelSource) else open_source(
-        model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, seed=spec.protocol["seed"])
-    dev_cols = device_columns(device)
+    rd, resumed = RunDir.create_or_resume(out, identity, run_meta(spec, device=device, nvml=nvml, command=command))
+    worker = Worker.open(model, spec, device=device, dtype=dtype, nvml=nvml, trust_remote_code=trust_remote_code)
+    source, dev_cols = worker.source, worker.columns
     rd.update_meta(model=source.describe(), device=dev_cols, resumed=resumed)
 
     units = spec.units()
@@ -127,35 +200,30 @@ def run_sweep(
     def fail(config: Config, exc: BaseException, stage: str) -> None:
         rd.record_failure(config.as_dict(), config.config_id, exc, stage)
         failed.add(config.config_id)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()  # after a failure only, never between measurements
+        worker.after_failure()
 
-    with profile_phases(source.model, nvml=nvml) as prof:
+    with worker:
         # Warm-up: each configuration that still has work, interleaved, kept out of the data.
         for w in range(spec.protocol["warmup"]):
             for config in configs:
                 if remaining[config.config_id] == 0 or config.config_id in failed:
                     continue
                 try:
-                    measure_config(source, prof, config, spec)
+                    worker.warm_up(config)
                 except Exception as exc:  # noqa: BLE001 - record and go on
                     fail(config, exc, "warmup")
-                prof.pop_report()
                 progress(Progress(state["done"], total, state["configs_done"], len(configs), None,
                                   config.config_id, "warmup"))
         for config, repeat in pending:
             if config.config_id in failed:
                 continue
             try:
-                measure_config(source, prof, config, spec)
+                tables = worker.measure(config, repeat, order_of[(config.config_id, repeat)])
             except Exception as exc:  # noqa: BLE001
-                prof.pop_report()
                 fail(config, exc, "measure")
                 state["done"] += remaining[config.config_id]
                 continue
-            report = prof.pop_report()
-            rd.write_unit(config.config_id, repeat,
-                          unit_tables(report, config, repeat, order_of[(config.config_id, repeat)], dev_cols))
+            rd.write_unit(config.config_id, repeat, tables)
             measured += 1
             state["done"] += 1
             remaining[config.config_id] -= 1
@@ -164,7 +232,7 @@ def run_sweep(
                 if state["configs_done"] % max(1, len(configs) // 10) == 0:
                     rd.consolidate()
             progress(Progress(state["done"], total, state["configs_done"], len(configs),
-                              report.requests["total_ms"][0], config.config_id, "measure"))
+                              tables["requests"]["total_ms"][0], config.config_id, "measure"))
     if kineto:
         _trace_configs(source, spec, rd, [c for c in configs if c.config_id not in failed], progress)
     counts = rd.consolidate()
