@@ -1,0 +1,54 @@
+"""Kineto traces: read them (:mod:`.reader`, collect and hold), charge GPU time to the
+annotation that launched it (:mod:`.attribution`, transform) and name kernel categories
+(:mod:`.categories`).
+
+    >>> import tempfile
+    >>> from molmo_latency.trace import phase_gpu_table, read_kineto
+    >>> from molmo_latency.trace._demo import write_demo_trace
+    >>> trace = read_kineto(write_demo_trace(tempfile.mkdtemp()))
+    >>> phase_gpu_table(trace).select("phase", "step", "gpu_activities").row(0)
+    ('vision', 0, 2)
+"""
+
+from molmo_latency.trace.attribution import (
+    PHASE_GPU_COLUMNS,
+    annotation_gpu_stats,
+    annotation_name_stats,
+    attribute,
+    busy_ns,
+    device_gpu_stats,
+    innermost_range,
+    kernel_breakdown,
+    link_launches,
+    phase_category_table,
+    phase_gpu_table,
+    phase_of,
+    request_of,
+)
+from molmo_latency.trace.categories import CATEGORIES, kernel_category, with_category
+from molmo_latency.trace.reader import KinetoTrace, TraceWarning, read_kineto
+from molmo_latency.trace.summary import TraceSummary, summarize
+
+__all__ = [
+    "CATEGORIES",
+    "PHASE_GPU_COLUMNS",
+    "KinetoTrace",
+    "TraceSummary",
+    "TraceWarning",
+    "annotation_gpu_stats",
+    "annotation_name_stats",
+    "attribute",
+    "busy_ns",
+    "device_gpu_stats",
+    "innermost_range",
+    "kernel_breakdown",
+    "kernel_category",
+    "link_launches",
+    "phase_category_table",
+    "phase_gpu_table",
+    "phase_of",
+    "read_kineto",
+    "request_of",
+    "summarize",
+    "with_category",
+]

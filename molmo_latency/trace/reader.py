@@ -1,0 +1,676 @@
+"""Read Chrome/Kineto JSON traces (``torch.profiler`` ``export_chrome_trace``) into polars tables.
+
+This module collects and holds; it does no analysis (see :mod:`molmo_latency.trace.attribution`).
+
+Two layouts are read:
+
+- the newer one (PyTorch 2.4 and later): a top-level ``baseTimeNanoseconds`` and event ``ts`` /
+  ``dur`` in *fractional* microseconds relative to it (``"ts": 4203669604595.407``);
+- the older one: ``ts`` / ``dur`` in absolute integer microseconds since the Unix epoch.
+
+Either way every time in the tables is int64 nanoseconds since the Unix epoch
+(``base_time_ns + ts`` in ns), so traces of both layouts compare directly.
+
+Exact microsecond -> nanosecond conversion: a JSON number with at most three decimals (what
+Kineto writes) is converted exactly. On the fast path the number is decoded as a double and the
+integer and fractional parts are scaled separately, which is exact while ``|ts| < 2**43`` us
+(about 101 days, true of every newer-layout trace: Kineto keeps ``ts`` relative for that reason)
+and for integers up to 2**53. A chunk of events holding a fractional value beyond 2**43 us is
+decoded again with the JSON number text parsed as a decimal (slow path, still exact).
+
+Speed and memory: the ``traceEvents`` array is decoded by msgspec in ~4 MiB chunks cut between
+two events (a candidate cut that falls inside a string or a nested object leaves unbalanced
+brackets, fails to decode and is replaced by the next one), into small typed structs tagged on
+``ph``: flow, metadata and instant events become empty structs, and of complete ("X") events
+only the fields we keep are built. Each chunk becomes a polars frame at once, so peak memory is
+about the JSON text plus the final tables, never a Python object per event for the whole file.
+Anything the fast path cannot read (an event without ``ph``, an unknown phase, a wrong type)
+is read again by a slow path that splits per event and names the offending event in its error.
+"""
+
+from __future__ import annotations
+
+import gc
+import gzip
+import os
+import re
+import warnings
+import zlib
+from dataclasses import dataclass, field
+from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
+from itertools import chain
+from pathlib import Path
+from typing import Annotated, Any, Union
+
+import msgspec
+import polars as pl
+
+from molmo_latency.errors import TraceError
+
+__all__ = [
+    "GPU_ACTIVITY_KINDS",
+    "RUNTIME_KINDS",
+    "KinetoTrace",
+    "TraceWarning",
+    "read_kineto",
+]
+
+#: Event categories of GPU activities (what the device executed).
+GPU_ACTIVITY_KINDS = ("kernel", "gpu_memcpy", "gpu_memset")
+#: Event categories of host-side launch calls. ROCm traces (MI250, ROCm 6.2) also use
+#: ``cuda_runtime`` for their ``hip*`` calls, with the same ``correlation`` ids.
+RUNTIME_KINDS = ("cuda_runtime", "cuda_driver")
+
+# Trace category -> table kind, for host-side and device-side events. Kineto before PyTorch 1.10
+# wrote capitalised categories.
+_HOST_CATEGORY = {
+    "cuda_runtime": "cuda_runtime",
+    "cuda_driver": "cuda_driver",
+    "cpu_op": "cpu_op",
+    "user_annotation": "user_annotation",
+    "Runtime": "cuda_runtime",
+    "Operator": "cpu_op",
+}
+_DEVICE_CATEGORY = {
+    "kernel": "kernel",
+    "gpu_memcpy": "gpu_memcpy",
+    "gpu_memset": "gpu_memset",
+    "gpu_user_annotation": "gpu_user_annotation",
+    "Kernel": "kernel",
+    "Memcpy": "gpu_memcpy",
+    "Memset": "gpu_memset",
+}
+
+_CHUNK_EVENTS = 32_768
+_EXACT_FLOAT_US = 2.0**43  # below this a double holds a 3-decimal microsecond value to < 0.5 ns
+_MAX_US = 2**53  # beyond this a microsecond time in ns overflows int64 (9.2e18)
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_TIME_LIMIT_NS = 2**62  # |start|, |dur| below this keep start + dur inside int64
+
+_Int64 = Annotated[int, msgspec.Meta(ge=_INT64_MIN, le=_INT64_MAX)]
+_Micros = Annotated[int, msgspec.Meta(ge=-_MAX_US, le=_MAX_US)]
+
+
+class TraceWarning(UserWarning):
+    """A trace was read but something in it is missing or was skipped (e.g. no GPU events)."""
+
+
+# --------------------------------------------------------------------------------------------
+# msgspec shapes: only the fields we keep; everything else is skipped without building objects.
+
+
+# `args` is free-form: a cpu_op from torch.compile carries "grid": "grid(100,)" and "stream": 0.
+# Any JSON value is accepted; a non-integer becomes null when the column is built. Integers are
+# still bounded to int64, so an out-of-range one is an error and never silently dropped.
+_Loose = _Int64 | float | str | bool | list | dict | None
+
+
+class _Args(msgspec.Struct, frozen=True, gc=False, rename={"external_id": "External id"}):
+    correlation: _Loose = None
+    device: _Loose = None
+    stream: _Loose = None
+    external_id: _Loose = None
+    grid: _Loose = None
+    block: _Loose = None
+
+
+_NO_ARGS = _Args()
+_Id = _Int64 | str | None  # pid / tid: "Spans", "Traces" in Kineto's own bookkeeping events
+
+
+# Fast path: events are a union tagged on "ph", so the ~30% that are flows ("s"/"f"), metadata
+# ("M") or instants ("i") are skipped into empty structs instead of being built field by field.
+class _X(msgspec.Struct, tag_field="ph", tag="X", gc=False):
+    cat: str | None = None
+    name: str | None = None
+    pid: _Id = None
+    tid: _Id = None
+    ts: _Micros | float | None = None
+    dur: _Micros | float | None = None
+    args: _Args | None = None
+
+
+class _XExact(msgspec.Struct, tag_field="ph", tag="X", gc=False):
+    """`_X` with untyped times, so JSON floats arrive as Decimal (the exact path)."""
+
+    cat: str | None = None
+    name: str | None = None
+    pid: _Id = None
+    tid: _Id = None
+    ts: Any = None
+    dur: Any = None
+    args: _Args | None = None
+
+
+# Every other Chrome trace event phase (trace-event format spec, incl. deprecated S/T/p/F).
+_OTHER_PHASES = "BEiIbnestfCPNODMVvRcSTpF()"
+_SKIPS = tuple(
+    msgspec.defstruct(f"_Skip{ord(ph)}", [], tag_field="ph", tag=ph, gc=False) for ph in _OTHER_PHASES
+)
+
+
+# Slow path (an event without "ph", an unknown phase, or any error): untagged events, decoded
+# from a per-event split so errors name the event index.
+class _Event(msgspec.Struct, gc=False):
+    ph: Any = None
+    cat: str | None = None
+    name: str | None = None
+    pid: _Id = None
+    tid: _Id = None
+    ts: _Micros | float | None = None
+    dur: _Micros | float | None = None
+    args: _Args | None = None
+
+
+class _ExactEvent(msgspec.Struct, gc=False):
+    ph: Any = None
+    cat: str | None = None
+    name: str | None = None
+    pid: _Id = None
+    tid: _Id = None
+    ts: Any = None
+    dur: Any = None
+    args: _Args | None = None
+
+
+class _Top(msgspec.Struct, gc=False):
+    traceEvents: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
+    baseTimeNanoseconds: Any = None
+    deviceProperties: Any = None
+    distributedInfo: Any = None
+    schemaVersion: Any = None
+    traceName: Any = None
+
+
+_TOP_DECODER = msgspec.json.Decoder(_Top)
+_FAST_DECODER = msgspec.json.Decoder(list[Union[(_X, *_SKIPS)]])  # noqa: UP007
+_FAST_EXACT_DECODER = msgspec.json.Decoder(list[Union[(_XExact, *_SKIPS)]], float_hook=Decimal)  # noqa: UP007
+_RAW_LIST_DECODER = msgspec.json.Decoder(list[msgspec.Raw])
+_SLOW_DECODER = msgspec.json.Decoder(list[_Event])
+_SLOW_EXACT_DECODER = msgspec.json.Decoder(list[_ExactEvent], float_hook=Decimal)
+
+# A candidate boundary between two events of the traceEvents array: `}` `,` `{` with JSON
+# whitespace between (Kineto writes "},\n  {"). A candidate inside a string or a nested object
+# leaves a chunk with unbalanced brackets, which fails to decode; we then try the next one.
+_BOUNDARY = re.compile(rb"\}[ \t\r\n]*,[ \t\r\n]*\{")
+_CHUNK_BYTES = 8 << 20
+_WHITESPACE = b" \t\r\n"
+
+
+# --------------------------------------------------------------------------------------------
+# What a trace holds.
+
+_HOST_SCHEMA = {  # what _frames returns for host events, times in ns
+    "kind": pl.String,
+    "name": pl.String,
+    "pid": pl.Int64,
+    "tid": pl.Int64,
+    "ts": pl.Int64,
+    "dur": pl.Int64,
+    "correlation": pl.Int64,
+    "external_id": pl.Int64,
+}
+_DEVICE_SCHEMA = {
+    **_HOST_SCHEMA,
+    "device": pl.Int64,
+    "stream": pl.Int64,
+    "grid": pl.Array(pl.Int64, 3),
+    "block": pl.Array(pl.Int64, 3),
+}
+
+_TABLE_SCHEMA = {
+    **{k: v for k, v in _DEVICE_SCHEMA.items() if k not in ("ts", "dur")},
+    "start_ns": pl.Int64,
+    "end_ns": pl.Int64,
+    "dur_ns": pl.Int64,
+}
+
+#: Columns of each table (all times int64 ns since the Unix epoch).
+GPU_COLUMNS = ("name", "kind", "device", "stream", "correlation", "external_id",
+               "start_ns", "end_ns", "dur_ns", "grid", "block")
+RUNTIME_COLUMNS = ("name", "kind", "pid", "tid", "correlation", "external_id",
+                   "start_ns", "end_ns", "dur_ns")
+CPU_COLUMNS = ("name", "pid", "tid", "external_id", "start_ns", "end_ns", "dur_ns")
+GPU_ANNOTATION_COLUMNS = ("name", "device", "stream", "external_id", "start_ns", "end_ns", "dur_ns")
+
+
+@dataclass(frozen=True)
+class KinetoTrace:
+    """One Kineto trace as polars tables; every time is int64 ns since the Unix epoch.
+
+    Tables (one row per event, sorted by ``start_ns``):
+
+    - ``gpu``: GPU activities (kernels, memcpy, memset): ``name, kind, device, stream,
+      correlation, external_id, start_ns, end_ns, dur_ns, grid, block``;
+    - ``runtime``: host launch calls (``cuda_runtime`` / ``cuda_driver``; ``hip*`` on ROCm):
+      ``name, kind, pid, tid, correlation, external_id, start_ns, end_ns, dur_ns``;
+    - ``cpu_ops``: ``cpu_op`` events; ``annotations``: CPU ``user_annotation`` events
+      (``record_function`` ranges); both ``name, pid, tid, external_id, start_ns, end_ns, dur_ns``;
+    - ``gpu_annotations``: ``gpu_user_annotation`` events: ``name, device, stream, external_id,
+      start_ns, end_ns, dur_ns``.
+
+    Metadata: ``path``, ``layout`` (``"relative"``: newer, ``baseTimeNanoseconds`` +
+    fractional us; ``"absolute"``: older, integer us since the epoch), ``base_time_ns`` (0 for
+    the older layout), ``device_properties`` (tuple of dicts as written by Kineto),
+    ``distributed_info`` (dict or None), ``trace_name``, ``events`` (how many events the file
+    holds) and ``skipped`` (events of kept categories dropped for lacking ``ts``/``dur``).
+
+    Example:
+        >>> import tempfile
+        >>> from molmo_latency.trace import read_kineto
+        >>> from molmo_latency.trace._demo import write_demo_trace
+        >>> trace = read_kineto(write_demo_trace(tempfile.mkdtemp()))
+        >>> trace.gpu.height, trace.layout, trace.gpu["dur_ns"].dtype
+        (9, 'relative', Int64)
+    """
+
+    path: str
+    layout: str
+    base_time_ns: int
+    gpu: pl.DataFrame
+    runtime: pl.DataFrame
+    cpu_ops: pl.DataFrame
+    annotations: pl.DataFrame
+    gpu_annotations: pl.DataFrame
+    device_properties: tuple[dict, ...] = ()
+    distributed_info: dict | None = None
+    trace_name: str | None = None
+    events: int = 0
+    skipped: int = 0
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def devices(self) -> list[int]:
+        """Device indices that ran at least one GPU activity."""
+        return sorted(self.gpu["device"].drop_nulls().unique().to_list())
+
+
+# --------------------------------------------------------------------------------------------
+# Reading.
+
+
+def read_kineto(path: str | os.PathLike) -> KinetoTrace:
+    """Read a Chrome/Kineto trace (``.json`` or ``.json.gz``) written by ``torch.profiler``.
+
+    Raises :class:`~molmo_latency.errors.TraceError` (one line: the file, the problem, what to
+    do) for a file that cannot be read as a trace: missing, empty, truncated or corrupt gzip,
+    invalid UTF-8 or JSON, no ``traceEvents``, a field of the wrong type or an integer beyond
+    int64. A valid trace without GPU activity (CPU-only) gives empty GPU tables and a
+    :class:`TraceWarning`; events of kept categories without ``ts``/``dur`` are skipped with a
+    warning.
+
+    Example:
+        >>> import tempfile
+        >>> from molmo_latency.trace import read_kineto
+        >>> from molmo_latency.trace._demo import write_demo_trace
+        >>> trace = read_kineto(write_demo_trace(tempfile.mkdtemp()))
+        >>> trace.gpu.select("name", "start_ns", "dur_ns").row(0)
+        ('vision_patch_embed_gemm', 1700000000001002500, 8250)
+        >>> trace.annotations["name"].to_list()[:3]
+        ['request[0]', 'vision', 'projector']
+    """
+    path = Path(path)
+    was_enabled = gc.isenabled()
+    gc.disable()  # millions of short-lived containers: the cyclic GC would dominate decoding
+    try:
+        return _parse(path, [_read_bytes(path)])
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise TraceError(f"{path}: no such file; pass the path of a .json or .json.gz trace") from None
+    except IsADirectoryError:
+        raise TraceError(f"{path}: is a directory; pass one .json or .json.gz trace file") from None
+    except OSError as exc:
+        raise TraceError(f"{path}: cannot be read ({exc.strerror or exc}); check the path and permissions") from None
+    if data[:2] == b"\x1f\x8b":
+        try:
+            data = gzip.decompress(data)
+        except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as exc:
+            raise TraceError(
+                f"{path}: truncated or corrupt gzip ({exc}); re-export or re-copy the trace"
+            ) from None
+    if not data.strip():
+        raise TraceError(f"{path}: is empty; export the trace again (torch.profiler export_chrome_trace)")
+    return data
+
+
+def _parse(path: Path, holder: list[bytes]) -> KinetoTrace:
+    """`holder` holds the only reference to the JSON text, so it is freed once decoded."""
+    data = holder.pop()
+    first = data.lstrip(_WHITESPACE)[:1]
+    if first == b"[":  # Chrome "JSON Array Format": a bare list of events
+        meta, array = _Top(), memoryview(data)
+    else:
+        try:
+            meta = _TOP_DECODER.decode(data)
+        except UnicodeDecodeError as exc:
+            raise TraceError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start}); the file is corrupt") from None
+        except msgspec.ValidationError as exc:
+            raise TraceError(
+                f"{path}: not a Chrome/Kineto trace ({_one_line(exc)}); expected a JSON object with "
+                "a 'traceEvents' list"
+            ) from None
+        except msgspec.DecodeError as exc:
+            raise TraceError(f"{path}: not valid JSON ({_one_line(exc)}); the file is truncated or corrupt") from None
+        if meta.traceEvents is msgspec.UNSET:
+            raise TraceError(
+                f"{path}: has no 'traceEvents' list, so it is not a Chrome/Kineto trace; pass a file "
+                "written by torch.profiler (export_chrome_trace)"
+            )
+        array = memoryview(meta.traceEvents)
+        if bytes(array[:1]) != b"[":
+            array.release()
+            raise TraceError(f"{path}: 'traceEvents' is not a list; the trace is corrupt or not from torch.profiler")
+    del data
+
+    try:
+        host_frames, device_frames, n_events = _decode_fast(array)
+    except _NotFast:
+        host_frames, device_frames, n_events = _decode_slow(path, array)
+    array.release()
+    meta.traceEvents = msgspec.UNSET  # the last reference to the JSON text
+
+    base_time_ns = meta.baseTimeNanoseconds
+    if base_time_ns is None:
+        base_time_ns, layout = 0, "absolute"
+    elif type(base_time_ns) is int and _INT64_MIN <= base_time_ns <= _INT64_MAX:
+        layout = "relative"
+    else:
+        raise TraceError(
+            f"{path}: baseTimeNanoseconds is {str(base_time_ns)[:40]!r}, not an int64 nanosecond "
+            "time; the trace header is corrupt"
+        )
+
+    skipped = 0
+
+    def tables(frames: list[pl.DataFrame], schema: dict, wanted: dict) -> dict[str, pl.DataFrame]:
+        nonlocal skipped
+        events = pl.concat(frames, how="vertical", rechunk=False) if frames else pl.DataFrame(schema=schema)
+        frames.clear()
+        missing = events["ts"].is_null() | events["dur"].is_null()
+        n_missing = int(missing.sum())
+        if n_missing:
+            skipped += n_missing
+            events = events.filter(~missing)
+        if events.height:  # checked with Python ints, so nothing below can overflow int64
+            lo, hi = events["ts"].min() + base_time_ns, events["ts"].max() + base_time_ns
+            longest = max(abs(events["dur"].min()), abs(events["dur"].max()))
+            if lo < -_TIME_LIMIT_NS or hi > _TIME_LIMIT_NS or longest > _TIME_LIMIT_NS:
+                raise TraceError(
+                    f"{path}: event times beyond the int64 nanosecond range (base + ts up to {hi} ns); "
+                    "the trace is corrupt"
+                )
+        times = [
+            (pl.col("ts") + base_time_ns).alias("start_ns"),
+            (pl.col("ts") + base_time_ns + pl.col("dur")).alias("end_ns"),
+            pl.col("dur").alias("dur_ns"),
+        ]
+        out = {}
+        parts = events.partition_by("kind", as_dict=True, maintain_order=True) if events.height else {}
+        del events
+        for name, (kinds, columns) in wanted.items():
+            found = [parts.pop((k,)) for k in kinds if (k,) in parts]
+            if not found:
+                out[name] = pl.DataFrame(schema={c: _TABLE_SCHEMA[c] for c in columns})
+                continue
+            table = pl.concat(found) if len(found) > 1 else found[0]
+            del found
+            table = table.with_columns(*times)
+            if "grid" in columns:  # rows without three integer dims -> null, not [null, null, null]
+                table = table.with_columns(
+                    pl.when(pl.col(c).arr.get(0).is_not_null()).then(pl.col(c)).alias(c) for c in ("grid", "block")
+                )
+            out[name] = table.select(columns).sort("start_ns", maintain_order=True)
+        return out
+
+    device = tables(device_frames, _DEVICE_SCHEMA, {
+        "gpu": (GPU_ACTIVITY_KINDS, GPU_COLUMNS),
+        "gpu_annotations": (("gpu_user_annotation",), GPU_ANNOTATION_COLUMNS),
+    })
+    host = tables(host_frames, _HOST_SCHEMA, {
+        "runtime": (RUNTIME_KINDS, RUNTIME_COLUMNS),
+        "cpu_ops": (("cpu_op",), CPU_COLUMNS),
+        "annotations": (("user_annotation",), CPU_COLUMNS),
+    })
+    gpu = device["gpu"]
+
+    if skipped:
+        warnings.warn(
+            f"{path}: skipped {skipped} event(s) without a numeric 'ts' or 'dur'", TraceWarning,
+            stacklevel=3,
+        )
+    if gpu.height == 0:
+        warnings.warn(
+            f"{path}: no GPU activities (kernel, gpu_memcpy, gpu_memset); a CPU-only trace, or one "
+            "recorded without ProfilerActivity.CUDA: GPU tables are empty",
+            TraceWarning,
+            stacklevel=3,
+        )
+
+    device_properties = meta.deviceProperties
+    device_properties = tuple(d for d in device_properties if isinstance(d, dict)) if isinstance(
+        device_properties, list) else ()
+    distributed = meta.distributedInfo if isinstance(meta.distributedInfo, dict) else None
+    return KinetoTrace(
+        path=str(path),
+        layout=layout,
+        base_time_ns=base_time_ns,
+        gpu=gpu,
+        runtime=host["runtime"],
+        cpu_ops=host["cpu_ops"],
+        annotations=host["annotations"],
+        gpu_annotations=device["gpu_annotations"],
+        device_properties=device_properties,
+        distributed_info=distributed,
+        trace_name=meta.traceName if isinstance(meta.traceName, str) else None,
+        events=n_events,
+        skipped=skipped,
+        metadata={"schemaVersion": meta.schemaVersion},
+    )
+
+
+class _NotFast(Exception):
+    """The fast path cannot read this array; the slow path will (or will say precisely why not)."""
+
+
+def _decode_fast(array: memoryview) -> tuple[list[pl.DataFrame], list[pl.DataFrame], int]:
+    """Decode the traceEvents array in ~8 MiB chunks cut between events, without a per-event split."""
+    end = len(array)
+    while end and array[end - 1] in _WHITESPACE:
+        end -= 1
+    if end < 2 or array[end - 1] != ord("]"):
+        raise _NotFast
+    pos, end = 1, end - 1  # inside the brackets
+    host, device, count = [], [], 0
+    while pos < end:
+        search_from = pos + _CHUNK_BYTES
+        for _attempt in range(4):
+            match = _BOUNDARY.search(array, search_from, end) if search_from < end else None
+            cut, following = (match.start() + 1, match.end() - 1) if match else (end, end)
+            buf = b"".join((b"[", array[pos:cut], b"]"))
+            try:
+                events = _FAST_DECODER.decode(buf)
+            except msgspec.DecodeError:  # malformed: the cut may be inside a string or an object
+                if match is None:
+                    raise _NotFast from None
+                search_from = match.end()
+                continue
+            except (msgspec.ValidationError, UnicodeDecodeError):  # the text itself: slow path
+                raise _NotFast from None
+            break
+        else:
+            raise _NotFast
+        count += len(events)
+        try:
+            h, d = _checked_frames(events, buf, fast=True)
+        except _OutOfRange:
+            raise _NotFast from None  # the slow path reports it with the event index
+        del events, buf
+        host.append(h)
+        device.append(d)
+        pos = following
+    return host, device, count
+
+
+def _decode_slow(path: Path, array: memoryview) -> tuple[list[pl.DataFrame], list[pl.DataFrame], int]:
+    """Split per event, decode untagged events in chunks; errors name the event index."""
+    try:
+        raws = _RAW_LIST_DECODER.decode(array)
+    except UnicodeDecodeError as exc:
+        raise TraceError(f"{path}: not valid UTF-8 ({exc.reason}); the file is corrupt") from None
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise TraceError(
+            f"{path}: traceEvents is not valid JSON ({_one_line(exc)}); the file is truncated or corrupt"
+        ) from None
+    host, device = [], []
+    for offset in range(0, len(raws), _CHUNK_EVENTS):
+        buf = b"".join((b"[", b",".join(raws[offset:offset + _CHUNK_EVENTS]), b"]"))
+        try:
+            events = _SLOW_DECODER.decode(buf)
+        except UnicodeDecodeError as exc:
+            raise TraceError(f"{path}: not valid UTF-8 ({exc.reason}); the file is corrupt") from None
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            raise TraceError(
+                f"{path}: {_event_error(exc, offset)}; the trace is corrupt or not from torch.profiler"
+            ) from None
+        try:
+            h, d = _checked_frames(events, buf, fast=False)
+        except _OutOfRange as exc:
+            raise TraceError(
+                f"{path}: {exc} (in traceEvents[{offset}:{offset + len(events)}]); the trace is corrupt"
+            ) from None
+        host.append(h)
+        device.append(d)
+    return host, device, len(raws)
+
+
+class _OutOfRange(ValueError):
+    pass
+
+
+def _checked_frames(events: list, buf: bytes, fast: bool) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Host and device frames of the kept events, times converted to exact int64 ns."""
+    frames = _frames(events, fast=fast, exact=False)
+    for frame in frames:
+        for column in ("ts", "dur"):
+            times = frame[column]
+            if not times.len() or times.null_count() == times.len():
+                continue
+            largest = max(abs(times.min()), abs(times.max()))
+            if largest > _MAX_US:
+                raise _OutOfRange(f"an event '{column}' exceeds 2**53 us (beyond int64 nanoseconds)")
+            if largest >= _EXACT_FLOAT_US and (times != times.floor()).any():
+                # a fractional value a double cannot hold to the nanosecond: decode the text exactly
+                decoder = _FAST_EXACT_DECODER if fast else _SLOW_EXACT_DECODER
+                return _frames(decoder.decode(buf), fast=fast, exact=True)
+    return tuple(
+        frame.with_columns(ts=_us_to_ns(frame["ts"]), dur=_us_to_ns(frame["dur"])) for frame in frames
+    )
+
+
+def _us_to_ns(us: pl.Series) -> pl.Series:
+    """Microseconds (double holding a <=3-decimal value) -> int64 ns, exact below 2**43 us."""
+    whole = us.floor()
+    return whole.cast(pl.Int64) * 1000 + ((us - whole) * 1000).round().cast(pl.Int64)
+
+
+def _frames(events: list, fast: bool, exact: bool) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """One pass per column over the kept host events and one over the (fewer) device events."""
+    if fast:
+        x = _XExact if exact else _X
+        host = [e for e in events if e.__class__ is x and e.cat in _HOST_CATEGORY]
+        device = [e for e in events if e.__class__ is x and e.cat in _DEVICE_CATEGORY]
+    else:
+        host = [e for e in events if e.ph == "X" and e.cat in _HOST_CATEGORY]
+        device = [e for e in events if e.ph == "X" and e.cat in _DEVICE_CATEGORY]
+    host_frame = pl.DataFrame(_columns(host, _HOST_CATEGORY, exact)[0])
+    columns, args = _columns(device, _DEVICE_CATEGORY, exact)
+    # GPU events: device and stream are in args; Kineto also writes them as pid / tid.
+    columns["device"] = _ints([a.device for a in args]).fill_null(columns["pid"])
+    columns["stream"] = _ints([a.stream for a in args]).fill_null(columns["tid"])
+    columns["grid"] = _dims([a.grid for a in args])
+    columns["block"] = _dims([a.block for a in args])
+    return host_frame, pl.DataFrame(columns)
+
+
+def _columns(kept: list, categories: dict[str, str], exact: bool) -> tuple[dict[str, pl.Series], list]:
+    args = [e.args or _NO_ARGS for e in kept]
+    ts = [e.ts for e in kept]
+    dur = [e.dur for e in kept]
+    if exact:
+        ts = [_exact_ns(v) for v in ts]
+        dur = [_exact_ns(v) for v in dur]
+    times = pl.Int64 if exact else pl.Float64
+    columns = {
+        "kind": pl.Series([categories[e.cat] for e in kept], dtype=pl.String),
+        "name": pl.Series([e.name for e in kept], dtype=pl.String),
+        "pid": pl.Series([e.pid for e in kept], dtype=pl.Int64, strict=False),  # "Spans" -> null
+        "tid": pl.Series([e.tid for e in kept], dtype=pl.Int64, strict=False),
+        "ts": pl.Series(ts, dtype=times, strict=False),
+        "dur": pl.Series(dur, dtype=times, strict=False),
+        "correlation": _ints([a.correlation for a in args]),
+        "external_id": _ints([a.external_id for a in args]),
+    }
+    return columns, args
+
+
+def _ints(values: list) -> pl.Series:
+    """An int64 column; values that are not JSON integers (strings, floats, objects) -> null."""
+    try:
+        return pl.Series(values, dtype=pl.Int64, strict=True)
+    except (TypeError, ValueError, OverflowError, pl.exceptions.PolarsError):
+        return pl.Series([v if type(v) is int else None for v in values], dtype=pl.Int64)
+
+
+_NULL3 = (None, None, None)
+
+
+def _dims(values: list) -> pl.Series:
+    """An array[int64, 3] column (CUDA grid / block); anything but three integers -> nulls.
+
+    Built from one flat int64 column reshaped to rows of 3: a list of lists is ~4x slower.
+    """
+    flat = list(chain.from_iterable(v if type(v) is list and len(v) == 3 else _NULL3 for v in values))
+    try:
+        column = pl.Series(flat, dtype=pl.Int64, strict=True)
+    except (TypeError, ValueError, OverflowError, pl.exceptions.PolarsError):
+        column = pl.Series([v if type(v) is int else None for v in flat], dtype=pl.Int64)
+    return column.reshape((len(values), 3))
+
+
+def _exact_ns(value: Any) -> int | None:
+    """A JSON number (int, or Decimal from float_hook) of microseconds -> exact int ns."""
+    if value is None:
+        return None
+    if type(value) is int:
+        if abs(value) <= _MAX_US:
+            return value * 1000
+        raise _OutOfRange(f"event time {value} us is out of range")
+    if isinstance(value, Decimal):
+        try:
+            ns = int((value * 1000).to_integral_value(rounding=ROUND_HALF_EVEN))
+        except (InvalidOperation, OverflowError, ValueError):
+            ns = None
+        if ns is not None and abs(ns) <= _TIME_LIMIT_NS:
+            return ns
+        raise _OutOfRange(f"event time {str(value)[:40]} us is out of range")
+    raise _OutOfRange(f"an event 'ts'/'dur' is a {type(value).__name__}, not a number")
+
+
+_AT = re.compile(r"`\$\[(\d+)\]")
+
+
+def _event_error(exc: Exception, offset: int) -> str:
+    """msgspec's message with the chunk-relative path made file-relative: `$.traceEvents[i]...`."""
+    return _AT.sub(lambda m: f"`$.traceEvents[{int(m.group(1)) + offset}]", _one_line(exc))
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())[:300]

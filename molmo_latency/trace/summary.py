@@ -1,0 +1,73 @@
+"""What ``molmo-latency trace summary`` shows, as frames: per-kernel, per-annotation, per-device
+and per-category GPU time of one trace (transform only; the CLI renders it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import polars as pl
+
+from molmo_latency.trace.attribution import (
+    annotation_gpu_stats,
+    annotation_name_stats,
+    attribute,
+    device_gpu_stats,
+    kernel_breakdown,
+)
+from molmo_latency.trace.categories import with_category
+from molmo_latency.trace.reader import KinetoTrace
+
+__all__ = ["TraceSummary", "summarize"]
+
+
+@dataclass(frozen=True)
+class TraceSummary:
+    """Summary tables of one trace (times in ns).
+
+    - ``kernels``: :func:`~molmo_latency.trace.attribution.kernel_breakdown`, every GPU activity
+      grouped by exact name;
+    - ``annotations``: :func:`~molmo_latency.trace.attribution.annotation_name_stats` over all
+      CPU user annotations (``instances``, ``gpu_activities``, ``gpu_kernel_ns``, ...);
+    - ``devices``: :func:`~molmo_latency.trace.attribution.device_gpu_stats`;
+    - ``categories``: ``category, count, total_ns`` over every GPU activity;
+    - ``unattributed``: GPU activities charged to no annotation; ``unlinked``: those whose
+      launch call is not in the trace.
+    """
+
+    trace: KinetoTrace
+    kernels: pl.DataFrame
+    annotations: pl.DataFrame
+    devices: pl.DataFrame
+    categories: pl.DataFrame
+    unattributed: int
+    unlinked: int
+
+
+def summarize(trace: KinetoTrace) -> TraceSummary:
+    """Per-kernel, per-annotation, per-device and per-category GPU time of `trace`.
+
+    Example:
+        >>> import tempfile
+        >>> from molmo_latency.trace import read_kineto
+        >>> from molmo_latency.trace._demo import write_demo_trace
+        >>> s = summarize(read_kineto(write_demo_trace(tempfile.mkdtemp())))
+        >>> s.devices.select("device", "gpu_activities").row(0), s.unattributed
+        ((0, 9), 1)
+    """
+    attributed = attribute(trace.gpu, trace.runtime, trace.annotations)
+    per_instance = annotation_gpu_stats(attributed, trace.annotations)
+    categories = (
+        with_category(trace.gpu)
+        .group_by("category")
+        .agg(count=pl.len().cast(pl.Int64), total_ns=pl.col("dur_ns").sum())
+        .sort(["total_ns", "category"], descending=[True, False])
+    )
+    return TraceSummary(
+        trace=trace,
+        kernels=kernel_breakdown(trace.gpu),
+        annotations=annotation_name_stats(per_instance),
+        devices=device_gpu_stats(trace.gpu),
+        categories=categories,
+        unattributed=int(attributed["annotation_id"].is_null().sum()),
+        unlinked=int(attributed["launch_start_ns"].is_null().sum()),
+    )
