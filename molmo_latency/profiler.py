@@ -49,6 +49,7 @@ class PhaseProfiler:
         timer: Timer | None = None,
         nvml: str = "auto",
         nvml_interval_ms: float = 10.0,
+        nvml_device: Any = None,
     ):
         if nvml not in ("auto", "off", "required"):
             raise MolmoLatencyError(f"nvml must be 'auto', 'off' or 'required', got {nvml!r}")
@@ -58,6 +59,7 @@ class PhaseProfiler:
         self.ranges = RangeEmitter(nvtx=nvtx)
         self.nvml_mode = nvml
         self.nvml_interval_ms = nvml_interval_ms
+        self.nvml_device = nvml_device
         self.trace_dir = Path(trace_dir) if trace_dir is not None else None
         self._torch_profiler_arg = torch_profiler if torch_profiler is not None else (
             True if trace_dir is not None else None)
@@ -264,7 +266,7 @@ class PhaseProfiler:
             return
         param = next(self.model.parameters(), None)
         on_gpu = param is not None and param.device.type == "cuda"
-        if not on_gpu and self.nvml_mode == "auto":
+        if not on_gpu and self.nvml_mode == "auto" and self.nvml_device is None:
             return  # a CPU model: GPU telemetry would explain nothing
         try:
             from molmo_latency.telemetry import start_telemetry
@@ -272,16 +274,17 @@ class PhaseProfiler:
             if self.nvml_mode == "required":
                 raise
             return
-        index = (param.device.index or 0) if on_gpu else 0
-        self._sampler = start_telemetry(self.nvml_mode, index, interval_ms=self.nvml_interval_ms)
+        device = self.nvml_device
+        if device is None:
+            device = (param.device.index or 0) if on_gpu else 0
+        self._sampler = start_telemetry(self.nvml_mode, device, interval_ms=self.nvml_interval_ms)
 
     def _stop_telemetry(self) -> None:
         sampler = self._sampler
-        if sampler is not None:
-            try:
-                sampler.stop()
-            except Exception as exc:  # noqa: BLE001 - keep the measurements, say what failed
-                warnings.warn(f"NVML sampler failed: {exc}", stacklevel=2)
+        if sampler is not None and sampler.running:
+            from molmo_latency.telemetry import stop_telemetry
+
+            stop_telemetry(sampler, self.nvml_mode)  # "required": raises if the sampler failed
 
     # ------------------------------------------------------------------------ results
     def report(self) -> PhaseReport:
@@ -321,6 +324,7 @@ def profile_phases(
     timer: Timer | None = None,
     nvml: str = "auto",
     nvml_interval_ms: float = 10.0,
+    nvml_device: Any = None,
 ) -> PhaseProfiler:
     """Profile every `model.generate()` call inside a `with` block, phase by phase.
 
@@ -333,7 +337,11 @@ def profile_phases(
         trace_dir: where Chrome/Kineto traces are written (implies ``torch_profiler=True``).
         phases: explicit mapping ``{"vision": path, "projector": path, "llm": (start, end)}``.
         timer: a timer policy; default CUDA events for a CUDA model, perf_counter_ns otherwise.
-        nvml: "auto" | "off" | "required": GPU clocks, temperature, power, throttle reasons.
+        nvml: "auto" | "off" | "required": GPU clocks, temperature, power, throttle reasons
+            per phase and request (null columns when off or unavailable; "auto" warns once).
+        nvml_interval_ms: the sampling interval of the NVML thread.
+        nvml_device: the NVML index/UUID to read (default: the model's GPU) or a
+            :class:`~molmo_latency.telemetry.GpuDevice` (e.g. ``FakeGpu`` in tests).
 
     Example:
         >>> from molmo_latency.models import reference_vlm
@@ -345,7 +353,7 @@ def profile_phases(
     """
     return PhaseProfiler(
         model, nvtx=nvtx, torch_profiler=torch_profiler, trace_dir=trace_dir, phases=phases,
-        timer=timer, nvml=nvml, nvml_interval_ms=nvml_interval_ms,
+        timer=timer, nvml=nvml, nvml_interval_ms=nvml_interval_ms, nvml_device=nvml_device,
     )
 
 

@@ -157,10 +157,8 @@ def build_report(records: list[RequestRecord], timer_kind: str, *, samples: pl.D
         request_rows.append(_request_row(rec, rows, problems, timer_kind))
     requests = pl.DataFrame(request_rows, schema=polars_schema(REQUEST_COLUMNS), orient="row")
     phases = pl.DataFrame(phase_rows, schema=polars_schema(PHASE_COLUMNS), orient="row")
-    report = PhaseReport(requests=requests, phases=phases, traces=list(traces or []), telemetry=samples)
-    if samples is not None:
-        from molmo_latency.telemetry import attach_telemetry
+    from molmo_latency.telemetry import attach_telemetry
 
-        tables = attach_telemetry({"requests": report.requests, "phases": report.phases}, samples)
-        report.requests, report.phases = tables["requests"], tables["phases"]
-    return report
+    tables = attach_telemetry({"requests": requests, "phases": phases}, samples)
+    return PhaseReport(requests=tables["requests"], phases=tables["phases"], traces=list(traces or []),
+                       telemetry=tables.get("telemetry"))
