@@ -1,0 +1,110 @@
+"""PNG waterfall of a diff (show only): from A's time to B's, one bar per phase and per kernel
+category. matplotlib with the Agg backend: no display needed.
+
+Phase panel: mean time per request (means add up: the phase bars sum exactly to the change of
+the mean total; medians do not add up). A bar is hatched when its phase's verdict is ``no
+significant change``. Kernel panel: own time of all kernels (or CPU ops), per category.
+
+Example:
+    >>> import tempfile, pathlib
+    >>> from molmo_latency.diff import diff
+    >>> from molmo_latency.trace._demo import write_demo_trace
+    >>> d = tempfile.mkdtemp()
+    >>> t = write_demo_trace(d)
+    >>> plot_waterfall(diff(t, t), pathlib.Path(d) / "w.png").stat().st_size > 0
+    True
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+
+_STEPS = ("vision", "projector", "prefill", "decode", "other")
+_UP, _DOWN, _ENDS = "#C44E52", "#55A868", "#4C72B0"
+MAX_ROWS = 6
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _bars(ax, labels: list[str], start: float, deltas: list[float], end: float, hatched: list[bool],
+          unit: str, title: str) -> None:
+    xs = list(range(len(labels) + 2))
+    ax.bar(xs[0], start, color=_ENDS)
+    ax.annotate(f"{start:.4g}", (xs[0], start), ha="center", va="bottom", fontsize=7)
+    level = start
+    for i, (d, h) in enumerate(zip(deltas, hatched), start=1):
+        ax.bar(i, d, bottom=level, color=_UP if d > 0 else _DOWN, hatch="//" if h else None,
+               edgecolor="white" if h else None)
+        ax.annotate(f"{d:+.3g}", (i, level + max(d, 0)), ha="center", va="bottom", fontsize=7)
+        level += d
+    ax.bar(xs[-1], end, color=_ENDS)
+    ax.annotate(f"{end:.4g}", (xs[-1], end), ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(xs, ["A", *labels, "B"], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(unit)
+    ax.set_title(title, fontsize=9)
+    low = min(start, end, *(start + sum(deltas[:i + 1]) for i in range(len(deltas)))) if deltas else min(start, end)
+    high = max(start, end, *(start + sum(deltas[:i + 1]) for i in range(len(deltas)))) if deltas else max(start, end)
+    pad = 0.15 * (high - low) if high > low else 0.1 * max(abs(high), 1e-9)
+    ax.set_ylim(max(0.0, low - pad) if low >= 0 else low - pad, high + pad)
+
+
+def _phase_panel(ax, phases: pl.DataFrame) -> bool:
+    rows = {r["phase"]: r for r in phases.iter_rows(named=True)}
+    if "total" not in rows:
+        return False
+    steps = [p for p in _STEPS if p in rows]
+    deltas = [rows[p]["b_mean_ms"] - rows[p]["a_mean_ms"] for p in steps]
+    hatched = [rows[p]["verdict"] == "no significant change" for p in steps]
+    total = rows["total"]
+    _bars(ax, steps, total["a_mean_ms"], deltas, total["b_mean_ms"], hatched, "ms per request (mean)",
+          f"phases: total {total['verdict']} ({total['delta_ms']:+.3g} ms in medians)")
+    return True
+
+
+def _kernel_panel(ax, categories: pl.DataFrame, level: str | None) -> bool:
+    if categories.height == 0:
+        return False
+    cats = categories.sort(pl.col("delta_us").abs(), descending=True)
+    a_ms, b_ms = cats["a_us"].sum() / 1e3, cats["b_us"].sum() / 1e3
+    what = "CPU ops (self time)" if level == "cpu_op" else "GPU kernels"
+    _bars(ax, cats["category"].to_list(), a_ms, [d / 1e3 for d in cats["delta_us"].to_list()], b_ms,
+          [False] * cats.height, "ms (sum over the trace)", f"{what} by category")
+    return True
+
+
+def plot_waterfall(result, path: str | Path) -> Path:
+    """Write the waterfall of a :class:`~molmo_latency.diff.DiffResult` to `path` (PNG)."""
+    plt = _plt()
+    comps = [c for c in result.comparisons if c.phases is not None or c.categories is not None][:MAX_ROWS]
+    rows = max(1, len(comps))
+    fig, axes = plt.subplots(rows, 2, figsize=(11, 3.6 * rows), squeeze=False)
+    for row, comp in zip(axes, comps):
+        drawn = [comp.phases is not None and _phase_panel(row[0], comp.phases),
+                 comp.categories is not None and _kernel_panel(row[1], comp.categories, comp.level)]
+        for ax, ok in zip(row, drawn):
+            if not ok:
+                ax.axis("off")
+                ax.text(0.5, 0.5, "not available for this pair", ha="center", va="center", fontsize=9)
+        row[0].set_title(f"{comp.title}\n" + row[0].get_title(), fontsize=9)
+    if not comps:
+        axes[0][0].axis("off")
+        axes[0][1].axis("off")
+        axes[0][0].text(0.5, 0.5, "nothing to compare", ha="center")
+    more = len([c for c in result.comparisons if c.phases is not None or c.categories is not None]) - len(comps)
+    fig.suptitle("Where the time went, A -> B (red: slower, green: faster, hatched: no significant change)"
+                 + (f"; {more} more comparisons in the JSON" if more > 0 else ""), fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
