@@ -290,7 +290,26 @@ class PhaseProfiler:
     def report(self) -> PhaseReport:
         """The `requests` and `phases` tables (polars) of every request held so far."""
         samples = self._sampler.samples() if self._sampler is not None else None
-        return build_report(self.records, self.timer.kind, samples=samples, traces=self.traces)
+        return build_report(self.records, self.timer.kind, samples=samples, traces=self.traces,
+                            gpu_phases=self._gpu_phases())
+
+    def _gpu_phases(self):
+        """GPU time per phase instance from the Kineto traces written so far (those with GPU
+        activity), read once each; None without traces."""
+        if not self.traces:
+            return None
+        import polars as pl
+
+        from molmo_latency.trace import phase_gpu_table, read_kineto
+
+        for trace in self.traces:
+            if "gpu_phases" not in trace:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    parsed = read_kineto(trace["path"])
+                trace["gpu_phases"] = phase_gpu_table(parsed) if parsed.gpu.height else None
+        tables = [t["gpu_phases"] for t in self.traces if t["gpu_phases"] is not None]
+        return pl.concat(tables) if tables else None
 
     def pop_report(self) -> PhaseReport:
         """The tables of the requests since the last pop, which the profiler then forgets.
@@ -301,11 +320,12 @@ class PhaseProfiler:
             raise MolmoLatencyError("pop_report() cannot run inside generate()")
         records, self.records = self.records, []
         if self._sampler is None:
-            return build_report(records, self.timer.kind, traces=self.traces)
+            return build_report(records, self.timer.kind, traces=self.traces, gpu_phases=self._gpu_phases())
         import polars as pl
 
         samples = self._sampler.samples()  # all of them: a phase may hold an earlier sample
-        report = build_report(records, self.timer.kind, samples=samples, traces=self.traces)
+        report = build_report(records, self.timer.kind, samples=samples, traces=self.traces,
+                              gpu_phases=self._gpu_phases())
         if self._popped_until_ns is not None:
             samples = samples.filter(pl.col("t_ns") > self._popped_until_ns)
         if samples.height:

@@ -147,8 +147,26 @@ def _request_row(rec: RequestRecord, rows: list[dict[str, Any]], problems: list[
     }
 
 
+GPU_PHASE_COLUMNS = ("gpu_busy_ms", "gpu_span_ms", "gpu_kernel_ms", "gpu_activities",
+                     "launch_delay_mean_us", "gpu_idle_ms")
+
+
+def join_gpu_columns(requests: pl.DataFrame, phases: pl.DataFrame,
+                     gpu_phases: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Add the trace's GPU time per phase instance (from `phase_gpu_table`) next to the
+    event-timed `ms`, and per request the sums of GPU busy and kernel time (null where a
+    request was not traced)."""
+    keyed = gpu_phases.select("request", "phase", "step", *GPU_PHASE_COLUMNS).unique(
+        ["request", "phase", "step"], keep="first")
+    phases = phases.join(keyed, on=["request", "phase", "step"], how="left", maintain_order="left")
+    per_request = keyed.group_by("request").agg(pl.col("gpu_busy_ms").sum(), pl.col("gpu_kernel_ms").sum())
+    requests = requests.join(per_request, on="request", how="left", maintain_order="left")
+    return requests, phases
+
+
 def build_report(records: list[RequestRecord], timer_kind: str, *, samples: pl.DataFrame | None = None,
-                 traces: list[dict[str, Any]] | None = None) -> PhaseReport:
+                 traces: list[dict[str, Any]] | None = None,
+                 gpu_phases: pl.DataFrame | None = None) -> PhaseReport:
     """Turn collected records into the `requests` and `phases` tables."""
     request_rows, phase_rows = [], []
     for rec in records:
@@ -157,6 +175,8 @@ def build_report(records: list[RequestRecord], timer_kind: str, *, samples: pl.D
         request_rows.append(_request_row(rec, rows, problems, timer_kind))
     requests = pl.DataFrame(request_rows, schema=polars_schema(REQUEST_COLUMNS), orient="row")
     phases = pl.DataFrame(phase_rows, schema=polars_schema(PHASE_COLUMNS), orient="row")
+    if gpu_phases is not None:
+        requests, phases = join_gpu_columns(requests, phases, gpu_phases)
     from molmo_latency.telemetry import attach_telemetry
 
     tables = attach_telemetry({"requests": requests, "phases": phases}, samples)

@@ -266,3 +266,22 @@ def test_nvml_off_and_unavailable_leave_null_columns(tiny, monkeypatch):
         with profile_phases(tiny.model, nvml="required"):
             pass
     assert "generate" not in vars(tiny.model)
+
+
+def test_report_gains_gpu_columns_from_a_trace_with_gpu_activity(tiny, tmp_path):
+    """A CPU run has no kernels, so a trace with GPU activity and the same phase names (the trace
+    package's demo: request[0] with vision, projector, prefill, decode[0], decode[1]) stands in
+    for the one a CUDA run writes."""
+    from molmo_latency.trace import phase_gpu_table, read_kineto
+    from molmo_latency.trace._demo import write_demo_trace
+
+    demo = write_demo_trace(tmp_path)
+    with profile_phases(tiny.model) as prof:
+        tiny.model.generate(**tiny.inputs(crops=1, new_tokens=3))
+    prof.traces.append({"path": str(demo), "requests": [0]})
+    rep = prof.report()
+    expected = phase_gpu_table(read_kineto(demo))
+    joined = rep.phases.select("phase", "step", "gpu_kernel_ms", "gpu_activities")
+    assert joined.rows() == expected.select("phase", "step", "gpu_kernel_ms", "gpu_activities").rows()
+    assert rep.requests["gpu_busy_ms"][0] == pytest.approx(expected["gpu_busy_ms"].sum())
+    assert rep.phases["ms"].null_count() == 0  # the event-timed ms stays beside them
