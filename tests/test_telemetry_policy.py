@@ -147,3 +147,20 @@ def test_profile_phases_required_on_a_machine_without_nvml(tiny):
     with pytest.raises(NvmlUnavailable, match="cannot use NVML"):
         with profile_phases(tiny.model, nvml="required"):
             tiny.model.generate(**tiny.inputs(crops=1, new_tokens=2))
+
+
+def test_profile_phases_with_nvml_fills_the_telemetry_columns(tiny, monkeypatch):
+    """End to end on CPU: NVML answered by a fake driver, the real sampler, the profiler's tables."""
+    FakeNvml().install(monkeypatch)
+    from molmo_latency import profile_phases
+
+    with profile_phases(tiny.model, nvml="required", nvml_interval_ms=1) as prof:
+        for _ in range(2):
+            tiny.model.generate(**tiny.inputs(crops=1, new_tokens=4))
+    rep = prof.report()
+    req, ph = rep.requests, rep.phases
+    assert (req["sm_clock_mean_mhz"] == 1980.0).all() and (req["temp_max_c"] == 47.0).all()
+    assert (req["telemetry_samples"] >= 1).all() and (req["throttle_reasons"] == 0x4).all()
+    assert (ph["telemetry_samples"] >= 1).all() and (ph["power_mean_w"] - 123.456).abs().max() < 1e-9
+    assert (req["energy_j"] == 0.0).all()  # from the counter, which the fake driver never moves
+    assert rep.telemetry.height >= 2
