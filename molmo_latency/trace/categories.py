@@ -19,9 +19,10 @@ attention       ``flash``, ``fmha``, ``attention``/``attn``, ``sdpa``, ``scaled_
 norm            ``layer_norm``/``layernorm``, ``rms_norm``/``rmsnorm``, ``batch_norm``,
                 ``group_norm``, ``instance_norm``, cuDNN ``bn_fw``/``bn_bw``, ``welford``,
                 PyTorch's layer-norm helpers ``RowwiseMoments`` / ``GammaBetaBackward``
-gemm            matmul and convolution: ``gemm``, ``gemv``, ``cublas``, ``cutlass``, ``xmma``,
-                ``wgmma``, ``matmul``, Triton ``mm``, rocBLAS/Tensile ``Cijk_``, ``splitKreduce``,
-                cuDNN ``conv``/``fprop``/``dgrad``/``wgrad``/``scudnn``, ``fft``
+gemm            matmul and convolution: ``gemm`` (but not the ``fbgemm`` library prefix),
+                ``gemv``, ``cublas``, ``cutlass``, ``xmma``, ``wgmma``, ``matmul``, Triton ``mm``,
+                rocBLAS/Tensile ``Cijk_``, ``splitKreduce``, cuDNN ``conv`` / ``fprop`` /
+                ``dgrad`` / ``wgrad`` / ``scudnn``, ``fft``
 elementwise     ``elementwise``, ``vectorized``, ``unrolled``, Triton pointwise/reduction
                 (``triton_poi``/``triton_red``/``triton_per``), ``reduce_kernel``, ``fill``,
                 ``copy``, ``index``, ``scatter``, ``gather``, ``cat``, layout transforms
@@ -61,7 +62,7 @@ CATEGORY_RULES: tuple[tuple[str, str], ...] = (
     ("attention", r"(?i)flash|fmha|attention|attn|sdpa|scaled_dot|mha|xformers|paged|softmax"),
     ("norm", r"(?i)layer_?norm|rms_?norm|batch_?norm|group_?norm|instance_?norm|\bbn_(fw|bw)"
              r"|::bn_|welford|gammabeta|rowwisemoments"),
-    ("gemm", r"(?i)gemm|gemv|cublas|cutlass|xmma|wgmma|matmul|triton_(tem_fused_)?mm|\bcijk_"
+    ("gemm", r"(?i)([^b]|^)gemm|([^f]|^)bgemm|gemv|cublas|cutlass|xmma|wgmma|matmul|triton_(tem_fused_)?mm|\bcijk_"
              r"|splitkreduce|conv|fprop|dgrad|wgrad|scudnn|fft"),
     ("elementwise", r"(?i)elementwise|vectorized|unrolled|triton_(poi|red|per)|reduce_kernel"
                     r"|fill|copy|index|scatter|gather|\bcat|nchwtonhwc|nhwctonchw|scan|gelu|silu"
