@@ -315,6 +315,8 @@ def _cause(r: dict, clock_drop: float, idle_gap_ms: float) -> tuple[str, str | N
     gap = r.get("gap_before_ms")
     if gap is not None and gap > idle_gap_ms:
         return "first run after idle", f"{gap / 1000:.1f} s idle before it"
+    if clock is None and r.get("throttle_reasons") is None:
+        return "unexplained", "no telemetry to check throttling or clocks"
     return "unexplained", None
 
 

@@ -275,3 +275,13 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, make, words):
     captured = capsys.readouterr()
     assert words in captured.err and "Traceback" not in captured.err
     assert captured.err.count("\n") == 1 and captured.err.startswith("molmo-latency: error: ")
+
+
+def test_without_telemetry_an_outlier_says_what_could_not_be_checked():
+    df = synthetic(effect=False, noise=0.01, bounded=True, bases={"a": 10.0}, n=10).drop(
+        "sm_clock_mean_mhz", "temp_max_c", "throttle_reasons").with_columns(
+        pl.when(pl.col("repeat") == 4).then(30.0).otherwise(pl.col("decode_per_token_ms"))
+        .alias("decode_per_token_ms"))
+    out = find_outliers(prepare_requests(df)).filter(pl.col("metric") == "decode_per_token_ms")
+    assert out.select("repeat", "cause", "detail").rows() == [
+        (4, "unexplained", "no telemetry to check throttling or clocks")]
