@@ -1,7 +1,6 @@
 """Telemetry per interval: hand-computed alignments, the documented rule against a naive
 reference, and attaching the columns to a profiler report."""
 
-import math
 import time
 
 import polars as pl
