@@ -79,7 +79,17 @@ def normalize_kernel_name(name: str) -> str:
         >>> normalize_kernel_name("Memcpy HtoD (Pinned -> Device)")
         'Memcpy HtoD (Pinned -> Device)'
     """
-    s = name.strip()
+    s = name
+    for _ in range(8):  # until nothing changes: normalising a normalised name changes nothing
+        before = s
+        s = _normalize_once(s)
+        if s == before:
+            break
+    return s or name
+
+
+def _normalize_once(name: str) -> str:
+    s = _SPACES.sub(" ", name).strip()
     if s.startswith("void "):
         s = s[5:]
     s = _strip_balanced(s, "<", ">", keep_delims=True)
@@ -95,7 +105,7 @@ def normalize_kernel_name(name: str) -> str:
     s = _HASH_NUMBER.sub("#", s)
     s = _INDEX.sub("[]", s)
     s = _TRAILING_NUMBER.sub("", s)
-    return _SPACES.sub(" ", s).strip() or name
+    return _SPACES.sub(" ", s).strip()
 
 
 # ------------------------------------------------------------------------------ ops tables
@@ -248,6 +258,15 @@ def _stats(ops: pl.DataFrame, key: str) -> pl.DataFrame:
     )
 
 
+def _ns_to_us(ns: pl.Expr) -> pl.Expr:
+    """Integer ns -> float us, correctly rounded (exact for whole and 3-decimal microseconds).
+
+    Not ``ns / 1000``: polars divides a column by a scalar through its reciprocal, which is one
+    ulp off for values such as 323162 / 1000 (323.16200000000003).
+    """
+    return ns.map_batches(lambda s: pl.Series(s.to_numpy().astype(np.float64) / 1000.0), return_dtype=pl.Float64)
+
+
 def kernel_diff(a: pl.DataFrame, b: pl.DataFrame, *, normalize: bool = False) -> pl.DataFrame:
     """Kernels of A and B aligned by name (or by :func:`normalize_kernel_name` when `normalize`).
 
@@ -277,17 +296,17 @@ def kernel_diff(a: pl.DataFrame, b: pl.DataFrame, *, normalize: bool = False) ->
     joined = sides[0].join(sides[1], on=key, how="full", coalesce=True)
     zero = [f"{s}_{c}" for s in "ab" for c in ("count", "total_ns", "self_ns", *[f"{p}_ns" for p in PHASE_BUCKETS])]
     joined = joined.with_columns([pl.col(c).fill_null(0) for c in zero])
-    us = 1e-3
+    us = _ns_to_us
     out = joined.select(
         pl.col(key).alias("name"),
         pl.coalesce("a_category", "b_category").fill_null("other").alias("category"),
         "a_count", "b_count",
-        (pl.col("a_total_ns") * us).alias("a_total_us"), (pl.col("b_total_ns") * us).alias("b_total_us"),
-        ((pl.col("b_total_ns") - pl.col("a_total_ns")) * us).alias("delta_us"),
-        (pl.col("a_total_ns") * us / pl.col("a_count")).alias("a_mean_us"),
-        (pl.col("b_total_ns") * us / pl.col("b_count")).alias("b_mean_us"),
-        (pl.col("a_self_ns") * us).alias("a_self_us"), (pl.col("b_self_ns") * us).alias("b_self_us"),
-        ((pl.col("b_self_ns") - pl.col("a_self_ns")) * us).alias("delta_self_us"),
+        us(pl.col("a_total_ns")).alias("a_total_us"), us(pl.col("b_total_ns")).alias("b_total_us"),
+        us(pl.col("b_total_ns") - pl.col("a_total_ns")).alias("delta_us"),
+        (us(pl.col("a_total_ns")) / pl.col("a_count")).alias("a_mean_us"),
+        (us(pl.col("b_total_ns")) / pl.col("b_count")).alias("b_mean_us"),
+        us(pl.col("a_self_ns")).alias("a_self_us"), us(pl.col("b_self_ns")).alias("b_self_us"),
+        us(pl.col("b_self_ns") - pl.col("a_self_ns")).alias("delta_self_us"),
         *[(pl.col(f"{s}_{p}_ns") / pl.col(f"{s}_self_ns")).alias(f"{s}_share_{p}")
           for s in "ab" for p in PHASE_BUCKETS],
         pl.when((pl.col("a_count") > 0) & (pl.col("b_count") > 0)).then(pl.lit("both"))
@@ -341,7 +360,7 @@ def phase_kernel_diff(a: pl.DataFrame, b: pl.DataFrame) -> pl.DataFrame:
     rows = []
     for p in PHASE_BUCKETS:
         pa, pb = a.filter(pl.col("phase") == p), b.filter(pl.col("phase") == p)
-        a_us, b_us = pa["self_ns"].sum() * 1e-3, pb["self_ns"].sum() * 1e-3
+        a_us, b_us = pa["self_ns"].sum() / 1000, pb["self_ns"].sum() / 1000
         rows.append({"phase": p, "a_count": pa.height, "b_count": pb.height, "a_us": float(a_us),
                      "b_us": float(b_us), "delta_us": float(b_us - a_us)})
     return pl.DataFrame(rows, schema={"phase": pl.String, "a_count": pl.Int64, "b_count": pl.Int64,

@@ -108,7 +108,7 @@ def holm(p_values: Sequence[float | None]) -> list[float | None]:
     """Holm-Bonferroni adjusted p-values (None stays None and does not count in the family).
 
     Example:
-        >>> holm([0.01, 0.04, None, 0.03])
+        >>> [None if p is None else round(p, 6) for p in holm([0.01, 0.04, None, 0.03])]
         [0.03, 0.06, None, 0.06]
     """
     present = [(p, i) for i, p in enumerate(p_values) if p is not None]
@@ -117,7 +117,7 @@ def holm(p_values: Sequence[float | None]) -> list[float | None]:
     running = 0.0
     for rank, (p, i) in enumerate(sorted(present)):
         running = max(running, min(1.0, (m - rank) * p))
-        out[i] = round(running, 12)
+        out[i] = running
     return out
 
 
