@@ -164,3 +164,15 @@ def test_profile_phases_with_nvml_fills_the_telemetry_columns(tiny, monkeypatch)
     assert (ph["telemetry_samples"] >= 1).all() and (ph["power_mean_w"] - 123.456).abs().max() < 1e-9
     assert (req["energy_j"] == 0.0).all()  # from the counter, which the fake driver never moves
     assert rep.telemetry.height >= 2
+
+
+def test_profile_phases_required_surfaces_a_sampler_failing_mid_run(tiny):
+    from molmo_latency import profile_phases
+
+    gpu = FakeGpu(fail_after=2)
+    with pytest.raises(NvmlUnavailable, match="failed after 2 samples"):
+        with profile_phases(tiny.model, nvml="required", nvml_device=gpu, nvml_interval_ms=1):
+            tiny.model.generate(**tiny.inputs(crops=1, new_tokens=4))
+            deadline = time.monotonic() + 5
+            while gpu.failures == 0 and time.monotonic() < deadline:
+                time.sleep(0.005)

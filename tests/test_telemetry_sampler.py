@@ -83,6 +83,7 @@ def test_an_error_in_the_thread_is_kept_and_raised_at_stop():
         time.sleep(0.005)
     assert isinstance(sampler.error, RuntimeError)
     assert not sampler._thread.is_alive()  # the thread ended instead of raising
+    assert sampler.running                 # still to be stopped, which reports the failure
     with pytest.raises(NvmlUnavailable, match="failed after 3 samples.*read 4 failed") as info:
         sampler.stop()
     assert isinstance(info.value.__cause__, RuntimeError)

@@ -461,7 +461,8 @@ class FakeGpu(GpuDevice):
         self._clock = clock or time.perf_counter_ns
         self._energy_mj = 0.0
         self._last_t: int | None = None
-        self.reads = 0
+        self.reads = 0       # successful reads
+        self.failures = 0    # reads that raised (fail_after)
         self.closed = False
 
     def _current(self) -> GpuReading:
@@ -474,6 +475,7 @@ class FakeGpu(GpuDevice):
 
     def read(self) -> GpuReading:
         if self._fail_after is not None and self.reads >= self._fail_after:
+            self.failures += 1
             raise RuntimeError(f"fake GPU read {self.reads + 1} failed")
         if self._delay:
             import time

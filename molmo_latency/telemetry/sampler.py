@@ -196,8 +196,9 @@ class NvmlSampler:
 
     @property
     def running(self) -> bool:
-        """True between :meth:`start` and :meth:`stop` while the thread is alive."""
-        return self._thread is not None and self._thread.is_alive() and not self._stopped
+        """True between :meth:`start` and :meth:`stop`, also after the thread failed (then
+        :attr:`error` is set and :meth:`stop` reports it): whether there is a sampler to stop."""
+        return self._started and not self._stopped
 
     @property
     def device(self) -> GpuDevice | None:
