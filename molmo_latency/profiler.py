@@ -74,6 +74,7 @@ class PhaseProfiler:
         self._tprof: Any = None
         self._own_tprof = False
         self._trace_requests: list[int] = []
+        self._trace_starts_ns: dict[int, int] = {}
         self._sampler: Any = None
         self._entered = False
 
@@ -186,10 +187,13 @@ class PhaseProfiler:
             if token is not None:
                 req.image_tokens = int((ids[0] == token).sum())
         self.records.append(req)
-        if self._tprof is not None and _tprof_recording(self._tprof):
+        traced = self._tprof is not None and _tprof_recording(self._tprof)
+        if traced:
             self._trace_requests.append(req.index)
         self.timer.begin()
         req.wall_start_ns = time.perf_counter_ns()
+        if traced:
+            self._trace_starts_ns[req.index] = req.wall_start_ns
         self.ranges.push("request", req.index)
         req.marks.append(self.timer.mark())
         self._active = req
@@ -254,6 +258,24 @@ class PhaseProfiler:
         path = self.trace_dir / f"{name}.pt.trace.json.gz"
         tprof.export_chrome_trace(str(path))
         self.traces.append({"path": str(path), "requests": requests})
+        starts = [self._trace_starts_ns.pop(r) for r in requests if r in self._trace_starts_ns]
+        if self._sampler is not None and starts:
+            self._add_counter_tracks(path, requests[0], starts[0])
+
+    def _add_counter_tracks(self, path: Path, request: int, request_start_ns: int) -> None:
+        """NVML samples as counter tracks (clocks, temperature, power) under the phases."""
+        import polars as pl
+
+        from molmo_latency.errors import TraceError
+        from molmo_latency.telemetry import add_counter_tracks, estimate_clock_offset_ns
+
+        try:
+            offset = estimate_clock_offset_ns(path, f"request[{request}]", request_start_ns)
+        except TraceError as exc:
+            warnings.warn(f"no NVML counter tracks in {path}: {exc}", stacklevel=2)
+            return
+        samples = self._sampler.samples().filter(pl.col("t_ns") >= request_start_ns - 1_000_000_000)
+        add_counter_tracks(path, samples, clock_offset_ns=offset)
 
     def _stop_torch_profiler(self) -> None:
         tprof, self._tprof = self._tprof, None
@@ -281,7 +303,7 @@ class PhaseProfiler:
 
     def _stop_telemetry(self) -> None:
         sampler = self._sampler
-        if sampler is not None and sampler.running:
+        if sampler is not None:
             from molmo_latency.telemetry import stop_telemetry
 
             stop_telemetry(sampler, self.nvml_mode)  # "required": raises if the sampler failed

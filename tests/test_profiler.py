@@ -285,3 +285,20 @@ def test_report_gains_gpu_columns_from_a_trace_with_gpu_activity(tiny, tmp_path)
     assert joined.rows() == expected.select("phase", "step", "gpu_kernel_ms", "gpu_activities").rows()
     assert rep.requests["gpu_busy_ms"][0] == pytest.approx(expected["gpu_busy_ms"].sum())
     assert rep.phases["ms"].null_count() == 0  # the event-timed ms stays beside them
+
+
+def test_nvml_counter_tracks_are_written_into_the_trace(tiny, tmp_path):
+    from molmo_latency.telemetry import FakeGpu
+
+    gpu = FakeGpu(sm_clock_mhz=1980.0, temp_c=55.0)
+    with profile_phases(tiny.model, trace_dir=tmp_path, nvml="required", nvml_device=gpu,
+                        nvml_interval_ms=1) as prof:
+        tiny.model.generate(**tiny.inputs(crops=1, new_tokens=4))
+    [trace] = prof.traces
+    with gzip.open(trace["path"], "rt") as f:
+        events = json.load(f)["traceEvents"]
+    counters = [e for e in events if e.get("ph") == "C"]
+    assert counters and {v for e in counters for v in e["args"].values()} >= {1980.0, 55.0}
+    [req] = [e for e in events if e.get("name") == "request[0]" and e.get("ph") == "X"]
+    inside = [e for e in counters if req["ts"] <= float(e["ts"]) <= req["ts"] + req["dur"]]
+    assert inside, "samples taken during the request must land inside its range"
