@@ -12,6 +12,7 @@ ray = pytest.importorskip("ray")
 
 from molmo_latency.errors import SweepError  # noqa: E402
 from molmo_latency.scale import WorkerProgress, gpu_identity, run_sweep_ray  # noqa: E402
+from molmo_latency.scale.ray_runner import telemetry_mode  # noqa: E402
 from molmo_latency.sweep import SweepSpec, run_sweep  # noqa: E402
 
 pytestmark = pytest.mark.ray
@@ -147,6 +148,14 @@ def test_gpu_identity_finds_the_actors_gpu_by_uuid_not_by_cuda_index():
             raise RuntimeError("NVML Shared Library Not Found")
 
     assert gpu_identity("1111", Broken()) == {"gpu_uuid": "GPU-1111", "gpu_index": None}
+
+
+def test_telemetry_is_off_or_refused_where_the_profiler_would_sample_another_gpu():
+    assert telemetry_mode("auto", 0) == "auto" and telemetry_mode("required", 0) == "required"
+    assert telemetry_mode("auto", 2) == "off" and telemetry_mode("auto", None) == "off"
+    assert telemetry_mode("off", 2) == "off"
+    with pytest.raises(SweepError, match="NVML GPU 2"):
+        telemetry_mode("required", 2)
 
 
 def test_a_sweep_without_ray_never_imports_ray(tmp_path):

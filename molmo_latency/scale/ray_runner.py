@@ -33,7 +33,7 @@ import heapq
 import os
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -97,12 +97,15 @@ class SweepActor:
             worker = Worker.open(self.model, self.spec, device=self.device, dtype=self.dtype, nvml=self.nvml,
                                  trust_remote_code=self.trust_remote_code, columns={"worker_id": self.worker_id})
             if self.device.startswith("cuda"):
-                worker.columns.update(gpu_identity(str(torch.cuda.get_device_properties(0).uuid)))
+                gpu = gpu_identity(str(torch.cuda.get_device_properties(0).uuid))
+                worker.columns.update(gpu, device=f"cuda:{gpu['gpu_index']}" if gpu["gpu_index"] is not None
+                                      else worker.columns["device"])
+                worker.nvml = telemetry_mode(self.nvml, gpu["gpu_index"])
             worker.__enter__()
         except MolmoLatencyError as exc:
             return {"worker_id": self.worker_id, "error": f"{type(exc).__name__}: {exc}"}
         self.worker = worker
-        return {**worker.columns, "pid": os.getpid(), "threads": torch.get_num_threads(),
+        return {**worker.columns, "pid": os.getpid(), "threads": torch.get_num_threads(), "nvml": worker.nvml,
                 "model": worker.source.describe()}
 
     def measure(self, config: Config, repeat: int, order: int) -> dict[str, Any]:
@@ -164,6 +167,24 @@ def gpu_identity(torch_uuid: str, nvml: Any = None) -> dict[str, Any]:
     return found
 
 
+def telemetry_mode(nvml: str, gpu_index: int | None) -> str:
+    """The NVML mode a GPU actor can honour. The phase profiler opens NVML by the model's CUDA
+    index (0 in a Ray actor), which is this actor's GPU only if NVML numbers it 0 too; otherwise
+    telemetry would describe another GPU, so it is off ("auto") or refused ("required").
+
+    >>> telemetry_mode("auto", 0), telemetry_mode("auto", 3), telemetry_mode("off", 3)
+    ('auto', 'off', 'off')
+    """
+    if nvml == "off" or gpu_index == 0:
+        return nvml
+    if nvml == "required":
+        where = "not found by NVML" if gpu_index is None else f"NVML GPU {gpu_index}"
+        raise SweepError(f"--nvml required on Ray: this worker's GPU is {where}, but the phase profiler "
+                         "samples NVML GPU 0 (its CUDA index under CUDA_VISIBLE_DEVICES); use --nvml auto "
+                         "(telemetry off on such workers) or --nvml off")
+    return "off"
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -181,7 +202,6 @@ class _Slot:
     inflight: int = 0
     restarts: int = 0
     alive: bool = True
-    info: dict[str, Any] = field(default_factory=dict)
 
 
 def _import_ray():
@@ -295,7 +315,7 @@ def run_sweep_ray(
     done = rd.done_units()
     failed = rd.failed_configs()
     pending = [i for i, (c, r) in enumerate(units) if (c.config_id, r) not in done and c.config_id not in failed]
-    total, skipped = len(units), len(units) - len(pending)
+    skipped = len(units) - len(pending)
     result = {"run_dir": str(rd.path), "measured": 0, "skipped": skipped, "failed_configs": len(failed),
               "rows": 0, "resumed": resumed, "workers": 0, "actors_started": 0, "worker_deaths": 0, "units_redone": 0,
               "duplicates_dropped": 0}
@@ -434,7 +454,7 @@ def _drive(ray, rd: RunDir, spec: SweepSpec, units: list[tuple[Config, int]], pe
                 if "error" in value:
                     raise SweepError(f"Ray worker {worker_id} on {value.get('host', '?')} cannot start: "
                                      f"{value['error']}")
-                slot.ready, slot.info = True, value
+                slot.ready = True
                 if not rd.meta().get("model"):
                     rd.update_meta(model=value["model"])
                 session["workers"].append({k: v for k, v in value.items() if k != "model"})
