@@ -1,0 +1,115 @@
+"""`diff` on run directories of the sweep runner: a configuration made really slower is classed
+slower, and two configurations that are the same model setting, measured interleaved in one run,
+are classed no significant change."""
+
+import contextlib
+import json
+import time
+
+import polars as pl
+import pytest
+import torch
+
+from molmo_latency.cli.main import main
+from molmo_latency.diff import diff
+from molmo_latency.sweep import SweepSpec, run_sweep
+from molmo_latency.sweep.source import ReferenceSource
+
+SLEEP_S = 0.025  # injected per LLM forward (prefill + 5 decode steps); a prefill takes ~3 ms
+
+NEW_TOKENS = 6
+SWEEP = {"crops": [1], "prompt_tokens": [8], "new_tokens": [NEW_TOKENS], "repeats": 12, "warmup": 1}
+
+
+@contextlib.contextmanager
+def one_thread():
+    """One torch thread while measuring: on a 2-core box shared with other jobs, two spinning
+    OpenMP threads per process turn a 3 ms prefill into seconds now and then."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def slow_pair(tmp_path_factory):
+    """Run A: the tiny model. Run B: the same, with a sleep in a forward hook of its language
+    model, so every prefill and decode step of B is SLEEP_S slower, deterministically."""
+    root = tmp_path_factory.mktemp("slow_pair")
+    spec = SweepSpec.from_dict(SWEEP)
+    with one_thread():
+        run_sweep(ReferenceSource("tiny"), spec, root / "a", kineto=True, nvml="off")
+        source = ReferenceSource("tiny")
+        handle = source.model.model.language_model.register_forward_hook(lambda *_: time.sleep(SLEEP_S))
+        try:
+            run_sweep(source, spec, root / "b", kineto=True, nvml="off")
+        finally:
+            handle.remove()
+    return root / "a", root / "b"
+
+
+def test_really_slower_run_is_classed_slower(slow_pair):
+    a, b = slow_pair
+    result = diff(a, b)  # the same configuration id in both runs is paired up
+    [comp] = result.comparisons
+    assert comp.a_config == comp.b_config == "c1-kdef-ball-p8-n6-bs1"
+    rows = {r["phase"]: r for r in comp.phases.iter_rows(named=True)}
+    for phase in ("prefill", "decode", "decode_per_token", "total"):
+        assert rows[phase]["verdict"] == "slower", (phase, rows[phase])
+        assert rows[phase]["ci_low_ms"] > 0
+    injected_ms = SLEEP_S * 1e3 * NEW_TOKENS  # one sleep per LLM forward
+    assert rows["total"]["delta_ms"] > 0.7 * injected_ms
+    assert rows["decode_per_token"]["delta_ms"] > 0.7 * SLEEP_S * 1e3
+    steps = comp.phases.filter(pl.col("family") == "step")
+    assert steps["phase"].to_list() == [f"decode[{k}]" for k in range(NEW_TOKENS - 1)]
+    assert steps["a_n"].to_list() == [12] * (NEW_TOKENS - 1)
+    # the kernel level compares the runs' traces: same model, same CPU ops
+    assert comp.level == "cpu_op"
+    assert (comp.kernels["presence"] == "both").all()
+    assert (comp.kernels["a_count"] == comp.kernels["b_count"]).all()
+
+
+def test_cli_json_between_two_runs(slow_pair, tmp_path, capsys):
+    a, b = slow_pair
+    assert main(["diff", str(a), str(b), "--json", "--plot", str(tmp_path / "w.png")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    total = next(r for r in out["phases"] if r["phase"] == "total")
+    assert {"phase", "a_median_ms", "b_median_ms", "delta_ms", "ci_low_ms", "ci_high_ms", "verdict"} <= set(total)
+    assert total["verdict"] == "slower" and total["a_config"] == "c1-kdef-ball-p8-n6-bs1"
+    assert out["kernels"] and (tmp_path / "w.png").is_file()
+
+
+@pytest.fixture(scope="module")
+def same_setting_run(tmp_path_factory):
+    """One run, two configuration ids for one setting: top-k 'def' is the model's own top-k, 2.
+    Interleaved (A B A B ...), so drift of the machine hits both alike."""
+    out = tmp_path_factory.mktemp("same") / "run"
+    with one_thread():
+        run_sweep("tiny", SweepSpec.from_dict({**SWEEP, "top_k": [None, 2], "repeats": 12}), out, nvml="off")
+    return out
+
+
+def test_repeats_of_the_same_setting_are_no_significant_change(same_setting_run):
+    result = diff(same_setting_run, same_setting_run, config="c1-kdef-ball-p8-n6-bs1",
+                  config_b="c1-k2-ball-p8-n6-bs1")
+    phases = result.phases
+    assert phases["a_n"].min() == 12 and phases["b_n"].min() == 12
+    headline = phases.filter(pl.col("family") == "phase")
+    assert headline["phase"].to_list() == ["vision", "projector", "prefill", "decode", "decode_per_token",
+                                           "other", "total"]
+    assert set(headline["verdict"]) == {"no significant change"}, headline.select("phase", "p_adjusted", "delta_pct")
+    assert result.comparisons[0].kernels is None  # no traces recorded in this run
+    assert any("no trace" in n for n in result.comparisons[0].notes)
+
+
+@pytest.mark.parametrize("args, words", [
+    ([], "same run directory"),
+    (["--config", "c9-nope"], "is not in"),
+    (["--config", "c1-kdef-ball-p8-n6-bs1", "--config-b", "c1-k7"], "is not in"),
+])
+def test_cli_config_errors_exit_2(same_setting_run, args, words, capsys):
+    assert main(["diff", str(same_setting_run), str(same_setting_run), *args, "--no-plot"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and "\n" not in err
