@@ -36,7 +36,16 @@ def _us(ns: int | float | None) -> float | None:
 
 
 def summary_document(summary: TraceSummary, warned: list[str]) -> dict[str, Any]:
-    """The JSON document of `trace summary --json` (times in microseconds)."""
+    """The JSON document of `trace summary --json` (times in microseconds).
+
+    Example:
+        >>> import tempfile
+        >>> from molmo_latency.trace import read_kineto, summarize
+        >>> from molmo_latency.trace._demo import write_demo_trace
+        >>> doc = summary_document(summarize(read_kineto(write_demo_trace(tempfile.mkdtemp()))), [])
+        >>> doc["gpu"][0]["busy_us"], doc["kernels"][0]["name"], doc["annotations"][0]["kernels"]
+        (43.375, 'flash_fwd_kernel', 3)
+    """
     trace = summary.trace
     names = {d.get("id"): d.get("name") for d in trace.device_properties}
     return {
@@ -116,7 +125,7 @@ def _cell(value: Any) -> Text:
     return Text(text)
 
 
-def print_frame(frame: pl.DataFrame, title: str, max_rows: int = 60) -> None:
+def _print_frame(frame: pl.DataFrame, title: str, max_rows: int = 60) -> None:
     table = Table(title=title, title_justify="left", header_style="bold")
     for name, dtype in frame.schema.items():
         table.add_column(name, justify="right" if dtype.is_numeric() else "left", overflow="fold")
@@ -134,13 +143,27 @@ def _us_columns(frame: pl.DataFrame) -> pl.DataFrame:
     ).drop([c for c in frame.columns if c.endswith("_ns")])
 
 
-@trace_app.command("summary")
+@trace_app.command(
+    "summary", help="GPU time per device, kernel category, kernel name and annotation of one trace."
+)
 def summary_command(
     path: Path = typer.Argument(..., help="a Kineto trace: .json or .json.gz written by torch.profiler"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON document instead of tables"),
     top: int = typer.Option(25, "--top", min=1, help="kernels and annotations shown in the tables"),
 ) -> None:
-    """GPU time per device, kernel category, kernel name and annotation of one trace."""
+    """`molmo-latency trace summary PATH [--json] [--top N]`.
+
+    Example:
+        >>> import contextlib, io, json, tempfile
+        >>> from molmo_latency.cli.main import main
+        >>> from molmo_latency.trace._demo import write_demo_trace
+        >>> path = write_demo_trace(tempfile.mkdtemp())
+        >>> out = io.StringIO()
+        >>> with contextlib.redirect_stdout(out):
+        ...     code = main(["trace", "summary", str(path), "--json"])
+        >>> code, json.loads(out.getvalue())["gpu"][0]["activities"]
+        (0, 9)
+    """
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", TraceWarning)
         trace = read_kineto(path)
@@ -157,14 +180,14 @@ def summary_command(
         highlight=False,
     )
     if trace.gpu.height:
-        print_frame(_us_columns(summary.devices.drop("gpu_start_ns", "gpu_end_ns")), "GPU per device (us)")
-        print_frame(_us_columns(summary.categories), "GPU time per kernel category (us)")
-        print_frame(
+        _print_frame(_us_columns(summary.devices.drop("gpu_start_ns", "gpu_end_ns")), "GPU per device (us)")
+        _print_frame(_us_columns(summary.categories), "GPU time per kernel category (us)")
+        _print_frame(
             _us_columns(summary.kernels.drop("kind")), f"Top kernels by total time (us, of {summary.kernels.height})",
             max_rows=top,
         )
     shown = summary.annotations.drop("launch_delay_sum_ns", "launch_delay_max_ns")
-    print_frame(
+    _print_frame(
         _us_columns(shown).rename({"gpu_activities": "kernels"}),
         "GPU activities charged to the innermost annotation that launched them (us)",
         max_rows=top,

@@ -41,7 +41,13 @@ _LAUNCHES = [
 
 
 def demo_trace_dict() -> dict:
-    """The demo trace as a Python dict (JSON-ready)."""
+    """The demo trace as a Python dict (JSON-ready).
+
+    Example:
+        >>> doc = demo_trace_dict()
+        >>> doc["baseTimeNanoseconds"], len(doc["traceEvents"])
+        (1700000000000000000, 45)
+    """
     events: list[dict] = [
         {"name": "process_name", "ph": "M", "ts": 999.0, "pid": _PID, "tid": 0, "args": {"name": "python3"}},
         {"ph": "X", "cat": "cpu_op", "name": "aten::linear", "pid": _PID, "tid": _TID,

@@ -281,7 +281,14 @@ class KinetoTrace:
 
     @property
     def devices(self) -> list[int]:
-        """Device indices that ran at least one GPU activity."""
+        """Device indices that ran at least one GPU activity.
+
+        Example:
+            >>> import tempfile
+            >>> from molmo_latency.trace._demo import write_demo_trace
+            >>> read_kineto(write_demo_trace(tempfile.mkdtemp())).devices
+            [0]
+        """
         return sorted(self.gpu["device"].drop_nulls().unique().to_list())
 
 
