@@ -25,7 +25,13 @@ NEEDED = (*KNOBS, *TOKENS, *TARGETS, "valid", "config_id")
 
 
 def config_key() -> pl.Expr:
-    """One key per distinct configuration (knob values after filling the model's defaults)."""
+    """One key per distinct configuration (knob values after filling the model's defaults).
+
+    Example:
+        >>> pl.DataFrame({"crops": [4], "top_k": [2], "blocks": [3], "prompt_tokens": [8], "new_tokens": [6],
+        ...               "batch_size": [1]}).select(config_key())["config_key"][0]
+        'c4-k2-b3-p8-n6-bs1'
+    """
     return pl.format("c{}-k{}-b{}-p{}-n{}-bs{}", *[pl.col(k) for k in KNOBS]).alias("config_key")
 
 
@@ -54,7 +60,14 @@ def _identity(meta: dict[str, Any], rows: pl.DataFrame) -> dict[str, Any]:
 
 def load_run(run_dir: str | Path) -> tuple[pl.DataFrame, dict[str, Any]]:
     """All requests of one run directory with top_k/blocks filled from the model's defaults,
-    plus what the run says about itself (model, device, row counts)."""
+    plus what the run says about itself (model, device, row counts).
+
+    Example:
+        >>> load_run("/no/such/run")
+        Traceback (most recent call last):
+        ...
+        molmo_latency.errors.EstimatorError: run directory /no/such/run does not exist; give directories made by `molmo-latency profile`
+    """
     run = Path(run_dir)
     path = run / "requests.parquet"
     if not run.is_dir():
@@ -93,6 +106,12 @@ def load_requests(run_dirs: Sequence[str | Path]) -> tuple[pl.DataFrame, dict[st
 
     Rows with ``valid`` False (or null) are excluded and counted. Runs of different models or
     devices are refused: an estimator describes one model on one device.
+
+    Example:
+        >>> load_requests([])
+        Traceback (most recent call last):
+        ...
+        molmo_latency.errors.EstimatorError: no run directory given; pass one or more directories made by `molmo-latency profile`
     """
     if not run_dirs:
         raise EstimatorError("no run directory given; pass one or more directories made by `molmo-latency profile`")

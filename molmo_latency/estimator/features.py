@@ -101,7 +101,14 @@ class FeatureSet:
     nonnegative: bool  # are the columns costs (so coefficients may be constrained >= 0)?
 
     def design(self, x: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Design matrices {target: (n, features)} for configuration arrays `x`."""
+        """Design matrices {target: (n, features)} for configuration arrays `x`.
+
+        Example:
+            >>> x = config_arrays(crops=2, top_k=1, blocks=3, prompt_tokens=4, new_tokens=2, batch_size=1,
+            ...                   image_tokens=32, input_tokens=37)
+            >>> FEATURE_SETS["knobs"].design(x)["prefill_total_ms"].tolist()
+            [[1.0, 2.0, 1.0, 3.0, 4.0]]
+        """
         return self.build(x)
 
     def digest(self) -> str:
@@ -134,7 +141,12 @@ FEATURE_SETS: dict[str, FeatureSet] = {
 
 
 def feature_set(name: str) -> FeatureSet:
-    """The feature set called `name`; an EstimatorError lists the known ones otherwise."""
+    """The feature set called `name`; an EstimatorError lists the known ones otherwise.
+
+    Example:
+        >>> feature_set("physical").names["decode_per_token_ms"]
+        ('const', 'blocks', 'blocks_x_top_k', 'blocks_x_kv_tokens')
+    """
     try:
         return FEATURE_SETS[name]
     except KeyError:

@@ -7,7 +7,9 @@ configurations set the P50/P95 factors (split-conformal on the relative residual
 
 The linear costs are fitted to the median of each training configuration (a P50 target that a
 few slow repeats cannot drag), with relative weights (latency noise scales with latency).
-Candidates (non-negative least squares, plain and relative; relative ridge at several strengths)
+Candidates (for cost features: non-negative least squares on relative and absolute errors, and
+least absolute relative deviations with costs >= 0; otherwise relative ridge at several strengths
+and unconstrained least absolute relative deviations)
 are chosen by grouped K-fold cross-validation over the training configurations.
 
 Example:
@@ -28,7 +30,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import polars as pl
-from scipy.optimize import nnls
+from scipy.optimize import linprog, nnls
 
 from molmo_latency.errors import EstimatorError
 from molmo_latency.estimator.data import config_key, load_requests
@@ -49,7 +51,14 @@ def _scaled(x: np.ndarray, y: np.ndarray, relative: bool) -> tuple[np.ndarray, n
 
 
 def nnls_fit(relative: bool) -> Regressor:
-    """Non-negative least squares (every coefficient is a cost), on relative or absolute errors."""
+    """Non-negative least squares (every coefficient is a cost), on relative or absolute errors.
+
+    Example:
+        >>> import numpy as np
+        >>> x = np.array([[1.0, 1.0], [1.0, 2.0], [1.0, 3.0]])
+        >>> nnls_fit(relative=True)(x, x @ np.array([0.5, 2.0])).round(6).tolist()
+        [0.5, 2.0]
+    """
     def fit(x: np.ndarray, y: np.ndarray) -> np.ndarray:
         z, yw, scale = _scaled(x, y, relative)
         coef, _ = nnls(z, yw, maxiter=50 * z.shape[1])
@@ -58,7 +67,14 @@ def nnls_fit(relative: bool) -> Regressor:
 
 
 def ridge_fit(alpha: float) -> Regressor:
-    """Ridge on relative errors with unit-norm columns (unconstrained signs)."""
+    """Ridge on relative errors with unit-norm columns (unconstrained signs).
+
+    Example:
+        >>> import numpy as np
+        >>> x = np.array([[1.0, 1.0], [1.0, 2.0], [1.0, 3.0]])
+        >>> ridge_fit(1e-9)(x, x @ np.array([-0.5, 2.0])).round(4).tolist()
+        [-0.5, 2.0]
+    """
     def fit(x: np.ndarray, y: np.ndarray) -> np.ndarray:
         z, yw, scale = _scaled(x, y, relative=True)
         gram = z.T @ z + alpha * np.eye(z.shape[1])
@@ -66,12 +82,45 @@ def ridge_fit(alpha: float) -> Regressor:
     return fit
 
 
+def lad_fit(nonnegative: bool) -> Regressor:
+    """Least absolute relative deviations (a median regression: a few slow outliers pull it little),
+    as a linear program; coefficients >= 0 when `nonnegative`.
+
+    Example:
+        >>> import numpy as np
+        >>> x = np.column_stack([np.ones(5), np.arange(1.0, 6.0)])
+        >>> y = x @ np.array([1.0, 1.0])
+        >>> y[4] *= 5  # one request 5x slower
+        >>> lad_fit(nonnegative=True)(x, y).round(6).tolist()
+        [1.0, 1.0]
+    """
+    def fit(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        z, yw, scale = _scaled(x, y, relative=True)
+        n, f = z.shape
+        # variables: coef (f), u+ (n), u- (n); z coef + u+ - u- = yw; minimise sum(u+ + u-)
+        cost = np.concatenate([np.zeros(f), np.ones(2 * n)])
+        a_eq = np.hstack([z, np.eye(n), -np.eye(n)])
+        bounds = [(0, None) if nonnegative else (None, None)] * f + [(0, None)] * (2 * n)
+        res = linprog(cost, A_eq=a_eq, b_eq=yw, bounds=bounds, method="highs")
+        if res.status != 0:  # infeasible cannot happen (u free to absorb); numerical trouble: fall back
+            return nnls_fit(relative=True)(x, y) if nonnegative else ridge_fit(1e-6)(x, y)
+        return res.x[:f] / scale
+    return fit
+
+
 def candidates(fs: FeatureSet) -> dict[str, Regressor]:
-    """The regressors tried for a feature set (non-negative ones only where columns are costs)."""
-    out: dict[str, Regressor] = {}
+    """The regressors tried for a feature set. Where the columns are costs, only non-negative fits:
+    every prediction then grows with every cost term, as latency does.
+
+    Example:
+        >>> from molmo_latency.estimator.features import FEATURE_SETS
+        >>> sorted(candidates(FEATURE_SETS["physical"]))
+        ['lad_relative', 'nnls_absolute', 'nnls_relative']
+    """
     if fs.nonnegative:
-        out["nnls_relative"] = nnls_fit(relative=True)
-        out["nnls_absolute"] = nnls_fit(relative=False)
+        return {"nnls_relative": nnls_fit(relative=True), "nnls_absolute": nnls_fit(relative=False),
+                "lad_relative": lad_fit(nonnegative=True)}
+    out: dict[str, Regressor] = {"lad_relative": lad_fit(nonnegative=False)}
     for alpha in (1e-6, 1e-3, 1e-1):
         out[f"ridge_relative_{alpha:g}"] = ridge_fit(alpha)
     return out

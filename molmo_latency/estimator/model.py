@@ -43,7 +43,12 @@ REQUIRED = ("crops", "top_k", "blocks", "prompt_tokens")
 
 
 def output_names(target: str) -> tuple[str, str]:
-    """The P50 and P95 column names of a target: prefill_total_ms -> prefill_total_p50_ms, ..."""
+    """The P50 and P95 column names of a target.
+
+    Example:
+        >>> output_names("prefill_total_ms")
+        ('prefill_total_p50_ms', 'prefill_total_p95_ms')
+    """
     stem = target.removesuffix("_ms")
     return f"{stem}_p50_ms", f"{stem}_p95_ms"
 
@@ -103,7 +108,10 @@ class Estimator:
         self.meta = meta
         self.evaluation = evaluation
         self.targets = tuple(coef)
-        self._blocks_total = (meta.get("model") or {}).get("blocks_total")
+
+    @property
+    def _blocks_total(self) -> int | None:
+        return (self.meta.get("model") or {}).get("blocks_total")
 
     # ------------------------------------------------------------------ predict
     @property
@@ -199,7 +207,15 @@ class Estimator:
 
     # ------------------------------------------------------------------ save / load
     def save(self, model_dir: str | Path) -> Path:
-        """Write model.json, weights.safetensors, evaluation.parquet and parity.png; returns the directory."""
+        """Write model.json, weights.safetensors, evaluation.parquet and parity.png; returns the directory.
+
+        Example:
+            >>> import tempfile
+            >>> from molmo_latency.estimator import example_requests, fit_estimator
+            >>> d = fit_estimator(example_requests(seed=0)).save(tempfile.mkdtemp())
+            >>> sorted(p.name for p in d.iterdir())
+            ['evaluation.parquet', 'model.json', 'parity.png', 'weights.safetensors']
+        """
         from safetensors.numpy import save as st_save
 
         from molmo_latency.estimator.parity import write_parity_plot
@@ -227,6 +243,15 @@ class Estimator:
         """Read a model directory written by save(); any corruption or mismatch is an EstimatorError.
 
         `feature_set`, when given, must be the one the model was fitted with.
+
+        Example:
+            >>> import tempfile
+            >>> from molmo_latency.estimator import example_requests, fit_estimator
+            >>> d = fit_estimator(example_requests(seed=0)).save(tempfile.mkdtemp())
+            >>> Estimator.load(d, feature_set="knobs")  # doctest: +ELLIPSIS
+            Traceback (most recent call last):
+            ...
+            molmo_latency.errors.EstimatorError: ... was fitted with feature set 'physical', not 'knobs'; ...
         """
         from safetensors.numpy import load as st_load
 
