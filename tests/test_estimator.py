@@ -1,0 +1,258 @@
+"""The latency estimator on a real sweep of the tiny reference model: fit, held-out evaluation,
+P95 coverage, save/load, corrupted or mismatched model files, and the fit/predict commands."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from molmo_latency.errors import EstimatorError
+from molmo_latency.estimator import Estimator, fit_estimator
+from molmo_latency.sweep import SweepSpec, run_sweep
+
+# 32 configurations x 3 repeats of the tiny model: about 10 s on a quiet 2-core CPU
+SWEEP = {"crops": [1, 2, 4, 8], "top_k": [1, 2], "blocks": [1, 2, 3, 4], "prompt_tokens": [16],
+         "new_tokens": [4], "repeats": 3, "warmup": 1, "seed": 0}
+# How much the repeats of one configuration differ on a quiet machine ((max - min) / median, the
+# median over configurations): about 0.2-0.3 for both targets. With other jobs competing for the two
+# cores it reaches 0.5-1.5 (seen while writing these tests: single requests 3-10x slower), and the
+# held-out medians then measure the other jobs more than the estimator.
+QUIET_SPREAD = 0.35
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("estimator") / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: a busy machine slows it down, two threads spin-wait
+    try:
+        t0 = time.perf_counter()
+        result = run_sweep("tiny", SweepSpec.from_dict(SWEEP), out)
+        seconds = time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(threads)
+    assert result["measured"] == 96 and result["failed_configs"] == 0
+    print(f"tiny sweep for the estimator tests: {seconds:.1f} s")
+    return out
+
+
+@pytest.fixture(scope="module")
+def fitted(tiny_run):
+    return fit_estimator([tiny_run], seed=0)
+
+
+@pytest.fixture()
+def model_dir(fitted, tmp_path):
+    return fitted.save(tmp_path / "model")
+
+
+def _spread(run) -> float:
+    rows = pl.read_parquet(run / "requests.parquet").filter("valid")
+    per = rows.group_by("config_id").agg(
+        ((pl.col(t).max() - pl.col(t).min()) / pl.col(t).median()).alias(t)
+        for t in ("prefill_total_ms", "decode_per_token_ms"))
+    return max(per[t].median() for t in ("prefill_total_ms", "decode_per_token_ms"))
+
+
+def test_fit_on_a_tiny_sweep_is_evaluated_on_held_out_configurations(tiny_run, fitted):
+    meta = fitted.meta
+    sp = meta["split"]
+    assert sp["unit"] == "configuration" and sp["configs"] == {"train": 16, "calib": 8, "test": 8}
+    assert sum(sp["rows"].values()) == 96
+    test = set(sp["test_configs"])
+    assert not test & set(sp["calib_configs"])
+    # the evaluation holds every request of the test configurations and nothing else
+    ev = fitted.evaluation
+    assert set(ev["config_key"]) == test and ev.height == 8 * 3
+    for target in ("prefill_total_ms", "decode_per_token_ms"):
+        m = meta["metrics"][target]
+        assert m["configs"] == 8 and m["requests"]["n"] == 24 and m["config_medians"]["n"] == 8
+        assert set(m["requests"]) >= {"mae_ms", "rmse_ms", "mape_pct", "r2", "within_10pct_share", "p95_coverage"}
+        p50, p95 = (f"{target[:-3]}_p50_ms", f"{target[:-3]}_p95_ms")
+        assert (ev[p95] >= ev[p50]).all() and (ev[p50] > 0).all()
+        # the reported coverage is the share of held-out requests at or below their P95
+        assert m["requests"]["p95_coverage"] == pytest.approx(float((ev[target] <= ev[p95]).mean()))
+        assert m["requests"]["mae_ms"] == pytest.approx(float((ev[target] - ev[p50]).abs().mean()))
+    assert meta["training"]["invalid_rows_excluded"] == 0
+    assert meta["model"]["model"] == "tiny" and meta["model"]["device_type"] == "cpu"
+    assert meta["token_map"] == {"tokens_per_crop": 16.0, "image_offset": 0.0, "input_offset": 1.0, "exact": True}
+
+
+def test_p95_coverage_on_held_out_configurations_is_near_95_percent(tiny_run, fitted):
+    # 24 held-out requests of 8 configurations per split: a small sample, and on a shared machine
+    # slow requests come in bursts; so the coverage is averaged over five different splits (each one
+    # evaluated on its own held-out configurations only) and the band is wide
+    fits = [fitted] + [fit_estimator([tiny_run], seed=seed) for seed in (1, 2, 3, 4)]
+    for target in ("prefill_total_ms", "decode_per_token_ms"):
+        covs = [f.metrics[target]["requests"]["p95_coverage"] for f in fits]
+        assert 0.8 <= float(np.mean(covs)) <= 1.0, (target, covs)
+        assert all(f.meta["calibration"][target]["rows"] == 24 for f in fits)
+
+
+def test_the_cost_of_active_blocks_is_learned(fitted):
+    # the tiny model's prefill and decode step take 2-3x longer with 4 blocks than with 1: far more
+    # than even a busy machine's noise, so the fitted costs must show it
+    one = fitted.predict_arrays(crops=2, top_k=2, blocks=1, prompt_tokens=16)
+    four = fitted.predict_arrays(crops=2, top_k=2, blocks=4, prompt_tokens=16)
+    for name in one:
+        assert four[name][0] > 1.3 * one[name][0], (name, one[name][0], four[name][0])
+
+
+def test_held_out_accuracy_on_a_quiet_machine(tiny_run, fitted):
+    spread = _spread(tiny_run)
+    if spread > QUIET_SPREAD:
+        pytest.skip(f"the machine was busy during the sweep (repeats of a configuration differ by "
+                    f"{100 * spread:.0f}% of their median); held-out accuracy would measure the other jobs")
+    for target in ("prefill_total_ms", "decode_per_token_ms"):
+        m = fitted.metrics[target]["config_medians"]
+        # quiet runs of this sweep gave R^2 0.5-0.95 on the 8 held-out configuration medians
+        assert m["r2"] > 0.3 and m["mape_pct"] < 25, (target, m)
+
+
+def test_invalid_requests_are_left_out_and_several_runs_concatenated(tiny_run, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_run, copy)
+    rows = pl.read_parquet(copy / "requests.parquet")
+    rows = rows.with_columns(pl.when(pl.col("order") < 5).then(False).otherwise(pl.col("valid")).alias("valid"))
+    rows.write_parquet(copy / "requests.parquet")
+    est = fit_estimator([tiny_run, copy], seed=1)
+    tr = est.meta["training"]
+    assert tr["rows_read"] == 192 and tr["invalid_rows_excluded"] == 5 and tr["rows"] == 187
+    assert [r["invalid_rows"] for r in tr["run_dirs"]] == [0, 5]
+    # the same configuration in two runs stays on one side of the split
+    assert tr["configs"] == 32 and est.meta["split"]["configs"]["test"] == 8
+    assert est.evaluation["config_key"].n_unique() == 8
+
+
+def test_save_and_load_give_identical_predictions(fitted, model_dir):
+    loaded = Estimator.load(model_dir)
+    rng = np.random.default_rng(0)
+    cfg = {"crops": rng.integers(0, 20, 500), "top_k": rng.integers(1, 8, 500), "blocks": rng.integers(1, 5, 500),
+           "prompt_tokens": rng.integers(0, 200, 500), "new_tokens": rng.integers(2, 40, 500)}
+    a, b = fitted.predict_arrays(**cfg), loaded.predict_arrays(**cfg)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert fitted.predict(cfg).equals(loaded.predict(cfg))
+    meta = json.loads((model_dir / "model.json").read_text())
+    assert meta["training"]["run_dirs"][0]["run_dir"].endswith("run")
+    assert set(meta["versions"]) >= {"molmo_latency", "numpy", "polars"}
+    assert meta["feature_set"]["names"]["decode_per_token_ms"] == ["const", "blocks", "blocks_x_top_k", "blocks_x_kv_tokens"]
+    assert (model_dir / "parity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _edit_json(model_dir, edit):
+    path = model_dir / "model.json"
+    meta = json.loads(path.read_text())
+    edit(meta)
+    path.write_text(json.dumps(meta))
+
+
+def test_truncated_weights_are_refused(model_dir):
+    w = model_dir / "weights.safetensors"
+    w.write_bytes(w.read_bytes()[:-10])
+    with pytest.raises(EstimatorError, match="weights.safetensors does not belong to .*model.json.*truncated"):
+        Estimator.load(model_dir)
+
+
+def test_weights_that_are_not_safetensors_are_refused_even_with_a_matching_digest(model_dir):
+    import hashlib
+
+    blob = (model_dir / "weights.safetensors").read_bytes()[:40]
+    (model_dir / "weights.safetensors").write_bytes(blob)
+    _edit_json(model_dir, lambda m: m.update(weights_sha256=hashlib.sha256(blob).hexdigest()))
+    with pytest.raises(EstimatorError, match="cannot be read as safetensors"):
+        Estimator.load(model_dir)
+
+
+def test_edited_or_broken_model_json_is_refused(model_dir):
+    text = (model_dir / "model.json").read_text()
+    (model_dir / "model.json").write_text(text[: len(text) // 2])
+    with pytest.raises(EstimatorError, match="model.json is not valid JSON"):
+        Estimator.load(model_dir)
+    (model_dir / "model.json").write_text(text)
+    _edit_json(model_dir, lambda m: m["calibration"]["prefill_total_ms"].update(p95_factor="high"))
+    with pytest.raises(EstimatorError, match="not an estimator model description.*p95_factor"):
+        Estimator.load(model_dir)
+    (model_dir / "model.json").write_text(text)
+    _edit_json(model_dir, lambda m: m["calibration"]["decode_per_token_ms"].update(p95_factor=0.5, p50_factor=1.0))
+    with pytest.raises(EstimatorError, match="p50_factor <= p95_factor"):
+        Estimator.load(model_dir)
+    (model_dir / "model.json").write_text(text)
+    _edit_json(model_dir, lambda m: m.update(format_version=99))
+    with pytest.raises(EstimatorError, match="format_version 99"):
+        Estimator.load(model_dir)
+    (model_dir / "model.json").write_text(text)
+    Estimator.load(model_dir)  # restored: loads again
+
+
+@pytest.mark.parametrize("name", ["model.json", "weights.safetensors"])
+def test_a_missing_file_is_named(model_dir, name):
+    (model_dir / name).unlink()
+    with pytest.raises(EstimatorError, match=f"{name} is missing"):
+        Estimator.load(model_dir)
+    with pytest.raises(EstimatorError, match="does not exist"):
+        Estimator.load(model_dir / "nope")
+
+
+def test_a_model_of_one_feature_set_is_refused_for_another(tiny_run, model_dir, tmp_path):
+    with pytest.raises(EstimatorError, match="fitted with feature set 'physical', not 'knobs'"):
+        Estimator.load(model_dir, feature_set="knobs")
+    assert Estimator.load(model_dir, feature_set="physical").features.name == "physical"
+    # a knobs model whose model.json claims the physical feature set: its features do not match
+    knobs_dir = fit_estimator([tiny_run], feature_set="knobs").save(tmp_path / "knobs")
+    _edit_json(knobs_dir, lambda m: m["feature_set"].update(name="physical"))
+    with pytest.raises(EstimatorError, match="fitted with another feature set"):
+        Estimator.load(knobs_dir)
+    # a feature set this version does not have
+    _edit_json(model_dir, lambda m: m["feature_set"].update(name="physical-v9"))
+    with pytest.raises(EstimatorError, match="'physical-v9', which this molmo-latency does not have"):
+        Estimator.load(model_dir)
+
+
+def _cli(*args):
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "molmo_latency", *args], capture_output=True, text=True,
+                          timeout=600, env=env)
+
+
+def test_cli_fit_and_predict_with_json(tiny_run, tmp_path):
+    out = tmp_path / "m"
+    r = _cli("fit", str(tiny_run), "--out", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["model_dir"] == str(out) and res["split"]["configs"]["test"] == 8
+    assert all(os.path.isfile(f) for f in res["files"])
+    assert set(res["metrics"]) == {"prefill_total_ms", "decode_per_token_ms"}
+    r = _cli("predict", str(out), "--crops", "12", "--top-k", "2", "--blocks", "4", "--prompt-tokens", "40", "--json")
+    assert r.returncode == 0, r.stderr
+    pred = json.loads(r.stdout)["prediction"]
+    want = Estimator.load(out).predict({"crops": 12, "top_k": 2, "blocks": 4, "prompt_tokens": 40}).row(0, named=True)
+    assert pred == pytest.approx(want)
+    assert pred["in_training_range"] is False and pred["new_tokens"] == 4
+    r = _cli("predict", str(out), "--crops", "2", "--top-k", "1", "--blocks", "3", "--prompt-tokens", "16")
+    assert r.returncode == 0 and "prefill_total_p95_ms" in r.stdout
+    r = _cli("fit", str(tiny_run), "--out", str(tmp_path / "m2"))
+    assert r.returncode == 0 and "P95 coverage" in r.stdout and "decode_per_token_ms" in r.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["predict", "{model}", "--crops", "-1", "--top-k", "2", "--blocks", "2", "--prompt-tokens", "8"], "crops must be >= 0"),
+    (["predict", "{model}", "--crops", "1", "--top-k", "2", "--blocks", "16", "--prompt-tokens", "8"], "blocks must be <= 4"),
+    (["predict", "{model}", "--crops", "1", "--top-k", "2", "--blocks", "2", "--prompt-tokens", "8",
+      "--feature-set", "knobs"], "not 'knobs'"),
+    (["predict", "{tmp}/none", "--crops", "1", "--top-k", "2", "--blocks", "2", "--prompt-tokens", "8"], "does not exist"),
+    (["fit", "{tmp}", "--out", "{tmp}/m"], "no requests.parquet"),
+    (["fit", "{run}", "--out", "{tmp}/m", "--feature-set", "trees"], "unknown feature set"),
+])
+def test_cli_bad_input_exits_2_with_one_line(tiny_run, model_dir, tmp_path, args, message):
+    args = [a.format(model=model_dir, tmp=tmp_path, run=tiny_run) for a in args]
+    r = _cli(*args)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert r.stderr.startswith("molmo-latency: error:") and r.stderr.count("\n") == 1
