@@ -61,25 +61,24 @@ GPU_ACTIVITY_KINDS = ("kernel", "gpu_memcpy", "gpu_memset")
 #: ``cuda_runtime`` for their ``hip*`` calls, with the same ``correlation`` ids.
 RUNTIME_KINDS = ("cuda_runtime", "cuda_driver")
 
-# Trace category -> table kind, for host-side and device-side events. Kineto before PyTorch 1.10
-# wrote capitalised categories.
-_HOST_CATEGORY = {
-    "cuda_runtime": "cuda_runtime",
-    "cuda_driver": "cuda_driver",
-    "cpu_op": "cpu_op",
-    "user_annotation": "user_annotation",
-    "Runtime": "cuda_runtime",
-    "Operator": "cpu_op",
+# Trace category -> (table, kind). Kineto before PyTorch 1.10 wrote capitalised categories.
+_ROUTE = {
+    "kernel": ("gpu", "kernel"),
+    "gpu_memcpy": ("gpu", "gpu_memcpy"),
+    "gpu_memset": ("gpu", "gpu_memset"),
+    "Kernel": ("gpu", "kernel"),
+    "Memcpy": ("gpu", "gpu_memcpy"),
+    "Memset": ("gpu", "gpu_memset"),
+    "cuda_runtime": ("runtime", "cuda_runtime"),
+    "cuda_driver": ("runtime", "cuda_driver"),
+    "Runtime": ("runtime", "cuda_runtime"),
+    "cpu_op": ("cpu_ops", "cpu_op"),
+    "Operator": ("cpu_ops", "cpu_op"),
+    "user_annotation": ("annotations", "user_annotation"),
+    "gpu_user_annotation": ("gpu_annotations", "gpu_user_annotation"),
 }
-_DEVICE_CATEGORY = {
-    "kernel": "kernel",
-    "gpu_memcpy": "gpu_memcpy",
-    "gpu_memset": "gpu_memset",
-    "gpu_user_annotation": "gpu_user_annotation",
-    "Kernel": "kernel",
-    "Memcpy": "gpu_memcpy",
-    "Memset": "gpu_memset",
-}
+_TABLES = ("gpu", "runtime", "cpu_ops", "annotations", "gpu_annotations")
+_CATEGORIES_OF = {t: tuple(c for c, (table, _) in _ROUTE.items() if table == t) for t in _TABLES}
 
 _CHUNK_EVENTS = 32_768
 _EXACT_FLOAT_US = 2.0**43  # below this a double holds a 3-decimal microsecond value to < 0.5 ns
@@ -200,29 +199,20 @@ _WHITESPACE = b" \t\r\n"
 # --------------------------------------------------------------------------------------------
 # What a trace holds.
 
-_HOST_SCHEMA = {  # what _frames returns for host events, times in ns
-    "kind": pl.String,
+_TABLE_SCHEMA = {  # every column a table can have; times int64 ns
     "name": pl.String,
+    "kind": pl.String,
     "pid": pl.Int64,
     "tid": pl.Int64,
-    "ts": pl.Int64,
-    "dur": pl.Int64,
-    "correlation": pl.Int64,
-    "external_id": pl.Int64,
-}
-_DEVICE_SCHEMA = {
-    **_HOST_SCHEMA,
     "device": pl.Int64,
     "stream": pl.Int64,
-    "grid": pl.Array(pl.Int64, 3),
-    "block": pl.Array(pl.Int64, 3),
-}
-
-_TABLE_SCHEMA = {
-    **{k: v for k, v in _DEVICE_SCHEMA.items() if k not in ("ts", "dur")},
+    "correlation": pl.Int64,
+    "external_id": pl.Int64,
     "start_ns": pl.Int64,
     "end_ns": pl.Int64,
     "dur_ns": pl.Int64,
+    "grid": pl.Array(pl.Int64, 3),
+    "block": pl.Array(pl.Int64, 3),
 }
 
 #: Columns of each table (all times int64 ns since the Unix epoch).
@@ -232,6 +222,13 @@ RUNTIME_COLUMNS = ("name", "kind", "pid", "tid", "correlation", "external_id",
                    "start_ns", "end_ns", "dur_ns")
 CPU_COLUMNS = ("name", "pid", "tid", "external_id", "start_ns", "end_ns", "dur_ns")
 GPU_ANNOTATION_COLUMNS = ("name", "device", "stream", "external_id", "start_ns", "end_ns", "dur_ns")
+_COLUMNS = {
+    "gpu": GPU_COLUMNS,
+    "runtime": RUNTIME_COLUMNS,
+    "cpu_ops": CPU_COLUMNS,
+    "annotations": CPU_COLUMNS,
+    "gpu_annotations": GPU_ANNOTATION_COLUMNS,
+}
 
 
 @dataclass(frozen=True)
@@ -378,9 +375,9 @@ def _parse(path: Path, holder: list[bytes]) -> KinetoTrace:
     del data
 
     try:
-        host_frames, device_frames, n_events = _decode_fast(array)
+        chunks, n_events = _decode_fast(array)
     except _NotFast:
-        host_frames, device_frames, n_events = _decode_slow(path, array)
+        chunks, n_events = _decode_slow(path, array)
     array.release()
     meta.traceEvents = msgspec.UNSET  # the last reference to the JSON text
 
@@ -396,57 +393,14 @@ def _parse(path: Path, holder: list[bytes]) -> KinetoTrace:
         )
 
     skipped = 0
-
-    def tables(frames: list[pl.DataFrame], schema: dict, wanted: dict) -> dict[str, pl.DataFrame]:
-        nonlocal skipped
-        events = pl.concat(frames, how="vertical", rechunk=False) if frames else pl.DataFrame(schema=schema)
-        frames.clear()
-        missing = events["ts"].is_null() | events["dur"].is_null()
-        n_missing = int(missing.sum())
-        if n_missing:
-            skipped += n_missing
-            events = events.filter(~missing)
-        if events.height:  # checked with Python ints, so nothing below can overflow int64
-            lo, hi = events["ts"].min() + base_time_ns, events["ts"].max() + base_time_ns
-            longest = max(abs(events["dur"].min()), abs(events["dur"].max()))
-            if lo < -_TIME_LIMIT_NS or hi > _TIME_LIMIT_NS or longest > _TIME_LIMIT_NS:
-                raise TraceError(
-                    f"{path}: event times beyond the int64 nanosecond range (base + ts up to {hi} ns); "
-                    "the trace is corrupt"
-                )
-        times = [
-            (pl.col("ts") + base_time_ns).alias("start_ns"),
-            (pl.col("ts") + base_time_ns + pl.col("dur")).alias("end_ns"),
-            pl.col("dur").alias("dur_ns"),
-        ]
-        out = {}
-        parts = events.partition_by("kind", as_dict=True, maintain_order=True) if events.height else {}
-        del events
-        for name, (kinds, columns) in wanted.items():
-            found = [parts.pop((k,)) for k in kinds if (k,) in parts]
-            if not found:
-                out[name] = pl.DataFrame(schema={c: _TABLE_SCHEMA[c] for c in columns})
-                continue
-            table = pl.concat(found) if len(found) > 1 else found[0]
-            del found
-            table = table.with_columns(*times)
-            if "grid" in columns:  # rows without three integer dims -> null, not [null, null, null]
-                table = table.with_columns(
-                    pl.when(pl.col(c).arr.get(0).is_not_null()).then(pl.col(c)).alias(c) for c in ("grid", "block")
-                )
-            out[name] = table.select(columns).sort("start_ns", maintain_order=True)
-        return out
-
-    device = tables(device_frames, _DEVICE_SCHEMA, {
-        "gpu": (GPU_ACTIVITY_KINDS, GPU_COLUMNS),
-        "gpu_annotations": (("gpu_user_annotation",), GPU_ANNOTATION_COLUMNS),
-    })
-    host = tables(host_frames, _HOST_SCHEMA, {
-        "runtime": (RUNTIME_KINDS, RUNTIME_COLUMNS),
-        "cpu_ops": (("cpu_op",), CPU_COLUMNS),
-        "annotations": (("user_annotation",), CPU_COLUMNS),
-    })
-    gpu = device["gpu"]
+    tables = {}
+    for name in _TABLES:
+        parts = [chunk.pop(name) for chunk in chunks if name in chunk]
+        table, missing = _finish(path, name, parts, base_time_ns)
+        del parts
+        tables[name] = table
+        skipped += missing
+    gpu = tables["gpu"]
 
     if skipped:
         warnings.warn(
@@ -470,10 +424,10 @@ def _parse(path: Path, holder: list[bytes]) -> KinetoTrace:
         layout=layout,
         base_time_ns=base_time_ns,
         gpu=gpu,
-        runtime=host["runtime"],
-        cpu_ops=host["cpu_ops"],
-        annotations=host["annotations"],
-        gpu_annotations=device["gpu_annotations"],
+        runtime=tables["runtime"],
+        cpu_ops=tables["cpu_ops"],
+        annotations=tables["annotations"],
+        gpu_annotations=tables["gpu_annotations"],
         device_properties=device_properties,
         distributed_info=distributed,
         trace_name=meta.traceName if isinstance(meta.traceName, str) else None,
@@ -487,7 +441,37 @@ class _NotFast(Exception):
     """The fast path cannot read this array; the slow path will (or will say precisely why not)."""
 
 
-def _decode_fast(array: memoryview) -> tuple[list[pl.DataFrame], list[pl.DataFrame], int]:
+def _finish(path: Path, name: str, parts: list[pl.DataFrame], base_time_ns: int) -> tuple[pl.DataFrame, int]:
+    """One table from its per-chunk frames: drop events without times, ns since the epoch, sort."""
+    columns = _COLUMNS[name]
+    if not parts:
+        return pl.DataFrame(schema={c: _TABLE_SCHEMA[c] for c in columns}), 0
+    frame = pl.concat(parts, how="vertical") if len(parts) > 1 else parts[0]
+    missing = frame["ts"].is_null() | frame["dur"].is_null()
+    n_missing = int(missing.sum())
+    if n_missing:
+        frame = frame.filter(~missing)
+    if frame.height:  # checked with Python ints, so nothing below can overflow int64
+        lo, hi = frame["ts"].min() + base_time_ns, frame["ts"].max() + base_time_ns
+        longest = max(abs(frame["dur"].min()), abs(frame["dur"].max()))
+        if lo < -_TIME_LIMIT_NS or hi > _TIME_LIMIT_NS or longest > _TIME_LIMIT_NS:
+            raise TraceError(
+                f"{path}: event times beyond the int64 nanosecond range (base + ts up to {hi} ns); "
+                "the trace is corrupt"
+            )
+    out = frame.with_columns(
+        start_ns=pl.col("ts") + base_time_ns,
+        end_ns=pl.col("ts") + base_time_ns + pl.col("dur"),
+        dur_ns=pl.col("dur"),
+    )
+    if "grid" in columns:  # rows without three integer dims: null, not [null, null, null]
+        out = out.with_columns(
+            pl.when(pl.col(c).arr.get(0).is_not_null()).then(pl.col(c)).alias(c) for c in ("grid", "block")
+        )
+    return out.select(columns).sort("start_ns", maintain_order=True), n_missing
+
+
+def _decode_fast(array: memoryview) -> tuple[list[dict[str, pl.DataFrame]], int]:
     """Decode the traceEvents array in ~8 MiB chunks cut between events, without a per-event split."""
     end = len(array)
     while end and array[end - 1] in _WHITESPACE:
@@ -495,7 +479,7 @@ def _decode_fast(array: memoryview) -> tuple[list[pl.DataFrame], list[pl.DataFra
     if end < 2 or array[end - 1] != ord("]"):
         raise _NotFast
     pos, end = 1, end - 1  # inside the brackets
-    host, device, count = [], [], 0
+    chunks, count = [], 0
     while pos < end:
         search_from = pos + _CHUNK_BYTES
         for _attempt in range(4):
@@ -516,17 +500,15 @@ def _decode_fast(array: memoryview) -> tuple[list[pl.DataFrame], list[pl.DataFra
             raise _NotFast
         count += len(events)
         try:
-            h, d = _checked_frames(events, buf, fast=True)
+            chunks.append(_checked_frames(events, buf, fast=True))
         except _OutOfRange:
             raise _NotFast from None  # the slow path reports it with the event index
         del events, buf
-        host.append(h)
-        device.append(d)
         pos = following
-    return host, device, count
+    return chunks, count
 
 
-def _decode_slow(path: Path, array: memoryview) -> tuple[list[pl.DataFrame], list[pl.DataFrame], int]:
+def _decode_slow(path: Path, array: memoryview) -> tuple[list[dict[str, pl.DataFrame]], int]:
     """Split per event, decode untagged events in chunks; errors name the event index."""
     try:
         raws = _RAW_LIST_DECODER.decode(array)
@@ -536,7 +518,7 @@ def _decode_slow(path: Path, array: memoryview) -> tuple[list[pl.DataFrame], lis
         raise TraceError(
             f"{path}: traceEvents is not valid JSON ({_one_line(exc)}); the file is truncated or corrupt"
         ) from None
-    host, device = [], []
+    chunks = []
     for offset in range(0, len(raws), _CHUNK_EVENTS):
         buf = b"".join((b"[", b",".join(raws[offset:offset + _CHUNK_EVENTS]), b"]"))
         try:
@@ -548,27 +530,25 @@ def _decode_slow(path: Path, array: memoryview) -> tuple[list[pl.DataFrame], lis
                 f"{path}: {_event_error(exc, offset)}; the trace is corrupt or not from torch.profiler"
             ) from None
         try:
-            h, d = _checked_frames(events, buf, fast=False)
+            chunks.append(_checked_frames(events, buf, fast=False))
         except _OutOfRange as exc:
             raise TraceError(
                 f"{path}: {exc} (in traceEvents[{offset}:{offset + len(events)}]); the trace is corrupt"
             ) from None
-        host.append(h)
-        device.append(d)
-    return host, device, len(raws)
+    return chunks, len(raws)
 
 
 class _OutOfRange(ValueError):
     pass
 
 
-def _checked_frames(events: list, buf: bytes, fast: bool) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Host and device frames of the kept events, times converted to exact int64 ns."""
+def _checked_frames(events: list, buf: bytes, fast: bool) -> dict[str, pl.DataFrame]:
+    """A frame per table of the kept events, times converted to exact int64 ns."""
     frames = _frames(events, fast=fast, exact=False)
-    for frame in frames:
+    for frame in frames.values():
         for column in ("ts", "dur"):
             times = frame[column]
-            if not times.len() or times.null_count() == times.len():
+            if times.null_count() == times.len():
                 continue
             largest = max(abs(times.min()), abs(times.max()))
             if largest > _MAX_US:
@@ -577,9 +557,10 @@ def _checked_frames(events: list, buf: bytes, fast: bool) -> tuple[pl.DataFrame,
                 # a fractional value a double cannot hold to the nanosecond: decode the text exactly
                 decoder = _FAST_EXACT_DECODER if fast else _SLOW_EXACT_DECODER
                 return _frames(decoder.decode(buf), fast=fast, exact=True)
-    return tuple(
-        frame.with_columns(ts=_us_to_ns(frame["ts"]), dur=_us_to_ns(frame["dur"])) for frame in frames
-    )
+    return {
+        name: frame.with_columns(ts=_us_to_ns(frame["ts"]), dur=_us_to_ns(frame["dur"]))
+        for name, frame in frames.items()
+    }
 
 
 def _us_to_ns(us: pl.Series) -> pl.Series:
@@ -588,27 +569,37 @@ def _us_to_ns(us: pl.Series) -> pl.Series:
     return whole.cast(pl.Int64) * 1000 + ((us - whole) * 1000).round().cast(pl.Int64)
 
 
-def _frames(events: list, fast: bool, exact: bool) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """One pass per column over the kept host events and one over the (fewer) device events."""
+def _frames(events: list, fast: bool, exact: bool) -> dict[str, pl.DataFrame]:
+    """Route the kept events to their tables in one pass, then one pass per column per table."""
+    buckets: dict[str, list] = {category: [] for category in _ROUTE}
+    get = buckets.get
     if fast:
         x = _XExact if exact else _X
-        host = [e for e in events if e.__class__ is x and e.cat in _HOST_CATEGORY]
-        device = [e for e in events if e.__class__ is x and e.cat in _DEVICE_CATEGORY]
+        for event in events:
+            if event.__class__ is x:
+                bucket = get(event.cat)
+                if bucket is not None:
+                    bucket.append(event)
     else:
-        host = [e for e in events if e.ph == "X" and e.cat in _HOST_CATEGORY]
-        device = [e for e in events if e.ph == "X" and e.cat in _DEVICE_CATEGORY]
-    host_frame = pl.DataFrame(_columns(host, _HOST_CATEGORY, exact)[0])
-    columns, args = _columns(device, _DEVICE_CATEGORY, exact)
-    # GPU events: device and stream are in args; Kineto also writes them as pid / tid.
-    columns["device"] = _ints([a.device for a in args]).fill_null(columns["pid"])
-    columns["stream"] = _ints([a.stream for a in args]).fill_null(columns["tid"])
-    columns["grid"] = _dims([a.grid for a in args])
-    columns["block"] = _dims([a.block for a in args])
-    return host_frame, pl.DataFrame(columns)
+        for event in events:
+            if event.ph == "X":
+                bucket = get(event.cat)
+                if bucket is not None:
+                    bucket.append(event)
+    frames = {}
+    for table in _TABLES:
+        kept, kinds = [], []
+        for category in _CATEGORIES_OF[table]:
+            bucket = buckets[category]
+            if bucket:
+                kept += bucket
+                kinds += [_ROUTE[category][1]] * len(bucket)
+        if kept:
+            frames[table] = _table_frame(table, kept, kinds, exact)
+    return frames
 
 
-def _columns(kept: list, categories: dict[str, str], exact: bool) -> tuple[dict[str, pl.Series], list]:
-    args = [e.args or _NO_ARGS for e in kept]
+def _table_frame(table: str, kept: list, kinds: list[str], exact: bool) -> pl.DataFrame:
     ts = [e.ts for e in kept]
     dur = [e.dur for e in kept]
     if exact:
@@ -616,16 +607,25 @@ def _columns(kept: list, categories: dict[str, str], exact: bool) -> tuple[dict[
         dur = [_exact_ns(v) for v in dur]
     times = pl.Int64 if exact else pl.Float64
     columns = {
-        "kind": pl.Series([categories[e.cat] for e in kept], dtype=pl.String),
         "name": pl.Series([e.name for e in kept], dtype=pl.String),
         "pid": pl.Series([e.pid for e in kept], dtype=pl.Int64, strict=False),  # "Spans" -> null
         "tid": pl.Series([e.tid for e in kept], dtype=pl.Int64, strict=False),
         "ts": pl.Series(ts, dtype=times, strict=False),
         "dur": pl.Series(dur, dtype=times, strict=False),
-        "correlation": _ints([a.correlation for a in args]),
-        "external_id": _ints([a.external_id for a in args]),
     }
-    return columns, args
+    args = [e.args or _NO_ARGS for e in kept]
+    columns["external_id"] = _ints([a.external_id for a in args])
+    if table in ("gpu", "runtime"):
+        columns["kind"] = pl.Series(kinds, dtype=pl.String)
+        columns["correlation"] = _ints([a.correlation for a in args])
+    if table in ("gpu", "gpu_annotations"):
+        # device and stream are in args; Kineto also writes them as the event's pid / tid.
+        columns["device"] = _ints([a.device for a in args]).fill_null(columns["pid"])
+        columns["stream"] = _ints([a.stream for a in args]).fill_null(columns["tid"])
+    if table == "gpu":
+        columns["grid"] = _dims([a.grid for a in args])
+        columns["block"] = _dims([a.block for a in args])
+    return pl.DataFrame(columns)
 
 
 def _ints(values: list) -> pl.Series:
