@@ -11,7 +11,7 @@ import pytest
 import molmo_latency.estimator as estimator_pkg
 from molmo_latency.errors import EstimatorError
 from molmo_latency.estimator import Estimator, example_requests, fit_estimator, load_requests
-from molmo_latency.estimator import data, example, features, fit, model, parity
+from molmo_latency.estimator import example, features, fit, model, parity
 from molmo_latency.estimator.example import DECODE_COST_MS, PREFILL_COST_MS
 from molmo_latency.estimator.fit import conformal_factors, split_configs
 
@@ -110,7 +110,7 @@ def test_predict_arrays_matches_predict_and_is_vectorised():
     hi = est.predict_arrays(crops=4, top_k=2, blocks=4, prompt_tokens=32)
     assert all(hi[k][0] > lo[k][0] for k in lo)
     assert frame["in_training_range"].to_list() == [
-        bool(1 <= c <= 8 and k <= 4 and b <= 4 and 8 <= p <= 32) for c, k, b, p in
+        bool(0 <= c <= 8 and k <= 4 and b <= 4 and 8 <= p <= 32) for c, k, b, p in
         zip(cfg["crops"], cfg["top_k"], cfg["blocks"], cfg["prompt_tokens"])]
 
 

@@ -8,7 +8,7 @@ does. It stands in for a sweep where one would take too long (docstrings).
 Example:
     >>> rows = example_requests(seed=0)
     >>> rows.height, rows["config_id"].n_unique(), int((~rows["valid"]).sum())
-    (288, 72, 3)
+    (360, 90, 3)
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ import polars as pl
 
 TOKENS_PER_CROP = 16
 # ms per unit of the physical features (see features.py), the simulated truth
-PREFILL_COST_MS = {"const": 0.8, "crops": 0.35, "image_tokens": 0.002, "input_tokens": 0.001, "blocks": 0.3,
+PREFILL_COST_MS = {"const": 0.8, "has_image": 0.5, "crops": 0.35, "image_tokens": 0.002, "input_tokens": 0.001, "blocks": 0.3,
                    "blocks_x_top_k": 0.05, "blocks_x_input_tokens": 0.004, "blocks_x_top_k_x_input_tokens": 0.003,
                    "blocks_x_input_tokens_sq": 2e-6}
 DECODE_COST_MS = {"const": 0.4, "blocks": 0.25, "blocks_x_top_k": 0.06, "blocks_x_kv_tokens": 2e-4}
 
 
-def example_requests(seed: int = 0, *, noise: float = 0.03, repeats: int = 4, crops=(1, 2, 4, 8),
+def example_requests(seed: int = 0, *, noise: float = 0.03, repeats: int = 4, crops=(0, 1, 2, 4, 8),
                      top_k=(1, 2, 4), blocks=(1, 2, 4), prompt_tokens=(8, 32), new_tokens: int = 8) -> pl.DataFrame:
     """Requests of a simulated sweep: the columns the estimator reads from requests.parquet."""
     from molmo_latency.estimator.features import FEATURE_SETS, config_arrays

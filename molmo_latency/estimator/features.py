@@ -65,6 +65,7 @@ def _physical(x: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     bt = b * tok
     prefill = np.stack([
         one,                        # fixed: embedding, LM head of the last token, host overhead
+        (x["crops"] > 0).astype(np.float64),  # vision tower and projector called at all (one call)
         bs * x["crops"],            # vision encoder: a fixed cost per crop
         bs * x["image_tokens"],     # projector: per pooled image token
         tok,                        # per-token work outside the blocks (embedding, norms)
@@ -119,10 +120,10 @@ class FeatureSet:
 FEATURE_SETS: dict[str, FeatureSet] = {
     "physical": FeatureSet(
         name="physical",
-        description="costs by where the time goes: crops, image tokens, tokens, blocks, blocks x top-k, "
+        description="costs by where the time goes: image present, crops, image tokens, tokens, blocks, blocks x top-k, "
                     "blocks x tokens, blocks x top-k x tokens, blocks x tokens^2; decode: blocks, "
                     "blocks x top-k, blocks x KV length",
-        names={"prefill_total_ms": ("const", "crops", "image_tokens", "input_tokens", "blocks",
+        names={"prefill_total_ms": ("const", "has_image", "crops", "image_tokens", "input_tokens", "blocks",
                                     "blocks_x_top_k", "blocks_x_input_tokens",
                                     "blocks_x_top_k_x_input_tokens", "blocks_x_input_tokens_sq"),
                "decode_per_token_ms": ("const", "blocks", "blocks_x_top_k", "blocks_x_kv_tokens")},

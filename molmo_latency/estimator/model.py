@@ -31,7 +31,7 @@ import numpy as np
 import polars as pl
 
 from molmo_latency.errors import EstimatorError
-from molmo_latency.estimator.features import KNOB_MIN, KNOBS, TARGETS, TOKENS, FeatureSet, TokenMap, config_arrays, feature_set
+from molmo_latency.estimator.features import KNOB_MIN, KNOBS, TOKENS, FeatureSet, TokenMap, config_arrays
 
 FORMAT_VERSION = 1
 MODEL_JSON = "model.json"
