@@ -113,3 +113,31 @@ def test_cli_config_errors_exit_2(same_setting_run, args, words, capsys):
     assert main(["diff", str(same_setting_run), str(same_setting_run), *args, "--no-plot"]) == 2
     err = capsys.readouterr().err.strip()
     assert words in err and "\n" not in err
+
+
+def test_run_directory_against_a_trace(slow_pair):
+    a, b = slow_pair
+    trace = b / "traces" / "c1-kdef-ball-p8-n6-bs1.pt.trace.json.gz"
+    [comp] = diff(a, trace).comparisons
+    assert (comp.a_config, comp.b_config, comp.level) == ("c1-kdef-ball-p8-n6-bs1", None, "cpu_op")
+    total = comp.phases.filter(pl.col("phase") == "total").row(0, named=True)
+    assert (total["a_n"], total["b_n"]) == (12, 1)  # one traced request: never a verdict
+    assert total["verdict"] == "no significant change" and "fewer than 2" in total["reason"]
+    assert comp.kernels.height > 0
+
+
+def test_pairs_of_configurations_between_runs(tmp_path):
+    from molmo_latency.diff import DiffError
+    from molmo_latency.diff.sources import Side, plan
+
+    a = Side(tmp_path / "a", "run", ["c1", "c2", "c3"])
+    b = Side(tmp_path / "b", "run", ["c3", "c2", "c9"])
+    assert plan(a, b) == [("c2", "c2"), ("c3", "c3")]
+    assert plan(a, b, config="c1", config_b="c9") == [("c1", "c9")]
+    assert plan(a, a, config="c1", config_b="c2") == [("c1", "c2")]
+    with pytest.raises(DiffError, match="share no configuration"):
+        plan(Side(tmp_path / "x", "run", ["c1", "c2"]), Side(tmp_path / "y", "run", ["c7", "c8"]))
+    trace = Side(tmp_path / "t.json.gz", "trace")
+    with pytest.raises(DiffError, match="choose one with --config"):
+        plan(a, trace)
+    assert plan(trace, b, config_b="c9") == [(None, "c9")]

@@ -147,6 +147,14 @@ def test_cli_json_and_waterfall(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_cli_normalize_merges_names(tmp_path, capsys):
+    assert main(["diff", str(BASE), str(TEST), "--json", "--normalize", "--no-plot"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    names = [r["name"] for r in out["kernels"]]
+    assert "at::native::vectorized_elementwise_kernel<>" in names and out["plot"] is None
+    assert out["options"]["normalize"] is True
+
+
 def test_cli_tables(tmp_path, capsys):
     assert main(["diff", str(BASE), str(TEST), "--level", "cpu_op", "--plot", str(tmp_path / "p.png")]) == 0
     text = capsys.readouterr().out

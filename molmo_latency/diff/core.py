@@ -77,7 +77,16 @@ class DiffResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: ``phases`` and ``kernels`` lists (rows carry ``a_config``/``b_config``),
-        ``categories``, ``only_in_a``/``only_in_b`` and one summary per comparison."""
+        ``categories``, ``only_in_a``/``only_in_b`` and one summary per comparison.
+
+        Example:
+            >>> import json, tempfile
+            >>> from molmo_latency.trace._demo import write_demo_trace
+            >>> t = write_demo_trace(tempfile.mkdtemp())
+            >>> d = json.loads(json.dumps(diff(t, t).to_dict()))
+            >>> d["levels"], d["kernels"][0]["delta_us"], d["phases"][-1]["verdict"]
+            (['gpu'], 0.0, 'no significant change')
+        """
         def records(df: pl.DataFrame | None) -> list[dict[str, Any]]:
             if df is None:
                 return []

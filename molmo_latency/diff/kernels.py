@@ -235,9 +235,12 @@ def ops_table(trace, level: str) -> pl.DataFrame:
                          pl.col("dur_ns").alias("self_ns"))
     elif level == "cpu_op":
         cpu = trace.cpu_ops
+        names = cpu.select("name").unique()
+        names = names.with_columns(category=pl.Series([cpu_op_category(n) for n in names["name"].to_list()],
+                                                      dtype=pl.String))
         ops = cpu.select("name", "dur_ns").with_columns(
-            category=pl.col("name").map_elements(cpu_op_category, return_dtype=pl.String),
-            _range=innermost_range(cpu, ranges), self_ns=cpu_self_ns(cpu))
+            _range=innermost_range(cpu, ranges), self_ns=cpu_self_ns(cpu)
+        ).join(names, on="name", how="left", maintain_order="left")
     else:
         raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
     phase = ranges["phase"].gather(ops["_range"]) if ranges.height else pl.Series([None] * ops.height,
@@ -287,10 +290,14 @@ def kernel_diff(a: pl.DataFrame, b: pl.DataFrame, *, normalize: bool = False) ->
     """
     key = "kernel"
     sides = []
+    names = pl.concat([a.select("name"), b.select("name")]).unique()
+    if normalize:  # once per distinct name: a trace has many launches of few kernels
+        names = names.with_columns(pl.Series(key, [normalize_kernel_name(n) for n in names["name"].to_list()],
+                                             dtype=pl.String))
+    else:
+        names = names.with_columns(pl.col("name").alias(key))
     for side, ops in (("a", a), ("b", b)):
-        ops = ops.with_columns(
-            (pl.col("name").map_elements(normalize_kernel_name, return_dtype=pl.String) if normalize
-             else pl.col("name")).alias(key))
+        ops = ops.join(names, on="name", how="left")
         stats = _stats(ops, key)
         sides.append(stats.rename({c: f"{side}_{c}" for c in stats.columns if c != key}))
     joined = sides[0].join(sides[1], on=key, how="full", coalesce=True)

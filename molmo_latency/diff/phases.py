@@ -41,11 +41,6 @@ PHASE_DIFF_SCHEMA = {
 }
 
 
-def step_phase(step: int) -> str:
-    """The sample name of decode step `step` (also its record_function name): ``decode[3]``."""
-    return f"decode[{step}]"
-
-
 def phase_order(phase: str) -> tuple[int, int]:
     """Sort key: the headline phases in pipeline order, then decode steps by index.
 

@@ -1,8 +1,8 @@
 """What a diff compares (collect/hold): each side is a Kineto trace or a run directory.
 
-:func:`open_side` says what a path is; :func:`plan` pairs the configurations to compare;
-:func:`side_samples` and :func:`side_trace` give the phase samples and the trace of one side
-for one configuration. Nothing here computes a difference.
+:func:`open_side` says what a path is, :func:`plan` pairs the configurations to compare,
+:meth:`Side.table` and :meth:`Side.trace_path` give a run directory's tables and a
+configuration's trace, :func:`read_trace` reads a trace. Nothing here computes a difference.
 
 Example:
     >>> import tempfile
