@@ -55,11 +55,32 @@ def _shares(row: dict, side: str) -> str:
     return " ".join(f"{s}{100 * v:.0f}" for s, v in parts if v)
 
 
+def short_name(name: str, width: int = 60) -> str:
+    """A kernel name for a table cell: no ``void``, no glued parameter list, no namespace
+    qualifiers, the middle elided (the JSON keeps the full names).
+
+    Example:
+        >>> short_name("void at::native::k<float, at::detail::Array<char*, 3> >(float*, int)")
+        'k<float, Array<char*, 3> >'
+        >>> len(short_name("x" * 100))
+        60
+    """
+    s = name[5:] if name.startswith("void ") else name
+    if s.endswith(")") and ">(" in s:
+        s = s[: s.rindex(">(") + 1]
+    if "<" in s:  # C++ template names; CPU op names such as aten::mm keep their namespace
+        s = re.sub(r"\b(?:[A-Za-z_]\w*::)+(?=[A-Za-z_~])", "", s)
+    if len(s) <= width:
+        return s
+    keep = (width - 3) // 2
+    return s[:keep] + "..." + s[len(s) - (width - 3 - keep):]
+
+
 def _kernel_table(kernels: pl.DataFrame, top: int) -> pl.DataFrame:
     head = kernels.head(top)
     shares_a = [_shares(r, "a") for r in head.iter_rows(named=True)]
     shares_b = [_shares(r, "b") for r in head.iter_rows(named=True)]
-    names = [n if len(n) <= 48 else n[:45] + "..." for n in head["name"].to_list()]
+    names = [short_name(n) for n in head["name"].to_list()]
     return head.select(
         pl.Series("name", names), pl.col("category").alias("cat"),
         pl.col("a_count").alias("n A"), pl.col("b_count").alias("n B"),
@@ -98,12 +119,14 @@ def _show(result, *, top: int, all_steps: bool) -> None:
                                                pl.col("b_us").alias("B us"), pl.col("delta_us").alias("delta us"),
                                                pl.col("a_share").alias("A share"), pl.col("b_share").alias("B share")),
                         "Per category (own time)", digits=3)
-            print_frame(comp.phase_ops.select(
-                "phase", pl.col("a_instances").alias("ranges A"), pl.col("b_instances").alias("ranges B"),
-                pl.col("a_count_per_instance").alias("ops/range A"), pl.col("b_count_per_instance").alias("ops/range B"),
-                pl.col("a_us_per_instance").alias("us/range A"), pl.col("b_us_per_instance").alias("us/range B"),
-                pl.col("a_us").alias("A us"), pl.col("b_us").alias("B us")),
-                "Per phase: kernels (or ops) per range and their own time", digits=1)
+            if comp.phase_ops["a_instances"].is_not_null().any() or comp.phase_ops["b_instances"].is_not_null().any():
+                print_frame(comp.phase_ops.select(
+                    "phase", pl.col("a_instances").alias("ranges A"), pl.col("b_instances").alias("ranges B"),
+                    pl.col("a_count_per_instance").alias("ops/range A"),
+                    pl.col("b_count_per_instance").alias("ops/range B"),
+                    pl.col("a_us_per_instance").alias("us/range A"), pl.col("b_us_per_instance").alias("us/range B"),
+                    pl.col("a_us").alias("A us"), pl.col("b_us").alias("B us")),
+                    "Per phase: kernels (or ops) per range and their own time", digits=1)
     console.print(f"[dim]verdict rule: {result.rule}[/]")
 
 

@@ -324,7 +324,8 @@ def kernel_diff(a: pl.DataFrame, b: pl.DataFrame, *, normalize: bool = False) ->
     net = out["delta_self_us"].sum()
     out = out.with_columns(
         (pl.col("delta_self_us") / net if net else pl.lit(None, dtype=pl.Float64)).alias("share_of_change"))
-    out = out.with_columns([pl.col(c).fill_nan(None) for c in out.columns if c.startswith(("a_share", "b_share"))])
+    out = out.with_columns([pl.col(c).fill_nan(None) for c in out.columns
+                            if c.startswith(("a_share", "b_share")) or c.endswith("_mean_us")])
     return out.sort(pl.col("delta_self_us").abs(), "name", descending=[True, False])
 
 

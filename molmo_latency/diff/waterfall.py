@@ -90,10 +90,12 @@ def plot_waterfall(result, path: str | Path) -> Path:
     for row, comp in zip(axes, comps):
         drawn = [comp.phases is not None and _phase_panel(row[0], comp.phases),
                  comp.categories is not None and _kernel_panel(row[1], comp.categories, comp.level)]
-        for ax, ok in zip(row, drawn):
+        why = ("no phases on both sides (needs run directories or profile_phases traces)",
+               "no trace on both sides: no kernel level")
+        for ax, ok, text in zip(row, drawn, why):
             if not ok:
                 ax.axis("off")
-                ax.text(0.5, 0.5, "not available for this pair", ha="center", va="center", fontsize=9)
+                ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=9)
         row[0].set_title(f"{comp.title}\n" + row[0].get_title(), fontsize=9)
     if not comps:
         axes[0][0].axis("off")
