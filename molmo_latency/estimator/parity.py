@@ -37,7 +37,7 @@ def write_parity_plot(evaluation: pl.DataFrame, metrics: dict[str, Any], path: s
         p50, p95 = output_names(t)
         ok = evaluation.filter(pl.col(t).is_not_null() & pl.col(t).is_finite())
         y = ok[t].to_numpy()
-        ax.scatter(y, ok[p95].to_numpy(), s=10, marker="_", color="#C44E52", alpha=0.6, label="P95")
+        ax.scatter(y, ok[p95].to_numpy(), s=30, marker="_", linewidths=1.2, color="#C44E52", alpha=0.7, label="P95")
         ax.scatter(y, ok[p50].to_numpy(), s=12, alpha=0.7, color="#4C72B0", label="P50")
         if y.size:
             lo = min(y.min(), ok[p50].min()) * 0.9
