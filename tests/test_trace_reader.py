@@ -215,3 +215,71 @@ def test_plain_json_and_bare_event_list(tmp_path):
     gz = read("event_sync_multi_stream.json.gz")
     assert read_kineto(plain).gpu.equals(gz.gpu)
     assert read_kineto(bare).gpu.equals(gz.gpu)
+
+
+# ------------------------------------------------------------------------------------------
+# The streaming path (text read in blocks, cut between events) against the whole-text path.
+
+
+def _whole_text(path: Path) -> KinetoTrace:
+    from molmo_latency.trace import reader
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TraceWarning)
+        return reader._assemble(path, *reader._parse(path, [reader._read_bytes(path)]))
+
+
+def _streamed(path: Path) -> KinetoTrace:
+    from molmo_latency.trace import reader
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TraceWarning)
+        return reader._assemble(path, *reader._stream(path))  # raises if the stream gives up
+
+
+def _same(a: KinetoTrace, b: KinetoTrace) -> bool:
+    tables = ("gpu", "runtime", "cpu_ops", "annotations", "gpu_annotations")
+    return all(getattr(a, t).equals(getattr(b, t)) for t in tables) and (
+        a.base_time_ns, a.layout, a.events, a.device_properties, a.trace_name
+    ) == (b.base_time_ns, b.layout, b.events, b.device_properties, b.trace_name)
+
+
+@pytest.mark.parametrize("name", TRACES)
+def test_streaming_reads_every_shared_trace_like_the_whole_text(name, monkeypatch):
+    from molmo_latency.trace import reader
+
+    assert _same(_streamed(DATA / name), _whole_text(DATA / name))
+    # tiny chunks and blocks: hundreds of cuts, gzip blocks ending anywhere
+    monkeypatch.setattr(reader, "_CHUNK_BYTES", 3000)
+    monkeypatch.setattr(reader, "_READ_BYTES", 777)
+    assert _same(_streamed(DATA / name), _whole_text(DATA / name))
+
+
+def test_streaming_copes_with_odd_but_valid_layouts(tmp_path, monkeypatch):
+    from molmo_latency.trace import reader
+
+    monkeypatch.setattr(reader, "_CHUNK_BYTES", 500)
+    monkeypatch.setattr(reader, "_READ_BYTES", 300)
+    doc = raw_trace(DATA / "amd_mi250_minitoy.json.gz")
+    for event in doc["traceEvents"]:  # cut candidates inside strings and nested objects
+        if event.get("cat") == "kernel":
+            event["name"] = "k}, {\"ph\": \"X\"} ]" + event["name"]
+            event["args"]["nested"] = [{"a": 1}, {"b": [{"c": 2}]}]
+    events = doc.pop("traceEvents")
+    tail_first = {"traceName": "x", "deviceProperties": doc.pop("deviceProperties"), "traceEvents": events}
+    tail_first.update(doc)  # metadata (with a list of objects) after the events
+    compact = tmp_path / "compact.json"
+    compact.write_text(json.dumps(tail_first, default=float, separators=(",", ":")))
+    pretty = tmp_path / "pretty.json.gz"
+    with gzip.open(pretty, "wt") as f:
+        json.dump(tail_first, f, default=float, indent=1)
+    two_members = tmp_path / "two_members.json.gz"
+    text = json.dumps(tail_first, default=float).encode()
+    two_members.write_bytes(gzip.compress(text[:1000]) + gzip.compress(text[1000:]))
+    expected = read("amd_mi250_minitoy.json.gz")
+    for path in (compact, pretty, two_members):
+        got = read_kineto(path)
+        assert got.gpu.height == expected.gpu.height == 16
+        assert got.gpu.drop("name").equals(expected.gpu.drop("name"))
+        assert got.device_properties == expected.device_properties
+        assert _same(got, _whole_text(path))

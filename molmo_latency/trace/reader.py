@@ -18,14 +18,16 @@ integer and fractional parts are scaled separately, which is exact while ``|ts| 
 and for integers up to 2**53. A chunk of events holding a fractional value beyond 2**43 us is
 decoded again with the JSON number text parsed as a decimal (slow path, still exact).
 
-Speed and memory: the ``traceEvents`` array is decoded by msgspec in ~4 MiB chunks cut between
-two events (a candidate cut that falls inside a string or a nested object leaves unbalanced
-brackets, fails to decode and is replaced by the next one), into small typed structs tagged on
-``ph``: flow, metadata and instant events become empty structs, and of complete ("X") events
-only the fields we keep are built. Each chunk becomes a polars frame at once, so peak memory is
-about the JSON text plus the final tables, never a Python object per event for the whole file.
-Anything the fast path cannot read (an event without ``ph``, an unknown phase, a wrong type)
-is read again by a slow path that splits per event and names the offending event in its error.
+Speed and memory: the file is read (and gunzipped) in ~1 MiB blocks; the ``traceEvents`` array
+is cut into ~2 MiB chunks between two events (a candidate cut that falls inside a string or a
+nested object leaves unbalanced brackets, fails to decode and is replaced by the next one) and
+each chunk is decoded by msgspec into small structs tagged on ``ph``: flow, metadata and
+instant events become empty structs, and of complete ("X") events only the fields we keep are
+built. Each chunk becomes a polars frame per table at once, so memory holds about one chunk of
+text and objects plus the tables, never the whole text or a Python object per event. The text
+around the array (header and tail) is decoded last as the metadata. Anything this streaming path
+cannot read (a bare event list, an odd layout, any error) is read again from the whole text,
+by a path that also splits per event when needed and names the offending event in its error.
 """
 
 from __future__ import annotations
@@ -192,7 +194,7 @@ _SLOW_EXACT_DECODER = msgspec.json.Decoder(list[_ExactEvent], float_hook=Decimal
 # whitespace between (Kineto writes "},\n  {"). A candidate inside a string or a nested object
 # leaves a chunk with unbalanced brackets, which fails to decode; we then try the next one.
 _BOUNDARY = re.compile(rb"\}[ \t\r\n]*,[ \t\r\n]*\{")
-_CHUNK_BYTES = 8 << 20
+_CHUNK_BYTES = 2 << 20
 _WHITESPACE = b" \t\r\n"
 
 
@@ -317,7 +319,11 @@ def read_kineto(path: str | os.PathLike) -> KinetoTrace:
     was_enabled = gc.isenabled()
     gc.disable()  # millions of short-lived containers: the cyclic GC would dominate decoding
     try:
-        return _parse(path, [_read_bytes(path)])
+        try:
+            meta, chunks, n_events = _stream(path)
+        except _NotFast:  # anything unusual: read it whole; that path also words every error
+            meta, chunks, n_events = _parse(path, [_read_bytes(path)])
+        return _assemble(path, meta, chunks, n_events)
     finally:
         if was_enabled:
             gc.enable()
@@ -345,8 +351,11 @@ def _read_bytes(path: Path) -> bytes:
     return data
 
 
-def _parse(path: Path, holder: list[bytes]) -> KinetoTrace:
-    """`holder` holds the only reference to the JSON text, so it is freed once decoded."""
+def _parse(path: Path, holder: list[bytes]) -> tuple[_Top, list[dict[str, pl.DataFrame]], int]:
+    """The whole text in memory (the fallback): metadata, per-chunk frames, event count.
+
+    `holder` holds the only reference to the JSON text, so it is freed once decoded.
+    """
     data = holder.pop()
     first = data.lstrip(_WHITESPACE)[:1]
     if first == b"[":  # Chrome "JSON Array Format": a bare list of events
@@ -380,7 +389,11 @@ def _parse(path: Path, holder: list[bytes]) -> KinetoTrace:
         chunks, n_events = _decode_slow(path, array)
     array.release()
     meta.traceEvents = msgspec.UNSET  # the last reference to the JSON text
+    return meta, chunks, n_events
 
+
+def _assemble(path: Path, meta: _Top, chunks: list[dict[str, pl.DataFrame]], n_events: int) -> KinetoTrace:
+    """The trace from its metadata and the per-chunk frames of its events."""
     base_time_ns = meta.baseTimeNanoseconds
     if base_time_ns is None:
         base_time_ns, layout = 0, "absolute"
@@ -437,6 +450,138 @@ def _parse(path: Path, holder: list[bytes]) -> KinetoTrace:
     )
 
 
+_EVENTS_KEY = re.compile(rb'"traceEvents"[ \t\r\n]*:[ \t\r\n]*\[')
+_ARRAY_END = re.compile(rb"\}[ \t\r\n]*\]")
+_READ_BYTES = 1 << 20
+_HEADER_LIMIT = 64 << 20  # a header this long before traceEvents: not a Kineto trace, read it whole
+
+
+def _blocks(path: Path):
+    """The text of `path` in ~4 MiB blocks, gunzipped on the fly; _NotFast on any trouble."""
+    try:
+        f = open(path, "rb")
+    except OSError:
+        raise _NotFast from None
+    with f:
+        try:
+            first = f.read(_READ_BYTES)
+            if first[:2] != b"\x1f\x8b":
+                block = first
+                while block:
+                    yield block
+                    block = f.read(_READ_BYTES)
+                return
+            inflate = zlib.decompressobj(wbits=31)
+            block = first
+            while block:
+                while block:
+                    out = inflate.decompress(block, _READ_BYTES)
+                    if out:
+                        yield out
+                    block = inflate.unconsumed_tail
+                    if inflate.eof:  # a member ended: another may follow (gzip allows several)
+                        block = inflate.unused_data + block
+                        if block:
+                            inflate = zlib.decompressobj(wbits=31)
+                block = f.read(_READ_BYTES)
+            if not inflate.eof:
+                raise _NotFast  # truncated gzip
+        except (OSError, zlib.error, EOFError):
+            raise _NotFast from None
+
+
+def _stream(path: Path) -> tuple[_Top, list[dict[str, pl.DataFrame]], int]:
+    """Read a trace holding only ~one chunk of its text at a time (plain or gzipped).
+
+    The text before ``"traceEvents": [`` is the header; chunks are cut between events as in
+    :func:`_decode_fast`; after the last event comes ``]`` and the tail. Header, ``null`` and
+    tail must then decode as the trace's metadata object. Anything else (a bare event list, an
+    odd layout, a decode error) raises _NotFast and the caller reads the file whole.
+    """
+    blocks = _blocks(path)
+    pending = bytearray()
+    eof = False
+
+    def fill(size: int) -> None:
+        nonlocal eof
+        while not eof and len(pending) < size:
+            block = next(blocks, None)
+            if block is None:
+                eof = True
+            else:
+                pending.extend(block)
+
+    key = None
+    while key is None:
+        fill(len(pending) + _READ_BYTES)
+        key = _EVENTS_KEY.search(pending)
+        if key is None and (eof or len(pending) > _HEADER_LIMIT):
+            raise _NotFast
+    header = bytes(pending[: key.start()])
+    if not header.lstrip(_WHITESPACE).startswith(b"{"):
+        raise _NotFast
+    del pending[: key.end()]
+
+    chunks, count = [], 0
+    search_from, end_from, attempts, done = None, 0, 0, False
+    while not done:
+        fill(_CHUNK_BYTES + _READ_BYTES)
+        if search_from is None:
+            start = len(pending) - len(pending.lstrip(_WHITESPACE))
+            if pending[start:start + 1] == b"]":  # an empty array (or, after a cut, malformed)
+                if count:
+                    raise _NotFast
+                tail = bytes(pending[start + 1:])
+                break
+            search_from = min(_CHUNK_BYTES, len(pending))
+        match = _BOUNDARY.search(pending, search_from)
+        if match is None and not eof:
+            fill(len(pending) + _READ_BYTES)  # an event longer than a chunk: read on
+            continue
+        if match is not None:
+            events, buf = _try_decode(pending, match.start() + 1)
+            consumed = match.end() - 1
+        else:  # the last chunk: find the `]` that closes the array
+            end = _ARRAY_END.search(pending, end_from)
+            if end is None:
+                raise _NotFast
+            events, buf = _try_decode(pending, end.start() + 1)
+            consumed, done = end.end(), events is not None
+        if events is None:  # a cut inside a string or an object (or in the tail): try the next one
+            attempts += 1
+            if attempts > 16:
+                raise _NotFast
+            if match is not None:
+                search_from = match.end()
+            else:
+                end_from = end.end()
+            continue
+        if done:
+            tail = bytes(pending[consumed:])
+        count += len(events)
+        try:
+            chunks.append(_checked_frames(events, buf, fast=True))
+        except _OutOfRange:
+            raise _NotFast from None
+        del events, buf, pending[:consumed]
+        search_from, end_from, attempts = None, 0, 0
+    del pending
+    try:
+        meta = _TOP_DECODER.decode(header + b'"traceEvents": null' + tail)
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
+        raise _NotFast from None
+    return meta, chunks, count
+
+
+def _try_decode(pending: bytearray, cut: int) -> tuple[list | None, bytes]:
+    with memoryview(pending) as view:
+        buf = b"".join((b"[", view[:cut], b"]"))
+    try:
+        return _FAST_DECODER.decode(buf), buf
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
+        return None, buf
+
+
 class _NotFast(Exception):
     """The fast path cannot read this array; the slow path will (or will say precisely why not)."""
 
@@ -446,7 +591,16 @@ def _finish(path: Path, name: str, parts: list[pl.DataFrame], base_time_ns: int)
     columns = _COLUMNS[name]
     if not parts:
         return pl.DataFrame(schema={c: _TABLE_SCHEMA[c] for c in columns}), 0
-    frame = pl.concat(parts, how="vertical") if len(parts) > 1 else parts[0]
+    # Chunks decoded as doubles hold microseconds; those decoded exactly hold nanoseconds already.
+    in_us = [p for p in parts if p["ts"].dtype == pl.Float64]
+    in_ns = [p for p in parts if p["ts"].dtype != pl.Float64]
+    if in_us:
+        converted = pl.concat(in_us, how="vertical").with_columns(
+            ts=_us_to_ns(pl.col("ts")), dur=_us_to_ns(pl.col("dur")))
+        in_ns.insert(0, converted)
+    del in_us, parts[:]
+    frame = pl.concat(in_ns, how="vertical") if len(in_ns) > 1 else in_ns[0]
+    del in_ns
     missing = frame["ts"].is_null() | frame["dur"].is_null()
     n_missing = int(missing.sum())
     if n_missing:
@@ -464,6 +618,8 @@ def _finish(path: Path, name: str, parts: list[pl.DataFrame], base_time_ns: int)
         end_ns=pl.col("ts") + base_time_ns + pl.col("dur"),
         dur_ns=pl.col("dur"),
     )
+    if "device" in columns:  # device and stream are in args; Kineto also writes them as pid / tid
+        out = out.with_columns(device=pl.coalesce("device", "pid"), stream=pl.coalesce("stream", "tid"))
     if "grid" in columns:  # rows without three integer dims: null, not [null, null, null]
         out = out.with_columns(
             pl.when(pl.col(c).arr.get(0).is_not_null()).then(pl.col(c)).alias(c) for c in ("grid", "block")
@@ -543,7 +699,7 @@ class _OutOfRange(ValueError):
 
 
 def _checked_frames(events: list, buf: bytes, fast: bool) -> dict[str, pl.DataFrame]:
-    """A frame per table of the kept events, times converted to exact int64 ns."""
+    """A frame per table of the kept events (``ts``/``dur``: float us, or int ns if exact)."""
     frames = _frames(events, fast=fast, exact=False)
     for frame in frames.values():
         for column in ("ts", "dur"):
@@ -557,13 +713,10 @@ def _checked_frames(events: list, buf: bytes, fast: bool) -> dict[str, pl.DataFr
                 # a fractional value a double cannot hold to the nanosecond: decode the text exactly
                 decoder = _FAST_EXACT_DECODER if fast else _SLOW_EXACT_DECODER
                 return _frames(decoder.decode(buf), fast=fast, exact=True)
-    return {
-        name: frame.with_columns(ts=_us_to_ns(frame["ts"]), dur=_us_to_ns(frame["dur"]))
-        for name, frame in frames.items()
-    }
+    return frames
 
 
-def _us_to_ns(us: pl.Series) -> pl.Series:
+def _us_to_ns(us: pl.Expr) -> pl.Expr:
     """Microseconds (double holding a <=3-decimal value) -> int64 ns, exact below 2**43 us."""
     whole = us.floor()
     return whole.cast(pl.Int64) * 1000 + ((us - whole) * 1000).round().cast(pl.Int64)
@@ -620,8 +773,8 @@ def _table_frame(table: str, kept: list, kinds: list[str], exact: bool) -> pl.Da
         columns["correlation"] = _ints([a.correlation for a in args])
     if table in ("gpu", "gpu_annotations"):
         # device and stream are in args; Kineto also writes them as the event's pid / tid.
-        columns["device"] = _ints([a.device for a in args]).fill_null(columns["pid"])
-        columns["stream"] = _ints([a.stream for a in args]).fill_null(columns["tid"])
+        columns["device"] = _ints([a.device for a in args])
+        columns["stream"] = _ints([a.stream for a in args])
     if table == "gpu":
         columns["grid"] = _dims([a.grid for a in args])
         columns["block"] = _dims([a.block for a in args])
