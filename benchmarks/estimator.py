@@ -186,6 +186,8 @@ def markdown(label: str, res: dict, sweep: dict | None, machine: dict) -> str:
     else:
         dev = ", ".join(f"{r['model']} on {r['gpu_name'] or r['device_type']}" for r in info["run_dirs"])
         out.append(f"Data: existing run directories ({dev}): " + ", ".join(f"`{r['run_dir']}`" for r in info["run_dirs"]))
+    if info["device_type"] == "cpu":
+        out.append("CPU data: the issue's targets were set for GPU sweeps; `--run-dir GPU_RUN` adds a subsection for one.")
     sp = meta["split"]
     out.append(f"{info['rows']} valid requests of {info['configs']} configurations ({info['invalid_rows']} invalid "
                f"excluded); split by whole configuration (seed {sp['seed']}): train {sp['configs']['train']}, calibration "
