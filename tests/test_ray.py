@@ -74,8 +74,10 @@ def test_two_workers_measure_the_same_rows_as_the_local_runner(ray_session, tmp_
 def test_a_killed_worker_has_its_units_redone_with_no_duplicate_and_none_missing(ray_session, tmp_path):
     spec = SweepSpec.from_dict({**SMALL, "cooldown_ms": 100})
     killed: list[str] = []
+    delivered: list[str] = []
 
     def kill_the_first_worker_that_reports(p: WorkerProgress) -> None:
+        delivered.append(p.worker_id)
         # that worker holds its next unit (IN_FLIGHT_PER_WORKER = 2) while it sleeps cooldown_ms
         if not killed and p.actor_name:
             killed.append(p.worker_id)
@@ -87,7 +89,9 @@ def test_a_killed_worker_has_its_units_redone_with_no_duplicate_and_none_missing
     req = pl.read_parquet(tmp_path / "requests.parquet")
     assert req.height == 12 and req.select(KEY).n_unique() == 12
     assert set(map(tuple, req.select(KEY).rows())) == {(c.config_id, r) for c, r in spec.units()}
-    assert (req["worker_id"] == killed[0]).sum() < 12  # the rest was measured by the others
+    # each row is the one its worker delivered: the killed worker's lost unit came from another
+    assert dict(req["worker_id"].value_counts().iter_rows()) == {w: delivered.count(w) for w in set(delivered)}
+    assert delivered.count(killed[0]) == 1
     assert result["actors_started"] == 3  # the dead worker's place got a fresh actor
     assert not (tmp_path / "failures.parquet").exists()
     assert len(list((tmp_path / "parts" / "requests").glob("*.parquet"))) == 12
@@ -113,6 +117,9 @@ def test_user_errors_on_ray_say_what_to_do(ray_session, tmp_path):
         run_sweep_ray("tiny", spec, tmp_path / "b", workers=5)
     with pytest.raises(SweepError, match="preset name or a model directory"):
         run_sweep_ray(object(), spec, tmp_path / "c")
+    # a model the workers cannot load: the worker's own error, naming its host
+    with pytest.raises(SweepError, match=r"Ray worker s0-w0 on \S+ cannot start: SweepError: --model .*no-model"):
+        run_sweep_ray(str(tmp_path / "no-model"), spec, tmp_path / "d", workers=1)
 
 
 def test_without_ray_installed_the_error_names_the_extra(tmp_path, monkeypatch):

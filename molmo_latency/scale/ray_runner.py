@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import heapq
 import os
+import platform
 import time
 import uuid
 from dataclasses import dataclass
@@ -103,7 +104,7 @@ class SweepActor:
                 worker.nvml = telemetry_mode(self.nvml, gpu["gpu_index"])
             worker.__enter__()
         except MolmoLatencyError as exc:
-            return {"worker_id": self.worker_id, "error": f"{type(exc).__name__}: {exc}"}
+            return {"worker_id": self.worker_id, "host": platform.node(), "error": f"{type(exc).__name__}: {exc}"}
         self.worker = worker
         return {**worker.columns, "pid": os.getpid(), "threads": torch.get_num_threads(), "nvml": worker.nvml,
                 "model": worker.source.describe()}
@@ -194,7 +195,6 @@ def _text(value: Any) -> str:
 class _Slot:
     """A place for one worker; a dead worker's slot gets a fresh actor (up to max_restarts)."""
 
-    index: int
     actor: Any = None
     worker_id: str = ""
     name: str = ""
@@ -413,7 +413,7 @@ def _drive(ray, rd: RunDir, spec: SweepSpec, units: list[tuple[Config, int]], pe
         state["done"] += remaining[config.config_id]
         remaining[config.config_id] = 0
 
-    slots = [_Slot(index=i) for i in range(n_workers)]
+    slots = [_Slot() for _ in range(n_workers)]
     for slot in slots:
         spawn(slot)
     try:
