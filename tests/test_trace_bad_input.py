@@ -213,6 +213,9 @@ _TOP_KEYS = st.sampled_from(["traceEvents", "baseTimeNanoseconds", "deviceProper
 
 @st.composite
 def mutated_traces(draw) -> bytes:
+    def odd():  # a fresh copy: sampled lists / dicts must not be shared between examples
+        return copy.deepcopy(draw(_ODD_VALUES))
+
     doc = copy.deepcopy(_base())
     events = doc["traceEvents"]
     for _ in range(draw(st.integers(0, 6))):
@@ -222,13 +225,13 @@ def mutated_traces(draw) -> bytes:
         if kind == "delete":
             event.pop(draw(_KEYS), None)
         elif kind == "retype":
-            event[draw(_KEYS)] = draw(_ODD_VALUES)
+            event[draw(_KEYS)] = odd()
         elif kind == "arg_delete" and isinstance(event.get("args"), dict):
             event["args"].pop(draw(_ARG_KEYS), None)
         elif kind == "arg_retype" and isinstance(event.get("args"), dict):
-            event["args"][draw(_ARG_KEYS)] = draw(_ODD_VALUES)
+            event["args"][draw(_ARG_KEYS)] = odd()
         elif kind == "top":
-            doc[draw(_TOP_KEYS)] = draw(_ODD_VALUES)
+            doc[draw(_TOP_KEYS)] = odd()
         elif kind == "drop_event" and events:
             events.pop(i)
         if not isinstance(doc.get("traceEvents"), list):
