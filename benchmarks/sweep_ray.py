@@ -13,11 +13,15 @@ The Ray arms share one local Ray (started once; its start time is reported apart
                 (model loading, Ray actor start and the first warm-ups excluded)
   end-to-end    measured requests / wall time of the whole call (model load and actors included)
   median total  the median request latency (total_ms) of the run
+and, once, the median request latency of the same units measured by a SweepActor inside a bare Ray
+task (no driver receiving and writing rows meanwhile) and in this process: what a Ray worker costs
+a request by itself, apart from the driver's work on the same cores.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -62,6 +66,24 @@ def one_arm(arm: str, spec, device: str, workdir: Path, plain_threads: int) -> d
             "workers_used": req["worker_id"].n_unique() if "worker_id" in req.columns else 1}
 
 
+def worker_alone(spec) -> tuple[float, float]:
+    """Median total_ms of the sweep's units measured in a loop inside a Ray task, and in-process."""
+    import ray
+    import torch
+
+    from molmo_latency.scale.ray_runner import SweepActor
+
+    def loop(actor: SweepActor) -> float:
+        actor.start()
+        ms = [actor.measure(c, r, i)["tables"]["requests"]["total_ms"][0] for i, (c, r) in enumerate(spec.units())]
+        return statistics.median(ms)
+
+    task = ray.remote(num_cpus=1)(lambda: loop(SweepActor("tiny", spec, nvml="off", worker_id="alone", threads=1)))
+    in_ray = ray.get(task.remote())
+    torch.set_num_threads(1)
+    return in_ray, loop(SweepActor("tiny", spec, nvml="off", worker_id="here", threads=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=12, help="repeats per configuration (4 configurations)")
@@ -76,6 +98,7 @@ def main() -> None:
     from molmo_latency.sweep import SweepSpec
 
     spec = SweepSpec.from_dict({**SWEEP, "repeats": args.repeats})
+    load = [os.getloadavg()[0]]
     t0 = time.perf_counter()
     ray.init(num_cpus=2 if args.device == "cpu" else None, include_dashboard=False, logging_level="warning")
     ray_start_s = time.perf_counter() - t0
@@ -90,8 +113,10 @@ def main() -> None:
                     print(f"round {r} {arm:7s} steady {row['steady_rps']:6.2f} req/s  end-to-end "
                           f"{row['e2e_rps']:5.2f} req/s  wall {row['wall_s']:5.1f} s  median total "
                           f"{row['median_total_ms']:6.1f} ms  workers used {row['workers_used']}", flush=True)
+        alone_ray_ms, alone_here_ms = worker_alone(spec)
     finally:
         ray.shutdown()
+    load.append(os.getloadavg()[0])
 
     def med(arm: str, key: str) -> float:
         return statistics.median(x[key] for x in rows if x["arm"] == arm)
@@ -115,10 +140,15 @@ def main() -> None:
         "",
         *lines,
         "",
-        f"Two Ray workers over one: {speedup:.2f}x the steady throughput. Steady = measured requests per "
+        f"Two Ray workers over one: {speedup:.2f}x the steady throughput. The same units measured in a loop "
+        f"inside a bare Ray task: median request {alone_ray_ms:.1f} ms; in this process: {alone_here_ms:.1f} ms "
+        "(a Ray worker by itself does not slow a request: the slower requests of the Ray arms come from what "
+        "shares the cores with the workers, i.e. the driver receiving and writing rows, Ray's own processes "
+        "and other jobs). Steady = measured requests per "
         "second between the first and the last measured request; end-to-end includes loading the model "
         "(and starting the Ray actors: each imports torch and loads the model). This machine has 2 CPU "
-        "cores, shared with other jobs while this ran, so the 2-worker figure is bounded by 2 cores "
+        f"cores, shared with other jobs while this ran (1-minute load average {load[0]:.1f} at the start, "
+        f"{load[1]:.1f} at the end), so the 2-worker figure is bounded by 2 cores "
         f"(and by whatever else ran); the plain runner ran with {args.plain_threads} torch thread(s), each Ray "
         "CPU worker with 1. No GPU figure: no GPU machine was available to this session.",
     ])
