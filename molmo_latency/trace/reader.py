@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import gc
 import gzip
+import mmap
 import os
 import re
 import warnings
@@ -456,116 +457,187 @@ _READ_BYTES = 1 << 20
 _HEADER_LIMIT = 64 << 20  # a header this long before traceEvents: not a Kineto trace, read it whole
 
 
-def _blocks(path: Path):
-    """The text of `path` in ~4 MiB blocks, gunzipped on the fly; _NotFast on any trouble."""
-    try:
-        f = open(path, "rb")
-    except OSError:
-        raise _NotFast from None
-    with f:
+_NON_SPACE = re.compile(rb"[^ \t\r\n]")
+_RELEASE_BYTES = 8 << 20  # hand consumed pages of a mapped file back every this many bytes
+
+
+class _MappedText:
+    """A plain file, memory-mapped: no copy of the text; consumed pages are handed back."""
+
+    eof = True
+
+    def __init__(self, f, size: int) -> None:
+        self.buf = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)
+        self.pos = self.released = 0
+
+    def need(self, size: int) -> None:
+        pass
+
+    def avail(self) -> int:
+        return len(self.buf) - self.pos
+
+    def consume(self, size: int) -> None:
+        self.pos += size
+        if self.pos - self.released >= _RELEASE_BYTES and hasattr(mmap, "MADV_DONTNEED"):
+            upto = self.pos - self.pos % mmap.PAGESIZE
+            self.buf.madvise(mmap.MADV_DONTNEED, self.released, upto - self.released)
+            self.released = upto
+
+    def close(self) -> None:
+        self.buf.close()
+
+
+class _GzipText:
+    """A gzipped file, inflated block by block; only the unconsumed text is kept."""
+
+    def __init__(self, f) -> None:
+        self.f, self.buf, self.pos, self.eof = f, b"", 0, False
+        self.inflate = zlib.decompressobj(wbits=31)
+
+    def need(self, size: int) -> None:
+        if self.eof or len(self.buf) - self.pos >= size:
+            return
+        parts, have = [self.buf[self.pos:]], len(self.buf) - self.pos
+        while have < size and not self.eof:
+            block = self._inflated()
+            parts.append(block)
+            have += len(block)
+        self.buf, self.pos = b"".join(parts), 0
+
+    def _inflated(self) -> bytes:
         try:
-            first = f.read(_READ_BYTES)
-            if first[:2] != b"\x1f\x8b":
-                block = first
-                while block:
-                    yield block
-                    block = f.read(_READ_BYTES)
-                return
-            inflate = zlib.decompressobj(wbits=31)
-            block = first
-            while block:
-                while block:
-                    out = inflate.decompress(block, _READ_BYTES)
-                    if out:
-                        yield out
-                    block = inflate.unconsumed_tail
-                    if inflate.eof:  # a member ended: another may follow (gzip allows several)
-                        block = inflate.unused_data + block
-                        if block:
-                            inflate = zlib.decompressobj(wbits=31)
-                block = f.read(_READ_BYTES)
-            if not inflate.eof:
-                raise _NotFast  # truncated gzip
+            while True:
+                if self.inflate.eof:  # a member ended: another may follow (gzip allows several)
+                    data = self.inflate.unused_data or self.f.read(_READ_BYTES)
+                    if not data:
+                        self.eof = True
+                        return b""
+                    self.inflate = zlib.decompressobj(wbits=31)
+                else:
+                    data = self.inflate.unconsumed_tail or self.f.read(_READ_BYTES)
+                    if not data:
+                        raise _NotFast  # truncated gzip: the whole-text path says so
+                out = self.inflate.decompress(data, _READ_BYTES)
+                if out:
+                    return out
         except (OSError, zlib.error, EOFError):
             raise _NotFast from None
 
+    def avail(self) -> int:
+        return len(self.buf) - self.pos
+
+    def consume(self, size: int) -> None:
+        self.pos += size
+
+    def close(self) -> None:
+        pass
+
+
+def _open_text(path: Path, f):
+    head = f.read(2)
+    f.seek(0)
+    if head == b"\x1f\x8b":
+        return _GzipText(f)
+    size = os.fstat(f.fileno()).st_size
+    if size == 0:
+        raise _NotFast
+    try:
+        return _MappedText(f, size)
+    except (OSError, ValueError):
+        raise _NotFast from None
+
 
 def _stream(path: Path) -> tuple[_Top, list[dict[str, pl.DataFrame]], int]:
-    """Read a trace holding only ~one chunk of its text at a time (plain or gzipped).
+    """Read a trace holding only ~one chunk of its text at a time (plain: mapped; gzip: inflated
+    block by block).
 
     The text before ``"traceEvents": [`` is the header; chunks are cut between events as in
     :func:`_decode_fast`; after the last event comes ``]`` and the tail. Header, ``null`` and
     tail must then decode as the trace's metadata object. Anything else (a bare event list, an
     odd layout, a decode error) raises _NotFast and the caller reads the file whole.
     """
-    blocks = _blocks(path)
-    pending = bytearray()
-    eof = False
+    try:
+        f = open(path, "rb")
+    except OSError:
+        raise _NotFast from None
+    with f:
+        try:
+            text = _open_text(path, f)
+        except OSError:
+            raise _NotFast from None
+        try:
+            return _stream_text(text)
+        finally:
+            text.close()
 
-    def fill(size: int) -> None:
-        nonlocal eof
-        while not eof and len(pending) < size:
-            block = next(blocks, None)
-            if block is None:
-                eof = True
-            else:
-                pending.extend(block)
+
+def _stream_text(text) -> tuple[_Top, list[dict[str, pl.DataFrame]], int]:
+    def find(pattern: re.Pattern, start: int):
+        """`pattern` in the unconsumed text from `start` (relative); the match's relative span."""
+        match = pattern.search(text.buf, text.pos + start)
+        return None if match is None else (match.start() - text.pos, match.end() - text.pos)
+
+    def copy(start: int, end: int) -> bytes:
+        with memoryview(text.buf) as view:
+            return bytes(view[text.pos + start:text.pos + end])
 
     key = None
     while key is None:
-        fill(len(pending) + _READ_BYTES)
-        key = _EVENTS_KEY.search(pending)
-        if key is None and (eof or len(pending) > _HEADER_LIMIT):
+        text.need(text.avail() + _READ_BYTES)
+        key = find(_EVENTS_KEY, 0)
+        if key is None and (text.eof or text.avail() > _HEADER_LIMIT):
             raise _NotFast
-    header = bytes(pending[: key.start()])
+    header = copy(0, key[0])
     if not header.lstrip(_WHITESPACE).startswith(b"{"):
         raise _NotFast
-    del pending[: key.end()]
+    text.consume(key[1])
 
     chunks, count = [], 0
     search_from, end_from, attempts, done = None, 0, 0, False
     while not done:
-        fill(_CHUNK_BYTES + _READ_BYTES)
+        text.need(_CHUNK_BYTES + _READ_BYTES)
         if search_from is None:
-            start = len(pending) - len(pending.lstrip(_WHITESPACE))
-            if pending[start:start + 1] == b"]":  # an empty array (or, after a cut, malformed)
+            first = find(_NON_SPACE, 0)
+            if first is None:
+                raise _NotFast
+            if text.buf[text.pos + first[0]] == ord("]"):  # an empty array (or, after a cut, malformed)
                 if count:
                     raise _NotFast
-                tail = bytes(pending[start + 1:])
+                tail = copy(first[1], text.avail())
                 break
-            search_from = min(_CHUNK_BYTES, len(pending))
-        match = _BOUNDARY.search(pending, search_from)
-        if match is None and not eof:
-            fill(len(pending) + _READ_BYTES)  # an event longer than a chunk: read on
+            search_from = min(_CHUNK_BYTES, text.avail())
+        match = find(_BOUNDARY, search_from)
+        if match is None and not text.eof:
+            text.need(text.avail() + _READ_BYTES)  # an event longer than a chunk: read on
             continue
         if match is not None:
-            events, buf = _try_decode(pending, match.start() + 1)
-            consumed = match.end() - 1
+            events, buf = _try_decode(text, match[0] + 1)
+            consumed = match[1] - 1
         else:  # the last chunk: find the `]` that closes the array
-            end = _ARRAY_END.search(pending, end_from)
+            end = find(_ARRAY_END, end_from)
             if end is None:
                 raise _NotFast
-            events, buf = _try_decode(pending, end.start() + 1)
-            consumed, done = end.end(), events is not None
+            events, buf = _try_decode(text, end[0] + 1)
+            consumed, done = end[1], events is not None
         if events is None:  # a cut inside a string or an object (or in the tail): try the next one
             attempts += 1
             if attempts > 16:
                 raise _NotFast
             if match is not None:
-                search_from = match.end()
+                search_from = match[1]
             else:
-                end_from = end.end()
+                end_from = end[1]
             continue
         if done:
-            tail = bytes(pending[consumed:])
+            tail = copy(consumed, text.avail())
         count += len(events)
         try:
             chunks.append(_checked_frames(events, buf, fast=True))
         except _OutOfRange:
             raise _NotFast from None
-        del events, buf, pending[:consumed]
+        del events, buf
+        text.consume(consumed)
         search_from, end_from, attempts = None, 0, 0
-    del pending
     try:
         meta = _TOP_DECODER.decode(header + b'"traceEvents": null' + tail)
     except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
@@ -573,9 +645,9 @@ def _stream(path: Path) -> tuple[_Top, list[dict[str, pl.DataFrame]], int]:
     return meta, chunks, count
 
 
-def _try_decode(pending: bytearray, cut: int) -> tuple[list | None, bytes]:
-    with memoryview(pending) as view:
-        buf = b"".join((b"[", view[:cut], b"]"))
+def _try_decode(text, cut: int) -> tuple[list | None, bytes]:
+    with memoryview(text.buf) as view:
+        buf = b"".join((b"[", view[text.pos:text.pos + cut], b"]"))
     try:
         return _FAST_DECODER.decode(buf), buf
     except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
