@@ -298,7 +298,7 @@ class PhaseProfiler:
             return
         device = self.nvml_device
         if device is None:
-            device = (param.device.index or 0) if on_gpu else 0
+            device = _nvml_id(param.device) if on_gpu else 0
         self._sampler = start_telemetry(self.nvml_mode, device, interval_ms=self.nvml_interval_ms)
 
     def _stop_telemetry(self) -> None:
@@ -397,6 +397,16 @@ def profile_phases(
         model, nvtx=nvtx, torch_profiler=torch_profiler, trace_dir=trace_dir, phases=phases,
         timer=timer, nvml=nvml, nvml_interval_ms=nvml_interval_ms, nvml_device=nvml_device,
     )
+
+
+def _nvml_id(device: torch.device) -> int | str:
+    """The NVML name of a CUDA device: its UUID ("GPU-..."), because NVML ignores
+    CUDA_VISIBLE_DEVICES and numbers every GPU of the machine; the index as a fallback."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    uuid = str(getattr(torch.cuda.get_device_properties(index), "uuid", "") or "")
+    if uuid:
+        return uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
+    return index
 
 
 def _tprof_recording(tprof: Any) -> bool:

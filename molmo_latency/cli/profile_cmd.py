@@ -105,6 +105,7 @@ def profile(
     nvml: str = typer.Option("auto", "--nvml", help="auto, off or required"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="allow a local Molmo checkpoint's own code"),
     ray: Optional[str] = typer.Option(None, "--ray", help="run on Ray: 'local' or a cluster address", show_default=False),
+    workers: Optional[int] = typer.Option(None, "--workers", help="with --ray: number of workers (default: one per GPU, or per CPU)"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
     """Profile MODEL over the grid of SWEEP into RUN_DIR, then print the report."""
@@ -118,11 +119,18 @@ def profile(
     if ray is not None:
         from molmo_latency.scale import run_sweep_ray
 
+        if kineto:
+            raise MolmoLatencyError("--kineto is not available with --ray: record traces with a plain "
+                                    "`molmo-latency profile --kineto` run of the configurations you need")
         command = "molmo-latency " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-        result = run_sweep_ray(model, spec, out, address=None if ray in ("", "local") else ray, device=device,
-                               dtype=dtype, nvml=nvml, trust_remote_code=trust_remote_code, command=command)
-        err_console.print(f"{result['measured']} requests measured on Ray -> {result['run_dir']}")
-        _report(out, as_json=as_json)
+        with _RichProgress(enabled=not as_json) as bar:
+            result = run_sweep_ray(model, spec, out, address=None if ray in ("", "local") else ray, device=device,
+                                   dtype=dtype, nvml=nvml, trust_remote_code=trust_remote_code, workers=workers,
+                                   progress=bar, command=command)
+        if not as_json:
+            err_console.print(f"{result['measured']} requests measured on Ray by {result['workers']} workers, "
+                              f"{result['skipped']} already done -> {result['run_dir']}")
+        _report(out, as_json=as_json, extra={"sweep": result} if as_json else None)
         return
     _run_and_report(model, spec, out, device=device, dtype=dtype, kineto=kineto, nvml=nvml,
                     trust_remote_code=trust_remote_code, as_json=as_json)
