@@ -533,7 +533,7 @@ class _GzipText:
         pass
 
 
-def _open_text(path: Path, f):
+def _open_text(f):
     head = f.read(2)
     f.seek(0)
     if head == b"\x1f\x8b":
@@ -562,7 +562,7 @@ def _stream(path: Path) -> tuple[_Top, list[dict[str, pl.DataFrame]], int]:
         raise _NotFast from None
     with f:
         try:
-            text = _open_text(path, f)
+            text = _open_text(f)
         except OSError:
             raise _NotFast from None
         try:
