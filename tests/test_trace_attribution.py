@@ -11,6 +11,7 @@ import gzip
 import json
 import re
 import warnings
+from decimal import Decimal
 from pathlib import Path
 
 import polars as pl
@@ -440,3 +441,33 @@ def test_vectorised_categories_agree_with_the_per_name_rules(name):
     got = with_category(gpu)
     assert got.height == gpu.height
     assert got["category"].to_list() == [kernel_category(n, k) for n, k in zip(gpu["name"], gpu["kind"])]
+
+
+def test_a_trace_exported_by_the_installed_torch_profiler(tmp_path):
+    """This torch's own export (CPU only here): the profiler's range names come back as phases."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    x = torch.randn(32, 32)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with record_function("request[0]"):
+            with record_function("vision"):
+                y = x @ x
+            with record_function("prefill"):
+                y = torch.relu(y @ x)
+            for step in range(3):
+                with record_function(f"decode[{step}]"):
+                    y = y @ x
+    path = tmp_path / "torch_cpu.pt.trace.json"
+    prof.export_chrome_trace(str(path))
+
+    doc = json.loads(path.read_text(), parse_float=Decimal)
+    names = [e["name"] for e in doc["traceEvents"] if e.get("ph") == "X" and e.get("cat") == "user_annotation"]
+    with pytest.warns(TraceWarning, match="no GPU activities"):
+        trace = read_kineto(path)
+    assert sorted(trace.annotations["name"]) == sorted(names)
+    assert trace.cpu_ops.height == sum(1 for e in doc["traceEvents"] if e.get("cat") == "cpu_op")
+    table = phase_gpu_table(trace)
+    assert table.select("phase", "step", "request").rows() == [
+        ("vision", 0, 0), ("prefill", 0, 0), ("decode", 0, 0), ("decode", 1, 0), ("decode", 2, 0)]
+    assert table["gpu_activities"].sum() == 0
