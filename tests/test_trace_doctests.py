@@ -10,6 +10,8 @@ import pytest
 MODULES = [
     "molmo_latency.trace",
     "molmo_latency.trace.reader",
+    "molmo_latency.trace._events",
+    "molmo_latency.trace._text",
     "molmo_latency.trace.attribution",
     "molmo_latency.trace.categories",
     "molmo_latency.trace.summary",

@@ -222,7 +222,7 @@ def test_plain_json_and_bare_event_list(tmp_path):
 
 
 def _whole_text(path: Path) -> KinetoTrace:
-    from molmo_latency.trace import reader
+    from molmo_latency.trace import _text as text_module, reader
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TraceWarning)
@@ -230,7 +230,7 @@ def _whole_text(path: Path) -> KinetoTrace:
 
 
 def _streamed(path: Path) -> KinetoTrace:
-    from molmo_latency.trace import reader
+    from molmo_latency.trace import _text as text_module, reader
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TraceWarning)
@@ -246,20 +246,20 @@ def _same(a: KinetoTrace, b: KinetoTrace) -> bool:
 
 @pytest.mark.parametrize("name", TRACES)
 def test_streaming_reads_every_shared_trace_like_the_whole_text(name, monkeypatch):
-    from molmo_latency.trace import reader
+    from molmo_latency.trace import _text as text_module, reader
 
     assert _same(_streamed(DATA / name), _whole_text(DATA / name))
     # tiny chunks and blocks: hundreds of cuts, gzip blocks ending anywhere
-    monkeypatch.setattr(reader, "_CHUNK_BYTES", 3000)
-    monkeypatch.setattr(reader, "_READ_BYTES", 777)
+    monkeypatch.setattr(text_module, "_CHUNK_BYTES", 3000)
+    monkeypatch.setattr(text_module, "_READ_BYTES", 777)
     assert _same(_streamed(DATA / name), _whole_text(DATA / name))
 
 
 def test_streaming_copes_with_odd_but_valid_layouts(tmp_path, monkeypatch):
-    from molmo_latency.trace import reader
+    from molmo_latency.trace import _text as text_module, reader
 
-    monkeypatch.setattr(reader, "_CHUNK_BYTES", 500)
-    monkeypatch.setattr(reader, "_READ_BYTES", 300)
+    monkeypatch.setattr(text_module, "_CHUNK_BYTES", 500)
+    monkeypatch.setattr(text_module, "_READ_BYTES", 300)
     doc = raw_trace(DATA / "amd_mi250_minitoy.json.gz")
     for event in doc["traceEvents"]:  # cut candidates inside strings and nested objects
         if event.get("cat") == "kernel":
