@@ -11,6 +11,13 @@
 
 __version__ = "0.1.0"
 
-from molmo_latency.profiler import PhaseProfiler, profile_phases  # noqa: E402
-
 __all__ = ["PhaseProfiler", "profile_phases", "__version__"]
+
+
+def __getattr__(name: str):
+    # Lazy: `import molmo_latency.trace` (or the CLI's trace commands) must not load torch.
+    if name in ("PhaseProfiler", "profile_phases"):
+        from molmo_latency import profiler
+
+        return getattr(profiler, name)
+    raise AttributeError(f"module 'molmo_latency' has no attribute {name!r}")

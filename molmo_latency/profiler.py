@@ -116,10 +116,11 @@ class PhaseProfiler:
     # ---------------------------------------------------------------------------- hooks
     def _install_hooks(self) -> None:
         for name, span in self.phase_map.spans.items():
-            pre = functools.partial(self._on_start, name)
-            post = functools.partial(self._on_end, name)
-            self._handles.append(span.start.register_forward_pre_hook(lambda m, a, _f=pre: _f()))
-            self._handles.append(span.end.register_forward_hook(lambda m, a, o, _f=post: _f()))
+            on_start, on_end = self._on_start, self._on_end
+            self._handles.append(span.start.register_forward_pre_hook(
+                lambda _m, _a, _name=name: on_start(_name)))
+            self._handles.append(span.end.register_forward_hook(
+                lambda _m, _a, _o, _name=name: on_end(_name)))
 
     def _on_start(self, name: str) -> None:
         req = self._active
@@ -183,9 +184,7 @@ class PhaseProfiler:
         self._requests_seen += 1
         if isinstance(ids, torch.Tensor) and ids.dim() == 2:
             req.batch_size, req.input_tokens = int(ids.shape[0]), int(ids.shape[1])
-            token = self.phase_map.image_token_id
-            if token is not None:
-                req.image_tokens = int((ids[0] == token).sum())
+            req.input_ids = ids  # image tokens are counted after generate(): no sync before it
         self.records.append(req)
         traced = self._tprof is not None and _tprof_recording(self._tprof)
         if traced:
@@ -212,6 +211,10 @@ class PhaseProfiler:
             req.error = f"{type(exc).__name__}: {exc}"
         else:
             req.output_tokens = _output_tokens(out, req.input_tokens)
+        token = self.phase_map.image_token_id
+        if req.input_ids is not None and token is not None:
+            req.image_tokens = int((req.input_ids[0] == token).sum())
+        req.input_ids = None
         try:
             req.times_ns = self.timer.resolve(req.marks)
         except Exception as resolve_exc:  # e.g. CUDA error after a failed generate()

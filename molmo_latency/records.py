@@ -40,6 +40,7 @@ class RequestRecord:
     image_tokens: int | None = None
     output_tokens: int | None = None
     batch_size: int | None = None
+    input_ids: Any = None  # held until the request ends, to count image tokens then
     complete: bool = True
     error: str | None = None
     times_ns: list[int] | None = None

@@ -10,6 +10,7 @@ from typing import Any, Sequence
 import polars as pl
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 import os
 
@@ -43,7 +44,7 @@ def print_frame(df: pl.DataFrame, title: str, *, columns: Sequence[str] | None =
         numeric = df.schema[c].is_numeric()
         table.add_column(c, justify="right" if numeric else "left", no_wrap=True)
     for row in df.select(cols).head(max_rows).iter_rows():
-        table.add_row(*[_cell(v, digits) for v in row])
+        table.add_row(*[Text(_cell(v, digits)) for v in row])  # plain text: names like [param|x] stay
     if df.height > max_rows:
         table.caption = f"... {df.height - max_rows} more rows (use --json for all)"
     console.print(table)
