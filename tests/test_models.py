@@ -1,0 +1,49 @@
+"""Reference presets and the adapters/knobs on other layouts (built on the meta device: no
+memory, no weights, no download)."""
+
+import pytest
+import torch
+
+from molmo_latency import knobs
+from molmo_latency.adapters import find_phases
+from molmo_latency.errors import MolmoLatencyError
+from molmo_latency.models import PRESETS, reference_config
+
+
+def test_molmoe_1b_shape_has_molmoe_dimensions():
+    from transformers import AyaVisionForConditionalGeneration
+
+    cfg = reference_config("molmoe-1b-shape")
+    text, vision = cfg.text_config, cfg.vision_config
+    assert (text.num_hidden_layers, text.num_experts, text.num_experts_per_tok, text.hidden_size) == (16, 64, 8, 2048)
+    assert (vision.image_size, vision.patch_size) == (336, 14)
+    assert PRESETS["molmoe-1b-shape"].tokens_per_crop == 144  # 24 x 24 patches, 2x2 pooling
+    with torch.device("meta"):
+        model = AyaVisionForConditionalGeneration(cfg)
+    params = sum(p.numel() for p in model.parameters())
+    assert 6.5e9 < params < 7.7e9  # OLMoE-1B-7B text model + ViT-L
+    assert knobs.get_top_k(model) == 8 and knobs.total_blocks(model) == 16
+    assert find_phases(model).describe() == {
+        "vision": ("model.vision_tower", "model.vision_tower"),
+        "projector": ("model.multi_modal_projector", "model.multi_modal_projector"),
+        "llm": ("model.language_model", "lm_head"),
+    }
+
+
+def test_hf_molmo2_layout_and_blocks_knob():
+    from transformers import Molmo2Config, Molmo2ForConditionalGeneration
+
+    cfg = Molmo2Config()
+    cfg.text_config.num_hidden_layers = 4
+    cfg.vision_config.num_hidden_layers = 2
+    with torch.device("meta"):
+        model = Molmo2ForConditionalGeneration(cfg)
+    phases = find_phases(model)
+    assert phases.layout == "llava" and phases.describe()["llm"] == ("model.language_model", "lm_head")
+    assert knobs.set_active_blocks(model, 2) == 4
+    # Molmo2's decoder loops over every layer: the list itself must be cut
+    assert len(model.model.language_model.layers) == 2
+    knobs.set_active_blocks(model, 4)
+    assert len(model.model.language_model.layers) == 4
+    with pytest.raises(MolmoLatencyError, match="no MoE router"):
+        knobs.set_top_k(model, 2)  # Molmo2 is dense
