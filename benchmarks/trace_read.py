@@ -12,7 +12,8 @@ correlation / External id / flow ids shifted per copy, into one valid newer-layo
 Every measurement runs in its own fresh subprocess and times, after the imports:
   ours     ``read_kineto(path)`` + ``kernel_breakdown(trace.gpu)``; run twice over: with only the
            reader's modules imported (``molmo_latency/__init__`` skipped), and through
-           ``import molmo_latency.trace`` as a user would (that package import pulls torch);
+           ``import molmo_latency.trace`` as a user would (the package imports torch lazily, only
+           for the profiler, so this should match);
   HTA      ``TraceAnalysis(trace_dir=...)`` + ``get_gpu_kernel_breakdown(visualize=False,
            num_kernels=10**9, duration_ratio=1.0)``, with the Python of a separate venv
            (``python -m venv --system-site-packages /tmp/hta-venv`` + ``pip install
@@ -339,7 +340,7 @@ def report(sections: list[dict], hta_versions: str, args: argparse.Namespace) ->
         ours, package, hta, check = sec["ours"], sec["package"], sec["hta"], sec["check"]
         for label, s in (
             ("molmo-latency (reader modules only)", ours),
-            ("molmo-latency via `import molmo_latency.trace` (imports torch)", package),
+            ("molmo-latency via `import molmo_latency.trace`", package),
             (f"HTA {HTA_VERSION}", hta),
         ):
             table.append(
@@ -362,8 +363,7 @@ def report(sections: list[dict], hta_versions: str, args: argparse.Namespace) ->
             + f"; the read itself added {added:.0f} MB ({added / mb:.2f}x) to the {ours['rss_before_mb']:.0f} MB "
             "held before it (interpreter, polars and msgspec imports, polars' thread pool), which does not "
             "grow with the trace. Through `import molmo_latency.trace` "
-            f"the peak is {package['peak_mb']:.0f} MB = {package['peak_mb'] / mb:.2f}x: "
-            f"molmo_latency/__init__.py imports the profiler and with it torch "
+            f"the peak is {package['peak_mb']:.0f} MB = {package['peak_mb'] / mb:.2f}x "
             f"({package['rss_before_mb']:.0f} MB before the read).",
         ]
         line = (
