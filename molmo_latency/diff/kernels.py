@@ -26,8 +26,11 @@ Example:
 from __future__ import annotations
 
 import re
+
 import numpy as np
 import polars as pl
+
+from molmo_latency.trace.categories import cpu_op_category
 
 LEVELS = ("gpu", "cpu_op")
 PHASE_BUCKETS = ("vision", "projector", "prefill", "decode", "other")
@@ -176,39 +179,6 @@ def phase_instances(annotations: pl.DataFrame) -> dict[str, int]:
 
 # CPU op names the kernel rules do not cover (those are written for GPU kernel names): checked
 # first, then the trace reader's kernel rules (molmo_latency.trace.categories).
-CPU_OP_RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("moe_experts", re.compile(r"^aten::_?grouped_mm$")),
-    ("attention", re.compile(r"^aten::(_scaled_dot_product\w*|scaled_dot_product_attention|_flash_attention\w*"
-                             r"|_efficient_attention\w*)$")),
-    ("gemm", re.compile(r"^aten::(mm|addmm|bmm|baddbmm|addmv|mv|dot|linear|matmul|einsum|conv\w*|_convolution\w*"
-                        r"|mkldnn_convolution)$")),
-    ("norm", re.compile(r"^aten::(\w*_norm|native_layer_norm|native_batch_norm)$")),
-    ("moe_routing", re.compile(r"^aten::(sort|argsort|topk|bincount|histc)$")),
-    ("memory", re.compile(r"^aten::(empty\w*|resize_|set_|zeros|ones|full|new_\w+)$")),
-    ("elementwise", re.compile(r"^aten::(add|sub|rsub|mul|div|true_divide|floor_divide|remainder|fmod|pow"
-                               r"|rsqrt|sqrt|exp|log|neg|abs|reciprocal|clamp\w*|where|masked_fill|lerp"
-                               r"|addcmul|addcdiv|eq|ne|lt|le|gt|ge|bitwise_\w+|logical_\w+|sigmoid|tanh"
-                               r"|gelu|silu|relu|softplus|sin|cos|mean|sum|prod|max|min|amax|amin|argmax"
-                               r"|argmin|cumsum|any|all|isin|arange|fill|zero|ones_like|zeros_like)_?$")),
-)
-
-
-def cpu_op_category(name: str) -> str:
-    """The category of a CPU op: aten GEMMs, attention, grouped expert GEMMs, norms, routing,
-    allocations and arithmetic by name, then the trace reader's kernel rules.
-
-    Example:
-        >>> [cpu_op_category(n) for n in ("aten::addmm", "aten::_grouped_mm", "aten::topk", "aten::mul_")]
-        ['gemm', 'moe_experts', 'moe_routing', 'elementwise']
-    """
-    for category, pattern in CPU_OP_RULES:
-        if pattern.match(name):
-            return category
-    from molmo_latency.trace import kernel_category
-
-    return kernel_category(name)
-
-
 def ops_table(trace, level: str) -> pl.DataFrame:
     """One row per kernel (``gpu``) or CPU op (``cpu_op``) of a :class:`~molmo_latency.trace.KinetoTrace`,
     with its category, phase, duration and own time.

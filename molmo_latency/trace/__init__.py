@@ -25,12 +25,14 @@ from molmo_latency.trace.attribution import (
     phase_of,
     request_of,
 )
-from molmo_latency.trace.categories import CATEGORIES, kernel_category, with_category
+from molmo_latency.trace.categories import CATEGORIES, CPU_OP_RULES, cpu_op_category, kernel_category, with_category
 from molmo_latency.trace.reader import KinetoTrace, TraceWarning, read_kineto
 from molmo_latency.trace.summary import TraceSummary, summarize
 
 __all__ = [
     "CATEGORIES",
+    "CPU_OP_RULES",
+    "cpu_op_category",
     "PHASE_GPU_COLUMNS",
     "KinetoTrace",
     "TraceSummary",

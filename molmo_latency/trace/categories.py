@@ -45,7 +45,7 @@ from functools import lru_cache
 
 import polars as pl
 
-__all__ = ["CATEGORIES", "CATEGORY_RULES", "kernel_category", "with_category"]
+__all__ = ["CATEGORIES", "CATEGORY_RULES", "CPU_OP_RULES", "cpu_op_category", "kernel_category", "with_category"]
 
 #: Every category, in rule order (``other`` last).
 CATEGORIES = (
@@ -119,3 +119,34 @@ def with_category(gpu: pl.DataFrame) -> pl.DataFrame:
         expr = expr.when(lowered.str.contains(pattern)).then(pl.lit(category))
     names = names.with_columns(category=expr.otherwise(pl.lit("other")))
     return gpu.join(names, on=["name", "kind"], how="left", nulls_equal=True, maintain_order="left")
+
+
+CPU_OP_RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("moe_experts", re.compile(r"^aten::_?grouped_mm$")),
+    ("attention", re.compile(r"^aten::(_scaled_dot_product\w*|scaled_dot_product_attention|_flash_attention\w*"
+                             r"|_efficient_attention\w*)$")),
+    ("gemm", re.compile(r"^aten::(mm|addmm|bmm|baddbmm|addmv|mv|dot|linear|matmul|einsum|conv\w*|_convolution\w*"
+                        r"|mkldnn_convolution)$")),
+    ("norm", re.compile(r"^aten::(\w*_norm|native_layer_norm|native_batch_norm)$")),
+    ("moe_routing", re.compile(r"^aten::(sort|argsort|topk|bincount|histc)$")),
+    ("memory", re.compile(r"^aten::(empty\w*|resize_|set_|zeros|ones|full|new_\w+)$")),
+    ("elementwise", re.compile(r"^aten::(add|sub|rsub|mul|div|true_divide|floor_divide|remainder|fmod|pow"
+                               r"|rsqrt|sqrt|exp|log|neg|abs|reciprocal|clamp\w*|where|masked_fill|lerp"
+                               r"|addcmul|addcdiv|eq|ne|lt|le|gt|ge|bitwise_\w+|logical_\w+|sigmoid|tanh"
+                               r"|gelu|silu|relu|softplus|sin|cos|mean|sum|prod|max|min|amax|amin|argmax"
+                               r"|argmin|cumsum|any|all|isin|arange|fill|zero|ones_like|zeros_like)_?$")),
+)
+
+
+def cpu_op_category(name: str) -> str:
+    """The category of a CPU op: aten GEMMs, attention, grouped expert GEMMs, norms, routing,
+    allocations and arithmetic by name, then the kernel rules above (CPU-only traces have CPU ops, not kernels).
+
+    Example:
+        >>> [cpu_op_category(n) for n in ("aten::addmm", "aten::_grouped_mm", "aten::topk", "aten::mul_")]
+        ['gemm', 'moe_experts', 'moe_routing', 'elementwise']
+    """
+    for category, pattern in CPU_OP_RULES:
+        if pattern.match(name):
+            return category
+    return kernel_category(name)
