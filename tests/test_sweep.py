@@ -159,3 +159,9 @@ def test_local_hf_model_directory(tmp_path):
     assert res["measured"] == 2 and res["failed_configs"] == 0
     req = RunDir(tmp_path / "run").table("requests")
     assert req["image_tokens"].to_list() == [16, 32] and req["valid"].all()
+
+
+def test_sweep_pointing_at_a_directory_exits_2_without_traceback(tmp_path):
+    res = _cli("profile", "--model", "tiny", "--sweep", str(tmp_path), "--out", str(tmp_path / "o"))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "is a directory" in res.stderr and not (tmp_path / "o").exists()

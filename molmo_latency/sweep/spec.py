@@ -132,6 +132,11 @@ def load_sweep(path: str | Path) -> SweepSpec:
         raw = tomllib.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise SweepError(f"sweep file {p} does not exist") from None
+    except IsADirectoryError:
+        raise SweepError(f"sweep file {p} is a directory; pass the sweep TOML file itself") from None
+    except OSError as exc:
+        raise SweepError(f"sweep file {p} cannot be read ({exc.strerror or exc}); pass a readable "
+                         "sweep TOML file") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise SweepError(f"sweep file {p} is not valid TOML: {exc}") from None
     return SweepSpec.from_dict(raw, source=f"sweep file {p}")
