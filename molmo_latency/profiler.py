@@ -35,6 +35,9 @@ from molmo_latency.records import PhaseReport, RequestRecord, build_report
 from molmo_latency.timers import Timer, timer_for
 
 
+ENTRY_POINTS = ("generate", "generate_from_batch")
+
+
 class PhaseProfiler:
     """Holds the hooks and the per-request records of one `profile_phases` block."""
 
@@ -50,6 +53,7 @@ class PhaseProfiler:
         nvml: str = "auto",
         nvml_interval_ms: float = 10.0,
         nvml_device: Any = None,
+        entry_points: tuple[str, ...] | list[str] = ENTRY_POINTS,
     ):
         if nvml not in ("auto", "off", "required"):
             raise MolmoLatencyError(f"nvml must be 'auto', 'off' or 'required', got {nvml!r}")
@@ -69,8 +73,9 @@ class PhaseProfiler:
         self.traces: list[dict[str, Any]] = []  # {"path": str, "requests": [int]}
         self._active: RequestRecord | None = None
         self._handles: list[Any] = []
-        self._had_generate_attr = False
-        self._saved_generate: Any = None
+        self.entry_points = tuple(entry_points)
+        self._wrapped: list[tuple[str, bool, Any]] = []  # (method, was an instance attribute, original)
+        self._orphan_hooks = 0
         self._tprof: Any = None
         self._own_tprof = False
         self._trace_requests: list[int] = []
@@ -101,17 +106,22 @@ class PhaseProfiler:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        if self._saved_generate is not None or self._had_generate_attr:
-            if self._had_generate_attr:
-                self.model.generate = self._saved_generate
-            elif "generate" in vars(self.model):
-                del self.model.generate
-            self._saved_generate = None
-            self._had_generate_attr = False
+        for name, own, original in reversed(self._wrapped):
+            if own:
+                setattr(self.model, name, original)
+            elif name in vars(self.model):
+                delattr(self.model, name)
+        self._wrapped.clear()
         self.ranges.pop_all()
         self._active = None
         self._stop_torch_profiler()
         self._stop_telemetry()
+        if self._orphan_hooks and not self._requests_seen:
+            warnings.warn(
+                f"{self._orphan_hooks} phase hooks fired outside any profiled request: the model was "
+                f"run through an entry point other than {', '.join(self.entry_points)}; pass it with "
+                "profile_phases(model, entry_points=[...])", stacklevel=3)
+            self._orphan_hooks = 0
 
     # ---------------------------------------------------------------------------- hooks
     def _install_hooks(self) -> None:
@@ -125,6 +135,7 @@ class PhaseProfiler:
     def _on_start(self, name: str) -> None:
         req = self._active
         if req is None:
+            self._orphan_hooks += 1
             return
         if name == "llm":
             phase = "prefill" if req.llm_calls == 0 else "decode"
@@ -158,14 +169,25 @@ class PhaseProfiler:
 
     # ------------------------------------------------------------------------- generate
     def _wrap_generate(self) -> None:
+        """Wrap each generation entry point (generate, and Molmo's generate_from_batch, which
+        calls ``super().generate`` and so bypasses an instance-level wrapper of generate)."""
+        found = [n for n in self.entry_points if callable(getattr(self.model, n, None))]
+        if not found:
+            raise MolmoLatencyError(
+                f"{type(self.model).__name__} has none of the entry points {list(self.entry_points)}; "
+                "pass the method that generates with profile_phases(model, entry_points=[...])")
+        for name in found:
+            self._wrap_entry(name)
+
+    def _wrap_entry(self, name: str) -> None:
         model = self.model
-        self._had_generate_attr = "generate" in vars(model)
-        original = model.generate
-        self._saved_generate = original
+        own = name in vars(model)
+        original = getattr(model, name)
+        self._wrapped.append((name, own, original))
 
         @functools.wraps(original)
-        def generate(*args: Any, **kwargs: Any) -> Any:
-            if self._active is not None:  # a generate() inside a generate(): one request
+        def entry(*args: Any, **kwargs: Any) -> Any:
+            if self._active is not None:  # e.g. generate() inside generate_from_batch(): one request
                 return original(*args, **kwargs)
             req = self._begin(args, kwargs)
             try:
@@ -176,10 +198,10 @@ class PhaseProfiler:
             self._finish(req, out, None)
             return out
 
-        model.generate = generate
+        setattr(model, name, entry)
 
     def _begin(self, args: tuple, kwargs: dict) -> RequestRecord:
-        ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+        ids = _input_ids(args, kwargs)
         req = RequestRecord(index=self._requests_seen)
         self._requests_seen += 1
         if isinstance(ids, torch.Tensor) and ids.dim() == 2:
@@ -221,7 +243,7 @@ class PhaseProfiler:
             req.anomalies.append(f"timing could not be resolved: {resolve_exc}")
             req.times_ns = None
         req.marks = []  # release CUDA events back to the pool
-        if self._tprof is not None and self._own_tprof:
+        if self._tprof is not None:
             self._tprof.step()
 
     # --------------------------------------------------------------- torch.profiler
@@ -370,6 +392,7 @@ def profile_phases(
     nvml: str = "auto",
     nvml_interval_ms: float = 10.0,
     nvml_device: Any = None,
+    entry_points: tuple[str, ...] | list[str] = ENTRY_POINTS,
 ) -> PhaseProfiler:
     """Profile every `model.generate()` call inside a `with` block, phase by phase.
 
@@ -387,6 +410,8 @@ def profile_phases(
         nvml_interval_ms: the sampling interval of the NVML thread.
         nvml_device: the NVML index/UUID to read (default: the model's GPU) or a
             :class:`~molmo_latency.telemetry.GpuDevice` (e.g. ``FakeGpu`` in tests).
+        entry_points: the model's methods whose calls are requests (default ``generate`` and
+            Molmo's ``generate_from_batch``; nested calls count once).
 
     Example:
         >>> from molmo_latency.models import reference_vlm
@@ -399,6 +424,7 @@ def profile_phases(
     return PhaseProfiler(
         model, nvtx=nvtx, torch_profiler=torch_profiler, trace_dir=trace_dir, phases=phases,
         timer=timer, nvml=nvml, nvml_interval_ms=nvml_interval_ms, nvml_device=nvml_device,
+        entry_points=entry_points,
     )
 
 
@@ -410,6 +436,19 @@ def _nvml_id(device: torch.device) -> int | str:
     if uuid:
         return uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
     return index
+
+
+def _input_ids(args: tuple, kwargs: dict) -> Any:
+    """The prompt ids of a generate()-like call: input_ids=, a first tensor argument, or a
+    batch dict (Molmo's generate_from_batch) holding "input_ids"."""
+    if isinstance(kwargs.get("input_ids"), torch.Tensor):
+        return kwargs["input_ids"]
+    for value in (*args[:1], kwargs.get("batch")):
+        if isinstance(value, torch.Tensor):
+            return value
+        if isinstance(value, Mapping) and isinstance(value.get("input_ids"), torch.Tensor):
+            return value["input_ids"]
+    return None
 
 
 def _tprof_recording(tprof: Any) -> bool:

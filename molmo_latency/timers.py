@@ -56,16 +56,20 @@ class CudaEventTimer:
     kind = "cuda_event"
 
     def __init__(self, device: torch.device | int | None = None, pool_size: int = 256):
-        self.device = torch.device("cuda", torch.cuda.current_device() if device is None else
-                                   (device if isinstance(device, int) else (device.index or 0)))
+        if device is None:
+            index = torch.cuda.current_device()
+        elif isinstance(device, int):
+            index = device
+        else:
+            index = device.index if device.index is not None else torch.cuda.current_device()
+        self.device = torch.device("cuda", index)
         self._pool: list[torch.cuda.Event] = []
         self._next = 0
         self._anchor_ns = 0
         self._grow(pool_size)
 
     def _grow(self, n: int) -> None:
-        with torch.cuda.device(self.device):
-            self._pool.extend(torch.cuda.Event(enable_timing=True) for _ in range(n))
+        self._pool.extend(torch.cuda.Event(enable_timing=True) for _ in range(n))
 
     def begin(self) -> None:
         self._next = 0
@@ -77,15 +81,26 @@ class CudaEventTimer:
         self._next += 1
         if self._next == 1:
             self._anchor_ns = time.perf_counter_ns()
-        event.record()
+        # the current stream of the model's device (not of whatever device is current)
+        event.record(torch.cuda.current_stream(self.device))
         return event
 
     def resolve(self, marks: Sequence[torch.cuda.Event]) -> list[int]:
+        """Wait for the marks (once, after the request), then place them on the host clock.
+
+        Times accumulate the float64 sum of consecutive ``elapsed_time`` gaps, so a long request
+        keeps sub-microsecond steps (one float32 offset from the first event would lose them).
+        """
         if not marks:
             return []
-        marks[-1].synchronize()
-        first = marks[0]
-        return [self._anchor_ns + round(first.elapsed_time(m) * 1e6) for m in marks]
+        for event in marks:
+            event.synchronize()
+        out = [self._anchor_ns]
+        total_ms = 0.0
+        for previous, event in zip(marks, marks[1:]):
+            total_ms += float(previous.elapsed_time(event))
+            out.append(self._anchor_ns + round(total_ms * 1e6))
+        return out
 
 
 def timer_for(model: torch.nn.Module) -> Timer:

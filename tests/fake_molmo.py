@@ -97,3 +97,9 @@ class MolmoForCausalLM(nn.Module):
             if i + 1 < max_new_tokens:
                 logits = self.model(ids[:, -1:])
         return ids
+
+    def generate_from_batch(self, batch, max_new_tokens=4):
+        # like Molmo's remote code, which calls super().generate(...): the class's method, never
+        # an instance attribute that wraps it
+        return MolmoForCausalLM.generate(self, batch["input_ids"], images=batch.get("images"),
+                                         max_new_tokens=max_new_tokens)

@@ -2,6 +2,7 @@
 
 import gzip
 import json
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -213,7 +214,8 @@ def test_torch_profiler_schedule_writes_one_trace_per_cycle(tiny, tmp_path):
         for _ in range(5):
             tiny.model.generate(**tiny.inputs(crops=1, new_tokens=2))
     assert [t["requests"] for t in prof.traces] == [[1], [3]]
-    assert all(p.exists() for p in tmp_path.iterdir())
+    assert len(list(tmp_path.iterdir())) == 2
+    assert all(Path(t["path"]).exists() and Path(t["path"]).parent == tmp_path for t in prof.traces)
 
 
 def test_bad_arguments_get_clear_errors(tiny):
@@ -302,3 +304,78 @@ def test_nvml_counter_tracks_are_written_into_the_trace(tiny, tmp_path):
     [req] = [e for e in events if e.get("name") == "request[0]" and e.get("ph") == "X"]
     inside = [e for e in counters if req["ts"] <= float(e["ts"]) <= req["ts"] + req["dur"]]
     assert inside, "samples taken during the request must land inside its range"
+
+
+def test_molmo_generate_from_batch_is_one_request():
+    torch.manual_seed(0)
+    model = MolmoForCausalLM().eval()
+    batch = {"input_ids": torch.tensor([[5, 63, 63, 63, 7, 8]]), "images": torch.randn(3, 48)}
+    with profile_phases(model) as prof:
+        model.generate_from_batch(batch, max_new_tokens=4)
+    req = prof.report().requests
+    assert req.height == 1 and req["valid"].to_list() == [True]
+    assert req["decode_steps"].to_list() == [3] and req["image_tokens"].to_list() == [3]
+    assert "generate_from_batch" not in vars(model) and "generate" not in vars(model)
+
+
+def test_hooks_outside_any_request_are_reported(tiny):
+    with pytest.warns(UserWarning, match="outside any profiled request"):
+        with profile_phases(tiny.model, entry_points=["generate"]):
+            tiny.model.model.vision_tower(tiny.inputs(crops=1)["pixel_values"])
+
+
+def test_a_users_own_torch_profiler_is_stepped_per_request(tiny):
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as tprof:
+        with profile_phases(tiny.model, torch_profiler=tprof):
+            for _ in range(3):
+                tiny.model.generate(**tiny.inputs(crops=1, new_tokens=2))
+    assert tprof.step_num == 3
+
+
+class _FakeEvent:
+    """A CUDA event on a fake GPU clock; elapsed_time in float32 ms like the real one."""
+
+    clock_ns = 0
+    syncs = 0
+    streams = []
+
+    def __init__(self, enable_timing=False):
+        self.ts = None
+
+    def record(self, stream=None):
+        _FakeEvent.streams.append(stream)
+        _FakeEvent.clock_ns += 1_234_567  # 1.234567 ms between marks
+        self.ts = _FakeEvent.clock_ns
+
+    def synchronize(self):
+        _FakeEvent.syncs += 1
+
+    def elapsed_time(self, other):
+        import numpy as np
+
+        return float(np.float32((other.ts - self.ts) / 1e6))
+
+
+def test_cuda_event_timer_without_a_gpu(monkeypatch):
+    from molmo_latency.timers import CudaEventTimer
+
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: f"stream of {device}")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    _FakeEvent.clock_ns = 10**15  # a long-running GPU clock: float32 offsets would lose precision
+    timer = CudaEventTimer(torch.device("cuda", 1), pool_size=4)
+    for _request in range(2):  # the pool is reused across requests, and grows past its size
+        timer.begin()
+        _FakeEvent.syncs = 0
+        marks = [timer.mark() for _ in range(50_000)]
+        assert _FakeEvent.syncs == 0, "marking must never synchronise"
+        ns = timer.resolve(marks)
+        # 60 s into the request each step keeps its length to 1 ns (float32 offsets from the
+        # first event would quantise steps to ~4 us there)
+        gaps = {b - a for a, b in zip(ns, ns[1:])}
+        assert gaps <= {1_234_566, 1_234_567, 1_234_568}
+        assert abs((ns[-1] - ns[0]) - (len(ns) - 1) * 1_234_567) < 1e-7 * (ns[-1] - ns[0])
+    assert set(_FakeEvent.streams) == {"stream of cuda:1"}, "events go on the model device's stream"
+    assert len(timer._pool) == 4 * 2**14
