@@ -157,12 +157,13 @@ def test_gpu_identity_finds_the_actors_gpu_by_uuid_not_by_cuda_index():
     assert gpu_identity("1111", Broken()) == {"gpu_uuid": "GPU-1111", "gpu_index": None}
 
 
-def test_telemetry_is_off_or_refused_where_the_profiler_would_sample_another_gpu():
+def test_telemetry_is_off_or_refused_only_where_nvml_cannot_find_the_gpu():
     assert telemetry_mode("auto", 0) == "auto" and telemetry_mode("required", 0) == "required"
-    assert telemetry_mode("auto", 2) == "off" and telemetry_mode("auto", None) == "off"
-    assert telemetry_mode("off", 2) == "off"
-    with pytest.raises(SweepError, match="NVML GPU 2"):
-        telemetry_mode("required", 2)
+    # the profiler opens NVML by UUID: a GPU NVML found keeps its telemetry whatever its index
+    assert telemetry_mode("auto", 2) == "auto" and telemetry_mode("required", 2) == "required"
+    assert telemetry_mode("auto", None) == "off" and telemetry_mode("off", 2) == "off"
+    with pytest.raises(SweepError, match="by its UUID"):
+        telemetry_mode("required", None)
 
 
 def test_a_sweep_without_ray_never_imports_ray(tmp_path):

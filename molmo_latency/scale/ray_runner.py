@@ -169,20 +169,18 @@ def gpu_identity(torch_uuid: str, nvml: Any = None) -> dict[str, Any]:
 
 
 def telemetry_mode(nvml: str, gpu_index: int | None) -> str:
-    """The NVML mode a GPU actor can honour. The phase profiler opens NVML by the model's CUDA
-    index (0 in a Ray actor), which is this actor's GPU only if NVML numbers it 0 too; otherwise
-    telemetry would describe another GPU, so it is off ("auto") or refused ("required").
+    """The NVML mode a GPU actor can honour. The phase profiler opens NVML by the GPU's UUID, so
+    any GPU NVML found (gpu_index not None) is sampled correctly whatever CUDA_VISIBLE_DEVICES
+    says; a GPU NVML cannot find gets no telemetry ("auto") or a clear refusal ("required").
 
-    >>> telemetry_mode("auto", 0), telemetry_mode("auto", 3), telemetry_mode("off", 3)
-    ('auto', 'off', 'off')
+    >>> telemetry_mode("auto", 0), telemetry_mode("auto", 3), telemetry_mode("auto", None), telemetry_mode("off", 3)
+    ('auto', 'auto', 'off', 'off')
     """
-    if nvml == "off" or gpu_index == 0:
+    if nvml == "off" or gpu_index is not None:
         return nvml
     if nvml == "required":
-        where = "not found by NVML" if gpu_index is None else f"NVML GPU {gpu_index}"
-        raise SweepError(f"--nvml required on Ray: this worker's GPU is {where}, but the phase profiler "
-                         "samples NVML GPU 0 (its CUDA index under CUDA_VISIBLE_DEVICES); use --nvml auto "
-                         "(telemetry off on such workers) or --nvml off")
+        raise SweepError("--nvml required on Ray: NVML does not find this worker's GPU by its UUID; "
+                         "use --nvml auto (telemetry off on such workers) or --nvml off")
     return "off"
 
 

@@ -23,7 +23,11 @@ def device_columns(device: str) -> dict[str, Any]:
 
             pynvml.nvmlInit()
             cols["driver"] = _text(pynvml.nvmlSystemGetDriverVersion())
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            uuid = cols["gpu_uuid"]
+            if uuid:  # by UUID: NVML ignores CUDA_VISIBLE_DEVICES, torch's index does not
+                handle = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
+            else:
+                handle = pynvml.nvmlDeviceGetHandleByIndex(index)
             cols["gpu_uuid"] = _text(pynvml.nvmlDeviceGetUUID(handle))
         except Exception:  # noqa: BLE001 - NVML is optional here
             pass
