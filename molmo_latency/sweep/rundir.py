@@ -5,15 +5,20 @@ Each measured (configuration, repeat) is written as its own Parquet parts under 
 rename). A unit is done when its request part exists, so a sweep killed at any moment and
 started again skips exactly the done units. The consolidated tables (``requests.parquet``,
 ``phases.parquet``, ``telemetry.parquet``, ``failures.parquet``) are rebuilt from the parts,
-also atomically. ``run.json`` fixes the sweep and the model; a different sweep or model into the
-same directory is refused.
+also atomically, every ~30 s of a sweep, at its end, and whenever :meth:`RunDir.table` finds parts
+newer than a table. ``run.json`` fixes the sweep and the model; a different sweep or model into
+the same directory is refused. A sweep holds an exclusive lock on ``RUN_DIR/.lock`` while it
+writes (:meth:`RunDir.locked`), so a second sweep into the same directory is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -24,35 +29,74 @@ import polars as pl
 from molmo_latency.errors import SweepError
 
 TABLES = ("requests", "phases", "telemetry")
+ALL_TABLES = (*TABLES, "failures")
+LOCK_NAME = ".lock"
+IDENTITY_LABELS = {"model_config_sha256": "the model's config.json (sha256)"}
 _UNIT_RE = re.compile(r"^(?P<config>.+)__r(?P<repeat>\d+)\.parquet$")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def _file_mode() -> int:
+    """The mode a plain ``open()`` would give a new file: 0o666 less the umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename inside `folder` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write `path` via a temporary file in the same folder: fsync, chmod, rename, fsync the folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        os.close(fd)
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.chmod(tmp, _file_mode())  # mkstemp makes 0600; the run directory is meant to be shared
         os.replace(tmp, path)
     except BaseException:
         with _suppress():
             os.unlink(tmp)
         raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    _atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def atomic_write_parquet(frame: pl.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    _atomic_write(path, frame.write_parquet)
+
+
+def read_part(path: Path) -> pl.DataFrame:
+    """One part file; a corrupt or empty one is a SweepError that says to delete it."""
     try:
-        frame.write_parquet(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with _suppress():
-            os.unlink(tmp)
-        raise
+        return pl.read_parquet(path)
+    except Exception as exc:  # noqa: BLE001 - polars raises several kinds for a bad file
+        raise SweepError(_bad_part(path, exc)) from None
+
+
+def _bad_part(path: Path, exc: BaseException) -> str:
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return (f"part file {path} is corrupt or empty ({type(exc).__name__}: {first[:200]}); delete it "
+            "and run the same `molmo-latency profile` command again: that unit is then measured again")
 
 
 class _suppress:
@@ -88,21 +132,28 @@ class RunDir:
         """Create a new run directory, or reopen one made by the same sweep and model.
 
         `identity` holds what must match to resume (sweep digest, model, device, dtype).
-        Returns (run_dir, resumed).
+        Returns (run_dir, resumed). Call it inside :meth:`locked` so that no other sweep writes.
+        A directory whose run.json has no measured unit and no failure yet (a start that failed
+        before measuring) is taken as new: its run.json is rewritten.
         """
         rd = cls(path)
         if rd.path.exists() and not rd.path.is_dir():
             raise SweepError(f"--out {rd.path} exists and is not a directory")
         if rd.run_json.exists():
-            old = rd.meta().get("identity", {})
-            diff = [k for k in sorted(set(old) | set(identity)) if old.get(k) != identity.get(k)]
-            if diff:
-                details = ", ".join(f"{k}: {old.get(k)!r} there, {identity.get(k)!r} now" for k in diff)
-                raise SweepError(f"{rd.path} holds a different run ({details}); resume it with the same "
-                                 "sweep and model, or choose another --out")
-            rd._clean_tmp()
-            return rd, True
-        if rd.path.is_dir() and any(p.name not in (".", "..") for p in rd.path.iterdir()):
+            if not rd.has_measurements():
+                rd._reset()
+            else:
+                old = rd.meta().get("identity", {})
+                diff = [k for k in sorted(set(old) | set(identity)) if old.get(k) != identity.get(k)]
+                if diff:
+                    details = ", ".join(f"{IDENTITY_LABELS.get(k, k)}: {old.get(k)!r} there, {identity.get(k)!r} now"
+                                        for k in diff)
+                    raise SweepError(f"{rd.path} holds a different run ({details}); resume it with the same "
+                                     "sweep and model, or choose another --out")
+                rd._clean_tmp()
+                rd.check_parts()
+                return rd, True
+        elif rd.path.is_dir() and any(p.name != LOCK_NAME for p in rd.path.iterdir()):
             raise SweepError(f"--out {rd.path} is not empty and has no run.json; choose an empty or new directory")
         rd.path.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(rd.run_json, json.dumps({**meta, "identity": identity}, indent=2,
@@ -114,10 +165,80 @@ class RunDir:
         meta.update(fields)
         atomic_write_bytes(self.run_json, json.dumps(meta, indent=2, sort_keys=True, default=str).encode())
 
+    def has_measurements(self) -> bool:
+        """Whether any unit was measured or any configuration failed here."""
+        return any(any((self.path / "parts" / t).glob("*.parquet")) for t in ("requests", "failures"))
+
+    def _reset(self) -> None:
+        """Forget a run that measured nothing: its run.json, stray parts and tables."""
+        shutil.rmtree(self.path / "parts", ignore_errors=True)
+        for name in ("run.json", *[f"{t}.parquet" for t in ALL_TABLES]):
+            with _suppress():
+                (self.path / name).unlink()
+
     def _clean_tmp(self) -> None:
+        """Remove what a killed sweep left half-written: temporary files and Kineto folders."""
         for tmp in self.path.rglob(".*.tmp"):
             with _suppress():
                 tmp.unlink()
+        traces = self.path / "traces"
+        if traces.is_dir():
+            for tmp in traces.glob(".tmp-*"):
+                if tmp.is_dir():
+                    shutil.rmtree(tmp, ignore_errors=True)
+
+    def check_parts(self) -> None:
+        """Raise SweepError naming the first part file that cannot be read (corrupt or empty)."""
+        folder = self.path / "parts"
+        if not folder.is_dir():
+            return
+        for part in sorted(folder.glob("*/*.parquet")):
+            try:
+                pl.read_parquet_schema(part)
+            except Exception as exc:  # noqa: BLE001 - polars raises several kinds
+                raise SweepError(_bad_part(part, exc)) from None
+
+    # ---------------------------------------------------------------------- lock
+    @contextlib.contextmanager
+    def locked(self):
+        """Hold an exclusive lock on RUN_DIR/.lock while a sweep writes into the directory.
+
+        A second sweep into the same directory (in this or another process) gets a SweepError.
+
+        Example:
+            >>> import tempfile
+            >>> rd = RunDir(tempfile.mkdtemp())
+            >>> with rd.locked():
+            ...     with rd.locked():
+            ...         pass
+            Traceback (most recent call last):
+            ...
+            molmo_latency.errors.SweepError: another sweep is writing into ...
+        """
+        fd = self._try_lock()
+        if fd is None:
+            raise SweepError(f"another sweep is writing into {self.path}; wait for it to finish, or "
+                             "choose another --out")
+        try:
+            yield self
+        finally:
+            os.close(fd)  # closing the file releases the lock
+
+    def _try_lock(self) -> int | None:
+        """The descriptor of RUN_DIR/.lock, locked exclusively, or None if another holds it."""
+        if self.path.exists() and not self.path.is_dir():
+            raise SweepError(f"--out {self.path} exists and is not a directory")
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     # ---------------------------------------------------------------------- parts
     def _part(self, table: str, config_id: str, repeat: int) -> Path:
@@ -150,25 +271,79 @@ class RunDir:
         folder = self.path / "parts" / "failures"
         return {p.name[: -len(".parquet")] for p in folder.glob("*.parquet")} if folder.is_dir() else set()
 
-    def consolidate(self) -> dict[str, int]:
+    def _from_parts(self, table: str) -> pl.DataFrame | None:
+        files = sorted((self.path / "parts" / table).glob("*.parquet"))
+        if not files:
+            return None
+        frame = pl.concat([read_part(f) for f in files], how="diagonal_relaxed")
+        for key in ("order", "start_ns", "t_ns"):
+            if key in frame.columns:
+                return frame.sort(key)
+        return frame
+
+    def consolidate(self, tables: tuple[str, ...] = ALL_TABLES) -> dict[str, int]:
         """Rebuild the top-level tables from the parts; returns row counts."""
         counts = {}
-        for table in (*TABLES, "failures"):
-            files = sorted((self.path / "parts" / table).glob("*.parquet"))
-            if not files:
+        for table in tables:
+            frame = self._from_parts(table)
+            if frame is None:
                 continue
-            frame = pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed")
-            for key in ("order", "start_ns", "t_ns"):
-                if key in frame.columns:
-                    frame = frame.sort(key)
-                    break
             atomic_write_parquet(frame, self.path / f"{table}.parquet")
             counts[table] = frame.height
         return counts
 
+    def stale_tables(self) -> tuple[str, ...]:
+        """Tables whose parts/ holds a part newer than the top-level file (or that file is missing)."""
+        stale = []
+        for table in ALL_TABLES:
+            parts = list((self.path / "parts" / table).glob("*.parquet"))
+            if not parts:
+                continue
+            top = self.path / f"{table}.parquet"
+            try:
+                top_ns = top.stat().st_mtime_ns
+            except FileNotFoundError:
+                stale.append(table)
+                continue
+            if any(p.stat().st_mtime_ns >= top_ns for p in parts):
+                stale.append(table)
+        return tuple(stale)
+
+    def refresh(self) -> dict[str, int]:
+        """Bring the top-level tables up to date with parts/ (after a killed sweep, or while one runs).
+
+        Rebuilds only stale tables, and only when no sweep holds the lock (a running sweep
+        consolidates by itself every ~30 s). Returns the row counts of what it rebuilt.
+
+        Example:
+            >>> import tempfile
+            >>> RunDir(tempfile.mkdtemp()).refresh()
+            {}
+        """
+        if not self.run_json.exists():
+            return {}
+        stale = self.stale_tables()
+        if not stale:
+            return {}
+        fd = self._try_lock()
+        if fd is None:
+            return {}
+        try:
+            return self.consolidate(stale)
+        finally:
+            os.close(fd)
+
     # ---------------------------------------------------------------------- reading
     def table(self, name: str) -> pl.DataFrame:
+        """A top-level table; consolidated from parts/ first when parts are newer than it (or it
+        is missing), so a killed or running sweep's data is there."""
         path = self.path / f"{name}.parquet"
+        if self.run_json.exists() and name in self.stale_tables():
+            self.refresh()
+            if name in self.stale_tables():  # a sweep holds the lock: read the parts, write nothing
+                frame = self._from_parts(name)
+                if frame is not None:
+                    return frame
         if not path.is_file():
             if not self.run_json.exists():
                 raise SweepError(f"{self.path} is not a run directory (no run.json)")

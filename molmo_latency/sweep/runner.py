@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import tempfile
 import time
@@ -25,7 +26,7 @@ import torch
 from molmo_latency.profiler import profile_phases
 from molmo_latency.sweep.machine import device_columns, versions
 from molmo_latency.sweep.rundir import RunDir
-from molmo_latency.sweep.source import ModelSource, open_source
+from molmo_latency.sweep.source import ModelSource, open_source, parse_dtype
 from molmo_latency.sweep.spec import Config, SweepSpec
 
 
@@ -49,8 +50,36 @@ def _noop(_: Progress) -> None:
     pass
 
 
+# The top-level tables are rebuilt from the parts at least this often while a sweep runs.
+CONSOLIDATE_EVERY_S = 30.0
+
+
 def run_identity(model: str, device: str, dtype: str | None, spec: SweepSpec) -> dict[str, Any]:
-    return {"model": model, "device": device, "dtype": dtype, "sweep_digest": spec.digest()}
+    """What must match to resume a run directory, normalised so that equal runs compare equal.
+
+    The dtype is the torch dtype's name (``--dtype fp32`` and no ``--dtype`` on CPU are both
+    ``float32``), the device a torch device with an index for CUDA (``cuda`` is ``cuda:0``), a
+    local model directory its absolute path plus a short sha256 of its config.json (presets stay
+    by name).
+
+    Example:
+        >>> from molmo_latency.sweep import SweepSpec
+        >>> spec = SweepSpec.from_dict({"crops": [1]})
+        >>> run_identity("tiny", "cpu", "fp32", spec) == run_identity("tiny", "cpu", None, spec)
+        True
+        >>> run_identity("tiny", "cuda", "bf16", spec)["device"], run_identity("tiny", "cuda", "bf16", spec)["dtype"]
+        ('cuda:0', 'bfloat16')
+    """
+    dev = torch.device(device)
+    device_name = f"cuda:{dev.index or 0}" if dev.type == "cuda" else str(dev)
+    identity: dict[str, Any] = {"model": model, "device": device_name,
+                                "dtype": str(parse_dtype(dtype, device_name)).removeprefix("torch."),
+                                "sweep_digest": spec.digest()}
+    path = Path(model)
+    if (path / "config.json").is_file():
+        identity["model"] = str(path.resolve())
+        identity["model_config_sha256"] = hashlib.sha256((path / "config.json").read_bytes()).hexdigest()[:16]
+    return identity
 
 
 def measure_config(source: ModelSource, prof, config: Config, spec: SweepSpec) -> None:
@@ -110,6 +139,9 @@ class Worker:
         # host and device columns of every row (plus any the caller adds, e.g. a worker id)
         self.columns = {**device_columns(device), **(columns or {})}
         self.warmed: set[str] = set()
+        # after a failed request, the next measurement is preceded by one unmeasured request
+        self.rewarm = False
+        self.post_failure_warmups = 0
         self._profiler = None
         self._prof = None
 
@@ -138,9 +170,16 @@ class Worker:
         finally:
             self._prof.pop_report()
         self.warmed.add(config.config_id)
+        self.rewarm = False
 
     def measure(self, config: Config, repeat: int, order: int) -> dict[str, pl.DataFrame]:
-        """One measured request of `config`: the unit's tables (requests, phases, telemetry)."""
+        """One measured request of `config`: the unit's tables (requests, phases, telemetry).
+
+        After a failed request (see :meth:`after_failure`) one unmeasured warm-up request of
+        `config` runs first, so that no measurement starts from the state a failure left."""
+        if self.rewarm:
+            self.warm_up(config)
+            self.post_failure_warmups += 1
         try:
             measure_config(self.source, self._prof, config, self.spec)
         finally:
@@ -148,9 +187,11 @@ class Worker:
         return unit_tables(report, config, repeat, order, self.columns)
 
     def after_failure(self) -> None:
-        """Give back what a failed request held (never between measurements)."""
+        """Give back what a failed request held; the next measurement is warmed up again first
+        (the allocator cache is then as full as for any other measurement)."""
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+        self.rewarm = True
 
 
 def run_meta(spec: SweepSpec, *, device: str, nvml: str, command: str | None, **extra: Any) -> dict[str, Any]:
@@ -177,12 +218,25 @@ def run_sweep(
 ) -> dict[str, Any]:
     """Profile `model` over `spec` into the run directory `out` (resuming a run made by the
     same sweep and model). Returns counts: measured, skipped (already done), failed_configs."""
-    model_name = model if isinstance(model, str) else model.name
-    identity = run_identity(model_name, device, dtype, spec)
-    rd, resumed = RunDir.create_or_resume(out, identity, run_meta(spec, device=device, nvml=nvml, command=command))
+    # Load the model (and check the device) before the run directory is touched: a start that
+    # fails here leaves nothing behind.
     worker = Worker.open(model, spec, device=device, dtype=dtype, nvml=nvml, trust_remote_code=trust_remote_code)
+    if isinstance(model, str):
+        identity = run_identity(model, device, dtype, spec)
+    else:
+        loaded = str(next(model.model.parameters()).dtype).removeprefix("torch.")
+        identity = run_identity(model.name, device, dtype or loaded, spec)
+    rd = RunDir(out)
+    with rd.locked():
+        rd, resumed = RunDir.create_or_resume(out, identity, run_meta(spec, device=device, nvml=nvml, command=command))
+        return _sweep_locked(worker, spec, rd, resumed, kineto=kineto, progress=progress)
+
+
+def _sweep_locked(worker: Worker, spec: SweepSpec, rd: RunDir, resumed: bool, *, kineto: bool,
+                  progress: ProgressFn) -> dict[str, Any]:
     source, dev_cols = worker.source, worker.columns
     rd.update_meta(model=source.describe(), device=dev_cols, resumed=resumed)
+    previous_rewarms = int(rd.meta().get("post_failure_warmups") or 0)
 
     units = spec.units()
     order_of = {(c.config_id, r): i for i, (c, r) in enumerate(units)}
@@ -196,6 +250,7 @@ def run_sweep(
     total = len(units)
     state = {"done": total - len(pending), "configs_done": sum(1 for c in configs if remaining[c.config_id] == 0)}
     measured = 0
+    last_consolidated = time.monotonic()
 
     def fail(config: Config, exc: BaseException, stage: str) -> None:
         rd.record_failure(config.as_dict(), config.config_id, exc, stage)
@@ -229,15 +284,18 @@ def run_sweep(
             remaining[config.config_id] -= 1
             if remaining[config.config_id] == 0:
                 state["configs_done"] += 1
-                if state["configs_done"] % max(1, len(configs) // 10) == 0:
-                    rd.consolidate()
+            if time.monotonic() - last_consolidated >= CONSOLIDATE_EVERY_S:
+                rd.consolidate()  # report/explain of a killed sweep then see its data
+                last_consolidated = time.monotonic()
             progress(Progress(state["done"], total, state["configs_done"], len(configs),
                               tables["requests"]["total_ms"][0], config.config_id, "measure"))
     if kineto:
         _trace_configs(source, spec, rd, [c for c in configs if c.config_id not in failed], progress)
     counts = rd.consolidate()
+    rd.update_meta(post_failure_warmups=previous_rewarms + worker.post_failure_warmups)
     return {"run_dir": str(rd.path), "measured": measured, "skipped": total - len(pending),
-            "failed_configs": len(failed), "rows": counts.get("requests", 0), "resumed": resumed}
+            "failed_configs": len(failed), "rows": counts.get("requests", 0), "resumed": resumed,
+            "post_failure_warmups": worker.post_failure_warmups}
 
 
 def _trace_configs(source: ModelSource, spec: SweepSpec, rd: RunDir, configs: Iterable[Config],
