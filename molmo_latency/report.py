@@ -8,7 +8,7 @@ Example:
     ...                 tempfile.mkdtemp())["run_dir"]
     >>> rep = run_report(out)
     >>> sorted(rep)
-    ['config', 'decode_steps', 'prefill_vs_tokens', 'shares', 'summary']
+    ['config', 'decode_steps', 'failures', 'prefill_vs_tokens', 'shares', 'summary']
 """
 
 from __future__ import annotations
@@ -24,21 +24,42 @@ from molmo_latency.sweep.rundir import RunDir
 SHARE_PHASES = ("vision_ms", "projector_ms", "prefill_ms", "decode_ms", "other_ms")
 
 
+FAILURE_COLUMNS = ("config_id", "stage", "error_type", "message")
+
+
 def config_table(requests: pl.DataFrame) -> pl.DataFrame:
-    """One row per configuration: knobs, counts and the headline medians/p95/CV."""
+    """One row per configuration (also one whose requests are all invalid): knobs, counts of
+    valid and invalid requests, the most common invalid_reason, and the medians/p95/CV of the
+    valid requests (null where none is valid).
+
+    >>> req = pl.DataFrame({"config_id": ["a", "a", "b"], "valid": [True, True, False],
+    ...                     "invalid_reason": [None, None, "oom"], "total_ms": [1.0, 3.0, 9.0]})
+    >>> config_table(req).select("config_id", "n_valid", "invalid", "invalid_reason_top", "total_median_ms").rows()
+    [('a', 2, 0, None, 2.0), ('b', 0, 1, 'oom', None)]
+    """
     keys = ["config_id", *[c for c in CONFIG_COLUMNS if c in requests.columns]]
-    valid = requests.filter(pl.col("valid"))
-    head = valid.group_by(keys, maintain_order=True).agg(
-        pl.len().alias("n"),
-        pl.col("image_tokens").first(), pl.col("input_tokens").first(),
-        *[pl.col(m).median().alias(f"{m.removesuffix('_ms')}_median_ms") for m in
-          ("vision_ms", "projector_ms", "prefill_ms", "decode_per_token_ms", "total_ms")],
-        pl.col("total_ms").quantile(0.95, interpolation="linear").alias("total_p95_ms"),
-        (pl.col("decode_per_token_ms").std() / pl.col("decode_per_token_ms").mean()).alias("decode_per_token_cv"),
-        (pl.col("prefill_total_ms").std() / pl.col("prefill_total_ms").mean()).alias("prefill_total_cv"),
-    )
-    invalid = requests.group_by("config_id").agg((~pl.col("valid")).sum().alias("invalid"))
-    return head.join(invalid, on="config_id", how="left").sort(keys[1:] if len(keys) > 1 else keys)
+    valid = pl.col("valid")
+
+    def v(col: str) -> pl.Expr:
+        return pl.col(col).filter(valid)
+
+    medians = [m for m in ("vision_ms", "projector_ms", "prefill_ms", "decode_per_token_ms", "total_ms")
+               if m in requests.columns]
+    aggs = [valid.sum().cast(pl.Int64).alias("n_valid"), (~valid).sum().cast(pl.Int64).alias("invalid"),
+            *[v(m).median().alias(f"{m.removesuffix('_ms')}_median_ms") for m in medians]]
+    for col in ("image_tokens", "input_tokens"):
+        if col in requests.columns:
+            aggs.append(pl.col(col).first())
+    if "total_ms" in requests.columns:
+        aggs.append(v("total_ms").quantile(0.95, interpolation="linear").alias("total_p95_ms"))
+    for col, name in (("decode_per_token_ms", "decode_per_token_cv"), ("prefill_total_ms", "prefill_total_cv")):
+        if col in requests.columns:
+            aggs.append((v(col).std() / v(col).mean()).alias(name))
+    if "invalid_reason" in requests.columns:
+        aggs.append(pl.col("invalid_reason").filter(~valid).drop_nulls().mode().sort().first()
+                    .alias("invalid_reason_top"))
+    table = requests.group_by(keys, maintain_order=True).agg(aggs)
+    return table.sort(keys[1:] if len(keys) > 1 else keys, nulls_last=True, maintain_order=True)
 
 
 def phase_shares(requests: pl.DataFrame) -> pl.DataFrame:
@@ -50,25 +71,40 @@ def phase_shares(requests: pl.DataFrame) -> pl.DataFrame:
     return med.with_columns(*[(pl.col(c) / total).alias(c.replace("_ms", "_share")) for c in present])
 
 
-def decode_step_table(phases: pl.DataFrame) -> pl.DataFrame:
-    """Median decode step time per configuration and step index (the KV length grows with it)."""
+def decode_step_table(phases: pl.DataFrame, requests: pl.DataFrame | None = None) -> pl.DataFrame:
+    """Median decode step time per configuration and step index (the KV length grows with it),
+    over the steps of valid requests only when `requests` is given."""
     dec = phases.filter(pl.col("phase") == "decode")
+    if requests is not None and "repeat" in dec.columns:
+        ok = requests.filter(pl.col("valid")).select("config_id", "repeat").unique()
+        dec = dec.join(ok, on=["config_id", "repeat"], how="semi")
     return dec.group_by("config_id", "step").agg(pl.col("ms").median().alias("median_ms"),
                                                 pl.len().alias("n")).sort("config_id", "step")
+
+
+def failure_table(rd: RunDir) -> pl.DataFrame:
+    """The configurations that failed (config_id, stage, error_type, message); empty if none."""
+    if not (rd.path / "parts" / "failures").is_dir() and not (rd.path / "failures.parquet").is_file():
+        return pl.DataFrame(schema={c: pl.String for c in FAILURE_COLUMNS})
+    failures = rd.table("failures")
+    return failures.select([pl.col(c).cast(pl.String) if c in failures.columns else pl.lit(None, pl.String).alias(c)
+                            for c in FAILURE_COLUMNS]).sort("config_id")
 
 
 def run_report(run_dir: str | Path) -> dict[str, pl.DataFrame]:
     """All tables of the report of a run directory."""
     rd = RunDir(run_dir)
     rd.meta()
+    failures = failure_table(rd)
     requests = rd.table("requests")
     phases = rd.table("phases")
     keys = ["config_id"]
     return {
+        "failures": failures,
         "config": config_table(requests),
         "summary": summarize(requests.filter(pl.col("valid")), keys, PHASE_METRICS),
         "shares": phase_shares(requests),
         "prefill_vs_tokens": requests.filter(pl.col("valid")).select(
             "config_id", "input_tokens", "image_tokens", "prefill_ms", "prefill_total_ms"),
-        "decode_steps": decode_step_table(phases),
+        "decode_steps": decode_step_table(phases, requests),
     }

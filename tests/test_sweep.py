@@ -165,3 +165,53 @@ def test_sweep_pointing_at_a_directory_exits_2_without_traceback(tmp_path):
     res = _cli("profile", "--model", "tiny", "--sweep", str(tmp_path), "--out", str(tmp_path / "o"))
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "is a directory" in res.stderr and not (tmp_path / "o").exists()
+
+
+def test_generate_failing_mid_decode_for_one_configuration_only(tmp_path):
+    from molmo_latency.sweep.source import ReferenceSource
+
+    source = ReferenceSource("tiny")
+    layer = source.model.model.language_model.layers[0]
+
+    def fail_in_decode(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if layer.mlp.gate.top_k == 1 and hidden.shape[1] == 1:  # a decode step of the top_k=1 config
+            raise RuntimeError("injected failure in a decode step")
+
+    layer.register_forward_pre_hook(fail_in_decode, with_kwargs=True)
+    spec = SweepSpec.from_dict({**SMALL, "crops": [1], "warmup": 0})
+    result = run_sweep(source, spec, tmp_path)
+    assert result["failed_configs"] == 1 and result["measured"] == 3
+    failures = pl.read_parquet(tmp_path / "failures.parquet")
+    assert failures["config_id"].to_list() == ["c1-k1-b2-p8-n4-bs1"]
+    assert failures["stage"].to_list() == ["measure"] and failures["error_type"][0] == "RuntimeError"
+    assert "injected failure in a decode step" in failures["message"][0]
+    req = pl.read_parquet(tmp_path / "requests.parquet")
+    assert req["config_id"].to_list() == ["c1-k2-b2-p8-n4-bs1"] * 3 and req["repeat"].to_list() == [0, 1, 2]
+
+
+def test_report_keeps_all_invalid_configurations_and_lists_failures(tmp_path):
+    spec = SweepSpec.from_dict({**SMALL, "crops": [1, 300, 2], "top_k": [2], "repeats": 2})
+    run_sweep("tiny", spec, tmp_path)
+    path = tmp_path / "requests.parquet"
+    req = pl.read_parquet(path)
+    bad = pl.col("config_id") == "c2-k2-b2-p8-n4-bs1"
+    req.with_columns(pl.when(bad).then(False).otherwise(pl.col("valid")).alias("valid"),
+                     pl.when(bad).then(pl.lit("clock throttled")).otherwise(pl.col("invalid_reason"))
+                     .alias("invalid_reason")).write_parquet(path)
+    from molmo_latency.report import run_report
+
+    rep = run_report(tmp_path)
+    config = {r["config_id"]: r for r in rep["config"].iter_rows(named=True)}
+    assert set(config) == {"c1-k2-b2-p8-n4-bs1", "c2-k2-b2-p8-n4-bs1"}
+    row = config["c2-k2-b2-p8-n4-bs1"]
+    assert row["n_valid"] == 0 and row["invalid"] == 2 and row["invalid_reason_top"] == "clock throttled"
+    assert row["total_median_ms"] is None and config["c1-k2-b2-p8-n4-bs1"]["n_valid"] == 2
+    assert set(rep["decode_steps"]["config_id"]) == {"c1-k2-b2-p8-n4-bs1"}
+    res = _cli("report", str(tmp_path), "--json")
+    assert res.returncode == 0, res.stderr
+    [failure] = json.loads(res.stdout)["failures"]
+    assert failure["config_id"] == "c300-k2-b2-p8-n4-bs1" and failure["stage"] == "warmup"
+    assert failure["error_type"] == "MolmoLatencyError" and "exceed" in failure["message"]
+    text = _cli("report", str(tmp_path))
+    assert text.returncode == 0 and "Failed configurations" in text.stdout and "c300-k2-b2-p8-n4-bs1" in text.stdout

@@ -72,6 +72,8 @@ def _run_and_report(model: str, sweep, out: Path, *, device: str, dtype: Optiona
 
 
 def _report(run_dir: Path, *, as_json: bool, extra: dict | None = None) -> None:
+    import polars as pl
+
     from molmo_latency.plots import write_report_plots
     from molmo_latency.report import run_report
 
@@ -80,15 +82,18 @@ def _report(run_dir: Path, *, as_json: bool, extra: dict | None = None) -> None:
     if as_json:
         print_json({**(extra or {}), "run_dir": str(run_dir), "configs": frame_records(rep["config"]),
                     "summary": frame_records(rep["summary"]), "shares": frame_records(rep["shares"]),
-                    "plots": [str(p) for p in pngs]})
+                    "failures": frame_records(rep["failures"]), "plots": [str(p) for p in pngs]})
         return
     short = {"prompt_tokens": "prompt", "new_tokens": "new", "image_tokens": "img_tok",
              "input_tokens": "in_tok", "vision_median_ms": "vision", "projector_median_ms": "projector",
              "prefill_median_ms": "prefill", "decode_per_token_median_ms": "decode/tok",
-             "decode_per_token_cv": "decode/tok CV", "total_median_ms": "total", "total_p95_ms": "total p95"}
-    table = rep["config"].select([c for c in ["crops", "top_k", "blocks", *short, "n", "invalid"]
+             "decode_per_token_cv": "decode/tok CV", "total_median_ms": "total", "total_p95_ms": "total p95",
+             "n_valid": "valid", "invalid_reason_top": "top invalid reason"}
+    table = rep["config"].select([c for c in ["crops", "top_k", "blocks", *short, "invalid"]
                                   if c in rep["config"].columns]).rename(short, strict=False)
     print_frame(table, "Per configuration: medians in ms over valid requests (CV = std/mean)")
+    if rep["failures"].height:
+        print_frame(rep["failures"].with_columns(pl.col("message").str.slice(0, 160)), "Failed configurations (not measured; see failures.parquet)")
     shares = rep["shares"].select("config_id", *[c for c in rep["shares"].columns if c.endswith("_share")])
     print_frame(shares, "Phase shares of the median request", digits=3)
     console.print("plots: " + ", ".join(str(p) for p in pngs))
