@@ -55,20 +55,36 @@ def plot_prefill_vs_tokens(df: pl.DataFrame, path: Path) -> Path:
     return path
 
 
-def plot_decode_steps(df: pl.DataFrame, path: Path, max_lines: int = 12) -> Path:
+LINE_STYLES = ("-", "--", ":", "-.")
+
+
+def line_style(i: int, cmap) -> dict:
+    """Colour and dash of the i-th line: 20 colours of tab20, then the next dash pattern, so that
+    up to 80 lines are each distinct.
+
+    >>> cmap = _plt().get_cmap("tab20")
+    >>> len({(tuple(s["color"]), s["linestyle"]) for s in (line_style(i, cmap) for i in range(80))})
+    80
+    """
+    return {"color": cmap(i % cmap.N), "linestyle": LINE_STYLES[(i // cmap.N) % len(LINE_STYLES)]}
+
+
+def plot_decode_steps(df: pl.DataFrame, path: Path, max_lines: int = 40) -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     configs = df["config_id"].unique(maintain_order=True).to_list()
-    for cid in configs[:max_lines]:
+    cmap = plt.get_cmap("tab20")
+    for i, cid in enumerate(configs[:max_lines]):
         part = df.filter(pl.col("config_id") == cid)
-        ax.plot(part["step"], part["median_ms"], marker=".", linewidth=1, label=cid)
+        ax.plot(part["step"], part["median_ms"], marker=".", linewidth=1, label=cid, **line_style(i, cmap))
     ax.set_xlabel("decode step index (KV length = input tokens + step + 1)")
     ax.set_ylabel("median step time (ms)")
     title = "Decode step time against step index"
     if len(configs) > max_lines:
         title += f" (first {max_lines} of {len(configs)} configurations)"
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=6, ncol=2)
+    if configs:
+        ax.legend(fontsize=5 if len(configs) > 20 else 6, ncol=2 if len(configs) <= 20 else 3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
