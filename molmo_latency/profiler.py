@@ -377,6 +377,8 @@ class PhaseProfiler:
             samples = samples.filter(pl.col("t_ns") > self._popped_until_ns)
         if samples.height:
             self._popped_until_ns = int(samples["t_ns"].max())
+            # handed out: keep only the sample in effect now, so a long sweep stays bounded
+            self._sampler.discard_before(self._popped_until_ns)
         report.telemetry = samples
         return report
 

@@ -379,3 +379,20 @@ def test_cuda_event_timer_without_a_gpu(monkeypatch):
         assert abs((ns[-1] - ns[0]) - (len(ns) - 1) * 1_234_567) < 1e-7 * (ns[-1] - ns[0])
     assert set(_FakeEvent.streams) == {"stream of cuda:1"}, "events go on the model device's stream"
     assert len(timer._pool) == 4 * 2**14
+
+
+def test_pop_report_hands_out_each_sample_once_and_keeps_memory_bounded(tiny):
+    from molmo_latency.telemetry import FakeGpu
+
+    with profile_phases(tiny.model, nvml="required", nvml_device=FakeGpu(), nvml_interval_ms=1) as prof:
+        seen, held = [], []
+        for _ in range(4):
+            tiny.model.generate(**tiny.inputs(crops=1, new_tokens=3))
+            rep = prof.pop_report()
+            assert rep.requests.height == 1 and rep.requests["sm_clock_mean_mhz"][0] == 1410.0
+            seen.extend(rep.telemetry["t_ns"].to_list())
+            held.append(prof._sampler.samples().height)
+    assert len(seen) == len(set(seen)) and seen == sorted(seen)
+    # handed-out samples are dropped (but the one in effect): what is held does not pile up
+    assert prof._sampler._discarded >= len(seen) - held[-1] - 1 > 0
+    assert max(held) < len(seen)

@@ -74,6 +74,8 @@ class NvmlSampler:
         self._owns_device = (not isinstance(device, GpuDevice)) if owns_device is None else owns_device
         self._clock = clock
         self._rows: list[tuple] = []
+        self._rows_lock = threading.Lock()
+        self._discarded = 0
         self._stop_event = threading.Event()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -163,11 +165,12 @@ class NvmlSampler:
         t0 = self._clock()
         r = self._device.read()  # type: ignore[union-attr]
         t1 = self._clock()
-        self._rows.append((
-            (t0 + t1) // 2, self._device.index,  # type: ignore[union-attr]
-            r.sm_clock_mhz, r.mem_clock_mhz, r.temp_c, r.power_w, r.energy_mj,
-            r.util_gpu_pct, r.util_mem_pct, r.throttle_reasons, t1 - t0,
-        ))
+        with self._rows_lock:
+            self._rows.append((
+                (t0 + t1) // 2, self._device.index,  # type: ignore[union-attr]
+                r.sm_clock_mhz, r.mem_clock_mhz, r.temp_c, r.power_w, r.energy_mj,
+                r.util_gpu_pct, r.util_mem_pct, r.throttle_reasons, t1 - t0,
+            ))
 
     def _run(self) -> None:
         interval = self._interval_ns
@@ -210,6 +213,32 @@ class NvmlSampler:
         """The exception that ended the thread, if any."""
         return self._error
 
+    def discard_before(self, t_ns: int) -> int:
+        """Forget the samples older than `t_ns`, keeping the last one at or before it (the value
+        in effect at `t_ns`, which sample-and-hold still needs); returns how many were dropped.
+
+        Long sweeps call this once their older requests are written, so memory and the cost of
+        :meth:`samples` stay bounded.
+
+        >>> from molmo_latency.telemetry.device import FakeGpu
+        >>> s = NvmlSampler(device=FakeGpu(), clock=iter(range(0, 10**6, 10)).__next__)
+        >>> _ = s.start(); s.stop()
+        >>> before = s.samples()["t_ns"].to_list(); s.discard_before(before[-1]), s.samples().height
+        (1, 1)
+        """
+        with self._rows_lock:
+            keep = 0
+            for i, row in enumerate(self._rows):
+                if row[0] <= t_ns:
+                    keep = i
+                else:
+                    break
+            dropped = keep
+            if dropped:
+                self._rows = self._rows[keep:]
+                self._discarded += dropped
+        return dropped
+
     def samples(self) -> pl.DataFrame:
         """The samples so far, one row each, TELEMETRY_SAMPLE_COLUMNS, sorted by ``t_ns``.
 
@@ -221,7 +250,8 @@ class NvmlSampler:
         >>> s.samples().select("temp_c", "throttle_reasons").row(0)
         (61.0, 0)
         """
-        rows = list(self._rows)
+        with self._rows_lock:
+            rows = list(self._rows)
         if not rows:
             return empty_samples()
         return pl.DataFrame(rows, schema=SAMPLE_SCHEMA, orient="row").sort("t_ns")
@@ -274,7 +304,7 @@ class NvmlSampler:
             "interval_ms": self.interval_ms,
             "requested_hz": 1000.0 / self.interval_ms,
             "achieved_hz": self.achieved_hz,
-            "samples": len(self._rows),
+            "samples": len(self._rows) + self._discarded,
             "mean_read_cost_ns": self.mean_read_cost_ns,
             "error": None if self._error is None else f"{type(self._error).__name__}: {self._error}",
         }
