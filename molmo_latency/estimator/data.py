@@ -70,6 +70,10 @@ def load_run(run_dir: str | Path) -> tuple[pl.DataFrame, dict[str, Any]]:
     """
     run = Path(run_dir)
     path = run / "requests.parquet"
+    if run.is_dir():
+        from molmo_latency.sweep.rundir import RunDir
+
+        RunDir(run).refresh()  # a killed sweep's parts become visible in requests.parquet
     if not run.is_dir():
         raise EstimatorError(f"run directory {run} does not exist; give directories made by `molmo-latency profile`")
     if not path.is_file():

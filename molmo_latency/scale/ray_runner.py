@@ -40,7 +40,7 @@ from typing import Any, Callable
 
 from molmo_latency.errors import MolmoLatencyError, SweepError
 from molmo_latency.sweep.rundir import RunDir
-from molmo_latency.sweep.runner import Progress, Worker, run_identity, run_meta
+from molmo_latency.sweep.runner import CONSOLIDATE_EVERY_S, Progress, Worker, run_identity, run_meta
 from molmo_latency.sweep.spec import Config, SweepSpec
 
 IN_FLIGHT_PER_WORKER = 2  # units queued on a worker: the next one is ready when one finishes
@@ -306,30 +306,31 @@ def run_sweep_ray(
         raise SweepError(f"--device must be cpu or cuda[:N], got {device!r}")
     if cpus_per_worker <= 0:
         raise SweepError(f"cpus_per_worker must be > 0, got {cpus_per_worker}")
-    identity = run_identity(model, device, dtype, spec)
-    rd, resumed = RunDir.create_or_resume(out, identity, run_meta(spec, device=device, nvml=nvml, command=command))
+    with RunDir(out).locked():  # one sweep at a time writes into a run directory
+        identity = run_identity(model, device, dtype, spec)
+        rd, resumed = RunDir.create_or_resume(out, identity, run_meta(spec, device=device, nvml=nvml, command=command))
 
-    units = spec.units()
-    done = rd.done_units()
-    failed = rd.failed_configs()
-    pending = [i for i, (c, r) in enumerate(units) if (c.config_id, r) not in done and c.config_id not in failed]
-    skipped = len(units) - len(pending)
-    result = {"run_dir": str(rd.path), "measured": 0, "skipped": skipped, "failed_configs": len(failed),
-              "rows": 0, "resumed": resumed, "workers": 0, "actors_started": 0, "worker_deaths": 0, "units_redone": 0,
-              "duplicates_dropped": 0}
-    if pending:
-        ray = _import_ray()
-        owned = _connect(ray, address)
-        try:
-            _drive(ray, rd, spec, units, pending, done, failed, result, model=model, device=device, dtype=dtype,
-                   nvml=nvml, trust_remote_code=trust_remote_code, workers=workers,
-                   cpus_per_worker=cpus_per_worker, max_restarts=max_restarts, progress=progress,
-                   address=address)
-        finally:
-            if owned:
-                ray.shutdown()
-    counts = rd.consolidate()
-    result.update(rows=counts.get("requests", 0), failed_configs=len(rd.failed_configs()))
+        units = spec.units()
+        done = rd.done_units()
+        failed = rd.failed_configs()
+        pending = [i for i, (c, r) in enumerate(units) if (c.config_id, r) not in done and c.config_id not in failed]
+        skipped = len(units) - len(pending)
+        result = {"run_dir": str(rd.path), "measured": 0, "skipped": skipped, "failed_configs": len(failed),
+                  "rows": 0, "resumed": resumed, "workers": 0, "actors_started": 0, "worker_deaths": 0, "units_redone": 0,
+                  "duplicates_dropped": 0}
+        if pending:
+            ray = _import_ray()
+            owned = _connect(ray, address)
+            try:
+                _drive(ray, rd, spec, units, pending, done, failed, result, model=model, device=device, dtype=dtype,
+                       nvml=nvml, trust_remote_code=trust_remote_code, workers=workers,
+                       cpus_per_worker=cpus_per_worker, max_restarts=max_restarts, progress=progress,
+                       address=address)
+            finally:
+                if owned:
+                    ray.shutdown()
+        counts = rd.consolidate()
+        result.update(rows=counts.get("requests", 0), failed_configs=len(rd.failed_configs()))
     return result
 
 
@@ -364,7 +365,7 @@ def _drive(ray, rd: RunDir, spec: SweepSpec, units: list[tuple[Config, int]], pe
         remaining[units[i][0].config_id] += 1
     state = {"done": len(units) - len(pending),
              "configs_done": sum(1 for c in configs if remaining[c.config_id] == 0)}
-    consolidate_every = max(1, len(pending) // 10)
+    last_consolidated = time.monotonic()
 
     def spawn(slot: _Slot) -> None:
         nonlocal spawned
@@ -475,8 +476,9 @@ def _drive(ray, rd: RunDir, spec: SweepSpec, units: list[tuple[Config, int]], pe
             remaining[config.config_id] -= 1
             if remaining[config.config_id] == 0:
                 state["configs_done"] += 1
-            if result["measured"] % consolidate_every == 0:
+            if time.monotonic() - last_consolidated >= CONSOLIDATE_EVERY_S:
                 rd.consolidate()
+                last_consolidated = time.monotonic()
             progress(WorkerProgress(state["done"], len(units), state["configs_done"], len(configs),
                                     value["tables"]["requests"]["total_ms"][0], config.config_id, "measure",
                                     worker_id=worker_id, actor_name=slot.name if current else None))
