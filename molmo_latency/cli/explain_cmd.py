@@ -121,16 +121,13 @@ def write_decode_vs_clock_plot(result: Explanation, path: str | os.PathLike) -> 
         r2 = result.hardware.filter(pl.col("target") == "decode_per_token_ms")["r2"]
         share = "" if r2.len() == 0 or r2[0] is None else f" (hardware R\u00b2 = {r2[0]:.2f})"
         fig.suptitle(f"Decode step time against SM clock, {pts.height} requests{share}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    import io
+
+    from molmo_latency.sweep.rundir import atomic_write_bytes
+
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    atomic_write_bytes(path, png.getvalue())  # atomic, fsynced, normal permissions
     return path
 
 
