@@ -25,6 +25,7 @@ import polars as pl
 
 from molmo_latency.errors import MolmoLatencyError
 from molmo_latency.schema import CONFIG_COLUMNS, TELEMETRY_AGG_COLUMNS
+from molmo_latency.stats import summarize
 from molmo_latency.telemetry.device import SLOWDOWN_REASONS_MASK, throttle_reason_names
 
 __all__ = [
@@ -130,19 +131,8 @@ def phase_stats(requests: pl.DataFrame) -> pl.DataFrame:
     """
     phase_order = pl.DataFrame({"phase": list(PHASE_MS_COLUMNS),
                                 "_phase_order": list(range(len(PHASE_MS_COLUMNS)))})
-    long = (requests.filter(_usable())
-            .select("config_id", *PHASE_MS_COLUMNS)
-            .unpivot(index="config_id", variable_name="phase", value_name="ms")
-            .filter(pl.col("ms").is_not_null() & pl.col("ms").is_not_nan()))
-    stats = long.group_by("config_id", "phase").agg(
-        pl.len().cast(pl.Int64).alias("n"),
-        pl.col("ms").median().alias("median_ms"),
-        pl.col("ms").quantile(0.95, interpolation="linear").alias("p95_ms"),
-        pl.col("ms").mean().alias("mean_ms"),
-        pl.col("ms").std(ddof=1).alias("_std"),
-    ).with_columns(
-        pl.when((pl.col("n") >= 2) & (pl.col("mean_ms") != 0))
-        .then(pl.col("_std") / pl.col("mean_ms")).otherwise(None).alias("cv"))
+    stats = (summarize(requests.filter(_usable()), ["config_id"], PHASE_MS_COLUMNS)
+             .rename({"metric": "phase", "median": "median_ms", "p95": "p95_ms", "mean": "mean_ms"}))
     return (stats.join(_config_order(requests), on="config_id")
             .join(phase_order, on="phase")
             .sort("_cfg_order", "_phase_order")
