@@ -1,17 +1,39 @@
 """`profile_phases`: every phase of every generate() call, on one timeline, in the same run.
 
-Collection only: forward hooks on the vision, projector and LLM modules (found by an adapter)
-mark time with a timer policy (CUDA events on GPU, perf_counter_ns on CPU) and open NVTX /
-record_function ranges; the generate() wrapper brackets each request. Nothing synchronises
-inside generate(); each request's marks are resolved once, after generate() returned.
-The tables are built by :mod:`molmo_latency.records`.
+Collection only: forward hooks mark time with a timer policy (CUDA events on GPU,
+perf_counter_ns on CPU) and open NVTX / record_function ranges; the generate() wrapper brackets
+each request. Nothing synchronises inside generate(); each request's marks are resolved once,
+after generate() returned. The tables are built by :mod:`molmo_latency.records`.
+
+Where the marks come from:
+
+- Each LLM call generate() makes is a call of the model itself (``model(**inputs)``): hooks on
+  the top-level module run in ``Module.__call__``, outside any compiled ``model.forward``, so a
+  model compiled before or inside the block still gets every call. The call is classified from
+  SHAPES only (no device sync): the sequence length it feeds, against the prompt length and the
+  tokens fed so far. ``prefill`` until the prompt is in the cache (several calls = prefill
+  chunks), then ``decode`` (one new token per row), ``recompute`` (a whole sequence again, no
+  KV cache: ``use_cache=False``) or ``verify`` (several new tokens per row with a cache:
+  assisted / prompt-lookup decoding).
+- Inside a call, hooks on the vision, projector and LLM modules (found by an adapter) split it:
+  the LLM span (decoder + LM head) takes the call's label. When none of them fired during a call
+  (they run inside compiled code, which the profiler never traces into), the whole call is timed
+  as its LLM phase and the request names the region in ``unsplit_regions``.
+- The hooks check ``torch.compiler.is_compiling()`` first and do nothing while Dynamo traces
+  them, so they add no graph breaks to a compiled region.
+- Requests are per thread: each thread has its own active request and range stack, each request
+  its own marks; a nested call of an entry point (generate() inside generate_from_batch()) is
+  part of the running request. Several profilers of one model share one wrapper per entry
+  point, so they can be closed in any order and the model is restored exactly when the last one
+  closes; a closed profiler records nothing.
 
 Example:
     >>> from molmo_latency import profile_phases
     >>> from molmo_latency.models import reference_vlm
     >>> ref = reference_vlm("tiny")
+    >>> kw = {**ref.inputs(crops=2), "max_new_tokens": 4, "min_new_tokens": 4}
     >>> with profile_phases(ref.model) as prof:
-    ...     _ = ref.model.generate(**ref.inputs(crops=2, new_tokens=4))
+    ...     _ = ref.model.generate(**kw)
     >>> r = prof.report().requests
     >>> r["decode_steps"].to_list(), r["valid"].to_list()
     ([3], [True])
@@ -21,6 +43,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -32,10 +55,67 @@ from molmo_latency.adapters import PathSpec, PhaseMap, find_phases
 from molmo_latency.errors import MolmoLatencyError
 from molmo_latency.ranges import RangeEmitter
 from molmo_latency.records import PhaseReport, RequestRecord, build_report
+from molmo_latency.telemetry.policy import DEFAULT_INTERVAL_MS, MIN_INTERVAL_MS
 from molmo_latency.timers import Timer, timer_for
 
 
 ENTRY_POINTS = ("generate", "generate_from_batch")
+_DISPATCH_ATTR = "_molmo_latency_dispatch"
+
+try:  # torch >= 2.3
+    _is_compiling = torch.compiler.is_compiling
+except AttributeError:  # pragma: no cover - older torch
+    def _is_compiling() -> bool:
+        return False
+
+
+class _Dispatch:
+    """The one wrapper of a model's entry point shared by every open profiler of that model.
+
+    Each open profiler is a layer around the original method, outermost = entered first. Closing
+    a profiler removes its layer; the last one out puts the original back (or removes the
+    instance attribute it never had), whatever the order the profilers were closed in."""
+
+    def __init__(self, model: torch.nn.Module, name: str):
+        self.model, self.name = model, name
+        self.own = name in vars(model)
+        self.original = getattr(model, name)
+        self.profilers: list[PhaseProfiler] = []
+        dispatch = self
+
+        @functools.wraps(self.original)
+        def entry(*args: Any, **kwargs: Any) -> Any:
+            layers = list(dispatch.profilers)
+
+            def run(i: int) -> Any:
+                if i == len(layers):
+                    return dispatch.original(*args, **kwargs)
+                return layers[i]._request(lambda: run(i + 1), args, kwargs)
+
+            return run(0)
+
+        setattr(entry, _DISPATCH_ATTR, self)
+        self.entry = entry
+
+    @classmethod
+    def join(cls, model: torch.nn.Module, name: str, profiler: "PhaseProfiler") -> "_Dispatch":
+        current = vars(model).get(name)
+        dispatch = getattr(current, _DISPATCH_ATTR, None) if current is not None else None
+        if dispatch is None or dispatch.model is not model:
+            dispatch = cls(model, name)
+            setattr(model, name, dispatch.entry)
+        dispatch.profilers.append(profiler)
+        return dispatch
+
+    def leave(self, profiler: "PhaseProfiler") -> None:
+        if profiler in self.profilers:
+            self.profilers.remove(profiler)
+        if self.profilers or vars(self.model).get(self.name) is not self.entry:
+            return  # others still profile (or someone wrapped over us: ours passes through)
+        if self.own:
+            setattr(self.model, self.name, self.original)
+        else:
+            delattr(self.model, self.name)
 
 
 class PhaseProfiler:
@@ -51,12 +131,18 @@ class PhaseProfiler:
         phases: Mapping[str, PathSpec] | None = None,
         timer: Timer | None = None,
         nvml: str = "auto",
-        nvml_interval_ms: float = 10.0,
+        nvml_interval_ms: float = DEFAULT_INTERVAL_MS,
         nvml_device: Any = None,
         entry_points: tuple[str, ...] | list[str] = ENTRY_POINTS,
     ):
         if nvml not in ("auto", "off", "required"):
             raise MolmoLatencyError(f"nvml must be 'auto', 'off' or 'required', got {nvml!r}")
+        if nvml != "off" and not (isinstance(nvml_interval_ms, (int, float))
+                                  and nvml_interval_ms >= MIN_INTERVAL_MS):
+            raise MolmoLatencyError(
+                f"nvml_interval_ms={nvml_interval_ms!r} is below the floor of {MIN_INTERVAL_MS:g} ms: "
+                "faster NVML sampling slows the measured decode loop (see benchmarks/RESULTS.md); "
+                f"use nvml_interval_ms >= {MIN_INTERVAL_MS:g} (default {DEFAULT_INTERVAL_MS:g})")
         self.model = model
         self.phase_map: PhaseMap = find_phases(model, phases)
         self.timer: Timer = timer if timer is not None else timer_for(model)
@@ -67,14 +153,16 @@ class PhaseProfiler:
         self.trace_dir = Path(trace_dir) if trace_dir is not None else None
         self._torch_profiler_arg = torch_profiler if torch_profiler is not None else (
             True if trace_dir is not None else None)
-        self.records: list[RequestRecord] = []
+        self.records: list[RequestRecord] = []  # finished requests, in request order
+        self._lock = threading.Lock()
+        self._local = threading.local()  # .active: this thread's running request
+        self._running = 0
         self._requests_seen = 0
         self._popped_until_ns: int | None = None
         self.traces: list[dict[str, Any]] = []  # {"path": str, "requests": [int]}
-        self._active: RequestRecord | None = None
         self._handles: list[Any] = []
         self.entry_points = tuple(entry_points)
-        self._wrapped: list[tuple[str, bool, Any]] = []  # (method, was an instance attribute, original)
+        self._dispatches: list[_Dispatch] = []
         self._orphan_hooks = 0
         self._tprof: Any = None
         self._own_tprof = False
@@ -82,6 +170,18 @@ class PhaseProfiler:
         self._trace_starts_ns: dict[int, int] = {}
         self._sampler: Any = None
         self._entered = False
+        self._closed = False
+        self._unsplit_seen = False  # a call ran with no inner hook: ranges go on calls from now
+        self._region = f"{type(model).__name__}.forward"
+
+    @property
+    def _active(self) -> RequestRecord | None:
+        """The request running in the calling thread (None outside generate())."""
+        return getattr(self._local, "active", None)
+
+    @_active.setter
+    def _active(self, req: RequestRecord | None) -> None:
+        self._local.active = req
 
     # ------------------------------------------------------------------ context manager
     def __enter__(self) -> "PhaseProfiler":
@@ -103,15 +203,13 @@ class PhaseProfiler:
 
     def _restore(self) -> None:
         """Leave the model exactly as it was: hooks off, generate restored, ranges closed."""
+        self._closed = True
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        for name, own, original in reversed(self._wrapped):
-            if own:
-                setattr(self.model, name, original)
-            elif name in vars(self.model):
-                delattr(self.model, name)
-        self._wrapped.clear()
+        for dispatch in reversed(self._dispatches):
+            dispatch.leave(self)
+        self._dispatches.clear()
         self.ranges.pop_all()
         self._active = None
         self._stop_torch_profiler()
@@ -125,6 +223,8 @@ class PhaseProfiler:
 
     # ---------------------------------------------------------------------------- hooks
     def _install_hooks(self) -> None:
+        self._handles.append(self.model.register_forward_pre_hook(self._on_call_start, with_kwargs=True))
+        self._handles.append(self.model.register_forward_hook(self._on_call_end))
         for name, span in self.phase_map.spans.items():
             on_start, on_end = self._on_start, self._on_end
             self._handles.append(span.start.register_forward_pre_hook(
@@ -132,19 +232,60 @@ class PhaseProfiler:
             self._handles.append(span.end.register_forward_hook(
                 lambda _m, _a, _o, _name=name: on_end(_name)))
 
-    def _on_start(self, name: str) -> None:
+    def _on_call_start(self, module: Any, args: tuple, kwargs: dict) -> None:
+        """One LLM call of generate(): classified from the shapes it feeds, then marked."""
+        if _is_compiling():  # traced by Dynamo: add nothing to the graph
+            return None
         req = self._active
-        if req is None:
-            self._orphan_hooks += 1
+        if req is None or self._closed:
+            return None
+        kind, step = _classify(req, args, kwargs)
+        pushed = self._unsplit_seen
+        if pushed:
+            self.ranges.push(kind, step)
+        req.call = [kind, step, len(req.marks), False, pushed]
+        req.marks.append(self.timer.mark())
+        return None
+
+    def _on_call_end(self, module: Any, args: tuple, output: Any) -> None:
+        if _is_compiling():
+            return None
+        req = self._active
+        if req is None or self._closed or req.call is None:
+            return None
+        kind, step, start_idx, inner_seen, pushed = req.call
+        req.call = None
+        end_idx = len(req.marks)
+        req.marks.append(self.timer.mark())
+        if pushed:
+            self.ranges.pop()
+        if not inner_seen:
+            req.spans.append((kind, step, start_idx, end_idx))
+            req.unsplit.add(self._region)
+            self._unsplit_seen = True
+        return None
+
+    def _on_start(self, name: str) -> None:
+        if _is_compiling():
+            return
+        req = self._active
+        if req is None or self._closed:
+            self._orphan_hooks += not self._closed
             return
         if name == "llm":
-            phase = "prefill" if req.llm_calls == 0 else "decode"
-            step = 0 if req.llm_calls == 0 else req.llm_calls - 1
+            if req.call is not None:
+                phase, step = req.call[0], req.call[1]
+                req.call[3] = True
+            else:  # an LLM forward outside a call of the model itself: count-based labels
+                phase = "prefill" if req.llm_calls == 0 else "decode"
+                step = 0 if req.llm_calls == 0 else req.llm_calls - 1
             req.llm_calls += 1
         else:
             phase = name
             step = req.occurrences.get(name, 0)
             req.occurrences[name] = step + 1
+            if req.call is not None:
+                req.call[3] = True
         if req.open:
             req.anomalies.append(f"{phase} started while {req.open[-1][0]} was open (nested phases)")
         self.ranges.push(phase, step)
@@ -152,8 +293,10 @@ class PhaseProfiler:
         req.marks.append(self.timer.mark())
 
     def _on_end(self, name: str) -> None:
+        if _is_compiling():
+            return
         req = self._active
-        if req is None:
+        if req is None or self._closed:
             return
         for i in range(len(req.open) - 1, -1, -1):
             if req.open[i][3] == name:
@@ -177,40 +320,37 @@ class PhaseProfiler:
                 f"{type(self.model).__name__} has none of the entry points {list(self.entry_points)}; "
                 "pass the method that generates with profile_phases(model, entry_points=[...])")
         for name in found:
-            self._wrap_entry(name)
+            self._dispatches.append(_Dispatch.join(self.model, name, self))
 
-    def _wrap_entry(self, name: str) -> None:
-        model = self.model
-        own = name in vars(model)
-        original = getattr(model, name)
-        self._wrapped.append((name, own, original))
-
-        @functools.wraps(original)
-        def entry(*args: Any, **kwargs: Any) -> Any:
-            if self._active is not None:  # e.g. generate() inside generate_from_batch(): one request
-                return original(*args, **kwargs)
-            req = self._begin(args, kwargs)
-            try:
-                out = original(*args, **kwargs)
-            except BaseException as exc:
-                self._finish(req, None, exc)
-                raise
-            self._finish(req, out, None)
-            return out
-
-        setattr(model, name, entry)
+    def _request(self, inner: Any, args: tuple, kwargs: dict) -> Any:
+        """Run one entry-point call (`inner`) as a request of this profiler."""
+        if self._closed or self._active is not None:  # e.g. generate() inside generate_from_batch()
+            return inner()
+        req = self._begin(args, kwargs)
+        try:
+            out = inner()
+        except BaseException as exc:
+            self._finish(req, None, exc)
+            raise
+        self._finish(req, out, None)
+        return out
 
     def _begin(self, args: tuple, kwargs: dict) -> RequestRecord:
         ids = _input_ids(args, kwargs)
-        req = RequestRecord(index=self._requests_seen)
-        self._requests_seen += 1
+        with self._lock:
+            req = RequestRecord(index=self._requests_seen)
+            self._requests_seen += 1
+            self._running += 1
+            traced = self._tprof is not None and _tprof_recording(self._tprof)
+            if traced:
+                self._trace_requests.append(req.index)
+        req.thread_id = threading.get_ident()
         if isinstance(ids, torch.Tensor) and ids.dim() == 2:
             req.batch_size, req.input_tokens = int(ids.shape[0]), int(ids.shape[1])
             req.input_ids = ids  # image tokens are counted after generate(): no sync before it
-        self.records.append(req)
-        traced = self._tprof is not None and _tprof_recording(self._tprof)
-        if traced:
-            self._trace_requests.append(req.index)
+        req.image_input_idx = _image_input_idx(args, kwargs)
+        req.num_beams = _generation_setting(self.model, args, kwargs, "num_beams")
+        req.eos_token_id = _generation_setting(self.model, args, kwargs, "eos_token_id")
         self.timer.begin()
         req.wall_start_ns = time.perf_counter_ns()
         if traced:
@@ -226,25 +366,37 @@ class PhaseProfiler:
         for phase, _step, _idx, _name in req.open:
             req.anomalies.append(f"{phase} never ended")
         req.open.clear()
+        req.call = None
         self.ranges.pop_all()
         req.wall_end_ns = time.perf_counter_ns()
         if exc is not None:
             req.complete = False
             req.error = f"{type(exc).__name__}: {exc}"
         else:
-            req.output_tokens = _output_tokens(out, req.input_tokens)
-        token = self.phase_map.image_token_id
-        if req.input_ids is not None and token is not None:
-            req.image_tokens = int((req.input_ids[0] == token).sum())
+            rows = _output_tokens_per_row(out, req.input_tokens, req.eos_token_id)
+            if rows is not None:
+                req.output_tokens_per_row = rows
+                req.output_tokens = _generated_length(out, req.input_tokens)
+        req.image_tokens_per_row = _image_tokens_per_row(req, self.phase_map.image_token_id)
+        if req.image_tokens_per_row:
+            req.image_tokens = max(req.image_tokens_per_row)
         req.input_ids = None
+        req.image_input_idx = None
         try:
             req.times_ns = self.timer.resolve(req.marks)
         except Exception as resolve_exc:  # e.g. CUDA error after a failed generate()
             req.anomalies.append(f"timing could not be resolved: {resolve_exc}")
             req.times_ns = None
-        req.marks = []  # release CUDA events back to the pool
-        if self._tprof is not None:
-            self._tprof.step()
+        release = getattr(self.timer, "release", None)
+        if release is not None:
+            release(req.marks)  # CUDA events back to the free list
+        req.marks = []
+        with self._lock:
+            self._running -= 1
+            self.records.append(req)
+            self.records.sort(key=lambda r: r.index)
+            if self._tprof is not None:
+                self._tprof.step()
 
     # --------------------------------------------------------------- torch.profiler
     def _start_torch_profiler(self) -> None:
@@ -365,7 +517,8 @@ class PhaseProfiler:
         """
         if self._active is not None:
             raise MolmoLatencyError("pop_report() cannot run inside generate()")
-        records, self.records = self.records, []
+        with self._lock:  # finished requests only; requests running in other threads stay
+            records, self.records = self.records, []
         if self._sampler is None:
             return build_report(records, self.timer.kind, traces=self.traces, gpu_phases=self._gpu_phases())
         import polars as pl
@@ -392,7 +545,7 @@ def profile_phases(
     phases: Mapping[str, PathSpec] | None = None,
     timer: Timer | None = None,
     nvml: str = "auto",
-    nvml_interval_ms: float = 10.0,
+    nvml_interval_ms: float = DEFAULT_INTERVAL_MS,
     nvml_device: Any = None,
     entry_points: tuple[str, ...] | list[str] = ENTRY_POINTS,
 ) -> PhaseProfiler:
@@ -409,7 +562,10 @@ def profile_phases(
         timer: a timer policy; default CUDA events for a CUDA model, perf_counter_ns otherwise.
         nvml: "auto" | "off" | "required": GPU clocks, temperature, power, throttle reasons
             per phase and request (null columns when off or unavailable; "auto" warns once).
-        nvml_interval_ms: the sampling interval of the NVML thread.
+        nvml_interval_ms: the sampling interval of the NVML thread (default
+            ``DEFAULT_INTERVAL_MS``; below ``MIN_INTERVAL_MS`` is refused: the sampler thread
+            would slow the loop it measures). Each request reports the rate achieved
+            (``telemetry_hz``).
         nvml_device: the NVML index/UUID to read (default: the model's GPU) or a
             :class:`~molmo_latency.telemetry.GpuDevice` (e.g. ``FakeGpu`` in tests).
         entry_points: the model's methods whose calls are requests (default ``generate`` and
@@ -418,8 +574,9 @@ def profile_phases(
     Example:
         >>> from molmo_latency.models import reference_vlm
         >>> ref = reference_vlm("tiny")
+        >>> kw = {**ref.inputs(crops=1), "max_new_tokens": 3, "min_new_tokens": 3}
         >>> with profile_phases(ref.model) as prof:
-        ...     _ = ref.model.generate(**ref.inputs(crops=1, new_tokens=3))
+        ...     _ = ref.model.generate(**kw)
         >>> prof.report().phases["phase"].to_list()
         ['vision', 'projector', 'prefill', 'decode', 'decode']
     """
@@ -460,12 +617,120 @@ def _tprof_recording(tprof: Any) -> bool:
     return action in (ProfilerAction.RECORD, ProfilerAction.RECORD_AND_SAVE)
 
 
-def _output_tokens(out: Any, input_tokens: int | None) -> int | None:
-    seqs = out if isinstance(out, torch.Tensor) else getattr(out, "sequences", None)
-    if not isinstance(seqs, torch.Tensor) or seqs.dim() < 1:
-        return None
-    length = int(seqs.shape[-1])
-    if input_tokens is not None and length >= input_tokens:
-        return length - input_tokens
-    return length  # a model whose generate() returns only the new tokens
+def _classify(req: RequestRecord, args: tuple, kwargs: dict) -> tuple[str, int]:
+    """The kind of one LLM call and its index among that kind, from shapes only.
 
+    ``prefill`` while the prompt is not yet fed (several calls: prefill chunks), then per new
+    call: ``decode`` when it feeds one token per row, ``recompute`` when it feeds several without
+    a KV cache (``use_cache=False`` recomputes the whole sequence each step), ``verify`` when it
+    feeds several with a cache (assisted / prompt-lookup decoding checks candidate tokens)."""
+    length, rows = _call_shape(args, kwargs)
+    prompt = req.input_tokens
+    if length is None or prompt is None:  # no shape to read: the first call is the prefill
+        kind = "prefill" if not req.kind_counts else "decode"
+    elif req.fed < prompt:
+        kind = "prefill"
+        req.fed += length
+    elif length == 1:
+        kind = "decode"
+    elif kwargs.get("use_cache") is False or kwargs.get("past_key_values") is None:
+        kind = "recompute"
+    else:
+        kind = "verify"
+    if kind == "decode" and rows is not None:
+        req.decode_rows.append(rows)
+    step = req.kind_counts.get(kind, 0)
+    req.kind_counts[kind] = step + 1
+    return kind, step
+
+
+def _call_shape(args: tuple, kwargs: dict) -> tuple[int | None, int | None]:
+    """(sequence length, rows) that one forward call feeds: input_ids, else inputs_embeds."""
+    ids = kwargs.get("input_ids")
+    if not isinstance(ids, torch.Tensor) and args and isinstance(args[0], torch.Tensor):
+        ids = args[0]
+    if not isinstance(ids, torch.Tensor):
+        ids = kwargs.get("inputs_embeds")
+    if isinstance(ids, torch.Tensor) and ids.dim() >= 2:
+        return int(ids.shape[1]), int(ids.shape[0])
+    return None, None
+
+
+def _batch_arg(args: tuple, kwargs: dict) -> Mapping | None:
+    """Molmo's generate_from_batch(batch, ...): the batch dict, as a keyword or first argument."""
+    for value in (kwargs.get("batch"), *args[:1]):
+        if isinstance(value, Mapping):
+            return value
+    return None
+
+
+def _image_input_idx(args: tuple, kwargs: dict) -> Any:
+    """Molmo's image_input_idx (a keyword of generate(), or inside generate_from_batch's batch)."""
+    idx = kwargs.get("image_input_idx")
+    if not isinstance(idx, torch.Tensor):
+        batch = _batch_arg(args, kwargs)
+        idx = batch.get("image_input_idx") if batch is not None else None
+    return idx if isinstance(idx, torch.Tensor) else None
+
+
+def _generation_setting(model: torch.nn.Module, args: tuple, kwargs: dict, name: str) -> Any:
+    """A generation setting as generate() will see it: the keyword, a generation_config passed
+    in, then the model's generation_config."""
+    if kwargs.get(name) is not None:
+        return kwargs[name]
+    for config in (kwargs.get("generation_config"), *args[1:2], getattr(model, "generation_config", None)):
+        value = getattr(config, name, None) if config is not None else None
+        if value is not None:
+            return value
+    return None
+
+
+def _image_tokens_per_row(req: RequestRecord, image_token_id: int | None) -> list[int] | None:
+    """Image tokens of each row: Molmo's image_input_idx entries >= 0 where given, else the
+    image token id in input_ids."""
+    idx = req.image_input_idx
+    if isinstance(idx, torch.Tensor):
+        if idx.dim() >= 2 and req.batch_size is not None and idx.shape[0] == req.batch_size:
+            return [int(n) for n in (idx >= 0).flatten(1).sum(1).tolist()]
+        return [int((idx >= 0).sum())]
+    if req.input_ids is not None and image_token_id is not None:
+        return [int(n) for n in (req.input_ids == image_token_id).sum(1).tolist()]
+    return None
+
+
+def _sequences(out: Any) -> torch.Tensor | None:
+    seqs = out if isinstance(out, torch.Tensor) else getattr(out, "sequences", None)
+    return seqs if isinstance(seqs, torch.Tensor) and seqs.dim() >= 1 else None
+
+
+def _new_tokens(seqs: torch.Tensor, input_tokens: int | None) -> torch.Tensor:
+    if input_tokens is not None and seqs.shape[-1] >= input_tokens:
+        return seqs[..., input_tokens:]
+    return seqs  # a model whose generate() returns only the new tokens
+
+
+def _generated_length(out: Any, input_tokens: int | None) -> int | None:
+    """New tokens per sequence as generate() returned them (padding after an EOS included)."""
+    seqs = _sequences(out)
+    return None if seqs is None else int(_new_tokens(seqs, input_tokens).shape[-1])
+
+
+def _output_tokens_per_row(out: Any, input_tokens: int | None, eos: Any) -> list[int] | None:
+    """New tokens of each returned row up to and including its first EOS (the padding after a
+    row's EOS is not counted); all of them for a row without EOS or when no EOS id is known."""
+    seqs = _sequences(out)
+    if seqs is None:
+        return None
+    new = _new_tokens(seqs, input_tokens)
+    if new.dim() == 1:
+        new = new.unsqueeze(0)
+    length = int(new.shape[-1])
+    if eos is None or length == 0:
+        return [length] * int(new.shape[0])
+    if isinstance(eos, torch.Tensor):
+        eos = eos.flatten().tolist()
+    eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos), device=new.device)
+    is_eos = torch.isin(new, eos_ids)
+    first = is_eos.int().argmax(dim=-1)
+    counts = torch.where(is_eos.any(dim=-1), first + 1, torch.full_like(first, length))
+    return [int(n) for n in counts.tolist()]

@@ -15,6 +15,8 @@ Example:
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 NVTX_DOMAIN = "molmo_latency"
@@ -26,7 +28,9 @@ def record_function_name(phase: str, step: int) -> str:
 
 
 class RangeEmitter:
-    """Opens and closes matching NVTX and record_function ranges (a per-thread stack)."""
+    """Opens and closes matching NVTX and record_function ranges, one stack per thread (NVTX
+    push/pop ranges are per thread too), so requests in several threads never close each
+    other's ranges."""
 
     def __init__(self, nvtx: bool = True):
         self._domain = None
@@ -36,8 +40,15 @@ class RangeEmitter:
 
             self._domain = _nvtx.get_domain(NVTX_DOMAIN)
             self._names = {}
-        self._stack: list[object | None] = []
+        self._local = threading.local()
         self._profiler_enabled = torch.autograd._profiler_enabled
+
+    @property
+    def _stack(self) -> list[object | None]:
+        stack = getattr(self._local, "stack", None)
+        if stack is None:
+            stack = self._local.stack = []
+        return stack
 
     def _nvtx_attributes(self, phase: str, step: int):
         key = (phase, step)
@@ -60,17 +71,19 @@ class RangeEmitter:
         self._stack.append(rf)
 
     def pop(self) -> None:
-        if not self._stack:
+        stack = self._stack
+        if not stack:
             return
-        rf = self._stack.pop()
+        rf = stack.pop()
         if rf is not None:
             rf.__exit__(None, None, None)
         if self._domain is not None:
             self._domain.pop_range()
 
     def pop_all(self) -> int:
-        """Close every open range (after an exception); returns how many were open."""
-        n = len(self._stack)
-        while self._stack:
+        """Close every range this thread has open (after an exception); returns how many."""
+        stack = self._stack
+        n = len(stack)
+        while stack:
             self.pop()
         return n

@@ -3,8 +3,20 @@
 Validity rules (nothing is clamped; an impossible value marks the request invalid with a reason):
 phases must lie inside the request, must not overlap, must each end after they start; `other_ms`
 (total minus the phases) must not be negative; a request needs a prefill; the number of decode
-steps must be `output_tokens - 1`; a request whose generate() raised is `complete=False` and
-invalid.
+steps must be `output_tokens - 1`; a request with LLM calls that are not plain decode steps
+(``recompute``: no KV cache; ``verify``: assisted decoding) is measured but invalid, with the
+reason; a request whose generate() raised is `complete=False` and invalid.
+
+`other_ms` is split on the same timeline into named gaps (time inside the request outside every
+phase), which sum to it exactly when no phases overlap:
+
+- ``input_prep_ms``: request start -> first phase (generate()'s argument checks, input
+  preparation, cache set-up);
+- ``embed_merge_ms``: after the first vision/projector phase, before the first LLM phase
+  (feature selection, merging the image embeddings into the text embeddings, embedding lookup);
+- ``between_steps_ms``: between LLM phases (sampling, logits processors, stopping criteria, the
+  next step's input preparation);
+- ``after_last_ms``: last phase -> request end (output assembly).
 """
 
 from __future__ import annotations
@@ -15,9 +27,17 @@ from typing import Any
 
 import polars as pl
 
-from molmo_latency.schema import PHASE_COLUMNS, PHASES, REQUEST_COLUMNS
+from molmo_latency.schema import (
+    LLM_PHASES,
+    OTHER_LLM_PHASES,
+    PHASE_COLUMNS,
+    PHASES,
+    REQUEST_COLUMNS,
+    TELEMETRY_RATE_COLUMNS,
+)
 
-_DTYPES = {"int64": pl.Int64, "float64": pl.Float64, "str": pl.Utf8, "bool": pl.Boolean}
+_DTYPES = {"int64": pl.Int64, "float64": pl.Float64, "str": pl.Utf8, "bool": pl.Boolean,
+           "list[int64]": pl.List(pl.Int64)}
 
 
 def polars_schema(columns: dict[str, str]) -> dict[str, pl.DataType]:
@@ -41,6 +61,17 @@ class RequestRecord:
     output_tokens: int | None = None
     batch_size: int | None = None
     input_ids: Any = None  # held until the request ends, to count image tokens then
+    image_input_idx: Any = None  # Molmo's image positions, held like input_ids
+    call: list[Any] | None = None  # the LLM call running: [kind, step, mark index, inner seen, ranged]
+    kind_counts: dict[str, int] = field(default_factory=dict)  # LLM calls per kind so far
+    fed: int = 0  # prompt tokens fed to the LLM so far (prefill chunks)
+    decode_rows: list[int] = field(default_factory=list)  # rows fed by each decode step
+    unsplit: set[str] = field(default_factory=set)
+    num_beams: int | None = None
+    eos_token_id: Any = None
+    output_tokens_per_row: list[int] | None = None
+    image_tokens_per_row: list[int] | None = None
+    thread_id: int | None = None
     complete: bool = True
     error: str | None = None
     times_ns: list[int] | None = None
@@ -100,24 +131,61 @@ def _phase_rows(rec: RequestRecord) -> tuple[list[dict[str, Any]], list[str]]:
     return rows, problems
 
 
+def _gaps_ns(rows: list[dict[str, Any]], start: int, end: int) -> dict[str, int]:
+    """The time inside [start, end] outside every phase, by name (see the module docstring)."""
+    gaps = {"input_prep": 0, "embed_merge": 0, "between_steps": 0, "after_last": 0}
+    cursor, seen_image, seen_llm = start, False, False
+    for i, row in enumerate(rows):
+        gap = max(0, row["start_ns"] - cursor)
+        if i == 0:
+            gaps["input_prep"] += gap
+        elif seen_llm:
+            gaps["between_steps"] += gap
+        elif seen_image:
+            gaps["embed_merge"] += gap
+        else:  # pragma: no cover - only a phase that is neither image nor LLM gets here
+            gaps["input_prep"] += gap
+        cursor = max(cursor, row["end_ns"])
+        seen_llm |= row["phase"] in LLM_PHASES
+        seen_image |= row["phase"] in ("vision", "projector")
+    gaps["after_last"] += max(0, end - cursor)
+    return gaps
+
+
 def _request_row(rec: RequestRecord, rows: list[dict[str, Any]], problems: list[str],
                  timer_kind: str) -> dict[str, Any]:
-    sums = {p: 0.0 for p in PHASES}
-    decode_steps = 0
+    kinds = (*PHASES, *OTHER_LLM_PHASES)
+    sums_ns = {p: 0 for p in kinds}
+    counts = {p: 0 for p in kinds}
     for row in rows:
-        sums[row["phase"]] += row["ms"]
-        decode_steps += row["phase"] == "decode"
+        sums_ns[row["phase"]] += row["end_ns"] - row["start_ns"]
+        counts[row["phase"]] += 1
+    sums = {p: ns / 1e6 for p, ns in sums_ns.items()}
+    decode_steps = counts["decode"]
     times = rec.times_ns
     total_ms = (times[-1] - times[0]) / 1e6 if times else None
     other_ms = None
+    gaps: dict[str, float | None] = dict.fromkeys(("input_prep", "embed_merge", "between_steps", "after_last"))
     if total_ms is not None:
-        other_ms = total_ms - sum(sums.values())
+        other_ns = (times[-1] - times[0]) - sum(sums_ns.values())
+        other_ms = other_ns / 1e6
         if other_ms < 0:
             problems.append(f"phases sum to {sum(sums.values()):.3f} ms, more than the request's "
                             f"{total_ms:.3f} ms (other_ms = {other_ms:.3f})")
+        if rows:
+            gaps = {k: v / 1e6 for k, v in _gaps_ns(rows, times[0], times[-1]).items()}
     if not any(r["phase"] == "prefill" for r in rows) and rec.complete:
         problems.append("no LLM forward (prefill) was observed")
+    if counts["recompute"]:
+        problems.append(f"generate() ran without a KV cache (use_cache=False): {counts['recompute']} "
+                        "LLM calls recomputed the whole sequence (phase 'recompute'), none is a decode "
+                        "step; profile with the cache on for decode latency")
+    if counts["verify"]:
+        problems.append(f"{counts['verify']} LLM calls verified several candidate tokens at once "
+                        "(assisted / prompt-lookup decoding, phase 'verify'); decode_steps counts only "
+                        "the single-token steps")
     if rec.complete and rec.output_tokens is not None and rec.output_tokens >= 1 \
+            and not counts["recompute"] and not counts["verify"] \
             and decode_steps != rec.output_tokens - 1:
         problems.append(f"{decode_steps} decode steps for {rec.output_tokens} output tokens "
                         f"(expected {rec.output_tokens - 1})")
@@ -145,6 +213,18 @@ def _request_row(rec: RequestRecord, rows: list[dict[str, Any]], problems: list[
         "start_ns": times[0] if times else rec.wall_start_ns,
         "end_ns": times[-1] if times else rec.wall_end_ns,
         "timer": timer_kind,
+        "prefill_chunks": counts["prefill"],
+        "recompute_ms": sums["recompute"] if counts["recompute"] else None,
+        "recompute_steps": counts["recompute"],
+        "verify_ms": sums["verify"] if counts["verify"] else None,
+        "verify_steps": counts["verify"],
+        "tokens_per_step": (sum(rec.decode_rows) / len(rec.decode_rows)) if rec.decode_rows else None,
+        "num_beams": rec.num_beams,
+        "output_tokens_per_row": rec.output_tokens_per_row,
+        "image_tokens_per_row": rec.image_tokens_per_row,
+        **{f"{k}_ms": v for k, v in gaps.items()},
+        "unsplit_regions": ", ".join(sorted(rec.unsplit)) if rec.unsplit else None,
+        "thread_id": rec.thread_id,
     }
 
 
@@ -165,6 +245,34 @@ def join_gpu_columns(requests: pl.DataFrame, phases: pl.DataFrame,
     return requests, phases
 
 
+def add_rate_columns(table: pl.DataFrame, samples: pl.DataFrame | None) -> pl.DataFrame:
+    """TELEMETRY_RATE_COLUMNS per interval (``start_ns``..``end_ns``): the sampling rate achieved
+    inside it, and the power from the energy counter (``energy_j`` / duration) where at least two
+    samples lie inside it, so that the counter was read inside the interval (a shorter interval
+    only interpolates between samples and says nothing about its own power). Null without
+    samples."""
+    rate_schema = polars_schema(TELEMETRY_RATE_COLUMNS)
+    table = table.drop([c for c in rate_schema if c in table.columns])
+    if samples is None or samples.height == 0 or table.height == 0:
+        return table.with_columns(pl.lit(None, dtype=t).alias(c) for c, t in rate_schema.items())
+    import numpy as np
+
+    t = np.sort(samples["t_ns"].to_numpy())
+    start, end = table["start_ns"].to_numpy(), table["end_ns"].to_numpy()
+    inside = np.searchsorted(t, end, side="right") - np.searchsorted(t, start, side="left")
+    duration_s = (end - start) / 1e9
+    with np.errstate(divide="ignore", invalid="ignore"):
+        hz = np.where(duration_s > 0, inside / duration_s, np.nan)
+    energy = table["energy_j"].to_numpy() if "energy_j" in table.columns else np.full(table.height, np.nan)
+    energy = np.asarray(energy, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        power = np.where((inside >= 2) & (duration_s > 0), energy / duration_s, np.nan)
+    return table.with_columns(
+        pl.Series("telemetry_hz", hz, dtype=pl.Float64).fill_nan(None),
+        pl.Series("power_from_energy_w", power, dtype=pl.Float64).fill_nan(None),
+    )
+
+
 def build_report(records: list[RequestRecord], timer_kind: str, *, samples: pl.DataFrame | None = None,
                  traces: list[dict[str, Any]] | None = None,
                  gpu_phases: pl.DataFrame | None = None) -> PhaseReport:
@@ -181,5 +289,7 @@ def build_report(records: list[RequestRecord], timer_kind: str, *, samples: pl.D
     from molmo_latency.telemetry import attach_telemetry
 
     tables = attach_telemetry({"requests": requests, "phases": phases}, samples)
+    tables["requests"] = add_rate_columns(tables["requests"], samples)
+    tables["phases"] = add_rate_columns(tables["phases"], samples)
     return PhaseReport(requests=tables["requests"], phases=tables["phases"], traces=list(traces or []),
                        telemetry=tables.get("telemetry"))

@@ -18,6 +18,12 @@ A *run directory* (written by the sweep runner, `molmo-latency profile`) holds:
 """
 
 PHASES = ("vision", "projector", "prefill", "decode")
+# LLM calls that are neither prefill nor a decode step: a whole sequence recomputed without a
+# KV cache (use_cache=False), several candidate tokens verified at once (assisted decoding).
+OTHER_LLM_PHASES = ("recompute", "verify")
+LLM_PHASES = ("prefill", "decode", *OTHER_LLM_PHASES)
+# The named gaps of `other_ms` (time inside the request outside every phase); they sum to it.
+OTHER_GAPS = ("input_prep", "embed_merge", "between_steps", "after_last")
 
 # prof.report()["requests"]
 REQUEST_COLUMNS = {
@@ -27,7 +33,7 @@ REQUEST_COLUMNS = {
     "prefill_ms": "float64",       # first LLM forward (decoder + LM head)
     "decode_ms": "float64",        # sum of decode steps
     "decode_steps": "int64",
-    "decode_per_token_ms": "float64",  # mean decode step; null without decode steps
+    "decode_per_token_ms": "float64",  # mean decode STEP (one forward, all rows); null without steps
     "other_ms": "float64",         # total - phases; never clamped (negative => valid=False)
     "total_ms": "float64",         # the whole generate() call, same timeline
     "prefill_total_ms": "float64", # vision + projector + prefill
@@ -41,6 +47,22 @@ REQUEST_COLUMNS = {
     "start_ns": "int64",
     "end_ns": "int64",
     "timer": "str",                # "cuda_event" or "perf_counter"
+    # added by issue 13 (README "The requests and phases tables" says exactly what each means)
+    "prefill_chunks": "int64",     # LLM calls that fed the prompt (1 without chunked prefill)
+    "recompute_ms": "float64",     # calls that recomputed the whole sequence (no KV cache)
+    "recompute_steps": "int64",
+    "verify_ms": "float64",        # calls that verified several candidate tokens (assisted)
+    "verify_steps": "int64",
+    "tokens_per_step": "float64",  # rows each decode step advances (batch x beams), mean
+    "num_beams": "int64",
+    "output_tokens_per_row": "list[int64]",  # new tokens per returned row, up to its first EOS
+    "image_tokens_per_row": "list[int64]",   # image tokens per input row
+    "input_prep_ms": "float64",    # other_ms, part 1: request start -> first phase
+    "embed_merge_ms": "float64",   # part 2: after vision/projector, before the first LLM phase
+    "between_steps_ms": "float64", # part 3: between LLM phases (sampling, stopping criteria ...)
+    "after_last_ms": "float64",    # part 4: last phase -> request end
+    "unsplit_regions": "str",      # code whose inner phases could not be timed (compiled)
+    "thread_id": "int64",          # threading.get_ident() of the thread that called generate()
 }
 
 # prof.report()["phases"]
@@ -83,6 +105,12 @@ TELEMETRY_AGG_COLUMNS = {
     "energy_j": "float64",
     "throttle_reasons": "int64",   # OR of the clocks-event reasons bitmask seen
     "telemetry_samples": "int64",
+}
+
+# Added by the profiler next to TELEMETRY_AGG_COLUMNS (null when NVML is off/unavailable).
+TELEMETRY_RATE_COLUMNS = {
+    "telemetry_hz": "float64",         # samples per second achieved inside the interval
+    "power_from_energy_w": "float64",  # energy-counter difference / duration (>= 2 samples inside)
 }
 
 # telemetry.parquet

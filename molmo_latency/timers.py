@@ -7,10 +7,15 @@ after generate() returned, and turns the marks into int64 nanoseconds on the hos
 
 - :class:`PerfCounterTimer`: CPU execution; a mark is ``time.perf_counter_ns()``.
 - :class:`CudaEventTimer`: GPU execution; a mark records a CUDA event on the current stream
-  (reused from a pool). Resolution waits for the last event once, then places every event at
-  ``anchor + elapsed_time(first, event)``, where the anchor is the host clock when the first
-  event was recorded. Differences between marks are GPU-side durations; the absolute position is
-  the host time of the request start (queueing delay before the first GPU work is not included).
+  (taken from a shared free list) and notes the host clock. Resolution waits for the events once,
+  then places every event at ``anchor + elapsed_time(first, event)``, where the anchor is the
+  host clock when the request's first event was recorded. Differences between marks are GPU-side
+  durations; the absolute position is the host time of the request start (queueing delay before
+  the first GPU work is not included).
+
+Marks belong to their request (the caller holds them), so requests running at the same time in
+several threads never share or re-record an event; :meth:`release` hands a resolved request's
+events back for reuse.
 
 Example:
     >>> t = PerfCounterTimer()
@@ -33,6 +38,7 @@ class Timer(Protocol):
     def begin(self) -> None: ...
     def mark(self) -> Any: ...
     def resolve(self, marks: Sequence[Any]) -> list[int]: ...
+    def release(self, marks: Sequence[Any]) -> None: ...
 
 
 class PerfCounterTimer:
@@ -49,9 +55,17 @@ class PerfCounterTimer:
     def resolve(self, marks: Sequence[int]) -> list[int]:
         return list(marks)
 
+    def release(self, marks: Sequence[int]) -> None:
+        pass
+
 
 class CudaEventTimer:
-    """CUDA events on the current stream; no synchronisation until :meth:`resolve`."""
+    """CUDA events on the current stream; no synchronisation until :meth:`resolve`.
+
+    A mark is ``(event, host_ns)``: the event and the host clock when it was recorded. Events come
+    from a free list shared by all requests (``list.pop``/``list.extend`` are atomic under the
+    GIL), so concurrent requests in several threads each hold their own events.
+    """
 
     kind = "cuda_event"
 
@@ -63,29 +77,25 @@ class CudaEventTimer:
         else:
             index = device.index if device.index is not None else torch.cuda.current_device()
         self.device = torch.device("cuda", index)
-        self._pool: list[torch.cuda.Event] = []
-        self._next = 0
-        self._anchor_ns = 0
-        self._grow(pool_size)
-
-    def _grow(self, n: int) -> None:
-        self._pool.extend(torch.cuda.Event(enable_timing=True) for _ in range(n))
+        self._free: list[torch.cuda.Event] = [torch.cuda.Event(enable_timing=True)
+                                               for _ in range(pool_size)]
+        self.created = pool_size  # events created so far (the free list grows on demand)
 
     def begin(self) -> None:
-        self._next = 0
+        """Kept for the Timer protocol: marks are per request, nothing to reset."""
 
-    def mark(self) -> torch.cuda.Event:
-        if self._next == len(self._pool):
-            self._grow(len(self._pool))
-        event = self._pool[self._next]
-        self._next += 1
-        if self._next == 1:
-            self._anchor_ns = time.perf_counter_ns()
+    def mark(self) -> tuple[torch.cuda.Event, int]:
+        try:
+            event = self._free.pop()
+        except IndexError:
+            event = torch.cuda.Event(enable_timing=True)
+            self.created += 1
+        host_ns = time.perf_counter_ns()
         # the current stream of the model's device (not of whatever device is current)
         event.record(torch.cuda.current_stream(self.device))
-        return event
+        return event, host_ns
 
-    def resolve(self, marks: Sequence[torch.cuda.Event]) -> list[int]:
+    def resolve(self, marks: Sequence[tuple[torch.cuda.Event, int]]) -> list[int]:
         """Wait for the marks (once, after the request), then place them on the host clock.
 
         Times accumulate the float64 sum of consecutive ``elapsed_time`` gaps, so a long request
@@ -93,14 +103,19 @@ class CudaEventTimer:
         """
         if not marks:
             return []
-        for event in marks:
+        for event, _host in marks:
             event.synchronize()
-        out = [self._anchor_ns]
+        anchor = marks[0][1]
+        out = [anchor]
         total_ms = 0.0
-        for previous, event in zip(marks, marks[1:]):
+        for (previous, _), (event, _) in zip(marks, marks[1:]):
             total_ms += float(previous.elapsed_time(event))
-            out.append(self._anchor_ns + round(total_ms * 1e6))
+            out.append(anchor + round(total_ms * 1e6))
         return out
+
+    def release(self, marks: Sequence[tuple[torch.cuda.Event, int]]) -> None:
+        """Give a resolved request's events back to the free list."""
+        self._free.extend(event for event, _host in marks)
 
 
 def timer_for(model: torch.nn.Module) -> Timer:

@@ -244,7 +244,7 @@ def test_nvml_telemetry_lands_on_phases_and_requests(tiny):
     from molmo_latency.telemetry import FakeGpu
 
     gpu = FakeGpu(sm_clock_mhz=1755.0, temp_c=61.0, power_w=250.0, throttle_reasons=0x4)
-    with profile_phases(tiny.model, nvml="required", nvml_device=gpu, nvml_interval_ms=1) as prof:
+    with profile_phases(tiny.model, nvml="required", nvml_device=gpu, nvml_interval_ms=5) as prof:
         for _ in range(2):
             tiny.model.generate(**tiny.inputs(crops=1, new_tokens=4))
     rep = prof.report()
@@ -294,7 +294,7 @@ def test_nvml_counter_tracks_are_written_into_the_trace(tiny, tmp_path):
 
     gpu = FakeGpu(sm_clock_mhz=1980.0, temp_c=55.0)
     with profile_phases(tiny.model, trace_dir=tmp_path, nvml="required", nvml_device=gpu,
-                        nvml_interval_ms=1) as prof:
+                        nvml_interval_ms=5) as prof:
         tiny.model.generate(**tiny.inputs(crops=1, new_tokens=4))
     [trace] = prof.traces
     with gzip.open(trace["path"], "rt") as f:
@@ -366,25 +366,27 @@ def test_cuda_event_timer_without_a_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     _FakeEvent.clock_ns = 10**15  # a long-running GPU clock: float32 offsets would lose precision
     timer = CudaEventTimer(torch.device("cuda", 1), pool_size=4)
-    for _request in range(2):  # the pool is reused across requests, and grows past its size
+    for _request in range(2):  # the free list is reused across requests, and grows past its size
         timer.begin()
         _FakeEvent.syncs = 0
         marks = [timer.mark() for _ in range(50_000)]
         assert _FakeEvent.syncs == 0, "marking must never synchronise"
+        assert len({id(event) for event, _host in marks}) == len(marks), "a request never reuses its own events"
         ns = timer.resolve(marks)
+        timer.release(marks)
         # 60 s into the request each step keeps its length to 1 ns (float32 offsets from the
         # first event would quantise steps to ~4 us there)
         gaps = {b - a for a, b in zip(ns, ns[1:])}
         assert gaps <= {1_234_566, 1_234_567, 1_234_568}
         assert abs((ns[-1] - ns[0]) - (len(ns) - 1) * 1_234_567) < 1e-7 * (ns[-1] - ns[0])
     assert set(_FakeEvent.streams) == {"stream of cuda:1"}, "events go on the model device's stream"
-    assert len(timer._pool) == 4 * 2**14
+    assert timer.created == 50_000, "the second request reused the first one's released events"
 
 
 def test_pop_report_hands_out_each_sample_once_and_keeps_memory_bounded(tiny):
     from molmo_latency.telemetry import FakeGpu
 
-    with profile_phases(tiny.model, nvml="required", nvml_device=FakeGpu(), nvml_interval_ms=1) as prof:
+    with profile_phases(tiny.model, nvml="required", nvml_device=FakeGpu(), nvml_interval_ms=5) as prof:
         seen, held = [], []
         for _ in range(4):
             tiny.model.generate(**tiny.inputs(crops=1, new_tokens=3))

@@ -154,7 +154,7 @@ def test_profile_phases_with_nvml_fills_the_telemetry_columns(tiny, monkeypatch)
     FakeNvml().install(monkeypatch)
     from molmo_latency import profile_phases
 
-    with profile_phases(tiny.model, nvml="required", nvml_interval_ms=1) as prof:
+    with profile_phases(tiny.model, nvml="required", nvml_interval_ms=5) as prof:
         for _ in range(2):
             tiny.model.generate(**tiny.inputs(crops=1, new_tokens=4))
     rep = prof.report()
@@ -171,7 +171,7 @@ def test_profile_phases_required_surfaces_a_sampler_failing_mid_run(tiny):
 
     gpu = FakeGpu(fail_after=2)
     with pytest.raises(NvmlUnavailable, match="failed after 2 samples"):
-        with profile_phases(tiny.model, nvml="required", nvml_device=gpu, nvml_interval_ms=1):
+        with profile_phases(tiny.model, nvml="required", nvml_device=gpu, nvml_interval_ms=5):
             tiny.model.generate(**tiny.inputs(crops=1, new_tokens=4))
             deadline = time.monotonic() + 5
             while gpu.failures == 0 and time.monotonic() < deadline:

@@ -22,7 +22,17 @@ from molmo_latency.errors import MolmoLatencyError, NvmlUnavailable
 from molmo_latency.telemetry.device import GpuDevice, open_gpu
 from molmo_latency.telemetry.sampler import NvmlSampler
 
-__all__ = ["NVML_MODES", "NvmlWarning", "start_telemetry", "stop_telemetry"]
+__all__ = ["DEFAULT_INTERVAL_MS", "MIN_INTERVAL_MS", "NVML_MODES", "NvmlWarning", "start_telemetry",
+           "stop_telemetry"]
+
+#: The profiler's NVML sampling interval unless told otherwise. A sample costs the sampler
+#: thread several GIL hand-offs (one per NVML query); against a decode loop that holds the GIL,
+#: 1 ms sampling slowed decode steps by about 30% on a GPU machine and 10 ms still achieved only
+#: about 19 Hz. 50 ms keeps the sampler's cost on the measured loop within the noise
+#: (``benchmarks/overhead.py`` measures it: decode step with the sampler on vs off).
+DEFAULT_INTERVAL_MS = 50.0
+#: The shortest interval ``profile_phases`` accepts.
+MIN_INTERVAL_MS = 5.0
 
 NvmlMode = Literal["auto", "off", "required"]
 NVML_MODES: tuple[str, ...] = ("auto", "off", "required")
@@ -52,7 +62,7 @@ def start_telemetry(
     mode: NvmlMode | str = "auto",
     device: int | str | GpuDevice = 0,
     *,
-    interval_ms: float = 10.0,
+    interval_ms: float = DEFAULT_INTERVAL_MS,
     opener: Callable[[int | str], GpuDevice] = open_gpu,
 ) -> NvmlSampler | None:
     """Start an :class:`NvmlSampler` as the policy says, or return None.
