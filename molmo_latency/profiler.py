@@ -243,7 +243,7 @@ class PhaseProfiler:
         pushed = self._unsplit_seen
         if pushed:
             self.ranges.push(kind, step)
-        req.call = [kind, step, len(req.marks), False, pushed]
+        req.call = [kind, step, len(req.marks), False, pushed, None]
         req.marks.append(self.timer.mark())
         return None
 
@@ -253,15 +253,19 @@ class PhaseProfiler:
         req = self._active
         if req is None or self._closed or req.call is None:
             return None
-        kind, step, start_idx, inner_seen, pushed = req.call
+        kind, step, start_idx, llm_seen, pushed, image_end_idx = req.call
         req.call = None
         end_idx = len(req.marks)
         req.marks.append(self.timer.mark())
         if pushed:
             self.ranges.pop()
-        if not inner_seen:
-            req.spans.append((kind, step, start_idx, end_idx))
-            req.unsplit.add(self._region)
+        if not llm_seen:  # the LLM ran where no hook fires (compiled): time the call instead
+            if image_end_idx is None:
+                req.spans.append((kind, step, start_idx, end_idx))
+                req.unsplit.add(self._region)
+            else:  # vision/projector were timed: the LLM phase is the rest of the call
+                req.spans.append((kind, step, image_end_idx, end_idx))
+                req.unsplit.add(f"{self._region} (LLM part, timed from the end of the image phases)")
             self._unsplit_seen = True
         return None
 
@@ -284,8 +288,6 @@ class PhaseProfiler:
             phase = name
             step = req.occurrences.get(name, 0)
             req.occurrences[name] = step + 1
-            if req.call is not None:
-                req.call[3] = True
         if req.open:
             req.anomalies.append(f"{phase} started while {req.open[-1][0]} was open (nested phases)")
         self.ranges.push(phase, step)
@@ -309,6 +311,8 @@ class PhaseProfiler:
         phase, step, start_idx, _ = req.open.pop(i)
         self.ranges.pop()
         req.spans.append((phase, step, start_idx, end_idx))
+        if name != "llm" and req.call is not None:
+            req.call[5] = end_idx
 
     # ------------------------------------------------------------------------- generate
     def _wrap_generate(self) -> None:
@@ -349,7 +353,8 @@ class PhaseProfiler:
             req.batch_size, req.input_tokens = int(ids.shape[0]), int(ids.shape[1])
             req.input_ids = ids  # image tokens are counted after generate(): no sync before it
         req.image_input_idx = _image_input_idx(args, kwargs)
-        req.num_beams = _generation_setting(self.model, args, kwargs, "num_beams")
+        beams = _generation_setting(self.model, args, kwargs, "num_beams")
+        req.num_beams = int(beams) if isinstance(beams, int) else 1  # unset: generate()'s default, 1
         req.eos_token_id = _generation_setting(self.model, args, kwargs, "eos_token_id")
         self.timer.begin()
         req.wall_start_ns = time.perf_counter_ns()

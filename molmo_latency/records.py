@@ -62,7 +62,8 @@ class RequestRecord:
     batch_size: int | None = None
     input_ids: Any = None  # held until the request ends, to count image tokens then
     image_input_idx: Any = None  # Molmo's image positions, held like input_ids
-    call: list[Any] | None = None  # the LLM call running: [kind, step, mark index, inner seen, ranged]
+    # the LLM call running: [kind, step, start mark, LLM hook seen, range pushed, last image-phase end mark]
+    call: list[Any] | None = None
     kind_counts: dict[str, int] = field(default_factory=dict)  # LLM calls per kind so far
     fed: int = 0  # prompt tokens fed to the LLM so far (prefill chunks)
     decode_rows: list[int] = field(default_factory=list)  # rows fed by each decode step

@@ -1,0 +1,407 @@
+"""The profiler where users take it: compiled models, threads, no KV cache, chunked prefill,
+batches and beams, profilers closed out of order, a fake GPU clock, NVML rates, and an `other_ms`
+that is split into named gaps. Expectations come from the test's own clock and settings, not from
+the profiler's code."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import polars as pl
+import pytest
+import torch
+
+from molmo_latency import profile_phases
+from molmo_latency.errors import MolmoLatencyError
+from molmo_latency.models import EOS_ID, PAD_ID, reference_vlm
+
+GAPS = ("input_prep_ms", "embed_merge_ms", "between_steps_ms", "after_last_ms")
+
+
+def _kw(ref, new_tokens, *, crops=1, prompt_tokens=8, batch_size=1, fixed=True, **extra):
+    """generate() keyword arguments with the generation settings given here (inputs() may or may
+    not carry them, depending on the version of the reference model)."""
+    kw = ref.inputs(crops=crops, prompt_tokens=prompt_tokens, batch_size=batch_size)
+    for key in ("max_new_tokens", "min_new_tokens", "do_sample"):
+        kw.pop(key, None)
+    kw.update(max_new_tokens=new_tokens, do_sample=False, pad_token_id=PAD_ID, eos_token_id=EOS_ID)
+    if fixed:
+        kw["min_new_tokens"] = new_tokens
+    kw.update(extra)
+    return kw
+
+
+def _hook_counts(model):
+    return {name: (len(m._forward_hooks), len(m._forward_pre_hooks)) for name, m in model.named_modules()}
+
+
+def _phases_of(rep, request):
+    return rep.phases.filter(pl.col("request") == request).sort("start_ns")
+
+
+# ------------------------------------------------------------------------------ compiled models
+def _graph_counts():
+    from torch._dynamo.utils import counters
+
+    return sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"]
+
+
+def test_compiled_models_get_prefill_and_every_decode_step_and_no_new_graph_breaks():
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    ref = reference_vlm("tiny", seed=1)
+    model = ref.model
+    kw = _kw(ref, 5)
+    original = model.forward
+    try:
+        # compiled BEFORE the block (the usual warm-up, then measure)
+        torch._dynamo.reset()
+        counters.clear()
+        model.forward = torch.compile(original, backend="eager")
+        model.generate(**kw)
+        compiled_alone = _graph_counts()
+        with profile_phases(model) as prof:
+            model.generate(**kw)
+        assert _graph_counts() == compiled_alone, "the profiler's hooks recompiled or split the graph"
+        req = prof.report().requests.row(0, named=True)
+        assert req["valid"], req["invalid_reason"]
+        assert req["prefill_ms"] > 0 and req["decode_steps"] == 4 and req["output_tokens"] == 5
+        assert "AyaVisionForConditionalGeneration.forward" in req["unsplit_regions"]
+
+        # compiled INSIDE the block: Dynamo traces the hooks, which must add no graph break
+        torch._dynamo.reset()
+        counters.clear()
+        model.forward = original
+        with profile_phases(model) as prof:
+            model.forward = torch.compile(original, backend="eager")
+            model.generate(**kw)
+        assert _graph_counts() == compiled_alone
+        req = prof.report().requests.row(0, named=True)
+        assert req["valid"], req["invalid_reason"]
+        assert req["prefill_ms"] > 0 and req["decode_steps"] == 4
+        assert req["unsplit_regions"] is not None
+    finally:
+        vars(model).pop("forward", None)
+        torch._dynamo.reset()
+
+
+def test_a_model_split_by_hooks_names_no_unsplit_region(tiny):
+    with profile_phases(tiny.model) as prof:
+        tiny.model.generate(**_kw(tiny, 3))
+    req = prof.report().requests.row(0, named=True)
+    assert req["unsplit_regions"] is None and req["vision_ms"] > 0 and req["projector_ms"] > 0
+
+
+# ------------------------------------------------------------------------------------ threads
+def test_two_threads_give_two_valid_requests(tiny):
+    lengths = (4, 9)
+    kwargs = {n: _kw(tiny, n, crops=2) for n in lengths}
+    barrier = threading.Barrier(len(lengths))
+    errors, idents = [], {}
+
+    def run(n):
+        try:
+            idents[n] = threading.get_ident()
+            barrier.wait()
+            tiny.model.generate(**kwargs[n])
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    with profile_phases(tiny.model) as prof:
+        threads = [threading.Thread(target=run, args=(n,)) for n in lengths]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors
+    rep = prof.report()
+    req = rep.requests.sort("output_tokens")
+    assert req.height == 2
+    assert req["valid"].all(), req["invalid_reason"].to_list()
+    assert req["output_tokens"].to_list() == list(lengths)
+    assert req["decode_steps"].to_list() == [n - 1 for n in lengths]
+    assert req["thread_id"].to_list() == [idents[n] for n in lengths]
+    a, b = req.iter_rows(named=True)
+    assert a["start_ns"] < b["end_ns"] and b["start_ns"] < a["end_ns"], "the requests ran concurrently"
+    for r in (a, b):
+        p = _phases_of(rep, r["request"])
+        assert p.filter(pl.col("phase") == "decode")["step"].to_list() == list(range(r["output_tokens"] - 1))
+        assert p["start_ns"].min() >= r["start_ns"] and p["end_ns"].max() <= r["end_ns"]
+        assert r["other_ms"] >= 0
+
+
+# ------------------------------------------------------------ what one LLM call processes
+def test_no_kv_cache_is_never_a_valid_request_with_decode_steps(tiny):
+    with profile_phases(tiny.model) as prof:
+        tiny.model.generate(**_kw(tiny, 5, use_cache=False))
+        tiny.model.generate(**_kw(tiny, 5))
+    nocache, cached = prof.report().requests.iter_rows(named=True)
+    assert nocache["valid"] is False and "use_cache=False" in nocache["invalid_reason"]
+    assert nocache["decode_steps"] == 0 and nocache["decode_per_token_ms"] is None
+    assert nocache["recompute_steps"] == 4 and nocache["recompute_ms"] > 0 and nocache["prefill_ms"] > 0
+    assert cached["valid"] and cached["decode_steps"] == 4 and cached["recompute_steps"] == 0
+
+
+def test_chunked_prefill_is_measured_as_prefill_chunks(tiny):
+    import transformers
+
+    if transformers.__version__.startswith("4."):
+        pytest.skip("transformers 4.5x runs chunked prefill through torch.compile of the whole model "
+                    "call: no hook of any kind fires inside it (the 5.x line runs it eagerly)")
+    kw = _kw(tiny, 4, crops=1, prompt_tokens=12)
+    prompt = kw["input_ids"].shape[1]  # BOS + 16 image tokens + 12 = 29
+    with profile_phases(tiny.model) as prof:
+        tiny.model.generate(**kw, prefill_chunk_size=8)
+    rep = prof.report()
+    req = rep.requests.row(0, named=True)
+    chunks = -(-prompt // 8)
+    assert req["valid"], req["invalid_reason"]
+    assert req["prefill_chunks"] == chunks and req["decode_steps"] == 3
+    prefill = rep.phases.filter(pl.col("phase") == "prefill")
+    assert prefill["step"].to_list() == list(range(chunks))
+    assert req["prefill_ms"] == pytest.approx(prefill["ms"].sum())
+
+
+# -------------------------------------------------------------------------- batches and beams
+class _StopRowEarly:
+    """A logits processor: row `row` ends with EOS as its `at`-th new token; no other row may."""
+
+    def __init__(self, prompt_len, row, at):
+        self.prompt_len, self.row, self.at = prompt_len, row, at
+
+    def __call__(self, input_ids, scores):
+        scores = scores.clone()
+        scores[:, EOS_ID] = -float("inf")
+        if input_ids.shape[1] - self.prompt_len == self.at - 1:
+            scores[self.row, :] = -float("inf")
+            scores[self.row, EOS_ID] = 0.0
+        return scores
+
+
+def test_batch_with_a_row_stopping_early_reports_per_row_tokens(tiny):
+    from transformers import LogitsProcessorList
+
+    kw = _kw(tiny, 6, batch_size=2, fixed=False)
+    prompt = kw["input_ids"].shape[1]
+    kw["logits_processor"] = LogitsProcessorList([_StopRowEarly(prompt, row=0, at=3)])
+    with profile_phases(tiny.model) as prof:
+        out = tiny.model.generate(**kw)
+    assert out[0, prompt + 2].item() == EOS_ID and (out[0, prompt + 3:] == PAD_ID).all()
+    req = prof.report().requests.row(0, named=True)
+    assert req["valid"], req["invalid_reason"]
+    assert req["output_tokens_per_row"] == [3, 6]
+    assert req["output_tokens"] == 6 and req["decode_steps"] == 5
+    assert req["batch_size"] == 2 and req["tokens_per_step"] == 2.0 and req["num_beams"] == 1
+    assert req["image_tokens_per_row"] == [tiny.tokens_per_crop] * 2
+    assert req["decode_per_token_ms"] == pytest.approx(req["decode_ms"] / 5)  # per STEP
+
+
+def test_beams_are_recorded_and_steps_advance_every_beam(tiny):
+    with profile_phases(tiny.model) as prof:
+        tiny.model.generate(**_kw(tiny, 4, crops=2, num_beams=3))
+    req = prof.report().requests.row(0, named=True)
+    assert req["valid"], req["invalid_reason"]
+    assert req["num_beams"] == 3 and req["tokens_per_step"] == 3.0 and req["decode_steps"] == 3
+    assert req["image_tokens"] == 2 * tiny.tokens_per_crop and req["output_tokens_per_row"] == [4]
+
+
+# ------------------------------------------------------------------ nested / out-of-order exit
+def test_profilers_closed_out_of_order_leave_the_model_clean_and_closed_ones_record_nothing(tiny):
+    model = tiny.model
+    before = _hook_counts(model)
+    kw = _kw(tiny, 2)
+    a, b = profile_phases(model), profile_phases(model)
+    a.__enter__()
+    b.__enter__()
+    model.generate(**kw)
+    a.__exit__(None, None, None)
+    model.generate(**kw)
+    b.__exit__(None, None, None)
+    model.generate(**kw)
+    assert _hook_counts(model) == before
+    assert "generate" not in vars(model) and "generate_from_batch" not in vars(model)
+    assert a.report().requests.height == 1 and b.report().requests.height == 2
+    assert a.report().requests["valid"].all() and b.report().requests["valid"].all()
+
+
+def test_an_instance_level_generate_is_put_back_as_it_was(tiny):
+    model = tiny.model
+    own = model.generate  # a bound method, set on the instance like a user's own wrapper
+    model.generate = own
+    try:
+        a, b = profile_phases(model), profile_phases(model)
+        a.__enter__()
+        b.__enter__()
+        assert vars(model)["generate"] is not own
+        a.__exit__(None, None, None)
+        b.__exit__(None, None, None)
+        assert vars(model)["generate"] is own
+    finally:
+        del model.generate
+
+
+# --------------------------------------------------------------- "other", split into named gaps
+def test_other_is_split_into_named_gaps_placed_by_an_independent_clock(tiny):
+    """Known pauses put where each gap lives: before the first phase (a hook that runs before the
+    profiler's on the vision tower), between projector and prefill (a hook that runs after the
+    profiler's on the projector), after each LLM call (a logits processor, which runs between
+    decode steps and after the last one). The test notes when each pause ran on its own clock:
+    each named gap must hold its pauses, and no phase may overlap one (load-independent)."""
+    from transformers import LogitsProcessorList
+
+    model, n = tiny.model, 3
+    pause = {"input": 0.060, "merge": 0.040, "logits": 0.050}
+    ran: dict[str, list[tuple[int, int]]] = {k: [] for k in pause}
+
+    def sleep(kind):
+        a = time.perf_counter_ns()
+        time.sleep(pause[kind])
+        ran[kind].append((a, time.perf_counter_ns()))
+
+    def slow_logits(input_ids, scores):
+        sleep("logits")
+        return scores
+
+    early = model.model.vision_tower.register_forward_pre_hook(lambda *_: sleep("input"))
+    try:
+        with profile_phases(model) as prof:
+            late = model.model.multi_modal_projector.register_forward_hook(lambda *_: sleep("merge"))
+            t0 = time.perf_counter_ns()
+            model.generate(**_kw(tiny, n), logits_processor=LogitsProcessorList([slow_logits]))
+            t1 = time.perf_counter_ns()
+            late.remove()
+    finally:
+        early.remove()
+    rep = prof.report()
+    r = rep.requests.row(0, named=True)
+    assert r["valid"], r["invalid_reason"]
+    assert t0 <= r["start_ns"] and r["end_ns"] <= t1
+    assert [len(v) for v in ran.values()] == [1, 1, n]
+    assert r["input_prep_ms"] >= pause["input"] * 1e3
+    assert r["embed_merge_ms"] >= pause["merge"] * 1e3
+    assert r["between_steps_ms"] >= (n - 1) * pause["logits"] * 1e3
+    assert r["after_last_ms"] >= pause["logits"] * 1e3
+    phases = rep.phases.sort("start_ns")
+    for kind, spans in ran.items():
+        for a, b in spans:
+            overlapping = phases.filter((pl.col("start_ns") < b) & (pl.col("end_ns") > a))
+            assert overlapping.height == 0, f"the {kind} pause was charged to {overlapping['phase'].to_list()}"
+    first, last = phases.row(0, named=True), phases.row(-1, named=True)
+    projector = phases.filter(pl.col("phase") == "projector").row(0, named=True)
+    prefill = phases.filter(pl.col("phase") == "prefill").row(0, named=True)
+    assert r["start_ns"] <= ran["input"][0][0] and ran["input"][0][1] <= first["start_ns"]
+    assert projector["end_ns"] <= ran["merge"][0][0] and ran["merge"][0][1] <= prefill["start_ns"]
+    assert last["end_ns"] <= ran["logits"][-1][0] and ran["logits"][-1][1] <= r["end_ns"]
+    assert sum(r[g] for g in GAPS) == pytest.approx(r["other_ms"], rel=1e-9, abs=1e-9)
+
+
+def test_gaps_sum_to_other_on_every_request(tiny):
+    with profile_phases(tiny.model) as prof:
+        for crops, batch in ((0, 1), (1, 2), (3, 1)):
+            tiny.model.generate(**_kw(tiny, 4, crops=crops, batch_size=batch))
+    req = prof.report().requests
+    assert req["valid"].all(), req["invalid_reason"].to_list()
+    for r in req.iter_rows(named=True):
+        assert all(r[g] >= 0 for g in GAPS)
+        assert sum(r[g] for g in GAPS) == pytest.approx(r["other_ms"], rel=1e-9, abs=1e-9)
+    no_image = req.row(0, named=True)
+    assert no_image["vision_ms"] is None and no_image["embed_merge_ms"] == 0.0
+
+
+# -------------------------------------------------------------- the CUDA event path, end to end
+class _SlowGpu:
+    """A fake CUDA device: events on a GPU clock that runs `SLOWDOWN` times the host's time since
+    the stream's first event (a GPU slower than the host launches), so a timer that mixed up host
+    and GPU time would show it. Records the host time of each record() and every synchronize()."""
+
+    SLOWDOWN = 3
+    origin_host = None
+    sync_times: list[int] = []
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            self.gpu_ns = None
+
+        def record(self, stream=None):
+            now = time.perf_counter_ns()
+            if _SlowGpu.origin_host is None:
+                _SlowGpu.origin_host = now
+            self.gpu_ns = _SlowGpu.SLOWDOWN * (now - _SlowGpu.origin_host)
+
+        def synchronize(self):
+            _SlowGpu.sync_times.append(time.perf_counter_ns())
+
+        def elapsed_time(self, other):
+            import numpy as np
+
+            return float(np.float32((other.gpu_ns - self.gpu_ns) / 1e6))
+
+
+def test_cuda_event_path_end_to_end_on_a_fake_gpu_clock(tiny, monkeypatch):
+    from molmo_latency.timers import CudaEventTimer
+
+    monkeypatch.setattr(torch.cuda, "Event", _SlowGpu.Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    host = {}
+
+    def mark(key):
+        def hook(*_args):
+            host.setdefault(key, []).append(time.perf_counter_ns())
+        return hook
+
+    lm = tiny.model.model.language_model
+    handles = [lm.register_forward_pre_hook(mark("llm_start"))]  # just before the profiler's mark
+    timer = CudaEventTimer(0, pool_size=2)
+    try:
+        with profile_phases(tiny.model, timer=timer) as prof:
+            handles.append(tiny.model.lm_head.register_forward_hook(mark("llm_end")))  # just after
+            t0 = time.perf_counter_ns()
+            tiny.model.generate(**_kw(tiny, 4))
+            t1 = time.perf_counter_ns()
+    finally:
+        for h in handles:
+            h.remove()
+    assert _SlowGpu.sync_times and min(_SlowGpu.sync_times) > host["llm_end"][-1], \
+        "events are waited for once, after the last LLM call, never inside generate()'s loop"
+    rep = prof.report()
+    r = rep.requests.row(0, named=True)
+    assert r["timer"] == "cuda_event" and r["valid"], r["invalid_reason"]
+    # GPU durations, not host ones: each LLM phase lasts SLOWDOWN x its host duration
+    llm = rep.phases.filter(pl.col("phase").is_in(["prefill", "decode"])).sort("start_ns")
+    host_ms = [(b - a) / 1e6 for a, b in zip(host["llm_start"], host["llm_end"])]
+    assert llm.height == len(host_ms) == 4
+    for got, h in zip(llm["ms"].to_list(), host_ms):
+        assert got == pytest.approx(_SlowGpu.SLOWDOWN * h, rel=0.05, abs=0.05)
+    assert r["total_ms"] == pytest.approx(_SlowGpu.SLOWDOWN * (t1 - t0) / 1e6, rel=0.05)
+    assert len(_SlowGpu.sync_times) == timer.created, "each event of the request waited for once"
+
+
+# ------------------------------------------------------------------------------------ NVML
+def test_nvml_rate_per_request_and_power_from_the_energy_counter(tiny):
+    from molmo_latency.telemetry import FakeGpu
+
+    gpu = FakeGpu(power_w=250.0)  # its energy counter integrates 250 W over time
+    with profile_phases(tiny.model, nvml="required", nvml_device=gpu, nvml_interval_ms=5) as prof:
+        for _ in range(2):
+            tiny.model.generate(**_kw(tiny, 12, crops=2))
+    rep = prof.report()
+    for r in rep.requests.iter_rows(named=True):
+        inside = rep.telemetry.filter(pl.col("t_ns").is_between(r["start_ns"], r["end_ns"])).height
+        assert r["telemetry_hz"] == pytest.approx(inside / (r["total_ms"] / 1e3))
+        assert 0 < r["telemetry_hz"] <= 1e3 / 5 * 1.5
+        if inside >= 2:
+            assert r["power_from_energy_w"] == pytest.approx(250.0, rel=0.05)
+    short = rep.phases.filter(pl.col("telemetry_hz") * pl.col("ms") / 1e3 < 2)
+    assert short["power_from_energy_w"].null_count() == short.height  # too short to say
+
+
+def test_nvml_interval_below_the_floor_is_refused(tiny):
+    from molmo_latency.telemetry.policy import MIN_INTERVAL_MS
+
+    with pytest.raises(MolmoLatencyError, match="below the floor"):
+        profile_phases(tiny.model, nvml="auto", nvml_interval_ms=MIN_INTERVAL_MS / 2)
+    assert "generate" not in vars(tiny.model)
+    profile_phases(tiny.model, nvml="off", nvml_interval_ms=1)  # off: the interval is unused
