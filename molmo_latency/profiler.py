@@ -76,8 +76,8 @@ class _Dispatch:
     a profiler removes its layer; the last one out puts the original back (or removes the
     instance attribute it never had), whatever the order the profilers were closed in."""
 
-    def __init__(self, model: torch.nn.Module, name: str):
-        self.model, self.name = model, name
+    def __init__(self, model: torch.nn.Module, name: str, layer: str = "_request"):
+        self.model, self.name, self.layer = model, name, layer
         self.own = name in vars(model)
         self.original = getattr(model, name)
         self.profilers: list[PhaseProfiler] = []
@@ -90,7 +90,7 @@ class _Dispatch:
             def run(i: int) -> Any:
                 if i == len(layers):
                     return dispatch.original(*args, **kwargs)
-                return layers[i]._request(lambda: run(i + 1), args, kwargs)
+                return getattr(layers[i], dispatch.layer)(lambda: run(i + 1), args, kwargs)
 
             return run(0)
 
@@ -98,11 +98,12 @@ class _Dispatch:
         self.entry = entry
 
     @classmethod
-    def join(cls, model: torch.nn.Module, name: str, profiler: "PhaseProfiler") -> "_Dispatch":
+    def join(cls, model: torch.nn.Module, name: str, profiler: "PhaseProfiler",
+             layer: str = "_request") -> "_Dispatch":
         current = vars(model).get(name)
         dispatch = getattr(current, _DISPATCH_ATTR, None) if current is not None else None
         if dispatch is None or dispatch.model is not model:
-            dispatch = cls(model, name)
+            dispatch = cls(model, name, layer)
             setattr(model, name, dispatch.entry)
         dispatch.profilers.append(profiler)
         return dispatch
@@ -325,6 +326,30 @@ class PhaseProfiler:
                 "pass the method that generates with profile_phases(model, entry_points=[...])")
         for name in found:
             self._dispatches.append(_Dispatch.join(self.model, name, self))
+        if callable(getattr(self.model, "get_compiled_call", None)):
+            # transformers compiles the model's whole __call__ for its decode loop (static cache
+            # auto-compile, chunked prefill on 4.5x): the hooks then run inside compiled code,
+            # so the compiled callable it hands out is timed from outside instead
+            self._dispatches.append(_Dispatch.join(self.model, "get_compiled_call", self,
+                                                   layer="_compiled_call_layer"))
+
+    def _compiled_call_layer(self, inner: Any, args: tuple, kwargs: dict) -> Any:
+        """Wrap the compiled model call that ``get_compiled_call`` returns, so that each call is
+        marked at its boundary (outside the compiled code) like a hooked call."""
+        compiled = inner()
+        if getattr(compiled, "_molmo_latency_profiler", None) is self:
+            return compiled
+        profiler = self
+
+        @functools.wraps(compiled)
+        def timed_call(*call_args: Any, **call_kwargs: Any) -> Any:
+            profiler._on_call_start(None, call_args, call_kwargs)
+            out = compiled(*call_args, **call_kwargs)
+            profiler._on_call_end(None, call_args, out)
+            return out
+
+        timed_call._molmo_latency_profiler = self
+        return timed_call
 
     def _request(self, inner: Any, args: tuple, kwargs: dict) -> Any:
         """Run one entry-point call (`inner`) as a request of this profiler."""

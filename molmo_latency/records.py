@@ -188,8 +188,11 @@ def _request_row(rec: RequestRecord, rows: list[dict[str, Any]], problems: list[
     if rec.complete and rec.output_tokens is not None and rec.output_tokens >= 1 \
             and not counts["recompute"] and not counts["verify"] \
             and decode_steps != rec.output_tokens - 1:
+        hint = ("; the missing LLM calls ran where no hook fires and no compiled call was handed out "
+                "through get_compiled_call (a model compiled as a whole?)"
+                if decode_steps < rec.output_tokens - 1 else "")
         problems.append(f"{decode_steps} decode steps for {rec.output_tokens} output tokens "
-                        f"(expected {rec.output_tokens - 1})")
+                        f"(expected {rec.output_tokens - 1}){hint}")
     if not rec.complete:
         problems.insert(0, f"generate() raised {rec.error}")
     seen = set()

@@ -36,6 +36,14 @@ def _hook_counts(model):
     return {name: (len(m._forward_hooks), len(m._forward_pre_hooks)) for name, m in model.named_modules()}
 
 
+def _module(model, phase, end=False):
+    """The module a phase starts (or ends) at, wherever this transformers line puts it."""
+    from molmo_latency.adapters import find_phases
+
+    span = find_phases(model).spans[phase]
+    return span.end if end else span.start
+
+
 def _phases_of(rep, request):
     return rep.phases.filter(pl.col("request") == request).sort("start_ns")
 
@@ -147,21 +155,47 @@ def test_no_kv_cache_is_never_a_valid_request_with_decode_steps(tiny):
 def test_chunked_prefill_is_measured_as_prefill_chunks(tiny):
     import transformers
 
-    if transformers.__version__.startswith("4."):
-        pytest.skip("transformers 4.5x runs chunked prefill through torch.compile of the whole model "
-                    "call: no hook of any kind fires inside it (the 5.x line runs it eagerly)")
     kw = _kw(tiny, 4, crops=1, prompt_tokens=12)
     prompt = kw["input_ids"].shape[1]  # BOS + 16 image tokens + 12 = 29
     with profile_phases(tiny.model) as prof:
         tiny.model.generate(**kw, prefill_chunk_size=8)
     rep = prof.report()
     req = rep.requests.row(0, named=True)
-    chunks = -(-prompt // 8)
+    if transformers.__version__.startswith("4."):
+        # 4.5x chunks all but the last prompt token, in a compiled model call, then feeds the
+        # last one in its decode loop
+        chunks = -(-(prompt - 1) // 8) + 1
+        assert "AyaVisionForConditionalGeneration.forward" in req["unsplit_regions"]
+    else:
+        chunks = -(-prompt // 8)
     assert req["valid"], req["invalid_reason"]
     assert req["prefill_chunks"] == chunks and req["decode_steps"] == 3
     prefill = rep.phases.filter(pl.col("phase") == "prefill")
     assert prefill["step"].to_list() == list(range(chunks))
     assert req["prefill_ms"] == pytest.approx(prefill["ms"].sum())
+
+
+def test_static_cache_auto_compile_gets_every_decode_step():
+    """transformers compiles the model's whole call for the decode loop with a static cache (on
+    CUDA by itself; on CPU when the compile config allows every device)."""
+    import torch._dynamo
+    import transformers
+    from transformers import CompileConfig
+
+    if transformers.__version__.startswith("4."):
+        pytest.skip("the reference model (AyaVision) refuses cache_implementation='static' on 4.5x")
+    ref = reference_vlm("tiny", seed=2)
+    config = CompileConfig(backend="eager")
+    config._compile_all_devices = True
+    try:
+        with profile_phases(ref.model) as prof:
+            ref.model.generate(**_kw(ref, 4), cache_implementation="static", compile_config=config)
+        assert "get_compiled_call" not in vars(ref.model) and "generate" not in vars(ref.model)
+    finally:
+        torch._dynamo.reset()
+    req = prof.report().requests.row(0, named=True)
+    assert req["valid"], req["invalid_reason"]
+    assert req["decode_steps"] == 3 and req["prefill_ms"] > 0 and req["unsplit_regions"] is not None
 
 
 # -------------------------------------------------------------------------- batches and beams
@@ -264,10 +298,10 @@ def test_other_is_split_into_named_gaps_placed_by_an_independent_clock(tiny):
         sleep("logits")
         return scores
 
-    early = model.model.vision_tower.register_forward_pre_hook(lambda *_: sleep("input"))
+    early = _module(model, "vision").register_forward_pre_hook(lambda *_: sleep("input"))
     try:
         with profile_phases(model) as prof:
-            late = model.model.multi_modal_projector.register_forward_hook(lambda *_: sleep("merge"))
+            late = _module(model, "projector", end=True).register_forward_hook(lambda *_: sleep("merge"))
             t0 = time.perf_counter_ns()
             model.generate(**_kw(tiny, n), logits_processor=LogitsProcessorList([slow_logits]))
             t1 = time.perf_counter_ns()
@@ -352,12 +386,11 @@ def test_cuda_event_path_end_to_end_on_a_fake_gpu_clock(tiny, monkeypatch):
             host.setdefault(key, []).append(time.perf_counter_ns())
         return hook
 
-    lm = tiny.model.model.language_model
-    handles = [lm.register_forward_pre_hook(mark("llm_start"))]  # just before the profiler's mark
+    handles = [_module(tiny.model, "llm").register_forward_pre_hook(mark("llm_start"))]  # before ours
     timer = CudaEventTimer(0, pool_size=2)
     try:
         with profile_phases(tiny.model, timer=timer) as prof:
-            handles.append(tiny.model.lm_head.register_forward_hook(mark("llm_end")))  # just after
+            handles.append(_module(tiny.model, "llm", end=True).register_forward_hook(mark("llm_end")))
             t0 = time.perf_counter_ns()
             tiny.model.generate(**_kw(tiny, 4))
             t1 = time.perf_counter_ns()
