@@ -15,21 +15,14 @@ import torch
 from molmo_latency import profile_phases
 from molmo_latency.errors import MolmoLatencyError
 from molmo_latency.models import EOS_ID, PAD_ID, reference_vlm
+from tests.profiler_helpers import gen_kwargs
 
 GAPS = ("input_prep_ms", "embed_merge_ms", "between_steps_ms", "after_last_ms")
 
 
 def _kw(ref, new_tokens, *, crops=1, prompt_tokens=8, batch_size=1, fixed=True, **extra):
-    """generate() keyword arguments with the generation settings given here (inputs() may or may
-    not carry them, depending on the version of the reference model)."""
-    kw = ref.inputs(crops=crops, prompt_tokens=prompt_tokens, batch_size=batch_size)
-    for key in ("max_new_tokens", "min_new_tokens", "do_sample"):
-        kw.pop(key, None)
-    kw.update(max_new_tokens=new_tokens, do_sample=False, pad_token_id=PAD_ID, eos_token_id=EOS_ID)
-    if fixed:
-        kw["min_new_tokens"] = new_tokens
-    kw.update(extra)
-    return kw
+    return gen_kwargs(ref, crops=crops, prompt_tokens=prompt_tokens, batch_size=batch_size,
+                      new_tokens=new_tokens, fixed=fixed, **extra)
 
 
 def _hook_counts(model):
@@ -424,10 +417,10 @@ def test_nvml_rate_per_request_and_power_from_the_energy_counter(tiny):
     for r in rep.requests.iter_rows(named=True):
         inside = rep.telemetry.filter(pl.col("t_ns").is_between(r["start_ns"], r["end_ns"])).height
         assert r["telemetry_hz"] == pytest.approx(inside / (r["total_ms"] / 1e3))
-        assert 0 < r["telemetry_hz"] <= 1e3 / 5 * 1.5
+        assert 0 < inside <= r["total_ms"] / 5 + 2  # at most one sample per 5 ms interval (+ jitter)
         if inside >= 2:
             assert r["power_from_energy_w"] == pytest.approx(250.0, rel=0.05)
-    short = rep.phases.filter(pl.col("telemetry_hz") * pl.col("ms") / 1e3 < 2)
+    short = rep.phases.filter(pl.col("telemetry_hz") * pl.col("ms") / 1e3 < 1.5)  # < 2 samples inside
     assert short["power_from_energy_w"].null_count() == short.height  # too short to say
 
 
