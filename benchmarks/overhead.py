@@ -1,22 +1,31 @@
-"""Profiler overhead: generate() wall time with and without `profile_phases`, side by side with
-torch.profiler (the peer), interleaved over many repeats in one run.
+"""Profiler overhead: generate() wall time with and without `profile_phases`, with and without
+its NVML sampler thread, side by side with torch.profiler (the peer), interleaved over many
+repeats in one run.
 
     python benchmarks/overhead.py                      # tiny model on CPU (and GPU if present)
     python benchmarks/overhead.py --device cuda --preset molmoe-1b-shape --dtype bf16
 
 Arms, rotated every round so drift hits all alike:
-  none            plain generate()
-  molmo-latency   inside profile_phases(model) (NVTX on, record_function gated, nvml off)
-  torch.profiler  inside torch.profiler.profile(CPU [+ CUDA] activities), the peer
+  none                    plain generate()
+  molmo-latency           inside profile_phases(model) (NVTX on, record_function gated, nvml off)
+  + sampler @ N ms        the same with the NVML sampler thread on, at the default interval and at
+                          the floor. On a machine without NVML (this CPU machine) the sampler
+                          reads a FakeGpu whose read() hands the GIL over 7 times, as the 7 NVML
+                          queries of one real sample do (each ctypes call releases the GIL), so
+                          what is measured is the sampler thread's cost on the loop, not NVML's
+                          own latency; with --device cuda and NVML present, the real GPU is read.
+  torch.profiler          inside torch.profiler.profile(CPU [+ CUDA] activities), the peer
 Only the generate() call is timed (host perf_counter_ns, CUDA synchronised before and after,
 outside generate). The per-decode-step overhead is (median_ours - median_none) / LLM forwards,
-compared with the median decode step that profile_phases measured in the same run.
+compared with the median decode step that profile_phases measured in the same run; the decode
+step measured by profile_phases is also reported per arm (sampler on vs off).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import os
 import statistics
 import sys
 import time
@@ -28,6 +37,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._common import update_section  # noqa: E402
 from molmo_latency import profile_phases  # noqa: E402
 from molmo_latency.models import reference_vlm  # noqa: E402
+from molmo_latency.telemetry import FakeGpu  # noqa: E402
+from molmo_latency.telemetry.policy import DEFAULT_INTERVAL_MS, MIN_INTERVAL_MS  # noqa: E402
+
+
+class GilReleasingFakeGpu(FakeGpu):
+    """A FakeGpu whose read() releases and re-takes the GIL 7 times, like the 7 NVML queries of
+    one real sample (clocks x2, temperature, power, energy, utilisation, throttle reasons)."""
+
+    def read(self):
+        for _ in range(7):
+            time.sleep(0)  # a blocking call: drops the GIL and must win it back
+        return super().read()
 
 
 def _sync(device: str) -> None:
@@ -35,14 +56,44 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _nvml_device(device: str):
+    """The real GPU where NVML works, else the GIL-releasing fake (and say which)."""
+    if device.startswith("cuda"):
+        try:
+            from molmo_latency.telemetry import open_gpu
+
+            open_gpu(torch.cuda.current_device()).close()
+            return None, "NVML (real GPU)"
+        except Exception:  # noqa: BLE001 - fall back to the fake, and say so
+            pass
+    return GilReleasingFakeGpu(), "FakeGpu releasing the GIL 7x per read (no NVML here)"
+
+
+def _generation_kwargs(ref, crops: int, new_tokens: int) -> dict:
+    kw = ref.inputs(crops=crops, prompt_tokens=32)
+    for key in ("max_new_tokens", "min_new_tokens", "do_sample"):
+        kw.pop(key, None)
+    return {**kw, "max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
+
+
 def run(preset: str, device: str, dtype: torch.dtype | None, rounds: int, crops: int, new_tokens: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     ref = reference_vlm(preset, device=device, dtype=dtype)
-    kwargs = ref.inputs(crops=crops, prompt_tokens=32, new_tokens=new_tokens)
+    kwargs = _generation_kwargs(ref, crops, new_tokens)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
-    times: dict[str, list[float]] = {"none": [], "molmo-latency": [], "torch.profiler": []}
-    decode_steps_ms: list[float] = []
+    nvml_device, nvml_what = _nvml_device(device)
+    profiled = {
+        "molmo-latency": dict(nvml="off"),
+        f"+ sampler @ {DEFAULT_INTERVAL_MS:g} ms (default)": dict(
+            nvml="required", nvml_device=nvml_device, nvml_interval_ms=DEFAULT_INTERVAL_MS),
+        f"+ sampler @ {MIN_INTERVAL_MS:g} ms (floor)": dict(
+            nvml="required", nvml_device=nvml_device, nvml_interval_ms=MIN_INTERVAL_MS),
+    }
+    arms = ["none", *profiled, "torch.profiler"]
+    times: dict[str, list[float]] = {arm: [] for arm in arms}
+    steps: dict[str, list[float]] = {arm: [] for arm in profiled}
+    achieved: dict[str, list[float]] = {arm: [] for arm in profiled}
 
     def timed() -> float:
         gc.collect()  # every arm starts clean: no arm pays for another's garbage
@@ -52,28 +103,34 @@ def run(preset: str, device: str, dtype: torch.dtype | None, rounds: int, crops:
         _sync(device)
         return (time.perf_counter_ns() - t0) / 1e6
 
+    def one(arm: str, record: bool) -> None:
+        if arm == "none":
+            ms = timed()
+        elif arm == "torch.profiler":
+            with profile(activities=activities):
+                ms = timed()
+        else:
+            with profile_phases(ref.model, **profiled[arm]) as prof:
+                ms = timed()
+            if record:
+                rep = prof.report()
+                steps[arm].extend(rep.phases.filter(rep.phases["phase"] == "decode")["ms"].to_list())
+                hz = rep.requests["telemetry_hz"][0]
+                if hz is not None:
+                    achieved[arm].append(hz)
+        if record:
+            times[arm].append(ms)
+
     for _ in range(3):  # warm-up, all arms
-        timed()
-        with profile_phases(ref.model, nvml="off"):
-            timed()
-        with profile(activities=activities):
-            timed()
-    arms = list(times)
+        for arm in arms:
+            one(arm, record=False)
     for r in range(rounds):
-        order = arms[r % 3:] + arms[: r % 3]
-        for arm in order:
-            if arm == "none":
-                times[arm].append(timed())
-            elif arm == "molmo-latency":
-                with profile_phases(ref.model, nvml="off") as prof:
-                    times[arm].append(timed())
-                rep = prof.report().phases
-                decode_steps_ms.extend(rep.filter(rep["phase"] == "decode")["ms"].to_list())
-            else:
-                with profile(activities=activities):
-                    times[arm].append(timed())
-    return {"times": times, "decode_step_ms": statistics.median(decode_steps_ms), "forwards": new_tokens,
-            "hook_us": hook_cost_us(ref.model)}
+        k = r % len(arms)
+        for arm in arms[k:] + arms[:k]:
+            one(arm, record=True)
+    return {"times": times, "decode_step_ms": {a: statistics.median(v) for a, v in steps.items()},
+            "achieved_hz": {a: (statistics.median(v) if v else None) for a, v in achieved.items()},
+            "forwards": new_tokens, "hook_us": hook_cost_us(ref.model), "nvml": nvml_what}
 
 
 def hook_cost_us(model, n: int = 20000) -> float:
@@ -116,22 +173,33 @@ def table(label: str, res: dict) -> str:
     t = res["times"]
     base = statistics.median(t["none"])
     lines = [f"### {label}", "",
-             "| arm | median generate() ms | IQR ms | vs none | 95% CI of ratio |", "|---|---|---|---|---|"]
+             "| arm | median generate() ms | IQR ms | vs none | 95% CI of ratio | median decode step ms (profile_phases) | NVML samples/s achieved |",
+             "|---|---|---|---|---|---|---|"]
     for arm, xs in t.items():
         med = statistics.median(xs)
         lo, hi = _bootstrap_ratio_ci(xs, t["none"])
-        lines.append(f"| {arm} | {med:.3f} | {_iqr(xs):.3f} | {med / base:.3f}x | {lo:.3f}-{hi:.3f} |")
+        step = res["decode_step_ms"].get(arm)
+        hz = res["achieved_hz"].get(arm)
+        lines.append(f"| {arm} | {med:.3f} | {_iqr(xs):.3f} | {med / base:.3f}x | {lo:.3f}-{hi:.3f} | "
+                     f"{'' if step is None else f'{step:.3f}'} | {'' if hz is None else f'{hz:.1f}'} |")
+    off_step = res["decode_step_ms"]["molmo-latency"]
     ours = statistics.median(t["molmo-latency"]) - base
     per_step = ours / res["forwards"]
     lo, hi = _bootstrap_ratio_ci(t["molmo-latency"], t["none"])
     lines += ["", f"- repeats per arm: {len(t['none'])}, interleaved with rotating order",
-              f"- median decode step measured by profile_phases: {res['decode_step_ms']:.3f} ms",
-              f"- overhead of profile_phases per LLM forward: {per_step * 1000:.1f} us "
-              f"= {100 * per_step / res['decode_step_ms']:.2f}% of a decode step "
-              f"(95% CI {100 * (lo - 1) * base / res['forwards'] / res['decode_step_ms']:+.2f}% to "
-              f"{100 * (hi - 1) * base / res['forwards'] / res['decode_step_ms']:+.2f}%; goal on GPU: <= 1%)",
+              f"- the sampler read: {res['nvml']}",
+              f"- median decode step measured by profile_phases, sampler off: {off_step:.3f} ms"]
+    for arm, step in res["decode_step_ms"].items():
+        if arm != "molmo-latency":
+            gen = statistics.median(t[arm]) / statistics.median(t["molmo-latency"])
+            lines.append(f"- {arm.lstrip('+ ')}: decode step {step:.3f} ms = {100 * (step / off_step - 1):+.1f}% "
+                         f"vs sampler off; generate() {100 * (gen - 1):+.1f}%")
+    lines += [f"- overhead of profile_phases (sampler off) per LLM forward: {per_step * 1000:.1f} us "
+              f"= {100 * per_step / off_step:.2f}% of a decode step "
+              f"(95% CI {100 * (lo - 1) * base / res['forwards'] / off_step:+.2f}% to "
+              f"{100 * (hi - 1) * base / res['forwards'] / off_step:+.2f}%; goal on GPU: <= 1%)",
               f"- direct cost of the hook path per phase (tight loop, no model): {res['hook_us']:.2f} us "
-              f"= {100 * res['hook_us'] / 1000 / res['decode_step_ms']:.2f}% of the decode step above"]
+              f"= {100 * res['hook_us'] / 1000 / off_step:.2f}% of the decode step above"]
     return "\n".join(lines)
 
 
@@ -140,7 +208,7 @@ def main() -> None:
     ap.add_argument("--preset", default=None)
     ap.add_argument("--device", default=None, help="cpu, cuda, or both (default: cpu, plus cuda if available)")
     ap.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"])
-    ap.add_argument("--rounds", type=int, default=60)
+    ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--crops", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--no-write", action="store_true", help="print only; do not update RESULTS.md")
@@ -156,10 +224,14 @@ def main() -> None:
                 f"{args.crops} crops, {args.new_tokens} new tokens"
         sections.append(table(label, res))
         print(sections[-1], flush=True)
-    body = ("`python benchmarks/overhead.py` — generate() wall time with no profiler, inside "
-            "`profile_phases`, and inside torch.profiler (the peer), interleaved.\n\n" + "\n\n".join(sections))
+    load = os.getloadavg()
+    body = (f"`python benchmarks/overhead.py {' '.join(sys.argv[1:])}`".replace(" `", "`") +
+            " — generate() wall time with no profiler, inside `profile_phases` with the NVML sampler "
+            "off and on (default interval and floor), and inside torch.profiler (the peer), interleaved. "
+            f"Load average when it finished (1/5/15 min, the machine is shared): "
+            f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}; nproc {os.cpu_count()}.\n\n" + "\n\n".join(sections))
     if not args.no_write:
-        update_section("Profiler overhead (issue 2)", body)
+        update_section("Profiler overhead and the NVML sampler (issue 13)", body)
 
 
 if __name__ == "__main__":
