@@ -16,9 +16,14 @@ Where the marks come from:
   KV cache: ``use_cache=False``) or ``verify`` (several new tokens per row with a cache:
   assisted / prompt-lookup decoding).
 - Inside a call, hooks on the vision, projector and LLM modules (found by an adapter) split it:
-  the LLM span (decoder + LM head) takes the call's label. When none of them fired during a call
-  (they run inside compiled code, which the profiler never traces into), the whole call is timed
-  as its LLM phase and the request names the region in ``unsplit_regions``.
+  the LLM span (decoder + LM head) takes the call's label. When the LLM hook did not fire during
+  a call (it ran inside compiled code, which the profiler never traces into), the call is timed
+  as its LLM phase instead (from the end of its image phases where those were timed) and the
+  request names the region in ``unsplit_regions``.
+- transformers compiles the model's whole ``__call__`` for its decode loop in some modes
+  (static-cache auto-compile; chunked prefill on 4.5x), where even the model's own hooks run
+  inside compiled code: the compiled callable that ``get_compiled_call`` hands out is wrapped, so
+  those calls are marked from outside too.
 - The hooks check ``torch.compiler.is_compiling()`` first and do nothing while Dynamo traces
   them, so they add no graph breaks to a compiled region.
 - Requests are per thread: each thread has its own active request and range stack, each request
