@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import platform
 import statistics
 import sys
 import time
@@ -212,7 +213,11 @@ def main() -> None:
     ap.add_argument("--crops", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--no-write", action="store_true", help="print only; do not update RESULTS.md")
+    ap.add_argument("--torch-threads", type=int, default=1,
+                    help="torch intra-op threads on CPU (default 1: on a shared machine two OpenMP "
+                         "threads stall each other at every barrier, 5-10x slower and noisier)")
     args = ap.parse_args()
+    torch.set_num_threads(args.torch_threads)
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}
     devices = [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     sections = []
@@ -221,7 +226,7 @@ def main() -> None:
         dtype = dtypes[args.dtype] if args.dtype else (torch.bfloat16 if device.startswith("cuda") else None)
         res = run(preset, device, dtype, args.rounds, args.crops, args.new_tokens)
         label = f"{preset} on {device}{' in ' + str(dtype).split('.')[-1] if dtype else ''}, " \
-                f"{args.crops} crops, {args.new_tokens} new tokens"
+                f"{args.crops} crops, {args.new_tokens} new tokens, torch threads {torch.get_num_threads()}"
         sections.append(table(label, res))
         print(sections[-1], flush=True)
     load = os.getloadavg()
@@ -229,7 +234,7 @@ def main() -> None:
             " — generate() wall time with no profiler, inside `profile_phases` with the NVML sampler "
             "off and on (default interval and floor), and inside torch.profiler (the peer), interleaved. "
             f"Load average when it finished (1/5/15 min, the machine is shared): "
-            f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}; nproc {os.cpu_count()}.\n\n" + "\n\n".join(sections))
+            f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}; nproc {os.cpu_count()}; uname -m {platform.machine()}.\n\n" + "\n\n".join(sections))
     if not args.no_write:
         update_section("Profiler overhead and the NVML sampler (issue 13)", body)
 
