@@ -133,6 +133,56 @@ def test_two_threads_give_two_valid_requests(tiny):
         assert r["other_ms"] >= 0
 
 
+def test_each_thread_opens_and_closes_its_own_ranges(tiny, monkeypatch):
+    """NVTX push/pop ranges are per thread: every thread's pushes must be closed by that thread,
+    innermost first, and name its own request."""
+    import nvtx
+
+    events = []
+
+    class Domain:
+        def get_registered_string(self, s):
+            return s
+
+        def get_event_attributes(self, message=None, payload=None):
+            return (message, payload)
+
+        def push_range(self, attrs):
+            events.append((threading.get_ident(), "push", attrs))
+
+        def pop_range(self):
+            events.append((threading.get_ident(), "pop", None))
+
+    monkeypatch.setattr(nvtx, "get_domain", lambda name: Domain())
+    barrier = threading.Barrier(2)
+
+    def run(n):
+        barrier.wait()
+        tiny.model.generate(**_kw(tiny, n))
+
+    with profile_phases(tiny.model) as prof:
+        threads = [threading.Thread(target=run, args=(n,)) for n in (3, 5)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    req = prof.report().requests
+    assert req["valid"].all(), req["invalid_reason"].to_list()
+    by_thread = {}
+    for ident, what, attrs in events:
+        stack = by_thread.setdefault(ident, [])
+        if what == "push":
+            stack.append(attrs)
+        else:
+            assert stack, "a thread closed a range it never opened"
+            stack.pop()
+    assert set(by_thread) == set(req["thread_id"]) and all(not s for s in by_thread.values())
+    for r in req.iter_rows(named=True):
+        pushes = [a for i, w, a in events if i == r["thread_id"] and w == "push"]
+        assert pushes[0] == ("request", r["request"])
+        assert [a for a in pushes if a[0] == "decode"] == [("decode", k) for k in range(r["decode_steps"])]
+
+
 # ------------------------------------------------------------ what one LLM call processes
 def test_no_kv_cache_is_never_a_valid_request_with_decode_steps(tiny):
     with profile_phases(tiny.model) as prof:
