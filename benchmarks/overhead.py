@@ -135,18 +135,23 @@ def run(preset: str, device: str, dtype: torch.dtype | None, rounds: int, crops:
 
 
 def hook_cost_us(model, n: int = 20000) -> float:
-    """Direct cost of one phase on the hot path (start hook + end hook: two timer marks, NVTX
-    push/pop, the record_function check), measured in a tight loop: median of 5 loops."""
+    """Direct cost of the hooks of one decode step on the hot path: the model-call hooks (shape
+    classification, two timer marks) and the LLM phase hooks (two timer marks, NVTX push/pop, the
+    record_function check), measured in a tight loop: median of 5 loops."""
     from molmo_latency.records import RequestRecord
 
+    step = {"input_ids": torch.zeros(1, 1, dtype=torch.long), "past_key_values": object(), "use_cache": True}
     loops = []
     with profile_phases(model, nvml="off") as prof:
         for _ in range(5):
-            prof._active = RequestRecord(index=0)
+            req = RequestRecord(index=0, input_tokens=1, fed=1)  # prompt fed: every call a decode step
+            prof._active = req
             t0 = time.perf_counter_ns()
             for _ in range(n):
+                prof._on_call_start(None, (), step)
                 prof._on_start("llm")
                 prof._on_end("llm")
+                prof._on_call_end(None, (), None)
             loops.append((time.perf_counter_ns() - t0) / n / 1000)
             prof._active = None
     return statistics.median(loops)
@@ -174,7 +179,7 @@ def table(label: str, res: dict) -> str:
     t = res["times"]
     base = statistics.median(t["none"])
     lines = [f"### {label}", "",
-             "| arm | median generate() ms | IQR ms | vs none | 95% CI of ratio | median decode step ms (profile_phases) | NVML samples/s achieved |",
+             "| arm | median generate() ms | IQR ms | vs none | 95% CI of ratio | median decode step ms (profile_phases) | NVML samples/s inside a request (median; coarse: a request spans < 1 default interval) |",
              "|---|---|---|---|---|---|---|"]
     for arm, xs in t.items():
         med = statistics.median(xs)
@@ -199,7 +204,7 @@ def table(label: str, res: dict) -> str:
               f"= {100 * per_step / off_step:.2f}% of a decode step "
               f"(95% CI {100 * (lo - 1) * base / res['forwards'] / off_step:+.2f}% to "
               f"{100 * (hi - 1) * base / res['forwards'] / off_step:+.2f}%; goal on GPU: <= 1%)",
-              f"- direct cost of the hook path per phase (tight loop, no model): {res['hook_us']:.2f} us "
+              f"- direct cost of the hooks of one decode step (model call + LLM phase, tight loop, no model): {res['hook_us']:.2f} us "
               f"= {100 * res['hook_us'] / 1000 / off_step:.2f}% of the decode step above"]
     return "\n".join(lines)
 
