@@ -129,7 +129,16 @@ def run(preset: str, device: str, dtype: torch.dtype | None, rounds: int, crops:
         k = r % len(arms)
         for arm in arms[k:] + arms[:k]:
             one(arm, record=True)
+    # one long request at the default interval: the per-request rate where it means something
+    long_kwargs = {**kwargs, "max_new_tokens": 150, "min_new_tokens": 150}
+    with profile_phases(ref.model, **profiled[arms[2]]) as prof:
+        ref.model.generate(**long_kwargs)
+    rep = prof.report()
+    gaps = rep.telemetry["t_ns"].diff().drop_nulls().to_list()[1:-1]  # between the thread's ticks
+    long_rate = (rep.requests["total_ms"][0], rep.requests["telemetry_hz"][0],
+                 statistics.mean(gaps) / 1e6 if gaps else None, statistics.pstdev(gaps) / 1e6 if gaps else None)
     return {"times": times, "decode_step_ms": {a: statistics.median(v) for a, v in steps.items()},
+            "long_rate": long_rate,
             "achieved_hz": {a: (statistics.median(v) if v else None) for a, v in achieved.items()},
             "forwards": new_tokens, "hook_us": hook_cost_us(ref.model), "nvml": nvml_what}
 
@@ -206,6 +215,11 @@ def table(label: str, res: dict) -> str:
               f"{100 * (hi - 1) * base / res['forwards'] / off_step:+.2f}%; goal on GPU: <= 1%)",
               f"- direct cost of the hooks of one decode step (model call + LLM phase, tight loop, no model): {res['hook_us']:.2f} us "
               f"= {100 * res['hook_us'] / 1000 / off_step:.2f}% of the decode step above"]
+    total, hz, spacing, jitter = res["long_rate"]
+    if hz is not None:
+        lines.append(f"- one long request (150 new tokens, {total:.0f} ms) at the default {DEFAULT_INTERVAL_MS:g} ms: "
+                     f"{hz:.1f} samples/s inside it (sample spacing {spacing:.1f} +- {jitter:.1f} ms); the "
+                     "`telemetry_hz` of a request shorter than a few intervals counts 0-2 samples and says little")
     return "\n".join(lines)
 
 
