@@ -241,6 +241,29 @@ def test_static_cache_auto_compile_gets_every_decode_step():
     assert req["decode_steps"] == 3 and req["prefill_ms"] > 0 and req["unsplit_regions"] is not None
 
 
+def test_prompt_lookup_verification_calls_are_their_own_kind(tiny):
+    """Assisted (prompt-lookup) decoding feeds several candidate tokens per call: those calls are
+    `verify` steps, the single-token calls decode steps, as the test's own hook on the model call
+    counts them; the request is measured and flagged."""
+    fed = []
+    handle = tiny.model.register_forward_pre_hook(
+        lambda _m, args, kwargs: fed.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        with profile_phases(tiny.model) as prof:
+            tiny.model.generate(**_kw(tiny, 12, prompt_tokens=12, fixed=False),
+                                prompt_lookup_num_tokens=3, max_matching_ngram_size=1)
+    finally:
+        handle.remove()
+    rep = prof.report()
+    req = rep.requests.row(0, named=True)
+    multi = sum(n > 1 for n in fed[1:])
+    if not multi:
+        pytest.skip("the random model proposed no prompt-lookup candidate this time")
+    assert req["verify_steps"] == multi and req["decode_steps"] == sum(n == 1 for n in fed[1:])
+    assert req["verify_ms"] > 0 and req["valid"] is False and "phase 'verify'" in req["invalid_reason"]
+    assert rep.phases.filter(pl.col("phase") == "verify")["step"].to_list() == list(range(multi))
+
+
 # -------------------------------------------------------------------------- batches and beams
 class _StopRowEarly:
     """A logits processor: row `row` ends with EOS as its `at`-th new token; no other row may."""
