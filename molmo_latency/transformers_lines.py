@@ -70,16 +70,22 @@ def supported_range() -> str:
     return f">={MIN_VERSION[0]}.{MIN_VERSION[1]},<{MAX_MAJOR_EXCLUSIVE}"
 
 
+def installed_version() -> str:
+    """The installed transformers version (from its package metadata: no import needed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("transformers")
+    except PackageNotFoundError:
+        raise MolmoLatencyError(
+            f"transformers is not installed; molmo-latency needs transformers {supported_range()}"
+        ) from None
+
+
 def check_version(version: str | None = None) -> str:
     """The installed transformers version, or a one-line error naming it and the supported range."""
     if version is None:
-        try:
-            import transformers
-        except ImportError:
-            raise MolmoLatencyError(
-                f"transformers is not installed; molmo-latency needs transformers {supported_range()}"
-            ) from None
-        version = transformers.__version__
+        version = installed_version()
     major_minor = _parse(version)
     if major_minor < MIN_VERSION or major_minor[0] >= MAX_MAJOR_EXCLUSIVE:
         raise MolmoLatencyError(

@@ -64,7 +64,9 @@ def test_local_directory_loads_in_the_requested_dtype(tiny, tmp_path):
 def test_cli_on_an_unsupported_line_is_one_line_exit_2(monkeypatch, capsys, tmp_path):
     from molmo_latency.cli.main import main
 
-    monkeypatch.setattr(transformers, "__version__", "4.44.2")
+    from molmo_latency import transformers_lines
+
+    monkeypatch.setattr(transformers_lines, "installed_version", lambda: "4.44.2")
     assert main(["demo", "--out", str(tmp_path / "demo")]) == 2
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if "error" in line]
