@@ -250,3 +250,21 @@ def test_cli_sweep_on_a_checkpoint_directory(checkpoint, tmp_path):
     run = json.loads((out / "run.json").read_text())
     assert run["model"]["autocast"] == "torch.bfloat16"
     assert len(list((out / "traces").glob("*.pt.trace.json.gz"))) == 8  # one per configuration
+
+
+@pytest.mark.ray
+def test_ray_local_sweep_on_a_checkpoint_directory(checkpoint, tmp_path):
+    ray = pytest.importorskip("ray")
+    from molmo_latency.scale import run_sweep_ray
+    from molmo_latency.sweep import SweepSpec
+
+    spec = SweepSpec.from_dict({"crops": [1], "top_k": [1, 2], "blocks": [[0, 3]], "prompt_tokens": [8],
+                                "new_tokens": [3], "repeats": 2, "warmup": 1})
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
+    try:
+        result = run_sweep_ray(str(checkpoint), spec, tmp_path / "ray", workers=1, trust_remote_code=True)
+    finally:
+        ray.shutdown()
+    assert result["measured"] == 4 and result["failed_configs"] == 0
+    req = pl.read_parquet(tmp_path / "ray" / "requests.parquet")
+    assert req["valid"].all() and req["block_indices"].to_list() == [[0, 3]] * 4

@@ -11,7 +11,7 @@ import torch
 from molmo_latency import knobs, profile_phases
 from molmo_latency.errors import AdapterError, MolmoLatencyError
 from molmo_latency.models import reference_vlm
-from tests.fake_molmo import MolmoForCausalLM
+from tests.layout import phase_module, phase_paths, text_decoder
 
 
 def _hook_counts(model):
@@ -91,7 +91,7 @@ def test_top_k_knob_reaches_every_router(tiny):
 
 
 def test_exception_inside_generate_keeps_partial_request_and_restores_model(tiny):
-    layer = tiny.model.model.language_model.layers[0]
+    layer = text_decoder(tiny.model).layers[0]
     calls = {"n": 0}
 
     def boom(module, args, output):
@@ -148,30 +148,12 @@ def test_unmappable_model_error_names_what_was_looked_for():
 
 
 def test_explicit_mapping(tiny):
-    mapping = {"vision": "model.vision_tower", "llm": ("model.language_model", "lm_head")}
+    paths = phase_paths(tiny.model)
+    mapping = {"vision": paths["vision"][0], "llm": paths["llm"]}
     with profile_phases(tiny.model, phases=mapping) as prof:
         tiny.model.generate(**tiny.request(crops=1, new_tokens=3))
     req = prof.report().requests.row(0, named=True)
     assert req["projector_ms"] is None and req["vision_ms"] > 0 and req["decode_steps"] == 2
-
-
-def test_molmo_remote_code_layout_and_knobs():
-    torch.manual_seed(0)
-    model = MolmoForCausalLM().eval()
-    ids = torch.tensor([[5, 63, 63, 63, 7, 8]])
-    images = torch.randn(3, 48)
-    with profile_phases(model) as prof:
-        model.generate(ids, images=images, max_new_tokens=4)
-        assert prof.phase_map.layout == "molmo"
-        with knobs.configured(model, top_k=1, blocks=2):
-            assert len(model.model.transformer.blocks) == 2 and model.config.n_layers == 2
-            assert all(b.mlp.top_k == 1 for b in model.model.transformer.blocks)
-            model.generate(ids, images=images, max_new_tokens=4)
-    assert len(model.model.transformer.blocks) == 3 and model.config.n_layers == 3
-    assert knobs.get_top_k(model) == 2
-    req = prof.report().requests
-    assert req["valid"].to_list() == [True, True]
-    assert req["decode_steps"].to_list() == [3, 3] and req["image_tokens"].to_list() == [3, 3]
 
 
 def test_nvtx_and_record_function_ranges(tiny, tmp_path, monkeypatch):
@@ -321,7 +303,7 @@ def test_molmo_generate_from_batch_is_one_request():
 def test_hooks_outside_any_request_are_reported(tiny):
     with pytest.warns(UserWarning, match="outside any profiled request"):
         with profile_phases(tiny.model, entry_points=["generate"]):
-            tiny.model.model.vision_tower(tiny.inputs(crops=1)["pixel_values"])
+            phase_module(tiny.model, "vision")(tiny.inputs(crops=1)["pixel_values"])
 
 
 def test_a_users_own_torch_profiler_is_stepped_per_request(tiny):
