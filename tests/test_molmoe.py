@@ -70,6 +70,7 @@ def test_profile_generate_from_batch_and_batch_of_two(molmoe):
             batch2 = molmo_inputs(molmoe, crops=2, prompt_tokens=8, batch_size=2)
             molmoe.generate(**batch2, generation_config=gen)
     r = _requests(prof)
+    assert "generate_from_batch" not in vars(molmoe) and "generate" not in vars(molmoe)  # unwrapped
     assert r.height == 2  # generate_from_batch calls super().generate: one request, not two
     assert r["valid"].all(), r["invalid_reason"].to_list()
     assert r["batch_size"].to_list() == [1, 2]

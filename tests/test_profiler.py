@@ -288,18 +288,6 @@ def test_nvml_counter_tracks_are_written_into_the_trace(tiny, tmp_path):
     assert inside, "samples taken during the request must land inside its range"
 
 
-def test_molmo_generate_from_batch_is_one_request():
-    torch.manual_seed(0)
-    model = MolmoForCausalLM().eval()
-    batch = {"input_ids": torch.tensor([[5, 63, 63, 63, 7, 8]]), "images": torch.randn(3, 48)}
-    with profile_phases(model) as prof:
-        model.generate_from_batch(batch, max_new_tokens=4)
-    req = prof.report().requests
-    assert req.height == 1 and req["valid"].to_list() == [True]
-    assert req["decode_steps"].to_list() == [3] and req["image_tokens"].to_list() == [3]
-    assert "generate_from_batch" not in vars(model) and "generate" not in vars(model)
-
-
 def test_hooks_outside_any_request_are_reported(tiny):
     with pytest.warns(UserWarning, match="outside any profiled request"):
         with profile_phases(tiny.model, entry_points=["generate"]):
