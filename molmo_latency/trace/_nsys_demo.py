@@ -94,7 +94,15 @@ def write_demo_export(directory: str | os.PathLike, name: str = "demo.sqlite") -
 def fill_demo(db: sqlite3.Connection, pid: int = _PID, tid: int = _TID, shift_ns: int = 0,
               strings_from: int = 1, metadata: bool = True) -> None:
     """Insert the demo program's rows for process `pid` / thread `tid`, `shift_ns` later (so tests
-    can add a second process with the same correlation ids)."""
+    can add a second process with the same correlation ids; ``metadata=False`` for the second).
+
+    Example:
+        >>> db = sqlite3.connect(":memory:")
+        >>> db.executescript(SCHEMA) and None
+        >>> fill_demo(db); fill_demo(db, pid=5151, tid=5152, shift_ns=10**6, metadata=False)
+        >>> db.execute("select count(distinct globalTid) from CUPTI_ACTIVITY_KIND_RUNTIME").fetchone()
+        (2,)
+    """
     strings: dict[str, int] = {}
 
     def sid(value: str) -> int:

@@ -42,7 +42,15 @@ def trace_format(path: str | os.PathLike) -> str:
 def load_trace(path: str | os.PathLike):
     """The :class:`~molmo_latency.trace.KinetoTrace` of a Kineto trace or an nsys export
     (:func:`~molmo_latency.trace.read_kineto` or :func:`~molmo_latency.trace.read_nsys`, chosen by
-    :func:`trace_format`). Errors and warnings are theirs."""
+    :func:`trace_format`). Errors and warnings are theirs.
+
+    Example:
+        >>> import tempfile
+        >>> from molmo_latency.trace._nsys_demo import write_demo_export
+        >>> trace = load_trace(write_demo_export(tempfile.mkdtemp()))
+        >>> trace.layout, trace.gpu.height
+        ('nsys', 9)
+    """
     if trace_format(path) == "nsys":
         from molmo_latency.trace.nsys import read_nsys
 
