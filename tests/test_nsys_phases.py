@@ -169,3 +169,23 @@ def test_summary_json_of_the_demo_export(export):
     # "user range" (1031.5-1060 us) sits inside prefill and is innermost for prefill's 3 launches
     assert got == {"request[0]": 0, "vision": 2, "projector": 1, "prefill": 0, "user range": 3,
                    "decode[0]": 1, "decode[1]": 1}
+
+
+def test_readme_nsys_example_runs_as_written(tmp_path):
+    """The runnable block of README's nsys section (the nsys commands before it need nsys and a GPU)."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    text = (repo / "README.md").read_text()
+    section = text[text.index("**Nsight Systems exports**"):]
+    block = re.search(r"which runs as is:\n\n```bash\n(.*?)```", section, re.S).group(1)
+    venv_bin = str(Path(sys.executable).parent)
+    env = {**os.environ, "PYTHONPATH": str(repo), "PATH": venv_bin + os.pathsep + os.environ.get("PATH", "")}
+    result = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "nsys export, schema 3.17.1" in result.stdout and "decode" in result.stdout
