@@ -133,43 +133,82 @@ def summary_document(summary: TraceSummary, warned: list[str]) -> dict[str, Any]
 _RETURN_TYPE = re.compile(r"^(?:void|int|float|double|unsigned|auto)\s+(?=[\w:<(])")
 
 
-def _strip_group(text: str, open_: str, close: str, *, trailing_only: bool) -> str:
-    """`text` with the contents of its top-level open_...close groups replaced by an ellipsis
-    (``f<…>``); with `trailing_only`, only a group that ends the text is dropped whole."""
-    if trailing_only:
-        if not text.endswith(close):
-            return text
-        depth = 0
-        for i in range(len(text) - 1, -1, -1):
-            depth += {close: 1, open_: -1}.get(text[i], 0)
-            if depth == 0:
-                return text[:i].rstrip() if i > 0 else text
+_OPEN, _CLOSE = "<([", ">)]"
+
+
+def _strip_arguments(text: str) -> str:
+    """`text` without a trailing ``(...)`` argument list (balanced; kept when it is the whole text)."""
+    if not text.endswith(")"):
         return text
+    depth = 0
+    for i in range(len(text) - 1, -1, -1):
+        depth += (text[i] in _CLOSE) - (text[i] in _OPEN)
+        if depth == 0:
+            return text[:i].rstrip() if i > 0 else text
+    return text
+
+
+def _collapse_nested(text: str) -> str:
+    """Template arguments nested inside other template arguments shown as ``<…>``."""
     out, depth = [], 0
     for ch in text:
-        if ch == open_:
-            if depth == 0:
-                out.append(open_ + "\u2026")
+        if ch == "<":
             depth += 1
-        elif ch == close and depth:
+            if depth == 2:
+                out.append("<\u2026")
+            if depth >= 2:
+                continue
+        elif ch == ">" and depth:
             depth -= 1
-            if depth == 0:
-                out.append(close)
-        elif depth == 0:
-            out.append(ch)
+            if depth >= 1:
+                if depth == 1:
+                    out.append(">")
+                continue
+        elif depth >= 2:
+            continue
+        out.append(ch)
     return "".join(out) if depth == 0 else text
+
+
+def _drop_last_arguments(text: str, width: int) -> str:
+    """Of a name ending in a template ``f<a, b, c>``, keep the first arguments that fit: ``f<a, …>``."""
+    if not text.endswith(">"):
+        return text
+    depth, start = 0, None
+    for i in range(len(text) - 1, -1, -1):
+        depth += (text[i] in _CLOSE) - (text[i] in _OPEN)
+        if depth == 0:
+            start = i
+            break
+    if not start:
+        return text
+    args, depth, current = [], 0, []
+    for ch in text[start + 1:-1]:
+        depth += (ch in _OPEN) - (ch in _CLOSE)
+        if ch == "," and depth == 0:
+            args.append("".join(current).strip())
+            current = []
+        else:
+            current.append(ch)
+    args.append("".join(current).strip())
+    head = text[:start]
+    while len(args) > 1 and len(text) > width:
+        args.pop()
+        text = f"{head}<{', '.join(args)}, \u2026>"
+    return text
 
 
 def short_name(name: str | None, width: int = NAME_WIDTH) -> str:
     """A kernel or range name cut after its meaningful part, at most `width` characters.
 
-    Longer names lose, in turn: the return type, the argument list, the template arguments
-    (kept as ``<…>``); only then is the end cut (``…``). A name that fits is left as is.
+    A longer name loses, in turn, until it fits: the return type, the argument list, template
+    arguments nested in template arguments (shown ``<…>``), the last template arguments (``, …``);
+    only then is its end cut (``…``). A name that fits is left as is.
 
     Example:
         >>> short_name("void at::native::vectorized_elementwise_kernel<(int)4, "
-        ...            "at::native::FillFunctor<float>, std::array<char *, 1>>(int, T2, T3)", 50)
-        'at::native::vectorized_elementwise_kernel<…>'
+        ...            "at::native::FillFunctor<float>, std::array<char *, 1>>(int, T2, T3)", 60)
+        'at::native::vectorized_elementwise_kernel<(int)4, …>'
         >>> short_name("flash_fwd_kernel"), short_name("x" * 70, 10)
         ('flash_fwd_kernel', 'xxxxxxxxx…')
     """
@@ -178,8 +217,9 @@ def short_name(name: str | None, width: int = NAME_WIDTH) -> str:
     text = name
     for step in (
         lambda t: _RETURN_TYPE.sub("", t),
-        lambda t: _strip_group(t, "(", ")", trailing_only=True),
-        lambda t: _strip_group(t, "<", ">", trailing_only=False),
+        _strip_arguments,
+        _collapse_nested,
+        lambda t: _drop_last_arguments(t, width),
     ):
         if len(text) <= width:
             return text
