@@ -82,7 +82,7 @@ def ranges_sql(db: sqlite3.Connection) -> str:
         else "n.text"
     join = "LEFT JOIN StringIds s ON s.id = n.textId" if text.startswith("COALESCE") else ""
     return (f"SELECT n.rowid AS rid, {text} AS name, n.start, n.end, n.globalTid AS gtid FROM NVTX_EVENTS n {join} "
-            "WHERE n.eventType IN (59, 60) AND n.end IS NOT NULL")
+            "WHERE n.eventType IN (59, 60, 70, 71) AND n.end IS NOT NULL")
 
 
 def launches_sql(db: sqlite3.Connection) -> str:

@@ -32,10 +32,11 @@ def sql_phase_kernels(path) -> list[tuple[str, int, int]]:
     db = sqlite3.connect(path)
     return db.execute(
         """
-        WITH d AS (SELECT domainId FROM NVTX_EVENTS WHERE eventType = 75 AND text = 'molmo_latency'),
+        WITH d AS (SELECT domainId, globalTid >> 24 AS proc FROM NVTX_EVENTS
+                   WHERE eventType = 75 AND text = 'molmo_latency'),
         g AS (SELECT n.rowid AS rid, s.value || COALESCE('[' || n.int64Value || ']', '') AS name, n.start, n.end,
                      n.globalTid FROM NVTX_EVENTS n JOIN StringIds s ON s.id = n.textId
-              WHERE n.domainId IN (SELECT domainId FROM d) AND n.eventType IN (59, 60)
+              WHERE (n.domainId, n.globalTid >> 24) IN (SELECT domainId, proc FROM d) AND n.eventType IN (59, 60)
                     AND s.value IN ('vision', 'projector', 'prefill', 'decode')),
         a AS (SELECT 'k' || rowid AS aid, start, end, correlationId AS corr, globalPid FROM CUPTI_ACTIVITY_KIND_KERNEL
               UNION ALL SELECT 'c' || rowid, start, end, correlationId, globalPid FROM CUPTI_ACTIVITY_KIND_MEMCPY),
@@ -102,6 +103,23 @@ def test_two_processes_charge_their_own_phases(tmp_path):
     # processes have request[0], so phase_gpu_table numbers the second one's vision etc. step 1.)
     assert first.drop("step").equals(second.drop("step"))
     assert first["gpu_activities"].to_list() == [2, 1, 3, 1, 1]
+
+
+def test_domain_ids_are_per_process(tmp_path):
+    """Domain 1 is molmo_latency in one process and another library's in the other: only the first's
+    ranges are ours (named decode[N]); the other's are named other_lib:decode and are no phase."""
+    path = two_processes(tmp_path)
+    db = sqlite3.connect(path)
+    db.execute("UPDATE NVTX_EVENTS SET text = 'other_lib' WHERE eventType = 75 AND (globalTid >> 24) & 16777215 = 5151")
+    db.commit()
+    db.close()
+    trace = read_nsys(path)
+    second = trace.annotations.filter(pl.col("pid") == 5151)
+    assert set(second["domain"].to_list()) == {"other_lib", None}
+    assert "other_lib:decode" in second["name"].to_list() and "decode[0]" not in second["name"].to_list()
+    assert phase_gpu_table(trace).height == 5  # the first process's phases only
+    first = trace.annotations.filter(pl.col("pid") == 4242)
+    assert first.filter(pl.col("domain") == "molmo_latency")["name"].to_list() == [n for n, _, _ in _ANNOTATIONS]
 
 
 def test_payload_in_another_column_and_start_end_ranges(tmp_path):

@@ -131,9 +131,9 @@ def fill_demo(db: sqlite3.Connection, pid: int = _PID, tid: int = _TID, shift_ns
             (0, "CUDA_MEMOPR_MEMORY_KIND_PAGEABLE", "Pageable"), (1, "CUDA_MEMOPR_MEMORY_KIND_PINNED", "Pinned"),
             (2, "CUDA_MEMOPR_MEMORY_KIND_DEVICE", "Device"),
         ])
-        # nvtxDomainCreateA("molmo_latency"): an NvtxDomainCreate event names the domain id.
-        db.execute("INSERT INTO NVTX_EVENTS (start, eventType, text, globalTid, domainId) VALUES (?, 75, ?, ?, ?)",
-                   (_ns(900.0), "molmo_latency", global_tid(pid, tid), DOMAIN_ID))
+    # nvtxDomainCreateA("molmo_latency"): an NvtxDomainCreate event names the domain id in this process.
+    db.execute("INSERT INTO NVTX_EVENTS (start, eventType, text, globalTid, domainId) VALUES (?, 75, ?, ?, ?)",
+               (_ns(900.0) + shift_ns, "molmo_latency", global_tid(pid, tid), DOMAIN_ID))
     thread = global_tid(pid, tid)
     for name, ts, dur in _ANNOTATIONS:
         phase, _, index = name.partition("[")

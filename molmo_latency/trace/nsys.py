@@ -15,11 +15,14 @@ Unix epoch, ``TARGET_INFO_SESSION_START_TIME.utcEpochNs``, and the export's time
   ``streamId``, grid and block of kernels;
 - ``runtime``: ``CUPTI_ACTIVITY_KIND_RUNTIME`` (``cuda_runtime``, or ``cuda_driver`` for driver
   calls), named without nsys' ``_v7000`` version suffix (``cudaLaunchKernel`` as in Kineto);
-- ``annotations``: NVTX push/pop (event type 59) and start/end (60) ranges on the thread that
-  opened them, with an extra ``domain`` column (null for the default domain); ranges never
+- ``annotations``: NVTX push/pop (event type 59) and start/end (60) ranges (and NVTXT's, 70 and
+  71) on the thread that opened them, with an extra ``domain`` column (the name of the
+  process's NvtxDomainCreate event of that domain id; null for the default domain); ranges never
   closed are skipped (counted in ``skipped``). Ranges of our own domain ``molmo_latency`` get the
   names the profiler gives its ``record_function`` ranges: ``request[N]`` and ``decode[N]`` from
   the registered name and the integer payload, ``vision`` / ``projector`` / ``prefill`` as is;
+  ranges of another named domain are ``domain:text`` (as nsys' own reports name them, so another
+  library's ``decode`` is not taken for a phase); those of the default domain are their text;
 - ``cpu_ops`` and ``gpu_annotations``: empty (an nsys capture has no Kineto CPU ops).
 
 ``pid`` / ``tid`` are the OS process and thread ids inside nsys' ``globalTid``. CUPTI's
@@ -81,7 +84,9 @@ _MEMSET = "CUPTI_ACTIVITY_KIND_MEMSET"
 _RUNTIME = "CUPTI_ACTIVITY_KIND_RUNTIME"
 _NVTX = "NVTX_EVENTS"
 _EVENT_TABLES = (_KERNEL, _MEMCPY, _MEMSET, _RUNTIME, _NVTX)
-_NVTX_PUSH_POP, _NVTX_START_END, _NVTX_DOMAIN_CREATE = 59, 60, 75
+#: NVTX range event types: push/pop and start/end ranges of NVTX (59, 60) and of NVTXT (70, 71).
+_NVTX_RANGES = (59, 60, 70, 71)
+_NVTX_DOMAIN_CREATE = 75
 _TID_BITS = 24  # globalTid = ... | pid << 24 | tid (nsys' "Serialized GlobalId")
 _TID_MASK = (1 << _TID_BITS) - 1
 _CORRELATION_STRIDE = 1 << 32  # CUPTI correlation ids are 32-bit
@@ -466,7 +471,7 @@ class _Export:
                    else (payload_columns[0] if payload_columns else "NULL"))
         tid = "t.globalTid" if "globalTid" in columns else "NULL"
         domain = "t.domainId" if "domainId" in columns else "NULL"
-        ranges = f"t.eventType IN ({_NVTX_PUSH_POP}, {_NVTX_START_END})"
+        ranges = f"t.eventType IN {_NVTX_RANGES}"
         self.skipped += self.db.execute(f"SELECT count(*) FROM {_NVTX} AS t WHERE {ranges} AND t.end IS NULL"
                                         ).fetchone()[0]
         sql = (
@@ -477,14 +482,16 @@ class _Export:
         schema = {"name": pl.String, "pid": pl.Int64, "tid": pl.Int64, "start_ns": pl.Int64, "end_ns": pl.Int64,
                   "domain_id": pl.Int64, "payload": pl.Int64}
         frame = self._frame(sql, schema)
-        domains = self._domains(text, join)
-        domain_name = pl.col("domain_id").replace_strict(domains, default=None, return_dtype=pl.String)
+        frame = frame.join(self._domains(text, join), on=["pid", "domain_id"], how="left", maintain_order="left")
+        domain_name = pl.col("domain")
         ours = (domain_name == NVTX_DOMAIN) & pl.col("name").is_in(_PHASES)
         indexed = pl.col("name").is_in(_INDEXED_PHASES) & pl.col("payload").is_not_null()
         name = (
             pl.when(ours & indexed)
             .then(pl.format("{}[{}]", pl.col("name"), pl.col("payload")))
-            .otherwise(pl.col("name"))
+            .when(ours | domain_name.is_null())
+            .then(pl.col("name"))
+            .otherwise(pl.format("{}:{}", domain_name, pl.col("name")))
         )
         return frame.with_columns(
             name=name,
@@ -493,14 +500,20 @@ class _Export:
             dur_ns=pl.col("end_ns") - pl.col("start_ns"),
         ).select(out_columns)
 
-    def _domains(self, text: str, join: str) -> dict[int, str]:
-        """domainId -> name, from the NvtxDomainCreate events (domain 0, the default, has none)."""
-        if "domainId" not in self._columns(_NVTX):
-            return {}
+    def _domains(self, text: str, join: str) -> pl.DataFrame:
+        """``pid, domain_id, domain`` from the NvtxDomainCreate events. Domain ids are numbered per
+        process (as nsys' own scripts join them), and domain 0, the default, has no name."""
+        schema = {"pid": pl.Int64, "domain_id": pl.Int64, "domain": pl.String}
+        columns = self._columns(_NVTX)
+        if "domainId" not in columns:
+            return pl.DataFrame(schema=schema)
+        tid = "t.globalTid" if "globalTid" in columns else "NULL"
         rows = self.db.execute(
-            f"SELECT t.domainId, {text} FROM {_NVTX} AS t{join} WHERE t.eventType = {_NVTX_DOMAIN_CREATE}"
+            f"SELECT DISTINCT ({tid} >> {_TID_BITS}) & {_TID_MASK}, t.domainId, {text} FROM {_NVTX} AS t{join} "
+            f"WHERE t.eventType = {_NVTX_DOMAIN_CREATE} AND t.domainId IS NOT NULL"
         ).fetchall()
-        return {d: name for d, name in rows if d is not None and name is not None}
+        frame = pl.DataFrame(rows, schema=schema, orient="row")
+        return frame.unique(["pid", "domain_id"], keep="first", maintain_order=True)
 
     def _devices(self) -> tuple[dict, ...]:
         """``{"id": CUDA device, "name": ...}`` per GPU of TARGET_INFO_GPU (absent in cut-out windows)."""
