@@ -54,7 +54,7 @@ def test_the_profilers_own_cpu_trace_shows_cpu_ops(tiny, tmp_path, capsys):
     from molmo_latency import profile_phases
 
     with profile_phases(tiny.model, trace_dir=tmp_path, nvml="off") as prof:
-        tiny.model.generate(**tiny.inputs(crops=1, prompt_tokens=8, new_tokens=3))
+        tiny.model.generate(**tiny.request(crops=1, prompt_tokens=8, new_tokens=3))
     traces = sorted(tmp_path.glob("*.json*"))
     assert traces, list(tmp_path.iterdir())
     expected = raw_cpu_ops(traces[0])
