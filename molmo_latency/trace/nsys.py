@@ -472,16 +472,17 @@ class _Export:
         tid = "t.globalTid" if "globalTid" in columns else "NULL"
         domain = "t.domainId" if "domainId" in columns else "NULL"
         ranges = f"t.eventType IN {_NVTX_RANGES}"
-        self.skipped += self.db.execute(f"SELECT count(*) FROM {_NVTX} AS t WHERE {ranges} AND t.end IS NULL"
-                                        ).fetchone()[0]
         sql = (
             f"SELECT {text}, ({tid} >> {_TID_BITS}) & {_TID_MASK}, {tid} & {_TID_MASK}, "
             f"t.start + {self.base_time_ns}, t.end + {self.base_time_ns}, {domain}, {payload} "
-            f"FROM {_NVTX} AS t{join} WHERE {ranges} AND t.end IS NOT NULL"
+            f"FROM {_NVTX} AS t{join} WHERE {ranges}"
         )
         schema = {"name": pl.String, "pid": pl.Int64, "tid": pl.Int64, "start_ns": pl.Int64, "end_ns": pl.Int64,
                   "domain_id": pl.Int64, "payload": pl.Int64}
         frame = self._frame(sql, schema)
+        unclosed = frame["end_ns"].is_null()
+        self.skipped += int(unclosed.sum())  # ranges never closed: no end time
+        frame = frame.filter(~unclosed)
         frame = frame.join(self._domains(text, join), on=["pid", "domain_id"], how="left", maintain_order="left")
         domain_name = pl.col("domain")
         ours = (domain_name == NVTX_DOMAIN) & pl.col("name").is_in(_PHASES)
