@@ -480,10 +480,17 @@ class _Export:
         schema = {"name": pl.String, "pid": pl.Int64, "tid": pl.Int64, "start_ns": pl.Int64, "end_ns": pl.Int64,
                   "domain_id": pl.Int64, "payload": pl.Int64}
         frame = self._frame(sql, schema)
-        unclosed = frame["end_ns"].is_null()
-        self.skipped += int(unclosed.sum())  # ranges never closed: no end time
-        frame = frame.filter(~unclosed)
-        frame = frame.join(self._domains(text, join), on=["pid", "domain_id"], how="left", maintain_order="left")
+        unclosed = frame["end_ns"].null_count()  # ranges never closed: no end time
+        if unclosed:
+            self.skipped += unclosed
+            frame = frame.filter(pl.col("end_ns").is_not_null())
+        # the domain's name, looked up by (process, domainId) as one int64 key: no join, no copy of the frame
+        domains = {(pid << 32) | domain_id: name for pid, domain_id, name in self._domains(text, join)}
+        key = (pl.col("pid") * (1 << 32)) + pl.col("domain_id")
+        frame = frame.with_columns(
+            domain=key.replace_strict(domains, default=None, return_dtype=pl.String) if domains
+            else pl.lit(None, dtype=pl.String)
+        )
         domain_name = pl.col("domain")
         ours = (domain_name == NVTX_DOMAIN) & pl.col("name").is_in(_PHASES)
         indexed = pl.col("name").is_in(_INDEXED_PHASES) & pl.col("payload").is_not_null()
@@ -496,25 +503,25 @@ class _Export:
         )
         return frame.with_columns(
             name=name,
-            domain=domain_name,
             external_id=pl.lit(None, dtype=pl.Int64),
             dur_ns=pl.col("end_ns") - pl.col("start_ns"),
         ).select(out_columns)
 
-    def _domains(self, text: str, join: str) -> pl.DataFrame:
-        """``pid, domain_id, domain`` from the NvtxDomainCreate events. Domain ids are numbered per
-        process (as nsys' own scripts join them), and domain 0, the default, has no name."""
-        schema = {"pid": pl.Int64, "domain_id": pl.Int64, "domain": pl.String}
+    def _domains(self, text: str, join: str) -> list[tuple[int, int, str]]:
+        """(pid, domainId, name) of the NvtxDomainCreate events. Domain ids are numbered per process
+        (nsys' own scripts join them so), and domain 0, the default, has no name."""
         columns = self._columns(_NVTX)
-        if "domainId" not in columns:
-            return pl.DataFrame(schema=schema)
-        tid = "t.globalTid" if "globalTid" in columns else "NULL"
+        if "domainId" not in columns or "globalTid" not in columns:
+            return []
         rows = self.db.execute(
-            f"SELECT DISTINCT ({tid} >> {_TID_BITS}) & {_TID_MASK}, t.domainId, {text} FROM {_NVTX} AS t{join} "
-            f"WHERE t.eventType = {_NVTX_DOMAIN_CREATE} AND t.domainId IS NOT NULL"
+            f"SELECT DISTINCT (t.globalTid >> {_TID_BITS}) & {_TID_MASK}, t.domainId, {text} FROM {_NVTX} AS t{join} "
+            f"WHERE t.eventType = {_NVTX_DOMAIN_CREATE} AND t.domainId IS NOT NULL AND t.globalTid IS NOT NULL"
         ).fetchall()
-        frame = pl.DataFrame(rows, schema=schema, orient="row")
-        return frame.unique(["pid", "domain_id"], keep="first", maintain_order=True)
+        seen: dict[tuple[int, int], str] = {}
+        for pid, domain_id, name in rows:  # one row per domain and process, not per event
+            if name is not None:
+                seen.setdefault((pid, domain_id), name)
+        return [(pid, domain_id, name) for (pid, domain_id), name in seen.items()]
 
     def _devices(self) -> tuple[dict, ...]:
         """``{"id": CUDA device, "name": ...}`` per GPU of TARGET_INFO_GPU (absent in cut-out windows)."""
