@@ -17,6 +17,8 @@ from molmo_latency.errors import MolmoLatencyError
 from tests.molmoe_fixtures import (TINY_BLOCKS, TINY_EXPERTS, TINY_TOP_K, TOKENS_PER_CROP, molmoe_request,
                                    require_molmoe, tiny_molmoe, write_checkpoint)
 
+LINE_5 = not __import__("transformers").__version__.startswith("4.")
+
 
 @pytest.fixture(scope="module")
 def molmoe():
@@ -269,3 +271,20 @@ def test_ray_local_sweep_on_a_checkpoint_directory(checkpoint, tmp_path):
     assert result["measured"] == 4 and result["failed_configs"] == 0
     req = pl.read_parquet(tmp_path / "ray" / "requests.parquet")
     assert req["valid"].all() and req["block_indices"].to_list() == [[0, 3]] * 4
+
+
+@pytest.mark.skipif(not LINE_5, reason="on transformers 4.5x MolmoE's code runs (the tests above)")
+def test_on_transformers_5_a_molmoe_checkpoint_is_one_clear_line(tmp_path, capsys):
+    """MolmoE's code builds on 5.x but cannot load or generate there: one line, exit 2, no run dir."""
+    from molmo_latency.cli.main import main
+
+    ckpt = write_checkpoint(tiny_molmoe(any_line=True), tmp_path / "ckpt")
+    sweep = tmp_path / "sweep.toml"
+    sweep.write_text("crops = [1]\nnew_tokens = [3]\nrepeats = 1\n")
+    code = main(["profile", "--model", str(ckpt), "--trust-remote-code", "--sweep", str(sweep),
+                 "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("molmo-latency: error")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err
+    assert "transformers" in lines[0] and "4.51.3" in lines[0]
+    assert not (tmp_path / "run").exists()
