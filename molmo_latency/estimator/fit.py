@@ -431,8 +431,9 @@ def fit_estimator(
         >>> import polars as pl
         >>> from molmo_latency.estimator import example_requests, fit_estimator
         >>> est = fit_estimator(example_requests(seed=1), holdout=pl.col("crops") == 8)
-        >>> est.meta["split"]["configs"]["test"], est.metrics["held_out_configs"]["prefill_total_ms"]["requests"]["r2"] > 0.9
-        (36, True)
+        >>> sp = est.meta["split"]
+        >>> sp["configs"]["test"], len(sp["test_configs"]), est.metrics["held_out_configs"]["request_ms"]["requests"]["r2"] > 0.9
+        (18, 36, True)
     """
     fs = feature_set_named(feature_set)
     if not 0.5 < coverage < 1:

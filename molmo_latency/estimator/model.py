@@ -63,7 +63,7 @@ class OutputLengths:
     Example:
         >>> d = OutputLengths([8, 8, 32, 64])
         >>> d.values.tolist(), d.weights.tolist()
-        [[8.0, 32.0, 64.0], [0.5, 0.25, 0.25]]
+        ([8.0, 32.0, 64.0], [0.5, 0.25, 0.25])
     """
 
     def __init__(self, lengths: Sequence[float] | np.ndarray, weights: Sequence[float] | np.ndarray | None = None):
