@@ -118,9 +118,12 @@ def _physical_request(x: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         bk * tok,                   # expert FFN FLOPs: blocks x top-k x tokens
         bt * x["input_tokens"],     # attention scores: blocks x tokens^2
     ], axis=1)
+    return {"prefill_total_ms": prefill, "other_ms": _physical_other(x)}
+
+
+def _physical_other(x: Mapping[str, np.ndarray]) -> np.ndarray:
     steps = x["decode_steps"]
-    other = np.stack([one, steps, bs * steps], axis=1)  # per request, per step, per sequence-step
-    return {"prefill_total_ms": prefill, "other_ms": other}
+    return np.stack([np.ones_like(steps), steps, x["batch_size"] * steps], axis=1)  # per request, step, sequence-step
 
 
 def _physical_step(x: Mapping[str, np.ndarray], step: np.ndarray) -> np.ndarray:
@@ -147,7 +150,11 @@ def _physical_step_sum(x: Mapping[str, np.ndarray], n: np.ndarray) -> np.ndarray
 def _knobs_request(x: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     one = np.ones_like(x["blocks"])
     base = [one, x["crops"], x["top_k"], x["blocks"], x["prompt_tokens"]]
-    return {"prefill_total_ms": np.stack(base, axis=1), "other_ms": np.stack([one, x["decode_steps"]], axis=1)}
+    return {"prefill_total_ms": np.stack(base, axis=1), "other_ms": _knobs_other(x)}
+
+
+def _knobs_other(x: Mapping[str, np.ndarray]) -> np.ndarray:
+    return np.stack([np.ones_like(x["decode_steps"]), x["decode_steps"]], axis=1)
 
 
 def _knobs_step(x: Mapping[str, np.ndarray], step: np.ndarray) -> np.ndarray:
@@ -171,6 +178,7 @@ class FeatureSet:
     step_fn: Callable[[Mapping[str, np.ndarray], np.ndarray], np.ndarray]
     step_sum_fn: Callable[[Mapping[str, np.ndarray], np.ndarray], np.ndarray]
     nonnegative: bool  # are the columns costs (so coefficients may be constrained >= 0)?
+    other_fn: Callable[[Mapping[str, np.ndarray]], np.ndarray]
 
     def design(self, x: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Request-level design matrices {prefill_total_ms, other_ms: (n, features)}; `x` needs
@@ -183,6 +191,10 @@ class FeatureSet:
             [[1.0, 2.0, 1.0, 3.0, 4.0]]
         """
         return self.request(x)
+
+    def design_other(self, x: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The other_ms design alone (what a request spends outside the phases)."""
+        return self.other_fn(x)
 
     def step(self, x: Mapping[str, np.ndarray], step: np.ndarray) -> np.ndarray:
         """Design of one decode step per row, at position `step` (0 = the first decode step)."""
@@ -212,7 +224,7 @@ FEATURE_SETS: dict[str, FeatureSet] = {
                                   "blocks_x_ramp"),
                "other_ms": ("const", "decode_steps", "batch_x_decode_steps")},
         request=_physical_request, step_fn=_physical_step, step_sum_fn=_physical_step_sum,
-        nonnegative=True,
+        nonnegative=True, other_fn=_physical_other,
     ),
     "knobs": FeatureSet(
         name="knobs",
@@ -221,7 +233,7 @@ FEATURE_SETS: dict[str, FeatureSet] = {
                "decode_step_ms": ("const", "crops", "top_k", "blocks", "prompt_tokens", "step"),
                "other_ms": ("const", "decode_steps")},
         request=_knobs_request, step_fn=_knobs_step, step_sum_fn=_knobs_step_sum,
-        nonnegative=False,
+        nonnegative=False, other_fn=_knobs_other,
     ),
 }
 

@@ -233,12 +233,15 @@ class Estimator:
                                  f"{_num(x['blocks'].max())}")
         return x
 
-    def _mu(self, x: Mapping[str, np.ndarray], steps: np.ndarray) -> dict[str, np.ndarray]:
-        """Uncalibrated (linear) predictions for configurations `x` with `steps` decode steps."""
+    def _mu(self, x: Mapping[str, np.ndarray], steps: np.ndarray,
+            prefill: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Uncalibrated (linear) predictions for configurations `x` with `steps` decode steps
+        (`prefill`, when given, is the prefill prediction already computed for these rows)."""
         fs = self.features
         x = {**x, "decode_steps": steps}
-        req = fs.design(x)
-        prefill = np.maximum(req["prefill_total_ms"] @ self.coef["prefill_total_ms"], FLOOR_MS)
+        req = fs.design(x) if prefill is None else {"other_ms": fs.design_other(x)}
+        if prefill is None:
+            prefill = np.maximum(req["prefill_total_ms"] @ self.coef["prefill_total_ms"], FLOOR_MS)
         other = np.maximum(req["other_ms"] @ self.coef["other_ms"], 0.0)
         decode = fs.step_sum(x, steps) @ self.coef["decode_step_ms"]
         decode = np.where(steps > 0, np.maximum(decode, FLOOR_MS * steps), 0.0)
@@ -329,11 +332,25 @@ class Estimator:
         grid = np.atleast_1d(np.asarray(new_tokens, dtype=np.float64))
         if grid.ndim != 1:
             raise EstimatorError(f"new_tokens must be a 1-D vector of N for predict_grid, got shape {grid.shape}")
-        x = config_arrays(crops=crops, top_k=top_k, blocks=blocks, prompt_tokens=prompt_tokens,
-                          **({} if batch_size is None else {"batch_size": batch_size}))
+        bad = ~(grid >= 1)
+        if bad.any():
+            raise EstimatorError(f"new_tokens must be >= 1; got {_num(grid[bad][0])}")
+        x = self._configs(crops=crops, top_k=top_k, blocks=blocks, prompt_tokens=prompt_tokens, batch_size=batch_size)
         n, m = len(x["crops"]), grid.size
-        flat = self.predict_arrays(**{k: np.repeat(v, m) for k, v in x.items()}, new_tokens=np.tile(grid, n))
-        return {k: v.reshape(n, m) for k, v in flat.items()}
+        prefill = np.maximum(self.features.design({**x, "decode_steps": np.zeros(n)})["prefill_total_ms"]
+                             @ self.coef["prefill_total_ms"], FLOOR_MS)
+        steps = np.tile(grid - 1.0, n)
+        mu = self._mu({k: np.repeat(v, m) for k, v in x.items()}, steps, prefill=np.repeat(prefill, m))
+        out: dict[str, np.ndarray] = {}
+        for name in ("prefill_total_ms", "decode_total_ms", "request_ms"):
+            f50, f95 = self.factors[name]
+            p50, p95 = output_names(name)
+            out[p50], out[p95] = mu[name] * f50, mu[name] * f95
+        with np.errstate(invalid="ignore", divide="ignore"):
+            per = np.where(steps > 0, 1.0 / steps, np.nan)
+        out["decode_per_token_p50_ms"] = out["decode_total_p50_ms"] * per
+        out["decode_per_token_p95_ms"] = out["decode_total_p95_ms"] * per
+        return {k: out[k].reshape(n, m) for k in _ordered_outputs()}
 
     def predict_positions(self, *, crops, top_k, blocks, prompt_tokens, steps, batch_size=None, image_tokens=None,
                           input_tokens=None) -> dict[str, np.ndarray]:
