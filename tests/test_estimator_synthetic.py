@@ -25,7 +25,7 @@ def est():
     return fit_estimator(example_requests(seed=0))
 
 
-@pytest.mark.parametrize("module", [estimator_pkg, features, fit, model, parity, example])
+@pytest.mark.parametrize("module", [estimator_pkg, data, features, fit, model, parity, example])
 def test_docstring_examples_run(module):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
