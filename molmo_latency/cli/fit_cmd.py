@@ -69,7 +69,8 @@ def breakdown_frame(metrics: dict, output: str, key: str, label: str) -> pl.Data
                                       **{lab: pl.Float64 for k, lab in METRIC_COLUMNS.items() if k not in ("n", "r2")}})
 
 
-@app.command()
+@app.command(epilog="Examples:\n\b\n  molmo-latency fit RUN_DIR --out MODEL_DIR\n"
+                     "  molmo-latency fit RUN_A RUN_B --out MODEL_DIR --json")
 def fit(
     run_dirs: List[Path] = typer.Argument(..., help="run directories of `molmo-latency profile` (one model, one device)"),
     out: Path = typer.Option(..., "--out", help="model directory to write (model.json, weights.safetensors, plots)"),
@@ -79,8 +80,8 @@ def fit(
     seed: int = typer.Option(0, "--seed", help="seed of the configuration split"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
 ) -> None:
-    """Fit the whole-request latency estimator (prefill, every decode step by position, gaps; P50/P95)
-    on RUN_DIRs, evaluated on held-out configurations and held-out N."""
+    """Fit the whole-request latency estimator (P50/P95 of prefill, of every decode step by position, of the
+    whole request) on RUN_DIRs, evaluated on held-out configurations and held-out N."""
     from molmo_latency.estimator import fit_estimator
     from molmo_latency.estimator.model import _jsonable
 
@@ -157,7 +158,10 @@ def parse_new_tokens(text: str | None, from_file: Path | None):
     return values[0] if len(values) == 1 and "," not in text else OutputLengths(values)
 
 
-@app.command()
+@app.command(epilog="Examples:\n\b\n  molmo-latency predict MODEL_DIR --crops 4 --top-k 2 --blocks 16 "
+                     "--prompt-tokens 32 --new-tokens 64 --json\n"
+                     "  molmo-latency predict MODEL_DIR --crops 4 --top-k 2 --blocks 16 --prompt-tokens 32 "
+                     "--new-tokens-from lengths.txt")
 def predict(
     model_dir: Path = typer.Argument(..., help="model directory written by `molmo-latency fit`"),
     crops: int = typer.Option(..., "--crops", help="image crops (>= 0)"),
