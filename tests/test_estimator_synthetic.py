@@ -132,6 +132,27 @@ def test_held_out_n_is_never_fitted_on(est):
     assert "skipped" in fit_estimator(one_n).metrics["held_out_new_tokens"]
 
 
+def test_free_generation_requests_of_any_length_are_used_step_by_step():
+    # EOS stops each request somewhere: cut every request's decode steps at a random length
+    rng = np.random.default_rng(7)
+    rows = example_requests(seed=7, new_tokens=(24,))
+    keep = rng.integers(1, 24, rows.height)
+    cut = rows.with_columns(pl.Series("keep", keep)).with_columns(
+        pl.col("decode_step_ms").list.head(pl.col("keep")).alias("decode_step_ms"),
+        (pl.col("keep")).alias("decode_steps"), (pl.col("keep") + 1).alias("output_tokens"))
+    cut = cut.with_columns(pl.col("decode_step_ms").list.sum().alias("decode_ms")).with_columns(
+        (pl.col("prefill_total_ms") + pl.col("decode_ms") + pl.col("other_ms")).alias("total_ms")).drop("keep")
+    e = fit_estimator(cut)
+    valid = cut.filter("valid")
+    assert e.meta["training"]["decode_steps"] == int(valid["decode_steps"].sum())
+    hn = e.metrics["held_out_new_tokens"]
+    threshold = int(hn["holdout"].split(">= ")[1])
+    held = e.evaluation.filter(pl.col("split") == "held_out_new_tokens")
+    assert held.height > 0 and (held["decode_steps"] + 1 >= threshold).all()
+    assert all(n < threshold for n in hn["trained_on_output_tokens"])
+    assert e.metrics["held_out_configs"]["request_ms"]["requests"]["mape_pct"] < 5
+
+
 def test_an_output_length_distribution_gives_the_budget_for_an_unknown_n(est):
     cfg = {"crops": 1, "top_k": 2, "blocks": 4, "prompt_tokens": 32}
     point = est.predict_arrays(**cfg, new_tokens=64)

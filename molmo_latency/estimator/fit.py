@@ -237,11 +237,14 @@ def _arrays(frame: pl.DataFrame, *extra: str) -> dict[str, np.ndarray]:
     return config_arrays(**{c: frame[c].to_numpy() for c in (*KNOBS, *TOKENS, *extra)})
 
 
-def _request_medians(frame: pl.DataFrame, target: str) -> pl.DataFrame:
-    return (frame.group_by("config_key", maintain_order=True)
-            .agg(*[pl.col(c).first() for c in (*KNOBS, *TOKENS, "decode_steps")], pl.col(target).median(),
-                 pl.len().alias("n"))
-            .sort("config_key"))
+def _request_medians(frame: pl.DataFrame, target: str, by_steps: bool = False) -> pl.DataFrame:
+    """Median of `target` per configuration (and per decode-step count, where free generation
+    gives one configuration several output lengths)."""
+    keys = ["config_key", "decode_steps"] if by_steps else ["config_key"]
+    return (frame.group_by(keys, maintain_order=True)
+            .agg(*[pl.col(c).first() for c in (*KNOBS, *TOKENS, "decode_steps") if c not in keys],
+                 pl.col(target).median(), pl.len().alias("n"))
+            .sort(keys))
 
 
 def explode_steps(rows: pl.DataFrame) -> pl.DataFrame:
@@ -345,7 +348,7 @@ def _fit_core(fs: FeatureSet, rows: pl.DataFrame, steps: pl.DataFrame, coverage:
                                    "train_configs": smed["config_key"].n_unique(), "train_positions": smed.height}
     # other_ms (gaps): per-configuration medians, absolute least squares (values may be near 0)
     ok = train.filter(pl.col("other_ms").is_finite() & (pl.col("other_ms") >= 0))
-    omed = _request_medians(ok, "other_ms")
+    omed = _request_medians(ok, "other_ms", by_steps=True)
     xo = fs.design(_arrays(omed, "decode_steps"))["other_ms"]
     yo = omed["other_ms"].to_numpy()
     if fs.nonnegative:
