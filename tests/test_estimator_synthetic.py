@@ -412,3 +412,17 @@ def test_no_import_circle_between_model_and_plots():
     assert "molmo_latency.estimator.fit" not in imports("model.py")
     assert not {"torch", "molmo_latency.telemetry", "molmo_latency.models"} & set().union(
         *[imports(p.name) for p in here.glob("*.py")])
+
+
+def test_fitting_saving_and_loading_never_import_torch(tmp_path):
+    import subprocess
+    import sys
+
+    rows = example_requests(seed=0)
+    run = _fake_run(tmp_path / "run", rows)
+    code = ("import sys\nfrom molmo_latency.estimator import Estimator, fit_estimator\n"
+            f"e = fit_estimator([{str(run)!r}])\ne.save({str(tmp_path / 'm')!r})\n"
+            f"Estimator.load({str(tmp_path / 'm')!r})\n"
+            "print('LOADED', [m for m in ('torch', 'transformers', 'molmo_latency.telemetry') if m in sys.modules])\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert "LOADED []" in res.stdout, res.stdout + res.stderr
