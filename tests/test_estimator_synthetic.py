@@ -73,18 +73,40 @@ def test_decode_steps_are_predicted_by_position(est):
 def test_a_whole_request_is_prefill_plus_every_decode_step_plus_the_gaps(est):
     cfg = {"crops": 4, "top_k": 2, "blocks": 2, "prompt_tokens": 32}
     n = 40
-    out = est.predict_arrays(**cfg, new_tokens=n)
+    lin = est.predict_linear(**cfg, new_tokens=n)
     f = est.factors
     steps = est.predict_positions(**cfg, steps=np.arange(n - 1))["decode_step_p50_ms"] / f["decode_step_ms"][0]
-    decode_mu = out["decode_total_p50_ms"][0] / f["decode_total_ms"][0]
-    assert decode_mu == pytest.approx(steps.sum(), rel=1e-9)  # closed-form sum == the sum over positions
-    prefill_mu = out["prefill_total_p50_ms"][0] / f["prefill_total_ms"][0]
+    assert lin["decode_total_ms"][0] == pytest.approx(steps.sum(), rel=1e-9)  # closed-form sum == sum over positions
     co = est.meta["selection"]["other_ms"]["coefficients"]
-    other_mu = co["const"] + co["decode_steps"] * (n - 1) + co["batch_x_decode_steps"] * (n - 1)
-    assert out["request_p50_ms"][0] / f["request_ms"][0] == pytest.approx(prefill_mu + decode_mu + other_mu, rel=1e-9)
+    other = co["const"] + co["decode_steps"] * (n - 1) + co["batch_x_decode_steps"] * (n - 1)
+    assert lin["other_ms"][0] == pytest.approx(other, rel=1e-9)
+    assert lin["request_ms"][0] == pytest.approx(lin["prefill_total_ms"][0] + steps.sum() + other, rel=1e-9)
+    out = est.predict_arrays(**cfg, new_tokens=n)
+    assert out["prefill_total_p50_ms"][0] == pytest.approx(lin["prefill_total_ms"][0] * f["prefill_total_ms"][0])
+    # the whole request's P50/P95: mu * exp(score * sd), sd from the modelled spreads of prefill and steps
+    nz = est.noise
+    shrink = nz["step_correlation"] + (1 - nz["step_correlation"]) / (n - 1)
+    sd = np.sqrt((lin["prefill_total_ms"][0] * nz["prefill_rel_sd"]) ** 2
+                 + (lin["decode_total_ms"][0] * nz["step_rel_sd"]) ** 2 * shrink) / lin["request_ms"][0]
+    for i, col in enumerate(("request_p50_ms", "request_p95_ms")):
+        assert out[col][0] == pytest.approx(lin["request_ms"][0] * np.exp(f["request_ms"][i] * sd), rel=1e-9)
     assert out["decode_per_token_p50_ms"][0] == pytest.approx(out["decode_total_p50_ms"][0] / (n - 1))
     one = est.predict_arrays(**cfg, new_tokens=1)  # no decode step at all
     assert one["decode_total_p50_ms"][0] == 0 and np.isnan(one["decode_per_token_p50_ms"][0])
+
+
+def test_p95_coverage_is_about_95_percent_for_short_and_long_requests_alike():
+    # independent step noise: a long request's total spreads less (relatively) than a short one's;
+    # normalized calibration gives each N its own width, so coverage holds per N, not only overall
+    rows = example_requests(seed=5, noise=0.05, repeats=6, crops=(1, 2, 3, 4, 6, 8), top_k=(1, 2, 4, 8),
+                            blocks=(1, 2, 3, 4), prompt_tokens=(8, 32, 64), new_tokens=(4, 32))
+    e = fit_estimator(rows, test_fraction=0.3, calib_fraction=0.3, seed=5)
+    assert e.noise["step_correlation"] < 0.2 and e.noise["step_rel_sd"] == pytest.approx(0.05, rel=0.2)
+    for b in e.metrics["held_out_configs"]["request_ms"]["by_output_tokens"]:
+        assert b["n"] > 500 and 0.92 <= b["p95_coverage"] <= 0.98, b
+    short, long = (e.predict_arrays(crops=2, top_k=2, blocks=2, prompt_tokens=32, new_tokens=n) for n in (4, 32))
+    width = [float(o["request_p95_ms"][0] / o["request_p50_ms"][0]) for o in (short, long)]
+    assert width[1] < width[0]  # the long request's P95 is relatively closer to its P50
 
 
 def test_request_p50_rises_with_n_and_p95_is_above_p50(est):

@@ -363,8 +363,11 @@ def _fit_core(fs: FeatureSet, rows: pl.DataFrame, steps: pl.DataFrame, coverage:
                         train["image_tokens"].to_numpy(), train["input_tokens"].to_numpy())
     est = Estimator(fs, coef, {o: (1.0, 1.0) for o in OUTPUTS}, tm, defaults=_defaults(rows),
                     knob_ranges=_ranges(train), meta={"coverage": coverage})
+    est.noise = _noise(est, train, st_train)
     # calibration: ratios of measured to the linear prediction, per output, on calibration requests
+    # (for decode total and request: the normalized score log(y / mu) / sd(N))
     mu = _mu_rows(est, calib)
+    cal_n = calib["decode_steps"].to_numpy().astype(np.float64)
     cal_steps = steps.filter(pl.col("role") == "calib")
     step_mu = _mu_steps(est, cal_steps)
     measured = {"prefill_total_ms": calib["prefill_total_ms"].to_numpy(), "decode_total_ms": calib["decode_ms"].to_numpy(),
@@ -383,18 +386,51 @@ def _fit_core(fs: FeatureSet, rows: pl.DataFrame, steps: pl.DataFrame, coverage:
             raise EstimatorError(f"no usable {name} in the calibration configurations; run a sweep with more "
                                  "configurations (and new_tokens >= 2)")
         r = y[good] / m[good]
+        if name in MIXED:  # normalized: each request's log ratio in units of its modelled spread
+            steps_n = cal_n if name == "request_ms" else cal_n[calib["decode_steps"].to_numpy() > 0]
+            mu_rows = mu if name == "request_ms" else {k: v[calib["decode_steps"].to_numpy() > 0] for k, v in mu.items()}
+            sd = est.relative_sd(name, {k: v[good] for k, v in mu_rows.items()}, steps_n[good])
+            r = np.log(r) / sd
         f50, f95, guaranteed = conformal_factors(r, coverage)
         factors[name] = (f50, f95)
         if name in MIXED:
             ratios[name] = np.sort(r)
-        calibration[name] = {"method": "split-conformal on relative residuals y / mu of calibration "
-                                       + ("decode steps" if name == "decode_step_ms" else "requests"),
+        calibration[name] = {"method": ("normalized split-conformal on log(y / mu) / sd(N) of calibration requests "
+                                        "(sd from the relative spreads of prefill and decode steps, see noise)")
+                             if name in MIXED else
+                             "split-conformal on relative residuals y / mu of calibration "
+                             + ("decode steps" if name == "decode_step_ms" else "requests"),
+                             "scale": "log_sd" if name in MIXED else "ratio",
                              "p50_factor": f50, "p95_factor": f95, "rows": int(good.sum()),
                              "configs": int(keys.filter(pl.Series(good)).n_unique()),
                              "finite_sample_guarantee": guaranteed}
     est.factors = factors
     est.ratios = ratios
     return {"estimator": est, "selection": selection, "calibration": calibration}
+
+
+def _robust_sd(v: np.ndarray) -> float:
+    v = v[np.isfinite(v)]
+    return float(1.4826 * np.median(np.abs(v - np.median(v)))) if v.size else 0.0
+
+
+def _noise(est: Estimator, train: pl.DataFrame, steps: pl.DataFrame) -> dict[str, float]:
+    """Relative spread (robust SD of log(y / mu)) of prefill and of one decode step on the
+    training data, and how strongly the steps of one request move together (0: independent, so
+    the decode total of S steps spreads sqrt(S) times less; 1: together)."""
+    mu = _mu_rows(est, train)
+    y = train["prefill_total_ms"].to_numpy()
+    ok = np.isfinite(y) & (y > 0)
+    sp = _robust_sd(np.log(y[ok] / mu["prefill_total_ms"][ok]))
+    ls = np.log(steps["decode_step_ms"].to_numpy() / _mu_steps(est, steps))
+    ss = _robust_sd(ls)
+    per = (steps.select("request_index").with_columns(pl.Series("ls", ls))
+           .group_by("request_index").agg(pl.col("ls").mean(), pl.len().alias("s")))
+    inv = float(np.mean(1.0 / per["s"].to_numpy())) if per.height else 1.0
+    rho = 1.0
+    if ss > 0 and inv < 1 and per.height >= 3:
+        rho = float(np.clip((_robust_sd(per["ls"].to_numpy()) ** 2 / ss ** 2 - inv) / (1 - inv), 0.0, 1.0))
+    return {"prefill_rel_sd": sp, "step_rel_sd": ss, "step_correlation": rho}
 
 
 def _mu_rows(est: Estimator, frame: pl.DataFrame) -> dict[str, np.ndarray]:
@@ -510,6 +546,7 @@ def fit_estimator(
                   "calib_configs": sorted(rows.filter(pl.col("role") == "calib")["config_key"].unique().to_list())},
         "selection": core["selection"],
         "calibration": core["calibration"],
+        "noise": est.noise,
         "metrics": metrics,
         "versions": _versions(),
     }

@@ -153,6 +153,7 @@ class _CalibrationMeta(msgspec.Struct):
     p95_factor: float
     rows: int
     configs: int
+    scale: str = "ratio"  # "ratio": P = mu * factor; "log_sd": P = mu * exp(factor * sd(N))
 
 
 class _ModelMeta(msgspec.Struct):
@@ -168,6 +169,7 @@ class _ModelMeta(msgspec.Struct):
     calibration: dict[str, _CalibrationMeta]
     weights_sha256: str
     model: dict[str, Any]
+    noise: dict[str, float] | None = None
 
 
 class Estimator:
@@ -176,13 +178,18 @@ class Estimator:
     `coef[target]` are the linear costs of the feature set's columns (ms per unit) for
     prefill_total_ms, decode_step_ms and other_ms; `factors[output]` = (p50, p95) multiply the
     linear prediction (split-conformal on relative residuals of calibration configurations);
-    `ratios[output]` are the sorted calibration ratios (for distributions of N).
+    `ratios[output]` are the sorted calibration ratios (for distributions of N). With `noise`
+    (relative spread of prefill and of one decode step, and the correlation of the steps of one
+    request, from the training residuals), decode_total and request are calibrated on the
+    normalized score log(y / mu) / sd(N), so that short and long requests each get their own
+    width (normalized split conformal); their factors and ratios are then scores.
     """
 
     def __init__(self, features: FeatureSet, coef: dict[str, np.ndarray], factors: dict[str, tuple[float, float]],
                  token_map: TokenMap, defaults: dict[str, int], knob_ranges: dict[str, list[float]],
                  meta: dict[str, Any], evaluation: pl.DataFrame | None = None,
-                 ratios: dict[str, np.ndarray] | None = None, steps_evaluation: pl.DataFrame | None = None):
+                 ratios: dict[str, np.ndarray] | None = None, steps_evaluation: pl.DataFrame | None = None,
+                 noise: dict[str, float] | None = None):
         self.features = features
         self.coef = {t: np.ascontiguousarray(c, dtype=np.float64) for t, c in coef.items()}
         self.factors = {t: (float(a), float(b)) for t, (a, b) in factors.items()}
@@ -194,6 +201,9 @@ class Estimator:
         self.evaluation = evaluation
         self.steps_evaluation = steps_evaluation
         self.targets = tuple(coef)
+        # with `noise`, decode_total and request are calibrated on log(y / mu) / sd(N) (normalized
+        # conformal) and their factors and ratios are in those units; without, plain ratios y / mu
+        self.noise = None if noise is None else {k: float(v) for k, v in noise.items()}
 
     @property
     def _blocks_total(self) -> int | None:
@@ -248,6 +258,48 @@ class Estimator:
         return {"prefill_total_ms": prefill, "decode_total_ms": decode, "other_ms": other,
                 "request_ms": prefill + decode + other}
 
+    def relative_sd(self, name: str, mu: Mapping[str, np.ndarray], steps: np.ndarray) -> np.ndarray:
+        """The modelled relative spread of `name` (decode_total_ms or request_ms) for rows with
+        linear predictions `mu` and `steps` decode steps: prefill and steps with their relative
+        spreads, the steps of one request correlated by `step_correlation`."""
+        nz = self.noise or {}
+        sp, ss, rho = nz.get("prefill_rel_sd", 0.0), nz.get("step_rel_sd", 0.0), nz.get("step_correlation", 1.0)
+        shrink = rho + (1.0 - rho) / np.maximum(steps, 1.0)
+        if name == "decode_total_ms":
+            sd = ss * np.sqrt(shrink) * np.ones_like(steps)
+        else:
+            var = (mu["prefill_total_ms"] * sp) ** 2 + (mu["decode_total_ms"] * ss) ** 2 * shrink
+            sd = np.sqrt(var) / np.maximum(mu["request_ms"], FLOOR_MS)
+        return np.maximum(sd, 1e-6)
+
+    def _scaled(self, name: str) -> bool:
+        return self.noise is not None and name in MIXED
+
+    def _calibrated(self, name: str, mu: Mapping[str, np.ndarray], steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """P50 and P95 of output `name` from the linear predictions."""
+        f50, f95 = self.factors[name]
+        if not self._scaled(name):
+            return mu[name] * f50, mu[name] * f95
+        sd = self.relative_sd(name, mu, steps)
+        return mu[name] * np.exp(f50 * sd), mu[name] * np.exp(f95 * sd)
+
+    def predict_linear(self, *, crops, top_k, blocks, prompt_tokens, new_tokens=None, batch_size=None,
+                       image_tokens=None, input_tokens=None) -> dict[str, np.ndarray]:
+        """The uncalibrated linear predictions (ms): prefill_total_ms, decode_total_ms (sum of the
+        decode steps), other_ms (gaps) and request_ms, their sum, before the P50/P95 calibration.
+
+        Example:
+            >>> from molmo_latency.estimator import example_requests, fit_estimator
+            >>> est = fit_estimator(example_requests(seed=0))
+            >>> m = est.predict_linear(crops=1, top_k=2, blocks=4, prompt_tokens=32, new_tokens=16)
+            >>> bool(m["request_ms"][0] == m["prefill_total_ms"][0] + m["decode_total_ms"][0] + m["other_ms"][0])
+            True
+        """
+        x = self._configs(crops=crops, top_k=top_k, blocks=blocks, prompt_tokens=prompt_tokens, batch_size=batch_size,
+                          image_tokens=image_tokens, input_tokens=input_tokens,
+                          new_tokens=self.defaults["new_tokens"] if new_tokens is None else new_tokens)
+        return self._mu(x, x["new_tokens"] - 1.0)
+
     def predict_arrays(self, *, crops, top_k, blocks, prompt_tokens, new_tokens=None, batch_size=None,
                        image_tokens=None, input_tokens=None) -> dict[str, np.ndarray]:
         """The fast batched path: numpy arrays (or scalars) in, {output column: float64 array} out.
@@ -283,10 +335,8 @@ class Estimator:
         mu = self._mu(x, steps)
         out: dict[str, np.ndarray] = {}
         for name in ("prefill_total_ms", "decode_total_ms", "request_ms"):
-            f50, f95 = self.factors[name]
             p50, p95 = output_names(name)
-            out[p50] = mu[name] * f50
-            out[p95] = mu[name] * f95
+            out[p50], out[p95] = self._calibrated(name, mu, steps)
         with np.errstate(invalid="ignore", divide="ignore"):
             per = np.where(steps > 0, 1.0 / steps, np.nan)
         out["decode_per_token_p50_ms"] = out["decode_total_p50_ms"] * per
@@ -308,7 +358,11 @@ class Estimator:
                 r = np.array(self.factors[name])  # no ratios kept: the two factors as a coarse stand-in
             k = r.size
             level95 = min(1.0, math.ceil((k + 1) * self.coverage) / k)
-            values = (mu[name].reshape(n, m)[:, :, None] * r[None, None, :]).reshape(n, m * k)
+            if self._scaled(name):
+                sd = self.relative_sd(name, mu, steps).reshape(n, m)
+                values = (mu[name].reshape(n, m)[:, :, None] * np.exp(r[None, None, :] * sd[:, :, None])).reshape(n, m * k)
+            else:
+                values = (mu[name].reshape(n, m)[:, :, None] * r[None, None, :]).reshape(n, m * k)
             weights = np.repeat(dist.weights / k, k)
             q = weighted_quantiles(values, weights, [0.5, level95])
             p50, p95 = output_names(name)
@@ -343,9 +397,8 @@ class Estimator:
         mu = self._mu({k: np.repeat(v, m) for k, v in x.items()}, steps, prefill=np.repeat(prefill, m))
         out: dict[str, np.ndarray] = {}
         for name in ("prefill_total_ms", "decode_total_ms", "request_ms"):
-            f50, f95 = self.factors[name]
             p50, p95 = output_names(name)
-            out[p50], out[p95] = mu[name] * f50, mu[name] * f95
+            out[p50], out[p95] = self._calibrated(name, mu, steps)
         with np.errstate(invalid="ignore", divide="ignore"):
             per = np.where(steps > 0, 1.0 / steps, np.nan)
         out["decode_per_token_p50_ms"] = out["decode_total_p50_ms"] * per
@@ -539,16 +592,20 @@ class Estimator:
             if name not in meta.calibration:
                 raise EstimatorError(f"{mj} has no calibration for {name}; refit")
             cal = meta.calibration[name]
-            if not (0 < cal.p50_factor <= cal.p95_factor and math.isfinite(cal.p95_factor)):
-                raise EstimatorError(f"{mj}: calibration of {name} must have 0 < p50_factor <= p95_factor, got "
-                                     f"{cal.p50_factor}, {cal.p95_factor}; refit")
+            want = "log_sd" if (meta.noise is not None and name in MIXED) else "ratio"
+            if cal.scale != want:
+                raise EstimatorError(f"{mj}: calibration of {name} has scale {cal.scale!r}, expected {want!r}; refit")
+            low = -math.inf if want == "log_sd" else 0.0
+            if not (low < cal.p50_factor <= cal.p95_factor and math.isfinite(cal.p95_factor)):
+                raise EstimatorError(f"{mj}: calibration of {name} must have {'' if want == 'log_sd' else '0 < '}"
+                                     f"p50_factor <= p95_factor, got {cal.p50_factor}, {cal.p95_factor}; refit")
             factors[name] = (cal.p50_factor, cal.p95_factor)
         for name in MIXED:
             key = f"{name}.calib_ratios"
             if key in arrays:
                 r = arrays[key]
-                if r.ndim != 1 or r.size == 0 or not np.all(np.isfinite(r)) or (r <= 0).any():
-                    raise EstimatorError(f"{wp}: {key} must be a non-empty vector of positive ratios; refit")
+                if r.ndim != 1 or r.size == 0 or not np.all(np.isfinite(r)) or (meta.noise is None and (r <= 0).any()):
+                    raise EstimatorError(f"{wp}: {key} must be a non-empty vector of finite calibration scores; refit")
                 ratios[name] = r
         for k in ("new_tokens", "batch_size"):
             if k not in meta.defaults:
@@ -556,7 +613,13 @@ class Estimator:
         tm = TokenMap(**msgspec.structs.asdict(meta.token_map))
         evaluation = _read_optional(d / EVALUATION)
         steps_evaluation = _read_optional(d / EVALUATION_STEPS)
-        return cls(fs, coef, factors, tm, meta.defaults, meta.knob_ranges, raw, evaluation, ratios, steps_evaluation)
+        if meta.noise is not None:
+            bad = {k: v for k, v in meta.noise.items() if not (math.isfinite(v) and v >= 0)}
+            if set(meta.noise) != {"prefill_rel_sd", "step_rel_sd", "step_correlation"} or bad:
+                raise EstimatorError(f"{mj}: noise must give finite prefill_rel_sd, step_rel_sd and step_correlation "
+                                     f">= 0, got {meta.noise}; refit")
+        return cls(fs, coef, factors, tm, meta.defaults, meta.knob_ranges, raw, evaluation, ratios, steps_evaluation,
+                   noise=meta.noise)
 
     def __repr__(self) -> str:
         return f"Estimator(feature_set={self.features.name!r}, targets={list(self.targets)})"
