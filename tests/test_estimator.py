@@ -125,6 +125,7 @@ def test_the_cost_of_active_blocks_and_of_output_tokens_is_learned(fitted):
         assert four[name][0] > 1.3 * one[name][0], (name, one[name][0], four[name][0])
     g = fitted.predict_grid(crops=2, top_k=2, blocks=4, prompt_tokens=16, new_tokens=[2, 8, 32, 128])
     assert (np.diff(g["request_p50_ms"][0]) > 0).all() and (g["request_p95_ms"] >= g["request_p50_ms"]).all()
+    assert (np.diff(g["request_p95_ms"][0]) > 0).all()  # a longer request never gets a smaller budget
 
 
 def test_held_out_configurations_are_ranked_by_their_measured_latency(tiny_run, fits):

@@ -365,7 +365,7 @@ def _fit_core(fs: FeatureSet, rows: pl.DataFrame, steps: pl.DataFrame, coverage:
                     knob_ranges=_ranges(train), meta={"coverage": coverage})
     est.noise = _noise(est, train, st_train)
     # calibration: ratios of measured to the linear prediction, per output, on calibration requests
-    # (for decode total and request: the normalized score log(y / mu) / sd(N))
+    # (for decode total and request: the normalized score (y - mu) / (mu sd(N)))
     mu = _mu_rows(est, calib)
     cal_n = calib["decode_steps"].to_numpy().astype(np.float64)
     cal_steps = steps.filter(pl.col("role") == "calib")
@@ -386,21 +386,21 @@ def _fit_core(fs: FeatureSet, rows: pl.DataFrame, steps: pl.DataFrame, coverage:
             raise EstimatorError(f"no usable {name} in the calibration configurations; run a sweep with more "
                                  "configurations (and new_tokens >= 2)")
         r = y[good] / m[good]
-        if name in MIXED:  # normalized: each request's log ratio in units of its modelled spread
+        if name in MIXED:  # normalized: each request's relative residual in units of its modelled spread
             steps_n = cal_n if name == "request_ms" else cal_n[calib["decode_steps"].to_numpy() > 0]
             mu_rows = mu if name == "request_ms" else {k: v[calib["decode_steps"].to_numpy() > 0] for k, v in mu.items()}
             sd = est.relative_sd(name, {k: v[good] for k, v in mu_rows.items()}, steps_n[good])
-            r = np.log(r) / sd
+            r = (r - 1.0) / sd
         f50, f95, guaranteed = conformal_factors(r, coverage)
         factors[name] = (f50, f95)
         if name in MIXED:
             ratios[name] = np.sort(r)
-        calibration[name] = {"method": ("normalized split-conformal on log(y / mu) / sd(N) of calibration requests "
+        calibration[name] = {"method": ("normalized split-conformal on (y - mu) / (mu sd(N)) of calibration requests "
                                         "(sd from the relative spreads of prefill and decode steps, see noise)")
                              if name in MIXED else
                              "split-conformal on relative residuals y / mu of calibration "
                              + ("decode steps" if name == "decode_step_ms" else "requests"),
-                             "scale": "log_sd" if name in MIXED else "ratio",
+                             "scale": "sd" if name in MIXED else "ratio",
                              "p50_factor": f50, "p95_factor": f95, "rows": int(good.sum()),
                              "configs": int(keys.filter(pl.Series(good)).n_unique()),
                              "finite_sample_guarantee": guaranteed}

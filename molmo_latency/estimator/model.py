@@ -153,7 +153,7 @@ class _CalibrationMeta(msgspec.Struct):
     p95_factor: float
     rows: int
     configs: int
-    scale: str = "ratio"  # "ratio": P = mu * factor; "log_sd": P = mu * exp(factor * sd(N))
+    scale: str = "ratio"  # "ratio": P = mu * factor; "sd": P = mu * (1 + factor * sd(N))
 
 
 class _ModelMeta(msgspec.Struct):
@@ -181,8 +181,9 @@ class Estimator:
     `ratios[output]` are the sorted calibration ratios (for distributions of N). With `noise`
     (relative spread of prefill and of one decode step, and the correlation of the steps of one
     request, from the training residuals), decode_total and request are calibrated on the
-    normalized score log(y / mu) / sd(N), so that short and long requests each get their own
-    width (normalized split conformal); their factors and ratios are then scores.
+    normalized score (y - mu) / (mu sd(N)), so that short and long requests each get their own
+    width (normalized split conformal): P = mu (1 + score sd(N)); their factors and ratios are
+    then scores. The width mu sd(N) grows with N, so P95 grows with N.
     """
 
     def __init__(self, features: FeatureSet, coef: dict[str, np.ndarray], factors: dict[str, tuple[float, float]],
@@ -201,7 +202,7 @@ class Estimator:
         self.evaluation = evaluation
         self.steps_evaluation = steps_evaluation
         self.targets = tuple(coef)
-        # with `noise`, decode_total and request are calibrated on log(y / mu) / sd(N) (normalized
+        # with `noise`, decode_total and request are calibrated on (y - mu) / (mu sd(N)) (normalized
         # conformal) and their factors and ratios are in those units; without, plain ratios y / mu
         self.noise = None if noise is None else {k: float(v) for k, v in noise.items()}
 
@@ -280,8 +281,9 @@ class Estimator:
         f50, f95 = self.factors[name]
         if not self._scaled(name):
             return mu[name] * f50, mu[name] * f95
-        sd = self.relative_sd(name, mu, steps)
-        return mu[name] * np.exp(f50 * sd), mu[name] * np.exp(f95 * sd)
+        sd, m = self.relative_sd(name, mu, steps), mu[name]
+        floor = np.where(m > 0, FLOOR_MS, 0.0)  # a request without decode steps has a decode total of 0
+        return np.maximum(m * (1.0 + f50 * sd), floor), np.maximum(m * (1.0 + f95 * sd), floor)
 
     def predict_linear(self, *, crops, top_k, blocks, prompt_tokens, new_tokens=None, batch_size=None,
                        image_tokens=None, input_tokens=None) -> dict[str, np.ndarray]:
@@ -360,7 +362,9 @@ class Estimator:
             level95 = min(1.0, math.ceil((k + 1) * self.coverage) / k)
             if self._scaled(name):
                 sd = self.relative_sd(name, mu, steps).reshape(n, m)
-                values = (mu[name].reshape(n, m)[:, :, None] * np.exp(r[None, None, :] * sd[:, :, None])).reshape(n, m * k)
+                mm = mu[name].reshape(n, m)[:, :, None]
+                values = np.maximum(mm * (1.0 + r[None, None, :] * sd[:, :, None]),
+                                    np.where(mm > 0, FLOOR_MS, 0.0)).reshape(n, m * k)
             else:
                 values = (mu[name].reshape(n, m)[:, :, None] * r[None, None, :]).reshape(n, m * k)
             weights = np.repeat(dist.weights / k, k)
@@ -592,12 +596,12 @@ class Estimator:
             if name not in meta.calibration:
                 raise EstimatorError(f"{mj} has no calibration for {name}; refit")
             cal = meta.calibration[name]
-            want = "log_sd" if (meta.noise is not None and name in MIXED) else "ratio"
+            want = "sd" if (meta.noise is not None and name in MIXED) else "ratio"
             if cal.scale != want:
                 raise EstimatorError(f"{mj}: calibration of {name} has scale {cal.scale!r}, expected {want!r}; refit")
-            low = -math.inf if want == "log_sd" else 0.0
+            low = -math.inf if want == "sd" else 0.0
             if not (low < cal.p50_factor <= cal.p95_factor and math.isfinite(cal.p95_factor)):
-                raise EstimatorError(f"{mj}: calibration of {name} must have {'' if want == 'log_sd' else '0 < '}"
+                raise EstimatorError(f"{mj}: calibration of {name} must have {'' if want == 'sd' else '0 < '}"
                                      f"p50_factor <= p95_factor, got {cal.p50_factor}, {cal.p95_factor}; refit")
             factors[name] = (cal.p50_factor, cal.p95_factor)
         for name in MIXED:
