@@ -332,3 +332,23 @@ def test_cli_bad_input_exits_2_with_one_line(tiny_run, model_dir, tmp_path, args
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert message in r.stderr and "Traceback" not in r.stderr and "np.float64" not in r.stderr
     assert r.stderr.startswith("molmo-latency: error:") and r.stderr.count("\n") == 1
+
+
+def test_a_sweep_of_block_subsets_keeps_their_indices_and_fits_on_the_count(tmp_path):
+    from molmo_latency.estimator import load_requests
+
+    spec = SweepSpec.from_dict({"crops": [1, 4], "top_k": [1, 2], "blocks": [[0, 3], [0, 1, 3], [0, 1, 2, 3], 1],
+                                "prompt_tokens": [8], "new_tokens": [3], "repeats": 1, "warmup": 0})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_sweep("tiny", spec, tmp_path / "run")
+    finally:
+        torch.set_num_threads(threads)
+    rows, _ = load_requests([tmp_path / "run"])
+    assert rows.height == 16
+    assert sorted(map(tuple, rows["block_indices"].unique().to_list())) == [(0,), (0, 1, 2, 3), (0, 1, 3), (0, 3)]
+    assert all(len(i) == b for i, b in zip(rows["block_indices"].to_list(), rows["blocks"].to_list()))
+    est = fit_estimator([tmp_path / "run"])
+    assert est.meta["feature_set"]["names"]["decode_step_ms"][1] == "blocks"  # the count is the feature
+    assert est.knob_ranges["blocks"] == [1.0, 4.0]
