@@ -474,7 +474,7 @@ def fit_estimator(
         >>> sp["configs"]["test"], len(sp["test_configs"]), est.metrics["held_out_configs"]["request_ms"]["requests"]["r2"] > 0.9
         (18, 36, True)
     """
-    fs = feature_set_named(feature_set)
+    fs = _feature_set(feature_set)
     if not 0.5 < coverage < 1:
         raise EstimatorError(f"coverage must be between 0.5 and 1, got {coverage}")
     started = time.perf_counter()
@@ -555,7 +555,7 @@ def fit_estimator(
     return est
 
 
-def feature_set_named(name: str) -> FeatureSet:
+def _feature_set(name: str) -> FeatureSet:  # `feature_set` is shadowed by fit_estimator's argument
     return feature_set(name)
 
 
