@@ -92,7 +92,7 @@ def fit(
     files = [str(model_dir / f) for f in meta["files"].values() if f]
     if as_json:
         print_json(_jsonable({"model_dir": str(model_dir), "files": files, "feature_set": meta["feature_set"]["name"],
-                              **{k: meta[k] for k in ("training", "split", "selection", "calibration", "metrics",
+                              **{k: meta[k] for k in ("training", "split", "selection", "calibration", "noise", "metrics",
                                                       "token_map", "defaults", "knob_ranges", "model")}}))
         return
     tr, sp = meta["training"], meta["split"]
