@@ -70,18 +70,11 @@ def _nvml_device(device: str):
     return GilReleasingFakeGpu(), "FakeGpu releasing the GIL 7x per read (no NVML here)"
 
 
-def _generation_kwargs(ref, crops: int, new_tokens: int) -> dict:
-    kw = ref.inputs(crops=crops, prompt_tokens=32)
-    for key in ("max_new_tokens", "min_new_tokens", "do_sample"):
-        kw.pop(key, None)
-    return {**kw, "max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
-
-
 def run(preset: str, device: str, dtype: torch.dtype | None, rounds: int, crops: int, new_tokens: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     ref = reference_vlm(preset, device=device, dtype=dtype)
-    kwargs = _generation_kwargs(ref, crops, new_tokens)
+    kwargs = ref.request(crops=crops, prompt_tokens=32, new_tokens=new_tokens)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
     nvml_device, nvml_what = _nvml_device(device)
     profiled = {

@@ -36,9 +36,8 @@ Example:
     >>> from molmo_latency import profile_phases
     >>> from molmo_latency.models import reference_vlm
     >>> ref = reference_vlm("tiny")
-    >>> kw = {**ref.inputs(crops=2), "max_new_tokens": 4, "min_new_tokens": 4}
     >>> with profile_phases(ref.model) as prof:
-    ...     _ = ref.model.generate(**kw)
+    ...     _ = ref.model.generate(**ref.request(crops=2, new_tokens=4))
     >>> r = prof.report().requests
     >>> r["decode_steps"].to_list(), r["valid"].to_list()
     ([3], [True])
@@ -609,9 +608,8 @@ def profile_phases(
     Example:
         >>> from molmo_latency.models import reference_vlm
         >>> ref = reference_vlm("tiny")
-        >>> kw = {**ref.inputs(crops=1), "max_new_tokens": 3, "min_new_tokens": 3}
         >>> with profile_phases(ref.model) as prof:
-        ...     _ = ref.model.generate(**kw)
+        ...     _ = ref.model.generate(**ref.request(crops=1, new_tokens=3))
         >>> prof.report().phases["phase"].to_list()
         ['vision', 'projector', 'prefill', 'decode', 'decode']
     """

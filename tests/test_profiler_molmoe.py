@@ -1,55 +1,19 @@
-"""The profiler on the real MolmoE model code (../shared/molmo_remote, tiny random config):
-image tokens from image_input_idx, per row, through generate() and generate_from_batch().
-
-Built here from the README of ../shared/molmo_remote (the lead's shared fixtures may replace this
-builder); skips where that code is absent or cannot run (it needs transformers 4.5x)."""
+"""The profiler on the real MolmoE model code (../shared/molmo_remote, tiny random config from
+tests/molmoe_fixtures.py): image tokens from image_input_idx, per row, through generate() and
+generate_from_batch(). Skips where that code is absent or cannot run (it needs transformers 4.5x)."""
 
 from __future__ import annotations
-
-import json
-import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from molmo_latency import profile_phases
-
-MOLMO_REMOTE = Path(os.environ.get("MOLMO_REMOTE_DIR")
-                    or Path(__file__).resolve().parents[2] / "shared" / "molmo_remote")
-TOKENS_PER_CROP = 144  # 24x24 patches, 2x2 pooling
+from tests.molmoe_fixtures import TOKENS_PER_CROP, tiny_molmoe
 
 
 @pytest.fixture(scope="module")
 def molmoe():
-    if not (MOLMO_REMOTE / "molmo" / "models" / "modeling_molmoe.py").is_file():
-        pytest.skip(f"the MolmoE model code is not at {MOLMO_REMOTE}")
-    import transformers
-
-    if not transformers.__version__.startswith("4."):
-        pytest.skip(f"MolmoE's own code runs on transformers 4.5x only (this is {transformers.__version__})")
-    pytest.importorskip("einops")
-    if str(MOLMO_REMOTE) not in sys.path:
-        sys.path.insert(0, str(MOLMO_REMOTE))
-    from molmo.models.config_molmoe import MolmoConfig
-    from molmo.models.modeling_molmoe import MolmoForCausalLM
-
-    cfg = json.loads((MOLMO_REMOTE / "configs" / "model" / "config.json").read_text())
-    cfg.update(d_model=64, n_heads=4, n_layers=2, moe_num_experts=4, moe_top_k=2, embedding_size=512,
-               vocab_size=384, additional_vocab_size=128, image_padding_embed=None, residual_dropout=0.0,
-               init_device="cpu")
-    vision = dict(cfg["vision_backbone"])
-    vision.update(image_emb_dim=64, image_num_heads=4, image_num_key_value_heads=4, image_head_dim=16,
-                  image_mlp_dim=128, image_num_layers=9)
-    cfg["vision_backbone"] = vision
-    state = torch.random.get_rng_state()
-    torch.manual_seed(0)
-    try:
-        model = MolmoForCausalLM(MolmoConfig(**cfg)).eval()
-    finally:
-        torch.random.set_rng_state(state)
-    return model
+    return tiny_molmoe()
 
 
 def _batch(crops, rows_image_tokens, prompt_tokens=8):
