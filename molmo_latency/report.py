@@ -52,7 +52,8 @@ def config_table(requests: pl.DataFrame) -> pl.DataFrame:
             aggs.append(pl.col(col).first())
     if "total_ms" in requests.columns:
         aggs.append(v("total_ms").quantile(0.95, interpolation="linear").alias("total_p95_ms"))
-    for col, name in (("decode_per_token_ms", "decode_per_token_cv"), ("prefill_total_ms", "prefill_total_cv")):
+    for col, name in (("decode_per_token_ms", "decode_per_token_cv"), ("prefill_total_ms", "prefill_total_cv"),
+                      ("total_ms", "total_cv")):
         if col in requests.columns:
             aggs.append((v(col).std() / v(col).mean()).alias(name))
     if "invalid_reason" in requests.columns:

@@ -1,9 +1,31 @@
-"""Terminal output helpers shared by the commands (show only)."""
+"""Terminal output shared by the commands (show only): the one table renderer and the one JSON
+writer.
+
+Every terminal table goes through :func:`print_frame`. It is width-aware: by default it shows a
+command's compact columns and, when even those do not fit, leaves out the rightmost columns and
+says which (a table is never squeezed into ``9...`` cells); ``--wide`` (:func:`set_wide`) shows
+every column at its natural width. The width is the terminal's; piped, it follows ``COLUMNS``,
+else :data:`DEFAULT_WIDTH`.
+
+Example:
+    >>> import polars as pl
+    >>> set_width(40)
+    >>> print_frame(pl.DataFrame({"config": ["c1"], "total ms": [12.3456], "n": [5]}), "Runs")  # doctest: +NORMALIZE_WHITESPACE
+    Runs
+    ┏━━━━━━━━┳━━━━━━━━━━┳━━━┓
+    ┃ config ┃ total ms ┃ n ┃
+    ┡━━━━━━━━╇━━━━━━━━━━╇━━━┩
+    │ c1     │   12.346 │ 5 │
+    └────────┴──────────┴───┘
+    >>> set_width(None)
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import sys
 from typing import Any, Sequence
 
@@ -12,17 +34,35 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-import os
+# The width of piped output when COLUMNS is not set (a terminal window, not a 540-column line).
+DEFAULT_WIDTH = 100
 
-def _width() -> int | None:
-    """Wide tables when writing to a file or pipe (rich would assume 80 columns)."""
+
+def terminal_width() -> int:
+    """Columns to render into: ``COLUMNS`` when set, else the terminal's width, else
+    :data:`DEFAULT_WIDTH` (piped output)."""
+    env = os.environ.get("COLUMNS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
     if sys.stdout.isatty():
-        return None
-    return max(200, int(os.environ.get("COLUMNS", "0") or 0))
+        return shutil.get_terminal_size((DEFAULT_WIDTH, 24)).columns
+    return DEFAULT_WIDTH
 
 
-console = Console(stderr=False, soft_wrap=False, width=_width())
+console = Console(stderr=False, soft_wrap=False, width=terminal_width())
 err_console = Console(stderr=True)
+
+_state = {"wide": False}
+
+
+def set_wide(wide: bool) -> None:
+    """``--wide``: every table shows all its columns at their natural width."""
+    _state["wide"] = bool(wide)
+
+
+def set_width(width: int | None) -> None:
+    """Render into `width` columns (None: back to :func:`terminal_width`)."""
+    console.width = terminal_width() if width is None else width
 
 
 def _cell(value: Any, digits: int) -> str:
@@ -31,23 +71,55 @@ def _cell(value: Any, digits: int) -> str:
     if isinstance(value, float):
         if math.isnan(value):
             return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
         return f"{value:.{digits}f}"
     return str(value)
 
 
-def print_frame(df: pl.DataFrame, title: str, *, columns: Sequence[str] | None = None,
-                digits: int = 3, max_rows: int = 60) -> None:
-    """A polars frame as a rich table (the first `max_rows` rows)."""
-    cols = [c for c in (columns or df.columns) if c in df.columns]
+def _table(df: pl.DataFrame, cols: list[str], title: str, digits: int, max_rows: int,
+           caption: str | None) -> Table:
     table = Table(title=title, title_justify="left", show_lines=False, header_style="bold")
     for c in cols:
         numeric = df.schema[c].is_numeric()
         table.add_column(c, justify="right" if numeric else "left", no_wrap=True)
     for row in df.select(cols).head(max_rows).iter_rows():
         table.add_row(*[Text(_cell(v, digits)) for v in row])  # plain text: names like [param|x] stay
+    notes = [caption] if caption else []
     if df.height > max_rows:
-        table.caption = f"... {df.height - max_rows} more rows (use --json for all)"
-    console.print(table)
+        notes.append(f"... {df.height - max_rows} more rows (use --json for all)")
+    table.caption = "; ".join(notes) or None
+    table.caption_justify = "left"
+    return table
+
+
+def print_frame(df: pl.DataFrame, title: str, *, columns: Sequence[str] | None = None,
+                digits: int = 3, max_rows: int = 60, compact: Sequence[str] | None = None) -> None:
+    """A polars frame as a table (the first `max_rows` rows), fitted to the terminal.
+
+    `columns` picks and orders the columns (default: all); `compact` is the subset shown unless
+    ``--wide`` is on. Without ``--wide``, columns that do not fit are left out from the right and
+    named in the caption; with it, the table is printed at its natural width."""
+    cols = [c for c in (columns or df.columns) if c in df.columns]
+    if compact is not None and not _state["wide"]:
+        keep = set(compact)
+        cols = [c for c in cols if c in keep]
+    table = _table(df, cols, title, digits, max_rows, None)
+    natural = console.measure(table).maximum
+    if _state["wide"]:
+        console.print(table, width=max(natural, console.width), crop=False)
+        return
+    hidden: list[str] = [] if compact is None else [c for c in (columns or df.columns)
+                                                    if c in df.columns and c not in cols]
+    while natural > console.width and len(cols) > 1:
+        hidden.insert(0, cols.pop())
+        table = _table(df, cols, title, digits, max_rows, None)
+        natural = console.measure(table).maximum
+    caption = None
+    if hidden:
+        caption = (f"{len(hidden)} more column{'s' if len(hidden) > 1 else ''} with --wide "
+                   f"({', '.join(hidden[:6])}{', ...' if len(hidden) > 6 else ''}) or --json")
+    console.print(_table(df, cols, title, digits, max_rows, caption))
 
 
 def print_json(obj: Any) -> None:
