@@ -57,3 +57,160 @@ def test_demo_output_has_no_kineto_lines_and_keeps_its_own(tmp_path):
     assert "profiler_start" not in res.stdout + res.stderr
     assert "demo: tiny reference VLM" in res.stderr and "requests measured" in res.stderr
     assert "Per configuration" in res.stdout
+
+
+# ------------------------------------------------------------------ tables that fit
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    from molmo_latency.sweep import SweepSpec, run_sweep
+
+    out = tmp_path_factory.mktemp("run") / "run"
+    run_sweep("tiny", SweepSpec.from_dict({"crops": [1, 4], "top_k": [1, 2], "repeats": 2, "warmup": 0,
+                                           "prompt_tokens": [8], "new_tokens": [3]}), out)
+    return out
+
+
+def test_print_frame_fits_the_width_and_names_what_it_left_out(capsys):
+    import polars as pl
+
+    from molmo_latency.cli.show import print_frame, set_wide, set_width
+
+    frame = pl.DataFrame({f"column number {i}": [1234.5678 * i] for i in range(12)})
+    set_width(100)
+    try:
+        print_frame(frame, "twelve columns")
+        out = capsys.readouterr().out
+        set_wide(True)
+        print_frame(frame, "twelve columns")
+        wide = capsys.readouterr().out
+    finally:
+        set_wide(False)
+        set_width(None)
+    assert max(len(line) for line in out.splitlines()) <= 100
+    assert "column number 0" in out and "--wide" in out and "\u2026" not in out
+    shown = [c for c in frame.columns if c in out]
+    assert 0 < len(shown) < 12
+    assert all(c in wide for c in frame.columns) and "\u2026" not in wide
+    assert max(len(line) for line in wide.splitlines()) > 100
+
+
+def test_report_fits_100_columns_when_piped_and_wide_shows_every_column(small_run):
+    res = _cli("report", str(small_run), env={"COLUMNS": "100"})
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 100
+    for header in ("config", "vision ms", "prefill ms", "decode ms/tok", "total ms", "CV %", "n"):
+        assert header in res.stdout
+    assert "\u2026" not in res.stdout and "c1-k1-" in res.stdout
+    unset = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    piped = subprocess.run([sys.executable, "-m", "molmo_latency", "report", str(small_run)],
+                           capture_output=True, text=True, env=unset, timeout=600)
+    assert max(len(line) for line in piped.stdout.splitlines()) <= 100  # not 540
+    wide = _cli("report", str(small_run), "--wide", env={"COLUMNS": "100"})
+    assert "crops" in wide.stdout and "top_k" in wide.stdout and "\u2026" not in wide.stdout
+
+
+# ------------------------------------------------------------------ errors in the user's terms
+
+
+def _one_line_error(res: subprocess.CompletedProcess) -> str:
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    assert "Traceback" not in res.stderr
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, res.stderr
+    return lines[0]
+
+
+def test_report_names_a_file_a_missing_path_and_a_directory_that_is_no_run(tmp_path):
+    trace = tmp_path / "some_trace.json.gz"
+    trace.write_bytes(b"\x1f\x8b")
+    assert "is a file (a trace?), not a directory" in _one_line_error(_cli("report", str(trace)))
+    assert "does not exist" in _one_line_error(_cli("report", str(tmp_path / "nodir")))
+    assert "not a run directory (no run.json)" in _one_line_error(_cli("report", str(tmp_path)))
+
+
+def test_a_sweep_where_every_configuration_failed_says_why_first_and_exits_non_zero(tmp_path):
+    sweep = tmp_path / "s.toml"
+    sweep.write_text("crops = [1]\ntop_k = [64]\nrepeats = 1\nwarmup = 1\nnew_tokens = [2]\n")
+    res = _cli("profile", "--model", "tiny", "--sweep", str(sweep), "--out", str(tmp_path / "run"))
+    assert res.returncode == 2
+    lines = [line for line in res.stderr.splitlines() if line.strip() and not line.startswith("[")]
+    assert "failed" in lines[0] and "64" in lines[0] and "exceeds" in lines[0], res.stderr
+    assert "nothing was measured" in res.stderr and "no requests.parquet" not in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_nvml_required_without_nvml_is_refused_before_anything_is_written(tmp_path):
+    from molmo_latency.errors import NvmlUnavailable
+    from molmo_latency.telemetry.device import open_gpu
+
+    try:
+        open_gpu(0).close()
+        pytest.skip("NVML works on this machine")
+    except NvmlUnavailable:
+        pass
+    sweep = tmp_path / "s.toml"
+    sweep.write_text("crops = [1]\nrepeats = 1\n")
+    line = _one_line_error(_cli("profile", "--model", "tiny", "--sweep", str(sweep), "--out",
+                                str(tmp_path / "run"), "--nvml", "required"))
+    assert "--nvml off" in line and "nvml='off'" not in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_ray_alone_means_a_local_ray_as_the_readme_says(tmp_path):
+    from pathlib import Path
+
+    from molmo_latency.cli.main import _fill_optional_values
+
+    assert _fill_optional_values(["profile", "--ray"]) == ["profile", "--ray", "local"]
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert "--ray [ADDRESS]" in readme
+    sweep = tmp_path / "s.toml"
+    sweep.write_text("crops = [1]\nrepeats = 1\n")
+    res = _cli("profile", "--model", "tiny", "--sweep", str(sweep), "--out", str(tmp_path / "r"), "--ray",
+               "--kineto")  # refused after parsing: --ray took no argument
+    assert "requires an argument" not in res.stderr
+    assert "--kineto is not available with --ray" in _one_line_error(res)
+
+
+# ------------------------------------------------------------------ help
+
+
+HELP_COMMANDS = (["profile"], ["report"], ["demo"], ["explain"], ["diff"])
+
+
+@pytest.mark.parametrize("command", HELP_COMMANDS, ids=lambda c: " ".join(c))
+def test_help_shows_flags_as_flags_and_ends_with_examples(command):
+    res = _cli(*command, "--help", env={"COLUMNS": "100"})
+    assert res.returncode == 0
+    assert "<bool>" not in res.stdout and "--json" in res.stdout
+    tail = res.stdout[res.stdout.index("Examples:"):]
+    assert "molmo-latency " + command[0] in tail
+
+
+def test_top_level_help_lists_every_command_without_importing_any():
+    code = ("import sys\nfrom molmo_latency.cli.main import main\nrc = main(['--help'])\n"
+            "heavy = [m for m in ('polars', 'torch', 'molmo_latency.cli.profile_cmd', 'molmo_latency.cli.trace_cmd')"
+            " if m in sys.modules]\nprint('HEAVY', heavy, rc)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "HEAVY [] 0" in res.stdout, res.stdout + res.stderr
+    for name in ("profile", "report", "demo", "explain", "diff", "fit", "predict", "trace"):
+        assert f" {name} " in res.stdout
+
+
+def test_the_listing_of_commands_is_each_command_s_own_help():
+    import importlib
+
+    import typer
+
+    from molmo_latency.cli.app import app
+    from molmo_latency.cli.main import COMMANDS
+
+    for module, _ in COMMANDS.values():
+        importlib.import_module(module)
+    group = typer.main.get_command(app)
+    for name, (_, listed) in COMMANDS.items():
+        own = " ".join((group.commands[name].help or "").split("\n\n")[0].split())
+        assert listed == own, name

@@ -93,6 +93,11 @@ def _table(df: pl.DataFrame, cols: list[str], title: str, digits: int, max_rows:
     return table
 
 
+def _natural_width(table: Table) -> int:
+    """The width `table` takes when nothing limits it."""
+    return console.measure(table, options=console.options.update(max_width=100_000)).maximum
+
+
 def print_frame(df: pl.DataFrame, title: str, *, columns: Sequence[str] | None = None,
                 digits: int = 3, max_rows: int = 60, compact: Sequence[str] | None = None) -> None:
     """A polars frame as a table (the first `max_rows` rows), fitted to the terminal.
@@ -105,16 +110,17 @@ def print_frame(df: pl.DataFrame, title: str, *, columns: Sequence[str] | None =
         keep = set(compact)
         cols = [c for c in cols if c in keep]
     table = _table(df, cols, title, digits, max_rows, None)
-    natural = console.measure(table).maximum
+    natural = _natural_width(table)
     if _state["wide"]:
-        console.print(table, width=max(natural, console.width), crop=False)
+        Console(width=max(natural, console.width), soft_wrap=False, color_system=console.color_system and "auto",
+                force_terminal=console.is_terminal).print(table)
         return
     hidden: list[str] = [] if compact is None else [c for c in (columns or df.columns)
                                                     if c in df.columns and c not in cols]
     while natural > console.width and len(cols) > 1:
         hidden.insert(0, cols.pop())
         table = _table(df, cols, title, digits, max_rows, None)
-        natural = console.measure(table).maximum
+        natural = _natural_width(table)
     caption = None
     if hidden:
         caption = (f"{len(hidden)} more column{'s' if len(hidden) > 1 else ''} with --wide "
