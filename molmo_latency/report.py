@@ -26,6 +26,33 @@ SHARE_PHASES = ("vision_ms", "projector_ms", "prefill_ms", "decode_ms", "other_m
 
 FAILURE_COLUMNS = ("config_id", "stage", "error_type", "message")
 
+# What tells configurations apart when a table has neither config_id nor knob columns (a
+# `prof.report().write_parquet(dir)`): crops change the image tokens, the prompt the input tokens.
+SHAPE_COLUMNS = {"image_tokens": "img", "input_tokens": "in"}
+
+
+def with_config_id(requests: pl.DataFrame) -> pl.DataFrame:
+    """`requests` with a text ``config_id``: the sweep's own; else one built from the knob
+    columns (``crops=1,top_k=2``); else from the request shape (``img16-in25``); else ``all``.
+    explain and report both call this, so they agree on what a configuration is.
+
+    >>> with_config_id(pl.DataFrame({"image_tokens": [16, 64, 16], "input_tokens": [25, 73, 25]}))["config_id"].to_list()
+    ['img16-in25', 'img64-in73', 'img16-in25']
+    >>> with_config_id(pl.DataFrame({"crops": [1], "top_k": [2], "image_tokens": [16]}))["config_id"].to_list()
+    ['crops=1,top_k=2']
+    """
+    if "config_id" in requests.columns:
+        return requests.with_columns(pl.col("config_id").cast(pl.String))
+    knobs = [c for c in CONFIG_COLUMNS if c in requests.columns and c != "batch_size"]
+    if knobs:
+        expr = pl.concat_str([pl.format(f"{k}={{}}", pl.col(k)) for k in knobs], separator=",")
+    elif any(c in requests.columns for c in SHAPE_COLUMNS):
+        expr = pl.concat_str([pl.format(f"{short}{{}}", pl.col(c)) for c, short in SHAPE_COLUMNS.items()
+                              if c in requests.columns], separator="-")
+    else:
+        expr = pl.lit("all")
+    return requests.with_columns(expr.fill_null("?").alias("config_id"))
+
 
 def config_table(requests: pl.DataFrame) -> pl.DataFrame:
     """One row per configuration (also one whose requests are all invalid): knobs, counts of
@@ -93,12 +120,22 @@ def failure_table(rd: RunDir) -> pl.DataFrame:
 
 
 def run_report(run_dir: str | Path) -> dict[str, pl.DataFrame]:
-    """All tables of the report of a run directory."""
+    """All tables of the report of a run directory (or of a directory that
+    ``prof.report().write_parquet(dir)`` wrote: its configurations come from :func:`with_config_id`)."""
     rd = RunDir(run_dir)
-    rd.meta()
-    failures = failure_table(rd)
-    requests = rd.table("requests")
-    phases = rd.table("phases")
+    if rd.run_json.exists() or not (rd.path / "requests.parquet").is_file():
+        rd.meta()
+        failures = failure_table(rd)
+        requests = with_config_id(rd.table("requests"))
+        phases = rd.table("phases")
+    else:
+        failures = pl.DataFrame(schema={c: pl.String for c in FAILURE_COLUMNS})
+        requests = with_config_id(rd.table("requests"))
+        phases = rd.table("phases")
+    if "config_id" not in phases.columns and "request" in phases.columns:
+        phases = phases.join(requests.select("request", "config_id"), on="request", how="left")
+    if "valid" not in requests.columns:
+        requests = requests.with_columns(pl.lit(True).alias("valid"))
     keys = ["config_id"]
     return {
         "failures": failures,

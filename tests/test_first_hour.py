@@ -128,7 +128,7 @@ def test_report_names_a_file_a_missing_path_and_a_directory_that_is_no_run(tmp_p
     trace.write_bytes(b"\x1f\x8b")
     assert "is a file (a trace?), not a directory" in _one_line_error(_cli("report", str(trace)))
     assert "does not exist" in _one_line_error(_cli("report", str(tmp_path / "nodir")))
-    assert "not a run directory (no run.json)" in _one_line_error(_cli("report", str(tmp_path)))
+    assert "not a run directory (no run.json" in _one_line_error(_cli("report", str(tmp_path)))
 
 
 def test_a_sweep_where_every_configuration_failed_says_why_first_and_exits_non_zero(tmp_path):
@@ -214,3 +214,25 @@ def test_the_listing_of_commands_is_each_command_s_own_help():
     for name, (_, listed) in COMMANDS.items():
         own = " ".join((group.commands[name].help or "").split("\n\n")[0].split())
         assert listed == own, name
+
+
+# ------------------------------------------------------------------ explain and report agree
+
+
+def test_explain_and_report_agree_on_the_configurations_of_a_write_parquet_directory(tmp_path, tiny, capsys):
+    import json
+
+    from molmo_latency import profile_phases
+    from molmo_latency.cli.main import main
+
+    with profile_phases(tiny.model) as prof:
+        for crops in (1, 4, 1, 4):
+            tiny.model.generate(**tiny.inputs(crops=crops, prompt_tokens=8, new_tokens=3))
+    prof.report().write_parquet(tmp_path / "mine")
+    assert main(["report", str(tmp_path / "mine"), "--json"]) == 0
+    report_configs = {c["config_id"] for c in json.loads(capsys.readouterr().out)["configs"]}
+    assert main(["explain", str(tmp_path / "mine"), "--json"]) == 0
+    explain_doc = json.loads(capsys.readouterr().out)
+    explain_configs = {s["config_id"] for s in explain_doc["phase_stats"]}
+    assert len(report_configs) == 2 and report_configs == explain_configs  # crops 1 and 4, not lumped
+    assert all(s["n"] == 2 for s in explain_doc["phase_stats"] if s["phase"] == "total_ms")

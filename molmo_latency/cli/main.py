@@ -51,24 +51,39 @@ def _import(name: str) -> None:
 
 
 def _load_commands(argv: list[str] | None = None) -> None:
-    """Import what `argv` needs: its command's module; for a bare `--help`, stubs that only
-    carry the one-line help; for anything unrecognised, every module (for the error message)."""
+    """Import what `argv` needs: its command's module (for anything unrecognised, every module,
+    for the error message); every command not imported is listed by a stub that carries only
+    its one-line help (so `--help` lists them all, and the app always has several commands)."""
     args = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in args if not a.startswith("-")), None)
     if command in COMMANDS:
         _import(COMMANDS[command][0])
-    elif command is None and (not args or any(a in ("--help", "-h") for a in args)):
-        _register_listing_stubs()
-    else:
+    elif not (command is None and (not args or any(a in ("--help", "-h") for a in args))):
         for name in COMMAND_MODULES:
             _import(name)
+    _register_listing_stubs()
+
+
+_stubs: list = []
+
+
+def _registered_names(app) -> set[str]:
+    names = {info.name or info.callback.__name__.replace("_", "-") for info in app.registered_commands
+             if info.callback is not _stub}
+    return names | {info.name or getattr(info.typer_instance.info, "name", None) for info in app.registered_groups}
 
 
 def _register_listing_stubs() -> None:
     from molmo_latency.cli.app import app
 
+    for info in _stubs:
+        app.registered_commands.remove(info)
+    _stubs.clear()
+    real = _registered_names(app)
     for name, (_, help_text) in COMMANDS.items():
-        app.command(name, help=help_text)(_stub)
+        if name not in real:
+            app.command(name, help=help_text)(_stub)
+            _stubs.append(app.registered_commands[-1])
 
 
 def _stub() -> None:  # pragma: no cover - only listed by `--help`, never run

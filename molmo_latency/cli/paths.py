@@ -20,7 +20,8 @@ def _what_file(path: Path) -> str:
 
 
 def run_dir_arg(path: str | Path, command: str) -> Path:
-    """`path` as the run directory `command` needs: it exists, is a directory, holds run.json.
+    """`path` as the run directory `command` needs: it exists, is a directory, holds run.json
+    (or at least requests.parquet, as ``prof.report().write_parquet(dir)`` writes).
 
     >>> run_dir_arg("/no/such/run", "report")
     Traceback (most recent call last):
@@ -35,8 +36,8 @@ def run_dir_arg(path: str | Path, command: str) -> Path:
         tip = " (`molmo-latency trace summary` reads a trace)" if _TRACE_NAME.search(path.name) else ""
         raise MolmoLatencyError(f"{command}: {path} is {_what_file(path)}; pass the run directory "
                                 f"`molmo-latency profile --out DIR` wrote{tip}")
-    if not (path / "run.json").is_file():
-        raise MolmoLatencyError(f"{command}: {path} is a directory but not a run directory (no run.json); "
+    if not (path / "run.json").is_file() and not (path / "requests.parquet").is_file():
+        raise MolmoLatencyError(f"{command}: {path} is a directory but not a run directory (no run.json, no requests.parquet); "
                                 "pass the directory `molmo-latency profile --out DIR` wrote")
     return path
 

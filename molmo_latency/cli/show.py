@@ -78,11 +78,13 @@ def _cell(value: Any, digits: int) -> str:
 
 
 def _table(df: pl.DataFrame, cols: list[str], title: str, digits: int, max_rows: int,
-           caption: str | None) -> Table:
+           caption: str | None, wrap_text: bool = False) -> Table:
     table = Table(title=title, title_justify="left", show_lines=False, header_style="bold")
     for c in cols:
         numeric = df.schema[c].is_numeric()
-        table.add_column(c, justify="right" if numeric else "left", no_wrap=True)
+        # numbers never wrap; with wrap_text, free text (a cause, a message) wraps inside its cell
+        table.add_column(c, justify="right" if numeric else "left",
+                         no_wrap=numeric or not (wrap_text and df.schema[c] == pl.String))
     for row in df.select(cols).head(max_rows).iter_rows():
         table.add_row(*[Text(_cell(v, digits)) for v in row])  # plain text: names like [param|x] stay
     notes = [caption] if caption else []
@@ -96,6 +98,10 @@ def _table(df: pl.DataFrame, cols: list[str], title: str, digits: int, max_rows:
 def _natural_width(table: Table) -> int:
     """The width `table` takes when nothing limits it."""
     return console.measure(table, options=console.options.update(max_width=100_000)).maximum
+
+
+def _min_width(table: Table) -> int:
+    return console.measure(table, options=console.options.update(max_width=100_000)).minimum
 
 
 def print_frame(df: pl.DataFrame, title: str, *, columns: Sequence[str] | None = None,
@@ -117,7 +123,11 @@ def print_frame(df: pl.DataFrame, title: str, *, columns: Sequence[str] | None =
         return
     hidden: list[str] = [] if compact is None else [c for c in (columns or df.columns)
                                                     if c in df.columns and c not in cols]
+    wrap = False
     while natural > console.width and len(cols) > 1:
+        if _min_width(_table(df, cols, title, digits, max_rows, None, wrap_text=True)) <= console.width:
+            wrap = True  # long text cells wrap; every column stays
+            break
         hidden.insert(0, cols.pop())
         table = _table(df, cols, title, digits, max_rows, None)
         natural = _natural_width(table)
@@ -125,7 +135,7 @@ def print_frame(df: pl.DataFrame, title: str, *, columns: Sequence[str] | None =
     if hidden:
         caption = (f"{len(hidden)} more column{'s' if len(hidden) > 1 else ''} with --wide "
                    f"({', '.join(hidden[:6])}{', ...' if len(hidden) > 6 else ''}) or --json")
-    console.print(_table(df, cols, title, digits, max_rows, caption))
+    console.print(_table(df, cols, title, digits, max_rows, caption, wrap_text=wrap))
 
 
 def print_json(obj: Any) -> None:
