@@ -236,3 +236,49 @@ def test_explain_and_report_agree_on_the_configurations_of_a_write_parquet_direc
     explain_configs = {s["config_id"] for s in explain_doc["phase_stats"]}
     assert len(report_configs) == 2 and report_configs == explain_configs  # crops 1 and 4, not lumped
     assert all(s["n"] == 2 for s in explain_doc["phase_stats"] if s["phase"] == "total_ms")
+
+
+# ------------------------------------------------------------------ diff
+
+
+def test_diff_headers_say_self_or_inclusive_and_abbreviations_have_a_legend(tiny, tmp_path):
+    from molmo_latency import profile_phases
+
+    traces = []
+    for crops in (1, 4):
+        with profile_phases(tiny.model, trace_dir=tmp_path / f"c{crops}", nvml="off") as prof:
+            tiny.model.generate(**tiny.inputs(crops=crops, prompt_tokens=8, new_tokens=3))
+        traces.append(prof.traces[0]["path"])
+    res = _cli("diff", *traces, "--wide", env={"COLUMNS": "100"})
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert "A self us" in out and "Δ self us" in out and "A incl us" in out
+    assert " A us " not in out and "d own us" not in out
+    assert "legend:" in out and "dec decode" in out and "oth outside every phase" in out
+    assert "too few samples" in out and "no significant change │" not in out  # n = 1 a side
+    assert not any(p.suffix == ".png" for p in (tmp_path / "c4").iterdir())  # nothing beside B
+
+
+def test_kernel_names_are_cut_at_the_end_and_never_read_the_same():
+    from molmo_latency.cli.diff_cmd import short_names
+
+    a = "void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl<AddFunctor<float> > >(int, F)"
+    b = "void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl<MulFunctor<float> > >(int, F)"
+    short = short_names([a, b], width=30)
+    assert short[0].startswith("elementwise_kernel<128, 4, ") and short[0].endswith("\u2026")
+    assert short[0] != short[1]
+
+
+def test_waterfall_starts_at_zero(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    from molmo_latency.diff.waterfall import _bars
+
+    fig, ax = plt.subplots()
+    _bars(ax, ["decode"], 1.6895, [0.004], 1.6935, [False], "ms", "t")
+    low, high = ax.get_ylim()
+    plt.close(fig)
+    assert low == 0.0 and 1.6935 < high < 2.5

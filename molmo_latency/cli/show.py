@@ -78,13 +78,16 @@ def _cell(value: Any, digits: int) -> str:
 
 
 def _table(df: pl.DataFrame, cols: list[str], title: str, digits: int, max_rows: int,
-           caption: str | None, wrap_text: bool = False) -> Table:
+           caption: str | None, squeeze: dict[str, int] | None = None) -> Table:
+    """The rich table; `squeeze` maps a text column to the width its cells wrap at."""
     table = Table(title=title, title_justify="left", show_lines=False, header_style="bold")
+    squeeze = squeeze or {}
     for c in cols:
         numeric = df.schema[c].is_numeric()
-        # numbers never wrap; with wrap_text, free text (a cause, a message) wraps inside its cell
-        table.add_column(c, justify="right" if numeric else "left",
-                         no_wrap=numeric or not (wrap_text and df.schema[c] == pl.String))
+        if c in squeeze:  # free text (a cause, a name): wraps inside its cell, nothing is cut
+            table.add_column(c, justify="left", no_wrap=False, overflow="fold", width=squeeze[c])
+        else:  # numbers and the rest keep their full width
+            table.add_column(c, justify="right" if numeric else "left", no_wrap=True)
     for row in df.select(cols).head(max_rows).iter_rows():
         table.add_row(*[Text(_cell(v, digits)) for v in row])  # plain text: names like [param|x] stay
     notes = [caption] if caption else []
@@ -100,8 +103,24 @@ def _natural_width(table: Table) -> int:
     return console.measure(table, options=console.options.update(max_width=100_000)).maximum
 
 
-def _min_width(table: Table) -> int:
-    return console.measure(table, options=console.options.update(max_width=100_000)).minimum
+# A text column is wrapped, rather than the table cut, only down to this many characters.
+MIN_TEXT_WIDTH = 16
+
+
+def _squeeze(df: pl.DataFrame, cols: list[str], digits: int, max_rows: int, excess: int) -> dict[str, int] | None:
+    """Wrap the widest text column so that the table loses `excess` columns of width, or None
+    when that would leave it narrower than MIN_TEXT_WIDTH (or its header)."""
+    best, best_width = None, 0
+    for c in cols:
+        if df.schema[c] != pl.String:
+            continue
+        cells = [_cell(v, digits) for v in df[c].head(max_rows).to_list()]
+        width = max([len(c), *map(len, cells)])
+        if width > best_width:
+            best, best_width = c, width
+    if best is None or best_width - excess < max(MIN_TEXT_WIDTH, len(best)):
+        return None
+    return {best: best_width - excess}
 
 
 def print_frame(df: pl.DataFrame, title: str, *, columns: Sequence[str] | None = None,
@@ -109,8 +128,9 @@ def print_frame(df: pl.DataFrame, title: str, *, columns: Sequence[str] | None =
     """A polars frame as a table (the first `max_rows` rows), fitted to the terminal.
 
     `columns` picks and orders the columns (default: all); `compact` is the subset shown unless
-    ``--wide`` is on. Without ``--wide``, columns that do not fit are left out from the right and
-    named in the caption; with it, the table is printed at its natural width."""
+    ``--wide`` is on. Without ``--wide`` a table wider than the terminal first wraps its widest
+    text column, then leaves out columns from the right and names them in the caption; numbers
+    are never cut. With ``--wide`` the table is printed at its natural width."""
     cols = [c for c in (columns or df.columns) if c in df.columns]
     if compact is not None and not _state["wide"]:
         keep = set(compact)
@@ -118,24 +138,23 @@ def print_frame(df: pl.DataFrame, title: str, *, columns: Sequence[str] | None =
     table = _table(df, cols, title, digits, max_rows, None)
     natural = _natural_width(table)
     if _state["wide"]:
-        Console(width=max(natural, console.width), soft_wrap=False, color_system=console.color_system and "auto",
+        Console(width=max(natural, console.width), soft_wrap=False,
                 force_terminal=console.is_terminal).print(table)
         return
     hidden: list[str] = [] if compact is None else [c for c in (columns or df.columns)
                                                     if c in df.columns and c not in cols]
-    wrap = False
+    squeeze = None
     while natural > console.width and len(cols) > 1:
-        if _min_width(_table(df, cols, title, digits, max_rows, None, wrap_text=True)) <= console.width:
-            wrap = True  # long text cells wrap; every column stays
+        squeeze = _squeeze(df, cols, digits, max_rows, natural - console.width)
+        if squeeze is not None:
             break
         hidden.insert(0, cols.pop())
-        table = _table(df, cols, title, digits, max_rows, None)
-        natural = _natural_width(table)
+        natural = _natural_width(_table(df, cols, title, digits, max_rows, None))
     caption = None
     if hidden:
         caption = (f"{len(hidden)} more column{'s' if len(hidden) > 1 else ''} with --wide "
                    f"({', '.join(hidden[:6])}{', ...' if len(hidden) > 6 else ''}) or --json")
-    console.print(_table(df, cols, title, digits, max_rows, caption, wrap_text=wrap))
+    console.print(_table(df, cols, title, digits, max_rows, caption, squeeze))
 
 
 def print_json(obj: Any) -> None:
