@@ -26,7 +26,7 @@ import polars as pl
 from molmo_latency.errors import MolmoLatencyError
 from molmo_latency.schema import CONFIG_COLUMNS, TELEMETRY_AGG_COLUMNS
 from molmo_latency.stats import summarize
-from molmo_latency.telemetry.device import SLOWDOWN_REASONS_MASK, throttle_reason_names
+from molmo_latency.telemetry.throttle import SLOWDOWN_REASONS_MASK, throttle_reason_names
 
 __all__ = [
     "Explanation",

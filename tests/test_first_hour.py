@@ -282,3 +282,23 @@ def test_waterfall_starts_at_zero(tmp_path):
     low, high = ax.get_ylim()
     plt.close(fig)
     assert low == 0.0 and 1.6935 < high < 2.5
+
+
+# ------------------------------------------------------------------ seams
+
+
+def test_explain_imports_neither_the_device_layer_nor_nvml_nor_torch():
+    code = ("import sys, molmo_latency.explain, molmo_latency.cli.explain_cmd\n"
+            "print('LOADED', sorted(m for m in sys.modules if m in ('torch', 'pynvml', "
+            "'molmo_latency.telemetry.device', 'molmo_latency.telemetry.sampler')))\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "LOADED []" in res.stdout, res.stdout + res.stderr
+
+
+def test_throttle_bits_are_nvml_s():
+    pynvml = pytest.importorskip("pynvml")
+    from molmo_latency.telemetry.throttle import THROTTLE_REASONS
+
+    for name, bit in THROTTLE_REASONS:
+        theirs = getattr(pynvml, f"nvmlClocksEventReason{name}", getattr(pynvml, f"nvmlClocksThrottleReason{name}", None))
+        assert theirs == bit, name
