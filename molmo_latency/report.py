@@ -106,8 +106,16 @@ def decode_step_table(phases: pl.DataFrame, requests: pl.DataFrame | None = None
     if requests is not None and "repeat" in dec.columns:
         ok = requests.filter(pl.col("valid")).select("config_id", "repeat").unique()
         dec = dec.join(ok, on=["config_id", "repeat"], how="semi")
-    return dec.group_by("config_id", "step").agg(pl.col("ms").median().alias("median_ms"),
-                                                pl.len().alias("n")).sort("config_id", "step")
+    table = dec.group_by("config_id", "step").agg(
+        pl.col("ms").median().alias("median_ms"), pl.len().alias("n"),
+        pl.col("ms").quantile(0.25, interpolation="linear").alias("q25_ms"),
+        pl.col("ms").quantile(0.75, interpolation="linear").alias("q75_ms")).sort("config_id", "step")
+    if requests is not None:  # the knobs of each configuration, for plots that facet by them
+        knobs = [c for c in CONFIG_COLUMNS if c in requests.columns and c not in table.columns]
+        if knobs:
+            table = table.join(requests.group_by("config_id").agg(*[pl.col(k).first() for k in knobs]),
+                               on="config_id", how="left")
+    return table
 
 
 def failure_table(rd: RunDir) -> pl.DataFrame:
@@ -143,6 +151,7 @@ def run_report(run_dir: str | Path) -> dict[str, pl.DataFrame]:
         "summary": summarize(requests.filter(pl.col("valid")), keys, PHASE_METRICS),
         "shares": phase_shares(requests),
         "prefill_vs_tokens": requests.filter(pl.col("valid")).select(
-            "config_id", "input_tokens", "image_tokens", "prefill_ms", "prefill_total_ms"),
+            "config_id", "input_tokens", "image_tokens", "prefill_ms", "prefill_total_ms",
+            *[c for c in CONFIG_COLUMNS if c in requests.columns]),
         "decode_steps": decode_step_table(phases, requests),
     }

@@ -302,3 +302,52 @@ def test_throttle_bits_are_nvml_s():
     for name, bit in THROTTLE_REASONS:
         theirs = getattr(pynvml, f"nvmlClocksEventReason{name}", getattr(pynvml, f"nvmlClocksThrottleReason{name}", None))
         assert theirs == bit, name
+
+
+# ------------------------------------------------------------------ plots
+
+
+def test_a_plot_with_nothing_to_show_is_skipped_with_its_reason(tmp_path):
+    from molmo_latency.sweep import SweepSpec, run_sweep
+
+    out = tmp_path / "run"
+    run_sweep("tiny", SweepSpec.from_dict({"crops": [1], "repeats": 2, "warmup": 0, "new_tokens": [1]}), out)
+    res = _cli("report", str(out), env={"COLUMNS": "100"})
+    assert res.returncode == 0, res.stderr
+    assert not (out / "report" / "decode_step_vs_index.png").exists()
+    assert "no decode_step_vs_index.png: no decode steps" in res.stdout
+    assert (out / "report" / "phase_shares.png").is_file()
+
+
+def test_decode_plot_is_a_median_with_a_band_and_the_legend_outside(small_run):
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    from molmo_latency import plots
+    from molmo_latency.report import run_report
+
+    rep = run_report(small_run)
+    steps = rep["decode_steps"]
+    assert {"median_ms", "q25_ms", "q75_ms", "crops", "top_k"} <= set(steps.columns)
+    assert (steps["q25_ms"] <= steps["median_ms"]).all() and (steps["median_ms"] <= steps["q75_ms"]).all()
+    saved = {}
+    real_save = plots._save
+
+    def keep(fig, path):
+        saved["fig"] = fig
+        fig.canvas.draw()
+        saved["axes"] = [(ax.get_window_extent(), ax.get_legend().get_window_extent()) for ax in fig.axes]
+        saved["bands"] = sum(len(ax.collections) for ax in fig.axes)
+        return real_save(fig, path)
+
+    plots._save = keep
+    try:
+        plots.plot_decode_steps(steps, small_run / "d.png")
+    finally:
+        plots._save = real_save
+        plt.close("all")
+    assert saved["bands"] == steps["config_id"].n_unique()  # one band per configuration
+    for ax_box, legend_box in saved["axes"]:
+        assert legend_box.x0 >= ax_box.x1  # the legend sits right of the data, not on it

@@ -117,13 +117,12 @@ def _report(run_dir: Path, *, as_json: bool, extra: dict | None = None) -> None:
     from molmo_latency.report import run_report
 
     rep = run_report(run_dir)
-    pngs, skipped = write_report_plots(rep, Path(run_dir) / "report"), []
-    if isinstance(pngs, tuple):  # (written, [(name, why), ...])
-        pngs, skipped = pngs
+    pngs, skipped = write_report_plots(rep, Path(run_dir) / "report")
     if as_json:
         print_json({**(extra or {}), "run_dir": str(run_dir), "configs": frame_records(rep["config"]),
                     "summary": frame_records(rep["summary"]), "shares": frame_records(rep["shares"]),
-                    "failures": frame_records(rep["failures"]), "plots": [str(p) for p in pngs]})
+                    "failures": frame_records(rep["failures"]), "plots": [str(p) for p in pngs],
+                    "plots_skipped": [{"file": name, "why": why} for name, why in skipped]})
         return
     config = rep["config"]
     # header: (source column, scale): the compact columns answer "where did the time go"
