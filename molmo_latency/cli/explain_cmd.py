@@ -52,6 +52,10 @@ def read_requests(path: str | os.PathLike) -> tuple[pl.DataFrame, Path]:
                 "`molmo-latency profile` wrote (finished or resumed), or a requests Parquet file")
     else:
         file, base = path, path.parent
+        if path.name.endswith((".json", ".json.gz")):
+            raise MolmoLatencyError(f"explain: {path} is a trace; pass the run directory `molmo-latency profile "
+                                    "--out DIR` wrote (or its requests.parquet); `molmo-latency trace summary` "
+                                    "reads a trace")
     try:
         return pl.read_parquet(file), base
     except Exception as exc:  # polars raises several kinds for a bad file
