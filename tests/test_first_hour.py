@@ -178,7 +178,7 @@ def test_ray_alone_means_a_local_ray_as_the_readme_says(tmp_path):
 # ------------------------------------------------------------------ help
 
 
-HELP_COMMANDS = (["profile"], ["report"], ["demo"], ["explain"], ["diff"])
+HELP_COMMANDS = (["profile"], ["report"], ["demo"], ["explain"], ["diff"], ["fit"], ["predict"], ["trace", "summary"])
 
 
 @pytest.mark.parametrize("command", HELP_COMMANDS, ids=lambda c: " ".join(c))

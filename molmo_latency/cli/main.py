@@ -38,6 +38,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 COMMAND_MODULES = tuple(dict.fromkeys(module for module, _ in COMMANDS.values()))
 
+# Examples for the help of commands whose modules do not set their own epilog (added at load time).
+EXAMPLES: dict[str, tuple[str, ...]] = {
+    "fit": ("molmo-latency fit runs/a runs/b --out models/latency",),
+    "predict": ("molmo-latency predict models/latency --crops 4 --top-k 2 --blocks 16 --prompt-tokens 32",),
+    "trace summary": ("molmo-latency trace summary runs/tiny/traces/c1-k1-b2-p16-n8-bs1.pt.trace.json.gz",
+                      "molmo-latency trace summary trace.json.gz --json"),
+}
+
 # Options whose value may be left out: `--ray` alone means a local Ray.
 OPTIONAL_VALUES = {"--ray": "local"}
 
@@ -62,6 +70,20 @@ def _load_commands(argv: list[str] | None = None) -> None:
         for name in COMMAND_MODULES:
             _import(name)
     _register_listing_stubs()
+    _add_examples()
+
+
+def _add_examples() -> None:
+    from molmo_latency.cli.app import app, examples
+
+    infos = [("", info) for info in app.registered_commands]
+    for group in app.registered_groups:
+        infos += [(f"{group.name or group.typer_instance.info.name} ", info)
+                  for info in group.typer_instance.registered_commands]
+    for prefix, info in infos:
+        name = prefix + (info.name or (info.callback.__name__.replace("_", "-") if info.callback else ""))
+        if name in EXAMPLES and not info.epilog:
+            info.epilog = examples(*EXAMPLES[name])
 
 
 _stubs: list = []

@@ -50,7 +50,7 @@ def terminal_width() -> int:
 
 
 console = Console(stderr=False, soft_wrap=False, width=terminal_width())
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # messages stay one line in a log
 
 _state = {"wide": False}
 
