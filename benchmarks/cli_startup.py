@@ -2,7 +2,9 @@
 checkout against a baseline commit (default `main`), side by side in one run, arms alternated.
 
 The baseline is exported with `git archive` into a temporary folder (nothing in the repository
-is touched) and run with the same interpreter; each arm puts its own tree first on PYTHONPATH.
+is touched) and run with the same interpreter; each arm puts its own tree first on PYTHONPATH and
+runs from a neutral working directory, with bytecode cached (PYTHONDONTWRITEBYTECODE is dropped
+for the children; the warm-up run writes the caches), as for an installed package.
 
     python benchmarks/cli_startup.py                   # 15 rounds, baseline main
     python benchmarks/cli_startup.py --baseline HEAD~5 --rounds 25 --no-write
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -39,12 +42,18 @@ def export(ref: str, into: Path) -> Path:
     return into
 
 
-def once(tree: Path, args: tuple[str, ...]) -> float:
-    env = {**os.environ, "PYTHONPATH": str(tree), "COLUMNS": "100"}
+def once(tree: Path, args: tuple[str, ...]) -> tuple[float, float]:
+    """(wall s, CPU s = user + sys of the child): on a shared machine the CPU time is the steadier."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env.update(PYTHONPATH=str(tree), COLUMNS="100")  # bytecode cached, as in any installed package
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "molmo_latency", *args], env=env, check=True,
+    # cwd: a neutral folder, since `python -m` puts the working directory first on sys.path
+    subprocess.run([sys.executable, "-m", "molmo_latency", *args], env=env, check=True, cwd=tempfile.gettempdir(),
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def main() -> None:
@@ -56,7 +65,8 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         arms = {opts.baseline: export(opts.baseline, Path(tmp)), "this branch": ROOT}
-        times: dict[tuple[str, tuple[str, ...]], list[float]] = {(a, c): [] for a in arms for c in COMMANDS}
+        times: dict[tuple[str, tuple[str, ...]], list[tuple[float, float]]] = {(a, c): [] for a in arms
+                                                                                for c in COMMANDS}
         for arm, tree in arms.items():  # warm the file cache and the bytecode of each arm
             for cmd in COMMANDS:
                 once(tree, cmd)
@@ -66,20 +76,26 @@ def main() -> None:
                 for cmd in COMMANDS:
                     times[(arm, cmd)].append(once(tree, cmd))
     load_after = os.getloadavg()[0]
-    rows = ["| command | arm | median s | min s | max s |", "|---|---|---|---|---|"]
+    rows = ["| command | arm | wall s, median | wall s, min | CPU s (user+sys), median | CPU s, min |",
+            "|---|---|---|---|---|---|"]
     for cmd in COMMANDS:
         for arm in arms:
-            t = times[(arm, cmd)]
-            rows.append(f"| `molmo-latency {' '.join(cmd)}` | {arm} | {statistics.median(t):.3f} | "
-                        f"{min(t):.3f} | {max(t):.3f} |")
-    help_now = statistics.median(times[("this branch", ("--help",))])
+            wall = [w for w, _ in times[(arm, cmd)]]
+            cpu = [c for _, c in times[(arm, cmd)]]
+            rows.append(f"| `molmo-latency {' '.join(cmd)}` | {arm} | {statistics.median(wall):.3f} | "
+                        f"{min(wall):.3f} | {statistics.median(cpu):.3f} | {min(cpu):.3f} |")
+    help_now = statistics.median(w for w, _ in times[("this branch", ("--help",))])
+    help_cpu = statistics.median(c for _, c in times[("this branch", ("--help",))])
     body = (f"`python benchmarks/cli_startup.py --rounds {opts.rounds}`: each command as a whole process "
             f"(`{Path(sys.executable).name} -m molmo_latency ...`, output discarded), {opts.rounds} rounds, "
-            f"the arms alternated, after one warm-up run each; baseline = `git archive {opts.baseline}`. "
+            f"the arms alternated, after one warm-up run each (bytecode cached); baseline = `git archive "
+            f"{opts.baseline}`. "
             f"Host load average (1 min) {load_before:.1f} before, {load_after:.1f} after (shared machine).\n\n"
             + "\n".join(rows)
-            + f"\n\nGoal `molmo-latency --help` <= {GOAL_S} s: {'met' if help_now <= GOAL_S else 'NOT met'} "
-            f"({help_now:.3f} s median). `--help` now imports no command module (a static listing that a test "
+            + f"\n\nGoal `molmo-latency --help` <= {GOAL_S} s: wall {help_now:.3f} s median "
+            f"({'met' if help_now <= GOAL_S else 'not met'} at this load), CPU {help_cpu:.3f} s median "
+            f"({'met' if help_cpu <= GOAL_S else 'not met'}); the wall figure of a shared 2-core machine under "
+            "load counts time spent waiting for a core. `--help` now imports no command module (a static listing that a test "
             "keeps equal to the commands' own help); a command imports polars, torch and its analysis "
             "package when it runs.")
     print(body)
