@@ -351,3 +351,31 @@ def test_decode_plot_is_a_median_with_a_band_and_the_legend_outside(small_run):
     assert saved["bands"] == steps["config_id"].n_unique()  # one band per configuration
     for ax_box, legend_box in saved["axes"]:
         assert legend_box.x0 >= ax_box.x1  # the legend sits right of the data, not on it
+
+
+def test_report_of_a_run_it_cannot_write_into_still_prints_and_explain_writes_nothing_beside_a_file(
+        small_run, tmp_path, monkeypatch, capsys):
+    """A read-only run directory (simulated: this may run as root, whom chmod does not stop)."""
+    import shutil
+
+    from molmo_latency.cli.main import main
+    from molmo_latency.sweep import rundir
+
+    run = tmp_path / "ro"
+    shutil.copytree(small_run, run, ignore=shutil.ignore_patterns("report", ".lock"))
+
+    def refuse(path, data):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(rundir, "atomic_write_bytes", refuse)
+    assert main(["report", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "Per configuration" in out and "cannot write" in out and "Permission denied" in out
+    monkeypatch.undo()
+    before = sorted(p.name for p in run.iterdir())
+    assert main(["explain", str(run / "requests.parquet")]) == 0
+    assert "Phases per configuration" in capsys.readouterr().out
+    assert sorted(p.name for p in run.iterdir()) == before  # nothing beside the Parquet file
+    trace = tmp_path / "t.pt.trace.json.gz"
+    trace.write_bytes(b"")
+    assert "is a trace" in _one_line_error(_cli("explain", str(trace)))

@@ -208,7 +208,7 @@ def explain_command(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
     z: float = typer.Option(3.5, "--z", help="Outlier threshold on |robust z| within a configuration."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Where to write the PNG (default "
-                                        f"RUN_DIR/report/{PLOT_NAME})."),
+                                        f"RUN_DIR/report/{PLOT_NAME}; for a Parquet file: only here)."),
     wide: bool = typer.Option(False, "--wide", help="show every column at its natural width"),
 ) -> None:
     """Per configuration: median, p95 and CV of every phase; the share of the decode and
@@ -226,7 +226,19 @@ def explain_command(
     requests, base = read_requests(run_dir)
     result = explain(requests, z=z)
     why = why_no_clock_plot(result)
-    plot_path = write_decode_vs_clock_plot(result, plot or base / "report" / PLOT_NAME)
+    plot_path = None
+    if plot is None and not Path(run_dir).is_dir():
+        why = why or "pass --plot PATH to write it (explain writes nothing beside a Parquet file it reads)"
+    elif why is None:
+        target = plot or base / "report" / PLOT_NAME
+        try:
+            plot_path = write_decode_vs_clock_plot(result, target)
+        except OSError as exc:
+            if plot is not None:
+                raise MolmoLatencyError(f"explain: cannot write the plot to {plot} ({exc.strerror or exc}); "
+                                        "pass a --plot path in a folder you can write") from None
+            why = (f"cannot write {target} ({exc.strerror or exc}); pass --plot PATH in a folder you can "
+                   "write")
     if as_json:
         doc = _json_ready({"source": str(run_dir), **result.to_dict(),
                            "plot": None if plot_path is None else str(plot_path), "plot_skipped": why})

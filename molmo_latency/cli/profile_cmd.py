@@ -117,7 +117,10 @@ def _report(run_dir: Path, *, as_json: bool, extra: dict | None = None) -> None:
     from molmo_latency.report import run_report
 
     rep = run_report(run_dir)
-    pngs, skipped = write_report_plots(rep, Path(run_dir) / "report")
+    try:
+        pngs, skipped = write_report_plots(rep, Path(run_dir) / "report")
+    except OSError as exc:  # a read-only run directory: the tables still print
+        pngs, skipped = [], [("plots", f"cannot write {Path(run_dir) / 'report'} ({exc.strerror or exc})")]
     if as_json:
         print_json({**(extra or {}), "run_dir": str(run_dir), "configs": frame_records(rep["config"]),
                     "summary": frame_records(rep["summary"]), "shares": frame_records(rep["shares"]),
