@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import platform
 import resource
 import statistics
 import subprocess
@@ -90,7 +91,8 @@ def main() -> None:
             f"(`{Path(sys.executable).name} -m molmo_latency ...`, output discarded), {opts.rounds} rounds, "
             f"the arms alternated, after one warm-up run each (bytecode cached); baseline = `git archive "
             f"{opts.baseline}`. "
-            f"Host load average (1 min) {load_before:.1f} before, {load_after:.1f} after (shared machine).\n\n"
+            f"Machine: `uname -m` {platform.machine()}, `nproc` {os.cpu_count()}; host load average (1 min) "
+            f"{load_before:.1f} before, {load_after:.1f} after (shared with other jobs).\n\n"
             + "\n".join(rows)
             + f"\n\nGoal `molmo-latency --help` <= {GOAL_S} s: wall {help_now:.3f} s median "
             f"({'met' if help_now <= GOAL_S else 'not met'} at this load), CPU {help_cpu:.3f} s median "
