@@ -379,3 +379,18 @@ def test_report_of_a_run_it_cannot_write_into_still_prints_and_explain_writes_no
     trace = tmp_path / "t.pt.trace.json.gz"
     trace.write_bytes(b"")
     assert "is a trace" in _one_line_error(_cli("explain", str(trace)))
+
+
+def test_run_sweep_with_nvml_required_and_no_nvml_writes_nothing(tmp_path):
+    from molmo_latency.errors import NvmlUnavailable
+    from molmo_latency.sweep import SweepSpec, run_sweep
+    from molmo_latency.telemetry.device import open_gpu
+
+    try:
+        open_gpu(0).close()
+        pytest.skip("NVML works on this machine")
+    except NvmlUnavailable:
+        pass
+    with pytest.raises(NvmlUnavailable):
+        run_sweep("tiny", SweepSpec.from_dict({"crops": [1], "repeats": 1}), tmp_path / "run", nvml="required")
+    assert not (tmp_path / "run").exists()

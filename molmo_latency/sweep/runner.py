@@ -221,6 +221,12 @@ def run_sweep(
     # Load the model (and check the device) before the run directory is touched: a start that
     # fails here leaves nothing behind.
     worker = Worker.open(model, spec, device=device, dtype=dtype, nvml=nvml, trust_remote_code=trust_remote_code)
+    if nvml == "required":  # refused now, not after run.json is written
+        from molmo_latency.profiler import _nvml_id
+        from molmo_latency.telemetry.device import open_gpu
+
+        param = next(worker.source.model.parameters())
+        open_gpu(_nvml_id(param.device) if param.device.type == "cuda" else 0).close()
     if isinstance(model, str):
         identity = run_identity(model, device, dtype, spec)
     else:
