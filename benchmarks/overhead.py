@@ -39,7 +39,7 @@ def run(preset: str, device: str, dtype: torch.dtype | None, rounds: int, crops:
     from torch.profiler import ProfilerActivity, profile
 
     ref = reference_vlm(preset, device=device, dtype=dtype)
-    kwargs = ref.inputs(crops=crops, prompt_tokens=32, new_tokens=new_tokens)
+    kwargs = ref.request(crops=crops, prompt_tokens=32, new_tokens=new_tokens)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
     times: dict[str, list[float]] = {"none": [], "molmo-latency": [], "torch.profiler": []}
     decode_steps_ms: list[float] = []

@@ -4,7 +4,7 @@
     >>> from molmo_latency.models import reference_vlm
     >>> ref = reference_vlm("tiny")
     >>> with profile_phases(ref.model) as prof:
-    ...     _ = ref.model.generate(**ref.inputs(crops=2, prompt_tokens=16, new_tokens=8))
+    ...     _ = ref.model.generate(**ref.request(crops=2, prompt_tokens=16, new_tokens=8))
     >>> prof.report().requests.select("decode_steps", "valid").row(0)
     (7, True)
 """

@@ -8,19 +8,21 @@ module (often the same module). The LLM phase (`llm`) covers one forward of the 
 Known layouts:
 
 - ``llava``: LLaVA-style HF models (LLaVA, AyaVision, the reference model, HF Molmo2):
-  ``model.vision_tower``, ``model.multi_modal_projector``, ``model.language_model`` + ``lm_head``.
+  ``model.vision_tower``, ``model.multi_modal_projector``, ``model.language_model`` + ``lm_head``
+  on transformers 5.x; ``vision_tower``, ``multi_modal_projector``, ``language_model`` on 4.5x.
 - ``molmo``: the Molmo / MolmoE remote-code layout: ``model.vision_backbone.image_vit`` (vision),
   ``image_pooling_2d`` .. ``image_projector`` (projector), ``model.transformer.blocks[0]`` ..
-  ``ff_out`` or ``ln_f`` (LLM).
+  ``lm_head`` (or ``ff_out`` / ``ln_f`` with tied weights) (LLM).
 
 Any other model: pass an explicit mapping, phase name to a module path or a (start, end) pair.
 
 Example:
     >>> from molmo_latency.models import reference_vlm
     >>> m = reference_vlm("tiny").model
-    >>> find_phases(m).describe()["llm"]
-    ('model.language_model', 'lm_head')
-    >>> find_phases(m, {"vision": "model.vision_tower", "llm": ("model.language_model", "lm_head")}).layout
+    >>> found = find_phases(m)
+    >>> found.layout, sorted(found.spans)
+    ('llava', ['llm', 'projector', 'vision'])
+    >>> find_phases(m, {"llm": found.describe()["llm"]}).layout
     'explicit'
 """
 
@@ -32,6 +34,7 @@ from typing import Mapping, Sequence, Union
 import torch
 
 from molmo_latency.errors import AdapterError
+from molmo_latency.transformers_lines import LLM_SPANS, PROJECTOR_PATHS, VISION_PATHS
 
 PathSpec = Union[str, Sequence[str]]
 ADAPTER_PHASES = ("vision", "projector", "llm")
@@ -61,20 +64,21 @@ class PhaseMap:
 
 # Candidate paths per layout: phase -> list of (start, end) alternatives, tried in order.
 LAYOUTS: dict[str, dict[str, list[tuple[str, str]]]] = {
+    # the LLaVA-style paths differ between transformers lines: see transformers_lines
     "llava": {
-        "vision": [("model.vision_tower", "model.vision_tower"), ("vision_tower", "vision_tower"),
-                   ("model.visual", "model.visual")],
-        "projector": [("model.multi_modal_projector", "model.multi_modal_projector"),
-                      ("multi_modal_projector", "multi_modal_projector")],
-        "llm": [("model.language_model", "lm_head"), ("language_model", "lm_head"),
-                ("language_model", "language_model")],
+        "vision": [(p, p) for p in VISION_PATHS],
+        "projector": [(p, p) for p in PROJECTOR_PATHS],
+        "llm": list(LLM_SPANS),
     },
     "molmo": {
         "vision": [("model.vision_backbone.image_vit", "model.vision_backbone.image_vit"),
                    ("vision_backbone.image_vit", "vision_backbone.image_vit")],
         "projector": [("model.vision_backbone.image_pooling_2d", "model.vision_backbone.image_projector"),
                       ("vision_backbone.image_pooling_2d", "vision_backbone.image_projector")],
-        "llm": [("model.transformer.blocks.0", "model.transformer.ff_out"),
+        # blocks through the LM head: MolmoForCausalLM.lm_head (untied weights), else the
+        # transformer's own ff_out, else the final norm (tied weights: logits are a plain F.linear)
+        "llm": [("model.transformer.blocks.0", "lm_head"),
+                ("model.transformer.blocks.0", "model.transformer.ff_out"),
                 ("model.transformer.blocks.0", "model.transformer.ln_f"),
                 ("transformer.blocks.0", "transformer.ff_out"),
                 ("transformer.blocks.0", "transformer.ln_f")],

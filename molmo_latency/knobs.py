@@ -1,10 +1,17 @@
 """Adaptive-inference knobs: MoE top-k and active transformer blocks (crops go through inputs).
 
-Works on the reference model (OLMoE text model: ``layer.mlp.gate.top_k``, first N of
-``config.num_hidden_layers`` layers), HF models with the same layout (Molmo2 and other
-LLaVA-style models with an MoE text model), and the MolmoE remote-code layout
-(``model.transformer.blocks[i].mlp.top_k``; its forward asserts one cache entry per configured
-layer, so the block list itself is cut and restored).
+Works on the reference model (OLMoE text model: ``layer.mlp.gate.top_k``), HF models with the
+same layout (Molmo2 and other LLaVA-style models with an MoE text model) on both transformers
+lines, and the MolmoE remote code (``model.transformer.blocks[i].mlp.top_k``; its forward asserts
+one cache entry per configured layer, so the block list itself is cut and restored).
+
+Active blocks are either the first ``n`` (an int) or an explicit subset of block indices (a
+sequence: sorted, unique, in range), as users who pick blocks by importance do: the block list
+becomes those blocks, in order, and the layer counts of the configs follow.
+
+Every knob checks everything first, then changes the model, and undoes every change on any
+failure: a refused value is a :class:`MolmoLatencyError` naming the knob, the value and the valid
+range, and leaves the model exactly as it was.
 
 Example:
     >>> from molmo_latency.models import reference_vlm
@@ -14,23 +21,79 @@ Example:
     (2, 1)
     >>> knobs.set_active_blocks(m, 2), knobs.get_active_blocks(m)
     (4, 2)
+    >>> knobs.set_active_blocks(m, [0, 2, 3]), knobs.get_block_indices(m)
+    (2, (0, 2, 3))
     >>> with knobs.configured(m, top_k=2, blocks=4):
     ...     knobs.get_top_k(m), knobs.get_active_blocks(m)
     (2, 4)
-    >>> knobs.get_top_k(m), knobs.get_active_blocks(m)
-    (1, 2)
+    >>> knobs.get_top_k(m), knobs.get_block_indices(m)
+    (1, (0, 2, 3))
+    >>> knobs.set_active_blocks(m, 4), knobs.set_top_k(m, 2)
+    ((0, 2, 3), 1)
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Any, Iterator, Sequence, Union
 
 import torch
 
 from molmo_latency.errors import MolmoLatencyError
+from molmo_latency.transformers_lines import TEXT_DECODER_PATHS
 
-_FULL_BLOCKS_ATTR = "_molmo_latency_all_blocks"
+Blocks = Union[int, Sequence[int]]
+
+_FULL_BLOCKS_ATTR = "_molmo_latency_all_blocks"      # the full block list, while cut
+_ORIGINAL_ATTR = "_molmo_latency_block_originals"    # values changed by the cut, to put back
+_INDICES_ATTR = "_molmo_latency_block_indices"       # the active indices, while cut
+_LAYER_COUNT_ATTRS = ("num_hidden_layers", "n_layers")
+
+
+# ------------------------------------------------------------------------- transactions
+class _Plan:
+    """Changes to make together: each (object, attribute, new value); all or none."""
+
+    def __init__(self) -> None:
+        self.changes: list[tuple[Any, str, Any]] = []
+
+    def set(self, obj: Any, name: str, value: Any) -> None:
+        self.changes.append((obj, name, value))
+
+    def apply(self) -> None:
+        done: list[tuple[Any, str, bool, Any]] = []
+        try:
+            for obj, name, value in self.changes:
+                had = name in vars(obj) or hasattr(obj, name)
+                old = getattr(obj, name, None)
+                _assign(obj, name, value)
+                done.append((obj, name, had, old))
+        except BaseException:
+            for obj, name, had, old in reversed(done):
+                if had:
+                    _assign(obj, name, old)
+                else:
+                    _delete(obj, name)
+            raise
+
+
+def _assign(obj: Any, name: str, value: Any) -> None:
+    if name.startswith("_molmo_latency"):
+        object.__setattr__(obj, name, value)  # bookkeeping, not a submodule
+    else:
+        setattr(obj, name, value)
+
+
+def _delete(obj: Any, name: str) -> None:
+    if name in vars(obj):
+        object.__delattr__(obj, name)
+
+
+def _settable(cfg: Any, name: str) -> bool:
+    """A plain config attribute (not a read-only property such as MolmoConfig.num_hidden_layers)."""
+    if name in vars(cfg):
+        return True
+    return name in (getattr(type(cfg), "attribute_map", None) or {})
 
 
 # ---------------------------------------------------------------------------------- top-k
@@ -60,35 +123,48 @@ def get_top_k(model: torch.nn.Module) -> int:
     routers = _routers(model)
     if not routers:
         raise MolmoLatencyError(
-            f"{type(model).__name__} has no MoE router with a `top_k` attribute "
+            f"top_k: {type(model).__name__} has no MoE router with a `top_k` attribute "
             "(looked for modules such as layer.mlp.gate.top_k or transformer.blocks[i].mlp.top_k)"
         )
     return routers[0].top_k
 
 
+def max_top_k(model: torch.nn.Module) -> int | None:
+    """The largest top-k every MoE layer allows (its number of experts), None if unknown."""
+    counts = [n for n in (_num_experts(m) for m in _routers(model)) if n is not None]
+    return min(counts) if counts else None
+
+
+def _plan_top_k(model: torch.nn.Module, k: Any) -> _Plan:
+    routers = _routers(model)
+    if not routers:
+        get_top_k(model)  # raises the error naming what was looked for
+    limit = max_top_k(model)
+    allowed = f"1..{limit}" if limit is not None else "a positive integer"
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1 or (limit is not None and k > limit):
+        experts = f" (this model has {limit} experts per MoE layer)" if limit is not None else ""
+        raise MolmoLatencyError(f"top_k={k!r} is out of range{experts}; use {allowed}")
+    plan = _Plan()
+    for module in routers:
+        plan.set(module, "top_k", k)
+    for cfg in _configs(model):
+        for attr in ("num_experts_per_tok", "moe_top_k"):
+            if isinstance(getattr(cfg, attr, None), int) and _settable(cfg, attr):
+                plan.set(cfg, attr, k)
+    return plan
+
+
 def set_top_k(model: torch.nn.Module, k: int) -> int:
     """Make every MoE layer route each token to `k` experts; returns the previous top-k."""
     previous = get_top_k(model)
-    routers = _routers(model)
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise MolmoLatencyError(f"set_top_k: k must be a positive integer, got {k!r}")
-    for module in routers:
-        n = _num_experts(module)
-        if n is not None and k > n:
-            raise MolmoLatencyError(f"set_top_k: k={k} exceeds the {n} experts of this model")
-    for module in routers:
-        module.top_k = k
-    for cfg in _configs(model):
-        for attr in ("num_experts_per_tok", "moe_top_k"):
-            if isinstance(getattr(cfg, attr, None), int):
-                setattr(cfg, attr, k)
+    _plan_top_k(model, k).apply()
     return previous
 
 
 # --------------------------------------------------------------------------- active blocks
 def _hf_decoder(model: torch.nn.Module):
     """The HF text decoder: a module with `.layers` and `.config.num_hidden_layers`."""
-    for path in ("model.language_model", "language_model", "model.text_model", "model", ""):
+    for path in TEXT_DECODER_PATHS:
         module = _get(model, path)
         if module is None:
             continue
@@ -109,59 +185,156 @@ def _molmo_transformer(model: torch.nn.Module):
 
 def _block_list(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
     """(owner, attribute) of the text model's block ModuleList: HF `.layers` or Molmo `.blocks`."""
-    decoder = _hf_decoder(model)
-    if decoder is not None:
-        return decoder, "layers"
     transformer = _molmo_transformer(model)
     if transformer is not None:
         return transformer, "blocks"
+    decoder = _hf_decoder(model)
+    if decoder is not None:
+        return decoder, "layers"
     raise MolmoLatencyError(_no_blocks_message(model))
 
 
-def get_active_blocks(model: torch.nn.Module) -> int:
-    """How many transformer blocks the text model runs now."""
-    owner, attr = _block_list(model)
-    n = len(getattr(owner, attr))
-    configured_n = getattr(getattr(owner, "config", None), "num_hidden_layers", None)
-    return min(n, configured_n) if isinstance(configured_n, int) else n
+def _full_blocks(owner: torch.nn.Module, attr: str) -> list[torch.nn.Module]:
+    full = getattr(owner, _FULL_BLOCKS_ATTR, None)
+    return list(full) if full is not None else list(getattr(owner, attr))
 
 
 def total_blocks(model: torch.nn.Module) -> int:
     """How many transformer blocks the text model has (whatever is active)."""
     owner, attr = _block_list(model)
-    return len(getattr(owner, _FULL_BLOCKS_ATTR, getattr(owner, attr)))
+    return len(_full_blocks(owner, attr))
 
 
-def set_active_blocks(model: torch.nn.Module, n: int) -> int:
-    """Run only the first `n` transformer blocks; returns the previous count.
-
-    The block list itself is cut to its first `n` entries (the full list is kept aside and put
-    back by a later call), and the configured layer counts follow, so that decoders that loop
-    over every block (Molmo2), over `config.num_hidden_layers` (OLMoE) or assert one cache
-    entry per configured layer (MolmoE remote code) all run exactly `n` blocks.
-    """
-    total = total_blocks(model)
-    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= total:
-        raise MolmoLatencyError(f"set_active_blocks: n must be an integer in 1..{total}, got {n!r}")
-    previous = get_active_blocks(model)
+def get_block_indices(model: torch.nn.Module) -> tuple[int, ...]:
+    """The indices of the blocks the text model runs now, in order."""
     owner, attr = _block_list(model)
-    full = getattr(owner, _FULL_BLOCKS_ATTR, None)
-    if full is None:
-        full = list(getattr(owner, attr))
-        object.__setattr__(owner, _FULL_BLOCKS_ATTR, full)
-    setattr(owner, attr, torch.nn.ModuleList(full[:n]))
-    for cfg in [getattr(owner, "config", None), *_configs(model)]:
-        for name in ("num_hidden_layers", "n_layers"):
-            if cfg is not None and isinstance(getattr(cfg, name, None), int):
-                setattr(cfg, name, n)
-    if n == len(full):
-        object.__delattr__(owner, _FULL_BLOCKS_ATTR)
+    indices = getattr(owner, _INDICES_ATTR, None)
+    if indices is not None:
+        return tuple(indices)
+    n = len(getattr(owner, attr))
+    configured_n = getattr(getattr(owner, "config", None), "num_hidden_layers", None)
+    return tuple(range(min(n, configured_n) if isinstance(configured_n, int) else n))
+
+
+def get_active_blocks(model: torch.nn.Module) -> int:
+    """How many transformer blocks the text model runs now."""
+    return len(get_block_indices(model))
+
+
+def resolve_blocks(model: torch.nn.Module, blocks: Blocks) -> tuple[int, ...]:
+    """The block indices a `blocks` value means on this model (first n, or a subset), checked."""
+    return _check_blocks(blocks, total_blocks(model))
+
+
+def _check_blocks(blocks: Any, total: int) -> tuple[int, ...]:
+    if isinstance(blocks, int) and not isinstance(blocks, bool):
+        if not 1 <= blocks <= total:
+            raise MolmoLatencyError(f"blocks={blocks} is out of range; this model has {total} "
+                                    f"blocks: use a count in 1..{total} or a list of indices in 0..{total - 1}")
+        return tuple(range(blocks))
+    if isinstance(blocks, (str, bytes)) or not isinstance(blocks, Sequence):
+        raise MolmoLatencyError(f"blocks={blocks!r} must be a count (1..{total}) or a list of block "
+                                f"indices in 0..{total - 1}")
+    indices = list(blocks)
+    bad = [i for i in indices if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < total]
+    if not indices or bad:
+        raise MolmoLatencyError(f"blocks={indices!r}: block indices must be integers in 0..{total - 1} "
+                                f"(this model has {total} blocks)" + (f"; {bad[0]!r} is not" if bad else ""))
+    if indices != sorted(set(indices)):
+        raise MolmoLatencyError(f"blocks={indices!r}: block indices must be sorted and unique, "
+                                f"e.g. {sorted(set(indices))}")
+    return tuple(indices)
+
+
+def _layer_idx_modules(block: torch.nn.Module) -> list[torch.nn.Module]:
+    """Submodules of a block that carry its position for the KV cache (HF `layer_idx`)."""
+    return [m for m in block.modules()
+            if isinstance(getattr(m, "layer_idx", None), int) and not isinstance(m.layer_idx, bool)]
+
+
+def _originals(model: torch.nn.Module, owner: torch.nn.Module, full: list[torch.nn.Module]) -> dict:
+    """What a cut changes, as it is on the uncut model (taken once, before the first cut)."""
+    stored = getattr(owner, _ORIGINAL_ATTR, None)
+    if stored is not None:
+        return stored
+    configs = [c for c in _unique([getattr(owner, "config", None), *_configs(model)]) if c is not None]
+    return {
+        "configs": [(cfg, {name: getattr(cfg, name) for name in (*_LAYER_COUNT_ATTRS, "layer_types")
+                           if _settable(cfg, name) and getattr(cfg, name, None) is not None})
+                    for cfg in configs],
+        "layer_idx": [[(m, m.layer_idx) for m in _layer_idx_modules(block)] for block in full],
+    }
+
+
+def _plan_blocks(model: torch.nn.Module, blocks: Any) -> tuple[_Plan, tuple[int, ...]]:
+    owner, attr = _block_list(model)
+    full = _full_blocks(owner, attr)
+    indices = _check_blocks(blocks, len(full))
+    originals = _originals(model, owner, full)
+    everything = indices == tuple(range(len(full)))
+    plan = _Plan()
+    plan.set(owner, attr, torch.nn.ModuleList(full) if everything else
+             torch.nn.ModuleList([full[i] for i in indices]))
+    position = {block_index: j for j, block_index in enumerate(indices)}
+    for block_index, modules in enumerate(originals["layer_idx"]):
+        for module, original in modules:
+            # a kept block is numbered by its place in the cut list (its KV-cache slot)
+            plan.set(module, "layer_idx", original if everything else position.get(block_index, original))
+    for cfg, values in originals["configs"]:
+        for name, original in values.items():
+            if everything:
+                plan.set(cfg, name, original)
+            elif name == "layer_types" and isinstance(original, list) and len(original) == len(full):
+                plan.set(cfg, name, [original[i] for i in indices])
+            elif name in _LAYER_COUNT_ATTRS and isinstance(original, int):
+                plan.set(cfg, name, len(indices))
+    if everything:
+        for name in (_FULL_BLOCKS_ATTR, _ORIGINAL_ATTR, _INDICES_ATTR):
+            if name in vars(owner):
+                plan.set(owner, name, None)
+    else:
+        plan.set(owner, _FULL_BLOCKS_ATTR, full)
+        plan.set(owner, _ORIGINAL_ATTR, originals)
+        plan.set(owner, _INDICES_ATTR, indices)
+    return plan, indices
+
+
+def _drop_bookkeeping(model: torch.nn.Module) -> None:
+    owner, _ = _block_list(model)
+    for name in (_FULL_BLOCKS_ATTR, _ORIGINAL_ATTR, _INDICES_ATTR):
+        if name in vars(owner) and vars(owner)[name] is None:
+            object.__delattr__(owner, name)
+
+
+def set_active_blocks(model: torch.nn.Module, blocks: Blocks) -> Blocks:
+    """Run only some transformer blocks: the first `blocks` (an int) or the listed indices.
+
+    Returns the previous setting in a form this function takes back: the count when the first
+    n blocks ran, else the tuple of indices. The block list itself is cut (the full list is kept
+    aside and put back when every block is active again), the configured layer counts follow, and
+    the kept blocks' ``layer_idx`` (their KV-cache slot in HF models) is renumbered, so decoders
+    that loop over every block (Molmo2), over `config.num_hidden_layers` (OLMoE) or assert one
+    cache entry per configured layer (MolmoE remote code) all run exactly those blocks.
+    """
+    current = get_block_indices(model)
+    previous: Blocks = len(current) if current == tuple(range(len(current))) else current
+    plan, _ = _plan_blocks(model, blocks)
+    plan.apply()
+    _drop_bookkeeping(model)
     return previous
 
 
 @contextlib.contextmanager
-def configured(model: torch.nn.Module, *, top_k: int | None = None, blocks: int | None = None) -> Iterator[None]:
-    """Set knobs for the duration of a block, restoring the previous values afterwards."""
+def configured(model: torch.nn.Module, *, top_k: int | None = None,
+               blocks: Blocks | None = None) -> Iterator[None]:
+    """Set knobs for the duration of a block, restoring the previous values afterwards.
+
+    Both values are checked before anything changes; a refused value changes nothing.
+    """
+    if top_k is not None:
+        _plan_top_k(model, top_k)
+    if blocks is not None:
+        _plan_blocks(model, blocks)
     old_k = set_top_k(model, top_k) if top_k is not None else None
     try:
         old_blocks = set_active_blocks(model, blocks) if blocks is not None else None
@@ -172,10 +345,12 @@ def configured(model: torch.nn.Module, *, top_k: int | None = None, blocks: int 
     try:
         yield
     finally:
-        if old_blocks is not None:
-            set_active_blocks(model, old_blocks)
-        if old_k is not None:
-            set_top_k(model, old_k)
+        try:
+            if old_blocks is not None:
+                set_active_blocks(model, old_blocks)
+        finally:
+            if old_k is not None:
+                set_top_k(model, old_k)
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -190,18 +365,23 @@ def _get(model: torch.nn.Module, path: str):
     return module
 
 
-def _configs(model: torch.nn.Module):
-    seen = []
-    cfg = getattr(model, "config", None)
-    for c in (cfg, getattr(cfg, "text_config", None), getattr(cfg, "llm_config", None)):
-        if c is not None and all(c is not s for s in seen):
-            seen.append(c)
+def _unique(items: list) -> list:
+    seen: list = []
+    for item in items:
+        if all(item is not s for s in seen):
+            seen.append(item)
     return seen
+
+
+def _configs(model: torch.nn.Module) -> list:
+    cfg = getattr(model, "config", None)
+    return [c for c in _unique([cfg, getattr(cfg, "text_config", None), getattr(cfg, "llm_config", None)])
+            if c is not None]
 
 
 def _no_blocks_message(model: torch.nn.Module) -> str:
     return (
-        f"{type(model).__name__}: cannot find its transformer blocks (looked for an HF decoder "
-        "with .layers and config.num_hidden_layers at model.language_model / language_model / "
-        "model, and a Molmo transformer with .blocks at model.transformer / transformer)"
+        f"blocks: {type(model).__name__}: cannot find its transformer blocks (looked for a Molmo "
+        "transformer with .blocks at model.transformer / transformer, and an HF decoder with "
+        f".layers and config.num_hidden_layers at {' / '.join(p or '(the model)' for p in TEXT_DECODER_PATHS)})"
     )

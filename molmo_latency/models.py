@@ -8,7 +8,7 @@ adaptive-inference knobs of MolmoE: image crops, MoE top-k and active transforme
 Example:
     >>> from molmo_latency.models import reference_vlm
     >>> ref = reference_vlm("tiny")
-    >>> out = ref.model.generate(**ref.inputs(crops=2, prompt_tokens=8, new_tokens=4))
+    >>> out = ref.model.generate(**ref.inputs(crops=2, prompt_tokens=8), max_new_tokens=4, min_new_tokens=4)
     >>> out.shape[1] - ref.inputs(crops=2, prompt_tokens=8)["input_ids"].shape[1]
     4
 """
@@ -89,33 +89,25 @@ class ReferenceVLM:
     def tokens_per_crop(self) -> int:
         return self.preset.tokens_per_crop
 
-    def inputs(
-        self,
-        crops: int = 1,
-        prompt_tokens: int = 32,
-        batch_size: int = 1,
-        new_tokens: int = 8,
-        *,
-        free_generation: bool = False,
-    ) -> dict[str, Any]:
-        """generate() keyword arguments for `crops` image crops and `prompt_tokens` text tokens.
+    def inputs(self, crops: int = 1, prompt_tokens: int = 32, batch_size: int = 1) -> dict[str, Any]:
+        """The model inputs of one request: `crops` image crops and `prompt_tokens` text tokens.
 
-        The sequence is BOS, `crops * tokens_per_crop` image placeholders, then the prompt. With
-        `free_generation=False` (the default) exactly `new_tokens` tokens are generated
-        (min_new_tokens = max_new_tokens), so the number of decode steps is fixed.
-        Inputs are deterministic for a given (seed, crops, prompt_tokens, batch_size).
+        The sequence is BOS, `crops * tokens_per_crop` image placeholders, then the prompt.
+        Inputs only, as Hugging Face processors return them: generation settings are the
+        caller's (see :meth:`generation_kwargs`), so ``model.generate(**ref.inputs(crops=1),
+        max_new_tokens=16)`` works. Deterministic for a given (seed, crops, prompt_tokens,
+        batch_size).
         """
         for name, value, low in (("crops", crops, 0), ("prompt_tokens", prompt_tokens, 0),
-                                 ("batch_size", batch_size, 1), ("new_tokens", new_tokens, 1)):
-            if not isinstance(value, int) or value < low:
-                raise MolmoLatencyError(f"inputs(): {name} must be an integer >= {low}, got {value!r}")
+                                 ("batch_size", batch_size, 1)):
+            _check_int(name, value, low)
         p = self.preset
         image_len = crops * self.tokens_per_crop
         total = 1 + image_len + prompt_tokens
-        if total + new_tokens > p.max_positions:
+        if total >= p.max_positions:
             raise MolmoLatencyError(
-                f"inputs(): {total} input + {new_tokens} new tokens exceed the model's "
-                f"{p.max_positions} positions; use fewer crops or prompt tokens"
+                f"inputs(): {total} input tokens exceed the model's {p.max_positions} positions; "
+                "use fewer crops or prompt tokens"
             )
         gen = torch.Generator().manual_seed(hash((self.seed, crops, prompt_tokens, batch_size)) % 2**31)
         text = torch.randint(_FIRST_TEXT_ID, self.image_token_id, (batch_size, prompt_tokens), generator=gen)
@@ -131,21 +123,53 @@ class ReferenceVLM:
         kwargs: dict[str, Any] = {
             "input_ids": ids.to(param.device),
             "attention_mask": torch.ones_like(ids, device=param.device),
-            "max_new_tokens": new_tokens,
-            "do_sample": False,
-            "pad_token_id": PAD_ID,
-            "eos_token_id": EOS_ID,
         }
-        if not free_generation:
-            kwargs["min_new_tokens"] = new_tokens
         if crops:
             pixels = torch.randn(batch_size * crops, 3, p.image_size, p.image_size, generator=gen)
             kwargs["pixel_values"] = pixels.to(device=param.device, dtype=param.dtype)
         return kwargs
 
+    def generation_kwargs(self, new_tokens: int = 8, *, free_generation: bool = False) -> dict[str, Any]:
+        """generate() settings: greedy, `new_tokens` tokens (exactly that many unless
+        `free_generation`, which lets EOS stop earlier), the model's pad and EOS ids."""
+        _check_int("new_tokens", new_tokens, 1)
+        kwargs: dict[str, Any] = {"max_new_tokens": new_tokens, "do_sample": False,
+                                  "pad_token_id": PAD_ID, "eos_token_id": EOS_ID}
+        if not free_generation:
+            kwargs["min_new_tokens"] = new_tokens
+        return kwargs
+
+    def request(self, crops: int = 1, prompt_tokens: int = 32, batch_size: int = 1, new_tokens: int = 8,
+                *, free_generation: bool = False) -> dict[str, Any]:
+        """Everything one generate() call needs: :meth:`inputs` and :meth:`generation_kwargs`.
+
+        Example:
+            >>> ref = reference_vlm("tiny")
+            >>> out = ref.model.generate(**ref.request(crops=1, prompt_tokens=4, new_tokens=3))
+            >>> out.shape[1] - ref.inputs(crops=1, prompt_tokens=4)["input_ids"].shape[1]
+            3
+        """
+        p = self.preset
+        total = 1 + crops * self.tokens_per_crop + prompt_tokens if isinstance(crops, int) else 0
+        if isinstance(new_tokens, int) and isinstance(prompt_tokens, int) and total + new_tokens > p.max_positions:
+            raise MolmoLatencyError(
+                f"request(): {total} input + {new_tokens} new tokens exceed the model's "
+                f"{p.max_positions} positions; use fewer crops, prompt or new tokens"
+            )
+        return {**self.inputs(crops, prompt_tokens, batch_size),
+                **self.generation_kwargs(new_tokens, free_generation=free_generation)}
+
+
+def _check_int(name: str, value: Any, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise MolmoLatencyError(f"{name} must be an integer >= {low}, got {value!r}")
+
 
 def reference_config(preset: str = "tiny"):
     """The transformers config of a reference preset (AyaVision: SigLIP + OLMoE)."""
+    from molmo_latency.transformers_lines import check_version
+
+    check_version()  # an unsupported line: one line naming it and the range, not a traceback
     from transformers import AyaVisionConfig, OlmoeConfig, SiglipVisionConfig
 
     p = _preset(preset)
@@ -186,8 +210,8 @@ def reference_vlm(
         >>> ref = reference_vlm("tiny", seed=0)
         >>> ref.tokens_per_crop
         16
-        >>> sorted(ref.inputs(crops=1))[:3]
-        ['attention_mask', 'do_sample', 'eos_token_id']
+        >>> sorted(ref.inputs(crops=1))
+        ['attention_mask', 'input_ids', 'pixel_values']
     """
     from transformers import AyaVisionForConditionalGeneration
 

@@ -11,7 +11,7 @@ Example:
     >>> from molmo_latency.models import reference_vlm
     >>> ref = reference_vlm("tiny")
     >>> with profile_phases(ref.model) as prof:
-    ...     _ = ref.model.generate(**ref.inputs(crops=2, new_tokens=4))
+    ...     _ = ref.model.generate(**ref.request(crops=2, new_tokens=4))
     >>> r = prof.report().requests
     >>> r["decode_steps"].to_list(), r["valid"].to_list()
     ([3], [True])
@@ -423,7 +423,7 @@ def profile_phases(
         >>> from molmo_latency.models import reference_vlm
         >>> ref = reference_vlm("tiny")
         >>> with profile_phases(ref.model) as prof:
-        ...     _ = ref.model.generate(**ref.inputs(crops=1, new_tokens=3))
+        ...     _ = ref.model.generate(**ref.request(crops=1, new_tokens=3))
         >>> prof.report().phases["phase"].to_list()
         ['vision', 'projector', 'prefill', 'decode', 'decode']
     """

@@ -21,5 +21,5 @@ def tiny():
     from molmo_latency.models import reference_vlm
 
     ref = reference_vlm("tiny", seed=0)
-    ref.model.generate(**ref.inputs(crops=1, new_tokens=2))  # warm up lazy init
+    ref.model.generate(**ref.request(crops=1, new_tokens=2))  # warm up lazy init
     return ref

@@ -14,6 +14,7 @@ from molmo_latency.cli.main import main
 from molmo_latency.diff import diff
 from molmo_latency.sweep import SweepSpec, run_sweep
 from molmo_latency.sweep.source import ReferenceSource
+from tests.layout import phase_module
 
 SLEEP_S = 0.025  # injected per LLM forward (prefill + 5 decode steps); a prefill takes ~3 ms
 
@@ -42,7 +43,7 @@ def slow_pair(tmp_path_factory):
     with one_thread():
         run_sweep(ReferenceSource("tiny"), spec, root / "a", kineto=True, nvml="off")
         source = ReferenceSource("tiny")
-        handle = source.model.model.language_model.register_forward_hook(lambda *_: time.sleep(SLEEP_S))
+        handle = phase_module(source.model, "llm").register_forward_hook(lambda *_: time.sleep(SLEEP_S))
         try:
             run_sweep(source, spec, root / "b", kineto=True, nvml="off")
         finally:

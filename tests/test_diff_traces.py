@@ -96,7 +96,7 @@ def tiny_trace(tmp_path_factory, tiny):
 
     folder = tmp_path_factory.mktemp("tiny_trace")
     with profile_phases(tiny.model, trace_dir=folder, nvml="off") as prof:
-        tiny.model.generate(**tiny.inputs(crops=1, prompt_tokens=8, new_tokens=4))
+        tiny.model.generate(**tiny.request(crops=1, prompt_tokens=8, new_tokens=4))
     [trace] = prof.traces
     return Path(trace["path"])
 

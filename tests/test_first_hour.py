@@ -133,11 +133,13 @@ def test_report_names_a_file_a_missing_path_and_a_directory_that_is_no_run(tmp_p
 
 def test_a_sweep_where_every_configuration_failed_says_why_first_and_exits_non_zero(tmp_path):
     sweep = tmp_path / "s.toml"
-    sweep.write_text("crops = [1]\ntop_k = [64]\nrepeats = 1\nwarmup = 1\nnew_tokens = [2]\n")
+    # 300 and 400 crops x 16 tokens exceed the tiny model's 4096 positions: both fail when run
+    sweep.write_text("crops = [300, 400]\nrepeats = 1\nwarmup = 1\nprompt_tokens = [8]\nnew_tokens = [2]\n")
     res = _cli("profile", "--model", "tiny", "--sweep", str(sweep), "--out", str(tmp_path / "run"))
     assert res.returncode == 2
     lines = [line for line in res.stderr.splitlines() if line.strip() and not line.startswith("[")]
-    assert "failed" in lines[0] and "64" in lines[0] and "exceeds" in lines[0], res.stderr
+    assert lines[0].startswith("failed (2 configurations, at warmup)") and "exceed" in lines[0], res.stderr
+    assert len([line for line in lines if line.startswith("failed")]) == 1  # one cause, told once
     assert "nothing was measured" in res.stderr and "no requests.parquet" not in res.stderr
     assert "Traceback" not in res.stderr
 
@@ -227,7 +229,7 @@ def test_explain_and_report_agree_on_the_configurations_of_a_write_parquet_direc
 
     with profile_phases(tiny.model) as prof:
         for crops in (1, 4, 1, 4):
-            tiny.model.generate(**tiny.inputs(crops=crops, prompt_tokens=8, new_tokens=3))
+            tiny.model.generate(**tiny.request(crops=crops, prompt_tokens=8, new_tokens=3))
     prof.report().write_parquet(tmp_path / "mine")
     assert main(["report", str(tmp_path / "mine"), "--json"]) == 0
     report_configs = {c["config_id"] for c in json.loads(capsys.readouterr().out)["configs"]}
@@ -247,7 +249,7 @@ def test_diff_headers_say_self_or_inclusive_and_abbreviations_have_a_legend(tiny
     traces = []
     for crops in (1, 4):
         with profile_phases(tiny.model, trace_dir=tmp_path / f"c{crops}", nvml="off") as prof:
-            tiny.model.generate(**tiny.inputs(crops=crops, prompt_tokens=8, new_tokens=3))
+            tiny.model.generate(**tiny.request(crops=crops, prompt_tokens=8, new_tokens=3))
         traces.append(prof.traces[0]["path"])
     res = _cli("diff", *traces, "--wide", env={"COLUMNS": "100"})
     assert res.returncode == 0, res.stderr

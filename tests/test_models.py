@@ -8,6 +8,7 @@ from molmo_latency import knobs
 from molmo_latency.adapters import find_phases
 from molmo_latency.errors import MolmoLatencyError
 from molmo_latency.models import PRESETS, reference_config
+import transformers
 
 
 def test_molmoe_1b_shape_has_molmoe_dimensions():
@@ -23,15 +24,22 @@ def test_molmoe_1b_shape_has_molmoe_dimensions():
     params = sum(p.numel() for p in model.parameters())
     assert 6.5e9 < params < 7.7e9  # OLMoE-1B-7B text model + ViT-L
     assert knobs.get_top_k(model) == 8 and knobs.total_blocks(model) == 16
-    assert find_phases(model).describe() == {
-        "vision": ("model.vision_tower", "model.vision_tower"),
-        "projector": ("model.multi_modal_projector", "model.multi_modal_projector"),
-        "llm": ("model.language_model", "lm_head"),
-    }
+    if transformers.__version__.startswith("4."):  # language_model is a whole OlmoeForCausalLM
+        expected = {"vision": ("vision_tower", "vision_tower"),
+                    "projector": ("multi_modal_projector", "multi_modal_projector"),
+                    "llm": ("language_model", "language_model")}
+    else:
+        expected = {"vision": ("model.vision_tower", "model.vision_tower"),
+                    "projector": ("model.multi_modal_projector", "model.multi_modal_projector"),
+                    "llm": ("model.language_model", "lm_head")}
+    assert find_phases(model).describe() == expected
 
 
 def test_hf_molmo2_layout_and_blocks_knob():
-    from transformers import Molmo2Config, Molmo2ForConditionalGeneration
+    try:
+        from transformers import Molmo2Config, Molmo2ForConditionalGeneration
+    except ImportError:
+        pytest.skip(f"HF Molmo2 is not in transformers {transformers.__version__} (5.x has it)")
 
     cfg = Molmo2Config()
     cfg.text_config.num_hidden_layers = 4

@@ -11,7 +11,7 @@ import torch
 from molmo_latency import knobs, profile_phases
 from molmo_latency.errors import AdapterError, MolmoLatencyError
 from molmo_latency.models import reference_vlm
-from tests.fake_molmo import MolmoForCausalLM
+from tests.layout import phase_module, phase_paths, text_decoder
 
 
 def _hook_counts(model):
@@ -21,7 +21,7 @@ def _hook_counts(model):
 def test_every_phase_of_every_request_on_one_timeline(tiny):
     with profile_phases(tiny.model) as prof:
         for crops in (1, 2, 4):
-            tiny.model.generate(**tiny.inputs(crops=crops, prompt_tokens=12, new_tokens=8))
+            tiny.model.generate(**tiny.request(crops=crops, prompt_tokens=12, new_tokens=8))
     rep = prof.report()
     req, ph = rep.requests, rep.phases
     assert req.height == 3 and req["valid"].all() and req["complete"].all()
@@ -62,7 +62,7 @@ def _interleaved_best(ref, column, configs, n=7):
         for name, (blocks, inputs) in configs.items():
             with knobs.configured(ref.model, blocks=blocks if blocks else 4):
                 with profile_phases(ref.model) as prof:
-                    ref.model.generate(**ref.inputs(**inputs))
+                    ref.model.generate(**ref.request(**inputs))
             values[name].append(prof.report().requests[column][0])
     return {name: min(v) for name, v in values.items()}
 
@@ -81,17 +81,17 @@ def test_top_k_knob_reaches_every_router(tiny):
     with knobs.configured(tiny.model, top_k=1):
         routers = [m for m in tiny.model.modules() if isinstance(getattr(m, "top_k", None), int)]
         assert len(routers) == 4 and all(m.top_k == 1 for m in routers)
-        out = tiny.model.generate(**tiny.inputs(crops=1, new_tokens=3))
+        out = tiny.model.generate(**tiny.request(crops=1, new_tokens=3))
         assert out.shape[1] == tiny.inputs(crops=1)["input_ids"].shape[1] + 3
     assert knobs.get_top_k(tiny.model) == 2
-    with pytest.raises(MolmoLatencyError, match="exceeds the 8 experts"):
+    with pytest.raises(MolmoLatencyError, match=r"top_k=9 is out of range.*8 experts.*1..8"):
         knobs.set_top_k(tiny.model, 9)
     with pytest.raises(MolmoLatencyError, match="1..4"):
         knobs.set_active_blocks(tiny.model, 5)
 
 
 def test_exception_inside_generate_keeps_partial_request_and_restores_model(tiny):
-    layer = tiny.model.model.language_model.layers[0]
+    layer = text_decoder(tiny.model).layers[0]
     calls = {"n": 0}
 
     def boom(module, args, output):
@@ -104,7 +104,7 @@ def test_exception_inside_generate_keeps_partial_request_and_restores_model(tiny
     try:
         with pytest.raises(RuntimeError, match="injected"):
             with profile_phases(tiny.model) as prof:
-                tiny.model.generate(**tiny.inputs(crops=1, new_tokens=8))
+                tiny.model.generate(**tiny.request(crops=1, new_tokens=8))
     finally:
         handle.remove()
     assert _hook_counts(tiny.model) == before and "generate" not in vars(tiny.model)
@@ -116,7 +116,7 @@ def test_exception_inside_generate_keeps_partial_request_and_restores_model(tiny
     assert set(phases["phase"]) == {"vision", "projector", "prefill", "decode"}
     # the profiler still works afterwards
     with profile_phases(tiny.model) as prof2:
-        tiny.model.generate(**tiny.inputs(crops=1, new_tokens=3))
+        tiny.model.generate(**tiny.request(crops=1, new_tokens=3))
     assert prof2.report().requests["valid"].to_list() == [True]
 
 
@@ -133,7 +133,7 @@ def test_negative_other_is_flagged_not_clamped():
 
 def test_parquet_round_trip(tiny, tmp_path):
     with profile_phases(tiny.model) as prof:
-        tiny.model.generate(**tiny.inputs(crops=1, new_tokens=4))
+        tiny.model.generate(**tiny.request(crops=1, new_tokens=4))
     rep = prof.report()
     rep.write_parquet(tmp_path)
     assert pl.read_parquet(tmp_path / "requests.parquet").equals(rep.requests)
@@ -148,30 +148,12 @@ def test_unmappable_model_error_names_what_was_looked_for():
 
 
 def test_explicit_mapping(tiny):
-    mapping = {"vision": "model.vision_tower", "llm": ("model.language_model", "lm_head")}
+    paths = phase_paths(tiny.model)
+    mapping = {"vision": paths["vision"][0], "llm": paths["llm"]}
     with profile_phases(tiny.model, phases=mapping) as prof:
-        tiny.model.generate(**tiny.inputs(crops=1, new_tokens=3))
+        tiny.model.generate(**tiny.request(crops=1, new_tokens=3))
     req = prof.report().requests.row(0, named=True)
     assert req["projector_ms"] is None and req["vision_ms"] > 0 and req["decode_steps"] == 2
-
-
-def test_molmo_remote_code_layout_and_knobs():
-    torch.manual_seed(0)
-    model = MolmoForCausalLM().eval()
-    ids = torch.tensor([[5, 63, 63, 63, 7, 8]])
-    images = torch.randn(3, 48)
-    with profile_phases(model) as prof:
-        model.generate(ids, images=images, max_new_tokens=4)
-        assert prof.phase_map.layout == "molmo"
-        with knobs.configured(model, top_k=1, blocks=2):
-            assert len(model.model.transformer.blocks) == 2 and model.config.n_layers == 2
-            assert all(b.mlp.top_k == 1 for b in model.model.transformer.blocks)
-            model.generate(ids, images=images, max_new_tokens=4)
-    assert len(model.model.transformer.blocks) == 3 and model.config.n_layers == 3
-    assert knobs.get_top_k(model) == 2
-    req = prof.report().requests
-    assert req["valid"].to_list() == [True, True]
-    assert req["decode_steps"].to_list() == [3, 3] and req["image_tokens"].to_list() == [3, 3]
 
 
 def test_nvtx_and_record_function_ranges(tiny, tmp_path, monkeypatch):
@@ -194,7 +176,7 @@ def test_nvtx_and_record_function_ranges(tiny, tmp_path, monkeypatch):
 
     monkeypatch.setattr(nvtx, "get_domain", lambda name: Domain() if name == "molmo_latency" else None)
     with profile_phases(tiny.model, trace_dir=tmp_path) as prof:
-        tiny.model.generate(**tiny.inputs(crops=1, new_tokens=3))
+        tiny.model.generate(**tiny.request(crops=1, new_tokens=3))
     pushes = [e[1:] for e in events if e[0] == "push"]
     assert pushes == [("request", 0), ("vision", 0), ("projector", 0), ("prefill", 0),
                       ("decode", 0), ("decode", 1)]
@@ -212,7 +194,7 @@ def test_torch_profiler_schedule_writes_one_trace_per_cycle(tiny, tmp_path):
     with profile_phases(tiny.model, torch_profiler=schedule(wait=1, warmup=0, active=1, repeat=2),
                         trace_dir=tmp_path) as prof:
         for _ in range(5):
-            tiny.model.generate(**tiny.inputs(crops=1, new_tokens=2))
+            tiny.model.generate(**tiny.request(crops=1, new_tokens=2))
     assert [t["requests"] for t in prof.traces] == [[1], [3]]
     assert len(list(tmp_path.iterdir())) == 2
     assert all(Path(t["path"]).exists() and Path(t["path"]).parent == tmp_path for t in prof.traces)
@@ -234,7 +216,7 @@ def test_phases_on_cuda_with_events():
     ref = reference_vlm("tiny", device="cuda")
     with profile_phases(ref.model) as prof:
         for crops in (1, 4):
-            ref.model.generate(**ref.inputs(crops=crops, new_tokens=8))
+            ref.model.generate(**ref.request(crops=crops, new_tokens=8))
     req = prof.report().requests
     assert req["timer"].to_list() == ["cuda_event", "cuda_event"]
     assert req["valid"].all() and (req["decode_steps"] == 7).all() and (req["other_ms"] >= 0).all()
@@ -246,7 +228,7 @@ def test_nvml_telemetry_lands_on_phases_and_requests(tiny):
     gpu = FakeGpu(sm_clock_mhz=1755.0, temp_c=61.0, power_w=250.0, throttle_reasons=0x4)
     with profile_phases(tiny.model, nvml="required", nvml_device=gpu, nvml_interval_ms=1) as prof:
         for _ in range(2):
-            tiny.model.generate(**tiny.inputs(crops=1, new_tokens=4))
+            tiny.model.generate(**tiny.request(crops=1, new_tokens=4))
     rep = prof.report()
     assert rep.telemetry is not None and rep.telemetry.height >= 2
     for table in (rep.requests, rep.phases):
@@ -261,7 +243,7 @@ def test_nvml_off_and_unavailable_leave_null_columns(tiny, monkeypatch):
     from molmo_latency.telemetry import device as tdev
 
     with profile_phases(tiny.model, nvml="off") as prof:
-        tiny.model.generate(**tiny.inputs(crops=1, new_tokens=2))
+        tiny.model.generate(**tiny.request(crops=1, new_tokens=2))
     req = prof.report().requests
     assert req["sm_clock_mean_mhz"].null_count() == 1 and req["throttle_reasons"].null_count() == 1
     with pytest.raises(NvmlUnavailable):
@@ -279,7 +261,7 @@ def test_report_gains_gpu_columns_from_a_trace_with_gpu_activity(tiny, tmp_path)
 
     demo = write_demo_trace(tmp_path)
     with profile_phases(tiny.model) as prof:
-        tiny.model.generate(**tiny.inputs(crops=1, new_tokens=3))
+        tiny.model.generate(**tiny.request(crops=1, new_tokens=3))
     prof.traces.append({"path": str(demo), "requests": [0]})
     rep = prof.report()
     expected = phase_gpu_table(read_kineto(demo))
@@ -295,7 +277,7 @@ def test_nvml_counter_tracks_are_written_into_the_trace(tiny, tmp_path):
     gpu = FakeGpu(sm_clock_mhz=1980.0, temp_c=55.0)
     with profile_phases(tiny.model, trace_dir=tmp_path, nvml="required", nvml_device=gpu,
                         nvml_interval_ms=1) as prof:
-        tiny.model.generate(**tiny.inputs(crops=1, new_tokens=4))
+        tiny.model.generate(**tiny.request(crops=1, new_tokens=4))
     [trace] = prof.traces
     with gzip.open(trace["path"], "rt") as f:
         events = json.load(f)["traceEvents"]
@@ -306,22 +288,10 @@ def test_nvml_counter_tracks_are_written_into_the_trace(tiny, tmp_path):
     assert inside, "samples taken during the request must land inside its range"
 
 
-def test_molmo_generate_from_batch_is_one_request():
-    torch.manual_seed(0)
-    model = MolmoForCausalLM().eval()
-    batch = {"input_ids": torch.tensor([[5, 63, 63, 63, 7, 8]]), "images": torch.randn(3, 48)}
-    with profile_phases(model) as prof:
-        model.generate_from_batch(batch, max_new_tokens=4)
-    req = prof.report().requests
-    assert req.height == 1 and req["valid"].to_list() == [True]
-    assert req["decode_steps"].to_list() == [3] and req["image_tokens"].to_list() == [3]
-    assert "generate_from_batch" not in vars(model) and "generate" not in vars(model)
-
-
 def test_hooks_outside_any_request_are_reported(tiny):
     with pytest.warns(UserWarning, match="outside any profiled request"):
         with profile_phases(tiny.model, entry_points=["generate"]):
-            tiny.model.model.vision_tower(tiny.inputs(crops=1)["pixel_values"])
+            phase_module(tiny.model, "vision")(tiny.inputs(crops=1)["pixel_values"])
 
 
 def test_a_users_own_torch_profiler_is_stepped_per_request(tiny):
@@ -330,7 +300,7 @@ def test_a_users_own_torch_profiler_is_stepped_per_request(tiny):
     with profile(activities=[ProfilerActivity.CPU]) as tprof:
         with profile_phases(tiny.model, torch_profiler=tprof):
             for _ in range(3):
-                tiny.model.generate(**tiny.inputs(crops=1, new_tokens=2))
+                tiny.model.generate(**tiny.request(crops=1, new_tokens=2))
     assert tprof.step_num == 3
 
 
@@ -387,7 +357,7 @@ def test_pop_report_hands_out_each_sample_once_and_keeps_memory_bounded(tiny):
     with profile_phases(tiny.model, nvml="required", nvml_device=FakeGpu(), nvml_interval_ms=1) as prof:
         seen, held = [], []
         for _ in range(4):
-            tiny.model.generate(**tiny.inputs(crops=1, new_tokens=3))
+            tiny.model.generate(**tiny.request(crops=1, new_tokens=3))
             rep = prof.pop_report()
             assert rep.requests.height == 1 and rep.requests["sm_clock_mean_mhz"][0] == 1410.0
             seen.extend(rep.telemetry["t_ns"].to_list())

@@ -11,6 +11,8 @@ from molmo_latency.errors import SweepError
 from molmo_latency.sweep import RunDir, SweepSpec, run_sweep
 from molmo_latency.sweep import runner
 from molmo_latency.sweep.runner import run_identity
+from molmo_latency import knobs
+from tests.layout import text_decoder
 
 ONE = {"crops": [1], "top_k": [2], "blocks": [2], "prompt_tokens": [4], "new_tokens": [3],
        "repeats": 1, "warmup": 0, "seed": 0}
@@ -121,11 +123,11 @@ def test_after_a_failed_measurement_the_next_configuration_is_warmed_up_again(tm
     from molmo_latency.sweep.source import ReferenceSource
 
     source = ReferenceSource("tiny")
-    layer = source.model.model.language_model.layers[0]
+    layer = text_decoder(source.model).layers[0]
 
     def fail_decode(module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
-        if layer.mlp.gate.top_k == 1 and hidden.shape[1] == 1:
+        if knobs.get_top_k(source.model) == 1 and hidden.shape[1] == 1:
             raise RuntimeError("injected decode failure")
 
     layer.register_forward_pre_hook(fail_decode, with_kwargs=True)

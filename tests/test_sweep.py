@@ -13,6 +13,8 @@ import pytest
 
 from molmo_latency.errors import SweepError
 from molmo_latency.sweep import RunDir, SweepSpec, load_sweep, run_sweep
+from molmo_latency import knobs
+from tests.layout import text_decoder
 
 SMALL = {"crops": [1, 2], "top_k": [1, 2], "blocks": [2], "prompt_tokens": [8], "new_tokens": [4],
          "repeats": 3, "warmup": 1, "seed": 0}
@@ -173,11 +175,11 @@ def test_generate_failing_mid_decode_for_one_configuration_only(tmp_path):
     from molmo_latency.sweep.source import ReferenceSource
 
     source = ReferenceSource("tiny")
-    layer = source.model.model.language_model.layers[0]
+    layer = text_decoder(source.model).layers[0]
 
     def fail_in_decode(module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
-        if layer.mlp.gate.top_k == 1 and hidden.shape[1] == 1:  # a decode step of the top_k=1 config
+        if knobs.get_top_k(source.model) == 1 and hidden.shape[1] == 1:  # a decode step of the top_k=1 config
             raise RuntimeError("injected failure in a decode step")
 
     layer.register_forward_pre_hook(fail_in_decode, with_kwargs=True)

@@ -146,7 +146,7 @@ def test_profile_phases_required_on_a_machine_without_nvml(tiny):
 
     with pytest.raises(NvmlUnavailable, match="cannot use NVML"):
         with profile_phases(tiny.model, nvml="required"):
-            tiny.model.generate(**tiny.inputs(crops=1, new_tokens=2))
+            tiny.model.generate(**tiny.request(crops=1, new_tokens=2))
 
 
 def test_profile_phases_with_nvml_fills_the_telemetry_columns(tiny, monkeypatch):
@@ -156,7 +156,7 @@ def test_profile_phases_with_nvml_fills_the_telemetry_columns(tiny, monkeypatch)
 
     with profile_phases(tiny.model, nvml="required", nvml_interval_ms=1) as prof:
         for _ in range(2):
-            tiny.model.generate(**tiny.inputs(crops=1, new_tokens=4))
+            tiny.model.generate(**tiny.request(crops=1, new_tokens=4))
     rep = prof.report()
     req, ph = rep.requests, rep.phases
     assert (req["sm_clock_mean_mhz"] == 1980.0).all() and (req["temp_max_c"] == 47.0).all()
@@ -172,7 +172,7 @@ def test_profile_phases_required_surfaces_a_sampler_failing_mid_run(tiny):
     gpu = FakeGpu(fail_after=2)
     with pytest.raises(NvmlUnavailable, match="failed after 2 samples"):
         with profile_phases(tiny.model, nvml="required", nvml_device=gpu, nvml_interval_ms=1):
-            tiny.model.generate(**tiny.inputs(crops=1, new_tokens=4))
+            tiny.model.generate(**tiny.request(crops=1, new_tokens=4))
             deadline = time.monotonic() + 5
             while gpu.failures == 0 and time.monotonic() < deadline:
                 time.sleep(0.005)

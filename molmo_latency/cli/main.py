@@ -34,7 +34,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("molmo_latency.cli.fit_cmd",
                 "P50 and P95 of prefill_total_ms and decode_per_token_ms for one configuration."),
     "trace": ("molmo_latency.cli.trace_cmd",
-              "Read Kineto (torch.profiler) traces: GPU time per kernel, annotation and device."),
+              "Read traces (torch.profiler Kineto JSON, Nsight Systems SQLite exports): GPU time per kernel, "
+              "annotation and device."),
 }
 COMMAND_MODULES = tuple(dict.fromkeys(module for module, _ in COMMANDS.values()))
 

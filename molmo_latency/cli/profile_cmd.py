@@ -78,18 +78,21 @@ def _run_and_report(model: str, sweep, out: Path, *, device: str, dtype: Optiona
 
 
 def failure_groups(run_dir: Path) -> list[tuple[str, str, list[str]]]:
-    """The failed configurations of a run grouped by cause: (stage, first line of the message,
-    config ids), the most common cause first."""
+    """The failed configurations of a run grouped by cause (the first line of the message, its
+    numbers aside): (stage, the first such message, config ids), the most common cause first."""
     from molmo_latency.report import failure_table
     from molmo_latency.sweep.rundir import RunDir
 
+    import re
+
     failures = failure_table(RunDir(run_dir))
-    groups: dict[tuple[str, str], list[str]] = {}
+    groups: dict[tuple[str, str], tuple[str, list[str]]] = {}
     for row in failures.iter_rows(named=True):
         message = (row["message"] or "").strip().splitlines()
         cause = f"{row['error_type']}: {message[0] if message else ''}".strip()
-        groups.setdefault((row["stage"] or "?", cause), []).append(row["config_id"])
-    return sorted(((stage, cause, ids) for (stage, cause), ids in groups.items()), key=lambda g: -len(g[2]))
+        key = (row["stage"] or "?", re.sub(r"\d+(\.\d+)?", "#", cause))  # same cause, other numbers
+        groups.setdefault(key, (cause, []))[1].append(row["config_id"])
+    return sorted(((stage, cause, ids) for (stage, _), (cause, ids) in groups.items()), key=lambda g: -len(g[2]))
 
 
 def _print_failures(run_dir: Path) -> None:

@@ -1,34 +1,42 @@
-"""`molmo-latency trace summary PATH [--json]`: where the GPU time of a Kineto trace went.
+"""`molmo-latency trace summary PATH [--json]`: where the GPU time of a trace went.
 
-Reads the trace (:func:`molmo_latency.trace.read_kineto`), summarises it
-(:func:`molmo_latency.trace.summarize`) and shows per-device, per-category, per-kernel and
-per-annotation tables, or one JSON document with ``--json``. This module only shows.
+Reads a Kineto trace or an Nsight Systems SQLite export (:func:`molmo_latency.trace.load_trace`,
+which tells them apart by content), summarises it (:func:`molmo_latency.trace.summarize`) and
+shows per-device, per-category, per-kernel and per-annotation tables (a CPU-op table when the
+trace has no GPU activity), or one JSON document with ``--json``. This module only shows: cells
+are formatted here (thousands separators, long kernel names cut after their meaningful part) and
+every table goes through the one renderer, :func:`molmo_latency.cli.show.print_frame`.
+
+Imports are lazy: reading a trace loads only the trace reader, polars and the renderer.
 """
 
 from __future__ import annotations
 
-import warnings
+import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import polars as pl
 import typer
-from rich.table import Table
-from rich.text import Text
 
 from molmo_latency.cli.app import app
-from molmo_latency.cli.show import console, err_console, print_json
-from molmo_latency.trace import TraceWarning, read_kineto, summarize
-from molmo_latency.trace.summary import TraceSummary
+
+if TYPE_CHECKING:  # pragma: no cover
+    import polars as pl
+
+    from molmo_latency.trace.summary import TraceSummary
 
 trace_app = typer.Typer(
     name="trace",
-    help="Read Kineto (torch.profiler) traces: GPU time per kernel, annotation and device.",
+    help="Read traces (torch.profiler Kineto JSON, Nsight Systems SQLite exports): GPU time per kernel, "
+    "annotation and device.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
 app.add_typer(trace_app, name="trace")
+
+#: Longest name shown in a table cell (``--wide``: no limit); ``--json`` always has full names.
+NAME_WIDTH = 60
 
 
 def _us(ns: int | float | None) -> float | None:
@@ -36,7 +44,7 @@ def _us(ns: int | float | None) -> float | None:
 
 
 def summary_document(summary: TraceSummary, warned: list[str]) -> dict[str, Any]:
-    """The JSON document of `trace summary --json` (times in microseconds).
+    """The JSON document of `trace summary --json` (times in microseconds, names in full).
 
     Example:
         >>> import tempfile
@@ -59,6 +67,7 @@ def summary_document(summary: TraceSummary, warned: list[str]) -> dict[str, Any]
             "cpu_ops": trace.cpu_ops.height,
             "annotations": trace.annotations.height,
             "skipped_events": trace.skipped,
+            "metadata": trace.metadata,
         },
         "gpu": [
             {
@@ -102,56 +111,180 @@ def summary_document(summary: TraceSummary, warned: list[str]) -> dict[str, Any]
             }
             for r in summary.annotations.iter_rows(named=True)
         ],
+        "cpu_ops": [
+            {
+                "name": r["name"],
+                "category": r["category"],
+                "count": r["count"],
+                "total_us": _us(r["total_ns"]),
+                "mean_us": _us(r["total_ns"] / r["count"]),
+            }
+            for r in summary.cpu_ops.iter_rows(named=True)
+        ],
         "unattributed_activities": summary.unattributed,
         "unlinked_activities": summary.unlinked,
         "warnings": warned,
     }
 
 
-_NAME_WIDTH = 100
+# ------------------------------------------------------------------------------------------
+# Cells.
+
+_RETURN_TYPE = re.compile(r"^(?:void|int|float|double|unsigned|auto)\s+(?=[\w:<(])")
 
 
-def _cell(value: Any) -> Text:
-    """A table cell as plain text: names like "[param|cuda]" must not be read as rich markup."""
-    if value is None:
-        return Text("-")
-    if isinstance(value, float):
-        return Text(f"{value:,.3f}")
-    if isinstance(value, int):
-        return Text(f"{value:,}")
-    text = str(value)
-    if len(text) > _NAME_WIDTH:
-        text = text[: _NAME_WIDTH - 1] + "\u2026"
-    return Text(text)
+_OPEN, _CLOSE = "<([", ">)]"
 
 
-def _print_frame(frame: pl.DataFrame, title: str, max_rows: int = 60) -> None:
-    table = Table(title=title, title_justify="left", header_style="bold")
-    for name, dtype in frame.schema.items():
-        table.add_column(name, justify="right" if dtype.is_numeric() else "left", overflow="fold")
-    for row in frame.head(max_rows).iter_rows():
-        table.add_row(*(_cell(v) for v in row))
+def _strip_arguments(text: str) -> str:
+    """`text` without a trailing ``(...)`` argument list (balanced; kept when it is the whole text)."""
+    if not text.endswith(")"):
+        return text
+    depth = 0
+    for i in range(len(text) - 1, -1, -1):
+        depth += (text[i] in _CLOSE) - (text[i] in _OPEN)
+        if depth == 0:
+            return text[:i].rstrip() if i > 0 else text
+    return text
+
+
+def _collapse_nested(text: str) -> str:
+    """Template arguments nested inside other template arguments shown as ``<…>``."""
+    out, depth = [], 0
+    for ch in text:
+        if ch == "<":
+            depth += 1
+            if depth == 2:
+                out.append("<\u2026")
+            if depth >= 2:
+                continue
+        elif ch == ">" and depth:
+            depth -= 1
+            if depth >= 1:
+                if depth == 1:
+                    out.append(">")
+                continue
+        elif depth >= 2:
+            continue
+        out.append(ch)
+    return "".join(out) if depth == 0 else text
+
+
+def _drop_last_arguments(text: str, width: int) -> str:
+    """Of a name ending in a template ``f<a, b, c>``, keep the first arguments that fit: ``f<a, …>``."""
+    if not text.endswith(">"):
+        return text
+    depth, start = 0, None
+    for i in range(len(text) - 1, -1, -1):
+        depth += (text[i] in _CLOSE) - (text[i] in _OPEN)
+        if depth == 0:
+            start = i
+            break
+    if not start:
+        return text
+    args, depth, current = [], 0, []
+    for ch in text[start + 1:-1]:
+        depth += (ch in _OPEN) - (ch in _CLOSE)
+        if ch == "," and depth == 0:
+            args.append("".join(current).strip())
+            current = []
+        else:
+            current.append(ch)
+    args.append("".join(current).strip())
+    head = text[:start]
+    while len(args) > 1 and len(text) > width:
+        args.pop()
+        text = f"{head}<{', '.join(args)}, \u2026>"
+    return text
+
+
+def short_name(name: str | None, width: int = NAME_WIDTH) -> str:
+    """A kernel or range name cut after its meaningful part, at most `width` characters.
+
+    A longer name loses, in turn, until it fits: the return type, the argument list, template
+    arguments nested in template arguments (shown ``<…>``), the last template arguments (``, …``);
+    only then is its end cut (``…``). A name that fits is left as is.
+
+    Example:
+        >>> short_name("void at::native::vectorized_elementwise_kernel<(int)4, "
+        ...            "at::native::FillFunctor<float>, std::array<char *, 1>>(int, T2, T3)", 60)
+        'at::native::vectorized_elementwise_kernel<(int)4, …>'
+        >>> short_name("flash_fwd_kernel"), short_name("x" * 70, 10)
+        ('flash_fwd_kernel', 'xxxxxxxxx…')
+    """
+    if name is None:
+        return "-"
+    text = name
+    for step in (
+        lambda t: _RETURN_TYPE.sub("", t),
+        _strip_arguments,
+        _collapse_nested,
+        lambda t: _drop_last_arguments(t, width),
+    ):
+        if len(text) <= width:
+            return text
+        text = step(text) or text
+    return text if len(text) <= width else text[: width - 1] + "\u2026"
+
+
+def _cells(frame: pl.DataFrame, name_width: int | None) -> pl.DataFrame:
+    """Every column as display strings: integers with thousands separators, floats with 3
+    decimals, names cut by :func:`short_name` (when `name_width` is set), nulls as ``-``."""
+    import polars as pl
+
+    out = {}
+    for column, dtype in frame.schema.items():
+        values = frame[column].to_list()
+        if dtype.is_integer():
+            cells = ["-" if v is None else f"{v:,}" for v in values]
+        elif dtype.is_float():
+            cells = ["-" if v is None else f"{v:,.3f}" for v in values]
+        elif column == "name" and name_width:
+            cells = [short_name(v, name_width) for v in values]
+        else:
+            cells = ["-" if v is None else str(v) for v in values]
+        out[column] = pl.Series(column, cells, dtype=pl.String)
+    return pl.DataFrame(out)
+
+
+def _show(frame: pl.DataFrame, title: str, name_width: int | None, max_rows: int = 60) -> None:
+    from molmo_latency.cli.show import print_frame
+
+    print_frame(_cells(frame.head(max_rows), name_width), title, max_rows=max_rows)
     if frame.height > max_rows:
-        table.caption = f"... {frame.height - max_rows} more rows (--top N, or --json for all)"
-    console.print(table)
+        from molmo_latency.cli.show import console
+
+        console.print(f"... {frame.height - max_rows} more rows (--top N, or --json for all)", highlight=False)
 
 
 def _us_columns(frame: pl.DataFrame) -> pl.DataFrame:
     """`*_ns` columns shown as `*_us`."""
+    import polars as pl
+
     return frame.with_columns(
         (pl.col(c) / 1000).alias(c[:-3] + "_us") for c in frame.columns if c.endswith("_ns")
     ).drop([c for c in frame.columns if c.endswith("_ns")])
 
 
+# ------------------------------------------------------------------------------------------
+# The command.
+
+
 @trace_app.command(
-    "summary", help="GPU time per device, kernel category, kernel name and annotation of one trace."
+    "summary",
+    help="GPU time per device, kernel category, kernel name and annotation (NVTX range) of one trace: a "
+    "Kineto .json/.json.gz or an Nsight Systems .sqlite export (plain or gzipped).\n\n"
+    "Examples:\n\n"
+    "  molmo-latency trace summary run/traces/c1-k2.pt.trace.json.gz --top 10\n\n"
+    "  molmo-latency trace summary report.sqlite --json",
 )
 def summary_command(
-    path: Path = typer.Argument(..., help="a Kineto trace: .json or .json.gz written by torch.profiler"),
-    as_json: bool = typer.Option(False, "--json", help="print one JSON document instead of tables"),
-    top: int = typer.Option(25, "--top", min=1, help="kernels and annotations shown in the tables"),
+    path: Path = typer.Argument(..., help="a Kineto trace (.json, .json.gz) or an nsys SQLite export (.sqlite)"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON document (full names) instead of tables"),
+    top: int = typer.Option(25, "--top", min=1, help="kernels, annotations and CPU ops shown in the tables"),
+    wide: bool = typer.Option(False, "--wide", help="show names in full in the tables"),
 ) -> None:
-    """`molmo-latency trace summary PATH [--json] [--top N]`.
+    """`molmo-latency trace summary PATH [--json] [--top N] [--wide]`.
 
     Example:
         >>> import contextlib, io, json, tempfile
@@ -164,36 +297,65 @@ def summary_command(
         >>> code, json.loads(out.getvalue())["gpu"][0]["activities"]
         (0, 9)
     """
+    import warnings
+
+    from molmo_latency.trace.load import load_trace
+    from molmo_latency.trace.reader import TraceWarning
+    from molmo_latency.trace.summary import summarize
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", TraceWarning)
-        trace = read_kineto(path)
+        trace = load_trace(path)
     warned = [str(w.message) for w in caught if issubclass(w.category, TraceWarning)]
     summary = summarize(trace)
     if as_json:
+        from molmo_latency.cli.show import print_json
+
         print_json(summary_document(summary, warned))
         return
+    from molmo_latency.cli.show import console, err_console
+
     for message in warned:
         err_console.print(f"warning: {message}", highlight=False, soft_wrap=True)
+    nsys = trace.layout == "nsys"
+    ranges = "NVTX ranges" if nsys else "annotations"
+    source = (f"nsys export, schema {trace.metadata.get('schema_version') or 'unknown'}" if nsys
+              else f"{trace.layout} layout")
     console.print(
-        f"[bold]{trace.path}[/bold]: {trace.events} events, {trace.gpu.height} GPU activities, "
-        f"{trace.annotations.height} annotations ({trace.layout} layout)",
+        f"[bold]{trace.path}[/bold]: {trace.events:,} events, {trace.gpu.height:,} GPU activities, "
+        f"{trace.annotations.height:,} {ranges} ({source})",
         highlight=False,
     )
+    width = None if wide else NAME_WIDTH
+    from molmo_latency.cli.show import set_wide
+
+    set_wide(wide)  # --wide: every column too, not only whole names
     if trace.gpu.height:
-        _print_frame(_us_columns(summary.devices.drop("gpu_start_ns", "gpu_end_ns")), "GPU per device (us)")
-        _print_frame(_us_columns(summary.categories), "GPU time per kernel category (us)")
-        _print_frame(
-            _us_columns(summary.kernels.drop("kind")), f"Top kernels by total time (us, of {summary.kernels.height})",
-            max_rows=top,
-        )
+        _show(_us_columns(summary.devices.drop("gpu_start_ns", "gpu_end_ns")), "GPU per device (us)", width)
+        _show(_us_columns(summary.categories), "GPU time per kernel category (us)", width)
+        _show(_us_columns(summary.kernels.drop("kind")),
+              f"Top kernels by total time (us, of {summary.kernels.height:,})", width, max_rows=top)
+    elif summary.cpu_ops.height:
+        _show(_us_columns(summary.cpu_ops),
+              f"No GPU activity: top CPU ops by total time (us, inclusive of nested ops; of "
+              f"{summary.cpu_ops.height:,})", width, max_rows=top)
+    if not trace.gpu.height:
+        from molmo_latency.trace.summary import cpu_op_breakdown
+
+        if trace.annotations.height:
+            _show(_us_columns(cpu_op_breakdown(trace.annotations).drop("category")),
+                  f"{ranges.capitalize()} by total host time (us, inclusive of nested ones; of "
+                  f"{summary.annotations.height:,})", width, max_rows=top)
+        return
     shown = summary.annotations.drop("launch_delay_sum_ns", "launch_delay_max_ns")
-    _print_frame(
+    _show(
         _us_columns(shown).rename({"gpu_activities": "kernels"}),
-        "GPU activities charged to the innermost annotation that launched them (us)",
+        f"GPU activities charged to the innermost of the {ranges} that launched them (us)",
+        width,
         max_rows=top,
     )
     console.print(
-        f"{summary.unattributed} GPU activities outside every annotation; "
-        f"{summary.unlinked} without their launch call in the trace",
+        f"{summary.unattributed:,} GPU activities outside every one of the {ranges}; "
+        f"{summary.unlinked:,} without their launch call in the trace",
         highlight=False,
     )

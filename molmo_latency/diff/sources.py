@@ -138,7 +138,8 @@ def plan(a: Side, b: Side, config: str | None = None, config_b: str | None = Non
 
 
 def read_trace(path: Path):
-    """Read a trace with the trace reader; its warnings come back as notes, not printed.
+    """Read a trace (Kineto JSON or nsys SQLite export, told apart by content: ``load_trace``);
+    its warnings come back as notes, not printed.
 
     Example:
         >>> import tempfile
@@ -147,11 +148,11 @@ def read_trace(path: Path):
         >>> trace.gpu.height > 0, notes
         (True, [])
     """
-    from molmo_latency.trace import TraceWarning, read_kineto
+    from molmo_latency.trace import TraceWarning, load_trace
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", TraceWarning)
-        trace = read_kineto(path)
+        trace = load_trace(path)
     notes = [str(w.message) for w in caught if issubclass(w.category, TraceWarning)]
     for w in caught:
         if not issubclass(w.category, TraceWarning):

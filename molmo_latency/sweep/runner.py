@@ -82,24 +82,33 @@ def run_identity(model: str, device: str, dtype: str | None, spec: SweepSpec) ->
     return identity
 
 
-def measure_config(source: ModelSource, prof, config: Config, spec: SweepSpec) -> None:
-    """One generate() of `config` under the run's cache policy (the profiler is active)."""
-    kwargs = source.inputs(config, free_generation=spec.protocol["free_generation"])
+def measure_config(source: ModelSource, prof, config: Config, spec: SweepSpec) -> tuple[int, ...] | None:
+    """One generate() of `config` under the run's cache policy (the profiler is active);
+    returns the indices of the blocks that ran."""
+    kwargs = source.inputs(config)
+    gen = source.generation_kwargs(config, free_generation=spec.protocol["free_generation"])
     if spec.protocol["cache_policy"] == "empty_before_each" and torch.cuda.is_available():
         torch.cuda.empty_cache()
     cooldown = spec.protocol["cooldown_ms"]
     if cooldown:
         time.sleep(cooldown / 1000)
     with source.configured(config):
-        source.model.generate(**kwargs)
+        indices = source.active_block_indices()
+        with source.generation_context():
+            source.model.generate(**kwargs, **gen)
+    return indices
 
 
-def unit_tables(report, config: Config, repeat: int, order: int, device_cols: dict[str, Any]) -> dict[str, pl.DataFrame]:
-    """Tag a one-request report with its configuration, repeat, order and device."""
+def unit_tables(report, config: Config, repeat: int, order: int, device_cols: dict[str, Any],
+                block_indices: tuple[int, ...] | None = None) -> dict[str, pl.DataFrame]:
+    """Tag a one-request report with its configuration (`blocks`: the count; `block_indices`:
+    the exact blocks that ran), repeat, order and device."""
     keys = {"config_id": config.config_id, "repeat": repeat}
     cfg = config.as_dict()
+    indices = None if block_indices is None else list(block_indices)
     requests = report.requests.drop("batch_size").with_columns(
         *[pl.lit(v, dtype=pl.Int64).alias(k) for k, v in cfg.items()],
+        pl.Series("block_indices", [indices] * report.requests.height, dtype=pl.List(pl.Int64)),
         pl.lit(config.config_id).alias("config_id"), pl.lit(repeat, dtype=pl.Int64).alias("repeat"),
         pl.lit(order, dtype=pl.Int64).alias("order"),
         *[pl.lit(v, dtype=pl.Int64 if k == "gpu_index" else pl.Utf8).alias(k) for k, v in device_cols.items()],
@@ -181,10 +190,10 @@ class Worker:
             self.warm_up(config)
             self.post_failure_warmups += 1
         try:
-            measure_config(self.source, self._prof, config, self.spec)
+            indices = measure_config(self.source, self._prof, config, self.spec)
         finally:
             report = self._prof.pop_report()
-        return unit_tables(report, config, repeat, order, self.columns)
+        return unit_tables(report, config, repeat, order, self.columns, block_indices=indices)
 
     def after_failure(self) -> None:
         """Give back what a failed request held; the next measurement is warmed up again first
@@ -221,6 +230,7 @@ def run_sweep(
     # Load the model (and check the device) before the run directory is touched: a start that
     # fails here leaves nothing behind.
     worker = Worker.open(model, spec, device=device, dtype=dtype, nvml=nvml, trust_remote_code=trust_remote_code)
+    worker.source.check_configs(spec.configs())  # a knob value the model cannot take: refused now
     if nvml == "required":  # refused now, not after run.json is written
         from molmo_latency.profiler import _nvml_id
         from molmo_latency.telemetry.device import open_gpu

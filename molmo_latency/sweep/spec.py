@@ -4,7 +4,10 @@ A sweep file is TOML with these top-level keys (lists are grid axes, scalars the
 
     crops = [1, 4, 12]          # image crops per request
     top_k = [2, 8]              # MoE experts per token (omit: the model's own)
-    blocks = [8, 16]            # active transformer blocks (omit: all)
+    blocks = [8, 16]            # active transformer blocks: the first n (omit: all), or subsets
+                                # of block indices, e.g. [[0, 1, 2, 15], [0, 5, 10, 15]]
+    block_importance = "scores.json"  # optional: counts in `blocks` pick the top-n blocks by these
+                                # scores (first and last always kept); path relative to this file
     prompt_tokens = [32]        # text tokens after the image
     new_tokens = [16]           # generated tokens (decode steps = new_tokens - 1)
     batch_size = [1]
@@ -36,7 +39,7 @@ GRID_DEFAULTS = {"crops": [1], "top_k": [None], "blocks": [None], "prompt_tokens
                  "new_tokens": [8], "batch_size": [1]}
 PROTOCOL_DEFAULTS: dict[str, Any] = {
     "repeats": 12, "warmup": 1, "seed": 0, "order": "interleaved", "cache_policy": "keep",
-    "free_generation": False, "kineto_per_config": 1, "cooldown_ms": 0,
+    "free_generation": False, "kineto_per_config": 1, "cooldown_ms": 0, "block_importance": "",
 }
 CHOICES = {"order": ("interleaved", "blocked"), "cache_policy": ("keep", "empty_before_each")}
 PROTOCOL_MIN = {"repeats": 1, "warmup": 0, "seed": 0, "kineto_per_config": 0, "cooldown_ms": 0}
@@ -48,7 +51,7 @@ class Config:
 
     crops: int
     top_k: int | None
-    blocks: int | None
+    blocks: int | tuple[int, ...] | None  # the first n blocks, or these block indices
     prompt_tokens: int
     new_tokens: int
     batch_size: int = 1
@@ -56,12 +59,25 @@ class Config:
     @property
     def config_id(self) -> str:
         k = "def" if self.top_k is None else self.top_k
-        b = "all" if self.blocks is None else self.blocks
+        if self.blocks is None:
+            b = "all"
+        elif isinstance(self.blocks, tuple):
+            b = ".".join(map(str, self.blocks))  # a subset: c1-k2-b0.5.10.15-...
+        else:
+            b = self.blocks
         return (f"c{self.crops}-k{k}-b{b}-p{self.prompt_tokens}-n{self.new_tokens}"
                 f"-bs{self.batch_size}")
 
+    @property
+    def block_count(self) -> int | None:
+        """How many blocks run (None: the model's own, all of them)."""
+        return len(self.blocks) if isinstance(self.blocks, tuple) else self.blocks
+
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The knobs as columns: `blocks` is the count; a subset's indices are `block_indices`."""
+        out = asdict(self)
+        out["blocks"] = self.block_count
+        return out
 
 
 @dataclass(frozen=True)
@@ -70,7 +86,9 @@ class SweepSpec:
     protocol: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], source: str = "sweep") -> "SweepSpec":
+    def from_dict(cls, raw: dict[str, Any], source: str = "sweep",
+                  base_dir: str | Path | None = None) -> "SweepSpec":
+        """Validate a sweep; `base_dir` is where a relative `block_importance` path starts."""
         unknown = sorted(set(raw) - set(GRID_KEYS) - set(PROTOCOL_DEFAULTS))
         if unknown:
             raise SweepError(f"{source}: unknown key {unknown[0]!r}; known keys: "
@@ -82,11 +100,14 @@ class SweepSpec:
                 values = [values]
             if not values:
                 raise SweepError(f"{source}: {key!r} is an empty list; give at least one value")
+            if key == "blocks":
+                values = [_block_subset(v, source) if isinstance(v, list) else v for v in values]
             for v in values:
-                if v is None and GRID_DEFAULTS[key] == [None]:
+                if v is None and GRID_DEFAULTS[key] == [None] or isinstance(v, tuple):
                     continue
                 if not isinstance(v, int) or isinstance(v, bool):
-                    raise SweepError(f"{source}: {key!r} must hold integers, got {v!r}")
+                    allowed = "integers or lists of block indices" if key == "blocks" else "integers"
+                    raise SweepError(f"{source}: {key!r} must hold {allowed}, got {v!r}")
                 if v < GRID_MIN[key]:
                     raise SweepError(f"{source}: {key!r} must be >= {GRID_MIN[key]}, got {v}")
             if len(set(values)) != len(values):
@@ -104,6 +125,12 @@ class SweepSpec:
             if key in PROTOCOL_MIN and value < PROTOCOL_MIN[key]:
                 raise SweepError(f"{source}: {key!r} must be >= {PROTOCOL_MIN[key]}, got {value}")
             protocol[key] = value
+        if protocol["block_importance"]:
+            scores = read_block_importance(Path(base_dir or ".") / protocol["block_importance"], source)
+            grid["blocks"] = [blocks_by_importance(scores, v, source) if isinstance(v, int) else v
+                              for v in grid["blocks"]]
+            if len(set(grid["blocks"])) != len(grid["blocks"]):
+                raise SweepError(f"{source}: 'blocks' picks the same blocks twice with block_importance")
         return cls(grid=grid, protocol=protocol)
 
     def configs(self) -> list[Config]:
@@ -118,7 +145,8 @@ class SweepSpec:
         return [(c, r) for r in range(repeats) for c in configs]
 
     def as_dict(self) -> dict[str, Any]:
-        return {"grid": self.grid, "protocol": self.protocol}
+        grid = {k: [list(v) if isinstance(v, tuple) else v for v in vals] for k, vals in self.grid.items()}
+        return {"grid": grid, "protocol": self.protocol}
 
     def digest(self) -> str:
         blob = json.dumps(self.as_dict(), sort_keys=True).encode()
@@ -139,4 +167,57 @@ def load_sweep(path: str | Path) -> SweepSpec:
                          "sweep TOML file") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise SweepError(f"sweep file {p} is not valid TOML: {exc}") from None
-    return SweepSpec.from_dict(raw, source=f"sweep file {p}")
+    return SweepSpec.from_dict(raw, source=f"sweep file {p}", base_dir=p.parent)
+
+
+def _block_subset(value: list, source: str) -> tuple[int, ...]:
+    if not value or any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in value):
+        raise SweepError(f"{source}: a block subset in 'blocks' must be a non-empty list of block "
+                         f"indices >= 0, got {value!r}")
+    if value != sorted(set(value)):
+        raise SweepError(f"{source}: the block subset {value!r} must be sorted and unique, e.g. "
+                         f"{sorted(set(value))}")
+    return tuple(value)
+
+
+def read_block_importance(path: Path, source: str = "sweep") -> list[float]:
+    """One importance score per block, from JSON: a list, ``{"scores": [...]}`` or
+    ``{"0": score, "1": score, ...}`` (every block index once)."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SweepError(f"{source}: block_importance file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SweepError(f"{source}: block_importance file {path} is not readable JSON ({exc})") from None
+    if isinstance(raw, dict) and "scores" in raw:
+        raw = raw["scores"]
+    if isinstance(raw, dict):
+        try:
+            keyed = {int(k): v for k, v in raw.items()}
+        except ValueError:
+            keyed = {}
+        if sorted(keyed) != list(range(len(raw))):
+            raise SweepError(f"{source}: block_importance file {path} must key its scores by every block "
+                             "index 0..n-1")
+        raw = [keyed[i] for i in range(len(keyed))]
+    if not isinstance(raw, list) or not raw or any(
+            not isinstance(v, (int, float)) or isinstance(v, bool) or v != v for v in raw):
+        raise SweepError(f"{source}: block_importance file {path} must hold one number per block "
+                         "(a JSON list, {\"scores\": [...]} or {\"0\": score, ...})")
+    return [float(v) for v in raw]
+
+
+def blocks_by_importance(scores: list[float], n: int, source: str = "sweep") -> tuple[int, ...]:
+    """The `n` blocks to keep: the first and the last, then the highest scores (ties: lower index).
+
+    Example:
+        >>> blocks_by_importance([9, 0.1, 0.7, 0.2, 0.5, 1], 4)
+        (0, 2, 4, 5)
+    """
+    total = len(scores)
+    low = min(2, total)
+    if not isinstance(n, int) or isinstance(n, bool) or not low <= n <= total:
+        raise SweepError(f"{source}: with block_importance, each count in 'blocks' must be in {low}..{total} "
+                         f"(the first and last blocks are always kept), got {n!r}")
+    middle = sorted(range(1, total - 1), key=lambda i: (-scores[i], i))[: max(0, n - 2)]
+    return tuple(sorted({0, total - 1, *middle}))[:n] if n < total else tuple(range(total))

@@ -1,6 +1,6 @@
-"""Kineto traces: read them (:mod:`.reader`, collect and hold), charge GPU time to the
-annotation that launched it (:mod:`.attribution`, transform) and name kernel categories
-(:mod:`.categories`).
+"""Kineto traces and Nsight Systems exports: read them (:mod:`.reader`, :mod:`.nsys`, both into
+the same tables; :func:`load_trace` picks one by content), charge GPU time to the annotation that
+launched it (:mod:`.attribution`, transform) and name kernel categories (:mod:`.categories`).
 
     >>> import tempfile
     >>> from molmo_latency.trace import phase_gpu_table, read_kineto
@@ -26,6 +26,8 @@ from molmo_latency.trace.attribution import (
     request_of,
 )
 from molmo_latency.trace.categories import CATEGORIES, CPU_OP_RULES, cpu_op_category, kernel_category, with_category
+from molmo_latency.trace.load import load_trace, trace_format
+from molmo_latency.trace.nsys import read_nsys
 from molmo_latency.trace.reader import KinetoTrace, TraceWarning, read_kineto
 from molmo_latency.trace.summary import TraceSummary, summarize
 
@@ -45,12 +47,15 @@ __all__ = [
     "innermost_range",
     "kernel_breakdown",
     "kernel_category",
+    "load_trace",
     "link_launches",
     "phase_category_table",
     "phase_gpu_table",
     "phase_of",
     "read_kineto",
+    "read_nsys",
     "request_of",
     "summarize",
+    "trace_format",
     "with_category",
 ]

@@ -14,10 +14,10 @@ from molmo_latency.trace.attribution import (
     device_gpu_stats,
     kernel_breakdown,
 )
-from molmo_latency.trace.categories import with_category
+from molmo_latency.trace.categories import cpu_op_category, with_category
 from molmo_latency.trace.reader import KinetoTrace
 
-__all__ = ["TraceSummary", "summarize"]
+__all__ = ["TraceSummary", "cpu_op_breakdown", "summarize"]
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,9 @@ class TraceSummary:
     - ``devices``: :func:`~molmo_latency.trace.attribution.device_gpu_stats`;
     - ``categories``: ``category, count, total_ns`` over every GPU activity;
     - ``unattributed``: GPU activities charged to no annotation; ``unlinked``: those whose
-      launch call is not in the trace.
+      launch call is not in the trace;
+    - ``cpu_ops``: per CPU op name (``cpu_op`` events): ``name, category, count, total_ns`` (inclusive:
+      an op's time includes the ops nested in it), ``mean_ns``, largest total first.
     """
 
     trace: KinetoTrace
@@ -41,6 +43,7 @@ class TraceSummary:
     categories: pl.DataFrame
     unattributed: int
     unlinked: int
+    cpu_ops: pl.DataFrame
 
 
 def summarize(trace: KinetoTrace) -> TraceSummary:
@@ -70,4 +73,22 @@ def summarize(trace: KinetoTrace) -> TraceSummary:
         categories=categories,
         unattributed=int(attributed["annotation_id"].is_null().sum()),
         unlinked=int(attributed["launch_start_ns"].is_null().sum()),
+        cpu_ops=cpu_op_breakdown(trace.cpu_ops),
     )
+
+
+def cpu_op_breakdown(cpu_ops: pl.DataFrame) -> pl.DataFrame:
+    """Per CPU op name: ``name, category, count, total_ns, mean_ns`` (inclusive times), largest first.
+
+    Example:
+        >>> ops = pl.DataFrame({"name": ["aten::mm", "aten::add", "aten::mm"], "dur_ns": [30, 5, 10]})
+        >>> cpu_op_breakdown(ops).rows()
+        [('aten::mm', 'gemm', 2, 40, 20.0), ('aten::add', 'elementwise', 1, 5, 5.0)]
+    """
+    per_name = cpu_ops.group_by("name").agg(
+        count=pl.len().cast(pl.Int64), total_ns=pl.col("dur_ns").sum(), mean_ns=pl.col("dur_ns").mean()
+    )
+    category = pl.col("name").map_elements(cpu_op_category, return_dtype=pl.String)  # once per distinct name
+    return per_name.with_columns(category=category).select(
+        "name", "category", "count", "total_ns", "mean_ns"
+    ).sort(["total_ns", "name"], descending=[True, False])

@@ -1,0 +1,545 @@
+"""Read Nsight Systems SQLite exports (``nsys export --type sqlite``) into the tables of
+:func:`~molmo_latency.trace.read_kineto`, so summary, attribution per phase and diff work on them.
+
+This module collects and holds; it does no analysis. SQLite does the work per event (string
+look-ups, process keys, payloads, filters) in one query per table; rows come back in batches
+straight into polars frames, so no Python code runs per event and memory holds one batch of
+rows plus the tables. A gzipped export is first decompressed, streamed, into a temporary file.
+
+What goes where (every time int64 ns; ``base_time_ns`` is the capture's start in ns since the
+Unix epoch, ``TARGET_INFO_SESSION_START_TIME.utcEpochNs``, and the export's times count from it):
+
+- ``gpu``: ``CUPTI_ACTIVITY_KIND_KERNEL`` (``name``: the demangled name, ``kind`` ``kernel``),
+  ``..._MEMCPY`` (``gpu_memcpy``, named like Kineto: ``Memcpy HtoD (Pageable -> Device)``) and
+  ``..._MEMSET`` (``gpu_memset``, ``Memset (Device)``); ``device`` = ``deviceId``, ``stream`` =
+  ``streamId``, grid and block of kernels;
+- ``runtime``: ``CUPTI_ACTIVITY_KIND_RUNTIME`` (``cuda_runtime``, or ``cuda_driver`` for driver
+  calls), named without nsys' ``_v7000`` version suffix (``cudaLaunchKernel`` as in Kineto);
+- ``annotations``: NVTX push/pop (event type 59) and start/end (60) ranges (and NVTXT's, 70 and
+  71) on the thread that opened them, with an extra ``domain`` column (the name of the
+  process's NvtxDomainCreate event of that domain id; null for the default domain); ranges never
+  closed are skipped (counted in ``skipped``). Ranges of our own domain ``molmo_latency`` get the
+  names the profiler gives its ``record_function`` ranges: ``request[N]`` and ``decode[N]`` from
+  the registered name and the integer payload, ``vision`` / ``projector`` / ``prefill`` as is;
+  ranges of another named domain are ``domain:text`` (as nsys' own reports name them, so another
+  library's ``decode`` is not taken for a phase); those of the default domain are their text;
+- ``cpu_ops`` and ``gpu_annotations``: empty (an nsys capture has no Kineto CPU ops).
+
+``pid`` / ``tid`` are the OS process and thread ids inside nsys' ``globalTid``. CUPTI's
+correlation ids restart in every process, so a capture of several processes repeats them: the
+``correlation`` column is ``correlationId + 2**32 * k`` for the k-th process (in ``globalPid``
+order), which makes the launch join of :func:`~molmo_latency.trace.attribute` pair each GPU
+activity with the runtime call of its own process (``(globalPid, correlationId)``); a
+single-process capture keeps nsys' ids unchanged.
+
+Schema versions: only the columns a file has are read (:func:`_columns`); the one difference
+between nsys versions that changes a query, which columns hold the NVTX payload, lives in
+:data:`NVTX_PAYLOAD_COLUMNS`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import sqlite3
+import tempfile
+import warnings
+import zlib
+from pathlib import Path
+from urllib.parse import quote
+
+import polars as pl
+
+from molmo_latency.errors import TraceError
+from molmo_latency.trace.reader import (
+    CPU_COLUMNS,
+    GPU_ANNOTATION_COLUMNS,
+    GPU_COLUMNS,
+    RUNTIME_COLUMNS,
+    KinetoTrace,
+    TraceWarning,
+    _TABLE_SCHEMA,
+)
+
+__all__ = ["NVTX_DOMAIN", "NVTX_PAYLOAD_COLUMNS", "SQLITE_MAGIC", "is_sqlite", "read_nsys"]
+
+#: The first 16 bytes of every SQLite 3 database file.
+SQLITE_MAGIC = b"SQLite format 3\x00"
+#: Our NVTX domain (molmo_latency.ranges.NVTX_DOMAIN; repeated here so reading needs no torch).
+NVTX_DOMAIN = "molmo_latency"
+#: Phases whose record_function name carries the payload (``decode[3]``, ``request[0]``); the
+#: other phases are named as is (molmo_latency.ranges.record_function_name).
+_INDEXED_PHASES = ("decode", "request")
+_PHASES = ("request", "vision", "projector", "prefill", "decode")
+
+#: Where an NVTX event's integer payload is, in the order looked at. Exports of every nsys
+#: version we know (schemas 3.17 to 3.25) have these four; an older or newer export may lack
+#: some, and only those it has are read.
+NVTX_PAYLOAD_COLUMNS = ("int64Value", "uint64Value", "int32Value", "uint32Value")
+
+_KERNEL = "CUPTI_ACTIVITY_KIND_KERNEL"
+_MEMCPY = "CUPTI_ACTIVITY_KIND_MEMCPY"
+_MEMSET = "CUPTI_ACTIVITY_KIND_MEMSET"
+_RUNTIME = "CUPTI_ACTIVITY_KIND_RUNTIME"
+_NVTX = "NVTX_EVENTS"
+_EVENT_TABLES = (_KERNEL, _MEMCPY, _MEMSET, _RUNTIME, _NVTX)
+#: NVTX range event types: push/pop and start/end ranges of NVTX (59, 60) and of NVTXT (70, 71).
+_NVTX_RANGES = (59, 60, 70, 71)
+_NVTX_DOMAIN_CREATE = 75
+_TID_BITS = 24  # globalTid = ... | pid << 24 | tid (nsys' "Serialized GlobalId")
+_TID_MASK = (1 << _TID_BITS) - 1
+_CORRELATION_STRIDE = 1 << 32  # CUPTI correlation ids are 32-bit
+_BATCH_ROWS = 100_000
+_TIME_LIMIT_NS = 2**62
+
+
+def is_sqlite(path: str | os.PathLike) -> bool:
+    """Whether `path` (plain or gzipped) starts like a SQLite 3 database; False if unreadable.
+
+    Example:
+        >>> import sqlite3, tempfile, os
+        >>> path = os.path.join(tempfile.mkdtemp(), "x.db")
+        >>> sqlite3.connect(path).execute("create table t (a)").connection.commit()
+        >>> is_sqlite(path), is_sqlite(__file__)
+        (True, False)
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(SQLITE_MAGIC))
+            if head[:2] == b"\x1f\x8b":
+                f.seek(0)
+                with gzip.GzipFile(fileobj=f) as g:
+                    head = g.read(len(SQLITE_MAGIC))
+    except (OSError, EOFError, zlib.error):
+        return False
+    return head == SQLITE_MAGIC
+
+
+def read_nsys(path: str | os.PathLike) -> KinetoTrace:
+    """Read an Nsight Systems SQLite export (``.sqlite``, or gzipped) into the tables of
+    :func:`~molmo_latency.trace.read_kineto` (see the module docstring for what goes where).
+
+    The result is a :class:`~molmo_latency.trace.KinetoTrace` with ``layout`` ``"nsys"`` and
+    ``metadata`` holding the nsys version and export schema. Raises
+    :class:`~molmo_latency.errors.TraceError` (one line: the file, the problem, what to do) for
+    a missing file, a truncated gzip, a file that is not SQLite, a SQLite database that is not an
+    nsys export, or a table lacking a column the reader needs. An export without GPU activity
+    gives empty GPU tables and a :class:`~molmo_latency.trace.TraceWarning`.
+
+    Example:
+        >>> import tempfile
+        >>> from molmo_latency.trace import phase_gpu_table, read_nsys
+        >>> from molmo_latency.trace._nsys_demo import write_demo_export
+        >>> trace = read_nsys(write_demo_export(tempfile.mkdtemp()))
+        >>> trace.layout, trace.annotations["name"].to_list()[:3]
+        ('nsys', ['request[0]', 'vision', 'projector'])
+        >>> phase_gpu_table(trace).select("phase", "step", "gpu_activities").row(-1)
+        ('decode', 1, 1)
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(SQLITE_MAGIC))
+    except FileNotFoundError:
+        raise TraceError(f"{path}: no such file; pass the path of an nsys SQLite export (.sqlite)") from None
+    except IsADirectoryError:
+        raise TraceError(f"{path}: is a directory; pass one nsys SQLite export (.sqlite) file") from None
+    except OSError as exc:
+        raise TraceError(f"{path}: cannot be read ({exc.strerror or exc}); check the path and permissions") from None
+    if head[:2] != b"\x1f\x8b":
+        return _read_sqlite(path, path, head)
+    with tempfile.TemporaryDirectory(prefix="molmo_latency_nsys_") as tmp:
+        plain = Path(tmp) / "export.sqlite"
+        try:
+            with gzip.open(path, "rb") as src, open(plain, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+            raise TraceError(f"{path}: truncated or corrupt gzip ({exc}); re-export or re-copy the file") from None
+        except OSError as exc:
+            raise TraceError(
+                f"{path}: cannot be decompressed into {tmp} ({exc.strerror or exc}); free disk space there "
+                "or pass the export unzipped"
+            ) from None
+        with open(plain, "rb") as f:
+            head = f.read(len(SQLITE_MAGIC))
+        return _read_sqlite(path, plain, head)
+
+
+def _read_sqlite(path: Path, plain: Path, head: bytes) -> KinetoTrace:
+    if head != SQLITE_MAGIC:
+        if path.suffix == ".nsys-rep":
+            raise TraceError(
+                f"{path}: an Nsight Systems report, not its SQLite export; run `nsys export --type sqlite "
+                f"{path.name}` and pass the .sqlite it writes"
+            )
+        raise TraceError(
+            f"{path}: not a SQLite database (it does not start with 'SQLite format 3'); pass the export "
+            "of `nsys export --type sqlite report.nsys-rep`"
+        )
+    uri = f"file:{quote(str(plain.resolve()))}?mode=ro&immutable=1"  # no lock or journal: works read-only
+    try:
+        db = sqlite3.connect(uri, uri=True)
+    except sqlite3.Error as exc:
+        raise TraceError(f"{path}: cannot be opened as SQLite ({exc}); check the file") from None
+    try:
+        return _Export(path, db).read()
+    except sqlite3.Error as exc:
+        raise TraceError(
+            f"{path}: SQLite error while reading ({' '.join(str(exc).split())}); the export is truncated or "
+            "corrupt: export it again"
+        ) from None
+    finally:
+        db.close()
+
+
+class _Export:
+    """One open export: which tables and columns it has, and a query per table."""
+
+    def __init__(self, path: Path, db: sqlite3.Connection):
+        self.path, self.db = path, db
+        rows = db.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'view')").fetchall()
+        self.tables = {r[0] for r in rows}
+        self.skipped = 0
+        self.events = 0
+        if not self.tables & {*_EVENT_TABLES, "StringIds", "META_DATA_EXPORT", "TARGET_INFO_SESSION_START_TIME"}:
+            raise TraceError(
+                f"{path}: a SQLite database but not an Nsight Systems export (no CUPTI_ACTIVITY_KIND_*, "
+                "NVTX_EVENTS or StringIds table); pass the export of `nsys export --type sqlite report.nsys-rep`"
+            )
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _columns(self, table: str) -> set[str]:
+        """The columns `table` has (empty when it is absent): only these are read."""
+        if table not in self.tables:
+            return set()
+        return {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
+
+    def _need(self, table: str, columns: set[str], needed: tuple[str, ...]) -> None:
+        missing = [c for c in needed if c not in columns]
+        if missing:
+            raise TraceError(
+                f"{self.path}: table {table} has no column {', '.join(missing)}; this nsys export is not one "
+                "the reader knows: export it again with a recent `nsys export --type sqlite`"
+            )
+
+    def _strings(self, table: str) -> None:
+        if "StringIds" not in self.tables:
+            raise TraceError(
+                f"{self.path}: {table} names its events through StringIds, but the export has no StringIds "
+                "table; export it again with `nsys export --type sqlite`"
+            )
+
+    def _frame(self, sql: str, schema: dict[str, pl.DataType]) -> pl.DataFrame:
+        """The rows of `sql` as one frame, fetched in batches (memory: one batch of rows at a time)."""
+        cursor = self.db.execute(sql)
+        parts = []
+        while rows := cursor.fetchmany(_BATCH_ROWS):
+            parts.append(pl.DataFrame(rows, schema=schema, orient="row"))
+        if not parts:
+            return pl.DataFrame(schema=schema)
+        frame = pl.concat(parts, how="vertical", rechunk=True) if len(parts) > 1 else parts[0]
+        self.events += frame.height
+        return frame
+
+    def _process_offset(self, key: str) -> str:
+        """SQL adding 2**32 * (rank of the event's process) to its correlation id (0 when one process)."""
+        if len(self.processes) <= 1:
+            return ""
+        cases = " ".join(f"WHEN {p} THEN {i * _CORRELATION_STRIDE}" for i, p in enumerate(self.processes) if i)
+        return f" + CASE ({key}) >> {_TID_BITS} {cases} ELSE 0 END"
+
+    # -- tables -------------------------------------------------------------------------------
+
+    def read(self) -> KinetoTrace:
+        self.base_time_ns = self._base_time_ns()
+        self.processes = self._processes()
+        gpu = pl.concat([self._kernels(), self._memcpy(), self._memset()], how="vertical")
+        gpu = gpu.sort("start_ns", maintain_order=True)
+        runtime = self._runtime().sort("start_ns", maintain_order=True)
+        annotations = self._nvtx().sort("start_ns", maintain_order=True)
+        for frame in (gpu, runtime, annotations):
+            if frame.height and (frame["start_ns"].min() < -_TIME_LIMIT_NS or frame["end_ns"].max() > _TIME_LIMIT_NS):
+                raise TraceError(f"{self.path}: event times beyond the int64 nanosecond range; the export is corrupt")
+        if self.skipped:
+            warnings.warn(f"{self.path}: skipped {self.skipped} NVTX range(s) never closed (no end time)",
+                          TraceWarning, stacklevel=4)
+        if gpu.height == 0:
+            warnings.warn(
+                f"{self.path}: no GPU activities (kernel, memcpy, memset); a capture without CUDA tracing "
+                "(`nsys profile -t cuda,nvtx`) or without GPU work: GPU tables are empty",
+                TraceWarning, stacklevel=4,
+            )
+        meta = self._metadata()
+        empty = {c: _TABLE_SCHEMA[c] for c in CPU_COLUMNS}
+        return KinetoTrace(
+            path=str(self.path),
+            layout="nsys",
+            base_time_ns=self.base_time_ns,
+            gpu=gpu,
+            runtime=runtime,
+            cpu_ops=pl.DataFrame(schema=empty),
+            annotations=annotations,
+            gpu_annotations=pl.DataFrame(schema={c: _TABLE_SCHEMA[c] for c in GPU_ANNOTATION_COLUMNS}),
+            device_properties=self._devices(),
+            trace_name=meta.get("EXPORT_PARAM_INPUT_FILE"),
+            events=self.events,
+            skipped=self.skipped,
+            metadata={
+                "nsys_version": meta.get("EXPORT_PRODUCT_VERSION"),
+                "schema_version": meta.get("EXPORT_SCHEMA_VERSION"),
+            },
+        )
+
+    def _metadata(self) -> dict[str, str]:
+        if "META_DATA_EXPORT" not in self.tables or not {"name", "value"} <= self._columns("META_DATA_EXPORT"):
+            return {}
+        return dict(self.db.execute("SELECT name, value FROM META_DATA_EXPORT").fetchall())
+
+    def _base_time_ns(self) -> int:
+        table = "TARGET_INFO_SESSION_START_TIME"
+        if "utcEpochNs" not in self._columns(table):
+            return 0
+        row = self.db.execute(f"SELECT utcEpochNs FROM {table} WHERE utcEpochNs IS NOT NULL LIMIT 1").fetchone()
+        if row is None or type(row[0]) is not int or not 0 <= row[0] < _TIME_LIMIT_NS:
+            return 0
+        return row[0]
+
+    def _processes(self) -> list[int]:
+        """Process keys (``globalPid >> 24``) of every GPU activity and runtime call, sorted."""
+        parts = []
+        for table in (_KERNEL, _MEMCPY, _MEMSET):
+            if "globalPid" in self._columns(table):
+                parts.append(f"SELECT DISTINCT globalPid >> {_TID_BITS} FROM {table} WHERE globalPid IS NOT NULL")
+        if "globalTid" in self._columns(_RUNTIME):
+            parts.append(f"SELECT DISTINCT globalTid >> {_TID_BITS} FROM {_RUNTIME} WHERE globalTid IS NOT NULL")
+        if not parts:
+            return []
+        rows = self.db.execute(" UNION ".join(parts)).fetchall()
+        return sorted(r[0] for r in rows)
+
+    def _activity_columns(self, table: str, columns: set[str]) -> list[str]:
+        """SQL select items shared by kernels, memcpy and memset: times, device, stream, correlation."""
+        self._need(table, columns, ("start", "end"))
+        correlation = "NULL"
+        if "correlationId" in columns:
+            correlation = "t.correlationId" + (self._process_offset("t.globalPid") if "globalPid" in columns else "")
+        return [
+            f"t.start + {self.base_time_ns}",
+            f"t.end + {self.base_time_ns}",
+            "t.deviceId" if "deviceId" in columns else "NULL",
+            "t.streamId" if "streamId" in columns else "NULL",
+            correlation,
+        ]
+
+    _ACTIVITY_SCHEMA = {
+        "name": pl.String, "start_ns": pl.Int64, "end_ns": pl.Int64, "device": pl.Int64,
+        "stream": pl.Int64, "correlation": pl.Int64,
+    }
+
+    def _finish_gpu(self, frame: pl.DataFrame, kind: str) -> pl.DataFrame:
+        dims = ("grid", "block")
+        missing = [pl.lit(None, dtype=_TABLE_SCHEMA[d]).alias(d) for d in dims if d not in frame.columns]
+        return frame.with_columns(
+            *missing,
+            kind=pl.lit(kind, dtype=pl.String),
+            external_id=pl.lit(None, dtype=pl.Int64),
+            dur_ns=pl.col("end_ns") - pl.col("start_ns"),
+        ).select(GPU_COLUMNS)
+
+    def _empty_gpu(self) -> pl.DataFrame:
+        return pl.DataFrame(schema={c: _TABLE_SCHEMA[c] for c in GPU_COLUMNS})
+
+    def _kernels(self) -> pl.DataFrame:
+        columns = self._columns(_KERNEL)
+        if not columns:
+            return self._empty_gpu()
+        name_id = next((c for c in ("demangledName", "shortName", "mangledName") if c in columns), None)
+        if name_id is None:
+            self._need(_KERNEL, columns, ("demangledName",))
+        self._strings(_KERNEL)
+        items = ["s.value", *self._activity_columns(_KERNEL, columns)]
+        schema = dict(self._ACTIVITY_SCHEMA)
+        dims = [f"{d}{axis}" for d in ("grid", "block") for axis in "XYZ"]
+        has_dims = all(d in columns for d in dims)
+        if has_dims:
+            items += [f"t.{d}" for d in dims]
+            schema.update({d: pl.Int64 for d in dims})
+        sql = (f"SELECT {', '.join(items)} FROM {_KERNEL} AS t "
+               f"LEFT JOIN StringIds AS s ON s.id = t.{name_id}")
+        frame = self._frame(sql, schema)
+        if has_dims:
+            frame = frame.with_columns(
+                grid=pl.concat_list("gridX", "gridY", "gridZ").list.to_array(3),
+                block=pl.concat_list("blockX", "blockY", "blockZ").list.to_array(3),
+            )
+        return self._finish_gpu(frame, "kernel")
+
+    def _enum_labels(self, table: str) -> list[tuple[int, str]]:
+        """(id, label) rows of a small nsys enum table (a few dozen rows); empty without it."""
+        if not {"id", "label"} <= self._columns(table):
+            return []
+        return self.db.execute(f"SELECT id, label FROM {table}").fetchall()
+
+    def _memcpy(self) -> pl.DataFrame:
+        columns = self._columns(_MEMCPY)
+        if not columns:
+            return self._empty_gpu()
+        items = [*self._activity_columns(_MEMCPY, columns)]
+        schema = {k: v for k, v in self._ACTIVITY_SCHEMA.items() if k != "name"}
+        codes = [c for c in ("copyKind", "srcKind", "dstKind") if c in columns]
+        items += [f"t.{c}" for c in codes]
+        schema.update({c: pl.Int64 for c in codes})
+        frame = self._frame(f"SELECT {', '.join(items)} FROM {_MEMCPY} AS t", schema)
+        return self._finish_gpu(frame.with_columns(name=self._memcpy_names(frame, codes)), "gpu_memcpy")
+
+    def _memcpy_names(self, frame: pl.DataFrame, codes: list[str]) -> pl.Expr:
+        """Kineto's names: ``Memcpy HtoD (Pageable -> Device)`` from nsys' enum labels."""
+        copy = self._enum_labels("ENUM_CUDA_MEMCPY_OPER")
+        kinds = self._enum_labels("ENUM_CUDA_MEM_KIND")
+        copy_map = {i: _short_copy_kind(label) for i, label in copy}
+        kind_map = {i: label for i, label in kinds}
+        direction = (pl.col("copyKind").replace_strict(copy_map, default=None, return_dtype=pl.String)
+                     if "copyKind" in codes else pl.lit(None, dtype=pl.String))
+        name = pl.lit("Memcpy ") + direction.fill_null("Unknown")
+        if "srcKind" in codes and "dstKind" in codes and kind_map:
+            src = pl.col("srcKind").replace_strict(kind_map, default="Unknown", return_dtype=pl.String)
+            dst = pl.col("dstKind").replace_strict(kind_map, default="Unknown", return_dtype=pl.String)
+            name = name + pl.lit(" (") + src + pl.lit(" -> ") + dst + pl.lit(")")
+        return name.alias("name")
+
+    def _memset(self) -> pl.DataFrame:
+        columns = self._columns(_MEMSET)
+        if not columns:
+            return self._empty_gpu()
+        items = [*self._activity_columns(_MEMSET, columns)]
+        schema = {k: v for k, v in self._ACTIVITY_SCHEMA.items() if k != "name"}
+        if "memKind" in columns:
+            items.append("t.memKind")
+            schema["memKind"] = pl.Int64
+        frame = self._frame(f"SELECT {', '.join(items)} FROM {_MEMSET} AS t", schema)
+        kinds = {i: label for i, label in self._enum_labels("ENUM_CUDA_MEM_KIND")}
+        if "memKind" in columns and kinds:
+            kind = pl.col("memKind").replace_strict(kinds, default="Unknown", return_dtype=pl.String)
+            name = pl.lit("Memset (") + kind + pl.lit(")")
+        else:
+            name = pl.lit("Memset")
+        return self._finish_gpu(frame.with_columns(name=name.alias("name")), "gpu_memset")
+
+    def _runtime(self) -> pl.DataFrame:
+        columns = self._columns(_RUNTIME)
+        schema = {"name": pl.String, "kind": pl.String, "pid": pl.Int64, "tid": pl.Int64,
+                  "correlation": pl.Int64, "start_ns": pl.Int64, "end_ns": pl.Int64}
+        if not columns:
+            return pl.DataFrame(schema={c: _TABLE_SCHEMA[c] for c in RUNTIME_COLUMNS})
+        self._need(_RUNTIME, columns, ("start", "end", "nameId"))
+        self._strings(_RUNTIME)
+        tid = "t.globalTid" if "globalTid" in columns else "NULL"
+        correlation = "NULL"
+        if "correlationId" in columns:
+            correlation = "t.correlationId" + (self._process_offset("t.globalTid") if "globalTid" in columns else "")
+        kind = ("CASE t.eventClass WHEN 1 THEN 'cuda_driver' ELSE 'cuda_runtime' END"
+                if "eventClass" in columns else "'cuda_runtime'")
+        sql = (
+            f"SELECT s.value, {kind}, ({tid} >> {_TID_BITS}) & {_TID_MASK}, {tid} & {_TID_MASK}, {correlation}, "
+            f"t.start + {self.base_time_ns}, t.end + {self.base_time_ns} "
+            f"FROM {_RUNTIME} AS t LEFT JOIN StringIds AS s ON s.id = t.nameId"
+        )
+        frame = self._frame(sql, schema)
+        return frame.with_columns(
+            name=pl.col("name").str.replace(r"_v\d+$", ""),
+            external_id=pl.lit(None, dtype=pl.Int64),
+            dur_ns=pl.col("end_ns") - pl.col("start_ns"),
+        ).select(RUNTIME_COLUMNS)
+
+    def _nvtx(self) -> pl.DataFrame:
+        columns = self._columns(_NVTX)
+        out_columns = (*CPU_COLUMNS, "domain")
+        if not columns:
+            return pl.DataFrame(schema={**{c: _TABLE_SCHEMA[c] for c in CPU_COLUMNS}, "domain": pl.String})
+        self._need(_NVTX, columns, ("start", "end", "eventType"))
+        has_text_id = "textId" in columns
+        if has_text_id:
+            self._strings(_NVTX)
+        text = "t.text" if "text" in columns else "NULL"
+        if has_text_id:
+            text = f"COALESCE({text}, s.value)"
+        join = " LEFT JOIN StringIds AS s ON s.id = t.textId" if has_text_id else ""
+        payload_columns = [f"t.{c}" for c in NVTX_PAYLOAD_COLUMNS if c in columns]
+        payload = (f"COALESCE({', '.join(payload_columns)})" if len(payload_columns) > 1
+                   else (payload_columns[0] if payload_columns else "NULL"))
+        tid = "t.globalTid" if "globalTid" in columns else "NULL"
+        domain = "t.domainId" if "domainId" in columns else "NULL"
+        ranges = f"t.eventType IN {_NVTX_RANGES}"
+        sql = (
+            f"SELECT {text}, ({tid} >> {_TID_BITS}) & {_TID_MASK}, {tid} & {_TID_MASK}, "
+            f"t.start + {self.base_time_ns}, t.end + {self.base_time_ns}, {domain}, {payload} "
+            f"FROM {_NVTX} AS t{join} WHERE {ranges}"
+        )
+        schema = {"name": pl.String, "pid": pl.Int64, "tid": pl.Int64, "start_ns": pl.Int64, "end_ns": pl.Int64,
+                  "domain_id": pl.Int64, "payload": pl.Int64}
+        frame = self._frame(sql, schema)
+        unclosed = frame["end_ns"].null_count()  # ranges never closed: no end time
+        if unclosed:
+            self.skipped += unclosed
+            frame = frame.filter(pl.col("end_ns").is_not_null())
+        # the domain's name, looked up by (process, domainId) as one int64 key: no join, no copy of the frame
+        domains = {(pid << 32) | domain_id: name for pid, domain_id, name in self._domains(text, join)}
+        key = (pl.col("pid") * (1 << 32)) + pl.col("domain_id")
+        frame = frame.with_columns(
+            domain=key.replace_strict(domains, default=None, return_dtype=pl.String) if domains
+            else pl.lit(None, dtype=pl.String)
+        )
+        domain_name = pl.col("domain")
+        ours = (domain_name == NVTX_DOMAIN) & pl.col("name").is_in(_PHASES)
+        indexed = pl.col("name").is_in(_INDEXED_PHASES) & pl.col("payload").is_not_null()
+        name = (
+            pl.when(ours & indexed)
+            .then(pl.format("{}[{}]", pl.col("name"), pl.col("payload")))
+            .when(ours | domain_name.is_null())
+            .then(pl.col("name"))
+            .otherwise(pl.format("{}:{}", domain_name, pl.col("name")))
+        )
+        return frame.with_columns(
+            name=name,
+            external_id=pl.lit(None, dtype=pl.Int64),
+            dur_ns=pl.col("end_ns") - pl.col("start_ns"),
+        ).select(out_columns)
+
+    def _domains(self, text: str, join: str) -> list[tuple[int, int, str]]:
+        """(pid, domainId, name) of the NvtxDomainCreate events. Domain ids are numbered per process
+        (nsys' own scripts join them so), and domain 0, the default, has no name."""
+        columns = self._columns(_NVTX)
+        if "domainId" not in columns or "globalTid" not in columns:
+            return []
+        rows = self.db.execute(
+            f"SELECT DISTINCT (t.globalTid >> {_TID_BITS}) & {_TID_MASK}, t.domainId, {text} FROM {_NVTX} AS t{join} "
+            f"WHERE t.eventType = {_NVTX_DOMAIN_CREATE} AND t.domainId IS NOT NULL AND t.globalTid IS NOT NULL"
+        ).fetchall()
+        seen: dict[tuple[int, int], str] = {}
+        for pid, domain_id, name in rows:  # one row per domain and process, not per event
+            if name is not None:
+                seen.setdefault((pid, domain_id), name)
+        return [(pid, domain_id, name) for (pid, domain_id), name in seen.items()]
+
+    def _devices(self) -> tuple[dict, ...]:
+        """``{"id": CUDA device, "name": ...}`` per GPU of TARGET_INFO_GPU (absent in cut-out windows)."""
+        columns = self._columns("TARGET_INFO_GPU")
+        if "name" not in columns:
+            return ()
+        key = next((c for c in ("cuDevice", "id") if c in columns), None)
+        if key is None:
+            return ()
+        rows = self.db.execute(f"SELECT {key}, name FROM TARGET_INFO_GPU").fetchall()
+        return tuple({"id": i, "name": name} for i, name in rows)
+
+
+def _short_copy_kind(label: str | None) -> str | None:
+    """nsys' ``Host-to-Device`` -> Kineto's ``HtoD`` (``Peer-to-Peer`` -> ``PtoP``); other labels as is."""
+    if label is None:
+        return None
+    parts = label.split("-to-")
+    if len(parts) == 2 and parts[0].isalpha() and parts[1].isalpha():
+        return f"{parts[0][0]}to{parts[1][0]}"
+    return label

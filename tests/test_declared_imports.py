@@ -1,0 +1,121 @@
+"""Every third-party import of the package is a declared requirement (core or an extra), and an
+import that only an extra provides is lazy (inside a function), so a fresh install never meets
+an import it did not install.
+
+A module is mapped to its distribution by the installed metadata
+(`importlib.metadata.packages_distributions`), else by a short table of well-known names, else
+by its own name; requirement names are compared in PEP 503 normal form.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import importlib.metadata
+import re
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "molmo_latency"
+WELL_KNOWN = {"pynvml": "nvidia-ml-py", "PIL": "pillow", "yaml": "pyyaml", "sklearn": "scikit-learn"}
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _requirement_name(req: str) -> str:
+    return _norm(re.split(r"[\s;\[<>=!~]", req.strip(), maxsplit=1)[0])
+
+
+def declared(project: dict) -> tuple[set[str], dict[str, set[str]]]:
+    """(core requirement names, extra -> names) of a [project] table."""
+    core = {_requirement_name(r) for r in project.get("dependencies", [])}
+    extras = {extra: {_requirement_name(r) for r in reqs}
+              for extra, reqs in project.get("optional-dependencies", {}).items()}
+    return core, extras
+
+
+def imports(package: Path) -> list[tuple[str, str, bool]]:
+    """(top-level module, file, at module level?) of every absolute import in the package."""
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        functions = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+                     for n in ast.walk(f)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                if top in sys.stdlib_module_names or top == package.name:
+                    continue
+                found.append((top, str(path.relative_to(package.parent)), id(node) not in functions))
+    return found
+
+
+@functools.lru_cache(maxsize=None)
+def _installed() -> dict[str, list[str]]:
+    return importlib.metadata.packages_distributions()
+
+
+def distribution(module: str) -> str:
+    dists = _installed().get(module)
+    if dists:
+        return _norm(dists[0])
+    return _norm(WELL_KNOWN.get(module, module))
+
+
+def problems(project: dict, package: Path = PACKAGE) -> list[str]:
+    core, extras = declared(project)
+    in_extras = set().union(*extras.values()) if extras else set()
+    out = []
+    for module, where, top_level in imports(package):
+        dist = distribution(module)
+        if dist in core:
+            continue
+        if dist not in in_extras:
+            out.append(f"{module} ({where}): no requirement declares {dist}")
+        elif top_level:
+            out.append(f"{module} ({where}): only an extra declares {dist}, so the import must be lazy")
+    return sorted(set(out))
+
+
+@pytest.fixture(scope="module")
+def project() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+
+
+def test_every_import_of_the_package_is_declared(project):
+    assert problems(project) == []
+
+
+def test_the_check_fails_when_a_requirement_is_removed(project):
+    """Remove scipy (or numpy, pillow, polars) from pyproject and the check names it."""
+    for name in ("scipy", "numpy", "pillow", "polars", "transformers"):
+        reduced = dict(project, dependencies=[r for r in project["dependencies"]
+                                              if _requirement_name(r) != name])
+        assert any(name in p for p in problems(reduced)), name
+
+
+def test_the_check_fails_when_an_extra_is_imported_eagerly(project, tmp_path):
+    pkg = tmp_path / "molmo_latency"
+    pkg.mkdir()
+    (pkg / "eager.py").write_text("import ray\n")
+    (pkg / "lazy.py").write_text("def f():\n    import ray\n")
+    assert problems(project, pkg) == ["ray (molmo_latency/eager.py): only an extra declares ray, "
+                                      "so the import must be lazy"]
+
+
+def test_test_tooling_is_bounded_above(project):
+    for req in project["optional-dependencies"]["test"]:
+        if _requirement_name(req) in ("pytest", "hypothesis"):
+            assert "<" in req, f"{req}: give an upper bound, so a new major release cannot break the suite"
