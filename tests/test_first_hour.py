@@ -396,3 +396,13 @@ def test_run_sweep_with_nvml_required_and_no_nvml_writes_nothing(tmp_path):
     with pytest.raises(NvmlUnavailable):
         run_sweep("tiny", SweepSpec.from_dict({"crops": [1], "repeats": 1}), tmp_path / "run", nvml="required")
     assert not (tmp_path / "run").exists()
+
+
+def test_every_terminal_table_goes_through_the_one_renderer():
+    from pathlib import Path
+
+    cli = Path(__file__).parents[1] / "molmo_latency" / "cli"
+    for module in cli.glob("*.py"):
+        if module.name != "show.py":
+            source = module.read_text()
+            assert "Table(" not in source and "from rich.table" not in source, module.name

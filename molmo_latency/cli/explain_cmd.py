@@ -113,12 +113,17 @@ def write_decode_vs_clock_plot(result: "Explanation", path: str | os.PathLike) -
         y = pts[col].to_numpy()
         kw: dict[str, Any] = {"s": 22, "alpha": 0.85, "edgecolors": "none"}
         if has_temp:
-            kw.update(c=temp.fill_null(float("nan")).to_numpy(), cmap="plasma")
+            temps = temp.fill_null(float("nan")).to_numpy()
+            # one colour scale for both panels (and the colour bar)
+            low, high = float(temp.min()), float(temp.max())
+            if high - low < 1.0:  # one temperature: a 1 C wide scale centred on it, not a degenerate one
+                low, high = (low + high) / 2 - 0.5, (low + high) / 2 + 0.5
+            kw.update(c=temps, cmap="plasma", vmin=low, vmax=high)
         sc = ax.scatter(clock, y, **kw)
         if throttled.any():
             ax.scatter(clock[throttled], y[throttled], s=70, facecolors="none",
                        edgecolors="red", linewidths=1.2, label="throttled")
-            ax.legend(loc="best", fontsize=8)
+            ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.02), fontsize=8, frameon=False)  # above the data
         ax.set_xlabel("SM clock, mean over the request (MHz)")
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
