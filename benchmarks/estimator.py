@@ -1,16 +1,19 @@
-"""Benchmark of the latency estimator (issue 7): fit on a sweep, evaluate on held-out whole
-configurations, and time one batched prediction of 1,000 configurations.
+"""Benchmark of the whole-request latency estimator (issues 7 and 16): fit on a sweep with several
+output lengths, evaluate on held-out whole configurations and on held-out N, per decode position,
+against the in-sample noise floor; time batched prediction.
 
     python benchmarks/estimator.py                      # sweep the tiny model on CPU, then fit
     python benchmarks/estimator.py --run-dir RUN ...    # reuse run directories (e.g. a GPU sweep)
 
-Reports, per target, MAE/RMSE/MAPE/R^2/share within +-10%/P95 coverage on held-out requests
-(and on configuration medians), against the issue's targets; the same for the `knobs` baseline
-and for an extrapolation split (the largest crops and prompt lengths held out); the noise floor
-(each held-out request predicted by the median of its own configuration, which no estimator can
-beat on average); and the median cost of `Estimator.predict_arrays` on 1,000 configurations.
-Writes or updates the subsection for this model and device in the section
-"## Latency estimator (issue 7)" of benchmarks/RESULTS.md.
+Reports whole-request (and prefill, decode total) MAPE and P95 coverage on held-out
+configurations (by N) and on held-out N (the longest outputs, never fitted on), decode-step
+MAPE and coverage by position bucket, the same for the `knobs` baseline, and the noise floor:
+each held-out request predicted by the median of its own configuration (each step by the median
+of its own configuration and position), in-sample, which no estimator giving one value per
+configuration can beat on average. Times `Estimator.predict_arrays` on 1,000 configurations x one
+N, `predict_grid` on 1,000 configurations x a vector of 64 N, and a budget over a distribution of
+N. Writes or updates the subsection for this model and device in the section SECTION of
+benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -27,17 +30,15 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from molmo_latency.estimator import Estimator, fit_estimator, load_requests, regression_metrics
+from molmo_latency.estimator import Estimator, OutputLengths, fit_estimator, load_requests, regression_metrics
+from molmo_latency.estimator.fit import explode_steps, position_bucket
 
-SECTION = "## Latency estimator (issue 7)"
+SECTION = "## Latency estimator: whole requests for N output tokens (issue 16)"
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-SWEEP = {"crops": [0, 1, 2, 4, 8, 16], "top_k": [1, 2, 4, 8], "blocks": [1, 2, 3, 4], "prompt_tokens": [8, 64, 160],
-         "new_tokens": [16], "repeats": 5, "warmup": 1, "seed": 0}
-TARGETS = {  # issue 7, per target: R^2 at least, MAPE at most (percent)
-    "prefill_total_ms": {"r2": 0.99, "mape_pct": 2.0},
-    "decode_per_token_ms": {"r2": 0.95, "mape_pct": 3.0},
-}
-COVERAGE_BAND = (0.93, 0.97)
+# about 650 measured requests of the tiny model: 3-6 minutes on a shared 2-core CPU
+SWEEP = {"crops": [0, 1, 4, 8], "top_k": [1, 2, 4], "blocks": [1, 2, 4], "prompt_tokens": [8, 64],
+         "new_tokens": [4, 12, 32], "repeats": 3, "warmup": 1, "seed": 0}
+OUTPUTS = ("prefill_total_ms", "decode_total_ms", "request_ms")
 PREDICT_BUDGET_US = 1000.0
 
 
@@ -78,181 +79,158 @@ def run_tiny_sweep(out: Path, threads: int) -> dict:
             "load_max": max([x for x in loads + [loadavg()] if x is not None], default=None), **result}
 
 
+def mape_floor(frame: pl.DataFrame, y: str, keys: list[str]) -> pl.Series:
+    """Per group, the one value that minimises the group's MAPE: the median of y weighted by 1/y
+    (the plain median minimises the absolute error, not the relative one)."""
+    w = frame.with_row_index("_i").with_columns((1.0 / pl.col(y)).alias("_w")).sort(*keys, y)
+    w = w.with_columns((pl.col("_w").cum_sum().over(keys) / pl.col("_w").sum().over(keys)).alias("_c"))
+    best = w.filter(pl.col("_c") >= 0.5).group_by(keys).agg(pl.col(y).first().alias("_best"))
+    return frame.join(best, on=keys, how="left", maintain_order="left")["_best"]
+
+
 def noise_floor(rows: pl.DataFrame, test_keys: list[str]) -> dict:
-    """The best any estimator giving one value per configuration could score on the held-out
-    requests, in-sample: MAE/MAPE/within +-10% of each configuration's own median, RMSE/R^2 of
-    its own mean (the minimisers of those errors). Also how noisy the repeats were."""
+    """Each held-out request predicted by the best single value of its own configuration (each
+    decode step by that of its configuration and position), chosen in-sample for each metric
+    (MAPE: the 1/y-weighted median; MAE and within +-10%: the median; RMSE, R^2: the mean): no
+    estimator giving one value per configuration (and position) can do better on these requests."""
+    test = rows.filter(pl.col("config_key").is_in(test_keys)).with_columns(
+        pl.col("decode_ms").alias("decode_total_ms"), pl.col("total_ms").alias("request_ms"))
+
+    def floor(frame: pl.DataFrame, y: str, keys: list[str]) -> dict:
+        frame = frame.with_columns(pl.col(y).median().over(keys).alias("_med"), pl.col(y).mean().over(keys).alias("_mean"))
+        yv = frame[y].to_numpy()
+        by_med, by_mean = regression_metrics(yv, frame["_med"].to_numpy()), regression_metrics(yv, frame["_mean"].to_numpy())
+        by_mape = regression_metrics(yv, mape_floor(frame, y, keys).to_numpy())
+        return {**by_med, "rmse_ms": by_mean["rmse_ms"], "r2": by_mean["r2"], "mape_pct": by_mape["mape_pct"]}
+
     out = {}
-    test = rows.filter(pl.col("config_key").is_in(test_keys))
-    for t in TARGETS:
-        ok = test.filter(pl.col(t).is_not_null() & (pl.col(t) > 0)).with_columns(
-            pl.col(t).median().over("config_key").alias("med"), pl.col(t).mean().over("config_key").alias("mean"))
-        y = ok[t].to_numpy()
-        by_median = regression_metrics(y, ok["med"].to_numpy())
-        by_mean = regression_metrics(y, ok["mean"].to_numpy())
-        m = {**by_median, "rmse_ms": by_mean["rmse_ms"], "r2": by_mean["r2"]}
+    for t in OUTPUTS:
+        ok = test.filter(pl.col(t).is_not_null() & (pl.col(t) > 0))
+        m = floor(ok, t, ["config_key"])
         per = ok.group_by("config_key").agg(((pl.col(t).max() - pl.col(t).min()) / pl.col(t).median()).alias("s"))
         m["within_config_spread"] = float(per["s"].median())
-        m["slow_share"] = float((ok[t] > 2 * ok["med"]).mean())  # requests over twice their configuration's median
         out[t] = m
+    steps = explode_steps(test).with_columns(position_bucket(pl.col("step")))
+    out["decode_step_ms"] = floor(steps, "decode_step_ms", ["config_key", "step"])
+    out["decode_step_by_position"] = {p["positions"][0]: floor(p, "decode_step_ms", ["config_key", "step"])
+                                      for p in steps.partition_by("positions")}
     return out
 
 
-def time_predictions(est: Estimator, n: int = 1000, runs: int = 2000) -> dict:
-    rng = np.random.default_rng(0)
-    lo, hi = est.knob_ranges, est.knob_ranges
-    cfg = {k: rng.integers(int(lo[k][0]), int(hi[k][1]) + 1, n) for k in ("crops", "top_k", "blocks", "prompt_tokens")}
-    for _ in range(50):
-        est.predict_arrays(**cfg)
+def _timed(fn, runs: int) -> np.ndarray:
+    for _ in range(min(50, runs)):
+        fn()
     ns = np.empty(runs)
     for i in range(runs):
         t0 = time.perf_counter_ns()
-        est.predict_arrays(**cfg)
+        fn()
         ns[i] = time.perf_counter_ns() - t0
-    frame_ns = np.empty(200)
-    frame = pl.DataFrame(cfg)
-    for i in range(200):
-        t0 = time.perf_counter_ns()
-        est.predict(frame)
-        frame_ns[i] = time.perf_counter_ns() - t0
-    return {"configs": n, "runs": runs, "median_us": float(np.median(ns) / 1e3), "p95_us": float(np.percentile(ns, 95) / 1e3),
-            "min_us": float(ns.min() / 1e3), "predict_frame_median_us": float(np.median(frame_ns) / 1e3)}
+    return ns / 1e3
+
+
+def time_predictions(est: Estimator, n: int = 1000) -> dict:
+    rng = np.random.default_rng(0)
+    r = est.knob_ranges
+    cfg = {k: rng.integers(int(r[k][0]), int(r[k][1]) + 1, n) for k in ("crops", "top_k", "blocks", "prompt_tokens")}
+    one_n = _timed(lambda: est.predict_arrays(**cfg, new_tokens=64), 2000)
+    grid = np.arange(1, 65) * 4
+    per_grid = _timed(lambda: est.predict_grid(**cfg, new_tokens=grid), 100)
+    lengths = OutputLengths(rng.integers(1, 257, 500))
+    one_cfg = {k: v[:1] for k, v in cfg.items()}
+    dist = _timed(lambda: est.predict_arrays(**one_cfg, new_tokens=lengths), 500)
+    frame = pl.DataFrame({**cfg, "new_tokens": np.full(n, 64)})
+    frame_us = _timed(lambda: est.predict(frame), 200)
+    return {"configs": n, "one_n_median_us": float(np.median(one_n)), "one_n_p95_us": float(np.percentile(one_n, 95)),
+            "grid_n": int(grid.size), "grid_median_us": float(np.median(per_grid)),
+            "distribution_lengths": int(lengths.values.size), "distribution_median_us": float(np.median(dist)),
+            "predict_frame_median_us": float(np.median(frame_us))}
 
 
 def evaluate(run_dirs: list[str], seed: int) -> dict:
     rows, info = load_requests(run_dirs)
     phys = fit_estimator(run_dirs, seed=seed)
     base = fit_estimator(run_dirs, seed=seed, feature_set="knobs")
-    crops_max, prompt_max = rows["crops"].max(), rows["prompt_tokens"].max()
-    unseen = (pl.col("crops") == crops_max) | (pl.col("prompt_tokens") == prompt_max)
-    extrap = {}
-    for fs in ("physical", "knobs"):
-        try:
-            extrap[fs] = fit_estimator(run_dirs, seed=seed, feature_set=fs, holdout=unseen).metrics
-        except Exception as exc:  # noqa: BLE001 - too few configurations for this split: say so
-            extrap[fs] = {"error": str(exc)}
-    return {"info": info, "physical": phys, "knobs": base.metrics, "extrapolation": extrap,
-            "extrapolation_holdout": f"crops == {crops_max} or prompt_tokens == {prompt_max}",
+    return {"info": info, "physical": phys, "knobs": base.metrics,
             "floor": noise_floor(rows, phys.meta["split"]["test_configs"]), "timing": time_predictions(phys)}
 
 
 # ------------------------------------------------------------------------------------- report
-def _fmt(v, digits=3):
+def _fmt(v, digits=1):
     return "-" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
 
 
-def _verdict(value: float, goal: float, higher_is_better: bool, unit: str = "", digits: int = 3) -> str:
-    ok = value >= goal if higher_is_better else value <= goal
-    return "met" if ok else f"missed by {abs(value - goal):.{digits}f}{unit}"
-
-
-def verdicts(metrics: dict, timing: dict) -> list[str]:
-    lines = []
-    for t, goal in TARGETS.items():
-        for basis, label in (("requests", "held-out requests"), ("config_medians", "held-out configuration medians")):
-            m = metrics[t][basis]
-            lines.append(f"- {t}, {label} (n={m['n']}): R^2 {m['r2']:.3f} (target >= {goal['r2']}: "
-                         f"{_verdict(m['r2'], goal['r2'], True)}), MAPE {m['mape_pct']:.2f}% (target <= "
-                         f"{goal['mape_pct']}%: {_verdict(m['mape_pct'], goal['mape_pct'], False, ' points', 2)})")
-        cov, (lo, hi) = metrics[t]["requests"]["p95_coverage"], COVERAGE_BAND
-        if lo <= cov <= hi:
-            status = "met"
-        elif cov < lo:
-            status = "missed: {:.1f} points under".format(100 * (lo - cov))
-        else:
-            status = "missed: {:.1f} points over".format(100 * (cov - hi))
-        lines.append(f"- {t}: P95 coverage {100 * cov:.1f}% of {metrics[t]['requests']['n']} held-out requests "
-                     f"(target 93-97%: {status})")
-    ok = timing["median_us"] < PREDICT_BUDGET_US
-    lines.append(f"- batched prediction of {timing['configs']} configurations: median {timing['median_us']:.1f} us "
-                 f"(target < 1 ms: {'met' if ok else 'missed'})")
-    return lines
+def _pct(v):
+    return "-" if v is None else f"{100 * v:.1f}%"
 
 
 def markdown(label: str, res: dict, sweep: dict | None, machine: dict) -> str:
     phys = res["physical"]
-    meta = phys.meta
-    info = res["info"]
+    meta, info, floor = phys.meta, res["info"], res["floor"]
+    mc, mn = phys.metrics["held_out_configs"], phys.metrics["held_out_new_tokens"]
+    kc, kn = res["knobs"]["held_out_configs"], res["knobs"]["held_out_new_tokens"]
     out = [f"### {label}", ""]
-    out.append(f"Measured {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC. Fit and prediction on "
-               f"{machine['cpu']} ({machine['cores']} cores), Python {platform.python_version()}, numpy {np.__version__}.")
+    out.append(f"Measured {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC on {machine['arch']} {machine['cpu']} "
+               f"(nproc {machine['nproc']}), Python {platform.python_version()}, numpy {np.__version__}.")
     if sweep is not None:
         out.append(f"Data: a new sweep of the tiny reference model on this CPU ({sweep['threads']} torch thread), grid "
                    f"crops {SWEEP['crops']} x top_k {SWEEP['top_k']} x blocks {SWEEP['blocks']} x prompt_tokens "
-                   f"{SWEEP['prompt_tokens']}, new_tokens {SWEEP['new_tokens'][0]}, {SWEEP['repeats']} repeats "
-                   f"(interleaved), {sweep['seconds']:.0f} s. Load average {_fmt(sweep['load_before'], 1)} before, up "
-                   f"to {_fmt(sweep['load_max'], 1)} during the sweep"
-                   + (": other jobs were sharing the 2 cores" if (sweep['load_max'] or 0) > 1.5 else "") + ".")
+                   f"{SWEEP['prompt_tokens']} x new_tokens {SWEEP['new_tokens']}, {SWEEP['repeats']} repeats "
+                   f"(interleaved), {sweep['seconds']:.0f} s. Load average {_fmt(sweep['load_before'])} before, up to "
+                   f"{_fmt(sweep['load_max'])} during the sweep"
+                   + (" (other jobs were sharing the cores)" if (sweep['load_max'] or 0) > 1.5 else "") + ".")
     else:
         dev = ", ".join(f"{r['model']} on {r['gpu_name'] or r['device_type']}" for r in info["run_dirs"])
         out.append(f"Data: existing run directories ({dev}): " + ", ".join(f"`{r['run_dir']}`" for r in info["run_dirs"]))
-    if info["device_type"] == "cpu":
-        out.append("CPU data: the issue's targets were set for GPU sweeps; `--run-dir GPU_RUN` adds a subsection for one.")
-    sp = meta["split"]
-    out.append(f"{info['rows']} valid requests of {info['configs']} configurations ({info['invalid_rows']} invalid "
-               f"excluded); split by whole configuration (seed {sp['seed']}): train {sp['configs']['train']}, calibration "
-               f"{sp['configs']['calib']}, test {sp['configs']['test']} ({sp['rows']['test']} held-out requests).")
-    out += ["", "Held-out configurations, `physical` features (chosen: " + ", ".join(
-        f"{t} {s['chosen']}" for t, s in meta["selection"].items()) + "):", ""]
-    out.append("| target | basis | n | MAE ms | RMSE ms | MAPE % | R^2 | within +-10% | P95 coverage |")
-    out.append("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for t in TARGETS:
-        pm = phys.metrics[t]
-        for name, m in (("physical: requests", pm["requests"]), ("physical: config medians", pm["config_medians"]),
-                        ("knobs baseline: requests", res["knobs"][t]["requests"]),
-                        ("best per configuration (in-sample)", res["floor"][t])):
-            cov = m.get("p95_coverage")
-            out.append(f"| {t} | {name} | {m['n']} | {m['mae_ms']:.3f} | {m['rmse_ms']:.3f} | {m['mape_pct']:.2f} | "
-                       f"{m['r2']:.3f} | {100 * m['within_10pct_share']:.0f}% | "
-                       + ("-" if cov is None else f"{100 * cov:.1f}%") + " |")
-    out += ["", "Best per configuration (in-sample): each held-out request predicted by its own configuration's "
-            "median (MAE, MAPE, within +-10%) or mean (RMSE, R^2), computed from the held-out requests themselves: no "
-            "estimator that gives one value per configuration can do better on these requests. Repeats of one "
-            "configuration differed by (max - min) / median = " + ", ".join(
-                f"{t} {100 * res['floor'][t]['within_config_spread']:.0f}%" for t in TARGETS) + " (median over held-out "
-            "configurations); requests slower than twice their configuration's median: " + ", ".join(
-                f"{t} {100 * res['floor'][t]['slow_share']:.1f}%" for t in TARGETS) + "."]
-    ex = res["extrapolation"]
-    out += ["", f"Extrapolation (held out: {res['extrapolation_holdout']}, never seen in fitting), held-out requests:", ""]
-    out.append("| target | features | MAPE % | R^2 | P95 coverage |")
-    out.append("| --- | --- | ---: | ---: | ---: |")
-    for t in TARGETS:
-        for fs in ("physical", "knobs"):
-            m = ex[fs].get(t, {}).get("requests") if "error" not in ex[fs] else None
-            if m is None:
-                out.append(f"| {t} | {fs} | - | - | - |")
-            else:
-                out.append(f"| {t} | {fs} | {m['mape_pct']:.2f} | {m['r2']:.3f} | {100 * m['p95_coverage']:.1f}% |")
-    tm = res["timing"]
-    out += ["", f"Batched prediction (`Estimator.predict_arrays`, {tm['configs']} configurations, {tm['runs']} timings): "
-            f"median {tm['median_us']:.1f} us, p95 {tm['p95_us']:.1f} us, min {tm['min_us']:.1f} us; "
-            f"`Estimator.predict` (polars frame in and out): median {tm['predict_frame_median_us']:.0f} us.", "",
-            "Against the issue's targets:", ""]
-    out += verdicts(phys.metrics, tm)
-    out += ["", *why_missed(res)]
-    return "\n".join(out).rstrip() + "\n"
-
-
-def why_missed(res: dict) -> list[str]:
-    """Explain misses with what was measured: the best per-configuration score on the same requests."""
-    lines = []
-    for t, goal in TARGETS.items():
-        m, f = res["physical"].metrics[t]["requests"], res["floor"][t]
-        med = res["physical"].metrics[t]["config_medians"]
-        if m["r2"] >= goal["r2"] and m["mape_pct"] <= goal["mape_pct"]:
+    sp, tr = meta["split"], meta["training"]
+    out.append(f"{info['rows']} valid requests ({tr['decode_steps']} decode steps) of {info['configs']} configurations "
+               f"({info['invalid_rows']} invalid excluded). Held-out configurations: split by setting (a configuration "
+               f"at every N; seed {sp['seed']}): train {sp['configs']['train']}, calibration {sp['configs']['calib']}, "
+               f"test {sp['configs']['test']} settings ({sp['rows']['test']} held-out requests). Held-out N: "
+               + (mn.get("skipped") or f"{mn['holdout']} held out (every setting), fitted and calibrated on output "
+                                        f"tokens {mn['trained_on_output_tokens']}") + ".")
+    out += ["", "Whole requests, P50 against every held-out request, P95 coverage (target 95%):", "",
+            "| held out | output | features | n | MAPE % | R^2 | P95 coverage | floor MAPE % |",
+            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for split, m, k in (("configurations", mc, kc), ("N", mn, kn)):
+        if "skipped" in m:
             continue
-        if f["mape_pct"] > goal["mape_pct"] or f["r2"] < goal["r2"]:
-            lines.append(f"Why {t} misses: the requests vary more than the target allows. Even each held-out "
-                         f"request's own configuration median/mean (in-sample) scores MAPE {f['mape_pct']:.2f}% and R^2 "
-                         f"{f['r2']:.3f}; the estimator, which never saw these configurations, scores MAPE "
-                         f"{m['mape_pct']:.2f}% and R^2 {m['r2']:.3f} on the requests, and MAPE {med['mape_pct']:.2f}% "
-                         f"and R^2 {med['r2']:.3f} on the configuration medians (themselves noisy: medians of "
-                         f"{SWEEP['repeats']} repeats).")
-        else:
-            lines.append(f"Why {t} misses: the requests allow it (in-sample per-configuration MAPE {f['mape_pct']:.2f}%, "
-                         f"R^2 {f['r2']:.3f}), so the model is short by {m['mape_pct'] - f['mape_pct']:.2f} points of "
-                         "MAPE: its features do not capture this device's costs fully.")
-    return lines
+        for t in OUTPUTS:
+            for fs, mm in (("physical", m[t]["requests"]), ("knobs", (k.get(t) or {}).get("requests") or {})):
+                if not mm.get("n"):
+                    continue
+                fl = floor[t]["mape_pct"] if split == "configurations" else None
+                out.append(f"| {split} | {t} | {fs} | {mm['n']} | {mm['mape_pct']:.2f} | {mm['r2']:.3f} | "
+                           f"{_pct(mm.get('p95_coverage'))} | {_fmt(fl, 2)} |")
+    out += ["", "Whole request (`request_ms`, physical) by output tokens:", "",
+            "| held out | output tokens | n | MAPE % | P95 coverage |", "| --- | ---: | ---: | ---: | ---: |"]
+    for split, m in (("configurations", mc), ("N", mn)):
+        for b in (m.get("request_ms") or {}).get("by_output_tokens", []) if "skipped" not in m else []:
+            out.append(f"| {split} | {b['output_tokens']} | {b['n']} | {b['mape_pct']:.2f} | {_pct(b['p95_coverage'])} |")
+    out += ["", "Decode steps by position (physical; floor: each step predicted by the in-sample MAPE-minimising value "
+            "of its own configuration and position):", "",
+            "| held out | positions | n | MAPE % | P95 coverage | floor MAPE % |", "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for split, m in (("configurations", mc), ("N", mn)):
+        if "skipped" in m:
+            continue
+        for b in m["decode_step_ms"]["by_position"]:
+            fl = floor["decode_step_by_position"].get(b["positions"], {}).get("mape_pct") if split == "configurations" else None
+            out.append(f"| {split} | {b['positions']} | {b['n']} | {b['mape_pct']:.2f} | {_pct(b['p95_coverage'])} | "
+                       f"{_fmt(fl, 2)} |")
+    out += ["", "Floor: each held-out request predicted by the value that minimises its own configuration's MAPE (the "
+            "1/y-weighted median), computed from the held-out requests themselves (in-sample); no estimator giving one "
+            "value per configuration can have a lower MAPE on these requests. "
+            "Repeats of one configuration differed by (max - min) / median = " + ", ".join(
+                f"{t} {100 * floor[t]['within_config_spread']:.0f}%" for t in OUTPUTS) + " (median over held-out "
+            "configurations). The held-out-N rows have no floor (their configurations were never fitted on at that N)."]
+    tm = res["timing"]
+    ok = tm["one_n_median_us"] < PREDICT_BUDGET_US
+    out += ["", f"Batched prediction: `predict_arrays`, {tm['configs']} configurations x one N: median "
+            f"{tm['one_n_median_us']:.0f} us, p95 {tm['one_n_p95_us']:.0f} us (target < 1 ms: {'met' if ok else 'missed'}); "
+            f"`predict_grid`, {tm['configs']} configurations x a vector of {tm['grid_n']} N: median "
+            f"{tm['grid_median_us']:.0f} us; one configuration's budget over a distribution of "
+            f"{tm['distribution_lengths']} output lengths: median {tm['distribution_median_us']:.0f} us; `predict` "
+            f"(polars frame in and out, 1,000 rows): median {tm['predict_frame_median_us']:.0f} us."]
+    return "\n".join(out).rstrip() + "\n"
 
 
 def write_section(text: str, label: str, path: Path = RESULTS) -> None:
@@ -275,7 +253,8 @@ def write_section(text: str, label: str, path: Path = RESULTS) -> None:
 
 
 INTRO = (SECTION + "\n\n`python benchmarks/estimator.py` (add `--run-dir RUN` to use existing sweeps, e.g. of a GPU). "
-         "Metrics are on held-out whole configurations; the P50 is compared with every held-out request.\n\n")
+         "Metrics are on held-out whole configurations and on held-out N; the P50 is compared with every held-out "
+         "request, the P95 coverage is the share of held-out requests at or below their P95.\n\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -288,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     ap.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
     args = ap.parse_args(argv)
-    machine = {"cpu": cpu_model(), "cores": os.cpu_count()}
+    machine = {"cpu": cpu_model(), "nproc": os.cpu_count(), "arch": platform.machine()}
     sweep = None
     run_dirs = [str(r) for r in args.run_dir]
     if not run_dirs:
@@ -296,18 +275,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sweeping the tiny model into {out} ...", file=sys.stderr, flush=True)
         sweep = run_tiny_sweep(out, args.threads)
         run_dirs = [str(out)]
+    load_fit = loadavg()
     res = evaluate(run_dirs, args.seed)
+    machine["load_at_fit"] = load_fit
     info = res["info"]
     device = info["gpu_name"] or (machine["cpu"] if info["device_type"] == "cpu" else info["device_type"])
     label = args.label or f"{info['model']} on {info['device_type'].upper() if info['device_type'] == 'cpu' else 'GPU'} ({device})"
     text = markdown(label, res, sweep, machine)
+    text = text.rstrip("\n") + f" Load average {_fmt(load_fit)} when fitting and timing.\n"
     print(text)
     if args.json:
         args.json.write_text(json.dumps({"label": label, "sweep": sweep, "machine": machine, "info": info,
-                                         "metrics": res["physical"].metrics, "knobs": res["knobs"],
-                                         "extrapolation": res["extrapolation"], "floor": res["floor"],
-                                         "timing": res["timing"], "selection": res["physical"].meta["selection"]},
-                                        indent=2, default=str))
+                                         "metrics": res["physical"].metrics, "knobs": res["knobs"], "floor": res["floor"],
+                                         "timing": res["timing"], "selection": res["physical"].meta["selection"],
+                                         "calibration": res["physical"].meta["calibration"]}, indent=2, default=str))
     if not args.no_write:
         write_section(text, label)
         print(f"updated {RESULTS} ({SECTION} / ### {label})", file=sys.stderr)

@@ -10,93 +10,210 @@ import typer
 
 from molmo_latency.cli.app import app
 from molmo_latency.cli.show import console, err_console, print_frame, print_json
+from molmo_latency.errors import EstimatorError
 
-METRIC_COLUMNS = {"n": "n", "mae_ms": "MAE ms", "rmse_ms": "RMSE ms", "mape_pct": "MAPE %", "r2": "R^2",
+METRIC_COLUMNS = {"n": "n", "mae_ms": "MAE ms", "mape_pct": "MAPE %", "r2": "R^2",
                   "within_10pct_share": "within +-10%", "p95_coverage": "P95 coverage"}
+OUTPUT_LABELS = {"prefill_total_ms": "prefill total", "decode_total_ms": "decode total", "request_ms": "whole request",
+                 "decode_step_ms": "decode step"}
+SPLIT_LABELS = {"held_out_configs": "configs", "held_out_new_tokens": "N"}
+# what each predict option accepts, in the words of its --help
+OPTION_MIN = {"crops": (0, "image crops"), "top_k": (1, "MoE experts per token"), "blocks": (1, "active blocks"),
+              "prompt_tokens": (0, "text tokens"), "batch_size": (1, "sequences per request")}
+
+
+def _metric_row(split: str, output: str, basis: str, m: dict) -> dict:
+    return {"held out": SPLIT_LABELS.get(split, split), "output": OUTPUT_LABELS.get(output, output),
+            **{label: m.get(key) for key, label in METRIC_COLUMNS.items()}}
+
+
+_SCHEMA = {"held out": pl.Utf8, "output": pl.Utf8, "n": pl.Int64,
+           **{label: pl.Float64 for key, label in METRIC_COLUMNS.items() if key != "n"}}
 
 
 def metrics_frame(metrics: dict) -> pl.DataFrame:
-    """One row per (target, basis): held-out requests, and configuration medians against the P50.
+    """One row per (held-out split, output): requests (or decode steps) against P50/P95.
 
     Example:
-        >>> m = {"r2": 0.9, "mape_pct": 2.0, "n": 3}
-        >>> metrics_frame({"decode_per_token_ms": {"requests": m, "config_medians": m}})["basis"].to_list()
-        ['requests', 'config medians']
+        >>> m = {"r2": 0.9, "mape_pct": 2.0, "n": 3, "p95_coverage": 1.0}
+        >>> metrics_frame({"held_out_configs": {"request_ms": {"requests": m}, "decode_step_ms": {"steps": m}}})["output"].to_list()
+        ['whole request', 'decode step']
     """
     rows = []
-    for target, m in metrics.items():
-        for basis in ("requests", "config_medians"):
-            values = m.get(basis) or {}
-            rows.append({"target": target, "basis": basis.replace("_", " "),
-                         **{label: values.get(key) for key, label in METRIC_COLUMNS.items()}})
-    return pl.DataFrame(rows, schema={"target": pl.Utf8, "basis": pl.Utf8, "n": pl.Int64,
-                                      **{label: pl.Float64 for key, label in METRIC_COLUMNS.items() if key != "n"}})
+    for split, ms in metrics.items():
+        for output in ("prefill_total_ms", "decode_total_ms", "request_ms", "decode_step_ms"):
+            entry = ms.get(output) if isinstance(ms, dict) else None
+            if not entry:
+                continue
+            basis = "steps" if output == "decode_step_ms" else "requests"
+            rows.append(_metric_row(split, output, basis, entry.get(basis) or {}))
+    return pl.DataFrame(rows, schema=_SCHEMA)
 
 
-@app.command()
+def breakdown_frame(metrics: dict, output: str, key: str, label: str) -> pl.DataFrame:
+    """Rows of a per-bucket breakdown (``by_position`` of decode_step_ms, ``by_output_tokens``
+    of request_ms) for every held-out split.
+
+    Example:
+        >>> m = {"held_out_configs": {"request_ms": {"by_output_tokens": [{"output_tokens": 8, "n": 2, "mape_pct": 1.0}]}}}
+        >>> breakdown_frame(m, "request_ms", "by_output_tokens", "output tokens")["output tokens"].to_list()
+        ['8']
+    """
+    rows = []
+    for split, ms in metrics.items():
+        for b in ((ms.get(output) or {}).get(key) or []) if isinstance(ms, dict) else []:
+            name = b.get("positions") if key == "by_position" else b.get("output_tokens")
+            rows.append({"held out": SPLIT_LABELS.get(split, split), label: str(name),
+                         **{lab: b.get(k) for k, lab in METRIC_COLUMNS.items() if k != "r2"}})
+    return pl.DataFrame(rows, schema={"held out": pl.Utf8, label: pl.Utf8, "n": pl.Int64,
+                                      **{lab: pl.Float64 for k, lab in METRIC_COLUMNS.items() if k not in ("n", "r2")}})
+
+
+@app.command(epilog="Examples:\n\b\n  molmo-latency fit RUN_DIR --out MODEL_DIR\n"
+                     "  molmo-latency fit RUN_A RUN_B --out MODEL_DIR --json")
 def fit(
     run_dirs: List[Path] = typer.Argument(..., help="run directories of `molmo-latency profile` (one model, one device)"),
-    out: Path = typer.Option(..., "--out", help="model directory to write (model.json, weights.safetensors, parity.png)"),
+    out: Path = typer.Option(..., "--out", help="model directory to write (model.json, weights.safetensors, plots)"),
     feature_set: str = typer.Option("physical", "--feature-set", help="physical (costs by where time goes) or knobs (baseline)"),
     test_fraction: float = typer.Option(0.25, "--test-fraction", help="share of configurations held out for evaluation"),
     calib_fraction: float = typer.Option(0.25, "--calib-fraction", help="share of configurations that calibrate P50/P95"),
     seed: int = typer.Option(0, "--seed", help="seed of the configuration split"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
 ) -> None:
-    """Fit P50/P95 of prefill_total_ms and decode_per_token_ms on RUN_DIRs, evaluated on held-out configurations."""
+    """Fit the whole-request latency estimator (P50/P95 of prefill, of every decode step by position, of the
+    whole request) on RUN_DIRs, evaluated on held-out configurations and held-out N."""
     from molmo_latency.estimator import fit_estimator
+    from molmo_latency.estimator.model import _jsonable
 
     est = fit_estimator([str(r) for r in run_dirs], feature_set=feature_set, test_fraction=test_fraction,
                         calib_fraction=calib_fraction, seed=seed)
     model_dir = est.save(out)
     meta = est.meta
-    files = [str(model_dir / f) for f in ("model.json", "weights.safetensors", "evaluation.parquet", "parity.png")]
+    files = [str(model_dir / f) for f in meta["files"].values() if f]
     if as_json:
-        print_json({"model_dir": str(model_dir), "files": files, "feature_set": meta["feature_set"]["name"],
-                    **{k: meta[k] for k in ("training", "split", "selection", "calibration", "metrics", "token_map",
-                                            "defaults", "model")}})
+        print_json(_jsonable({"model_dir": str(model_dir), "files": files, "feature_set": meta["feature_set"]["name"],
+                              **{k: meta[k] for k in ("training", "split", "selection", "calibration", "noise", "metrics",
+                                                      "token_map", "defaults", "knob_ranges", "model")}}))
         return
     tr, sp = meta["training"], meta["split"]
-    err_console.print(f"fit: {tr['rows']} valid requests of {tr['configs']} configurations from "
-                      f"{len(tr['run_dirs'])} run directories ({tr['invalid_rows_excluded']} invalid requests excluded)")
-    err_console.print(f"split by configuration (seed {sp['seed']}): train {sp['configs']['train']}, calibration "
+    err_console.print(f"fit: {tr['rows']} valid requests ({tr['decode_steps']} decode steps) of {tr['configs']} "
+                      f"configurations from {len(tr['run_dirs'])} run directories ({tr['invalid_rows_excluded']} invalid "
+                      f"requests excluded); output tokens {tr['output_tokens']}")
+    err_console.print(f"split by setting (seed {sp['seed']}): train {sp['configs']['train']}, calibration "
                       f"{sp['configs']['calib']}, test {sp['configs']['test']}")
-    print_frame(metrics_frame(meta["metrics"]), "Held-out configurations: P50 against measured; P95 coverage")
-    for t, s in meta["selection"].items():
-        cal = meta["calibration"][t]
-        console.print(f"{t}: {s['chosen']} on {meta['feature_set']['name']} features; P50 x{cal['p50_factor']:.3f}, "
-                      f"P95 x{cal['p95_factor']:.3f} ({cal['rows']} calibration requests)")
+    metrics = meta["metrics"]
+    print_frame(metrics_frame(metrics), "Held out (configs: whole configurations never fitted on; N: the longest "
+                                        "outputs): P50 against measured, P95 coverage")
+    print_frame(breakdown_frame(metrics, "decode_step_ms", "by_position", "positions"),
+                "Decode steps by position (held out)")
+    print_frame(breakdown_frame(metrics, "request_ms", "by_output_tokens", "output tokens"),
+                "Whole requests by output tokens (held out)")
+    skipped = (metrics.get("held_out_new_tokens") or {}).get("skipped")
+    hn = metrics.get("held_out_new_tokens") or {}
+    if skipped:
+        err_console.print(f"held-out N: skipped ({skipped})")
+    else:
+        err_console.print(f"held-out N: {hn['holdout']}, fitted on output tokens {hn['trained_on_output_tokens']}")
+    for name, cal in meta["calibration"].items():
+        console.print(f"{OUTPUT_LABELS.get(name, name)}: P50 x{cal['p50_factor']:.3f}, P95 x{cal['p95_factor']:.3f} "
+                      f"({cal['rows']} calibration {'steps' if name == 'decode_step_ms' else 'requests'})")
     console.print(f"wrote {model_dir}: " + ", ".join(Path(f).name for f in files))
 
 
-@app.command()
+def _check_min(option: str, value: int | None) -> None:
+    if value is None:
+        return
+    low, what = OPTION_MIN[option]
+    if value < low:
+        raise EstimatorError(f"--{option.replace('_', '-')} must be a whole number >= {low} ({what}), got {value}")
+
+
+def parse_new_tokens(text: str | None, from_file: Path | None):
+    """--new-tokens N (one N), N1,N2,... (a distribution of output lengths) or --new-tokens-from FILE.
+
+    Example:
+        >>> parse_new_tokens("64", None), parse_new_tokens("8,8,32", None).values.tolist()
+        (64, [8.0, 32.0])
+        >>> parse_new_tokens("0", None)
+        Traceback (most recent call last):
+        ...
+        molmo_latency.errors.EstimatorError: --new-tokens must be a whole number >= 1 (output tokens), or a comma-separated list of them; got '0'
+    """
+    from molmo_latency.estimator import OutputLengths
+
+    if text is not None and from_file is not None:
+        raise EstimatorError("give --new-tokens or --new-tokens-from, not both")
+    if from_file is not None:
+        return OutputLengths.from_file(from_file)
+    if text is None:
+        return None
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise EstimatorError(f"--new-tokens must be a whole number >= 1 (output tokens), or a comma-separated list "
+                             f"of them; got {text!r}")
+    return values[0] if len(values) == 1 and "," not in text else OutputLengths(values)
+
+
+@app.command(epilog="Examples:\n\b\n  molmo-latency predict MODEL_DIR --crops 4 --top-k 2 --blocks 16 "
+                     "--prompt-tokens 32 --new-tokens 64 --json\n"
+                     "  molmo-latency predict MODEL_DIR --crops 4 --top-k 2 --blocks 16 --prompt-tokens 32 "
+                     "--new-tokens-from lengths.txt")
 def predict(
     model_dir: Path = typer.Argument(..., help="model directory written by `molmo-latency fit`"),
-    crops: int = typer.Option(..., "--crops", help="image crops"),
-    top_k: int = typer.Option(..., "--top-k", help="MoE experts per token"),
-    blocks: int = typer.Option(..., "--blocks", help="active transformer blocks"),
-    prompt_tokens: int = typer.Option(..., "--prompt-tokens", help="text tokens after the image"),
-    new_tokens: Optional[int] = typer.Option(None, "--new-tokens", help="generated tokens (default: the training data's)"),
+    crops: int = typer.Option(..., "--crops", help="image crops (>= 0)"),
+    top_k: int = typer.Option(..., "--top-k", help="MoE experts per token (>= 1)"),
+    blocks: int = typer.Option(..., "--blocks", help="active transformer blocks (1 .. the model's)"),
+    prompt_tokens: int = typer.Option(..., "--prompt-tokens", help="text tokens after the image (>= 0)"),
+    new_tokens: Optional[str] = typer.Option(None, "--new-tokens", help="output tokens N (default: the training "
+                                             "data's), or N1,N2,... a distribution of output lengths (the budget for an unknown N)"),
+    new_tokens_from: Optional[Path] = typer.Option(None, "--new-tokens-from", help="a file of output lengths (text, "
+                                                   "JSON list, or Parquet with output_tokens): the budget for an unknown N"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="sequences per request (default: the training data's)"),
     feature_set: Optional[str] = typer.Option(None, "--feature-set", help="refuse the model unless fitted with this feature set"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
 ) -> None:
-    """P50 and P95 of prefill_total_ms and decode_per_token_ms for one configuration."""
-    from molmo_latency.estimator import Estimator
+    """P50 and P95 of a whole request of N output tokens (prefill, decode total, request) for one configuration."""
+    from molmo_latency.estimator import Estimator, OutputLengths
+    from molmo_latency.estimator.model import _jsonable
 
+    for option, value in (("crops", crops), ("top_k", top_k), ("blocks", blocks), ("prompt_tokens", prompt_tokens),
+                          ("batch_size", batch_size)):
+        _check_min(option, value)
+    n = parse_new_tokens(new_tokens, new_tokens_from)
     est = Estimator.load(model_dir, feature_set=feature_set)
+    total = est._blocks_total
+    if total is not None and blocks > total:
+        raise EstimatorError(f"--blocks must be between 1 and {total} (the model's blocks), got {blocks}")
     config = {"crops": crops, "top_k": top_k, "blocks": blocks, "prompt_tokens": prompt_tokens}
-    if new_tokens is not None:
-        config["new_tokens"] = new_tokens
     if batch_size is not None:
         config["batch_size"] = batch_size
-    frame = est.predict(config)
-    row = frame.row(0, named=True)
+    if isinstance(n, OutputLengths):
+        out = {k: float(v[0]) for k, v in est.predict_arrays(**config, new_tokens=n).items()}
+        n_desc = {"distribution": {"lengths": n.values.astype(int).tolist(), "weights": n.weights.tolist()}}
+        n_range = (float(n.values.min()), float(n.values.max()))
+    else:
+        n = est.defaults["new_tokens"] if n is None else n
+        out = {k: float(v[0]) for k, v in est.predict_arrays(**config, new_tokens=n).items()}
+        n_desc, n_range = n, (float(n), float(n))
+    ranges = est.knob_ranges
+    inside = all(ranges[k][0] <= v <= ranges[k][1] for k, v in config.items() if k in ranges)
+    inside &= ranges["new_tokens"][0] <= n_range[0] and n_range[1] <= ranges["new_tokens"][1]
     if as_json:
-        print_json({"model_dir": str(model_dir), "feature_set": est.features.name, "prediction": row})
+        print_json(_jsonable({"model_dir": str(model_dir), "feature_set": est.features.name, "coverage": est.coverage,
+                              "configuration": config, "new_tokens": n_desc, **out, "in_training_range": inside}))
         return
-    print_frame(frame, f"Predicted latency ({est.features.name} features, P95 calibrated to "
-                       f"{100 * est.meta.get('coverage', 0.95):.0f}%)")
-    if not row["in_training_range"]:
-        ranges = ", ".join(f"{k} {int(lo)}..{int(hi)}" for k, (lo, hi) in est.knob_ranges.items())
-        err_console.print(f"note: outside the configurations the model was fitted on ({ranges}); this is extrapolation")
+    rows = [{"output": OUTPUT_LABELS[o] if o != "decode_per_token_ms" else "decode per step (mean)",
+             "P50 ms": out[f"{o[:-3]}_p50_ms"], "P95 ms": out[f"{o[:-3]}_p95_ms"]}
+            for o in ("prefill_total_ms", "decode_total_ms", "decode_per_token_ms", "request_ms")]
+    what = (f"N = {n_desc}" if not isinstance(n_desc, dict) else
+            f"N from {len(n_desc['distribution']['lengths'])} output lengths "
+            f"{int(n_range[0])}..{int(n_range[1])}")
+    print_frame(pl.DataFrame(rows), f"Predicted latency, {what} ({est.features.name} features, P95 calibrated to "
+                                    f"{100 * est.coverage:.0f}%)")
+    if not inside:
+        text = ", ".join(f"{k} {int(lo)}..{int(hi)}" for k, (lo, hi) in ranges.items())
+        err_console.print(f"note: outside the configurations the model was fitted on ({text}); this is extrapolation")

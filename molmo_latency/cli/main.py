@@ -29,10 +29,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "diff": ("molmo_latency.cli.diff_cmd",
              "What changed from A to B, phase by phase (with noise told apart from change) and kernel by kernel."),
     "fit": ("molmo_latency.cli.fit_cmd",
-            "Fit P50/P95 of prefill_total_ms and decode_per_token_ms on RUN_DIRs, evaluated on held-out "
-            "configurations."),
+            "Fit the whole-request latency estimator (P50/P95 of prefill, of every decode step by position, of "
+            "the whole request) on RUN_DIRs, evaluated on held-out configurations and held-out N."),
     "predict": ("molmo_latency.cli.fit_cmd",
-                "P50 and P95 of prefill_total_ms and decode_per_token_ms for one configuration."),
+                "P50 and P95 of a whole request of N output tokens (prefill, decode total, request) for one "
+                "configuration."),
     "trace": ("molmo_latency.cli.trace_cmd",
               "Read traces (torch.profiler Kineto JSON, Nsight Systems SQLite exports): GPU time per kernel, "
               "annotation and device."),
@@ -41,8 +42,6 @@ COMMAND_MODULES = tuple(dict.fromkeys(module for module, _ in COMMANDS.values())
 
 # Examples for the help of commands whose modules do not set their own epilog (added at load time).
 EXAMPLES: dict[str, tuple[str, ...]] = {
-    "fit": ("molmo-latency fit runs/a runs/b --out models/latency",),
-    "predict": ("molmo-latency predict models/latency --crops 4 --top-k 2 --blocks 16 --prompt-tokens 32",),
     "trace summary": ("molmo-latency trace summary runs/tiny/traces/c1-k1-b2-p16-n8-bs1.pt.trace.json.gz",
                       "molmo-latency trace summary trace.json.gz --json"),
 }

@@ -1,4 +1,5 @@
-"""Training data of the estimator (hold): the requests of one or more run directories.
+"""Training data of the estimator (hold): the requests of one or more run directories, each with
+the latency of every decode step (from ``phases.parquet``) as a list column ``decode_step_ms``.
 
 Example:
     >>> import tempfile
@@ -6,8 +7,8 @@ Example:
     >>> run = run_sweep("tiny", SweepSpec.from_dict({"crops": [1, 2], "repeats": 2, "new_tokens": [3]}),
     ...                 tempfile.mkdtemp())["run_dir"]
     >>> rows, info = load_requests([run])
-    >>> rows.height, info["invalid_rows"], rows["config_key"].n_unique()
-    (4, 0, 2)
+    >>> rows.height, info["invalid_rows"], rows["config_key"].n_unique(), rows["decode_step_ms"].list.len().to_list()
+    (4, 0, 2, [2, 2, 2, 2])
 """
 
 from __future__ import annotations
@@ -19,9 +20,12 @@ from typing import Any, Sequence
 import polars as pl
 
 from molmo_latency.errors import EstimatorError
-from molmo_latency.estimator.features import KNOBS, TARGETS, TOKENS
+from molmo_latency.estimator.features import KNOBS, SETTING, TOKENS
 
-NEEDED = (*KNOBS, *TOKENS, *TARGETS, "valid", "config_id")
+# request-level columns the estimator reads from requests.parquet
+MEASURES = ("prefill_total_ms", "decode_ms", "other_ms", "total_ms")
+COUNTS = ("decode_steps", "output_tokens")
+NEEDED = (*KNOBS, *TOKENS, *MEASURES, "decode_steps", "valid", "config_id")
 
 
 def config_key() -> pl.Expr:
@@ -33,6 +37,18 @@ def config_key() -> pl.Expr:
         'c4-k2-b3-p8-n6-bs1'
     """
     return pl.format("c{}-k{}-b{}-p{}-n{}-bs{}", *[pl.col(k) for k in KNOBS]).alias("config_key")
+
+
+def setting_key() -> pl.Expr:
+    """One key per configuration without its number of new tokens: what held-out configurations
+    are split by, so that a held-out configuration is never seen at any N.
+
+    Example:
+        >>> pl.DataFrame({"crops": [4], "top_k": [2], "blocks": [3], "prompt_tokens": [8],
+        ...               "batch_size": [1]}).select(setting_key())["setting_key"][0]
+        'c4-k2-b3-p8-bs1'
+    """
+    return pl.format("c{}-k{}-b{}-p{}-bs{}", *[pl.col(k) for k in SETTING]).alias("setting_key")
 
 
 def _run_meta(run: Path) -> dict[str, Any]:
@@ -58,9 +74,31 @@ def _identity(meta: dict[str, Any], rows: pl.DataFrame) -> dict[str, Any]:
             "top_k_default": model.get("top_k_default")}
 
 
+def _read(path: Path) -> pl.DataFrame:
+    try:
+        return pl.read_parquet(path)
+    except Exception as exc:  # noqa: BLE001 - polars raises several kinds
+        raise EstimatorError(f"{path} cannot be read as Parquet ({exc}); re-run or resume the sweep") from None
+
+
+def decode_steps_of(phases: pl.DataFrame, keys: Sequence[str]) -> pl.DataFrame:
+    """Per request (`keys`), the decode step latencies in step order as a list column
+    ``decode_step_ms``.
+
+    Example:
+        >>> ph = pl.DataFrame({"config_id": ["a"] * 4, "repeat": [0] * 4, "phase": ["prefill", "decode", "decode", "decode"],
+        ...                    "step": [0, 1, 0, 2], "ms": [9.0, 2.0, 1.0, 3.0]})
+        >>> decode_steps_of(ph, ["config_id", "repeat"])["decode_step_ms"].to_list()
+        [[1.0, 2.0, 3.0]]
+    """
+    return (phases.filter(pl.col("phase") == "decode").sort(*keys, "step")
+            .group_by(list(keys), maintain_order=True)
+            .agg(pl.col("ms").cast(pl.Float64).alias("decode_step_ms")))
+
+
 def load_run(run_dir: str | Path) -> tuple[pl.DataFrame, dict[str, Any]]:
-    """All requests of one run directory with top_k/blocks filled from the model's defaults,
-    plus what the run says about itself (model, device, row counts).
+    """All requests of one run directory with top_k/blocks filled from the model's defaults and
+    the decode step latencies of each, plus what the run says about itself (model, device, rows).
 
     Example:
         >>> load_run("/no/such/run")
@@ -69,25 +107,29 @@ def load_run(run_dir: str | Path) -> tuple[pl.DataFrame, dict[str, Any]]:
         molmo_latency.errors.EstimatorError: run directory /no/such/run does not exist; give directories made by `molmo-latency profile`
     """
     run = Path(run_dir)
-    path = run / "requests.parquet"
-    if run.is_dir():
-        from molmo_latency.sweep.rundir import RunDir
-
-        RunDir(run).refresh()  # a killed sweep's parts become visible in requests.parquet
+    if run.exists() and not run.is_dir():
+        raise EstimatorError(f"{run} is a file, not a run directory; give the directories made by `molmo-latency "
+                             "profile --out RUN_DIR` (the folder that holds requests.parquet)")
     if not run.is_dir():
         raise EstimatorError(f"run directory {run} does not exist; give directories made by `molmo-latency profile`")
+    from molmo_latency.sweep.rundir import RunDir
+
+    RunDir(run).refresh()  # a killed sweep's parts become visible in requests.parquet
+    path = run / "requests.parquet"
     if not path.is_file():
         raise EstimatorError(f"{run} has no requests.parquet; is it a run directory of `molmo-latency profile` "
                              "with at least one finished measurement?")
-    try:
-        rows = pl.read_parquet(path)
-    except Exception as exc:  # noqa: BLE001 - polars raises several kinds
-        raise EstimatorError(f"{path} cannot be read as Parquet ({exc}); re-run or resume the sweep") from None
+    rows = _read(path)
     missing = [c for c in NEEDED if c not in rows.columns]
     if missing:
         raise EstimatorError(f"{path} lacks the columns {missing}; it was not written by this version's sweep runner")
     meta = _run_meta(run)
     ident = _identity(meta, rows)
+    if "block_indices" in rows.columns:  # a block subset: its size is the count where the count is missing
+        rows = rows.with_columns(pl.col("block_indices").cast(pl.List(pl.Int64)))
+        rows = rows.with_columns(pl.coalesce(pl.col("blocks"), pl.col("block_indices").list.len()).alias("blocks"))
+    else:
+        rows = rows.with_columns(pl.lit(None, pl.List(pl.Int64)).alias("block_indices"))
     fills = {"top_k": ident["top_k_default"], "blocks": ident["blocks_total"]}
     for knob, default in fills.items():
         if rows[knob].null_count():
@@ -95,14 +137,33 @@ def load_run(run_dir: str | Path) -> tuple[pl.DataFrame, dict[str, Any]]:
                 raise EstimatorError(f"{path}: {knob} is the model's default in some rows, and {run / 'run.json'} "
                                      f"does not say what that is (model.{'top_k_default' if knob == 'top_k' else 'blocks_total'})")
             rows = rows.with_columns(pl.col(knob).fill_null(default))
+    keys = ["config_id", "repeat"] if "repeat" in rows.columns else ["request"]
+    phases_path = run / "phases.parquet"
+    if not phases_path.is_file():
+        raise EstimatorError(f"{run} has no phases.parquet; the per-position decode model needs the decode steps "
+                             "of each request: re-run or resume the sweep")
+    phases = _read(phases_path)
+    lacking = [c for c in (*keys, "phase", "step", "ms") if c not in phases.columns]
+    if lacking:
+        raise EstimatorError(f"{phases_path} lacks the columns {lacking}; it was not written by this version's sweep runner")
+    steps = decode_steps_of(phases.with_columns(*[pl.col(k).cast(rows.schema[k]) for k in keys]), keys)
+    rows = rows.join(steps, on=keys, how="left")
     rows = rows.select(
-        *[pl.col(c).cast(pl.Int64) for c in (*KNOBS, *TOKENS)],
-        *[pl.col(c).cast(pl.Float64) for c in TARGETS],
+        *[pl.col(c).cast(pl.Int64) for c in (*KNOBS, *TOKENS, "decode_steps")],
+        (pl.col("output_tokens") if "output_tokens" in rows.columns else pl.lit(None)).cast(pl.Int64).alias("output_tokens"),
+        *[pl.col(c).cast(pl.Float64) for c in MEASURES],
+        pl.col("decode_step_ms").fill_null([]),
+        pl.col("block_indices"),
         pl.col("valid").cast(pl.Boolean), pl.col("config_id").cast(pl.Utf8),
         pl.col("repeat").cast(pl.Int64) if "repeat" in rows.columns else pl.lit(None, pl.Int64).alias("repeat"),
     ).with_columns(pl.lit(str(run)).alias("run_dir"))
-    rows = rows.with_columns(config_key())
-    return rows, {**ident, "run_dir": str(run), "rows": rows.height}
+    return with_keys(rows), {**ident, "run_dir": str(run), "rows": rows.height}
+
+
+def with_keys(rows: pl.DataFrame) -> pl.DataFrame:
+    """Add config_key and setting_key (when absent)."""
+    return rows.with_columns(*[e for e, name in ((config_key(), "config_key"), (setting_key(), "setting_key"))
+                               if name not in rows.columns])
 
 
 def load_requests(run_dirs: Sequence[str | Path]) -> tuple[pl.DataFrame, dict[str, Any]]:

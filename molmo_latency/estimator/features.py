@@ -1,24 +1,38 @@
 """Feature sets of the latency estimator (transform only): configuration arrays -> design matrices.
 
 A feature set turns what is known before generation (crops, image tokens, prompt tokens, input
-tokens, top-k, active blocks, new tokens, batch size) into one design matrix per target. The
-``physical`` set writes down where the time goes, so that a linear model with non-negative costs
-extrapolates to token counts it never saw; ``knobs`` is the plain knob values (the baseline).
+tokens, top-k, active blocks, batch size) and, for decode, the step's position into design
+matrices for three linear models:
+
+- ``prefill_total_ms`` (vision + projector + prefill, one per request),
+- ``decode_step_ms`` (one decode step at position ``step`` = 0, 1, ...; its KV length is
+  ``input_tokens + step + 1``),
+- ``other_ms`` (what a request spends outside the phases: sampling, logits processing, host gaps).
+
+Because every decode feature is a closed-form function of the position, the sum over the steps
+of a request of N output tokens (N - 1 decode steps) has a closed form too: ``step_sum`` gives
+the design of a request's whole decode time without a loop over positions.
+
+The ``physical`` set writes down where the time goes, so that a linear model with non-negative
+costs extrapolates to token counts and positions it never saw; ``knobs`` is the plain knob
+values and the position (the baseline).
 
 Example:
     >>> import numpy as np
     >>> x = config_arrays(crops=np.array([1, 4]), top_k=2, blocks=4, prompt_tokens=8,
-    ...                   new_tokens=8, batch_size=1, image_tokens=np.array([16, 64]),
-    ...                   input_tokens=np.array([25, 73]))
-    >>> m = FEATURE_SETS["physical"].design(x)
-    >>> m["decode_per_token_ms"].shape, FEATURE_SETS["physical"].names["decode_per_token_ms"][:2]
-    ((2, 4), ('const', 'blocks'))
+    ...                   batch_size=1, image_tokens=np.array([16, 64]), input_tokens=np.array([25, 73]))
+    >>> fs = FEATURE_SETS["physical"]
+    >>> fs.step(x, np.array([0, 9])).shape, fs.names["decode_step_ms"][:3]
+    ((2, 6), ('const', 'blocks', 'blocks_x_top_k'))
+    >>> bool(np.allclose(fs.step_sum(x, np.array([3, 3]))[0], sum(fs.step(x, np.full(2, s))[0] for s in range(3))))
+    True
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -26,12 +40,30 @@ import numpy as np
 
 from molmo_latency.errors import EstimatorError
 
-TARGETS = ("prefill_total_ms", "decode_per_token_ms")
+# The linear models of a feature set (each has its own coefficients).
+TARGETS = ("prefill_total_ms", "decode_step_ms", "other_ms")
+# What the estimator predicts at P50 and P95 (calibrated separately, each on held-out requests).
+OUTPUTS = ("prefill_total_ms", "decode_step_ms", "decode_total_ms", "request_ms")
 # What a configuration is made of (all integers); image/input tokens derive from crops/prompt.
 KNOBS = ("crops", "top_k", "blocks", "prompt_tokens", "new_tokens", "batch_size")
+SETTING = ("crops", "top_k", "blocks", "prompt_tokens", "batch_size")  # a configuration without its N
 TOKENS = ("image_tokens", "input_tokens")
 KNOB_MIN = {"crops": 0, "top_k": 1, "blocks": 1, "prompt_tokens": 0, "new_tokens": 1, "batch_size": 1,
             "image_tokens": 0, "input_tokens": 1}
+# Decay lengths (in steps) of the two position terms of the physical decode model.
+FIRST_STEPS_TAU = 4.0   # one-off costs of the first steps (cache growth, allocator), fading out
+RAMP_TAU = 16.0         # per-block cost that rises over the first steps and levels off
+
+
+def output_names(target: str) -> tuple[str, str]:
+    """The P50 and P95 column names of a target.
+
+    Example:
+        >>> output_names("prefill_total_ms")
+        ('prefill_total_p50_ms', 'prefill_total_p95_ms')
+    """
+    stem = target.removesuffix("_ms")
+    return f"{stem}_p50_ms", f"{stem}_p95_ms"
 
 
 def config_arrays(**values) -> dict[str, np.ndarray]:
@@ -41,7 +73,12 @@ def config_arrays(**values) -> dict[str, np.ndarray]:
         >>> config_arrays(crops=[1, 2], top_k=2)["top_k"].tolist()
         [2.0, 2.0]
     """
-    arrays = {k: np.asarray(v, dtype=np.float64) for k, v in values.items()}
+    arrays = {}
+    for k, v in values.items():
+        try:
+            arrays[k] = np.asarray(v, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise EstimatorError(f"{k} must be a number or an array of numbers, got {v!r}") from None
     try:
         shaped = np.broadcast_arrays(*arrays.values())
     except ValueError:
@@ -56,10 +93,16 @@ def config_arrays(**values) -> dict[str, np.ndarray]:
     return out
 
 
-def _physical(x: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _geo_sum(tau: float, n: np.ndarray) -> np.ndarray:
+    """sum_{s=0}^{n-1} exp(-s / tau), elementwise (0 for n = 0)."""
+    r = math.exp(-1.0 / tau)
+    return (1.0 - r ** n) / (1.0 - r)
+
+
+# ---------------------------------------------------------------------------- physical
+def _physical_request(x: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     b, k, bs = x["blocks"], x["top_k"], x["batch_size"]
     tok = bs * x["input_tokens"]                   # tokens through the LLM in prefill
-    kv = bs * (x["input_tokens"] + 0.5 * x["new_tokens"])  # mean KV length over the decode steps
     one = np.ones_like(b)
     bk = b * k
     bt = b * tok
@@ -75,68 +118,122 @@ def _physical(x: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         bk * tok,                   # expert FFN FLOPs: blocks x top-k x tokens
         bt * x["input_tokens"],     # attention scores: blocks x tokens^2
     ], axis=1)
-    decode = np.stack([
-        one,                        # fixed per step: LM head, sampling, host overhead
-        b,                          # per-block fixed cost (dense weights read, launches)
-        bk,                         # per-block, per-expert cost (expert weights read)
-        b * kv,                     # attention over the KV cache
+    return {"prefill_total_ms": prefill, "other_ms": _physical_other(x)}
+
+
+def _physical_other(x: Mapping[str, np.ndarray]) -> np.ndarray:
+    steps = x["decode_steps"]
+    return np.stack([np.ones_like(steps), steps, x["batch_size"] * steps], axis=1)  # per request, step, sequence-step
+
+
+def _physical_step(x: Mapping[str, np.ndarray], step: np.ndarray) -> np.ndarray:
+    b, k, bs = x["blocks"], x["top_k"], x["batch_size"]
+    kv = bs * (x["input_tokens"] + step + 1.0)  # KV entries attended by this step's token(s)
+    return np.stack([
+        np.ones_like(b),                       # fixed per step: LM head, sampling, host overhead
+        b,                                     # per-block fixed cost (dense weights read, launches)
+        b * k,                                 # per-block, per-expert cost (expert weights read)
+        b * kv,                                # attention over the KV cache
+        np.exp(-step / FIRST_STEPS_TAU),       # one-off costs of the first steps, fading
+        b * (1.0 - np.exp(-step / RAMP_TAU)),  # per-block cost rising over the first steps
     ], axis=1)
-    return {"prefill_total_ms": prefill, "decode_per_token_ms": decode}
 
 
-def _knobs(x: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _physical_step_sum(x: Mapping[str, np.ndarray], n: np.ndarray) -> np.ndarray:
+    b, k, bs = x["blocks"], x["top_k"], x["batch_size"]
+    kv_sum = bs * (n * (x["input_tokens"] + 1.0) + n * (n - 1.0) / 2.0)
+    return np.stack([n, b * n, b * k * n, b * kv_sum, _geo_sum(FIRST_STEPS_TAU, n),
+                     b * (n - _geo_sum(RAMP_TAU, n))], axis=1)
+
+
+# ---------------------------------------------------------------------------- knobs baseline
+def _knobs_request(x: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     one = np.ones_like(x["blocks"])
     base = [one, x["crops"], x["top_k"], x["blocks"], x["prompt_tokens"]]
-    return {"prefill_total_ms": np.stack(base, axis=1),
-            "decode_per_token_ms": np.stack([*base, x["new_tokens"]], axis=1)}
+    return {"prefill_total_ms": np.stack(base, axis=1), "other_ms": _knobs_other(x)}
+
+
+def _knobs_other(x: Mapping[str, np.ndarray]) -> np.ndarray:
+    return np.stack([np.ones_like(x["decode_steps"]), x["decode_steps"]], axis=1)
+
+
+def _knobs_step(x: Mapping[str, np.ndarray], step: np.ndarray) -> np.ndarray:
+    one = np.ones_like(x["blocks"])
+    return np.stack([one, x["crops"], x["top_k"], x["blocks"], x["prompt_tokens"], step * one], axis=1)
+
+
+def _knobs_step_sum(x: Mapping[str, np.ndarray], n: np.ndarray) -> np.ndarray:
+    return np.stack([n, x["crops"] * n, x["top_k"] * n, x["blocks"] * n, x["prompt_tokens"] * n,
+                     n * (n - 1.0) / 2.0], axis=1)
 
 
 @dataclass(frozen=True)
 class FeatureSet:
-    """A named, versioned map from configuration arrays to one design matrix per target."""
+    """A named, versioned map from configuration arrays (and decode positions) to design matrices."""
 
     name: str
     description: str
     names: dict[str, tuple[str, ...]]
-    build: Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
+    request: Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
+    step_fn: Callable[[Mapping[str, np.ndarray], np.ndarray], np.ndarray]
+    step_sum_fn: Callable[[Mapping[str, np.ndarray], np.ndarray], np.ndarray]
     nonnegative: bool  # are the columns costs (so coefficients may be constrained >= 0)?
+    other_fn: Callable[[Mapping[str, np.ndarray]], np.ndarray]
 
     def design(self, x: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Design matrices {target: (n, features)} for configuration arrays `x`.
+        """Request-level design matrices {prefill_total_ms, other_ms: (n, features)}; `x` needs
+        ``decode_steps`` for other_ms.
 
         Example:
-            >>> x = config_arrays(crops=2, top_k=1, blocks=3, prompt_tokens=4, new_tokens=2, batch_size=1,
-            ...                   image_tokens=32, input_tokens=37)
+            >>> x = config_arrays(crops=2, top_k=1, blocks=3, prompt_tokens=4, batch_size=1,
+            ...                   image_tokens=32, input_tokens=37, decode_steps=5)
             >>> FEATURE_SETS["knobs"].design(x)["prefill_total_ms"].tolist()
             [[1.0, 2.0, 1.0, 3.0, 4.0]]
         """
-        return self.build(x)
+        return self.request(x)
+
+    def design_other(self, x: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The other_ms design alone (what a request spends outside the phases)."""
+        return self.other_fn(x)
+
+    def step(self, x: Mapping[str, np.ndarray], step: np.ndarray) -> np.ndarray:
+        """Design of one decode step per row, at position `step` (0 = the first decode step)."""
+        return self.step_fn(x, np.asarray(step, dtype=np.float64))
+
+    def step_sum(self, x: Mapping[str, np.ndarray], steps: np.ndarray) -> np.ndarray:
+        """Design of the sum of decode steps 0 .. steps-1 per row (closed form, no loop)."""
+        return self.step_sum_fn(x, np.asarray(steps, dtype=np.float64))
 
     def digest(self) -> str:
-        blob = json.dumps({"name": self.name, "names": self.names}, sort_keys=True).encode()
+        blob = json.dumps({"name": self.name, "names": self.names,
+                           "taus": [FIRST_STEPS_TAU, RAMP_TAU]}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
 FEATURE_SETS: dict[str, FeatureSet] = {
     "physical": FeatureSet(
         name="physical",
-        description="costs by where the time goes: image present, crops, image tokens, tokens, blocks, blocks x top-k, "
-                    "blocks x tokens, blocks x top-k x tokens, blocks x tokens^2; decode: blocks, "
-                    "blocks x top-k, blocks x KV length",
+        description="prefill: image present, crops, image tokens, tokens, blocks, blocks x top-k, blocks x tokens, "
+                    "blocks x top-k x tokens, blocks x tokens^2; decode step: blocks, blocks x top-k, blocks x KV "
+                    f"length, first-step costs (exp(-step/{FIRST_STEPS_TAU:g})), per-block ramp "
+                    f"(1 - exp(-step/{RAMP_TAU:g})); other: per request, per step",
         names={"prefill_total_ms": ("const", "has_image", "crops", "image_tokens", "input_tokens", "blocks",
                                     "blocks_x_top_k", "blocks_x_input_tokens",
                                     "blocks_x_top_k_x_input_tokens", "blocks_x_input_tokens_sq"),
-               "decode_per_token_ms": ("const", "blocks", "blocks_x_top_k", "blocks_x_kv_tokens")},
-        build=_physical,
-        nonnegative=True,
+               "decode_step_ms": ("const", "blocks", "blocks_x_top_k", "blocks_x_kv_tokens", "first_steps",
+                                  "blocks_x_ramp"),
+               "other_ms": ("const", "decode_steps", "batch_x_decode_steps")},
+        request=_physical_request, step_fn=_physical_step, step_sum_fn=_physical_step_sum,
+        nonnegative=True, other_fn=_physical_other,
     ),
     "knobs": FeatureSet(
         name="knobs",
-        description="the raw knob values, linear (a baseline: no physical structure)",
+        description="the raw knob values and the decode position, linear (a baseline: no physical structure)",
         names={"prefill_total_ms": ("const", "crops", "top_k", "blocks", "prompt_tokens"),
-               "decode_per_token_ms": ("const", "crops", "top_k", "blocks", "prompt_tokens", "new_tokens")},
-        build=_knobs,
-        nonnegative=False,
+               "decode_step_ms": ("const", "crops", "top_k", "blocks", "prompt_tokens", "step"),
+               "other_ms": ("const", "decode_steps")},
+        request=_knobs_request, step_fn=_knobs_step, step_sum_fn=_knobs_step_sum,
+        nonnegative=False, other_fn=_knobs_other,
     ),
 }
 
@@ -145,8 +242,8 @@ def feature_set(name: str) -> FeatureSet:
     """The feature set called `name`; an EstimatorError lists the known ones otherwise.
 
     Example:
-        >>> feature_set("physical").names["decode_per_token_ms"]
-        ('const', 'blocks', 'blocks_x_top_k', 'blocks_x_kv_tokens')
+        >>> feature_set("physical").names["other_ms"]
+        ('const', 'decode_steps', 'batch_x_decode_steps')
     """
     try:
         return FEATURE_SETS[name]

@@ -1,23 +1,34 @@
 """Fitting and honest evaluation of the latency estimator (transform: requests -> Estimator).
 
-Whole configurations are split three ways (never single requests: repeats of one configuration
-would sit on both sides): *train* configurations fit the linear costs, *calibration*
-configurations set the P50/P95 factors (split-conformal on the relative residuals y / mu), and
-*test* configurations, used for nothing else, give the reported metrics.
+Three linear models are fitted: ``prefill_total_ms`` per request, ``decode_step_ms`` per decode
+step and position (every step of every valid request, from phases.parquet), and ``other_ms``
+(the measured gaps). A whole request of N output tokens is prefill + the N - 1 decode steps +
+the gaps.
 
-The linear costs are fitted to the median of each training configuration (a P50 target that a
-few slow repeats cannot drag), with relative weights (latency noise scales with latency).
-Candidates (for cost features: non-negative least squares on relative and absolute errors, and
-least absolute relative deviations with costs >= 0; otherwise relative ridge at several strengths
-and unconstrained least absolute relative deviations)
-are chosen by grouped K-fold cross-validation over the training configurations.
+Configurations are split three ways by their *setting* (crops, top-k, blocks, prompt tokens,
+batch size; all N of one setting go together, so a held-out configuration was never seen at any
+N, and repeats never sit on both sides): *train* settings fit the linear costs, *calibration*
+settings set the P50/P95 factors (split conformal on the relative residuals y / mu, separately
+for prefill, one decode step, the decode total and the whole request), and *test* settings,
+used for nothing else, give the reported metrics. A second fit holds out the longest outputs
+(every request whose N is at or above a threshold, of every setting) and is evaluated on them:
+the error when predicting an N the model has not seen.
+
+The linear costs are fitted to the median of each training configuration (per position for
+decode steps: a P50 target that a few slow repeats cannot drag), with relative weights (latency
+noise scales with latency). Candidates (for cost features: non-negative least squares on relative
+and absolute errors, and least absolute relative deviations with costs >= 0; otherwise relative
+ridge at several strengths and unconstrained least absolute relative deviations) are chosen by
+grouped K-fold cross-validation over the training configurations.
 
 Example:
     >>> from molmo_latency.estimator import example_requests, fit_estimator
     >>> est = fit_estimator(example_requests(seed=0))
-    >>> m = est.metrics["decode_per_token_ms"]["requests"]
+    >>> m = est.metrics["held_out_configs"]["request_ms"]["requests"]
     >>> sorted(m)[:4], m["r2"] > 0.9
     (['mae_ms', 'mape_pct', 'n', 'p50_below_share'], True)
+    >>> [b["positions"] for b in est.metrics["held_out_configs"]["decode_step_ms"]["by_position"]]
+    ['0', '1-3', '4-15']
 """
 
 from __future__ import annotations
@@ -30,15 +41,19 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import polars as pl
+from scipy import sparse
 from scipy.optimize import linprog, nnls
 
 from molmo_latency.errors import EstimatorError
-from molmo_latency.estimator.data import config_key, load_requests
-from molmo_latency.estimator.features import KNOBS, TARGETS, TOKENS, FeatureSet, TokenMap, config_arrays, feature_set
-from molmo_latency.estimator.model import FLOOR_MS, FORMAT_VERSION, Estimator, output_names
+from molmo_latency.estimator.data import MEASURES, load_requests, with_keys
+from molmo_latency.estimator.features import (KNOBS, OUTPUTS, SETTING, TARGETS, TOKENS, FeatureSet, TokenMap,
+                                              config_arrays, feature_set, output_names)
+from molmo_latency.estimator.model import FLOOR_MS, FORMAT_VERSION, MIXED, Estimator
 
 Regressor = Callable[[np.ndarray, np.ndarray], np.ndarray]
 MIN_TRAIN_CONFIGS = 2
+# decode positions are reported in these buckets (first step, early steps, then by powers of 4)
+POSITION_EDGES = (0, 1, 4, 16, 64, 256)
 
 
 # ---------------------------------------------------------------------------- regressors
@@ -99,7 +114,8 @@ def lad_fit(nonnegative: bool) -> Regressor:
         n, f = z.shape
         # variables: coef (f), u+ (n), u- (n); z coef + u+ - u- = yw; minimise sum(u+ + u-)
         cost = np.concatenate([np.zeros(f), np.ones(2 * n)])
-        a_eq = np.hstack([z, np.eye(n), -np.eye(n)])
+        eye = sparse.identity(n, format="csr")
+        a_eq = sparse.hstack([sparse.csr_matrix(z), eye, -eye], format="csr")
         bounds = [(0, None) if nonnegative else (None, None)] * f + [(0, None)] * (2 * n)
         res = linprog(cost, A_eq=a_eq, b_eq=yw, bounds=bounds, method="highs")
         if res.status != 0:  # infeasible cannot happen (u free to absorb); numerical trouble: fall back
@@ -138,6 +154,8 @@ def regression_metrics(y: np.ndarray, p50: np.ndarray, p95: np.ndarray | None = 
         (0.25, 0.75, 0.8)
     """
     y, p50 = np.asarray(y, float), np.asarray(p50, float)
+    if y.size == 0:
+        return {"n": 0}
     err = p50 - y
     ss_tot = float(np.sum((y - y.mean()) ** 2))
     out = {
@@ -176,7 +194,7 @@ def conformal_factors(ratio: np.ndarray, coverage: float) -> tuple[float, float,
 # ---------------------------------------------------------------------------- splits
 def split_configs(keys: Sequence[str], *, test_fraction: float, calib_fraction: float, seed: int,
                   test_keys: set[str] | None = None) -> dict[str, str]:
-    """Assign each configuration to "train", "calib" or "test" (whole configurations, seeded).
+    """Assign each key (a setting) to "train", "calib" or "test" (whole settings, seeded).
 
     Example:
         >>> roles = split_configs([f"c{i}" for i in range(8)], test_fraction=0.25, calib_fraction=0.25, seed=0)
@@ -208,35 +226,61 @@ def split_configs(keys: Sequence[str], *, test_fraction: float, calib_fraction: 
         roles.update({k: "train" for k in order[n_test + n_calib:]})
     counts = {r: sum(1 for v in roles.values() if v == r) for r in ("train", "calib", "test")}
     if counts["train"] < MIN_TRAIN_CONFIGS or counts["calib"] < 1 or counts["test"] < 1:
-        raise EstimatorError(f"{len(keys)} configurations cannot be split into train/calibration/test "
-                             f"({counts}); at least {MIN_TRAIN_CONFIGS + 2} distinct configurations are needed "
-                             "(with a holdout, some must stay outside it): run a larger sweep")
+        raise EstimatorError(f"{len(keys)} configurations (settings of crops, top-k, blocks, prompt tokens) cannot be "
+                             f"split into train/calibration/test ({counts}); at least {MIN_TRAIN_CONFIGS + 2} distinct "
+                             "settings are needed (with a holdout, some must stay outside it): run a larger sweep")
     return roles
 
 
-# ---------------------------------------------------------------------------- fit
-def _arrays(frame: pl.DataFrame) -> dict[str, np.ndarray]:
-    return config_arrays(**{c: frame[c].to_numpy() for c in (*KNOBS, *TOKENS)})
+# ---------------------------------------------------------------------------- data shapes
+def _arrays(frame: pl.DataFrame, *extra: str) -> dict[str, np.ndarray]:
+    return config_arrays(**{c: frame[c].to_numpy() for c in (*KNOBS, *TOKENS, *extra)})
 
 
-def _medians(frame: pl.DataFrame, target: str) -> pl.DataFrame:
-    return (frame.group_by("config_key", maintain_order=True)
-            .agg(*[pl.col(c).first() for c in (*KNOBS, *TOKENS)], pl.col(target).median(), pl.len().alias("n"))
-            .sort("config_key"))
+def _request_medians(frame: pl.DataFrame, target: str, by_steps: bool = False) -> pl.DataFrame:
+    """Median of `target` per configuration (and per decode-step count, where free generation
+    gives one configuration several output lengths)."""
+    keys = ["config_key", "decode_steps"] if by_steps else ["config_key"]
+    return (frame.group_by(keys, maintain_order=True)
+            .agg(*[pl.col(c).first() for c in (*KNOBS, *TOKENS, "decode_steps") if c not in keys],
+                 pl.col(target).median(), pl.len().alias("n"))
+            .sort(keys))
 
 
-def _cv_mape(fs: FeatureSet, target: str, med: pl.DataFrame, regs: dict[str, Regressor], seed: int) -> dict[str, float]:
-    """Grouped K-fold over training configurations: MAPE of config medians per candidate."""
-    n = med.height
-    if n < 3:
+def explode_steps(rows: pl.DataFrame) -> pl.DataFrame:
+    """One row per decode step: the request's columns, ``step`` and ``decode_step_ms``.
+
+    Example:
+        >>> from molmo_latency.estimator import example_requests
+        >>> r = example_requests(seed=0).head(2)
+        >>> explode_steps(r).height == int(r["decode_steps"].sum())
+        True
+    """
+    cols = [c for c in rows.columns if c != "decode_step_ms"]
+    return (rows.with_row_index("request_index").select("request_index", *cols, "decode_step_ms")
+            .filter(pl.col("decode_step_ms").list.len() > 0)
+            .with_columns(pl.int_ranges(0, pl.col("decode_step_ms").list.len()).alias("step"))
+            .explode("decode_step_ms", "step")
+            .with_columns(pl.col("step").cast(pl.Int64), pl.col("decode_step_ms").cast(pl.Float64))
+            .filter(pl.col("decode_step_ms").is_finite() & (pl.col("decode_step_ms") > 0)))
+
+
+def _step_medians(steps: pl.DataFrame) -> pl.DataFrame:
+    return (steps.group_by("config_key", "step", maintain_order=True)
+            .agg(*[pl.col(c).first() for c in (*KNOBS, *TOKENS)], pl.col("decode_step_ms").median(), pl.len().alias("n"))
+            .sort("config_key", "step"))
+
+
+def _cv_mape(x: np.ndarray, y: np.ndarray, groups: np.ndarray, regs: dict[str, Regressor], seed: int) -> dict[str, float]:
+    """Grouped K-fold (a configuration's rows stay together): MAPE per candidate."""
+    uniq, inv = np.unique(groups, return_inverse=True)
+    if uniq.size < 3:
         return {}
-    k = min(5, n)
-    folds = np.random.default_rng(seed + 1).permutation(n) % k
-    x = fs.build(_arrays(med))[target]
-    y = med[target].to_numpy()
+    k = min(5, uniq.size)
+    folds = (np.random.default_rng(seed + 1).permutation(uniq.size) % k)[inv]
     out = {}
     for name, reg in regs.items():
-        pred = np.empty(n)
+        pred = np.empty(y.size)
         for f in range(k):
             tr, te = folds != f, folds == f
             pred[te] = np.maximum(x[te] @ reg(x[tr], y[tr]), FLOOR_MS)
@@ -244,28 +288,160 @@ def _cv_mape(fs: FeatureSet, target: str, med: pl.DataFrame, regs: dict[str, Reg
     return out
 
 
+def _choose(x: np.ndarray, y: np.ndarray, groups: np.ndarray, regs: dict[str, Regressor], seed: int):
+    cv = _cv_mape(x, y, groups, regs, seed)
+    chosen = min(cv, key=cv.get) if cv else next(iter(regs))
+    return regs[chosen](x, y), chosen, cv
+
+
 def _prepare(data: pl.DataFrame | Sequence[str | Path] | str | Path) -> tuple[pl.DataFrame, dict[str, Any]]:
     if isinstance(data, (str, Path)):
         data = [data]
     if not isinstance(data, pl.DataFrame):
         return load_requests(list(data))
-    missing = [c for c in (*KNOBS, *TOKENS) if c not in data.columns]
-    if missing or not any(t in data.columns for t in TARGETS):
-        raise EstimatorError(f"the requests frame lacks {missing or list(TARGETS)}; give a requests table of a "
-                             "run directory")
+    need = (*KNOBS, *TOKENS, *MEASURES, "decode_steps", "decode_step_ms")
+    missing = [c for c in need if c not in data.columns]
+    if missing:
+        raise EstimatorError(f"the requests frame lacks {missing}; give the requests of a run directory as "
+                             "`load_requests` returns them (with decode_step_ms, the decode steps of each request)")
     rows = data
     if "valid" in rows.columns:
         rows = rows.filter(pl.col("valid").fill_null(False))
-    rows = rows.with_columns(*[pl.col(c).cast(pl.Int64) for c in (*KNOBS, *TOKENS)],
-                             *[pl.col(t).cast(pl.Float64) for t in TARGETS if t in rows.columns])
-    if "config_key" not in rows.columns:
-        rows = rows.with_columns(config_key())
+    rows = rows.with_columns(*[pl.col(c).cast(pl.Int64) for c in (*KNOBS, *TOKENS, "decode_steps")],
+                             *[pl.col(t).cast(pl.Float64) for t in MEASURES],
+                             pl.col("decode_step_ms").cast(pl.List(pl.Float64)))
+    rows = with_keys(rows)
     info = {"run_dirs": [], "rows_read": data.height, "invalid_rows": data.height - rows.height,
             "rows": rows.height, "configs": rows["config_key"].n_unique(), "model": None, "device_type": None,
             "gpu_name": None, "dtype": None, "blocks_total": None, "top_k_default": None}
     if rows.height == 0:
         raise EstimatorError("no valid request in the frame given")
     return rows, info
+
+
+# ---------------------------------------------------------------------------- fit
+def _fit_core(fs: FeatureSet, rows: pl.DataFrame, steps: pl.DataFrame, coverage: float, seed: int) -> dict[str, Any]:
+    """Fit the three linear models on role == train, calibrate on role == calib."""
+    regs = candidates(fs)
+    train, calib = rows.filter(pl.col("role") == "train"), rows.filter(pl.col("role") == "calib")
+    coef, selection = {}, {}
+    # prefill: per-configuration medians
+    ok = train.filter(pl.col("prefill_total_ms").is_finite() & (pl.col("prefill_total_ms") > 0))
+    if ok.height == 0 or calib.height == 0:
+        raise EstimatorError("no usable prefill_total_ms in the training or calibration configurations; "
+                             "run a sweep with more configurations")
+    med = _request_medians(ok, "prefill_total_ms")
+    x = fs.design(_arrays(med, "decode_steps"))["prefill_total_ms"]
+    coef["prefill_total_ms"], chosen, cv = _choose(x, med["prefill_total_ms"].to_numpy(), med["config_key"].to_numpy(),
+                                                   regs, seed)
+    selection["prefill_total_ms"] = {"chosen": chosen, "cv_config_median_mape_pct": cv, "train_configs": med.height}
+    # decode steps: per-configuration, per-position medians
+    st_train = steps.filter(pl.col("role") == "train")
+    if st_train.height == 0:
+        raise EstimatorError("no decode step in the training configurations (every request has new_tokens = 1?); "
+                             "sweep new_tokens >= 2 so there are decode steps to learn from")
+    smed = _step_medians(st_train)
+    xs = fs.step(_arrays(smed), smed["step"].to_numpy())
+    coef["decode_step_ms"], chosen, cv = _choose(xs, smed["decode_step_ms"].to_numpy(), smed["config_key"].to_numpy(),
+                                                 regs, seed)
+    selection["decode_step_ms"] = {"chosen": chosen, "cv_config_position_median_mape_pct": cv,
+                                   "train_configs": smed["config_key"].n_unique(), "train_positions": smed.height}
+    # other_ms (gaps): per-configuration medians, absolute least squares (values may be near 0)
+    ok = train.filter(pl.col("other_ms").is_finite() & (pl.col("other_ms") >= 0))
+    omed = _request_medians(ok, "other_ms", by_steps=True)
+    xo = fs.design(_arrays(omed, "decode_steps"))["other_ms"]
+    yo = omed["other_ms"].to_numpy()
+    if fs.nonnegative:
+        coef["other_ms"] = nnls_fit(relative=False)(xo, yo)
+    else:
+        coef["other_ms"] = np.linalg.lstsq(xo, yo, rcond=None)[0]
+    selection["other_ms"] = {"chosen": "nnls_absolute" if fs.nonnegative else "least_squares",
+                             "train_configs": omed.height}
+    for t in TARGETS:
+        selection[t]["coefficients"] = dict(zip(fs.names[t], coef[t].tolist()))
+    tm = TokenMap.learn(train["crops"].to_numpy(), train["prompt_tokens"].to_numpy(),
+                        train["image_tokens"].to_numpy(), train["input_tokens"].to_numpy())
+    est = Estimator(fs, coef, {o: (1.0, 1.0) for o in OUTPUTS}, tm, defaults=_defaults(rows),
+                    knob_ranges=_ranges(train), meta={"coverage": coverage})
+    est.noise = _noise(est, train, st_train)
+    # calibration: ratios of measured to the linear prediction, per output, on calibration requests
+    # (for decode total and request: the normalized score (y - mu) / (mu sd(N)))
+    mu = _mu_rows(est, calib)
+    cal_n = calib["decode_steps"].to_numpy().astype(np.float64)
+    cal_steps = steps.filter(pl.col("role") == "calib")
+    step_mu = _mu_steps(est, cal_steps)
+    measured = {"prefill_total_ms": calib["prefill_total_ms"].to_numpy(), "decode_total_ms": calib["decode_ms"].to_numpy(),
+                "request_ms": calib["total_ms"].to_numpy()}
+    factors, ratios, calibration = {}, {}, {}
+    for name in OUTPUTS:
+        if name == "decode_step_ms":
+            y, m, keys = cal_steps["decode_step_ms"].to_numpy(), step_mu, cal_steps["config_key"]
+        else:
+            y, m, keys = measured[name], mu[name], calib["config_key"]
+            if name == "decode_total_ms":
+                has = calib["decode_steps"].to_numpy() > 0
+                y, m, keys = y[has], m[has], keys.filter(pl.Series(has))
+        good = np.isfinite(y) & (y > 0) & (m > 0)
+        if not good.any():
+            raise EstimatorError(f"no usable {name} in the calibration configurations; run a sweep with more "
+                                 "configurations (and new_tokens >= 2)")
+        r = y[good] / m[good]
+        if name in MIXED:  # normalized: each request's relative residual in units of its modelled spread
+            steps_n = cal_n if name == "request_ms" else cal_n[calib["decode_steps"].to_numpy() > 0]
+            mu_rows = mu if name == "request_ms" else {k: v[calib["decode_steps"].to_numpy() > 0] for k, v in mu.items()}
+            sd = est.relative_sd(name, {k: v[good] for k, v in mu_rows.items()}, steps_n[good])
+            r = (r - 1.0) / sd
+        f50, f95, guaranteed = conformal_factors(r, coverage)
+        factors[name] = (f50, f95)
+        if name in MIXED:
+            ratios[name] = np.sort(r)
+        calibration[name] = {"method": ("normalized split-conformal on (y - mu) / (mu sd(N)) of calibration requests "
+                                        "(sd from the relative spreads of prefill and decode steps, see noise)")
+                             if name in MIXED else
+                             "split-conformal on relative residuals y / mu of calibration "
+                             + ("decode steps" if name == "decode_step_ms" else "requests"),
+                             "scale": "sd" if name in MIXED else "ratio",
+                             "p50_factor": f50, "p95_factor": f95, "rows": int(good.sum()),
+                             "configs": int(keys.filter(pl.Series(good)).n_unique()),
+                             "finite_sample_guarantee": guaranteed}
+    est.factors = factors
+    est.ratios = ratios
+    return {"estimator": est, "selection": selection, "calibration": calibration}
+
+
+def _robust_sd(v: np.ndarray) -> float:
+    v = v[np.isfinite(v)]
+    return float(1.4826 * np.median(np.abs(v - np.median(v)))) if v.size else 0.0
+
+
+def _noise(est: Estimator, train: pl.DataFrame, steps: pl.DataFrame) -> dict[str, float]:
+    """Relative spread (robust SD of log(y / mu)) of prefill and of one decode step on the
+    training data, and how strongly the steps of one request move together (0: independent, so
+    the decode total of S steps spreads sqrt(S) times less; 1: together)."""
+    mu = _mu_rows(est, train)
+    y = train["prefill_total_ms"].to_numpy()
+    ok = np.isfinite(y) & (y > 0)
+    sp = _robust_sd(np.log(y[ok] / mu["prefill_total_ms"][ok]))
+    ls = np.log(steps["decode_step_ms"].to_numpy() / _mu_steps(est, steps))
+    ss = _robust_sd(ls)
+    per = (steps.select("request_index").with_columns(pl.Series("ls", ls))
+           .group_by("request_index").agg(pl.col("ls").mean(), pl.len().alias("s")))
+    inv = float(np.mean(1.0 / per["s"].to_numpy())) if per.height else 1.0
+    rho = 1.0
+    if ss > 0 and inv < 1 and per.height >= 3:
+        rho = float(np.clip((_robust_sd(per["ls"].to_numpy()) ** 2 / ss ** 2 - inv) / (1 - inv), 0.0, 1.0))
+    return {"prefill_rel_sd": sp, "step_rel_sd": ss, "step_correlation": rho}
+
+
+def _mu_rows(est: Estimator, frame: pl.DataFrame) -> dict[str, np.ndarray]:
+    x = _arrays(frame)
+    return est._mu(x, frame["decode_steps"].to_numpy().astype(np.float64))
+
+
+def _mu_steps(est: Estimator, steps: pl.DataFrame) -> np.ndarray:
+    if steps.height == 0:
+        return np.empty(0)
+    return np.maximum(est.features.step(_arrays(steps), steps["step"].to_numpy()) @ est.coef["decode_step_ms"], FLOOR_MS)
 
 
 def fit_estimator(
@@ -277,119 +453,204 @@ def fit_estimator(
     coverage: float = 0.95,
     seed: int = 0,
     holdout: pl.Expr | None = None,
+    hold_out_new_tokens: bool = True,
 ) -> Estimator:
-    """Fit P50/P95 of prefill_total_ms and decode_per_token_ms on run directories (or a requests
-    frame), evaluated on held-out whole configurations.
+    """Fit the whole-request estimator on run directories (or a requests frame with
+    ``decode_step_ms``), evaluated on held-out whole configurations and on held-out N.
 
     `holdout`, a polars expression over the knob columns, picks the test configurations instead
-    of a random `test_fraction` (e.g. ``pl.col("crops") >= 16`` to test extrapolation). The
-    returned Estimator holds the metrics (``est.metrics``) and the held-out predictions
-    (``est.evaluation``); the model saved is the one the metrics describe.
+    of a random `test_fraction` (e.g. ``pl.col("crops") >= 16`` to test extrapolation).
+    `hold_out_new_tokens` adds the held-out-N evaluation (a second fit without the longest
+    outputs) when the data has at least two output lengths. The returned Estimator holds the
+    metrics (``est.metrics``) and the held-out predictions (``est.evaluation`` per request,
+    ``est.steps_evaluation`` per decode step); the model saved is the one fitted on the
+    configuration split, which the ``held_out_configs`` metrics describe.
 
     Example:
         >>> import polars as pl
         >>> from molmo_latency.estimator import example_requests, fit_estimator
         >>> est = fit_estimator(example_requests(seed=1), holdout=pl.col("crops") == 8)
-        >>> est.meta["split"]["configs"]["test"], est.metrics["prefill_total_ms"]["requests"]["r2"] > 0.9
-        (18, True)
+        >>> sp = est.meta["split"]
+        >>> sp["configs"]["test"], len(sp["test_configs"]), est.metrics["held_out_configs"]["request_ms"]["requests"]["r2"] > 0.9
+        (18, 36, True)
     """
     fs = _feature_set(feature_set)
     if not 0.5 < coverage < 1:
         raise EstimatorError(f"coverage must be between 0.5 and 1, got {coverage}")
     started = time.perf_counter()
     rows, info = _prepare(data)
-    keys = rows["config_key"].unique().to_list()
-    test_keys = None
+    test_settings = None
+    test_configs: set[str] | None = None
     if holdout is not None:
-        per_config = rows.group_by("config_key").agg(*[pl.col(c).first() for c in (*KNOBS, *TOKENS)])
+        per_config = rows.group_by("config_key").agg(*[pl.col(c).first() for c in (*KNOBS, *TOKENS, "setting_key")])
         try:
-            test_keys = set(per_config.filter(holdout)["config_key"].to_list())
+            test_configs = set(per_config.filter(holdout)["config_key"].to_list())
         except Exception as exc:  # noqa: BLE001 - polars raises several kinds
             raise EstimatorError(f"holdout {holdout} cannot select configurations: {exc}") from None
-    roles = split_configs(keys, test_fraction=test_fraction, calib_fraction=calib_fraction, seed=seed,
-                          test_keys=test_keys)
-    rows = rows.with_columns(pl.col("config_key").replace_strict(roles).alias("role"))
-    train = rows.filter(pl.col("role") == "train")
-    tm = TokenMap.learn(train["crops"].to_numpy(), train["prompt_tokens"].to_numpy(),
-                        train["image_tokens"].to_numpy(), train["input_tokens"].to_numpy())
-
-    coef, factors, selection, calibration, metrics = {}, {}, {}, {}, {}
-    targets = [t for t in TARGETS if t in rows.columns]
-    usable = {t: rows.filter(pl.col(t).is_not_null() & pl.col(t).is_finite() & (pl.col(t) > 0)) for t in targets}
-    regs = candidates(fs)
-    for t in targets:
-        part = {r: usable[t].filter(pl.col("role") == r) for r in ("train", "calib", "test")}
-        empty = [r for r, f in part.items() if f.height == 0]
-        if empty:
-            raise EstimatorError(f"no usable {t} in the {'/'.join(empty)} configurations (null or <= 0: e.g. "
-                                 "decode_per_token_ms needs new_tokens >= 2); run a sweep with more configurations")
-        med = _medians(part["train"], t)
-        cv = _cv_mape(fs, t, med, regs, seed)
-        chosen = min(cv, key=cv.get) if cv else next(iter(regs))
-        x_train = fs.build(_arrays(med))[t]
-        coef[t] = regs[chosen](x_train, med[t].to_numpy())
-        mu_cal = np.maximum(fs.build(_arrays(part["calib"]))[t] @ coef[t], FLOOR_MS)
-        f50, f95, guaranteed = conformal_factors(part["calib"][t].to_numpy() / mu_cal, coverage)
-        factors[t] = (f50, f95)
-        selection[t] = {"chosen": chosen, "cv_config_median_mape_pct": cv, "train_configs": med.height,
-                        "coefficients": dict(zip(fs.names[t], coef[t].tolist()))}
-        calibration[t] = {"method": "split-conformal on relative residuals y / mu of calibration requests",
-                          "p50_factor": f50, "p95_factor": f95, "rows": part["calib"].height,
-                          "configs": part["calib"]["config_key"].n_unique(), "finite_sample_guarantee": guaranteed}
-
-    est = Estimator(fs, coef, factors, tm, defaults=_defaults(rows), knob_ranges=_ranges(train), meta={})
-    evaluation, metrics = _evaluate(est, rows.filter(pl.col("role") == "test"), targets)
-    n_roles = {r: sum(1 for v in roles.values() if v == r) for r in ("train", "calib", "test")}
+        test_settings = set(per_config.filter(pl.col("config_key").is_in(list(test_configs)))["setting_key"].to_list())
+    setting_roles = split_configs(rows["setting_key"].unique().to_list(), test_fraction=test_fraction,
+                                  calib_fraction=calib_fraction, seed=seed, test_keys=test_settings)
+    role = pl.col("setting_key").replace_strict(setting_roles)
+    if test_configs is not None:  # a setting partly held out: only the selected configurations are tested
+        role = (pl.when(pl.col("config_key").is_in(list(test_configs))).then(pl.lit("test"))
+                .when(role == "test").then(pl.lit("unused")).otherwise(role))
+    rows = rows.with_columns(role.alias("role"))
+    steps = explode_steps(rows)
+    core = _fit_core(fs, rows, steps, coverage, seed)
+    est: Estimator = core["estimator"]
+    ev_rows, ev_steps, metrics_cfg = _evaluate(est, rows.filter(pl.col("role") == "test"),
+                                               steps.filter(pl.col("role") == "test"), "held_out_configs")
+    metrics = {"held_out_configs": metrics_cfg}
+    evaluations, step_evaluations = [ev_rows], [ev_steps]
+    n_holdout = _new_tokens_holdout(rows) if hold_out_new_tokens else None
+    if n_holdout is None:
+        metrics["held_out_new_tokens"] = {"skipped": "the data has one output length; sweep several new_tokens "
+                                                     "values to evaluate on held-out N"}
+    else:
+        try:
+            nrows = _roles_for_new_tokens(rows, n_holdout, calib_fraction, seed)
+            nsteps = explode_steps(nrows)
+            ncore = _fit_core(fs, nrows, nsteps, coverage, seed)
+            ev_r, ev_s, m = _evaluate(ncore["estimator"], nrows.filter(pl.col("role") == "test"),
+                                      nsteps.filter(pl.col("role") == "test"), "held_out_new_tokens")
+            train_n = sorted(nrows.filter(pl.col("role") != "test")["decode_steps"].unique().to_list())
+            metrics["held_out_new_tokens"] = {"holdout": f"output tokens >= {n_holdout + 1}",
+                                              "trained_on_output_tokens": [int(s) + 1 for s in train_n], **m}
+            evaluations.append(ev_r)
+            step_evaluations.append(ev_s)
+        except EstimatorError as exc:
+            metrics["held_out_new_tokens"] = {"skipped": str(exc)}
+    n_roles = {r: sum(1 for v in setting_roles.values() if v == r) for r in ("train", "calib", "test")}
     est.meta = {
         "format_version": FORMAT_VERSION,
         "created_unix": time.time(),
         "fit_seconds": round(time.perf_counter() - started, 3),
         "feature_set": {"name": fs.name, "digest": fs.digest(), "description": fs.description,
-                        "names": {t: list(fs.names[t]) for t in targets}},
-        "targets": targets,
-        "outputs": {t: list(output_names(t)) for t in targets},
+                        "names": {t: list(fs.names[t]) for t in TARGETS}},
+        "targets": list(TARGETS),
+        "outputs": {o: list(output_names(o)) for o in OUTPUTS},
         "coverage": coverage,
-        "token_map": tm.as_dict(),
+        "token_map": est.token_map.as_dict(),
         "defaults": est.defaults,
         "knob_ranges": est.knob_ranges,
         "model": {k: info.get(k) for k in ("model", "device_type", "gpu_name", "dtype", "blocks_total", "top_k_default")},
         "training": {"run_dirs": info["run_dirs"], "rows_read": info["rows_read"], "invalid_rows_excluded":
-                     info["invalid_rows"], "rows": info["rows"], "configs": info["configs"]},
-        "split": {"unit": "configuration", "seed": seed, "test_fraction": None if holdout is not None else test_fraction,
+                     info["invalid_rows"], "rows": info["rows"], "configs": info["configs"],
+                     "decode_steps": steps.height,
+                     "output_tokens": sorted(int(s) + 1 for s in rows["decode_steps"].unique().to_list())},
+        "split": {"unit": "setting (a configuration at every N)", "seed": seed,
+                  "test_fraction": None if holdout is not None else test_fraction,
                   "calib_fraction": calib_fraction, "holdout": None if holdout is None else str(holdout),
                   "configs": n_roles, "rows": {r: rows.filter(pl.col("role") == r).height for r in n_roles},
-                  "test_configs": sorted(k for k, v in roles.items() if v == "test"),
-                  "calib_configs": sorted(k for k, v in roles.items() if v == "calib")},
-        "selection": selection,
-        "calibration": calibration,
+                  "test_configs": sorted(rows.filter(pl.col("role") == "test")["config_key"].unique().to_list()),
+                  "calib_configs": sorted(rows.filter(pl.col("role") == "calib")["config_key"].unique().to_list())},
+        "selection": core["selection"],
+        "calibration": core["calibration"],
+        "noise": est.noise,
         "metrics": metrics,
         "versions": _versions(),
     }
-    est.evaluation = evaluation
+    est.evaluation = pl.concat(evaluations, how="vertical")
+    est.steps_evaluation = pl.concat(step_evaluations, how="vertical")
     return est
 
 
-def _evaluate(est: Estimator, test: pl.DataFrame, targets: list[str]) -> tuple[pl.DataFrame, dict[str, Any]]:
-    """Held-out requests with their predictions, and the metrics per target: per request, and per
-    configuration (median of its requests against the P50)."""
-    pred = est.predict_arrays(**{c: test[c].to_numpy() for c in (*KNOBS, *TOKENS)})
-    evaluation = test.select("config_key", *KNOBS, *TOKENS, *targets).with_columns(
-        *[pl.Series(k, v) for k, v in pred.items()])
-    metrics = {}
-    for t in targets:
-        p50, p95 = output_names(t)
-        ok = evaluation.filter(pl.col(t).is_not_null() & pl.col(t).is_finite() & (pl.col(t) > 0))
-        per_config = ok.group_by("config_key").agg(pl.col(t).median(), pl.col(p50).first())
-        metrics[t] = {
-            "configs": per_config.height,
-            "requests": regression_metrics(ok[t].to_numpy(), ok[p50].to_numpy(), ok[p95].to_numpy()),
-            "config_medians": regression_metrics(per_config[t].to_numpy(), per_config[p50].to_numpy()),
-        }
-    return evaluation, metrics
-
-
-def _feature_set(name: str) -> FeatureSet:
+def _feature_set(name: str) -> FeatureSet:  # `feature_set` is shadowed by fit_estimator's argument
     return feature_set(name)
+
+
+def _new_tokens_holdout(rows: pl.DataFrame) -> int | None:
+    """The decode-step count from which requests are held out for the held-out-N evaluation: the
+    longest outputs, at most half of the requests, at least one shorter length left to fit on."""
+    counts = rows.group_by("decode_steps").len().sort("decode_steps", descending=True)
+    if counts.height < 2:
+        return None
+    total, acc, threshold = rows.height, 0, None
+    for s, n in counts.iter_rows():
+        if acc + n > total / 2 and threshold is not None:
+            break
+        acc += n
+        threshold = s
+        if acc >= total / 2:
+            break
+    remaining = rows.filter(pl.col("decode_steps") < threshold)
+    if remaining.height == 0 or threshold is None or threshold < 1:
+        return None
+    return int(threshold)
+
+
+def _roles_for_new_tokens(rows: pl.DataFrame, threshold: int, calib_fraction: float, seed: int) -> pl.DataFrame:
+    rest = rows.filter(pl.col("decode_steps") < threshold)
+    settings = sorted(rest["setting_key"].unique().to_list())
+    order = [settings[i] for i in np.random.default_rng(seed).permutation(len(settings))]
+    n_calib = max(1, round(len(settings) * calib_fraction))
+    if len(settings) - n_calib < MIN_TRAIN_CONFIGS:
+        raise EstimatorError(f"{len(settings)} settings below {threshold + 1} output tokens are too few to fit and "
+                             "calibrate the held-out-N model")
+    calib = set(order[:n_calib])
+    return rows.with_columns(
+        pl.when(pl.col("decode_steps") >= threshold).then(pl.lit("test"))
+        .when(pl.col("setting_key").is_in(list(calib))).then(pl.lit("calib")).otherwise(pl.lit("train")).alias("role"))
+
+
+# ---------------------------------------------------------------------------- evaluate
+def position_bucket(step: pl.Expr) -> pl.Expr:
+    """A readable bucket of decode positions: 0, 1-3, 4-15, 16-63, 64-255, 256+.
+
+    Example:
+        >>> pl.DataFrame({"step": [0, 2, 20, 300]}).select(position_bucket(pl.col("step")))["positions"].to_list()
+        ['0', '1-3', '16-63', '256+']
+    """
+    expr = pl.lit(f"{POSITION_EDGES[-1]}+")
+    for lo, hi in reversed(list(zip(POSITION_EDGES[:-1], POSITION_EDGES[1:]))):
+        label = str(lo) if hi - lo == 1 else f"{lo}-{hi - 1}"
+        expr = pl.when(step < hi).then(pl.lit(label)).otherwise(expr)
+    return expr.alias("positions")
+
+
+def _evaluate(est: Estimator, test: pl.DataFrame, test_steps: pl.DataFrame,
+              split: str) -> tuple[pl.DataFrame, pl.DataFrame, dict[str, Any]]:
+    """Held-out requests and decode steps with their predictions, and the metrics."""
+    pred = est.predict_arrays(**{c: test[c].to_numpy() for c in (*KNOBS, *TOKENS) if c != "new_tokens"},
+                              new_tokens=test["decode_steps"].to_numpy() + 1)
+    ev = test.select("config_key", "setting_key", *KNOBS, *TOKENS, "decode_steps",
+                     pl.col("decode_ms").alias("decode_total_ms"), "prefill_total_ms",
+                     pl.col("total_ms").alias("request_ms"), "other_ms").with_columns(
+        *[pl.Series(k, v) for k, v in pred.items()], pl.lit(split).alias("split"))
+    metrics: dict[str, Any] = {"configs": ev["config_key"].n_unique(), "requests": ev.height}
+    for name in ("prefill_total_ms", "decode_total_ms", "request_ms"):
+        p50, p95 = output_names(name)
+        ok = ev.filter(pl.col(name).is_not_null() & pl.col(name).is_finite() & (pl.col(name) > 0))
+        per_config = ok.group_by("config_key").agg(pl.col(name).median(), pl.col(p50).first())
+        metrics[name] = {
+            "configs": per_config.height,
+            "requests": regression_metrics(ok[name].to_numpy(), ok[p50].to_numpy(), ok[p95].to_numpy()),
+            "config_medians": regression_metrics(per_config[name].to_numpy(), per_config[p50].to_numpy()),
+        }
+        if name != "prefill_total_ms":
+            by_n = []
+            for part in ok.partition_by("decode_steps"):
+                m = regression_metrics(part[name].to_numpy(), part[p50].to_numpy(), part[p95].to_numpy())
+                by_n.append({"output_tokens": int(part["decode_steps"][0]) + 1, **m})
+            metrics[name]["by_output_tokens"] = sorted(by_n, key=lambda d: d["output_tokens"])
+    pos = est.predict_positions(**{c: test_steps[c].to_numpy() for c in (*SETTING, *TOKENS)},
+                                steps=test_steps["step"].to_numpy()) if test_steps.height else {
+        "decode_step_p50_ms": np.empty(0), "decode_step_p95_ms": np.empty(0)}
+    ev_steps = test_steps.select("request_index", "config_key", "setting_key", *KNOBS, *TOKENS, "decode_steps", "step",
+                                 "decode_step_ms").with_columns(
+        *[pl.Series(k, v) for k, v in pos.items()], pl.lit(split).alias("split"))
+    by_pos = []
+    for part in ev_steps.with_columns(position_bucket(pl.col("step"))).partition_by("positions", maintain_order=False):
+        m = regression_metrics(part["decode_step_ms"].to_numpy(), part["decode_step_p50_ms"].to_numpy(),
+                               part["decode_step_p95_ms"].to_numpy())
+        by_pos.append({"positions": part["positions"][0], "first_step": int(part["step"].min()),
+                       "last_step": int(part["step"].max()), **m})
+    metrics["decode_step_ms"] = {
+        "steps": regression_metrics(ev_steps["decode_step_ms"].to_numpy(), ev_steps["decode_step_p50_ms"].to_numpy(),
+                                    ev_steps["decode_step_p95_ms"].to_numpy()),
+        "by_position": sorted(by_pos, key=lambda d: d["first_step"]),
+    }
+    return ev, ev_steps, metrics
 
 
 def _defaults(rows: pl.DataFrame) -> dict[str, int]:
@@ -400,7 +661,10 @@ def _defaults(rows: pl.DataFrame) -> dict[str, int]:
 
 
 def _ranges(rows: pl.DataFrame) -> dict[str, list[float]]:
-    return {k: [float(rows[k].min()), float(rows[k].max())] for k in KNOBS}
+    out = {k: [float(rows[k].min()), float(rows[k].max())] for k in KNOBS if k != "new_tokens"}
+    n = rows["decode_steps"] + 1  # the output lengths actually generated (free generation stops early)
+    out["new_tokens"] = [float(n.min()), float(n.max())]
+    return out
 
 
 def _versions() -> dict[str, str]:

@@ -1,63 +1,182 @@
-"""Parity plot of held-out predictions (show): measured against predicted P50, with the P95.
+"""Plots of held-out predictions (show): measured against predicted for prefill and the whole
+request (parity), and decode step latency by position.
+
+Only frames and metrics come in (no estimator object), so this module imports nothing of the
+model: the model imports it when it saves.
 
 Example:
     >>> import tempfile, pathlib
     >>> from molmo_latency.estimator import example_requests, fit_estimator
     >>> est = fit_estimator(example_requests(seed=0))
-    >>> path = write_parity_plot(est.evaluation, est.metrics, pathlib.Path(tempfile.mkdtemp()) / "parity.png")
-    >>> path.stat().st_size > 1000
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> write_parity_plot(est.evaluation, est.metrics, d / "parity.png").stat().st_size > 1000
+    True
+    >>> write_position_plot(est.steps_evaluation, est.metrics, d / "position.png").stat().st_size > 1000
     True
 """
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 
-from molmo_latency.estimator.features import TARGETS
+from molmo_latency.estimator.features import output_names
 
-TITLES = {"prefill_total_ms": "prefill total (vision + projector + prefill)", "decode_per_token_ms": "decode per token"}
+TITLES = {"prefill_total_ms": "prefill total (vision + projector + prefill)",
+          "decode_total_ms": "decode total (every step)",
+          "request_ms": "whole request (prefill + decode + gaps)"}
+SPLITS = {"held_out_configs": "held-out configurations", "held_out_new_tokens": "held-out N (longest outputs)"}
+DECADES_LOG = 10.0  # log axes when the largest value is at least this many times the smallest
 
 
-def write_parity_plot(evaluation: pl.DataFrame, metrics: dict[str, Any], path: str | Path) -> Path:
-    """One panel per target: measured (x) against predicted P50 (dots) and P95 (ticks) of every
-    held-out request, the identity line and the +-10% band; metrics in the title."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    from molmo_latency.estimator.model import output_names
+    return plt
 
-    targets = [t for t in TARGETS if t in evaluation.columns and output_names(t)[0] in evaluation.columns]
-    fig, axes = plt.subplots(1, max(1, len(targets)), figsize=(5.5 * max(1, len(targets)), 5), squeeze=False)
-    for ax, t in zip(axes[0], targets):
-        p50, p95 = output_names(t)
-        ok = evaluation.filter(pl.col(t).is_not_null() & pl.col(t).is_finite())
-        y = ok[t].to_numpy()
-        ax.scatter(y, ok[p95].to_numpy(), s=30, marker="_", linewidths=1.2, color="#C44E52", alpha=0.7, label="P95")
-        ax.scatter(y, ok[p50].to_numpy(), s=12, alpha=0.7, color="#4C72B0", label="P50")
-        if y.size:
-            lo = min(y.min(), ok[p50].min()) * 0.9
-            hi = max(y.max(), ok[p95].max()) * 1.05
-            ax.plot([lo, hi], [lo, hi], color="black", lw=1, label="measured = predicted")
-            ax.fill_between([lo, hi], [lo * 0.9, hi * 0.9], [lo * 1.1, hi * 1.1], color="grey", alpha=0.15,
-                            label="+-10%")
-            ax.set_xlim(lo, hi)
-            ax.set_ylim(lo, hi)
-        m = (metrics.get(t) or {}).get("requests") or {}
-        if m:
-            ax.set_title(f"{TITLES.get(t, t)}\nR^2 {m['r2']:.3f}  MAPE {m['mape_pct']:.1f}%  "
-                         f"P95 coverage {100 * m['p95_coverage']:.0f}%  (n={m['n']})", fontsize=9)
-        else:
-            ax.set_title(TITLES.get(t, t), fontsize=9)
-        ax.set_xlabel("measured ms (held-out configurations)")
-        ax.set_ylabel("predicted ms")
-        ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+
+def _save(fig, path: Path) -> Path:
+    from molmo_latency.sweep.rundir import atomic_write_bytes
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    atomic_write_bytes(path, buf.getvalue())
     return path
+
+
+def use_log_axes(values: np.ndarray) -> bool:
+    """Log axes when positive values span at least a decade.
+
+    Example:
+        >>> use_log_axes(np.array([0.5, 3.0, 80.0])), use_log_axes(np.array([10.0, 30.0]))
+        (True, False)
+    """
+    v = np.asarray(values, float)
+    v = v[np.isfinite(v) & (v > 0)]
+    return bool(v.size and v.max() / v.min() >= DECADES_LOG)
+
+
+def _log_axes(ax) -> None:
+    """Log x and y with plain numbers on the major ticks and no labels on the minor ones."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        axis.set_minor_formatter(NullFormatter())
+
+
+def write_parity_plot(evaluation: pl.DataFrame, metrics: dict[str, Any], path: str | Path) -> Path | None:
+    """Prefill total and whole request of every held-out request (held-out configurations, and
+    held-out N where present): measured (x) against predicted P50 (dots) and P95 (ticks), the
+    identity line and the +-10% band; log axes when the values span a decade or more. Returns
+    None (and writes nothing) when there is nothing to plot."""
+    targets = [t for t in ("prefill_total_ms", "request_ms") if t in evaluation.columns]
+    if evaluation.height == 0 or not targets:
+        return None
+    plt = _pyplot()
+    splits = [s for s in SPLITS if "split" in evaluation.columns and (evaluation["split"] == s).any()] or [None]
+    fig, axes = plt.subplots(len(splits), len(targets), figsize=(5.6 * len(targets), 4.9 * len(splits)), squeeze=False)
+    for row, split in zip(axes, splits):
+        part = evaluation if split is None else evaluation.filter(pl.col("split") == split)
+        m_split = (metrics.get(split) or {}) if split else {}
+        for ax, t in zip(row, targets):
+            p50, p95 = output_names(t)
+            ok = part.filter(pl.col(t).is_not_null() & pl.col(t).is_finite() & (pl.col(t) > 0))
+            y = ok[t].to_numpy()
+            ax.scatter(y, ok[p95].to_numpy(), s=30, marker="_", linewidths=1.2, color="#C44E52", alpha=0.7, label="P95")
+            ax.scatter(y, ok[p50].to_numpy(), s=12, alpha=0.7, color="#4C72B0", label="P50")
+            if y.size:
+                allv = np.concatenate([y, ok[p50].to_numpy(), ok[p95].to_numpy()])
+                log = use_log_axes(allv)
+                lo, hi = allv.min() * (0.8 if log else 0.9), allv.max() * (1.25 if log else 1.05)
+                line = np.geomspace(lo, hi, 50) if log else np.linspace(lo, hi, 50)
+                ax.plot(line, line, color="black", lw=1, label="measured = predicted")
+                ax.fill_between(line, line * 0.9, line * 1.1, color="grey", alpha=0.15, label="+-10%")
+                if log:
+                    _log_axes(ax)
+                ax.set_xlim(lo, hi)
+                ax.set_ylim(lo, hi)
+            m = (m_split.get(t) or {}).get("requests") or {}
+            head = f"{TITLES.get(t, t)}" + (f"\n{SPLITS[split]}" if split else "")
+            if m.get("n"):
+                head += (f": MAPE {m['mape_pct']:.1f}%, P95 coverage {100 * m['p95_coverage']:.0f}% "
+                         f"(n={m['n']})")
+            ax.set_title(head, fontsize=9)
+            ax.set_xlabel("measured ms")
+            ax.set_ylabel("predicted ms")
+            ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    out = _save(fig, Path(path))
+    plt.close(fig)
+    return out
+
+
+def write_position_plot(steps: pl.DataFrame, metrics: dict[str, Any], path: str | Path,
+                        max_configs: int = 4) -> Path | None:
+    """Decode step latency by position on held-out configurations: left, measured / predicted
+    P50 per position (median and 10-90% band of every held-out step, with the P95 factor); right,
+    for the held-out configurations with the most steps, the measured median per position (dots)
+    against the predicted P50 (line) and P95 (dashed). Returns None when there are no steps."""
+    if steps.height == 0:
+        return None
+    plt = _pyplot()
+    data = steps.filter(pl.col("split") == "held_out_configs") if "split" in steps.columns else steps
+    if data.height == 0:
+        data = steps
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12.5, 4.8), gridspec_kw={"width_ratios": [1, 1.25]})
+    ratio = data.with_columns((pl.col("decode_step_ms") / pl.col("decode_step_p50_ms")).alias("r"),
+                              (pl.col("decode_step_p95_ms") / pl.col("decode_step_p50_ms")).alias("f95"))
+    by = ratio.group_by("step").agg(pl.col("r").median().alias("med"), pl.col("r").quantile(0.1).alias("q10"),
+                                    pl.col("r").quantile(0.9).alias("q90"), pl.col("f95").median().alias("f95"),
+                                    pl.len().alias("n")).sort("step")
+    x = by["step"].to_numpy()
+    ax1.fill_between(x, by["q10"].to_numpy(), by["q90"].to_numpy(), color="#4C72B0", alpha=0.2,
+                     label="measured / P50, 10-90%")
+    ax1.plot(x, by["med"].to_numpy(), color="#4C72B0", lw=1.5, marker="o", ms=3, label="measured / P50, median")
+    ax1.axhline(1.0, color="black", lw=1, label="P50")
+    ax1.plot(x, by["f95"].to_numpy(), color="#C44E52", lw=1, ls="--", label="P95 / P50")
+    ax1.set_xlabel("decode step (position after the prompt)")
+    ax1.set_ylabel("measured / predicted P50")
+    m = ((metrics.get("held_out_configs") or {}).get("decode_step_ms") or {}).get("steps") or {}
+    title = "every held-out decode step, relative to its prediction"
+    if m.get("n"):
+        title += f"\nMAPE {m['mape_pct']:.1f}%, P95 coverage {100 * m['p95_coverage']:.0f}% (n={m['n']} steps)"
+    ax1.set_title(title, fontsize=9)
+    ax1.legend(fontsize=7, loc="upper right")
+    longest = (data.group_by("config_key").agg(pl.col("step").max().alias("last"), pl.col("decode_step_p50_ms").mean()
+                                               .alias("level"))
+               .sort(["last", "level"], descending=True))
+    # the longest configurations, spread over latency levels
+    picks = longest.filter(pl.col("last") == longest["last"].max()).sort("level")
+    if picks.height > max_configs:
+        idx = np.unique(np.linspace(0, picks.height - 1, max_configs).round().astype(int))
+        picks = picks[idx.tolist()]
+    cmap = plt.get_cmap("tab10")
+    for i, key in enumerate(picks["config_key"].to_list()):
+        c = data.filter(pl.col("config_key") == key)
+        g = c.group_by("step").agg(pl.col("decode_step_ms").median(), pl.col("decode_step_p50_ms").first(),
+                                   pl.col("decode_step_p95_ms").first()).sort("step")
+        color = cmap(i % 10)
+        ax2.scatter(g["step"], g["decode_step_ms"], s=14, color=color, label=f"{key} measured median")
+        ax2.plot(g["step"], g["decode_step_p50_ms"], color=color, lw=1.3)
+        ax2.plot(g["step"], g["decode_step_p95_ms"], color=color, lw=1, ls="--")
+    ax2.plot([], [], color="grey", lw=1.3, label="predicted P50")
+    ax2.plot([], [], color="grey", lw=1, ls="--", label="predicted P95")
+    ax2.set_xlabel("decode step (position after the prompt)")
+    ax2.set_ylabel("decode step ms")
+    ax2.set_title("held-out configurations with the most steps", fontsize=9)
+    ax2.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    fig.tight_layout()
+    out = _save(fig, Path(path))
+    plt.close(fig)
+    return out

@@ -8,6 +8,14 @@
 
 from molmo_latency.sweep.spec import Config, SweepSpec, load_sweep
 from molmo_latency.sweep.rundir import RunDir
-from molmo_latency.sweep.runner import run_sweep
+
+
+def __getattr__(name: str):
+    # run_sweep imports torch; analysis code reading run directories (RunDir) must not pull it in
+    if name == "run_sweep":
+        from molmo_latency.sweep.runner import run_sweep
+
+        return run_sweep
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["Config", "SweepSpec", "load_sweep", "RunDir", "run_sweep"]
