@@ -26,7 +26,7 @@ import polars as pl
 from molmo_latency.errors import MolmoLatencyError
 from molmo_latency.schema import CONFIG_COLUMNS, TELEMETRY_AGG_COLUMNS
 from molmo_latency.stats import summarize
-from molmo_latency.telemetry.device import SLOWDOWN_REASONS_MASK, throttle_reason_names
+from molmo_latency.telemetry.throttle import SLOWDOWN_REASONS_MASK, throttle_reason_names
 
 __all__ = [
     "Explanation",
@@ -92,14 +92,9 @@ def prepare_requests(requests: pl.DataFrame) -> pl.DataFrame:
         add.append(pl.lit(None, dtype=pl.String).alias("invalid_reason"))
     if add:
         df = df.with_columns(add)
-    if "config_id" not in df.columns:
-        knobs = [c for c in CONFIG_COLUMNS if c in df.columns]
-        if knobs:
-            df = df.with_columns(pl.concat_str(
-                [pl.format(f"{k}={{}}", pl.col(k)) for k in knobs], separator=",").alias("config_id"))
-        else:
-            df = df.with_columns(pl.lit("all").alias("config_id"))
-    df = df.with_columns(pl.col("config_id").cast(pl.String))
+    from molmo_latency.report import with_config_id
+
+    df = with_config_id(df)  # the same configurations as `molmo-latency report`
     if "request" not in df.columns:
         df = df.with_row_index("request").with_columns(pl.col("request").cast(pl.Int64))
     if "order" not in df.columns:

@@ -55,6 +55,7 @@ from typing import Any, Mapping
 
 import torch
 
+from molmo_latency._quiet import quiet_kineto
 from molmo_latency.adapters import PathSpec, PhaseMap, find_phases
 from molmo_latency.errors import MolmoLatencyError
 from molmo_latency.ranges import RangeEmitter
@@ -430,7 +431,8 @@ class PhaseProfiler:
             self.records.append(req)
             self.records.sort(key=lambda r: r.index)
             if self._tprof is not None:
-                self._tprof.step()
+                with quiet_kineto():  # a schedule starts/stops Kineto here; its C++ lines are dropped
+                    self._tprof.step()
 
     # --------------------------------------------------------------- torch.profiler
     def _start_torch_profiler(self) -> None:
@@ -460,7 +462,8 @@ class PhaseProfiler:
         self.trace_dir.mkdir(parents=True, exist_ok=True)
         kwargs.setdefault("on_trace_ready", self._export_trace)
         self._tprof, self._own_tprof = profile(**kwargs), True
-        self._tprof.__enter__()
+        with quiet_kineto():  # Kineto's C++ "USDT ... profiler_start" line, not our output
+            self._tprof.__enter__()
 
     def _export_trace(self, tprof: Any) -> None:
         requests = list(self._trace_requests)
@@ -491,7 +494,8 @@ class PhaseProfiler:
     def _stop_torch_profiler(self) -> None:
         tprof, self._tprof = self._tprof, None
         if tprof is not None and self._own_tprof:
-            tprof.__exit__(None, None, None)
+            with quiet_kineto():
+                tprof.__exit__(None, None, None)
 
     # -------------------------------------------------------------------- telemetry
     def _start_telemetry(self) -> None:

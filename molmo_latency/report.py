@@ -26,6 +26,33 @@ SHARE_PHASES = ("vision_ms", "projector_ms", "prefill_ms", "decode_ms", "other_m
 
 FAILURE_COLUMNS = ("config_id", "stage", "error_type", "message")
 
+# What tells configurations apart when a table has neither config_id nor knob columns (a
+# `prof.report().write_parquet(dir)`): crops change the image tokens, the prompt the input tokens.
+SHAPE_COLUMNS = {"image_tokens": "img", "input_tokens": "in"}
+
+
+def with_config_id(requests: pl.DataFrame) -> pl.DataFrame:
+    """`requests` with a text ``config_id``: the sweep's own; else one built from the knob
+    columns (``crops=1,top_k=2``); else from the request shape (``img16-in25``); else ``all``.
+    explain and report both call this, so they agree on what a configuration is.
+
+    >>> with_config_id(pl.DataFrame({"image_tokens": [16, 64, 16], "input_tokens": [25, 73, 25]}))["config_id"].to_list()
+    ['img16-in25', 'img64-in73', 'img16-in25']
+    >>> with_config_id(pl.DataFrame({"crops": [1], "top_k": [2], "image_tokens": [16]}))["config_id"].to_list()
+    ['crops=1,top_k=2']
+    """
+    if "config_id" in requests.columns:
+        return requests.with_columns(pl.col("config_id").cast(pl.String))
+    knobs = [c for c in CONFIG_COLUMNS if c in requests.columns and c != "batch_size"]
+    if knobs:
+        expr = pl.concat_str([pl.format(f"{k}={{}}", pl.col(k)) for k in knobs], separator=",")
+    elif any(c in requests.columns for c in SHAPE_COLUMNS):
+        expr = pl.concat_str([pl.format(f"{short}{{}}", pl.col(c)) for c, short in SHAPE_COLUMNS.items()
+                              if c in requests.columns], separator="-")
+    else:
+        expr = pl.lit("all")
+    return requests.with_columns(expr.fill_null("?").alias("config_id"))
+
 
 def config_table(requests: pl.DataFrame) -> pl.DataFrame:
     """One row per configuration (also one whose requests are all invalid): knobs, counts of
@@ -52,7 +79,8 @@ def config_table(requests: pl.DataFrame) -> pl.DataFrame:
             aggs.append(pl.col(col).first())
     if "total_ms" in requests.columns:
         aggs.append(v("total_ms").quantile(0.95, interpolation="linear").alias("total_p95_ms"))
-    for col, name in (("decode_per_token_ms", "decode_per_token_cv"), ("prefill_total_ms", "prefill_total_cv")):
+    for col, name in (("decode_per_token_ms", "decode_per_token_cv"), ("prefill_total_ms", "prefill_total_cv"),
+                      ("total_ms", "total_cv")):
         if col in requests.columns:
             aggs.append((v(col).std() / v(col).mean()).alias(name))
     if "invalid_reason" in requests.columns:
@@ -78,8 +106,16 @@ def decode_step_table(phases: pl.DataFrame, requests: pl.DataFrame | None = None
     if requests is not None and "repeat" in dec.columns:
         ok = requests.filter(pl.col("valid")).select("config_id", "repeat").unique()
         dec = dec.join(ok, on=["config_id", "repeat"], how="semi")
-    return dec.group_by("config_id", "step").agg(pl.col("ms").median().alias("median_ms"),
-                                                pl.len().alias("n")).sort("config_id", "step")
+    table = dec.group_by("config_id", "step").agg(
+        pl.col("ms").median().alias("median_ms"), pl.len().alias("n"),
+        pl.col("ms").quantile(0.25, interpolation="linear").alias("q25_ms"),
+        pl.col("ms").quantile(0.75, interpolation="linear").alias("q75_ms")).sort("config_id", "step")
+    if requests is not None:  # the knobs of each configuration, for plots that facet by them
+        knobs = [c for c in CONFIG_COLUMNS if c in requests.columns and c not in table.columns]
+        if knobs:
+            table = table.join(requests.group_by("config_id").agg(*[pl.col(k).first() for k in knobs]),
+                               on="config_id", how="left")
+    return table
 
 
 def failure_table(rd: RunDir) -> pl.DataFrame:
@@ -92,12 +128,22 @@ def failure_table(rd: RunDir) -> pl.DataFrame:
 
 
 def run_report(run_dir: str | Path) -> dict[str, pl.DataFrame]:
-    """All tables of the report of a run directory."""
+    """All tables of the report of a run directory (or of a directory that
+    ``prof.report().write_parquet(dir)`` wrote: its configurations come from :func:`with_config_id`)."""
     rd = RunDir(run_dir)
-    rd.meta()
-    failures = failure_table(rd)
-    requests = rd.table("requests")
-    phases = rd.table("phases")
+    if rd.run_json.exists() or not (rd.path / "requests.parquet").is_file():
+        rd.meta()
+        failures = failure_table(rd)
+        requests = with_config_id(rd.table("requests"))
+        phases = rd.table("phases")
+    else:
+        failures = pl.DataFrame(schema={c: pl.String for c in FAILURE_COLUMNS})
+        requests = with_config_id(rd.table("requests"))
+        phases = rd.table("phases")
+    if "config_id" not in phases.columns and "request" in phases.columns:
+        phases = phases.join(requests.select("request", "config_id"), on="request", how="left")
+    if "valid" not in requests.columns:
+        requests = requests.with_columns(pl.lit(True).alias("valid"))
     keys = ["config_id"]
     return {
         "failures": failures,
@@ -105,6 +151,7 @@ def run_report(run_dir: str | Path) -> dict[str, pl.DataFrame]:
         "summary": summarize(requests.filter(pl.col("valid")), keys, PHASE_METRICS),
         "shares": phase_shares(requests),
         "prefill_vs_tokens": requests.filter(pl.col("valid")).select(
-            "config_id", "input_tokens", "image_tokens", "prefill_ms", "prefill_total_ms"),
+            "config_id", "input_tokens", "image_tokens", "prefill_ms", "prefill_total_ms",
+            *[c for c in CONFIG_COLUMNS if c in requests.columns]),
         "decode_steps": decode_step_table(phases, requests),
     }

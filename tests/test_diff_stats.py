@@ -50,8 +50,26 @@ def test_spread_hides_a_small_shift():
 
 def test_too_few_samples_never_give_a_verdict():
     row = compare_samples([10.0], [20.0])
-    assert row["verdict"] == "no significant change" and row["p_value"] is None
+    assert row["verdict"] == "too few samples" and row["p_value"] is None
     assert row["delta_ms"] == 10.0
+
+
+def test_samples_that_cannot_reach_alpha_say_so_instead_of_no_change():
+    """3 against 3, every B far above every A: the exact two-sided Mann-Whitney p is at best
+    2 / C(6, 3) = 0.1 >= 0.05, so no size of change could be significant; 4 against 4 can
+    (2 / C(8, 4) = 0.029). Under Holm over 7 rows, 5 a side reach at best 7 * 2 / C(10, 5) = 0.056."""
+    from math import comb
+
+    from molmo_latency.diff.stats import repeats_needed
+
+    assert 2 / comb(6, 3) >= 0.05 > 2 / comb(8, 4)
+    row = compare_samples([10.0, 10.1, 10.2], [100.0, 100.1, 100.2])
+    assert row["verdict"] == "too few samples" and "at least 4 repeats" in row["reason"]
+    assert compare_samples([10.0, 10.1, 10.2, 10.3], [100.0, 100.1, 100.2, 100.3])["verdict"] == "slower"
+    five = compare_samples([10.0 + i / 10 for i in range(5)], [100.0 + i / 10 for i in range(5)],
+                           p_adjusted=7 * 2 / comb(10, 5), family_size=7)
+    assert 7 * 2 / comb(10, 5) >= 0.05 and five["verdict"] == "too few samples"
+    assert repeats_needed(0.05, 7) == 6 and 7 * 2 / comb(12, 6) < 0.05
 
 
 def test_bootstrap_is_seeded():

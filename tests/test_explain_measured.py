@@ -36,7 +36,7 @@ def test_explain_on_a_real_run_prints_tables_and_the_plot(run_dir, capsys):
                   "no telemetry"):
         assert words in out
     png = run_dir / "report" / "explain_decode_vs_clock.png"
-    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert not png.exists() and "no plot: no SM clock readings" in out  # CPU: no blank image
 
 
 def test_explain_json_on_a_real_run_agrees_with_the_table(run_dir, capsys):

@@ -86,7 +86,10 @@ def test_tables_go_through_the_one_renderer(capsys, monkeypatch):
     assert "rich.table" not in source and "Table(" not in source  # no twin renderer
 
 
-def test_long_names_are_cut_in_tables_and_full_in_json(capsys):
+def test_long_names_are_cut_in_tables_and_full_in_json(capsys, monkeypatch):
+    from molmo_latency.cli import show
+
+    monkeypatch.setattr(show.console, "width", 200)  # a cut name fits one line (100 columns would wrap it)
     path = DATA / "alexnet_a100_forward.json.gz"
     names = {e["name"] for e in raw_events(path, ("kernel",))}
     longest = max(names, key=len)

@@ -76,7 +76,10 @@ def test_json_of_a_cpu_only_trace_carries_the_warning(capsys):
     assert {a["name"] for a in doc["annotations"]} == {"gloo:all_reduce", "ProfilerStep#551"}
 
 
-def test_tables_show_names_literally(capsys):
+def test_tables_show_names_literally(capsys, monkeypatch):
+    from molmo_latency.cli import show
+
+    monkeypatch.setattr(show.console, "width", 200)  # piped output is 100 columns unless COLUMNS says more
     code = main(["trace", "summary", str(DATA / "alexnet_a100_forward.json.gz"), "--top", "50"])
     out, _ = capsys.readouterr()
     assert code == 0
@@ -85,7 +88,10 @@ def test_tables_show_names_literally(capsys):
     assert "GPU per device" in out and "memory" in out
 
 
-def test_tables_warn_on_stderr_for_a_cpu_only_trace(capsys):
+def test_tables_warn_on_stderr_for_a_cpu_only_trace(capsys, monkeypatch):
+    from molmo_latency.cli import show
+
+    monkeypatch.setattr(show.console, "width", 200)  # piped output is 100 columns unless COLUMNS says more
     code = main(["trace", "summary", str(DATA / "cpu_only.json.gz")])
     out, err = capsys.readouterr()
     assert code == 0

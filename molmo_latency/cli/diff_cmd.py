@@ -2,42 +2,27 @@
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import polars as pl
 import typer
 
-from molmo_latency.cli.app import app
-from molmo_latency.cli.show import console, print_frame, print_json
+from molmo_latency.cli.app import app, examples
 
-_VERDICT_STYLE = {"slower": "[bold red]slower[/]", "faster": "[bold green]faster[/]"}
+if TYPE_CHECKING:  # imported when the command runs, not at start-up
+    import polars as pl
+
 _PHASE_SHORT = {"vision": "vis", "projector": "prj", "prefill": "pre", "decode": "dec", "other": "oth"}
+LEGEND = ("self = own time (a CPU op without its children; a GPU kernel's duration); incl = inclusive "
+          "(with children); Δ = B - A; % chg = share of the net change of self time; A/B phase % = "
+          "where its self time fell: vis vision, prj projector, pre prefill, dec decode, oth outside "
+          "every phase (e.g. dec90 = 90% in decode)")
 
 
-def default_plot_path(a: Path, b: Path, a_config: str | None, b_config: str | None) -> Path:
-    """Next to B: a trace's folder, or a run directory's report/ folder; the current directory
-    when that one is not writable.
+def _phase_table(phases: "pl.DataFrame", all_steps: bool) -> "pl.DataFrame":
+    import polars as pl
 
-    Example:
-        >>> default_plot_path(Path("x/base.json.gz"), Path("y/test.json.gz"), None, None).name
-        'diff_base_vs_test.png'
-    """
-    def stem(p: Path, config: str | None) -> str:
-        name = config or re.sub(r"(\.pt\.trace)?\.json(\.gz)?$", "", p.name) or "run"
-        return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
-
-    folder = b / "report" if b.is_dir() else b.parent
-    name = f"diff_{stem(a, a_config)}_vs_{stem(b, b_config)}.png"
-    probe = folder if folder.exists() else folder.parent
-    if not os.access(probe, os.W_OK):
-        folder = Path.cwd()
-    return folder / name
-
-
-def _phase_table(phases: pl.DataFrame, all_steps: bool) -> pl.DataFrame:
     shown = phases if all_steps else phases.filter(pl.col("family") == "phase")
     return shown.select(
         "phase", pl.col("a_n").alias("n A"), pl.col("b_n").alias("n B"),
@@ -45,25 +30,29 @@ def _phase_table(phases: pl.DataFrame, all_steps: bool) -> pl.DataFrame:
         pl.col("b_median_ms").alias("B median"), pl.col("b_p95_ms").alias("B p95"),
         pl.col("delta_ms").alias("delta"), pl.col("delta_pct").alias("delta %"),
         pl.format("[{}, {}]", pl.col("ci_low_ms").round(3), pl.col("ci_high_ms").round(3)).alias("95% CI"),
-        pl.col("p_adjusted").alias("p (Holm)"),
-        pl.col("verdict").replace(_VERDICT_STYLE),
+        pl.col("p_adjusted").alias("p (Holm)"), "verdict",
     )
 
 
+_PHASE_COMPACT = ["phase", "n A", "n B", "A median", "B median", "delta", "delta %", "verdict"]
+
+
 def _shares(row: dict, side: str) -> str:
+    """`vis0 pre10 dec90`: the % of a kernel's time in each phase (see LEGEND)."""
     parts = [(short, row.get(f"{side}_share_{p}")) for p, short in _PHASE_SHORT.items()]
     return " ".join(f"{s}{100 * v:.0f}" for s, v in parts if v)
 
 
 def short_name(name: str, width: int = 60) -> str:
     """A kernel name for a table cell: no ``void``, no glued parameter list, no namespace
-    qualifiers, the middle elided (the JSON keeps the full names).
+    qualifiers, cut at the end (the name and its first template arguments are what tells
+    kernels apart; the JSON keeps the full names).
 
     Example:
         >>> short_name("void at::native::k<float, at::detail::Array<char*, 3> >(float*, int)")
         'k<float, Array<char*, 3> >'
-        >>> len(short_name("x" * 100))
-        60
+        >>> short_name("elementwise_kernel<128, 4, Lambda>" + "x" * 60, width=30)
+        'elementwise_kernel<128, 4, La…'
     """
     s = name[5:] if name.startswith("void ") else name
     if s.endswith(")") and ">(" in s:
@@ -72,62 +61,97 @@ def short_name(name: str, width: int = 60) -> str:
         s = re.sub(r"\b(?:[A-Za-z_]\w*::)+(?=[A-Za-z_~])", "", s)
     if len(s) <= width:
         return s
-    keep = (width - 3) // 2
-    return s[:keep] + "..." + s[len(s) - (width - 3 - keep):]
+    return s[: width - 1] + "…"
 
 
-def _kernel_table(kernels: pl.DataFrame, top: int) -> pl.DataFrame:
+def short_names(names: list[str], width: int = 60) -> list[str]:
+    """:func:`short_name` of each, with ``#2``, ``#3`` ... added where two different names would
+    read the same.
+
+    Example:
+        >>> short_names(["k<" + "a" * 70 + ">", "k<" + "a" * 70 + "b>", "mm"], width=10)
+        ['k<aaaaaaa…', 'k<aaaaaaa… #2', 'mm']
+    """
+    out, seen = [], {}
+    for name in names:
+        short = short_name(name, width)
+        seen[short] = seen.get(short, 0) + 1
+        out.append(short if seen[short] == 1 else f"{short} #{seen[short]}")
+    return out
+
+
+def _kernel_table(kernels: "pl.DataFrame", top: int) -> "pl.DataFrame":
+    import polars as pl
+
     head = kernels.head(top)
     shares_a = [_shares(r, "a") for r in head.iter_rows(named=True)]
     shares_b = [_shares(r, "b") for r in head.iter_rows(named=True)]
-    names = [short_name(n) for n in head["name"].to_list()]
+    names = short_names(head["name"].to_list())
     return head.select(
         pl.Series("name", names), pl.col("category").alias("cat"),
         pl.col("a_count").alias("n A"), pl.col("b_count").alias("n B"),
-        pl.col("a_total_us").alias("A us"), pl.col("b_total_us").alias("B us"),
-        pl.col("a_mean_us").alias("A mean"), pl.col("b_mean_us").alias("B mean"),
-        pl.col("delta_self_us").alias("d own us"), (100 * pl.col("share_of_change")).alias("% chg"),
+        pl.col("a_self_us").alias("A self us"), pl.col("b_self_us").alias("B self us"),
+        pl.col("delta_self_us").alias("Δ self us"), (100 * pl.col("share_of_change")).alias("% chg"),
+        pl.col("a_total_us").alias("A incl us"), pl.col("b_total_us").alias("B incl us"),
+        pl.col("a_mean_us").alias("A incl mean"), pl.col("b_mean_us").alias("B incl mean"),
         pl.Series("A phase %", shares_a), pl.Series("B phase %", shares_b),
     )
 
 
+_KERNEL_COMPACT = ["name", "n A", "n B", "A self us", "B self us", "Δ self us", "% chg"]
+
+
 def _show(result, *, top: int, all_steps: bool) -> None:
-    console.print(f"[bold]A[/] {result.a} ({result.a_kind})    [bold]B[/] {result.b} ({result.b_kind})")
+    import polars as pl
+
+    from molmo_latency.cli.show import console, print_frame
+
+    console.print(f"A {result.a} ({result.a_kind})    B {result.b} ({result.b_kind})", markup=False,
+                  highlight=False)
     for comp in result.comparisons:
         console.rule(f"[bold]{comp.title}[/]")
         for note in comp.notes:
-            console.print(f"[dim]note: {note}[/]")
+            console.print(f"note: {note}", markup=False, highlight=False, style="dim")
         if comp.phases is not None:
             steps = comp.phases.filter(pl.col("family") == "step")
             caption = "" if all_steps or not steps.height else \
                 f" ({steps.height} decode steps: {_step_summary(steps)}; --steps shows them)"
             print_frame(_phase_table(comp.phases, all_steps),
-                        "Phases: ms per request, delta = median(B) - median(A)" + caption, digits=3)
+                        "Phases: ms per request, delta = median(B) - median(A)" + caption, digits=3,
+                        compact=_PHASE_COMPACT, max_rows=10_000)
         if comp.kernels is not None:
             what = ("GPU kernels, ranked by |change|" if comp.level == "gpu" else
-                    "CPU ops (no GPU activity), ranked by |change of own time|")
+                    "CPU ops (no GPU activity), ranked by |change of self time|")
             print_frame(_kernel_table(comp.kernels, top),
-                        f"Kernel level ({comp.level}): {what}; us summed over the trace, "
-                        "% chg = share of the net change", digits=1, max_rows=top)
+                        f"Kernel level ({comp.level}): {what}; us summed over the trace", digits=1,
+                        max_rows=top, compact=_KERNEL_COMPACT)
             for presence, label in (("only_a", "only in A"), ("only_b", "only in B")):
                 names = comp.kernels.filter(pl.col("presence") == presence)["name"].to_list()
                 if names:
-                    shown = ", ".join(names[:top]) + (f", ... ({len(names) - top} more)" if len(names) > top else "")
-                    console.print(f"[bold]{label}[/] ({len(names)}): {shown}")
+                    shown = ", ".join(short_names(names[:top])) + \
+                        (f", ... ({len(names) - top} more)" if len(names) > top else "")
+                    console.print(f"{label} ({len(names)}): {shown}", markup=False, highlight=False)
             print_frame(comp.categories.select("category", pl.col("a_count").alias("n A"),
-                                               pl.col("b_count").alias("n B"), pl.col("a_us").alias("A us"),
-                                               pl.col("b_us").alias("B us"), pl.col("delta_us").alias("delta us"),
+                                               pl.col("b_count").alias("n B"), pl.col("a_us").alias("A self us"),
+                                               pl.col("b_us").alias("B self us"),
+                                               pl.col("delta_us").alias("Δ self us"),
                                                pl.col("a_share").alias("A share"), pl.col("b_share").alias("B share")),
-                        "Per category (own time)", digits=3)
+                        "Per category (self time)", digits=3)
             if comp.phase_ops["a_instances"].is_not_null().any() or comp.phase_ops["b_instances"].is_not_null().any():
                 print_frame(comp.phase_ops.select(
                     "phase", pl.col("a_instances").alias("ranges A"), pl.col("b_instances").alias("ranges B"),
                     pl.col("a_count_per_instance").alias("ops/range A"),
                     pl.col("b_count_per_instance").alias("ops/range B"),
-                    pl.col("a_us_per_instance").alias("us/range A"), pl.col("b_us_per_instance").alias("us/range B"),
-                    pl.col("a_us").alias("A us"), pl.col("b_us").alias("B us")),
-                    "Per phase: kernels (or ops) per range and their own time", digits=1)
-    console.print(f"[dim]verdict rule: {result.rule}[/]")
+                    pl.col("a_us_per_instance").alias("self us/range A"),
+                    pl.col("b_us_per_instance").alias("self us/range B"),
+                    pl.col("a_us").alias("A self us"), pl.col("b_us").alias("B self us")),
+                    "Per phase: kernels (or ops) per range and their self time", digits=1)
+            console.print(f"legend: {LEGEND}", markup=False, highlight=False, style="dim")
+    if any(c.phases is not None and (c.phases["verdict"] == "too few samples").any() for c in result.comparisons):
+        console.print("too few samples: with this many repeats per side no change could be significant, "
+                      "whatever its size; the reason in --json says how many repeats would do",
+                      markup=False, highlight=False)
+    console.print(f"verdict rule: {result.rule}", markup=False, highlight=False, style="dim")
 
 
 def _step_summary(steps: pl.DataFrame) -> str:
@@ -135,7 +159,8 @@ def _step_summary(steps: pl.DataFrame) -> str:
     return ", ".join(f"{n} {v}" for v, n in counts.iter_rows())
 
 
-@app.command("diff")
+@app.command("diff", epilog=examples("molmo-latency diff runs/before runs/after --plot diff.png",
+                                      "molmo-latency diff base.pt.trace.json.gz test.pt.trace.json.gz --normalize"))
 def diff_command(
     a: Path = typer.Argument(..., help="A: a Kineto trace (.json/.json.gz) or a run directory"),
     b: Path = typer.Argument(..., help="B: a Kineto trace or a run directory; deltas are B - A"),
@@ -146,8 +171,9 @@ def diff_command(
     level: str = typer.Option("auto", "--level", help="auto, gpu or cpu_op (auto: gpu when both traces have "
                               "GPU activities)"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="PNG waterfall path (default: next to B)"),
-    no_plot: bool = typer.Option(False, "--no-plot", help="write no PNG"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="write the PNG waterfall to this path (default: "
+                                        "no file; diff never writes beside its inputs)"),
+    no_plot: bool = typer.Option(False, "--no-plot", help="write no PNG (the default; kept for scripts)"),
     top: int = typer.Option(20, "--top", help="kernel rows shown in the terminal (JSON has all)"),
     steps: bool = typer.Option(False, "--steps", help="show every decode step row in the terminal"),
     alpha: float = typer.Option(0.05, "--alpha", help="significance level of the Mann-Whitney test (Holm)"),
@@ -155,27 +181,36 @@ def diff_command(
                                          "in % of A's median"),
     resamples: int = typer.Option(2000, "--resamples", help="bootstrap resamples"),
     seed: int = typer.Option(0, "--seed", help="bootstrap seed"),
+    wide: bool = typer.Option(False, "--wide", help="show every column at its natural width"),
 ) -> None:
     """What changed from A to B, phase by phase (with noise told apart from change) and kernel by kernel."""
+    from molmo_latency.cli.show import console, print_json, set_wide
     from molmo_latency.diff import DiffError, diff
     from molmo_latency.diff.waterfall import plot_waterfall
 
+    set_wide(wide)
     if top < 1:
-        raise DiffError(f"--top must be at least 1, got {top}")
+        raise DiffError(f"--top must be at least 1 row, got {top}")
+    if not 0 < alpha < 1:
+        raise DiffError(f"--alpha is a significance level between 0 and 1 (e.g. 0.05), got {alpha}")
+    if min_effect_pct < 0:
+        raise DiffError(f"--min-effect-pct is a percentage of A's median, 0 or more, got {min_effect_pct}")
+    if resamples < 100:
+        raise DiffError(f"--resamples must be at least 100 bootstrap resamples (default 2000), got {resamples}")
+    if plot is not None and plot.is_dir():
+        raise DiffError(f"--plot {plot} is a directory; pass a file path such as {plot / 'diff.png'}")
     result = diff(a, b, config=config, config_b=config_b, level=level, normalize=normalize, alpha=alpha,
                   min_effect_pct=min_effect_pct, resamples=resamples, seed=seed)
     png = None
-    if not no_plot:
-        first = result.comparisons[0]
-        png = plot if plot is not None else default_plot_path(a, b, first.a_config, first.b_config)
+    if plot is not None and not no_plot:
         try:
-            png = plot_waterfall(result, png)
+            png = plot_waterfall(result, plot)
         except OSError as exc:
-            raise DiffError(f"cannot write the waterfall to {png} ({exc.strerror or exc}); pass --plot PATH "
-                            "or --no-plot") from None
+            raise DiffError(f"cannot write the waterfall to {plot} ({exc.strerror or exc}); pass a --plot "
+                            "path in a folder you can write") from None
     if as_json:
         print_json({**result.to_dict(), "plot": str(png) if png else None})
         return
     _show(result, top=top, all_steps=steps)
-    if png:
-        console.print(f"waterfall: {png}")
+    console.print(f"waterfall: {png}" if png else "waterfall: not written (pass --plot PATH for a PNG)",
+                  markup=False, highlight=False)

@@ -10,19 +10,18 @@ from __future__ import annotations
 import math
 import os
 import sys
-import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-import msgspec
-import polars as pl
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from molmo_latency.cli.app import app
+from molmo_latency.cli.app import app, examples
 from molmo_latency.errors import MolmoLatencyError
-from molmo_latency.explain import Explanation, explain
+
+if TYPE_CHECKING:  # imported when a command runs, not at start-up
+    import polars as pl
+
+    from molmo_latency.explain import Explanation
 
 PLOT_NAME = "explain_decode_vs_clock.png"
 
@@ -36,6 +35,8 @@ def read_requests(path: str | os.PathLike) -> tuple[pl.DataFrame, Path]:
     ...
     molmo_latency.errors.MolmoLatencyError: /no/such/run does not exist; pass a run directory written by `molmo-latency profile` or a requests Parquet file
     """
+    import polars as pl
+
     path = Path(path)
     if not path.exists():
         raise MolmoLatencyError(f"{path} does not exist; pass a run directory written by "
@@ -51,6 +52,10 @@ def read_requests(path: str | os.PathLike) -> tuple[pl.DataFrame, Path]:
                 "`molmo-latency profile` wrote (finished or resumed), or a requests Parquet file")
     else:
         file, base = path, path.parent
+        if path.name.endswith((".json", ".json.gz")):
+            raise MolmoLatencyError(f"explain: {path} is a trace; pass the run directory `molmo-latency profile "
+                                    "--out DIR` wrote (or its requests.parquet); `molmo-latency trace summary` "
+                                    "reads a trace")
     try:
         return pl.read_parquet(file), base
     except Exception as exc:  # polars raises several kinds for a bad file
@@ -62,65 +67,71 @@ def read_requests(path: str | os.PathLike) -> tuple[pl.DataFrame, Path]:
 # ----------------------------------------------------------------------------- the plot
 
 
-def write_decode_vs_clock_plot(result: Explanation, path: str | os.PathLike) -> Path:
-    """PNG of decode per-token time against SM clock, coloured by max temperature.
+def why_no_clock_plot(result: "Explanation") -> str | None:
+    """Why there is nothing to plot (None when there is)."""
+    if result.decode_points.height:
+        return None
+    if not result.has_telemetry:
+        return ("no SM clock readings (NVML was off or unavailable, e.g. on CPU); profile on a GPU "
+                "with --nvml required to get this plot")
+    return "no request has both a decode per-token time and an SM clock reading"
+
+
+def write_decode_vs_clock_plot(result: "Explanation", path: str | os.PathLike) -> Path | None:
+    """PNG of decode per-token time against SM clock, coloured by max temperature, or None (and
+    no file) when there is nothing to plot (:func:`why_no_clock_plot` says why).
 
     Left: the time itself; right: the time over its configuration's median (so that
-    configurations share an axis). Throttled requests are ringed in red. Without telemetry the
-    figure says so instead of plotting.
+    configurations share an axis). Throttled requests are ringed in red.
 
     >>> import tempfile, os
-    >>> from molmo_latency.explain import PHASE_MS_COLUMNS
+    >>> import polars as pl
+    >>> from molmo_latency.explain import PHASE_MS_COLUMNS, explain
     >>> r = explain(pl.DataFrame({c: [1.0, 1.2] for c in PHASE_MS_COLUMNS}))
-    >>> p = write_decode_vs_clock_plot(r, os.path.join(tempfile.mkdtemp(), "x.png"))
-    >>> open(p, "rb").read(4)
-    b'\\x89PNG'
+    >>> write_decode_vs_clock_plot(r, os.path.join(tempfile.mkdtemp(), "x.png")) is None
+    True
     """
+    import polars as pl
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     path = Path(path)
     pts = result.decode_points
+    if why_no_clock_plot(result) is not None:
+        return None
     fig = Figure(figsize=(11, 4.5), dpi=110)
     FigureCanvasAgg(fig)
-    if pts.height == 0:
-        ax = fig.add_subplot(1, 1, 1)
-        ax.set_axis_off()
-        why = ("No telemetry in this run: NVML was off or unavailable, so there is no SM clock to\n"
-               "plot decode time against. Profile on a GPU with `--nvml required` to get it."
-               if not result.has_telemetry else
-               "No request has both a decode per-token time and an SM clock reading\n"
-               "(no decode steps, or only invalid requests).")
-        ax.text(0.5, 0.5, why, ha="center", va="center", fontsize=12, wrap=True,
-                transform=ax.transAxes)
-        fig.suptitle("Decode step time against SM clock")
-    else:
-        clock = pts["sm_clock_mean_mhz"].to_numpy()
-        temp = pts["temp_max_c"]
-        has_temp = temp.null_count() < temp.len()
-        throttled = pts["throttled"].fill_null(False).to_numpy()
-        sc = None
-        for i, (col, label) in enumerate((
-                ("decode_per_token_ms", "decode per token (ms)"),
-                ("ratio_to_config_median", "decode per token / configuration median"))):
-            ax = fig.add_subplot(1, 2, i + 1)
-            y = pts[col].to_numpy()
-            kw: dict[str, Any] = {"s": 22, "alpha": 0.85, "edgecolors": "none"}
-            if has_temp:
-                kw.update(c=temp.fill_null(float("nan")).to_numpy(), cmap="plasma")
-            sc = ax.scatter(clock, y, **kw)
-            if throttled.any():
-                ax.scatter(clock[throttled], y[throttled], s=70, facecolors="none",
-                           edgecolors="red", linewidths=1.2, label="throttled")
-                ax.legend(loc="best", fontsize=8)
-            ax.set_xlabel("SM clock, mean over the request (MHz)")
-            ax.set_ylabel(label)
-            ax.grid(True, alpha=0.3)
-        if has_temp and sc is not None:
-            fig.colorbar(sc, ax=fig.axes, label="max temperature (C)", shrink=0.9)
-        r2 = result.hardware.filter(pl.col("target") == "decode_per_token_ms")["r2"]
-        share = "" if r2.len() == 0 or r2[0] is None else f" (hardware R\u00b2 = {r2[0]:.2f})"
-        fig.suptitle(f"Decode step time against SM clock, {pts.height} requests{share}")
+    clock = pts["sm_clock_mean_mhz"].to_numpy()
+    temp = pts["temp_max_c"]
+    has_temp = temp.null_count() < temp.len()
+    throttled = pts["throttled"].fill_null(False).to_numpy()
+    sc = None
+    for i, (col, label) in enumerate((
+            ("decode_per_token_ms", "decode per token (ms)"),
+            ("ratio_to_config_median", "decode per token / configuration median"))):
+        ax = fig.add_subplot(1, 2, i + 1)
+        y = pts[col].to_numpy()
+        kw: dict[str, Any] = {"s": 22, "alpha": 0.85, "edgecolors": "none"}
+        if has_temp:
+            temps = temp.fill_null(float("nan")).to_numpy()
+            # one colour scale for both panels (and the colour bar)
+            low, high = float(temp.min()), float(temp.max())
+            if high - low < 1.0:  # one temperature: a 1 C wide scale centred on it, not a degenerate one
+                low, high = (low + high) / 2 - 0.5, (low + high) / 2 + 0.5
+            kw.update(c=temps, cmap="plasma", vmin=low, vmax=high)
+        sc = ax.scatter(clock, y, **kw)
+        if throttled.any():
+            ax.scatter(clock[throttled], y[throttled], s=70, facecolors="none",
+                       edgecolors="red", linewidths=1.2, label="throttled")
+            ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.02), fontsize=8, frameon=False)  # above the data
+        ax.set_xlabel("SM clock, mean over the request (MHz)")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+    if has_temp and sc is not None:
+        fig.colorbar(sc, ax=fig.axes, label="max temperature (C)", shrink=0.9)
+    r2 = result.hardware.filter(pl.col("target") == "decode_per_token_ms")["r2"]
+    share = "" if r2.len() == 0 or r2[0] is None else f" (hardware R\u00b2 = {r2[0]:.2f})"
+    fig.suptitle(f"Decode step time against SM clock, {pts.height} requests{share}")
     import io
 
     from molmo_latency.sweep.rundir import atomic_write_bytes
@@ -146,60 +157,41 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
-def _table(title: str, columns: list[tuple[str, str]], rows: list[list[str]],
-           caption: str | None = None) -> Table:
-    table = Table(title=title, title_justify="left", header_style="bold", caption=caption)
-    for name, justify in columns:
-        table.add_column(name, justify=justify, no_wrap=justify == "right")
-    for row in rows:
-        table.add_row(*row)
-    return table
+def render_terminal(result: "Explanation", plot: Path | None, why_no_plot: str | None = None) -> None:
+    """The explanation as tables (through the one renderer, :func:`molmo_latency.cli.show.print_frame`)."""
+    import polars as pl
 
+    from molmo_latency.cli.show import console, print_frame
 
-def render_terminal(result: Explanation, console: Console, plot: Path | None) -> None:
-    """The explanation as rich tables."""
-    stats = result.phase_stats
-    rows, last = [], None
-    for r in stats.iter_rows(named=True):
-        cv = None if r["cv"] is None else 100 * r["cv"]
-        rows.append([r["config_id"] if r["config_id"] != last else "", r["phase"], str(r["n"]),
-                     _fmt(r["median_ms"]), _fmt(r["p95_ms"]), _fmt(cv, 1)])
-        last = r["config_id"]
-    console.print(_table("Phases per configuration (valid requests)",
-                         [("config", "left"), ("phase", "left"), ("n", "right"),
-                          ("median ms", "right"), ("p95 ms", "right"), ("CV %", "right")], rows))
-
-    rows = []
-    for r in result.hardware.iter_rows(named=True):
-        rows.append([r["target"], str(r["n"]), str(r["n_configs"]), _fmt(r["r2"]), _fmt(r["r2_adj"]),
-                     _fmt(r["r2_relative"]),
-                     _fmt(r["coef_ms_per_mhz"], 5), _fmt(r["coef_ms_per_c"], 4),
-                     _fmt(r["coef_ms_throttled"]), r["note"] or ""])
-    console.print(_table(
-        "Share of the within-configuration variance explained by the hardware "
-        "(R\u00b2 of the residual on SM clock, temperature, throttling)",
-        [("target", "left"), ("n", "right"), ("configs", "right"), ("R\u00b2", "right"),
-         ("adj. R\u00b2", "right"), ("R\u00b2 relative", "right"), ("ms/MHz", "right"), ("ms/\u00b0C", "right"),
-         ("ms throttled", "right"), ("note", "left")], rows))
-
+    stats = result.phase_stats.with_columns((100 * pl.col("cv")).alias("CV %"))
+    stats = stats.with_columns(pl.when(pl.col("config_id") == pl.col("config_id").shift(1))
+                               .then(pl.lit("")).otherwise(pl.col("config_id")).alias("config"))
+    print_frame(stats.select("config", "phase", "n", pl.col("median_ms").alias("median ms"),
+                             pl.col("p95_ms").alias("p95 ms"), "CV %"),
+                "Phases per configuration (valid requests)", max_rows=10_000)
+    hw = result.hardware.select(
+        "target", "n", pl.col("n_configs").alias("configs"), pl.col("r2").alias("R\u00b2"),
+        pl.col("r2_adj").alias("adj. R\u00b2"), pl.col("r2_relative").alias("R\u00b2 relative"),
+        pl.col("coef_ms_per_mhz").alias("ms/MHz"), pl.col("coef_ms_per_c").alias("ms/\u00b0C"),
+        pl.col("coef_ms_throttled").alias("ms throttled"), pl.col("note").fill_null(""))
+    print_frame(hw, "Share of the within-configuration variance explained by the hardware "
+                "(R\u00b2 of the residual on SM clock, temperature, throttling)",
+                compact=["target", "n", "R\u00b2", "ms/MHz", "ms/\u00b0C", "ms throttled", "note"], digits=4)
     out = result.outliers
     if out.height == 0:
         console.print("No outliers (|robust z| > threshold) within any configuration.")
     else:
-        rows = [[r["config_id"], _fmt(r["request"]), _fmt(r["repeat"]), _fmt(r["order"]), r["metric"],
-                 _fmt(r["value_ms"]), _fmt(r["median_ms"]), _fmt(r["robust_z"], 1), r["cause"],
-                 r["detail"] or ""]
-                for r in out.head(40).iter_rows(named=True)]
-        caption = f"... {out.height - 40} more (use --json for all)" if out.height > 40 else None
-        console.print(_table(
-            "Outliers and their likely cause",
-            [("config", "left"), ("request", "right"), ("repeat", "right"), ("order", "right"),
-             ("metric", "left"), ("value ms", "right"), ("median ms", "right"), ("z", "right"),
-             ("cause", "left"), ("detail", "left")], rows, caption))
+        print_frame(out.select(pl.col("config_id").alias("config"), "request", "repeat", "order", "metric",
+                               pl.col("value_ms").alias("value ms"), pl.col("median_ms").alias("median ms"),
+                               pl.col("robust_z").alias("z"), "cause", pl.col("detail").fill_null("")),
+                    "Outliers and their likely cause", max_rows=40,
+                    compact=["config", "metric", "value ms", "z", "cause", "detail"], digits=2)
     for note in result.notes:
-        console.print(f"note: {note}")
+        console.print(f"note: {note}", markup=False, highlight=False)
     if plot is not None:
-        console.print(f"plot: {plot}")
+        console.print(f"plot: {plot}", markup=False, highlight=False)
+    elif why_no_plot:
+        console.print(f"no plot: {why_no_plot}", markup=False, highlight=False)
 
 
 def _json_ready(obj: Any) -> Any:
@@ -212,7 +204,8 @@ def _json_ready(obj: Any) -> Any:
     return obj
 
 
-@app.command("explain")
+@app.command("explain", epilog=examples("molmo-latency explain runs/molmoe",
+                                         "molmo-latency explain runs/molmoe/requests.parquet --json"))
 def explain_command(
     run_dir: Path = typer.Argument(..., help="A run directory of `molmo-latency profile`, or a "
                                    "requests Parquet file (with telemetry columns for the "
@@ -220,19 +213,40 @@ def explain_command(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
     z: float = typer.Option(3.5, "--z", help="Outlier threshold on |robust z| within a configuration."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Where to write the PNG (default "
-                                        f"RUN_DIR/report/{PLOT_NAME})."),
+                                        f"RUN_DIR/report/{PLOT_NAME}; for a Parquet file: only here)."),
+    wide: bool = typer.Option(False, "--wide", help="show every column at its natural width"),
 ) -> None:
     """Per configuration: median, p95 and CV of every phase; the share of the decode and
     prefill variance explained by SM clock, temperature and throttling; outliers with their
     likely cause; a plot of decode step time against SM clock."""
-    if not z > 0:
-        raise MolmoLatencyError(f"--z must be > 0, got {z}")
+    import msgspec
+
+    from molmo_latency.cli.show import set_wide
+    from molmo_latency.explain import explain
+
+    set_wide(wide)
+    if not (z > 0 and math.isfinite(z)):
+        raise MolmoLatencyError(f"explain: --z must be a positive number of robust standard deviations "
+                                f"(e.g. 3.5), got {z}")
     requests, base = read_requests(run_dir)
     result = explain(requests, z=z)
-    plot_path = write_decode_vs_clock_plot(result, plot or base / "report" / PLOT_NAME)
+    why = why_no_clock_plot(result)
+    plot_path = None
+    if plot is None and not Path(run_dir).is_dir():
+        why = why or "pass --plot PATH to write it (explain writes nothing beside a Parquet file it reads)"
+    elif why is None:
+        target = plot or base / "report" / PLOT_NAME
+        try:
+            plot_path = write_decode_vs_clock_plot(result, target)
+        except OSError as exc:
+            if plot is not None:
+                raise MolmoLatencyError(f"explain: cannot write the plot to {plot} ({exc.strerror or exc}); "
+                                        "pass a --plot path in a folder you can write") from None
+            why = (f"cannot write {target} ({exc.strerror or exc}); pass --plot PATH in a folder you can "
+                   "write")
     if as_json:
-        doc = _json_ready({"source": str(run_dir), **result.to_dict(), "plot": str(plot_path)})
+        doc = _json_ready({"source": str(run_dir), **result.to_dict(),
+                           "plot": None if plot_path is None else str(plot_path), "plot_skipped": why})
         sys.stdout.write(msgspec.json.format(msgspec.json.encode(doc), indent=2).decode() + "\n")
         return
-    width = None if sys.stdout.isatty() else max(160, int(os.environ.get("COLUMNS", "0") or 0))
-    render_terminal(result, Console(width=width, soft_wrap=False), plot_path)
+    render_terminal(result, plot_path, why)

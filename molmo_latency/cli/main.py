@@ -1,35 +1,138 @@
-"""Entry point: imports every command module (which register on the app) and maps user errors
-to exit code 2 with a one-line message, never a traceback."""
+"""Entry point: imports the command module a command line needs (each registers its commands on
+the app), maps user errors to exit code 2 with a one-line message, never a traceback.
+
+Start-up stays short because nothing heavy is imported before a command runs: the command
+modules import polars, torch and the analysis packages inside their functions, and
+``molmo-latency --help`` imports no command module at all (its listing comes from
+:data:`COMMANDS`, which a test keeps equal to the commands' own help).
+"""
 
 from __future__ import annotations
 
 import importlib
 import sys
 
-from molmo_latency.cli.app import app
 from molmo_latency.errors import MolmoLatencyError
 
-# One module per capability; each registers its commands on `app` when imported.
-COMMAND_MODULES = (
-    "molmo_latency.cli.profile_cmd",   # profile, report, demo        (sweep runner)
-    "molmo_latency.cli.trace_cmd",     # trace summary                (trace reader)
-    "molmo_latency.cli.explain_cmd",   # explain                      (telemetry)
-    "molmo_latency.cli.diff_cmd",      # diff                         (trace/run diff)
-    "molmo_latency.cli.fit_cmd",       # fit, predict                 (estimator)
-)
+# name: (module that registers it, its one-line help for the top-level listing), in listing order.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "profile": ("molmo_latency.cli.profile_cmd",
+                "Profile MODEL over the grid of SWEEP into RUN_DIR, then print the report."),
+    "report": ("molmo_latency.cli.profile_cmd",
+               "Per-configuration median/p95/CV of every phase, with PNG plots in RUN_DIR/report/."),
+    "demo": ("molmo_latency.cli.profile_cmd",
+             "A small sweep of the tiny reference model on CPU (well under 2 minutes), then its report."),
+    "explain": ("molmo_latency.cli.explain_cmd",
+                "Per configuration: median, p95 and CV of every phase; the share of the decode and prefill "
+                "variance explained by SM clock, temperature and throttling; outliers with their likely cause; "
+                "a plot of decode step time against SM clock."),
+    "diff": ("molmo_latency.cli.diff_cmd",
+             "What changed from A to B, phase by phase (with noise told apart from change) and kernel by kernel."),
+    "fit": ("molmo_latency.cli.fit_cmd",
+            "Fit the whole-request latency estimator (P50/P95 of prefill, of every decode step by position, of "
+            "the whole request) on RUN_DIRs, evaluated on held-out configurations and held-out N."),
+    "predict": ("molmo_latency.cli.fit_cmd",
+                "P50 and P95 of a whole request of N output tokens (prefill, decode total, request) for one "
+                "configuration."),
+    "trace": ("molmo_latency.cli.trace_cmd",
+              "Read traces (torch.profiler Kineto JSON, Nsight Systems SQLite exports): GPU time per kernel, "
+              "annotation and device."),
+}
+COMMAND_MODULES = tuple(dict.fromkeys(module for module, _ in COMMANDS.values()))
+
+# Examples for the help of commands whose modules do not set their own epilog (added at load time).
+EXAMPLES: dict[str, tuple[str, ...]] = {
+    "trace summary": ("molmo-latency trace summary runs/tiny/traces/c1-k1-b2-p16-n8-bs1.pt.trace.json.gz",
+                      "molmo-latency trace summary trace.json.gz --json"),
+}
+
+# Options whose value may be left out: `--ray` alone means a local Ray.
+OPTIONAL_VALUES = {"--ray": "local"}
 
 
-def _load_commands() -> None:
-    for name in COMMAND_MODULES:
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as exc:  # a capability not built yet
-            if exc.name != name:
-                raise
+def _import(name: str) -> None:
+    try:
+        importlib.import_module(name)
+    except ModuleNotFoundError as exc:  # a capability not built yet
+        if exc.name != name:
+            raise
+
+
+def _load_commands(argv: list[str] | None = None) -> None:
+    """Import what `argv` needs: its command's module (for anything unrecognised, every module,
+    for the error message); every command not imported is listed by a stub that carries only
+    its one-line help (so `--help` lists them all, and the app always has several commands)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in args if not a.startswith("-")), None)
+    if command in COMMANDS:
+        _import(COMMANDS[command][0])
+    elif not (command is None and (not args or any(a in ("--help", "-h") for a in args))):
+        for name in COMMAND_MODULES:
+            _import(name)
+    _register_listing_stubs()
+    _add_examples()
+
+
+def _add_examples() -> None:
+    from molmo_latency.cli.app import app, examples
+
+    infos = [("", info) for info in app.registered_commands]
+    for group in app.registered_groups:
+        infos += [(f"{group.name or group.typer_instance.info.name} ", info)
+                  for info in group.typer_instance.registered_commands]
+    for prefix, info in infos:
+        name = prefix + (info.name or (info.callback.__name__.replace("_", "-") if info.callback else ""))
+        if name in EXAMPLES and not info.epilog:
+            info.epilog = examples(*EXAMPLES[name])
+
+
+_stubs: list = []
+
+
+def _registered_names(app) -> set[str]:
+    names = {info.name or info.callback.__name__.replace("_", "-") for info in app.registered_commands
+             if info.callback is not _stub}
+    return names | {info.name or getattr(info.typer_instance.info, "name", None) for info in app.registered_groups}
+
+
+def _register_listing_stubs() -> None:
+    from molmo_latency.cli.app import app
+
+    for info in _stubs:
+        app.registered_commands.remove(info)
+    _stubs.clear()
+    real = _registered_names(app)
+    for name, (_, help_text) in COMMANDS.items():
+        if name not in real:
+            app.command(name, help=help_text)(_stub)
+            _stubs.append(app.registered_commands[-1])
+
+
+def _stub() -> None:  # pragma: no cover - only listed by `--help`, never run
+    raise MolmoLatencyError("internal: command module not loaded")
+
+
+def _fill_optional_values(argv: list[str]) -> list[str]:
+    """`--ray` with no value (last, or followed by another option) gets its default value.
+
+    >>> _fill_optional_values(["profile", "--ray", "--workers", "2"])
+    ['profile', '--ray', 'local', '--workers', '2']
+    >>> _fill_optional_values(["profile", "--ray", "ray://head:10001"])
+    ['profile', '--ray', 'ray://head:10001']
+    """
+    out: list[str] = []
+    for i, arg in enumerate(argv):
+        out.append(arg)
+        if arg in OPTIONAL_VALUES and (i + 1 == len(argv) or argv[i + 1].startswith("-")):
+            out.append(OPTIONAL_VALUES[arg])
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    _load_commands()
+    argv = _fill_optional_values(list(sys.argv[1:] if argv is None else argv))
+    _load_commands(argv)
+    from molmo_latency.cli.app import app
+
     try:
         app(args=argv, prog_name="molmo-latency", standalone_mode=True)
     except SystemExit as exc:

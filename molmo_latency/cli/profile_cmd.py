@@ -9,10 +9,8 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from molmo_latency.cli.app import app
-from molmo_latency.cli.show import console, err_console, frame_records, print_frame, print_json
+from molmo_latency.cli.app import app, examples
 from molmo_latency.errors import MolmoLatencyError
 
 DEMO_SWEEP = {"crops": [1, 4, 8], "top_k": [1, 2], "blocks": [2, 4], "prompt_tokens": [16],
@@ -23,6 +21,11 @@ class _RichProgress:
     """Progress bar: units done / total, ETA, configurations done and the last latency."""
 
     def __init__(self, enabled: bool = True):
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+
+        from molmo_latency.cli.show import err_console
+
         self.enabled = enabled and err_console.is_terminal
         self.bar = Progress(TextColumn("[bold]{task.fields[stage]}"), BarColumn(), MofNCompleteColumn(),
                             TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
@@ -57,6 +60,7 @@ class _RichProgress:
 
 def _run_and_report(model: str, sweep, out: Path, *, device: str, dtype: Optional[str], kineto: bool,
                     nvml: str, trust_remote_code: bool, as_json: bool, progress: bool = True) -> None:
+    from molmo_latency.cli.show import err_console
     from molmo_latency.sweep.runner import run_sweep
 
     command = "molmo-latency " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -64,42 +68,124 @@ def _run_and_report(model: str, sweep, out: Path, *, device: str, dtype: Optiona
         result = run_sweep(model, sweep, out, device=device, dtype=dtype, kineto=kineto, nvml=nvml,
                            trust_remote_code=trust_remote_code, progress=bar, command=command)
     if not as_json:
+        _print_failures(out)
         msg = (f"{result['measured']} requests measured, {result['skipped']} already done"
                f"{' (resumed)' if result['resumed'] else ''}, {result['failed_configs']} failed configurations "
                f"-> {result['run_dir']}")
-        err_console.print(msg)
+        err_console.print(msg, markup=False, highlight=False)
+    _nothing_measured(result, out)
     _report(out, as_json=as_json, extra={"sweep": result} if as_json else None)
+
+
+def failure_groups(run_dir: Path) -> list[tuple[str, str, list[str]]]:
+    """The failed configurations of a run grouped by cause (the first line of the message, its
+    numbers aside): (stage, the first such message, config ids), the most common cause first."""
+    from molmo_latency.report import failure_table
+    from molmo_latency.sweep.rundir import RunDir
+
+    import re
+
+    failures = failure_table(RunDir(run_dir))
+    groups: dict[tuple[str, str], tuple[str, list[str]]] = {}
+    for row in failures.iter_rows(named=True):
+        message = (row["message"] or "").strip().splitlines()
+        cause = f"{row['error_type']}: {message[0] if message else ''}".strip()
+        key = (row["stage"] or "?", re.sub(r"\d+(\.\d+)?", "#", cause))  # same cause, other numbers
+        groups.setdefault(key, (cause, []))[1].append(row["config_id"])
+    return sorted(((stage, cause, ids) for (stage, _), (cause, ids) in groups.items()), key=lambda g: -len(g[2]))
+
+
+def _print_failures(run_dir: Path) -> None:
+    """Each cause of failure, once, with the configurations it hit (stderr, before the report)."""
+    from molmo_latency.cli.show import err_console
+
+    for stage, cause, ids in failure_groups(run_dir):
+        shown = ", ".join(ids[:4]) + (f", ... ({len(ids) - 4} more)" if len(ids) > 4 else "")
+        err_console.print(f"failed ({len(ids)} configuration{'s' if len(ids) > 1 else ''}, at {stage}): {cause} "
+                          f"[{shown}]", markup=False, highlight=False)
+
+
+def _nothing_measured(result: dict, out: Path) -> None:
+    if result.get("rows", 0) == 0 and result["failed_configs"]:
+        raise MolmoLatencyError(f"nothing was measured: all {result['failed_configs']} configurations failed "
+                                f"(causes above; details in {Path(out) / 'failures.parquet'}); fix the sweep "
+                                "or the model and run again into a new --out")
 
 
 def _report(run_dir: Path, *, as_json: bool, extra: dict | None = None) -> None:
     import polars as pl
 
+    from molmo_latency.cli.show import console, frame_records, print_frame, print_json
     from molmo_latency.plots import write_report_plots
     from molmo_latency.report import run_report
 
     rep = run_report(run_dir)
-    pngs = write_report_plots(rep, Path(run_dir) / "report")
+    try:
+        pngs, skipped = write_report_plots(rep, Path(run_dir) / "report")
+    except OSError as exc:  # a read-only run directory: the tables still print
+        pngs, skipped = [], [("plots", f"cannot write {Path(run_dir) / 'report'} ({exc.strerror or exc})")]
     if as_json:
         print_json({**(extra or {}), "run_dir": str(run_dir), "configs": frame_records(rep["config"]),
                     "summary": frame_records(rep["summary"]), "shares": frame_records(rep["shares"]),
-                    "failures": frame_records(rep["failures"]), "plots": [str(p) for p in pngs]})
+                    "failures": frame_records(rep["failures"]), "plots": [str(p) for p in pngs],
+                    "plots_skipped": [{"file": name, "why": why} for name, why in skipped]})
         return
-    short = {"prompt_tokens": "prompt", "new_tokens": "new", "image_tokens": "img_tok",
-             "input_tokens": "in_tok", "vision_median_ms": "vision", "projector_median_ms": "projector",
-             "prefill_median_ms": "prefill", "decode_per_token_median_ms": "decode/tok",
-             "decode_per_token_cv": "decode/tok CV", "total_median_ms": "total", "total_p95_ms": "total p95",
-             "n_valid": "valid", "invalid_reason_top": "top invalid reason"}
-    table = rep["config"].select([c for c in ["crops", "top_k", "blocks", *short, "invalid"]
-                                  if c in rep["config"].columns]).rename(short, strict=False)
-    print_frame(table, "Per configuration: medians in ms over valid requests (CV = std/mean)")
+    config = rep["config"]
+    # header: (source column, scale): the compact columns answer "where did the time go"
+    named = {"config": ("config_id", 1), "crops": ("crops", 1), "top_k": ("top_k", 1), "blocks": ("blocks", 1),
+             "prompt": ("prompt_tokens", 1), "new": ("new_tokens", 1), "img tok": ("image_tokens", 1),
+             "in tok": ("input_tokens", 1), "vision ms": ("vision_median_ms", 1),
+             "proj ms": ("projector_median_ms", 1), "prefill ms": ("prefill_median_ms", 1),
+             "decode ms/tok": ("decode_per_token_median_ms", 1), "total ms": ("total_median_ms", 1),
+             "total p95 ms": ("total_p95_ms", 1), "CV %": ("total_cv", 100),
+             "decode CV %": ("decode_per_token_cv", 100), "n": ("n_valid", 1), "invalid": ("invalid", 1),
+             "top invalid reason": ("invalid_reason_top", 1)}
+    table = config.select([(pl.col(src) * scale if scale != 1 else pl.col(src)).alias(name)
+                           for name, (src, scale) in named.items() if src in config.columns])
+    compact = ["config", "vision ms", "prefill ms", "decode ms/tok", "total ms", "CV %", "n"]
+    if "invalid" in table.columns and table["invalid"].sum():
+        compact += ["invalid", "top invalid reason"]
+    print_frame(table, "Per configuration: medians over valid requests (CV = std/mean of total; n = valid "
+                "requests)", compact=compact, digits=2)
     if rep["failures"].height:
-        print_frame(rep["failures"].with_columns(pl.col("message").str.slice(0, 160)), "Failed configurations (not measured; see failures.parquet)")
-    shares = rep["shares"].select("config_id", *[c for c in rep["shares"].columns if c.endswith("_share")])
-    print_frame(shares, "Phase shares of the median request", digits=3)
-    console.print("plots: " + ", ".join(str(p) for p in pngs))
+        print_frame(rep["failures"].with_columns(pl.col("message").str.slice(0, 160)),
+                    "Failed configurations (not measured; see failures.parquet)",
+                    compact=["config_id", "stage", "message"])
+    present = [c for c in ("vision", "projector", "prefill", "decode", "other")
+               if f"{c}_share" in rep["shares"].columns]
+    shares = rep["shares"].select(pl.col("config_id").alias("config"),
+                                  *[(100 * pl.col(f"{c}_share")).alias(f"{c} %") for c in present])
+    print_frame(shares, "Phase shares of the median request (% of the sum of its phases)", digits=1)
+    console.print("plots: " + (", ".join(str(p) for p in pngs) or "none"), markup=False, highlight=False)
+    for name, why in skipped:
+        console.print(f"no {name}: {why}", markup=False, highlight=False)
 
 
-@app.command()
+WIDE_HELP = "show every column at its natural width (default: the columns that fit the terminal)"
+
+
+def _nvml_index(device: str) -> int:
+    return int(device.split(":", 1)[1]) if device.startswith("cuda:") and device[5:].isdigit() else 0
+
+
+def check_nvml_required(device: str) -> None:
+    """`--nvml required`: NVML must open the GPU now, before a model is loaded or a file written."""
+    from molmo_latency.errors import NvmlUnavailable
+    from molmo_latency.telemetry.device import open_gpu
+
+    try:
+        open_gpu(_nvml_index(device)).close()
+    except NvmlUnavailable as exc:
+        msg = str(exc).replace("nvml='off'", "--nvml off")
+        if "--nvml off" not in msg:
+            msg += "; pass --nvml off to profile without telemetry"
+        raise MolmoLatencyError(f"--nvml required: {msg}") from None
+
+
+@app.command(epilog=examples(
+    "molmo-latency profile --model tiny --sweep sweep.toml --out runs/tiny",
+    "molmo-latency profile --model /ckpt/MolmoE-1B-0924 --trust-remote-code --device cuda --sweep sweep.toml "
+    "--out runs/molmoe --kineto --ray"))
 def profile(
     model: str = typer.Option(..., "--model", help="reference preset (tiny, molmoe-1b-shape) or a local HF model directory"),
     sweep: Path = typer.Option(..., "--sweep", help="sweep TOML file (grid and protocol)"),
@@ -107,20 +193,33 @@ def profile(
     device: str = typer.Option("cpu", "--device", help="cpu or cuda[:N]"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16, fp16 or fp32 (default: bf16 on cuda, fp32 on cpu)"),
     kineto: bool = typer.Option(False, "--kineto", help="also record Kineto traces of extra requests into RUN_DIR/traces"),
-    nvml: str = typer.Option("auto", "--nvml", help="auto, off or required"),
+    nvml: str = typer.Option("auto", "--nvml", help="auto, off or required (required: refused up front where NVML "
+                             "cannot open the GPU)"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="allow a local Molmo checkpoint's own code"),
-    ray: Optional[str] = typer.Option(None, "--ray", help="run on Ray: 'local' or a cluster address", show_default=False),
+    ray: Optional[str] = typer.Option(None, "--ray", metavar="[ADDRESS]", show_default=False,
+                                      help="run on Ray; --ray alone (or --ray local) starts a local Ray, "
+                                      "--ray ADDRESS joins a cluster (e.g. ray://head:10001 or auto)"),
     workers: Optional[int] = typer.Option(None, "--workers", help="with --ray: number of workers (default: one per GPU, or per CPU)"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+    wide: bool = typer.Option(False, "--wide", help=WIDE_HELP),
 ) -> None:
     """Profile MODEL over the grid of SWEEP into RUN_DIR, then print the report."""
+    from molmo_latency.cli.paths import file_arg
+    from molmo_latency.cli.show import err_console, set_wide
     from molmo_latency.sweep.spec import load_sweep
 
+    set_wide(wide)
     if nvml not in ("auto", "off", "required"):
         raise MolmoLatencyError(f"--nvml must be auto, off or required, got {nvml!r}")
     if device != "cpu" and not device.startswith("cuda"):
         raise MolmoLatencyError(f"--device must be cpu or cuda[:N], got {device!r}")
-    spec = load_sweep(sweep)
+    if workers is not None and workers < 1:
+        raise MolmoLatencyError(f"--workers must be at least 1, got {workers}")
+    if out.exists() and not out.is_dir():
+        raise MolmoLatencyError(f"profile: --out {out} is a file; pass a new or existing run directory")
+    spec = load_sweep(file_arg(sweep, "profile", "a sweep TOML file as --sweep (see README: Sweep file)"))
+    if nvml == "required":
+        check_nvml_required(device)
     if ray is not None:
         from molmo_latency.scale import run_sweep_ray
 
@@ -133,34 +232,45 @@ def profile(
                                    dtype=dtype, nvml=nvml, trust_remote_code=trust_remote_code, workers=workers,
                                    progress=bar, command=command)
         if not as_json:
+            _print_failures(out)
             err_console.print(f"{result['measured']} requests measured on Ray by {result['workers']} workers, "
-                              f"{result['skipped']} already done -> {result['run_dir']}")
+                              f"{result['skipped']} already done -> {result['run_dir']}", markup=False,
+                              highlight=False)
+        _nothing_measured(result, out)
         _report(out, as_json=as_json, extra={"sweep": result} if as_json else None)
         return
     _run_and_report(model, spec, out, device=device, dtype=dtype, kineto=kineto, nvml=nvml,
                     trust_remote_code=trust_remote_code, as_json=as_json)
 
 
-@app.command()
+@app.command(epilog=examples("molmo-latency report runs/tiny", "molmo-latency report runs/tiny --wide"))
 def report(
     run_dir: Path = typer.Argument(..., help="a run directory of `molmo-latency profile`"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
+    wide: bool = typer.Option(False, "--wide", help=WIDE_HELP),
 ) -> None:
     """Per-configuration median/p95/CV of every phase, with PNG plots in RUN_DIR/report/."""
-    _report(run_dir, as_json=as_json)
+    from molmo_latency.cli.paths import run_dir_arg
+    from molmo_latency.cli.show import set_wide
+
+    set_wide(wide)
+    _report(run_dir_arg(run_dir, "report"), as_json=as_json)
 
 
-@app.command()
+@app.command(epilog=examples("molmo-latency demo", "molmo-latency demo --out /tmp/demo --wide"))
 def demo(
     out: Path = typer.Option(Path("molmo-latency-demo"), "--out", help="run directory for the demo"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+    wide: bool = typer.Option(False, "--wide", help=WIDE_HELP),
 ) -> None:
     """A small sweep of the tiny reference model on CPU (well under 2 minutes), then its report."""
+    from molmo_latency.cli.show import err_console, set_wide
     from molmo_latency.sweep.spec import SweepSpec
 
+    set_wide(wide)
     spec = SweepSpec.from_dict(DEMO_SWEEP, source="demo sweep")
     if not as_json:
         err_console.print(f"demo: tiny reference VLM on CPU, {len(spec.configs())} configurations "
-                          f"x {spec.protocol['repeats']} repeats -> {out}")
+                          f"x {spec.protocol['repeats']} repeats -> {out}", markup=False, highlight=False)
     _run_and_report("tiny", spec, out, device="cpu", dtype=None, kineto=True, nvml="auto",
                     trust_remote_code=False, as_json=as_json)

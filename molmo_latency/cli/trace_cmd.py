@@ -327,6 +327,9 @@ def summary_command(
         highlight=False,
     )
     width = None if wide else NAME_WIDTH
+    from molmo_latency.cli.show import set_wide
+
+    set_wide(wide)  # --wide: every column too, not only whole names
     if trace.gpu.height:
         _show(_us_columns(summary.devices.drop("gpu_start_ns", "gpu_end_ns")), "GPU per device (us)", width)
         _show(_us_columns(summary.categories), "GPU time per kernel category (us)", width)

@@ -85,7 +85,7 @@ class DiffResult:
             >>> t = write_demo_trace(tempfile.mkdtemp())
             >>> d = json.loads(json.dumps(diff(t, t).to_dict()))
             >>> d["levels"], d["kernels"][0]["delta_us"], d["phases"][-1]["verdict"]
-            (['gpu'], 0.0, 'no significant change')
+            (['gpu'], 0.0, 'too few samples')
         """
         def records(df: pl.DataFrame | None) -> list[dict[str, Any]]:
             if df is None:
@@ -139,7 +139,7 @@ def diff(a: str | Path, b: str | Path, *, config: str | None = None, config_b: s
 
     Phase level (run directories, or traces written by ``profile_phases``): per phase and per
     decode step, medians and p95 of both sides, the difference of medians ``B - A`` with a
-    seeded bootstrap CI, and a verdict (``faster``, ``slower``, ``no significant change``; rule
+    seeded bootstrap CI, and a verdict (``faster``, ``slower``, ``no significant change``, ``too few samples``; rule
     in :mod:`molmo_latency.diff.stats`). Kernel level (a trace on both sides; a run
     directory's trace of the configuration): kernels aligned by name (``normalize``: template
     arguments and launch suffixes dropped), ranked by their contribution to the change, with
@@ -157,7 +157,7 @@ def diff(a: str | Path, b: str | Path, *, config: str | None = None, config_b: s
         >>> r.comparisons[0].level, r.kernels["delta_us"].abs().max()
         ('gpu', 0.0)
         >>> r.phases.filter(pl.col("phase") == "total").select("a_median_ms", "verdict").row(0)
-        (0.2, 'no significant change')
+        (0.2, 'too few samples')
     """
     if level not in ("auto", *LEVELS):
         raise DiffError(f"--level must be auto, {' or '.join(LEVELS)}, got {level!r}")

@@ -172,14 +172,17 @@ def phase_diff(a: pl.DataFrame, b: pl.DataFrame, *, alpha: float = 0.05, ci_leve
 
     raw = {p: mann_whitney_p(values["a"][p], values["b"][p]) for p in phases}
     adjusted: dict[str, float | None] = {}
+    family_size: dict[str, int] = {}
     for family in ("phase", "step"):
         members = [p for p in phases if families[p] == family]
         adjusted.update(zip(members, holm([raw[p] for p in members])))
+        family_size.update({p: max(1, sum(raw[m] is not None for m in members)) for p in members})
     rows: list[dict[str, Any]] = []
     for p in phases:
         xa, xb = values["a"][p], values["b"][p]
         row = compare_samples(xa, xb, alpha=alpha, ci_level=ci_level, resamples=resamples,
-                              min_effect_pct=min_effect_pct, seed=row_seed(seed, p), p_adjusted=adjusted[p])
+                              min_effect_pct=min_effect_pct, seed=row_seed(seed, p), p_adjusted=adjusted[p],
+                              family_size=family_size[p])
         row["p_value"] = raw[p]
         rows.append({"phase": p, "family": families[p], "a_mean_ms": float(xa.mean()),
                      "b_mean_ms": float(xb.mean()), **row})

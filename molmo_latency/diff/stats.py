@@ -3,8 +3,10 @@
 The verdict rule (one comparison of sample A against sample B, e.g. the total latency of the
 requests of two configurations):
 
-1. each side needs at least ``MIN_SAMPLES`` (2) values, otherwise ``no significant change``
-   (``reason``: too few samples);
+1. the samples must be large enough for the test to detect anything: with fewer than
+   ``MIN_SAMPLES`` (2) values a side, or when even complete separation of A and B could not
+   bring the (Holm-adjusted) p-value below ``alpha`` (:func:`smallest_p`), the verdict is
+   ``too few samples`` (``reason`` says how many repeats per side would do);
 2. a two-sided Mann-Whitney U test (``scipy.stats.mannwhitneyu``) of B against A: it uses the
    whole repeat-to-repeat spread and no normality assumption. Its p-value is Holm-adjusted over
    the rows of one family (see :func:`holm`) and must be below ``alpha`` (default 0.05);
@@ -29,14 +31,15 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from typing import Any, Sequence
 
 import numpy as np
 
-SLOWER, FASTER, SAME = "slower", "faster", "no significant change"
-VERDICTS = (FASTER, SLOWER, SAME)
+SLOWER, FASTER, SAME, TOO_FEW = "slower", "faster", "no significant change", "too few samples"
+VERDICTS = (FASTER, SLOWER, SAME, TOO_FEW)
 MIN_SAMPLES = 2
 
 DEFAULTS: dict[str, Any] = {"alpha": 0.05, "ci_level": 0.95, "resamples": 2000, "min_effect_pct": 1.0,
@@ -45,7 +48,8 @@ DEFAULTS: dict[str, Any] = {"alpha": 0.05, "ci_level": 0.95, "resamples": 2000, 
 RULE = ("slower/faster when all hold: at least {min_samples} samples per side; two-sided "
         "Mann-Whitney U p-value, Holm-adjusted within its family of rows, below {alpha}; the "
         "{ci_pct:g}% bootstrap CI ({resamples} seeded resamples) of median(B) - median(A) excludes 0; "
-        "|median(B) - median(A)| >= {min_effect_pct:g}% of median(A). Otherwise: no significant change.")
+        "|median(B) - median(A)| >= {min_effect_pct:g}% of median(A). Otherwise: no significant change "
+        "(or too few samples, where the test could not reach {alpha} even if every B differed from every A).")
 
 
 def describe_rule(alpha: float = 0.05, ci_level: float = 0.95, resamples: int = 2000,
@@ -109,6 +113,35 @@ def mann_whitney_p(a: Sequence[float], b: Sequence[float]) -> float | None:
     return float(mannwhitneyu(xb, xa, alternative="two-sided").pvalue)
 
 
+@functools.lru_cache(maxsize=512)
+def smallest_p(n_a: int, n_b: int) -> float | None:
+    """The smallest two-sided Mann-Whitney p-value that `n_a` against `n_b` samples can give
+    (every B above every A); None below MIN_SAMPLES a side.
+
+    Example:
+        >>> round(smallest_p(3, 3), 3), round(smallest_p(4, 4), 4)
+        (0.1, 0.0286)
+    """
+    if n_a < MIN_SAMPLES or n_b < MIN_SAMPLES:
+        return None
+    return mann_whitney_p(np.arange(n_a, dtype=np.float64), np.arange(n_a, n_a + n_b, dtype=np.float64))
+
+
+def repeats_needed(alpha: float = 0.05, family_size: int = 1, limit: int = 200) -> int | None:
+    """The fewest samples per side (equal sides) with which a verdict is possible at all: the
+    smallest reachable p, times `family_size` (Holm), below `alpha`.
+
+    Example:
+        >>> repeats_needed(0.05, 1), repeats_needed(0.05, 5)
+        (4, 5)
+    """
+    for n in range(MIN_SAMPLES, limit + 1):
+        p = smallest_p(n, n)
+        if p is not None and p * max(1, family_size) < alpha:
+            return n
+    return None
+
+
 def holm(p_values: Sequence[float | None]) -> list[float | None]:
     """Holm-Bonferroni adjusted p-values (None stays None and does not count in the family).
 
@@ -138,11 +171,11 @@ def row_seed(seed: int, key: str) -> list[int]:
 
 def compare_samples(a: Sequence[float], b: Sequence[float], *, alpha: float = 0.05, ci_level: float = 0.95,
                     resamples: int = 2000, min_effect_pct: float = 1.0, seed: int | Sequence[int] = 0,
-                    p_adjusted: float | None = None) -> dict[str, Any]:
+                    p_adjusted: float | None = None, family_size: int = 1) -> dict[str, Any]:
     """Medians, p95, difference with bootstrap CI, p-value and verdict of two samples (ms).
 
-    `p_adjusted` replaces the raw Mann-Whitney p-value in the rule (Holm over a family);
-    without it the raw p-value is used. The rule is in the module docstring.
+    `p_adjusted` replaces the raw Mann-Whitney p-value in the rule (Holm over a family of
+    `family_size` rows); without it the raw p-value is used. The rule is in the module docstring.
 
     Example:
         >>> r = compare_samples([5.0, 5.1, 4.9, 5.0], [5.0, 5.1, 4.9, 5.02])
@@ -166,8 +199,16 @@ def compare_samples(a: Sequence[float], b: Sequence[float], *, alpha: float = 0.
     p_rule = p_adjusted if p_adjusted is not None else p
     base = abs(row["a_median_ms"])
     delta_pct = 100.0 * delta / base if base > 0 else None
-    if xa.size < MIN_SAMPLES or xb.size < MIN_SAMPLES:
-        verdict, reason = SAME, f"fewer than {MIN_SAMPLES} samples on a side"
+    floor = smallest_p(int(xa.size), int(xb.size))
+    need = repeats_needed(alpha, family_size)
+    holm_note = f", Holm over {family_size} rows" if family_size > 1 else ""
+    if floor is None:
+        verdict, reason = TOO_FEW, (f"fewer than {MIN_SAMPLES} samples on a side (n = {xa.size} / {xb.size}); "
+                                    f"measure at least {need} repeats per side")
+    elif floor * max(1, family_size) >= alpha:
+        verdict, reason = TOO_FEW, (f"n = {xa.size} / {xb.size} cannot reach p < {alpha:g} even if every B "
+                                    f"differed from every A (smallest p {floor * max(1, family_size):.3g}"
+                                    f"{holm_note}); measure at least {need} repeats per side")
     elif p_rule is None or p_rule >= alpha:
         verdict, reason = SAME, "p >= alpha"
     elif lo <= 0.0 <= hi:

@@ -51,10 +51,10 @@ def _bars(ax, labels: list[str], start: float, deltas: list[float], end: float, 
     ax.set_xticks(xs, ["A", *labels, "B"], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel(unit)
     ax.set_title(title, fontsize=9)
-    low = min(start, end, *(start + sum(deltas[:i + 1]) for i in range(len(deltas)))) if deltas else min(start, end)
-    high = max(start, end, *(start + sum(deltas[:i + 1]) for i in range(len(deltas)))) if deltas else max(start, end)
-    pad = 0.15 * (high - low) if high > low else 0.1 * max(abs(high), 1e-9)
-    ax.set_ylim(max(0.0, low - pad) if low >= 0 else low - pad, high + pad)
+    levels = [start, end, *(start + sum(deltas[:i + 1]) for i in range(len(deltas)))]
+    low, high = min(0.0, *levels), max(0.0, *levels)
+    ax.set_ylim(low * 1.12 if low < 0 else 0.0, high * 1.15 if high > 0 else 1.0)  # from zero: sizes read true
+    ax.grid(True, axis="y", alpha=0.3)
 
 
 def _phase_panel(ax, phases: pl.DataFrame) -> bool:
@@ -63,7 +63,7 @@ def _phase_panel(ax, phases: pl.DataFrame) -> bool:
         return False
     steps = [p for p in _STEPS if p in rows]
     deltas = [rows[p]["b_mean_ms"] - rows[p]["a_mean_ms"] for p in steps]
-    hatched = [rows[p]["verdict"] == "no significant change" for p in steps]
+    hatched = [rows[p]["verdict"] in ("no significant change", "too few samples") for p in steps]
     total = rows["total"]
     _bars(ax, steps, total["a_mean_ms"], deltas, total["b_mean_ms"], hatched, "ms per request (mean)",
           f"phases: total {total['verdict']} ({total['delta_ms']:+.3g} ms in medians)")
@@ -86,7 +86,7 @@ def plot_waterfall(result, path: str | Path) -> Path:
     plt = _plt()
     comps = [c for c in result.comparisons if c.phases is not None or c.categories is not None][:MAX_ROWS]
     rows = max(1, len(comps))
-    fig, axes = plt.subplots(rows, 2, figsize=(11, 3.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, 2, figsize=(12, 4.2 * rows), squeeze=False, layout="constrained")
     for row, comp in zip(axes, comps):
         drawn = [comp.phases is not None and _phase_panel(row[0], comp.phases),
                  comp.categories is not None and _kernel_panel(row[1], comp.categories, comp.level)]
@@ -96,15 +96,16 @@ def plot_waterfall(result, path: str | Path) -> Path:
             if not ok:
                 ax.axis("off")
                 ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=9)
-        row[0].set_title(f"{comp.title}\n" + row[0].get_title(), fontsize=9)
+        if len(comps) > 1:
+            row[0].set_title(f"{comp.title}: " + row[0].get_title(), fontsize=9, wrap=True)
     if not comps:
         axes[0][0].axis("off")
         axes[0][1].axis("off")
         axes[0][0].text(0.5, 0.5, "nothing to compare", ha="center")
     more = len([c for c in result.comparisons if c.phases is not None or c.categories is not None]) - len(comps)
-    fig.suptitle("Where the time went, A -> B (red: slower, green: faster, hatched: no significant change)"
+    title = "Where the time went, A -> B" + (f": {comps[0].title}" if len(comps) == 1 else "")
+    fig.suptitle(title + "\nred: slower, green: faster, hatched: no significant change or too few samples"
                  + (f"; {more} more comparisons in the JSON" if more > 0 else ""), fontsize=10)
-    fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

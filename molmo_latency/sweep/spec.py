@@ -11,7 +11,7 @@ A sweep file is TOML with these top-level keys (lists are grid axes, scalars the
     prompt_tokens = [32]        # text tokens after the image
     new_tokens = [16]           # generated tokens (decode steps = new_tokens - 1)
     batch_size = [1]
-    repeats = 5                 # measured requests per configuration
+    repeats = 12                # measured requests per configuration (enough for a diff verdict)
     warmup = 1                  # unmeasured requests per configuration before measuring
     seed = 0                    # model init and inputs
     order = "interleaved"       # A B C A B C (default) or "blocked" (A A B B C C)
@@ -38,7 +38,7 @@ GRID_MIN = {"crops": 0, "top_k": 1, "blocks": 1, "prompt_tokens": 0, "new_tokens
 GRID_DEFAULTS = {"crops": [1], "top_k": [None], "blocks": [None], "prompt_tokens": [32],
                  "new_tokens": [8], "batch_size": [1]}
 PROTOCOL_DEFAULTS: dict[str, Any] = {
-    "repeats": 5, "warmup": 1, "seed": 0, "order": "interleaved", "cache_policy": "keep",
+    "repeats": 12, "warmup": 1, "seed": 0, "order": "interleaved", "cache_policy": "keep",
     "free_generation": False, "kineto_per_config": 1, "cooldown_ms": 0, "block_importance": "",
 }
 CHOICES = {"order": ("interleaved", "blocked"), "cache_policy": ("keep", "empty_before_each")}

@@ -13,25 +13,28 @@ The profiler needs three calls (see :mod:`molmo_latency.telemetry.policy`)::
     report = attach_telemetry(report, samples)
 """
 
-from molmo_latency.telemetry.aggregate import (
-    aggregate_intervals,
-    attach_telemetry,
-    empty_telemetry_columns,
-)
-from molmo_latency.telemetry.counters import add_counter_tracks, estimate_clock_offset_ns
-from molmo_latency.telemetry.device import (
-    SLOWDOWN_REASONS_MASK,
-    THROTTLE_REASONS,
-    FakeGpu,
-    GpuDevice,
-    GpuReading,
-    NvmlGpu,
-    is_slowdown,
-    open_gpu,
-    throttle_reason_names,
-)
-from molmo_latency.telemetry.policy import NVML_MODES, NvmlWarning, start_telemetry, stop_telemetry
-from molmo_latency.telemetry.sampler import NvmlSampler, empty_samples
+# Lazy: importing one submodule (e.g. ``telemetry.throttle`` from explain) must not load the
+# device layer; each public name is imported from its module on first use.
+_WHERE = {
+    "aggregate_intervals": "aggregate", "attach_telemetry": "aggregate", "empty_telemetry_columns": "aggregate",
+    "add_counter_tracks": "counters", "estimate_clock_offset_ns": "counters",
+    "FakeGpu": "device", "GpuDevice": "device", "GpuReading": "device", "NvmlGpu": "device", "open_gpu": "device",
+    "SLOWDOWN_REASONS_MASK": "throttle", "THROTTLE_REASONS": "throttle", "is_slowdown": "throttle",
+    "throttle_reason_names": "throttle",
+    "NVML_MODES": "policy", "NvmlWarning": "policy", "start_telemetry": "policy", "stop_telemetry": "policy",
+    "NvmlSampler": "sampler", "empty_samples": "sampler",
+}
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        import importlib
+
+        value = getattr(importlib.import_module(f"molmo_latency.telemetry.{_WHERE[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'molmo_latency.telemetry' has no attribute {name!r}")
+
 
 __all__ = [
     "NVML_MODES",

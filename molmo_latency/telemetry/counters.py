@@ -21,7 +21,7 @@ import msgspec
 import polars as pl
 
 from molmo_latency.errors import TraceError
-from molmo_latency.telemetry.device import SLOWDOWN_REASONS_MASK
+from molmo_latency.telemetry.throttle import SLOWDOWN_REASONS_MASK
 
 __all__ = ["COUNTER_TRACKS", "add_counter_tracks", "estimate_clock_offset_ns", "read_trace"]
 

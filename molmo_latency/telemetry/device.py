@@ -118,78 +118,14 @@ class GpuDevice(abc.ABC):
 # Throttle (clocks-event) reasons
 
 
-def _reason_table() -> tuple[tuple[str, int], ...]:
-    """(name, bit) of every clocks-event reason, bits taken from pynvml where it defines them.
-
-    Recent pynvml spells them ``nvmlClocksEventReason*`` and keeps the older
-    ``nvmlClocksThrottleReason*`` aliases; two bits (BoardLimit, Reliability) exist only under the
-    older spelling. The fallback values are the NVML header's, used only without pynvml.
-    """
-    try:
-        pynvml: ModuleType | None = importlib.import_module("pynvml")
-    except ImportError:
-        pynvml = None
-    known = (
-        ("GpuIdle", 0x1),
-        ("ApplicationsClocksSetting", 0x2),
-        ("SwPowerCap", 0x4),
-        ("HwSlowdown", 0x8),
-        ("SyncBoost", 0x10),
-        ("SwThermalSlowdown", 0x20),
-        ("HwThermalSlowdown", 0x40),
-        ("HwPowerBrakeSlowdown", 0x80),
-        ("DisplayClockSetting", 0x100),
-        ("BoardLimit", 0x200),
-        ("Reliability", 0x400),
-    )
-    table = []
-    for name, fallback in known:
-        bit = fallback
-        if pynvml is not None:
-            bit = getattr(pynvml, f"nvmlClocksEventReason{name}",
-                          getattr(pynvml, f"nvmlClocksThrottleReason{name}", fallback))
-        table.append((name, int(bit)))
-    return tuple(table)
-
-
-#: (name, bit) of each clocks-event ("throttle") reason NVML reports.
-THROTTLE_REASONS: tuple[tuple[str, int], ...] = _reason_table()
-
-#: Bits that mean the clocks were pulled down by power, heat or hardware protection: everything but
-#: GpuIdle, ApplicationsClocksSetting (user-set clocks) and DisplayClockSetting.
-SLOWDOWN_REASONS_MASK: int = sum(
-    bit for name, bit in THROTTLE_REASONS
-    if name not in ("GpuIdle", "ApplicationsClocksSetting", "DisplayClockSetting")
+# The reason bits live in telemetry/throttle.py (no NVML there), so that analysis can use them
+# without importing the device layer; re-exported here for the device layer's users.
+from molmo_latency.telemetry.throttle import (  # noqa: E402
+    SLOWDOWN_REASONS_MASK,
+    THROTTLE_REASONS,
+    is_slowdown,
+    throttle_reason_names,
 )
-
-
-def throttle_reason_names(mask: int | None) -> list[str]:
-    """Names of the clocks-event reasons set in an NVML bitmask, lowest bit first.
-
-    Unknown bits are named ``Unknown(0x...)``; ``None`` (sensor missing) and 0 give ``[]``.
-
-    >>> throttle_reason_names(0x1 | 0x4)
-    ['GpuIdle', 'SwPowerCap']
-    >>> throttle_reason_names(0x8000)
-    ['Unknown(0x8000)']
-    """
-    if not mask:
-        return []
-    mask = int(mask)
-    names = [name for name, bit in THROTTLE_REASONS if mask & bit]
-    rest = mask & ~sum(bit for _, bit in THROTTLE_REASONS)
-    if rest:
-        names.append(f"Unknown({rest:#x})")
-    return names
-
-
-def is_slowdown(mask: int | None) -> bool:
-    """True when the bitmask holds a reason that slows the clocks (not idle/app/display clocks).
-
-    >>> is_slowdown(0x1), is_slowdown(0x1 | 0x40), is_slowdown(None)
-    (False, True, False)
-    """
-    return bool(mask) and bool(int(mask) & SLOWDOWN_REASONS_MASK)
 
 
 # --------------------------------------------------------------------------------------------
