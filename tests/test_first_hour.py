@@ -101,7 +101,7 @@ def test_report_fits_100_columns_when_piped_and_wide_shows_every_column(small_ru
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
     assert max(len(line) for line in lines) <= 100
-    for header in ("config", "vision ms", "prefill ms", "decode ms/tok", "total ms", "CV %", "n"):
+    for header in ("config", "vision ms", "prefill ms", "decode ms/step", "total ms", "CV %", "n"):
         assert header in res.stdout
     assert "\u2026" not in res.stdout and "c1-k1-" in res.stdout
     unset = {k: v for k, v in os.environ.items() if k != "COLUMNS"}

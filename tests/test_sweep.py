@@ -148,7 +148,7 @@ def test_report_tables_json_and_plots(tmp_path):
     for png in data["plots"]:
         assert Path(png).stat().st_size > 5000 and Path(png).read_bytes()[:4] == b"\x89PNG"
     text = _cli("report", str(tmp_path))
-    assert text.returncode == 0 and "decode ms/tok" in text.stdout
+    assert text.returncode == 0 and "decode ms/step" in text.stdout
     wide = _cli("report", str(tmp_path), "--wide")
     assert wide.returncode == 0 and "decode CV %" in wide.stdout
 

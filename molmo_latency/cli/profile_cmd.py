@@ -136,13 +136,13 @@ def _report(run_dir: Path, *, as_json: bool, extra: dict | None = None) -> None:
              "prompt": ("prompt_tokens", 1), "new": ("new_tokens", 1), "img tok": ("image_tokens", 1),
              "in tok": ("input_tokens", 1), "vision ms": ("vision_median_ms", 1),
              "proj ms": ("projector_median_ms", 1), "prefill ms": ("prefill_median_ms", 1),
-             "decode ms/tok": ("decode_per_token_median_ms", 1), "total ms": ("total_median_ms", 1),
+             "decode ms/step": ("decode_per_token_median_ms", 1), "total ms": ("total_median_ms", 1),
              "total p95 ms": ("total_p95_ms", 1), "CV %": ("total_cv", 100),
              "decode CV %": ("decode_per_token_cv", 100), "n": ("n_valid", 1), "invalid": ("invalid", 1),
              "top invalid reason": ("invalid_reason_top", 1)}
     table = config.select([(pl.col(src) * scale if scale != 1 else pl.col(src)).alias(name)
                            for name, (src, scale) in named.items() if src in config.columns])
-    compact = ["config", "vision ms", "prefill ms", "decode ms/tok", "total ms", "CV %", "n"]
+    compact = ["config", "vision ms", "prefill ms", "decode ms/step", "total ms", "CV %", "n"]
     if "invalid" in table.columns and table["invalid"].sum():
         compact += ["invalid", "top invalid reason"]
     print_frame(table, "Per configuration: medians over valid requests (CV = std/mean of total; n = valid "
