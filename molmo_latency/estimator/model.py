@@ -335,6 +335,11 @@ class Estimator:
                           new_tokens=self.defaults["new_tokens"] if new_tokens is None else new_tokens)
         steps = x["new_tokens"] - 1.0
         mu = self._mu(x, steps)
+        out = self._quantiles(mu, steps)
+        return {k: out[k] for k in (*_ordered_outputs(),)}
+
+    def _quantiles(self, mu: dict[str, np.ndarray], steps: np.ndarray) -> dict[str, np.ndarray]:
+        """Calibrated P50/P95 of prefill, decode total and request, and decode per step."""
         out: dict[str, np.ndarray] = {}
         for name in ("prefill_total_ms", "decode_total_ms", "request_ms"):
             p50, p95 = output_names(name)
@@ -343,7 +348,7 @@ class Estimator:
             per = np.where(steps > 0, 1.0 / steps, np.nan)
         out["decode_per_token_p50_ms"] = out["decode_total_p50_ms"] * per
         out["decode_per_token_p95_ms"] = out["decode_total_p95_ms"] * per
-        return {k: out[k] for k in (*_ordered_outputs(),)}
+        return out
 
     def _predict_distribution(self, x: dict[str, np.ndarray], dist: OutputLengths) -> dict[str, np.ndarray]:
         n, m = len(x["crops"]), dist.values.size
@@ -399,14 +404,7 @@ class Estimator:
                              @ self.coef["prefill_total_ms"], FLOOR_MS)
         steps = np.tile(grid - 1.0, n)
         mu = self._mu({k: np.repeat(v, m) for k, v in x.items()}, steps, prefill=np.repeat(prefill, m))
-        out: dict[str, np.ndarray] = {}
-        for name in ("prefill_total_ms", "decode_total_ms", "request_ms"):
-            p50, p95 = output_names(name)
-            out[p50], out[p95] = self._calibrated(name, mu, steps)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            per = np.where(steps > 0, 1.0 / steps, np.nan)
-        out["decode_per_token_p50_ms"] = out["decode_total_p50_ms"] * per
-        out["decode_per_token_p95_ms"] = out["decode_total_p95_ms"] * per
+        out = self._quantiles(mu, steps)
         return {k: out[k].reshape(n, m) for k in _ordered_outputs()}
 
     def predict_positions(self, *, crops, top_k, blocks, prompt_tokens, steps, batch_size=None, image_tokens=None,
