@@ -1,4 +1,5 @@
-"""The runnable examples in the docstrings of the trace reader and its CLI command."""
+"""The runnable examples in the docstrings of the trace readers (Kineto and nsys), the trace
+loader and the trace CLI command."""
 
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ MODULES = [
     "molmo_latency.trace.summary",
     "molmo_latency.trace._demo",
     "molmo_latency.cli.trace_cmd",
+    "molmo_latency.trace.nsys",
+    "molmo_latency.trace.load",
+    "molmo_latency.trace._nsys_demo",
 ]
 
 

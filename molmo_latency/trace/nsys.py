@@ -59,6 +59,7 @@ from molmo_latency.trace.reader import (
     RUNTIME_COLUMNS,
     KinetoTrace,
     TraceWarning,
+    _read_file,
     _TABLE_SCHEMA,
 )
 
@@ -138,15 +139,7 @@ def read_nsys(path: str | os.PathLike) -> KinetoTrace:
         ('decode', 1, 1)
     """
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            head = f.read(len(SQLITE_MAGIC))
-    except FileNotFoundError:
-        raise TraceError(f"{path}: no such file; pass the path of an nsys SQLite export (.sqlite)") from None
-    except IsADirectoryError:
-        raise TraceError(f"{path}: is a directory; pass one nsys SQLite export (.sqlite) file") from None
-    except OSError as exc:
-        raise TraceError(f"{path}: cannot be read ({exc.strerror or exc}); check the path and permissions") from None
+    head = _read_file(path, "nsys SQLite export (.sqlite)", "an", len(SQLITE_MAGIC))
     if head[:2] != b"\x1f\x8b":
         return _read_sqlite(path, path, head)
     with tempfile.TemporaryDirectory(prefix="molmo_latency_nsys_") as tmp:

@@ -206,16 +206,22 @@ def read_kineto(path: str | os.PathLike) -> KinetoTrace:
             gc.enable()
 
 
-def _read_bytes(path: Path) -> bytes:
+def _read_file(path: Path, kind: str, article: str, limit: int = -1) -> bytes:
+    """The first `limit` bytes of a trace file (all with -1); a missing file, a directory or an
+    unreadable file is a one-line TraceError saying what to pass (`article` `kind`)."""
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            return f.read(limit)
     except FileNotFoundError:
-        raise TraceError(f"{path}: no such file; pass the path of a .json or .json.gz trace") from None
+        raise TraceError(f"{path}: no such file; pass the path of {article} {kind}") from None
     except IsADirectoryError:
-        raise TraceError(f"{path}: is a directory; pass one .json or .json.gz trace file") from None
+        raise TraceError(f"{path}: is a directory; pass one {kind} file") from None
     except OSError as exc:
         raise TraceError(f"{path}: cannot be read ({exc.strerror or exc}); check the path and permissions") from None
+
+
+def _read_bytes(path: Path) -> bytes:
+    data = _read_file(path, ".json or .json.gz trace", "a")
     if data[:2] == b"\x1f\x8b":
         try:
             data = gzip.decompress(data)
