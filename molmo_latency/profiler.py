@@ -660,7 +660,9 @@ def _classify(req: RequestRecord, args: tuple, kwargs: dict) -> tuple[str, int]:
     ``prefill`` while the prompt is not yet fed (several calls: prefill chunks), then per new
     call: ``decode`` when it feeds one token per row, ``recompute`` when it feeds several without
     a KV cache (``use_cache=False`` recomputes the whole sequence each step), ``verify`` when it
-    feeds several with a cache (assisted / prompt-lookup decoding checks candidate tokens)."""
+    feeds several with a cache (assisted / prompt-lookup decoding checks candidate tokens).
+    Whether a cache is in use comes from the call's own arguments (:func:`_cache_in_use`), not
+    from one keyword's name: transformers 5.24 renamed ``past_key_values`` to ``cache``."""
     length, rows = _call_shape(args, kwargs)
     prompt = req.input_tokens
     if length is None or prompt is None:  # no shape to read: the first call is the prefill
@@ -670,15 +672,33 @@ def _classify(req: RequestRecord, args: tuple, kwargs: dict) -> tuple[str, int]:
         req.fed += length
     elif length == 1:
         kind = "decode"
-    elif kwargs.get("use_cache") is False or kwargs.get("past_key_values") is None:
-        kind = "recompute"
     else:
-        kind = "verify"
+        cached = _cache_in_use(kwargs)
+        if cached is None:  # nothing says: the whole sequence again is a recompute
+            cached = length <= prompt
+        kind = "verify" if cached else "recompute"
     if kind == "decode" and rows is not None:
         req.decode_rows.append(rows)
     step = req.kind_counts.get(kind, 0)
     req.kind_counts[kind] = step + 1
     return kind, step
+
+
+_CACHE_KWARGS = ("past_key_values", "cache", "cache_params", "past_key_value")
+
+
+def _cache_in_use(kwargs: dict) -> bool | None:
+    """Whether one LLM call runs against a KV cache, from what generate() passes (no tensor is
+    read): ``use_cache`` when given, else a cache object under any of the names transformers
+    lines have used (``past_key_values`` on 4.5x, ``cache`` on 5.24, ``cache_params`` for
+    state-space models); None when the call says nothing either way."""
+    flag = kwargs.get("use_cache")
+    if isinstance(flag, bool):
+        return flag
+    for name in _CACHE_KWARGS:
+        if kwargs.get(name) is not None:
+            return True
+    return None
 
 
 def _call_shape(args: tuple, kwargs: dict) -> tuple[int | None, int | None]:

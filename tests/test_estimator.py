@@ -22,10 +22,6 @@ from molmo_latency.sweep import SweepSpec, run_sweep
 SWEEP = {"crops": [1, 4, 8], "top_k": [1, 2], "blocks": [1, 2, 4], "prompt_tokens": [16],
          "new_tokens": [3, 8], "repeats": 3, "warmup": 1, "seed": 0}
 MEASURED = 18 * 2 * 3
-# How much the repeats of one configuration differ on a quiet machine ((max - min) / median, the
-# median over configurations): about 0.2-0.3. With other jobs competing for the two cores it
-# reaches 0.5-1.5 (single requests 3-10x slower), and held-out medians then measure the other jobs.
-QUIET_SPREAD = 0.35
 
 
 @pytest.fixture(scope="module")
@@ -49,22 +45,9 @@ def fitted(tiny_run):
     return fit_estimator([tiny_run], seed=0)
 
 
-@pytest.fixture(scope="module")
-def fits(tiny_run, fitted):
-    """The same run fitted with five different setting splits (seeds 0-4)."""
-    return [fitted] + [fit_estimator([tiny_run], seed=seed) for seed in (1, 2, 3, 4)]
-
-
 @pytest.fixture()
 def model_dir(fitted, tmp_path):
     return fitted.save(tmp_path / "model")
-
-
-def _spread(run) -> float:
-    rows = pl.read_parquet(run / "requests.parquet").filter("valid")
-    per = rows.group_by("config_id").agg(
-        ((pl.col(t).max() - pl.col(t).min()) / pl.col(t).median()).alias(t) for t in ("prefill_total_ms", "total_ms"))
-    return max(per[t].median() for t in ("prefill_total_ms", "total_ms"))
 
 
 def test_fit_uses_every_decode_step_and_is_evaluated_on_held_out_configurations(tiny_run, fitted):
@@ -106,53 +89,9 @@ def test_held_out_n_is_evaluated_on_the_longest_outputs(fitted):
     assert [b["output_tokens"] for b in hn["request_ms"]["by_output_tokens"]] == [8]
 
 
-def test_p95_coverage_on_held_out_configurations_is_near_95_percent(fits):
-    # 24 held-out requests of 8 configurations per split: a small sample, and on a shared machine
-    # slow requests come in bursts; so the coverage is averaged over five different splits (each one
-    # evaluated on its own held-out configurations only) and the band is wide
-    for name in ("prefill_total_ms", "request_ms"):
-        covs = [f.metrics["held_out_configs"][name]["requests"]["p95_coverage"] for f in fits]
-        assert 0.75 <= float(np.mean(covs)) <= 1.0, (name, covs)
-        assert all(f.meta["calibration"][name]["rows"] == 4 * 2 * 3 for f in fits)
-
-
-def test_the_cost_of_active_blocks_and_of_output_tokens_is_learned(fitted):
-    # the tiny model's prefill and decode steps take 2-3x longer with 4 blocks than with 1: far more
-    # than even a busy machine's noise, so the fitted costs must show it
-    one = fitted.predict_arrays(crops=2, top_k=2, blocks=1, prompt_tokens=16, new_tokens=8)
-    four = fitted.predict_arrays(crops=2, top_k=2, blocks=4, prompt_tokens=16, new_tokens=8)
-    for name in one:
-        assert four[name][0] > 1.3 * one[name][0], (name, one[name][0], four[name][0])
-    g = fitted.predict_grid(crops=2, top_k=2, blocks=4, prompt_tokens=16, new_tokens=[2, 8, 32, 128])
-    assert (np.diff(g["request_p50_ms"][0]) > 0).all() and (g["request_p95_ms"] >= g["request_p50_ms"]).all()
-    assert (np.diff(g["request_p95_ms"][0]) > 0).all()  # a longer request never gets a smaller budget
-
-
-def test_held_out_configurations_are_ranked_by_their_measured_latency(tiny_run, fits):
-    from scipy.stats import spearmanr
-
-    spread = _spread(tiny_run)
-    if spread > 2.0:
-        pytest.skip(f"the machine was swamped during the sweep (repeats of a configuration differ by "
-                    f"{100 * spread:.0f}% of their median)")
-    for name in ("prefill_total_ms", "request_ms"):
-        p50 = f"{name[:-3]}_p50_ms"
-        rhos = []
-        for f in fits:
-            ev = f.evaluation.filter(pl.col("split") == "held_out_configs")
-            per = ev.group_by("config_key").agg(pl.col(name).median(), pl.col(p50).first())
-            rhos.append(spearmanr(per[name], per[p50]).statistic)
-        assert float(np.mean(rhos)) > 0.4, (name, rhos)
-
-
-def test_held_out_accuracy_on_a_quiet_machine(tiny_run, fitted):
-    spread = _spread(tiny_run)
-    if spread > QUIET_SPREAD:
-        pytest.skip(f"the machine was busy during the sweep (repeats of a configuration differ by "
-                    f"{100 * spread:.0f}% of their median); held-out accuracy would measure the other jobs")
-    for name in ("prefill_total_ms", "request_ms"):
-        m = fitted.metrics["held_out_configs"][name]["config_medians"]
-        assert m["r2"] > 0.3 and m["mape_pct"] < 25, (name, m)
+# Accuracy, ranking and P95 coverage on the timings of this real sweep depend on how busy the
+# machine was while it ran: they are measured in benchmarks/estimator.py (RESULTS.md), and asserted
+# here only on data with a known truth (tests/test_estimator_synthetic.py).
 
 
 def test_invalid_requests_are_left_out_and_several_runs_concatenated(tiny_run, tmp_path):

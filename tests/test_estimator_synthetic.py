@@ -118,7 +118,7 @@ def test_request_p50_rises_with_n_and_p95_is_above_p50(est):
         assert (g[f"{name}_p95_ms"] >= g[f"{name}_p50_ms"]).all()
     # the grid is the batched path, element by element
     flat = est.predict_arrays(crops=8, top_k=4, blocks=4, prompt_tokens=8, new_tokens=grid)
-    np.testing.assert_array_equal(flat["request_p95_ms"], g["request_p95_ms"][2])
+    np.testing.assert_allclose(flat["request_p95_ms"], g["request_p95_ms"][2], rtol=1e-12)  # float order may differ
 
 
 def test_p95_is_exceeded_about_5_percent_of_the_time_on_held_out_configurations():

@@ -260,8 +260,36 @@ def test_prompt_lookup_verification_calls_are_their_own_kind(tiny):
     if not multi:
         pytest.skip("the random model proposed no prompt-lookup candidate this time")
     assert req["verify_steps"] == multi and req["decode_steps"] == sum(n == 1 for n in fed[1:])
+    assert req["recompute_steps"] == 0, "the KV cache was on: no call recomputed the sequence"
     assert req["verify_ms"] > 0 and req["valid"] is False and "phase 'verify'" in req["invalid_reason"]
+    assert "use_cache=False" not in req["invalid_reason"]
     assert rep.phases.filter(pl.col("phase") == "verify")["step"].to_list() == list(range(multi))
+
+
+@pytest.mark.parametrize("cache_kwargs, expected", [
+    ({"past_key_values": object()}, "verify"),            # transformers 4.5x
+    ({"cache": object(), "use_cache": True}, "verify"),   # transformers 5.24
+    ({"cache_params": object()}, "verify"),               # state-space models
+    ({"use_cache": False}, "recompute"),
+    ({"past_key_values": None, "use_cache": False}, "recompute"),
+    ({}, "recompute"),                                    # nothing said: the whole sequence again
+])
+def test_a_multi_token_call_after_the_prompt_is_labelled_by_whether_a_cache_is_in_use(cache_kwargs, expected):
+    """Each LLM-call kind from what the call feeds and whether it runs against a cache, whatever
+    the keyword a transformers line names the cache with."""
+    from molmo_latency.profiler import _classify
+    from molmo_latency.records import RequestRecord
+
+    req = RequestRecord(index=0)
+    req.input_tokens = 6
+    kinds = []
+    for length in (4, 2, 1):  # a prompt in two chunks, then one decode step
+        kinds.append(_classify(req, (), {"input_ids": torch.zeros(1, length, dtype=torch.long), "use_cache": True}))
+    if expected == "recompute":  # without a cache each call feeds the whole sequence so far
+        kinds.append(_classify(req, (), {"input_ids": torch.zeros(1, 8, dtype=torch.long), **cache_kwargs}))
+    else:  # with one, only the candidate tokens
+        kinds.append(_classify(req, (), {"input_ids": torch.zeros(1, 3, dtype=torch.long), **cache_kwargs}))
+    assert kinds == [("prefill", 0), ("prefill", 1), ("decode", 0), (expected, 0)]
 
 
 # -------------------------------------------------------------------------- batches and beams

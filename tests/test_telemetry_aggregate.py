@@ -1,7 +1,6 @@
 """Telemetry per interval: hand-computed alignments, the documented rule against a naive
 reference, and attaching the columns to a profiler report."""
 
-import time
 
 import polars as pl
 import pytest
@@ -200,7 +199,8 @@ def test_vectorised_aggregation_matches_the_naive_rule(gaps, spans, hold, seed):
             assert row["sm_clock_mean_mhz"] is None
 
 
-def test_many_short_decode_steps_are_fast():
+def test_many_short_decode_steps_are_aggregated_exactly():
+    """200k decode steps against 30k samples (its speed is measured in benchmarks/, not here)."""
     n_samples, n_steps = 30_000, 200_000   # 5 min at 100 Hz, 200k decode steps of 1.5 ms
     samples = samples_frame(
         t_ns=[i * 10 * MS for i in range(n_samples)],
@@ -209,12 +209,9 @@ def test_many_short_decode_steps_are_fast():
         throttle_reasons=[0] * n_samples)
     starts = [i * 1_500_000 for i in range(n_steps)]
     steps = pl.DataFrame({"start_ns": starts, "end_ns": [s + 1_400_000 for s in starts]})
-    t0 = time.perf_counter()
     out = aggregate_intervals(steps, samples)
-    elapsed = time.perf_counter() - t0
     assert out.height == n_steps and (out["telemetry_samples"] >= 1).all()
     assert out["energy_j"].to_numpy() == pytest.approx(0.3 * 1.4, rel=1e-9)  # 300 W x 1.4 ms
-    assert elapsed < 10, elapsed
 
 
 # ---------------------------------------------------------------- attaching to a report
