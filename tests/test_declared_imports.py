@@ -99,11 +99,21 @@ def test_every_import_of_the_package_is_declared(project):
 
 
 def test_the_check_fails_when_a_requirement_is_removed(project):
-    """Remove scipy (or numpy, pillow, polars) from pyproject and the check names it."""
+    """Remove scipy (or numpy, pillow, polars, transformers) from pyproject, core and extras
+    (the molmoe extra pins transformers too), and the check names it."""
     for name in ("scipy", "numpy", "pillow", "polars", "transformers"):
-        reduced = dict(project, dependencies=[r for r in project["dependencies"]
-                                              if _requirement_name(r) != name])
+        reduced = dict(project, dependencies=[r for r in project["dependencies"] if _requirement_name(r) != name],
+                       **{"optional-dependencies": {
+                           extra: [r for r in reqs if _requirement_name(r) != name]
+                           for extra, reqs in project.get("optional-dependencies", {}).items()}})
         assert any(name in p for p in problems(reduced)), name
+
+
+def test_transformers_is_a_core_requirement_and_the_molmoe_extra_pins_its_line(project):
+    core, extras = declared(project)
+    assert "transformers" in core
+    molmoe = project["optional-dependencies"]["molmoe"]
+    assert "transformers==4.51.3" in molmoe and "einops" in extras["molmoe"]
 
 
 def test_the_check_fails_when_an_extra_is_imported_eagerly(project, tmp_path):
