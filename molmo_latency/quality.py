@@ -1,0 +1,171 @@
+"""Judge the conditions and the spread of a set of labels (transform: frames in, a verdict out).
+
+Per configuration a noise verdict (spread of decode steps and of prefill, drift between
+interleaved rounds, outliers, contention seen in the recorded conditions), and one run-level
+verdict with its reasons, each saying what to do. The thresholds are a value
+(:class:`NoisePolicy`), not constants spread through the code.
+
+Verdicts, worst first: ``contended`` (other processes took the CPU the measurement needed),
+``noisy`` (repeats of a configuration disagree more than the policy allows), ``incomplete`` (the
+run holds fewer requests than its sweep asks for), ``clean``. Requests measured cold
+(``warm`` False) and invalid requests are left out of every figure here and counted in the
+reasons.
+
+Example:
+    >>> import polars as pl
+    >>> rows = pl.DataFrame({"config_id": ["a"] * 4, "order": [0, 1, 2, 3], "valid": [True] * 4,
+    ...                      "decode_per_token_ms": [2.0, 2.02, 1.98, 2.0], "prefill_total_ms": [9.0, 9.1, 8.9, 9.0],
+    ...                      "total_ms": [20.0, 20.1, 19.9, 20.0], "torch_threads": [1] * 4,
+    ...                      "cpu_time_ratio": [0.98] * 4, "host_load_1m": [0.9] * 4, "warm": [True] * 4})
+    >>> q = judge(rows, usable_cpus=2)
+    >>> q.verdict, q.reasons
+    ('clean', [])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import polars as pl
+
+VERDICTS = ("contended", "noisy", "incomplete", "clean")  # worst first
+
+
+@dataclass(frozen=True)
+class NoisePolicy:
+    """When a configuration's labels are noisy or contended."""
+
+    max_cv_pct: float = 5.0           # decode-step (and prefill) CV across repeats
+    max_drift_pct: float = 5.0        # first vs second half of the interleaved rounds, of the median
+    outlier_mads: float = 6.0         # a request this many scaled MADs from its configuration's median
+    min_cpu_share: float = 0.75       # cpu_time_ratio / torch_threads below this: the CPU was taken
+    load_margin: float = 0.5          # host load above usable CPUs + this margin: contended
+    contended_share: float = 0.2      # a configuration with this share of contended requests is contended
+    min_repeats: int = 3              # fewer valid warm repeats: too few to judge the spread
+
+
+@dataclass
+class Quality:
+    """The verdict on a set of labels: one word, the reasons (each says what to do), and the
+    per-configuration table it was drawn from."""
+
+    verdict: str
+    reasons: list[str]
+    configs: pl.DataFrame = field(repr=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"verdict": self.verdict, "reasons": list(self.reasons)}
+
+
+def _has(frame: pl.DataFrame, *names: str) -> bool:
+    return all(n in frame.columns for n in names)
+
+
+def contention_flags(requests: pl.DataFrame, usable_cpus: int, policy: NoisePolicy = NoisePolicy()) -> pl.Series:
+    """Per request: did other processes take the CPU it needed (from the recorded conditions)?
+
+    On a CPU device the process's CPU share (``cpu_time_ratio / torch_threads``) below the policy's
+    floor; on any device a host load above the usable CPUs (plus a margin). False where the
+    conditions were not recorded."""
+    flag = pl.lit(False)
+    if _has(requests, "cpu_time_ratio", "torch_threads"):
+        on_cpu = (pl.col("device").fill_null("cpu").str.starts_with("cpu")
+                  if "device" in requests.columns else pl.lit(True))
+        share = pl.col("cpu_time_ratio") / pl.col("torch_threads").clip(lower_bound=1)
+        flag = flag | (on_cpu & (share < policy.min_cpu_share)).fill_null(False)
+    if "host_load_1m" in requests.columns:
+        flag = flag | (pl.col("host_load_1m") > usable_cpus + policy.load_margin).fill_null(False)
+    return requests.select(flag.alias("contended")).to_series()
+
+
+def _cv(col: str) -> pl.Expr:
+    return (100 * pl.col(col).std() / pl.col(col).mean()).alias(f"{col.removesuffix('_ms')}_cv_pct")
+
+
+def config_quality(requests: pl.DataFrame, usable_cpus: int, policy: NoisePolicy = NoisePolicy()) -> pl.DataFrame:
+    """One row per configuration: n, CVs, drift, outliers, contended requests and a verdict."""
+    rows = requests.with_columns(contention_flags(requests, usable_cpus, policy))
+    keep = pl.col("valid").fill_null(False)
+    if "warm" in rows.columns:
+        keep = keep & pl.col("warm").fill_null(True)
+    rows = rows.filter(keep)
+    if rows.is_empty():
+        return pl.DataFrame(schema={"config_id": pl.Utf8, "n": pl.UInt32, "verdict": pl.Utf8})
+    order = "order" if "order" in rows.columns else "request"
+    rows = rows.sort(order).with_columns(
+        (pl.int_range(pl.len()).over("config_id") < pl.len().over("config_id") / 2).alias("_first_half"),
+        (pl.col("total_ms") - pl.col("total_ms").median().over("config_id")).abs().alias("_dev"),
+    ).with_columns(  # distance from the median in scaled MADs (0 on the median, even when the MAD is 0)
+        pl.when(pl.col("_dev") == 0).then(0.0)
+        .otherwise(pl.col("_dev") / (1.4826 * pl.col("_dev").median().over("config_id"))).alias("_mads"))
+    step = "decode_per_token_ms" if "decode_per_token_ms" in rows.columns else "total_ms"
+    per = rows.group_by("config_id", maintain_order=True).agg(
+        pl.len().alias("n"),
+        _cv(step).alias("decode_step_cv_pct"),
+        _cv("prefill_total_ms").alias("prefill_cv_pct") if "prefill_total_ms" in rows.columns
+        else pl.lit(None, dtype=pl.Float64).alias("prefill_cv_pct"),
+        (100 * (pl.col(step).filter(~pl.col("_first_half")).median()
+                - pl.col(step).filter(pl.col("_first_half")).median()).abs()
+         / pl.col(step).median()).alias("drift_pct"),
+        (pl.col("_mads") > policy.outlier_mads).fill_null(False).sum().alias("outliers"),
+        pl.col("contended").sum().alias("contended_requests"),
+    )
+    few = pl.col("n") < policy.min_repeats
+    noisy = ((pl.col("decode_step_cv_pct") > policy.max_cv_pct) | (pl.col("prefill_cv_pct") > policy.max_cv_pct)
+             | ((pl.col("n") >= 4) & (pl.col("drift_pct") > policy.max_drift_pct))).fill_null(False)
+    contended = pl.col("contended_requests") >= pl.max_horizontal(pl.lit(1), policy.contended_share * pl.col("n"))
+    return per.with_columns(
+        pl.when(contended).then(pl.lit("contended")).when(few).then(pl.lit("too few"))
+        .when(noisy).then(pl.lit("noisy")).otherwise(pl.lit("clean")).alias("verdict"))
+
+
+def _names(ids: list[str], most: int = 4) -> str:
+    shown = ", ".join(ids[:most])
+    return shown + (f" (+{len(ids) - most} more)" if len(ids) > most else "")
+
+
+def judge(requests: pl.DataFrame, *, usable_cpus: int, expected_requests: int | None = None,
+          resume_command: str | None = None, policy: NoisePolicy = NoisePolicy()) -> Quality:
+    """The run-level verdict on a ``requests`` table (of a run directory or a profiler report)."""
+    configs = requests if "config_id" in requests.columns else requests.with_columns(pl.lit("all").alias("config_id"))
+    per = config_quality(configs, usable_cpus, policy)
+    reasons: list[str] = []
+    found: set[str] = set()
+    contended = per.filter(pl.col("verdict") == "contended")
+    if contended.height:
+        found.add("contended")
+        hit = int(contended["contended_requests"].sum())
+        reasons.append(
+            f"contention: {hit} requests in {contended.height} of {per.height} configurations ran while other "
+            f"processes took the CPU (CPU share below {policy.min_cpu_share:.0%} of the threads, or host load above "
+            f"{usable_cpus} CPUs); hit: {_names(contended['config_id'].to_list())}. Rerun on a quiet machine, "
+            "or with --threads below the free cores")
+    noisy = per.filter(pl.col("verdict") == "noisy")
+    if noisy.height:
+        found.add("noisy")
+        worst = noisy.sort("decode_step_cv_pct", descending=True, nulls_last=True).row(0, named=True)
+        reasons.append(
+            f"noisy: repeats disagree by more than {policy.max_cv_pct:g}% (CV) or drift between rounds in "
+            f"{noisy.height} of {per.height} configurations (worst {worst['config_id']}: decode-step CV "
+            f"{worst['decode_step_cv_pct'] or 0:.1f}%, drift {worst['drift_pct'] or 0:.1f}%): "
+            f"{_names(noisy['config_id'].to_list())}. Use more repeats, a longer warm-up, or a quieter machine")
+    few = per.filter(pl.col("verdict") == "too few")
+    if few.height:
+        reasons.append(f"{few.height} configurations have fewer than {policy.min_repeats} valid warm repeats: "
+                       f"their spread cannot be judged ({_names(few['config_id'].to_list())})")
+    if "warm" in requests.columns:
+        cold = requests.filter(~pl.col("warm").fill_null(True)).height
+        if cold:
+            reasons.append(f"{cold} requests were measured cold (before steady state) and are left out of every "
+                           "median and spread")
+    invalid = requests.filter(~pl.col("valid").fill_null(False)).height if "valid" in requests.columns else 0
+    if invalid:
+        reasons.append(f"{invalid} of {requests.height} requests are invalid (see invalid_reason) and are left out")
+    if expected_requests is not None and requests.height < expected_requests:
+        found.add("incomplete")
+        hint = f"; resume with the same command: {resume_command}" if resume_command else \
+            "; resume it by running the same command again"
+        reasons.append(f"incomplete: holds {requests.height} of {expected_requests} requests{hint}")
+    verdict = next((v for v in VERDICTS if v in found), "clean")
+    return Quality(verdict=verdict, reasons=reasons, configs=per)

@@ -1,0 +1,125 @@
+"""The labels' conditions recorded (molmo_latency.conditions) and judged (molmo_latency.quality).
+
+Each frame is built by hand with a known spread, contention or gap, so each verdict is known
+before the judge runs."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import polars as pl
+import pytest
+
+from molmo_latency.conditions import CONDITION_COLUMNS, RequestProbe, condition_differences, run_conditions
+from molmo_latency.quality import NoisePolicy, config_quality, judge
+
+
+def _rows(config, step_ms, *, cpu=0.97, threads=1, load=0.8, device="cpu", warm=None, valid=None):
+    n = len(step_ms)
+    return pl.DataFrame({
+        "config_id": [config] * n, "order": list(range(n)), "device": [device] * n,
+        "valid": valid if valid is not None else [True] * n,
+        "decode_per_token_ms": [float(x) for x in step_ms],
+        "prefill_total_ms": [10.0] * n, "total_ms": [10.0 + 8 * float(x) for x in step_ms],
+        "torch_threads": [threads] * n, "cpu_time_ratio": cpu if isinstance(cpu, list) else [cpu] * n,
+        "host_load_1m": [load] * n, "warm": warm if warm is not None else [True] * n})
+
+
+def _quiet(config, n=8, mean=2.0, cv=0.01, seed=0):
+    rng = np.random.default_rng(seed)
+    return _rows(config, mean * (1 + cv * rng.standard_normal(n)))
+
+
+def test_a_quiet_run_is_clean():
+    q = judge(pl.concat([_quiet("a"), _quiet("b", seed=1)]), usable_cpus=2, expected_requests=16)
+    assert q.verdict == "clean" and q.reasons == []
+    assert q.configs["verdict"].to_list() == ["clean", "clean"]
+    assert q.as_dict() == {"verdict": "clean", "reasons": []}
+
+
+def test_contention_is_named_with_the_configurations_it_hit():
+    hit = _rows("b", [2.0] * 8, cpu=[0.97, 0.4, 0.97, 0.45, 0.5, 0.97, 0.97, 0.97])  # 3 of 8 lost the CPU
+    q = judge(pl.concat([_quiet("a"), hit]), usable_cpus=2)
+    assert q.verdict == "contended"
+    assert dict(zip(q.configs["config_id"], q.configs["verdict"])) == {"a": "clean", "b": "contended"}
+    assert q.reasons[0].startswith("contention: 3 requests in 1 of 2 configurations")
+    assert q.reasons[0].split("hit: ")[1].split(".")[0] == "b"
+
+
+def test_two_threads_at_full_share_are_not_contention_but_a_loaded_host_is():
+    two = _rows("a", [2.0] * 6, cpu=1.9, threads=2)
+    assert judge(two, usable_cpus=2).verdict == "clean"
+    loaded = _rows("a", [2.0] * 6, cpu=1.9, threads=2, load=3.1)  # 2 CPUs, load 3.1
+    assert judge(loaded, usable_cpus=2).verdict == "contended"
+
+
+def test_on_a_gpu_a_low_host_cpu_share_is_not_contention():
+    gpu = _rows("a", [2.0] * 6, cpu=0.3, device="cuda:0")
+    assert judge(gpu, usable_cpus=16).verdict == "clean"
+
+
+def test_a_spread_above_the_policy_is_noisy_and_names_the_worst_configuration():
+    noisy = _rows("b", [2.0, 2.6, 1.5, 2.2, 1.8, 2.9])  # CV about 24%
+    q = judge(pl.concat([_quiet("a"), noisy]), usable_cpus=2)
+    assert q.verdict == "noisy" and "worst b" in q.reasons[0]
+    cv = float(np.std([2.0, 2.6, 1.5, 2.2, 1.8, 2.9], ddof=1) / np.mean([2.0, 2.6, 1.5, 2.2, 1.8, 2.9]) * 100)
+    got = q.configs.filter(pl.col("config_id") == "b")["decode_step_cv_pct"][0]
+    assert got == pytest.approx(cv, rel=1e-9)
+    # a looser policy is a value passed in
+    assert judge(pl.concat([_quiet("a"), noisy]), usable_cpus=2, policy=NoisePolicy(max_cv_pct=30, max_drift_pct=30)).verdict == "clean"
+
+
+def test_drift_between_rounds_is_noisy_even_with_a_tight_spread_per_half():
+    steps = [2.0, 2.01, 1.99, 2.0, 2.2, 2.21, 2.19, 2.2]  # +10% in the second half
+    per = config_quality(_rows("a", steps), usable_cpus=2, policy=NoisePolicy(max_cv_pct=50))
+    assert per["drift_pct"][0] == pytest.approx(100 * 0.2 / float(np.median(steps)), rel=1e-9)
+    assert per["verdict"][0] == "noisy"
+
+
+def test_cold_and_invalid_requests_are_left_out_and_counted():
+    rows = _rows("a", [40.0, 2.0, 2.01, 1.99, 2.0, 2.0], warm=[False] + [True] * 5,
+                 valid=[True, True, True, True, True, False])
+    q = judge(rows, usable_cpus=2)
+    assert q.verdict == "clean" and q.configs["n"][0] == 4
+    assert any("1 requests were measured cold" in r for r in q.reasons)
+    assert any("1 of 6 requests are invalid" in r for r in q.reasons)
+
+
+def test_an_incomplete_run_says_how_many_of_how_many_and_how_to_resume():
+    q = judge(_quiet("a", n=5), usable_cpus=2, expected_requests=192,
+              resume_command="molmo-latency profile --model tiny --sweep s.toml --out runs/x")
+    assert q.verdict == "incomplete"
+    assert "holds 5 of 192 requests" in q.reasons[-1] and "--out runs/x" in q.reasons[-1]
+
+
+def test_too_few_repeats_are_said_not_judged():
+    q = judge(_rows("a", [2.0, 3.0]), usable_cpus=2)
+    assert q.configs["verdict"][0] == "too few" and any("fewer than 3" in r for r in q.reasons)
+
+
+# ------------------------------------------------------------------------------ conditions
+def test_a_request_that_sleeps_uses_little_cpu_and_every_column_is_there():
+    probe = RequestProbe.start(torch_threads=3)
+    time.sleep(0.2)
+    row = probe.stop(warm=False)
+    assert set(row) == set(CONDITION_COLUMNS)
+    assert row["torch_threads"] == 3 and row["warm"] is False
+    assert 0 <= row["cpu_time_ratio"] < 0.5  # sleeping takes no CPU, however busy the machine is
+    assert row["involuntary_switches"] >= 0 and row["host_load_1m"] >= 0
+
+
+def test_run_conditions_record_threads_env_and_affinity(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    c = run_conditions(torch_threads=3, torch_interop_threads=1)
+    assert c["torch_threads"] == 3 and c["thread_env"]["OMP_NUM_THREADS"] == "3"
+    assert c["usable_cpus"] >= 1 and c["cpu_model"]
+
+
+def test_runs_under_different_conditions_are_told_apart():
+    a = {"identity": {"model": "tiny", "device": "cpu", "dtype": "float32"}, "conditions": {"torch_threads": 1},
+         "versions": {"torch": "2.13.0", "transformers": "5.24.0"}}
+    b = {**a, "conditions": {"torch_threads": 2}, "versions": {"torch": "2.13.0", "transformers": "4.51.3"}}
+    assert condition_differences({"A": a, "B": a}) == []
+    assert condition_differences({"A": a, "B": b}) == ["torch_threads: 1 (A), 2 (B)",
+                                                       "transformers: 5.24.0 (A), 4.51.3 (B)"]
