@@ -123,3 +123,12 @@ def test_runs_under_different_conditions_are_told_apart():
     assert condition_differences({"A": a, "B": a}) == []
     assert condition_differences({"A": a, "B": b}) == ["torch_threads: 1 (A), 2 (B)",
                                                        "transformers: 5.24.0 (A), 4.51.3 (B)"]
+
+
+def test_the_gpu_side_of_the_run_conditions_comes_from_the_device_layer():
+    from molmo_latency.telemetry import FakeGpu
+
+    gpu = FakeGpu(temp_c=61.0, other_processes=[4242], clocks_locked=True)
+    c = run_conditions(torch_threads=1, gpu=gpu)["gpu"]
+    assert c["other_processes"] == [4242] and c["clocks_locked"] is True and c["temp_c"] == 61.0
+    assert c["persistence_mode"] is True and c["uuid"] == gpu.uuid

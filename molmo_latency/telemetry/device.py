@@ -107,6 +107,15 @@ class GpuDevice(abc.ABC):
             throttle_reasons=self.throttle_reasons(),
         )
 
+    def conditions(self) -> dict[str, object]:
+        """What the GPU's state says about the labels measured on it, read once at a run's start:
+        ``other_processes`` (compute/graphics processes on it other than this one, None when not
+        readable), ``persistence_mode``, ``clocks_locked`` (application clocks set away from their
+        defaults), ``temp_c`` and ``sm_clock_mhz`` now. Implementations fill what they can read."""
+        return {"name": self.name, "uuid": self.uuid, "driver": self.driver, "other_processes": None,
+                "persistence_mode": None, "clocks_locked": None, "temp_c": self.temp_c(),
+                "sm_clock_mhz": self.sm_clock_mhz()}
+
     def close(self) -> None:
         """Release what the device holds (NVML handle); idempotent."""
 
@@ -274,6 +283,33 @@ class NvmlGpu(GpuDevice):
             raise NvmlUnavailable("this pynvml has no clocks-event reasons call; upgrade nvidia-ml-py")
         return old
 
+    def conditions(self) -> dict[str, object]:
+        out = super().conditions()
+        n, h = self._nvml, self._handle
+        pids: list[int] | None = []
+        for getter in ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetGraphicsRunningProcesses"):
+            try:
+                pids += [int(p.pid) for p in getattr(n, getter)(h)]  # type: ignore[operator]
+            except Exception:  # noqa: BLE001 - not readable here (container, permissions)
+                pids = None
+                break
+        if pids is not None:
+            import os
+
+            pids = sorted(set(pids) - {os.getpid()})
+        out["other_processes"] = pids
+        try:
+            out["persistence_mode"] = bool(n.nvmlDeviceGetPersistenceMode(h))
+        except Exception:  # noqa: BLE001
+            pass
+        try:
+            now = n.nvmlDeviceGetApplicationsClock(h, n.NVML_CLOCK_SM)
+            default = n.nvmlDeviceGetDefaultApplicationsClock(h, n.NVML_CLOCK_SM)
+            out["clocks_locked"] = bool(now != default)
+        except Exception:  # noqa: BLE001
+            pass
+        return out
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True
@@ -379,10 +415,15 @@ class FakeGpu(GpuDevice):
         uuid: str = "GPU-00000000-0000-0000-0000-000000000000",
         driver: str = "0.0",
         clock: Callable[[], int] | None = None,
+        other_processes: list[int] | None = None,
+        persistence_mode: bool | None = True,
+        clocks_locked: bool | None = False,
     ) -> None:
         import time
 
         self.index, self.name, self.uuid, self.driver = index, name, uuid, driver
+        self._conditions = {"other_processes": other_processes, "persistence_mode": persistence_mode,
+                            "clocks_locked": clocks_locked}
         self._const = GpuReading(sm_clock_mhz, mem_clock_mhz, temp_c, power_w, energy_mj,
                                  util_gpu_pct, util_mem_pct, throttle_reasons)
         self._integrate_energy = energy_mj is None and power_w is not None
@@ -455,6 +496,9 @@ class FakeGpu(GpuDevice):
 
     def throttle_reasons(self) -> int | None:
         return self._peek().throttle_reasons
+
+    def conditions(self) -> dict[str, object]:
+        return {**super().conditions(), **self._conditions}
 
     def close(self) -> None:
         self.closed = True
