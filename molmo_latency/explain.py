@@ -8,6 +8,9 @@ REQUEST_COLUMNS and, when NVML was on, TELEMETRY_AGG_COLUMNS). Output:
   *within-configuration* variance explained by the hardware columns: the R^2 of an OLS
   regression of ``value - mean(value | config)`` on the config-demeaned SM clock, max
   temperature and slowdown flag (numpy ``lstsq``, no intercept since everything is demeaned).
+- :func:`host_share`: the same for the host side, from the conditions each request recorded
+  (the process's CPU share of its threads, involuntary context switches per second, host load):
+  how much of the variance other processes on the machine explain.
 - :func:`find_outliers`: requests with ``|robust z| > 3.5`` (median/MAD within configuration)
   and their likely cause.
 - :func:`decode_vs_clock`: the points of the decode-time-against-SM-clock plot.
@@ -36,6 +39,7 @@ __all__ = [
     "explain",
     "find_outliers",
     "hardware_share",
+    "host_share",
     "phase_stats",
     "prepare_requests",
 ]
@@ -52,6 +56,15 @@ _REGRESSORS = (
     ("temp_max_c", "coef_ms_per_c"),
     ("throttled", "coef_ms_throttled"),
 )
+# the host side, from molmo_latency.conditions' columns (derived in prepare_requests)
+_HOST_REGRESSORS = (
+    ("cpu_share", "coef_ms_per_cpu_share"),
+    ("switches_per_s", "coef_ms_per_switch_per_s"),
+    ("host_load_1m", "coef_ms_per_load"),
+)
+NO_CONDITIONS = "no host conditions recorded"
+# a request whose process got less than this share of its threads' CPU time ran contended
+CONTENDED_CPU_SHARE = 0.75
 _DTYPES = {"int64": pl.Int64, "float64": pl.Float64, "str": pl.String, "bool": pl.Boolean}
 NO_TELEMETRY = "no telemetry"
 
@@ -102,10 +115,24 @@ def prepare_requests(requests: pl.DataFrame) -> pl.DataFrame:
         df = df.with_columns(pl.col(key).rank("ordinal").cast(pl.Int64).sub(1).alias("order"))
     if "repeat" not in df.columns:
         df = df.with_columns(pl.lit(None, dtype=pl.Int64).alias("repeat"))
+    host = []
+    for col in ("cpu_time_ratio", "torch_threads", "involuntary_switches", "host_load_1m"):
+        if col not in df.columns:
+            host.append(pl.lit(None, dtype=pl.Float64).alias(col))
+    if host:
+        df = df.with_columns(host)
+    on_cpu = (pl.col("device").cast(pl.String).fill_null("cpu").str.starts_with("cpu")
+              if "device" in df.columns else pl.lit(True))
     return df.with_columns(
         pl.when(pl.col("throttle_reasons").is_null()).then(None)
         .otherwise((pl.col("throttle_reasons") & SLOWDOWN_REASONS_MASK) != 0)
-        .alias("throttled"))
+        .alias("throttled"),
+        # the CPU share says something only where the CPU computes (on a GPU the host thread waits)
+        pl.when(on_cpu).then(pl.col("cpu_time_ratio").cast(pl.Float64)
+                             / pl.col("torch_threads").cast(pl.Float64).clip(lower_bound=1.0))
+        .alias("cpu_share"),
+        (pl.col("involuntary_switches").cast(pl.Float64) / (pl.col("total_ms") / 1000.0)).alias("switches_per_s"),
+    )
 
 
 def _config_order(df: pl.DataFrame) -> pl.DataFrame:
@@ -154,17 +181,43 @@ def hardware_share(requests: pl.DataFrame, targets: tuple[str, ...] = HARDWARE_T
     >>> round(hardware_share(df).row(0, named=True)["r2"], 3)
     0.998
     """
+    return _variance_share(requests, targets, _REGRESSORS, "sm_clock_mean_mhz", NO_TELEMETRY)
+
+
+def host_share(requests: pl.DataFrame, targets: tuple[str, ...] = HARDWARE_TARGETS) -> pl.DataFrame:
+    """Share of the within-configuration variance of each target explained by the host side:
+    the process's CPU share of its threads (``cpu_share``, CPU devices only), involuntary context
+    switches per second and the host's 1-minute load; the same fit as :func:`hardware_share`.
+    A large share says other processes on the machine moved the labels.
+
+    >>> share = [1.0, 0.5, 0.98, 0.6, 0.99]
+    >>> df = prepare_requests(pl.DataFrame({**{c: [1.0] * 5 for c in PHASE_MS_COLUMNS},
+    ...     "decode_per_token_ms": [2.0 / s for s in share], "cpu_time_ratio": share, "torch_threads": [1] * 5}))
+    >>> r = host_share(df).row(0, named=True)
+    >>> r["regressors"], r["r2"] > 0.9
+    ('cpu_share', True)
+    """
+    return _variance_share(requests, targets, _HOST_REGRESSORS, "cpu_share", NO_CONDITIONS,
+                           any_regressor=True)
+
+
+def _variance_share(requests: pl.DataFrame, targets: tuple[str, ...], regressors: tuple[tuple[str, str], ...],
+                    presence: str, absent_note: str, any_regressor: bool = False) -> pl.DataFrame:
+    """The demeaned OLS share of each target's within-configuration variance that `regressors`
+    explain (see :func:`hardware_share`); `absent_note` when `presence` (or, with
+    `any_regressor`, every regressor) is null everywhere."""
     out = []
     for target in targets:
         row: dict = {"target": target, "n": 0, "n_configs": 0, "regressors": None, "r2": None,
                      "r2_adj": None, "r2_relative": None,
-                     **{coef: None for _, coef in _REGRESSORS}, "note": None}
+                     **{coef: None for _, coef in regressors}, "note": None}
         base = requests.filter(_usable() & pl.col(target).is_not_null() & pl.col(target).is_not_nan())
-        if base.get_column("sm_clock_mean_mhz").null_count() == base.height:
-            row["note"] = NO_TELEMETRY
+        present = [c for c, _ in regressors] if any_regressor else [presence]
+        if all(base.get_column(c).null_count() == base.height for c in present):
+            row["note"] = absent_note
             out.append(row)
             continue
-        used = [c for c, _ in _REGRESSORS if base.get_column(c).null_count() < base.height]
+        used = [c for c, _ in regressors if base.get_column(c).null_count() < base.height]
         data = (base.select("config_id", target, *used).drop_nulls()
                 .with_columns(pl.col("throttled").cast(pl.Float64) if "throttled" in used else [])
                 .filter(pl.len().over("config_id") >= 2))
@@ -200,12 +253,12 @@ def hardware_share(requests: pl.DataFrame, targets: tuple[str, ...] = HARDWARE_T
             if dof <= 0:
                 row["note"] = "as many parameters as requests: R^2 is not informative"
             coefs = dict(zip(x_cols, beta.tolist()))
-            for col, coef in _REGRESSORS:
+            for col, coef in regressors:
                 row[coef] = coefs.get(col)
         out.append(row)
     schema = {"target": pl.String, "n": pl.Int64, "n_configs": pl.Int64, "regressors": pl.String,
               "r2": pl.Float64, "r2_adj": pl.Float64, "r2_relative": pl.Float64,
-              **{coef: pl.Float64 for _, coef in _REGRESSORS}, "note": pl.String}
+              **{coef: pl.Float64 for _, coef in regressors}, "note": pl.String}
     return pl.DataFrame(out, schema=schema, orient="row")
 
 
@@ -225,10 +278,12 @@ def find_outliers(
 
     1. ``invalid measurement``: ``valid`` is False (detail: ``invalid_reason``);
     2. ``throttling`` (slow outliers): a slowdown bit (not idle / app / display clocks) was seen;
-    3. ``clock drop`` (slow): SM clock mean more than ``clock_drop`` below the config median;
-    4. ``first run after idle`` (slow): lowest ``order`` in its configuration, or more than
+    3. ``host contention`` (slow): the process got less than 75% of its threads' CPU time
+       (recorded ``cpu_time_ratio``; CPU devices);
+    4. ``clock drop`` (slow): SM clock mean more than ``clock_drop`` below the config median;
+    5. ``first run after idle`` (slow): lowest ``order`` in its configuration, or more than
        ``idle_gap_ms`` since the previous request ended;
-    5. ``unexplained``.
+    6. ``unexplained``.
 
     >>> vals = [10.0, 10.1, 9.9, 10.0, 10.2, 9.8, 10.1, 30.0]
     >>> df = prepare_requests(pl.DataFrame({**{c: [1.0] * 8 for c in PHASE_MS_COLUMNS},
@@ -292,6 +347,10 @@ def _cause(r: dict, clock_drop: float, idle_gap_ms: float) -> tuple[str, str | N
         names = [n for n in throttle_reason_names(r["throttle_reasons"])
                  if n not in ("GpuIdle", "ApplicationsClocksSetting", "DisplayClockSetting")]
         return "throttling", ", ".join(names)
+    share = r.get("cpu_share")
+    if share is not None and share < CONTENDED_CPU_SHARE:
+        return "host contention", (f"the process got {share:.0%} of its {int(r.get('torch_threads') or 1)} "
+                                   "thread(s)' CPU time: other processes took the cores")
     clock, med = r.get("sm_clock_mean_mhz"), r.get("_clock_med")
     if clock is not None and med and clock < (1.0 - clock_drop) * med:
         return "clock drop", f"SM clock {clock:.0f} MHz vs {med:.0f} MHz median ({clock / med - 1:+.0%})"
@@ -332,6 +391,7 @@ class Explanation:
     phase_stats: pl.DataFrame
     hardware: pl.DataFrame
     outliers: pl.DataFrame
+    host: pl.DataFrame
     decode_points: pl.DataFrame
     has_telemetry: bool
     notes: list[str] = field(default_factory=list)
@@ -344,6 +404,7 @@ class Explanation:
             "configs": self.configs.to_dicts(),
             "phase_stats": self.phase_stats.to_dicts(),
             "hardware": self.hardware.to_dicts(),
+            "host": self.host.to_dicts(),
             "outliers": self.outliers.to_dicts(),
         }
 
@@ -378,6 +439,7 @@ def explain(requests: pl.DataFrame, *, z: float = 3.5, clock_drop: float = 0.05,
         phase_stats=phase_stats(df),
         hardware=hardware_share(df),
         outliers=find_outliers(df, z=z, clock_drop=clock_drop, idle_gap_ms=idle_gap_ms),
+        host=host_share(df),
         decode_points=decode_vs_clock(df),
         has_telemetry=has_telemetry,
         notes=notes,

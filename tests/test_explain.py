@@ -285,3 +285,31 @@ def test_without_telemetry_an_outlier_says_what_could_not_be_checked():
     out = find_outliers(prepare_requests(df)).filter(pl.col("metric") == "decode_per_token_ms")
     assert out.select("repeat", "cause", "detail").rows() == [
         (4, "unexplained", "no telemetry to check throttling or clocks")]
+
+
+def test_host_contention_explains_the_variance_it_caused_and_names_its_outliers():
+    """Decode steps planted to slow down in proportion to the CPU share the process lost: the host
+    fit explains nearly all of it, the hardware fit has no telemetry, and the slowest request's
+    cause is host contention."""
+    from molmo_latency.explain import PHASE_MS_COLUMNS, explain
+
+    share = [0.99, 0.98, 0.97, 0.99, 0.98, 0.97, 0.99, 0.3]
+    n = len(share)
+    df = pl.DataFrame({**{c: [1.0] * n for c in PHASE_MS_COLUMNS},
+                       "decode_per_token_ms": [2.0 / s for s in share], "config_id": ["a"] * n,
+                       "cpu_time_ratio": share, "torch_threads": [1] * n, "order": list(range(n)),
+                       "involuntary_switches": [3] * n, "host_load_1m": [1.0] * n})
+    e = explain(df)
+    host = e.host.filter(pl.col("target") == "decode_per_token_ms").row(0, named=True)
+    assert host["regressors"] == "cpu_share" and host["r2"] > 0.99
+    assert e.hardware["note"].to_list() == ["no telemetry", "no telemetry"]
+    slow = e.outliers.filter(pl.col("metric") == "decode_per_token_ms").row(0, named=True)
+    assert slow["order"] == 7 and slow["cause"] == "host contention" and "30%" in slow["detail"]
+    assert "host" in e.to_dict()
+
+
+def test_without_recorded_conditions_the_host_fit_says_so():
+    from molmo_latency.explain import NO_CONDITIONS, PHASE_MS_COLUMNS, explain
+
+    df = pl.DataFrame({**{c: [1.0, 1.1, 0.9] for c in PHASE_MS_COLUMNS}, "config_id": ["a"] * 3})
+    assert explain(df).host["note"].to_list() == [NO_CONDITIONS, NO_CONDITIONS]
