@@ -1,0 +1,72 @@
+"""One request's phases on a timeline (molmo_latency.timeline): a real profile of the tiny model
+written as a Chrome trace and read back by molmo-latency's own Kineto reader; expectations from
+the profiler's phases table, which the trace must reproduce slice for slice."""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+import pytest
+
+from molmo_latency import profile_phases
+from molmo_latency.errors import MolmoLatencyError
+from molmo_latency.timeline import chrome_trace, select_requests
+
+
+@pytest.fixture(scope="module")
+def report(tiny):
+    with profile_phases(tiny.model) as prof:
+        for crops in (1, 2):
+            tiny.model.generate(**tiny.request(crops=crops, prompt_tokens=12, new_tokens=4))
+    return prof.report()
+
+
+def test_every_phase_is_a_slice_that_our_reader_reads_back(report, tmp_path):
+    from molmo_latency.trace import read_kineto
+
+    path = tmp_path / "timeline.json"
+    path.write_text(json.dumps(chrome_trace(report.requests, report.phases)))
+    back = read_kineto(path).annotations.sort("start_ns")
+    phases = report.phases.sort("start_ns")
+    expected = [f"{p}[{s}]" if p == "decode" else p for p, s in phases.select("phase", "step").iter_rows()]
+    names = [n for n in back["name"].to_list() if not n.startswith("request[")]
+    assert names == expected
+    got_us = back.filter(~pl.col("name").str.starts_with("request["))["dur_ns"].to_numpy() / 1000
+    want_us = ((phases["end_ns"] - phases["start_ns"]) / 1000).to_numpy()
+    assert got_us == pytest.approx(want_us, abs=1.0)  # the reader keeps microseconds
+    assert back.filter(pl.col("name").str.starts_with("request["))["name"].to_list() == ["request[0]", "request[1]"]
+
+
+def test_requests_carry_their_facts_and_decode_steps_their_kv_length(report):
+    trace = chrome_trace(report.requests, report.phases)
+    slices = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    first = next(e for e in slices if e["name"] == "request[0]")
+    row = report.requests.row(0, named=True)
+    assert first["args"]["valid"] is True and first["args"]["output_tokens"] == row["output_tokens"]
+    steps = [e for e in slices if e["name"].startswith("decode[")]
+    assert [e["args"]["kv_tokens"] for e in steps[:3]] == [row["input_tokens"] + 1 + i for i in range(3)]
+    # every slice lies inside its request, on the same track
+    for req in (e for e in slices if e["name"].startswith("request[")):
+        inner = [e for e in slices if e["tid"] == req["tid"] and not e["name"].startswith("request[")
+                 and req["ts"] <= e["ts"] < req["ts"] + req["dur"]]
+        assert all(e["ts"] + e["dur"] <= req["ts"] + req["dur"] + 1e-6 for e in inner)
+
+
+def test_nvml_samples_and_conditions_become_counter_tracks():
+    req = pl.DataFrame({"request": [0], "start_ns": [10_000_000], "end_ns": [20_000_000], "thread_id": [5],
+                        "cpu_time_ratio": [0.5], "torch_threads": [2], "host_load_1m": [3.0]})
+    tel = pl.DataFrame({"t_ns": [9_500_000, 15_000_000, 30_000_000_000], "sm_clock_mhz": [1980.0, 1410.0, 1.0],
+                        "temp_c": [50.0, 51.0, 52.0]})
+    trace = chrome_trace(req, pl.DataFrame(schema={"request": pl.Int64, "phase": pl.Utf8, "step": pl.Int64,
+                                                   "start_ns": pl.Int64, "end_ns": pl.Int64}), telemetry=tel)
+    counters = [(e["name"], e["ts"], list(e["args"].values())[0]) for e in trace["traceEvents"] if e["ph"] == "C"]
+    assert ("GPU SM clock (MHz)", -500.0, 1980.0) in counters and ("GPU SM clock (MHz)", 5000.0, 1410.0) in counters
+    assert not any(v == 1.0 for _, _, v in counters)  # a sample long after the request is not shown
+    assert ("CPU share of the threads", 0.0, 0.25) in counters and ("host load (1 min)", 0.0, 3.0) in counters
+
+
+def test_an_unknown_request_is_refused_naming_what_there_is(report):
+    assert select_requests(report.requests, [1]).height == 1
+    with pytest.raises(MolmoLatencyError, match=r"no request 7 in this run \(it holds 2 requests, numbered 0..1"):
+        select_requests(report.requests, [7])
