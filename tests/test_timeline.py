@@ -70,3 +70,45 @@ def test_an_unknown_request_is_refused_naming_what_there_is(report):
     assert select_requests(report.requests, [1]).height == 1
     with pytest.raises(MolmoLatencyError, match=r"no request 7 in this run \(it holds 2 requests, numbered 0..1"):
         select_requests(report.requests, [7])
+
+
+# ------------------------------------------------------------------------------- the command
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    from molmo_latency.sweep import SweepSpec, run_sweep
+
+    out = tmp_path_factory.mktemp("timeline") / "run"
+    run_sweep("tiny", SweepSpec.from_dict({"crops": [1, 2], "repeats": 2, "warmup": 0, "prompt_tokens": [8],
+                                           "new_tokens": [3]}), out)
+    return out
+
+
+def _cli(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "molmo_latency", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_timeline_of_a_run_directory_opens_and_holds_the_chosen_requests(run_dir, tmp_path):
+    from molmo_latency.trace import read_kineto
+
+    out = tmp_path / "t.json"
+    res = _cli("timeline", str(run_dir), "--request", "1", "--request", "3", "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    assert "2 requests" in res.stderr
+    doc = json.loads(out.read_text())
+    assert doc["otherData"]["request_numbering"] == "order" and "versions" in doc["otherData"]
+    names = read_kineto(out).annotations["name"].to_list()
+    assert sorted(n for n in names if n.startswith("request[")) == ["request[1]", "request[3]"]
+    phases = pl.read_parquet(run_dir / "phases.parquet")
+    requests = pl.read_parquet(run_dir / "requests.parquet").filter(pl.col("order").is_in([1, 3]))
+    expected = phases.join(requests.select("config_id", "repeat", "request"), on=["config_id", "repeat", "request"])
+    assert len(names) == 2 + expected.height
+
+
+def test_timeline_refuses_an_unknown_request_in_one_line(run_dir, tmp_path):
+    res = _cli("timeline", str(run_dir), "--request", "99", "--out", str(tmp_path / "x.json"))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "no request 99 in this run (it holds 4 requests, numbered 0..3 by order)" in res.stderr
+    assert not (tmp_path / "x.json").exists()

@@ -34,6 +34,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("molmo_latency.cli.fit_cmd",
                 "P50 and P95 of a whole request of N output tokens (prefill, decode total, request) for one "
                 "configuration."),
+    "timeline": ("molmo_latency.cli.timeline_cmd",
+                 "Write requests and their phases as a Chrome trace (Perfetto, chrome://tracing): a track per "
+                 "thread, each phase and decode step a slice, NVML and host conditions as counter tracks."),
     "trace": ("molmo_latency.cli.trace_cmd",
               "Read traces (torch.profiler Kineto JSON, Nsight Systems SQLite exports): GPU time per kernel, "
               "annotation and device."),
