@@ -188,3 +188,41 @@ def condition_differences(runs: dict[str, dict[str, Any]]) -> list[str]:
         if len({repr(v) for v in values.values()}) > 1:
             lines.append(f"{key}: " + ", ".join(f"{v} ({name})" for name, v in values.items()))
     return lines
+
+
+@dataclass(frozen=True)
+class ThermalWait:
+    """Before a configuration is measured, wait until the GPU is idle and cool (the policy of
+    nsight-python's thermal mode): utilisation at most ``idle_util_pct`` and temperature at most
+    ``max_temp_c``, polled every ``poll_s``, for at most ``timeout_s`` (then measure anyway and
+    say so in the returned record)."""
+
+    max_temp_c: float = 60.0
+    idle_util_pct: float = 5.0
+    poll_s: float = 0.2
+    timeout_s: float = 60.0
+
+
+def wait_until_cool(gpu: Any, policy: ThermalWait, sleep: Any = time.sleep,
+                    clock: Any = time.monotonic) -> dict[str, Any]:
+    """Wait as `policy` says on `gpu` (a :class:`~molmo_latency.telemetry.GpuDevice`); returns
+    what happened: ``waited_s``, ``temp_c`` and ``util_gpu_pct`` at the end, ``timed_out``.
+
+    Example:
+        >>> from molmo_latency.telemetry import FakeGpu
+        >>> gpu = FakeGpu(readings=[{"temp_c": 75.0, "util_gpu_pct": 90.0}, {"temp_c": 58.0, "util_gpu_pct": 0.0}])
+        >>> r = wait_until_cool(gpu, ThermalWait(poll_s=0.0))
+        >>> r["temp_c"], r["timed_out"]
+        (58.0, False)
+    """
+    start = clock()
+    while True:
+        reading = gpu.read()
+        temp, util = reading.temp_c, reading.util_gpu_pct
+        cool = temp is None or temp <= policy.max_temp_c
+        idle = util is None or util <= policy.idle_util_pct
+        waited = clock() - start
+        if (cool and idle) or waited >= policy.timeout_s:
+            return {"waited_s": round(waited, 3), "temp_c": temp, "util_gpu_pct": util,
+                    "timed_out": not (cool and idle)}
+        sleep(policy.poll_s)

@@ -132,3 +132,21 @@ def test_the_gpu_side_of_the_run_conditions_comes_from_the_device_layer():
     c = run_conditions(torch_threads=1, gpu=gpu)["gpu"]
     assert c["other_processes"] == [4242] and c["clocks_locked"] is True and c["temp_c"] == 61.0
     assert c["persistence_mode"] is True and c["uuid"] == gpu.uuid
+
+
+def test_the_thermal_wait_waits_for_a_cool_idle_gpu_and_gives_up_saying_so():
+    from molmo_latency.conditions import ThermalWait, wait_until_cool
+    from molmo_latency.telemetry import FakeGpu
+
+    now = [0.0]
+
+    def sleep(s):
+        now[0] += s
+
+    hot = [{"temp_c": 80.0 - 5 * i, "util_gpu_pct": 0.0} for i in range(10)]  # cools 5 C per poll
+    r = wait_until_cool(FakeGpu(readings=hot), ThermalWait(max_temp_c=62.0, poll_s=1.0), sleep=sleep, clock=lambda: now[0])
+    assert r == {"waited_s": 4.0, "temp_c": 60.0, "util_gpu_pct": 0.0, "timed_out": False}
+    now[0] = 0.0
+    busy = FakeGpu(temp_c=50.0, util_gpu_pct=100.0)  # another process keeps it busy
+    r = wait_until_cool(busy, ThermalWait(poll_s=1.0, timeout_s=3.0), sleep=sleep, clock=lambda: now[0])
+    assert r["timed_out"] is True and r["waited_s"] == 3.0 and r["util_gpu_pct"] == 100.0
