@@ -56,7 +56,18 @@ class TextShape:
 
     @classmethod
     def from_config(cls, cfg: Any) -> "TextShape":
-        """From a transformers text config (OLMoE, Llama, Qwen2, Mixtral-style names)."""
+        """From a transformers text config (OLMoE, Llama, Qwen2, Mixtral-style names) or a Molmo
+        remote-code config (``d_model``, ``n_layers``, ``moe_num_experts``; its experts' SwiGLU
+        width is half of ``mlp_hidden_size`` or ``mlp_ratio * d_model``)."""
+        if hasattr(cfg, "d_model") and hasattr(cfg, "n_layers"):
+            heads = int(cfg.n_heads)
+            width = cfg.mlp_hidden_size if cfg.mlp_hidden_size is not None else cfg.mlp_ratio * cfg.d_model
+            return cls(hidden=int(cfg.d_model), layers=int(cfg.n_layers), heads=heads,
+                       kv_heads=int(getattr(cfg, "n_kv_heads", None) or heads),
+                       head_dim=int(getattr(cfg, "head_dim", None) or cfg.d_model // heads),
+                       intermediate=int(width) // 2, experts=int(getattr(cfg, "moe_num_experts", 0) or 0),
+                       top_k=int(getattr(cfg, "moe_top_k", 0) or 0),
+                       vocab=int(getattr(cfg, "embedding_size", None) or cfg.vocab_size))
         hidden = int(cfg.hidden_size)
         heads = int(cfg.num_attention_heads)
         experts = int(getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None)
@@ -144,11 +155,13 @@ def llm_call_bytes(t: TextShape, *, new: int, past: int, top_k: int | None = Non
 def request_flops(t: TextShape, *, input_tokens: int, output_tokens: int, top_k: int | None = None,
                   blocks: int | None = None, batch: int = 1, vision: VisionShape | None = None, crops: int = 0,
                   projector: list[tuple[int, int]] | None = None, pooled_tokens: int = 0,
-                  dtype_bytes: int = 2) -> pl.DataFrame:
+                  dtype_bytes: int = 2, prefill_logits_rows: int = 1) -> pl.DataFrame:
     """One row per (phase, step, module kind) of a request: ``flops`` and ``bytes``.
 
     Phases as the profiler names them: ``vision``, ``projector``, ``prefill`` (step 0) and
     ``decode`` steps 0..output_tokens-2, step s feeding one token over input_tokens + s cached.
+    ``prefill_logits_rows``: the prompt positions whose logits the prefill computes (1 where
+    generate() keeps only the last, as transformers does; the whole prompt for MolmoE's code).
 
     Example:
         >>> text = TextShape(hidden=64, layers=4, heads=4, kv_heads=4, head_dim=16, intermediate=64,
@@ -173,7 +186,7 @@ def request_flops(t: TextShape, *, input_tokens: int, output_tokens: int, top_k:
         add("projector", 0, projector_flops(projector, pooled_tokens, crops * batch),
             {"projector": sum(i * o for i, o in projector) * dtype_bytes})
     kw = {"top_k": top_k, "blocks": blocks, "batch": batch}
-    add("prefill", 0, llm_call_flops(t, new=input_tokens, past=0, **kw),
+    add("prefill", 0, llm_call_flops(t, new=input_tokens, past=0, logits_rows=prefill_logits_rows, **kw),
         llm_call_bytes(t, new=input_tokens, past=0, dtype_bytes=dtype_bytes, **kw))
     for s in range(max(0, output_tokens - 1)):
         past = input_tokens + s

@@ -99,3 +99,40 @@ def test_speed_of_light_names_the_bound_of_each_phase():
     bounds = dict(zip(sol["phase"], sol["bound"]))
     assert bounds["prefill"] == "compute" and bounds["decode"] == "memory"
     assert set(ACCELERATORS) == {"A100", "H100", "H200"}
+
+
+def _math_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **_):
+    """Attention as two matrix products, so that the counter sees them (CPU SDPA is not counted)."""
+    scores = torch.matmul(q, k.transpose(-2, -1)) / q.shape[-1] ** 0.5
+    if is_causal:
+        scores = scores.masked_fill(torch.ones(scores.shape[-2:], dtype=torch.bool).triu(1 + k.shape[-2] - q.shape[-2]),
+                                    float("-inf"))
+    if attn_mask is not None:
+        scores = scores + attn_mask if attn_mask.dtype != torch.bool else scores.masked_fill(~attn_mask, float("-inf"))
+    return torch.matmul(scores.softmax(-1), v)
+
+
+def test_molmoe_llm_flops_agree_with_pytorchs_counter(monkeypatch):
+    """MolmoE's own model code (transformers 4.5x): a forward over the prompt (logits of every
+    position), and generate() of two tokens (prefill with the last logits only, one decode step)."""
+    from tests.molmoe_fixtures import tiny_molmoe
+
+    from transformers import GenerationConfig
+
+    model = tiny_molmoe()
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", _math_sdpa)
+    ids = torch.randint(3, 300, (1, 20))
+    gen = GenerationConfig(max_new_tokens=2, min_new_tokens=2, do_sample=False, use_cache=True,
+                           pad_token_id=1, eos_token_id=2)
+    with torch.no_grad():
+        prefill = FlopCounterMode(display=False)
+        with prefill:
+            model(input_ids=ids, use_cache=True)
+        both = FlopCounterMode(display=False)  # prefill and one decode step, as generate() runs them
+        with both:
+            model.generate(input_ids=ids, generation_config=gen)
+    shape = TextShape.from_config(model.config)
+    forward = request_flops(shape, input_tokens=20, output_tokens=1, prefill_logits_rows=20)  # every position
+    assert forward["flops"].sum() == pytest.approx(prefill.get_total_flops(), rel=TOLERANCE)
+    generated = request_flops(shape, input_tokens=20, output_tokens=2)  # generate(): the last logits only
+    assert generated["flops"].sum() == pytest.approx(both.get_total_flops(), rel=TOLERANCE)
