@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -78,7 +79,9 @@ def test_the_kineto_trace_is_kept_and_every_phase_compared(rehearsal):
 
     out, data, _ = rehearsal
     ek = data["event_vs_kineto"]
-    trace = read_kineto(out / ek["trace"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a CPU trace: "no GPU activities" is expected
+        trace = read_kineto(out / ek["trace"])
     phases = [p for p in (phase_of(n) for n in trace.annotations["name"].to_list()) if p is not None]
     # two requests of 1 vision, 1 projector, 1 prefill and new_tokens - 1 decode steps each
     per_request = 3 + data["plan"]["kineto_new_tokens"] - 1
@@ -124,7 +127,7 @@ def test_the_results_section_names_every_stage(rehearsal):
 
 
 def test_a_run_cut_short_still_returns_what_it_measured(tmp_path):
-    deadline_s = 20
+    deadline_s = 12
     t0 = time.monotonic()
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_truth.py"), "--rehearsal",
                            "--out", str(tmp_path), "--deadline-s", str(deadline_s)],
