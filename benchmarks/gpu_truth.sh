@@ -56,9 +56,20 @@ if [ "$PLAN" = "FAIL" ]; then
 fi
 if [ -n "$PLAN" ]; then
     echo "gpu_truth.sh: installing from $WHEELS into $TARGET: $PLAN"
-    # shellcheck disable=SC2086 - the list is meant to split
-    "$PY" -m pip install --quiet --disable-pip-version-check --no-index --no-deps \
-        --find-links "$WHEELS" --target "$TARGET" $PLAN
+    if "$PY" -m pip --version >/dev/null 2>&1; then
+        # shellcheck disable=SC2086 - the list is meant to split
+        "$PY" -m pip install --quiet --disable-pip-version-check --no-index --no-deps \
+            --find-links "$WHEELS" --target "$TARGET" $PLAN
+    else  # no pip on the host: a wheel is a zip of what goes into site-packages
+        echo "gpu_truth.sh: no pip for $PY; unpacking the wheels into $TARGET instead"
+        # shellcheck disable=SC2086
+        "$PY" - "$WHEELS" "$TARGET" $PLAN <<'EOF'
+import pathlib, sys, zipfile
+wheels, target = pathlib.Path(sys.argv[1]), sys.argv[2]
+for dist in sys.argv[3:]:
+    zipfile.ZipFile(sorted(wheels.glob(dist.replace("-", "_") + "-*.whl"))[-1]).extractall(target)
+EOF
+    fi
 fi
 set +e
 PYTHONPATH="$ROOT:$TARGET${PYTHONPATH:+:$PYTHONPATH}" timeout -k 5 470 \
