@@ -572,11 +572,53 @@ def _annotation_spans(trace) -> "Any":
                                       "annotation_ms": pl.Float64})
 
 
+def compare_event_to_trace(phases, trace) -> tuple[Any, str]:
+    """Each phase instance's event-timed ``ms`` against the same phase in the trace: its GPU span
+    (``gpu_span_ms``, joined by the profiler's report) when the trace has GPU activity, else its
+    CPU range (the rehearsal). Returns (phases compared, with ``kineto_ms`` and ``diff_pct`` =
+    100 * (ms - kineto_ms) / kineto_ms; the name of the reference). Instances without a reference
+    (no GPU span) are left out, and the caller reports how many were compared."""
+    import polars as pl
+
+    if trace.gpu.height > 0:
+        reference = "gpu_span"
+        compared = phases.filter(pl.col("gpu_span_ms").is_not_null() & (pl.col("gpu_span_ms") > 0)
+                                 ).with_columns(pl.col("gpu_span_ms").alias("kineto_ms"))
+    else:
+        reference = "cpu_annotation_span (no GPU activity: rehearsal)"
+        compared = phases.join(_annotation_spans(trace).rename({"annotation_ms": "kineto_ms"}),
+                               on=["request", "phase", "step"], how="inner")
+    compared = compared.with_columns((100 * (pl.col("ms") - pl.col("kineto_ms")) / pl.col("kineto_ms")).alias("diff_pct"))
+    return compared, reference
+
+
+def kernels_per_phase(phases, trace) -> dict[str, Any]:
+    """GPU activities and time charged to each phase (vision, projector, prefill, decode), per
+    kernel category, the top 10 kernels, and the activities charged to no phase; {} without GPU
+    activity."""
+    import polars as pl
+
+    from molmo_latency.trace import kernel_breakdown, phase_category_table
+
+    if trace.gpu.height == 0:
+        return {}
+    charged = phases.group_by("phase").agg(pl.col("gpu_activities").sum(), pl.col("gpu_kernel_ms").sum(),
+                                           pl.col("gpu_busy_ms").sum(), pl.col("gpu_span_ms").sum())
+    return {
+        "per_phase": charged.sort("phase").to_dicts(),
+        "per_phase_category": (phase_category_table(trace).group_by("phase", "category")
+                               .agg(pl.col("gpu_activities").sum(), pl.col("gpu_kernel_ms").sum())
+                               .sort("phase", "category").to_dicts()),
+        "top_kernels": kernel_breakdown(trace.gpu).head(10).to_dicts(),
+        "uncharged_gpu_activities": int(trace.gpu.height - (charged["gpu_activities"].sum() or 0)),
+    }
+
+
 def stage_event_vs_kineto(ctx: Context, budget: Budget) -> None:
     import polars as pl
 
     from molmo_latency import profile_phases
-    from molmo_latency.trace import kernel_breakdown, phase_category_table, read_kineto
+    from molmo_latency.trace import read_kineto
 
     model = ctx.ref.model
     traces = ctx.out / "traces"
@@ -598,28 +640,12 @@ def stage_event_vs_kineto(ctx: Context, budget: Budget) -> None:
             warnings.simplefilter("ignore")
         trace = read_kineto(kept)
     ph = rep.phases
-    has_gpu = trace.gpu.height > 0
-    if has_gpu:
-        reference, col = "gpu_span", "gpu_span_ms"
-        compared = ph.filter(pl.col(col).is_not_null() & (pl.col(col) > 0))
-    else:
-        reference, col = "cpu_annotation_span (no GPU activity: rehearsal)", "annotation_ms"
-        compared = ph.join(_annotation_spans(trace), on=["request", "phase", "step"], how="inner")
-    compared = compared.with_columns((100 * (pl.col("ms") - pl.col(col)) / pl.col(col)).alias("diff_pct"))
+    compared, reference = compare_event_to_trace(ph, trace)
     per_phase = (compared.group_by("phase").agg(
-        pl.len().alias("instances"), pl.col("ms").sum().alias("event_ms"), pl.col(col).sum().alias("kineto_ms"),
+        pl.len().alias("instances"), pl.col("ms").sum().alias("event_ms"), pl.col("kineto_ms").sum(),
         pl.col("diff_pct").median().alias("diff_pct_median"), pl.col("diff_pct").abs().max().alias("diff_pct_abs_max"))
         .sort("phase"))
-    kernels: dict[str, Any] = {}
-    if has_gpu:
-        charged = ph.group_by("phase").agg(pl.col("gpu_activities").sum(), pl.col("gpu_kernel_ms").sum(),
-                                           pl.col("gpu_busy_ms").sum(), pl.col("gpu_span_ms").sum())
-        kernels["per_phase"] = charged.sort("phase").to_dicts()
-        kernels["per_phase_category"] = (phase_category_table(trace).group_by("phase", "category")
-                                         .agg(pl.col("gpu_activities").sum(), pl.col("gpu_kernel_ms").sum())
-                                         .sort("phase", "category").to_dicts())
-        kernels["top_kernels"] = kernel_breakdown(trace.gpu).head(10).to_dicts()
-        kernels["uncharged_gpu_activities"] = int(trace.gpu.height - (charged["gpu_activities"].sum() or 0))
+    kernels = kernels_per_phase(ph, trace)
     diff_max = compared["diff_pct"].abs().max() if compared.height else None
     ctx.results.put(
         event_vs_kineto_phase_diff_pct_max=diff_max,

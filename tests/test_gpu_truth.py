@@ -146,3 +146,28 @@ def test_a_run_cut_short_still_returns_what_it_measured(tmp_path):
         assert data["device"] is not None and data["env"]["torch"] == torch.__version__
     if "build" in done:
         assert data["model"]["preset"] == "tiny"
+
+
+def test_on_a_gpu_trace_event_times_are_compared_with_gpu_spans_and_kernels_charged(tmp_path):
+    """The GPU branch of the event-vs-Kineto stage, which the CPU rehearsal cannot reach, on the
+    package's demo GPU trace (9 GPU activities; per phase instance: vision 2, projector 1,
+    prefill 3, decode[0] 1, decode[1] 1)."""
+    import polars as pl
+
+    from benchmarks.gpu_truth import compare_event_to_trace, kernels_per_phase
+    from molmo_latency.trace import phase_gpu_table, read_kineto
+    from molmo_latency.trace._demo import write_demo_trace
+
+    trace = read_kineto(write_demo_trace(tmp_path))
+    gpu = phase_gpu_table(trace)
+    assert gpu["phase"].to_list() == ["vision", "projector", "prefill", "decode", "decode"]
+    # the report's phases: each event-timed ms 1% above its GPU span, the last decode step 2% below
+    phases = gpu.with_columns(ms=pl.col("gpu_span_ms") * pl.Series([1.01, 1.01, 1.01, 1.01, 0.98]))
+    compared, reference = compare_event_to_trace(phases, trace)
+    assert reference == "gpu_span"
+    assert compared["diff_pct"].to_list() == pytest.approx([1, 1, 1, 1, -2], abs=1e-9)
+    kernels = kernels_per_phase(phases, trace)
+    assert {r["phase"]: r["gpu_activities"] for r in kernels["per_phase"]} == {
+        "vision": 2, "projector": 1, "prefill": 3, "decode": 2}
+    assert kernels["uncharged_gpu_activities"] == 9 - 8
+    assert sum(r["gpu_activities"] for r in kernels["per_phase_category"]) == 8
