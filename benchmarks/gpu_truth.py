@@ -95,7 +95,7 @@ class Plan:
     compile_backend: str = "inductor"
     compile_parts: tuple[str, ...] = ("torch_compile", "static_cache")
     sweep: dict[str, Any] = field(default_factory=dict)
-    children_in_process: bool = False       # rehearsal: the child stages' code in this process
+    children_in_process: tuple[str, ...] = ()  # child stages whose code runs in this process
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -129,7 +129,9 @@ REHEARSAL_PLAN = Plan(
     # parsed by the rehearsal too (sweep stage: gpu_plan_configs)
     sweep={"crops": [1, 4], "top_k": [2, 8], "blocks": [4], "prompt_tokens": [16],
            "new_tokens": [3], "repeats": 2, "warmup": 0},
-    children_in_process=True,
+    # compile in this process (a second interpreter costs seconds on a 2-core CPU); the sweep as a
+    # child process, as on the GPU, so the child protocol (--child, part file, kill) is rehearsed
+    children_in_process=("compile",),
 )
 
 
@@ -821,7 +823,7 @@ def run_child_stage(name: str, ctx: Context, budget: Budget) -> None:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--out", str(ctx.out)]
     if ctx.rehearsal:
         cmd.append("--rehearsal")
-    if ctx.plan.children_in_process:  # the same code and files, without a second interpreter
+    if name in ctx.plan.children_in_process:  # the same code and files, without a second interpreter
         CHILDREN[name](ctx.plan, ctx.rehearsal, ctx.out, _part_writer(part))
         timed_out, rc, tail = False, 0, ""
     else:

@@ -115,6 +115,7 @@ def test_nvml_compile_gpu_tests_and_sweep_stages_report(rehearsal):
     configs = len(spec["crops"]) * len(spec["top_k"]) * len(spec["blocks"])
     assert sw["configs"] == configs and sw["counts"]["measured"] == configs * spec["repeats"]
     assert sw["counts"]["failed_configs"] == 0 and sw["fit"]["status"] == "ok"
+    assert sw["rc"] == 0 and sw["timed_out"] is False  # ran as a child process, as on the GPU
     assert sw["gpu_plan_configs"] == 3 * 2 * 2  # crops {1,4,12} x top-k {2,8} x blocks {8,16}
 
 
@@ -171,3 +172,13 @@ def test_on_a_gpu_trace_event_times_are_compared_with_gpu_spans_and_kernels_char
         "vision": 2, "projector": 1, "prefill": 3, "decode": 2}
     assert kernels["uncharged_gpu_activities"] == 9 - 8
     assert sum(r["gpu_activities"] for r in kernels["per_phase_category"]) == 8
+
+
+def test_apply_refuses_a_rehearsal_and_leaves_the_repository_alone(rehearsal):
+    out, _, _ = rehearsal
+    results_md = ROOT / "benchmarks" / "RESULTS.md"
+    before = results_md.read_bytes()
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_truth.py"), "--apply", str(out)],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "rehearsal" in proc.stderr
+    assert results_md.read_bytes() == before and not (ROOT / "benchmarks" / "results" / "gpu.json").exists()
