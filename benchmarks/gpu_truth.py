@@ -211,6 +211,7 @@ class Context:
     started: float
     ref: Any = None          # the built reference model
     cut_short: bool = False  # set by a stage whose loop stopped at its budget
+    nvml_error: str | None = None  # why NVML cannot be read here (set by the env stage)
 
     def timer(self):
         """The profiler's timer: None (its default, CUDA events on a GPU) or, in the rehearsal,
@@ -231,7 +232,9 @@ class Context:
         return FakeGpu(name="FakeGpu (rehearsal)")
 
     def nvml_mode(self) -> str:
-        return "required"
+        """"required" where NVML (or the rehearsal's FakeGpu) works, else "off": a GPU whose NVML
+        is refused still gets every other figure, and the NVML figures say why they are missing."""
+        return "off" if self.nvml_error else "required"
 
     def sync(self) -> None:
         import torch
@@ -343,7 +346,7 @@ def stage_env(ctx: Context, budget: Budget) -> None:
             gpu = open_gpu(uuid if uuid.startswith("GPU-") else (f"GPU-{uuid}" if uuid else 0))
         except Exception as exc:  # noqa: BLE001 - recorded, and the nvml stage will say the same
             gpu = None
-            env["nvml_error"] = _one_line(exc)
+            env["nvml_error"] = ctx.nvml_error = _one_line(exc)
     if gpu is not None:
         reading = gpu.read()
         env["gpu_name"] = getattr(gpu, "name", None)
@@ -386,6 +389,8 @@ def stage_overhead(ctx: Context, budget: Budget) -> None:
     model, kwargs = ctx.ref.model, ctx.request()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.plan.device.startswith("cuda") else [])
     arms = ["none", "profile_phases", "profile_phases+nvml", "torch.profiler"]
+    if ctx.nvml_error:  # the sampler arm needs NVML
+        arms.remove("profile_phases+nvml")
     times: dict[str, list[float]] = {a: [] for a in arms}
     step_ms: dict[str, list[float]] = {"profile_phases": [], "profile_phases+nvml": []}
     steps_seen: list[int] = []
@@ -460,9 +465,10 @@ def stage_overhead(ctx: Context, budget: Budget) -> None:
         overhead_decode_step_pct_ci95=pp["decode_step_pct_ci95"],
         overhead_request_pct=pp["request_pct"],
         overhead_request_pct_ci95=pp["request_pct_ci95"],
-        overhead_decode_step_pct_nvml=by_arm["profile_phases+nvml"]["decode_step_pct"],
+        overhead_decode_step_pct_nvml=by_arm.get("profile_phases+nvml", {}).get("decode_step_pct"),
         overhead_decode_step_pct_torch_profiler=by_arm["torch.profiler"]["decode_step_pct"],
         overhead={"arms": by_arm, "rounds": rounds, "decode_steps_per_request": decode_steps,
+                  "nvml_arm": f"dropped: {ctx.nvml_error}" if ctx.nvml_error else "measured",
                   "decode_step_ms_reference": step_ref,
                   "method": "generate() wall time (host clock, synchronised outside generate), arms "
                             "interleaved with rotating order; per arm the median of the per-round "
@@ -667,6 +673,8 @@ def stage_nvml(ctx: Context, budget: Budget) -> None:
     from molmo_latency import profile_phases
     from molmo_latency.telemetry.policy import DEFAULT_INTERVAL_MS
 
+    if ctx.nvml_error:
+        raise RuntimeError(f"NVML cannot be read here: {ctx.nvml_error}")
     model = ctx.ref.model
     with profile_phases(model, timer=ctx.timer(), nvml=ctx.nvml_mode(), nvml_device=ctx.gpu_device(),
                         nvml_interval_ms=DEFAULT_INTERVAL_MS) as prof:

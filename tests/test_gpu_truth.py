@@ -39,6 +39,7 @@ def rehearsal(tmp_path_factory):
     return out, json.loads((out / "gpu.json").read_text()), wall_s
 
 
+@pytest.mark.slow  # the rehearsal (module fixture, shared by the tests below) runs for tens of seconds
 def test_rehearsal_runs_every_stage_and_writes_every_key(rehearsal):
     out, data, wall_s = rehearsal
     assert data["rehearsal"] is True and data["finished"] is True
@@ -52,6 +53,7 @@ def test_rehearsal_runs_every_stage_and_writes_every_key(rehearsal):
     assert data["elapsed_s"] < data["deadline_s"] and wall_s < data["deadline_s"] + 30
 
 
+@pytest.mark.slow
 def test_overhead_is_interleaved_with_a_confidence_interval(rehearsal):
     _, data, _ = rehearsal
     arms = data["overhead"]["arms"]
@@ -64,6 +66,7 @@ def test_overhead_is_interleaved_with_a_confidence_interval(rehearsal):
     assert data["overhead"]["decode_steps_per_request"] == data["plan"]["new_tokens"] - 1
 
 
+@pytest.mark.slow
 def test_stability_has_30_repeats_after_warmup_and_its_conditions(rehearsal):
     _, data, _ = rehearsal
     st = data["stability"]
@@ -74,6 +77,7 @@ def test_stability_has_30_repeats_after_warmup_and_its_conditions(rehearsal):
     assert all(row["n"] == st["conditions"]["repeats"] for row in st["decode_step_cv_pct_by_step"])
 
 
+@pytest.mark.slow
 def test_the_kineto_trace_is_kept_and_every_phase_compared(rehearsal):
     from molmo_latency.trace import phase_of, read_kineto
 
@@ -92,6 +96,7 @@ def test_the_kineto_trace_is_kept_and_every_phase_compared(rehearsal):
         max(row["diff_pct_abs_max"] for row in ek["per_phase"]), rel=1e-9)
 
 
+@pytest.mark.slow
 def test_nvml_compile_gpu_tests_and_sweep_stages_report(rehearsal):
     import transformers
 
@@ -119,6 +124,7 @@ def test_nvml_compile_gpu_tests_and_sweep_stages_report(rehearsal):
     assert sw["gpu_plan_configs"] == 3 * 2 * 2  # crops {1,4,12} x top-k {2,8} x blocks {8,16}
 
 
+@pytest.mark.slow
 def test_the_results_section_names_every_stage(rehearsal):
     out, _, _ = rehearsal
     text = (out / "RESULTS-section.md").read_text()
@@ -127,8 +133,9 @@ def test_the_results_section_names_every_stage(rehearsal):
         assert f"| {name} | ok |" in text
 
 
+@pytest.mark.slow
 def test_a_run_cut_short_still_returns_what_it_measured(tmp_path):
-    deadline_s = 12
+    deadline_s = 8
     t0 = time.monotonic()
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_truth.py"), "--rehearsal",
                            "--out", str(tmp_path), "--deadline-s", str(deadline_s)],
@@ -174,6 +181,7 @@ def test_on_a_gpu_trace_event_times_are_compared_with_gpu_spans_and_kernels_char
     assert sum(r["gpu_activities"] for r in kernels["per_phase_category"]) == 8
 
 
+@pytest.mark.slow
 def test_apply_refuses_a_rehearsal_and_leaves_the_repository_alone(rehearsal):
     out, _, _ = rehearsal
     results_md = ROOT / "benchmarks" / "RESULTS.md"
