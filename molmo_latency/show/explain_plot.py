@@ -50,7 +50,7 @@ def write_decode_vs_clock_plot(result: "Explanation", path: str | os.PathLike) -
     pts = result.decode_points
     if why_no_clock_plot(result) is not None:
         return None
-    fig = pyplot().figure(figsize=(11, 4.5))
+    fig = pyplot().figure(figsize=(11, 4.5), layout="constrained")  # labels of the two panels never overlap
     clock = pts["sm_clock_mean_mhz"].to_numpy()
     temp = pts["temp_max_c"]
     has_temp = temp.null_count() < temp.len()
