@@ -1,8 +1,8 @@
 """The one table renderer (show): every terminal table of every command goes through
 :func:`print_frame`, and every cell is written by :func:`format_cell`.
 
-:func:`print_frame` It is width-aware: by default it shows a
-command's compact columns and, when even those do not fit, leaves out the rightmost columns and
+:func:`print_frame` is width-aware: by default it shows a command's compact columns and, when
+even those do not fit, wraps the widest text column, then leaves out the rightmost columns and
 says which (a table is never squeezed into ``9...`` cells); ``--wide`` (:func:`set_wide`) shows
 every column at its natural width. The width is the terminal's; piped, it follows ``COLUMNS``,
 else :data:`DEFAULT_WIDTH`.
