@@ -47,7 +47,9 @@ def fitted(tiny_run):
 
 @pytest.fixture()
 def model_dir(fitted, tmp_path):
-    return fitted.save(tmp_path / "model")
+    from molmo_latency.show.estimator_plots import write_estimator_plots
+
+    return fitted.save(tmp_path / "model", plots=write_estimator_plots)
 
 
 def test_fit_uses_every_decode_step_and_is_evaluated_on_held_out_configurations(tiny_run, fitted):

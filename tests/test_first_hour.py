@@ -75,7 +75,7 @@ def small_run(tmp_path_factory):
 def test_print_frame_fits_the_width_and_names_what_it_left_out(capsys):
     import polars as pl
 
-    from molmo_latency.cli.show import print_frame, set_wide, set_width
+    from molmo_latency.show import print_frame, set_wide, set_width
 
     frame = pl.DataFrame({f"column number {i}": [1234.5678 * i] for i in range(12)})
     set_width(100)
@@ -277,7 +277,7 @@ def test_waterfall_starts_at_zero(tmp_path):
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    from molmo_latency.diff.waterfall import _bars
+    from molmo_latency.show.waterfall import _bars
 
     fig, ax = plt.subplots()
     _bars(ax, ["decode"], 1.6895, [0.004], 1.6935, [False], "ms", "t")
@@ -327,15 +327,15 @@ def test_decode_plot_is_a_median_with_a_band_and_the_legend_outside(small_run):
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    from molmo_latency import plots
     from molmo_latency.report import run_report
+    from molmo_latency.show import report_plots as plots
 
     rep = run_report(small_run)
     steps = rep["decode_steps"]
     assert {"median_ms", "q25_ms", "q75_ms", "crops", "top_k"} <= set(steps.columns)
     assert (steps["q25_ms"] <= steps["median_ms"]).all() and (steps["median_ms"] <= steps["q75_ms"]).all()
     saved = {}
-    real_save = plots._save
+    real_save = plots.write_png
 
     def keep(fig, path):
         saved["fig"] = fig
@@ -344,11 +344,11 @@ def test_decode_plot_is_a_median_with_a_band_and_the_legend_outside(small_run):
         saved["bands"] = sum(len(ax.collections) for ax in fig.axes)
         return real_save(fig, path)
 
-    plots._save = keep
+    plots.write_png = keep
     try:
         plots.plot_decode_steps(steps, small_run / "d.png")
     finally:
-        plots._save = real_save
+        plots.write_png = real_save
         plt.close("all")
     assert saved["bands"] == steps["config_id"].n_unique()  # one band per configuration
     for ax_box, legend_box in saved["axes"]:
@@ -360,6 +360,8 @@ def test_report_of_a_run_it_cannot_write_into_still_prints_and_explain_writes_no
     """A read-only run directory (simulated: this may run as root, whom chmod does not stop)."""
     import shutil
 
+    import tempfile
+
     from molmo_latency.cli.main import main
     from molmo_latency.sweep import rundir
 
@@ -369,7 +371,15 @@ def test_report_of_a_run_it_cannot_write_into_still_prints_and_explain_writes_no
     def refuse(path, data):
         raise PermissionError(13, "Permission denied", str(path))
 
+    real_mkstemp = tempfile.mkstemp
+
+    def no_temp_file_in_run(*args, dir=None, **kwargs):  # how the PNG writer starts every file
+        if dir is not None and os.path.realpath(dir).startswith(os.path.realpath(run)):
+            raise PermissionError(13, "Permission denied", str(dir))
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
     monkeypatch.setattr(rundir, "atomic_write_bytes", refuse)
+    monkeypatch.setattr(tempfile, "mkstemp", no_temp_file_in_run)
     assert main(["report", str(run)]) == 0
     out = capsys.readouterr().out
     assert "Per configuration" in out and "cannot write" in out and "Permission denied" in out

@@ -66,7 +66,7 @@ def test_the_profilers_own_cpu_trace_shows_cpu_ops(tiny, tmp_path, capsys):
 
 
 def test_tables_go_through_the_one_renderer(capsys, monkeypatch):
-    import molmo_latency.cli.show as show
+    import molmo_latency.show as show
     import molmo_latency.cli.trace_cmd as trace_cmd
 
     calls = []
@@ -87,7 +87,7 @@ def test_tables_go_through_the_one_renderer(capsys, monkeypatch):
 
 
 def test_long_names_are_cut_in_tables_and_full_in_json(capsys, monkeypatch):
-    from molmo_latency.cli import show
+    from molmo_latency import show
 
     monkeypatch.setattr(show.console, "width", 200)  # a cut name fits one line (100 columns would wrap it)
     path = DATA / "alexnet_a100_forward.json.gz"

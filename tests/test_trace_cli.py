@@ -77,7 +77,7 @@ def test_json_of_a_cpu_only_trace_carries_the_warning(capsys):
 
 
 def test_tables_show_names_literally(capsys, monkeypatch):
-    from molmo_latency.cli import show
+    from molmo_latency import show
 
     monkeypatch.setattr(show.console, "width", 200)  # piped output is 100 columns unless COLUMNS says more
     code = main(["trace", "summary", str(DATA / "alexnet_a100_forward.json.gz"), "--top", "50"])
@@ -89,7 +89,7 @@ def test_tables_show_names_literally(capsys, monkeypatch):
 
 
 def test_tables_warn_on_stderr_for_a_cpu_only_trace(capsys, monkeypatch):
-    from molmo_latency.cli import show
+    from molmo_latency import show
 
     monkeypatch.setattr(show.console, "width", 200)  # piped output is 100 columns unless COLUMNS says more
     code = main(["trace", "summary", str(DATA / "cpu_only.json.gz")])

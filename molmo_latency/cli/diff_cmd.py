@@ -104,7 +104,7 @@ _KERNEL_COMPACT = ["name", "n A", "n B", "A self us", "B self us", "Δ self us",
 def _show(result, *, top: int, all_steps: bool) -> None:
     import polars as pl
 
-    from molmo_latency.cli.show import console, print_frame
+    from molmo_latency.show import console, print_frame
 
     console.print(f"A {result.a} ({result.a_kind})    B {result.b} ({result.b_kind})", markup=False,
                   highlight=False)
@@ -184,9 +184,9 @@ def diff_command(
     wide: bool = typer.Option(False, "--wide", help="show every column at its natural width"),
 ) -> None:
     """What changed from A to B, phase by phase (with noise told apart from change) and kernel by kernel."""
-    from molmo_latency.cli.show import console, print_json, set_wide
+    from molmo_latency.show import console, print_json, set_wide
     from molmo_latency.diff import DiffError, diff
-    from molmo_latency.diff.waterfall import plot_waterfall
+    from molmo_latency.show.waterfall import plot_waterfall
 
     set_wide(wide)
     if top < 1:

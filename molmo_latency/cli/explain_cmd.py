@@ -1,17 +1,17 @@
 """`molmo-latency explain RUN_DIR [--json]`: which part of the latency variance is the hardware.
 
 Reads ``requests.parquet`` of a run directory (or any requests Parquet), computes
-:func:`molmo_latency.explain.explain`, prints rich tables (or JSON with ``--json``) and writes
-the decode-time-against-SM-clock plot to ``RUN_DIR/report/explain_decode_vs_clock.png``.
+:func:`molmo_latency.explain.explain`, prints tables (or JSON with ``--json``) and writes the
+decode-time-against-SM-clock plot (:mod:`molmo_latency.show.explain_plot`) to
+``RUN_DIR/report/explain_decode_vs_clock.png``.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
@@ -64,104 +64,14 @@ def read_requests(path: str | os.PathLike) -> tuple[pl.DataFrame, Path]:
                                 "requests.parquet written by molmo-latency") from exc
 
 
-# ----------------------------------------------------------------------------- the plot
-
-
-def why_no_clock_plot(result: "Explanation") -> str | None:
-    """Why there is nothing to plot (None when there is)."""
-    if result.decode_points.height:
-        return None
-    if not result.has_telemetry:
-        return ("no SM clock readings (NVML was off or unavailable, e.g. on CPU); profile on a GPU "
-                "with --nvml required to get this plot")
-    return "no request has both a decode per-token time and an SM clock reading"
-
-
-def write_decode_vs_clock_plot(result: "Explanation", path: str | os.PathLike) -> Path | None:
-    """PNG of decode per-token time against SM clock, coloured by max temperature, or None (and
-    no file) when there is nothing to plot (:func:`why_no_clock_plot` says why).
-
-    Left: the time itself; right: the time over its configuration's median (so that
-    configurations share an axis). Throttled requests are ringed in red.
-
-    >>> import tempfile, os
-    >>> import polars as pl
-    >>> from molmo_latency.explain import PHASE_MS_COLUMNS, explain
-    >>> r = explain(pl.DataFrame({c: [1.0, 1.2] for c in PHASE_MS_COLUMNS}))
-    >>> write_decode_vs_clock_plot(r, os.path.join(tempfile.mkdtemp(), "x.png")) is None
-    True
-    """
-    import polars as pl
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    path = Path(path)
-    pts = result.decode_points
-    if why_no_clock_plot(result) is not None:
-        return None
-    fig = Figure(figsize=(11, 4.5), dpi=110)
-    FigureCanvasAgg(fig)
-    clock = pts["sm_clock_mean_mhz"].to_numpy()
-    temp = pts["temp_max_c"]
-    has_temp = temp.null_count() < temp.len()
-    throttled = pts["throttled"].fill_null(False).to_numpy()
-    sc = None
-    for i, (col, label) in enumerate((
-            ("decode_per_token_ms", "decode per token (ms)"),
-            ("ratio_to_config_median", "decode per token / configuration median"))):
-        ax = fig.add_subplot(1, 2, i + 1)
-        y = pts[col].to_numpy()
-        kw: dict[str, Any] = {"s": 22, "alpha": 0.85, "edgecolors": "none"}
-        if has_temp:
-            temps = temp.fill_null(float("nan")).to_numpy()
-            # one colour scale for both panels (and the colour bar)
-            low, high = float(temp.min()), float(temp.max())
-            if high - low < 1.0:  # one temperature: a 1 C wide scale centred on it, not a degenerate one
-                low, high = (low + high) / 2 - 0.5, (low + high) / 2 + 0.5
-            kw.update(c=temps, cmap="plasma", vmin=low, vmax=high)
-        sc = ax.scatter(clock, y, **kw)
-        if throttled.any():
-            ax.scatter(clock[throttled], y[throttled], s=70, facecolors="none",
-                       edgecolors="red", linewidths=1.2, label="throttled")
-            ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.02), fontsize=8, frameon=False)  # above the data
-        ax.set_xlabel("SM clock, mean over the request (MHz)")
-        ax.set_ylabel(label)
-        ax.grid(True, alpha=0.3)
-    if has_temp and sc is not None:
-        fig.colorbar(sc, ax=fig.axes, label="max temperature (C)", shrink=0.9)
-    r2 = result.hardware.filter(pl.col("target") == "decode_per_token_ms")["r2"]
-    share = "" if r2.len() == 0 or r2[0] is None else f" (hardware R\u00b2 = {r2[0]:.2f})"
-    fig.suptitle(f"Decode step time against SM clock, {pts.height} requests{share}")
-    import io
-
-    from molmo_latency.sweep.rundir import atomic_write_bytes
-
-    png = io.BytesIO()
-    fig.savefig(png, format="png")
-    atomic_write_bytes(path, png.getvalue())  # atomic, fsynced, normal permissions
-    return path
-
-
 # ----------------------------------------------------------------------------- the terminal
 
 
-def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
 def render_terminal(result: "Explanation", plot: Path | None, why_no_plot: str | None = None) -> None:
-    """The explanation as tables (through the one renderer, :func:`molmo_latency.cli.show.print_frame`)."""
+    """The explanation as tables (through the one renderer, :func:`molmo_latency.show.print_frame`)."""
     import polars as pl
 
-    from molmo_latency.cli.show import console, print_frame
+    from molmo_latency.show import console, print_frame
 
     stats = result.phase_stats.with_columns((100 * pl.col("cv")).alias("CV %"))
     stats = stats.with_columns(pl.when(pl.col("config_id") == pl.col("config_id").shift(1))
@@ -194,16 +104,6 @@ def render_terminal(result: "Explanation", plot: Path | None, why_no_plot: str |
         console.print(f"no plot: {why_no_plot}", markup=False, highlight=False)
 
 
-def _json_ready(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_ready(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_json_ready(v) for v in obj]
-    return obj
-
-
 @app.command("explain", epilog=examples("molmo-latency explain runs/molmoe",
                                          "molmo-latency explain runs/molmoe/requests.parquet --json"))
 def explain_command(
@@ -219,10 +119,9 @@ def explain_command(
     """Per configuration: median, p95 and CV of every phase; the share of the decode and
     prefill variance explained by SM clock, temperature and throttling; outliers with their
     likely cause; a plot of decode step time against SM clock."""
-    import msgspec
-
-    from molmo_latency.cli.show import set_wide
     from molmo_latency.explain import explain
+    from molmo_latency.show import print_json, set_wide
+    from molmo_latency.show.explain_plot import why_no_clock_plot, write_decode_vs_clock_plot
 
     set_wide(wide)
     if not (z > 0 and math.isfinite(z)):
@@ -245,8 +144,7 @@ def explain_command(
             why = (f"cannot write {target} ({exc.strerror or exc}); pass --plot PATH in a folder you can "
                    "write")
     if as_json:
-        doc = _json_ready({"source": str(run_dir), **result.to_dict(),
-                           "plot": None if plot_path is None else str(plot_path), "plot_skipped": why})
-        sys.stdout.write(msgspec.json.format(msgspec.json.encode(doc), indent=2).decode() + "\n")
+        print_json({"source": str(run_dir), **result.to_dict(),
+                    "plot": None if plot_path is None else str(plot_path), "plot_skipped": why})
         return
     render_terminal(result, plot_path, why)

@@ -84,10 +84,11 @@ def fit(
     whole request) on RUN_DIRs, evaluated on held-out configurations and held-out N."""
     from molmo_latency.estimator import fit_estimator
     from molmo_latency.estimator.model import _jsonable
+    from molmo_latency.show.estimator_plots import write_estimator_plots
 
     est = fit_estimator([str(r) for r in run_dirs], feature_set=feature_set, test_fraction=test_fraction,
                         calib_fraction=calib_fraction, seed=seed)
-    model_dir = est.save(out)
+    model_dir = est.save(out, plots=write_estimator_plots)
     meta = est.meta
     files = [str(model_dir / f) for f in meta["files"].values() if f]
     if as_json:

@@ -24,7 +24,7 @@ class _RichProgress:
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                    TimeRemainingColumn)
 
-        from molmo_latency.cli.show import err_console
+        from molmo_latency.show import err_console
 
         self.enabled = enabled and err_console.is_terminal
         self.bar = Progress(TextColumn("[bold]{task.fields[stage]}"), BarColumn(), MofNCompleteColumn(),
@@ -60,7 +60,7 @@ class _RichProgress:
 
 def _run_and_report(model: str, sweep, out: Path, *, device: str, dtype: Optional[str], kineto: bool,
                     nvml: str, trust_remote_code: bool, as_json: bool, progress: bool = True) -> None:
-    from molmo_latency.cli.show import err_console
+    from molmo_latency.show import err_console
     from molmo_latency.sweep.runner import run_sweep
 
     command = "molmo-latency " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -97,7 +97,7 @@ def failure_groups(run_dir: Path) -> list[tuple[str, str, list[str]]]:
 
 def _print_failures(run_dir: Path) -> None:
     """Each cause of failure, once, with the configurations it hit (stderr, before the report)."""
-    from molmo_latency.cli.show import err_console
+    from molmo_latency.show import err_console
 
     for stage, cause, ids in failure_groups(run_dir):
         shown = ", ".join(ids[:4]) + (f", ... ({len(ids) - 4} more)" if len(ids) > 4 else "")
@@ -115,8 +115,8 @@ def _nothing_measured(result: dict, out: Path) -> None:
 def _report(run_dir: Path, *, as_json: bool, extra: dict | None = None) -> None:
     import polars as pl
 
-    from molmo_latency.cli.show import console, frame_records, print_frame, print_json
-    from molmo_latency.plots import write_report_plots
+    from molmo_latency.show import console, frame_records, print_frame, print_json
+    from molmo_latency.show.report_plots import write_report_plots
     from molmo_latency.report import run_report
 
     rep = run_report(run_dir)
@@ -205,7 +205,7 @@ def profile(
 ) -> None:
     """Profile MODEL over the grid of SWEEP into RUN_DIR, then print the report."""
     from molmo_latency.cli.paths import file_arg
-    from molmo_latency.cli.show import err_console, set_wide
+    from molmo_latency.show import err_console, set_wide
     from molmo_latency.sweep.spec import load_sweep
 
     set_wide(wide)
@@ -251,7 +251,7 @@ def report(
 ) -> None:
     """Per-configuration median/p95/CV of every phase, with PNG plots in RUN_DIR/report/."""
     from molmo_latency.cli.paths import run_dir_arg
-    from molmo_latency.cli.show import set_wide
+    from molmo_latency.show import set_wide
 
     set_wide(wide)
     _report(run_dir_arg(run_dir, "report"), as_json=as_json)
@@ -264,7 +264,7 @@ def demo(
     wide: bool = typer.Option(False, "--wide", help=WIDE_HELP),
 ) -> None:
     """A small sweep of the tiny reference model on CPU (well under 2 minutes), then its report."""
-    from molmo_latency.cli.show import err_console, set_wide
+    from molmo_latency.show import err_console, set_wide
     from molmo_latency.sweep.spec import SweepSpec
 
     set_wide(wide)

@@ -5,7 +5,7 @@ which tells them apart by content), summarises it (:func:`molmo_latency.trace.su
 shows per-device, per-category, per-kernel and per-annotation tables (a CPU-op table when the
 trace has no GPU activity), or one JSON document with ``--json``. This module only shows: cells
 are formatted here (thousands separators, long kernel names cut after their meaningful part) and
-every table goes through the one renderer, :func:`molmo_latency.cli.show.print_frame`.
+every table goes through the one renderer, :func:`molmo_latency.show.print_frame`.
 
 Imports are lazy: reading a trace loads only the trace reader, polars and the renderer.
 """
@@ -228,31 +228,30 @@ def short_name(name: str | None, width: int = NAME_WIDTH) -> str:
 
 
 def _cells(frame: pl.DataFrame, name_width: int | None) -> pl.DataFrame:
-    """Every column as display strings: integers with thousands separators, floats with 3
+    """Every column as display strings (the one cell formatter,
+    :func:`molmo_latency.show.format_cell`): numbers with thousands separators, floats with 3
     decimals, names cut by :func:`short_name` (when `name_width` is set), nulls as ``-``."""
     import polars as pl
 
+    from molmo_latency.show import format_cell
+
     out = {}
-    for column, dtype in frame.schema.items():
+    for column in frame.columns:
         values = frame[column].to_list()
-        if dtype.is_integer():
-            cells = ["-" if v is None else f"{v:,}" for v in values]
-        elif dtype.is_float():
-            cells = ["-" if v is None else f"{v:,.3f}" for v in values]
-        elif column == "name" and name_width:
+        if column == "name" and name_width:
             cells = [short_name(v, name_width) for v in values]
         else:
-            cells = ["-" if v is None else str(v) for v in values]
+            cells = [format_cell(v, 3, thousands=True) for v in values]
         out[column] = pl.Series(column, cells, dtype=pl.String)
     return pl.DataFrame(out)
 
 
 def _show(frame: pl.DataFrame, title: str, name_width: int | None, max_rows: int = 60) -> None:
-    from molmo_latency.cli.show import print_frame
+    from molmo_latency.show import print_frame
 
     print_frame(_cells(frame.head(max_rows), name_width), title, max_rows=max_rows)
     if frame.height > max_rows:
-        from molmo_latency.cli.show import console
+        from molmo_latency.show import console
 
         console.print(f"... {frame.height - max_rows} more rows (--top N, or --json for all)", highlight=False)
 
@@ -309,11 +308,11 @@ def summary_command(
     warned = [str(w.message) for w in caught if issubclass(w.category, TraceWarning)]
     summary = summarize(trace)
     if as_json:
-        from molmo_latency.cli.show import print_json
+        from molmo_latency.show import print_json
 
         print_json(summary_document(summary, warned))
         return
-    from molmo_latency.cli.show import console, err_console
+    from molmo_latency.show import console, err_console
 
     for message in warned:
         err_console.print(f"warning: {message}", highlight=False, soft_wrap=True)
@@ -327,7 +326,7 @@ def summary_command(
         highlight=False,
     )
     width = None if wide else NAME_WIDTH
-    from molmo_latency.cli.show import set_wide
+    from molmo_latency.show import set_wide
 
     set_wide(wide)  # --wide: every column too, not only whole names
     if trace.gpu.height:

@@ -24,8 +24,6 @@ from molmo_latency.estimator.example import example_requests
 from molmo_latency.estimator.features import FEATURE_SETS, OUTPUTS, TARGETS, FeatureSet, TokenMap, output_names
 from molmo_latency.estimator.fit import fit_estimator, regression_metrics
 from molmo_latency.estimator.model import Estimator, OutputLengths
-from molmo_latency.estimator.parity import write_parity_plot, write_position_plot
 
 __all__ = ["Estimator", "FEATURE_SETS", "FeatureSet", "OUTPUTS", "OutputLengths", "TARGETS", "TokenMap",
-           "example_requests", "fit_estimator", "load_requests", "output_names", "regression_metrics",
-           "write_parity_plot", "write_position_plot"]
+           "example_requests", "fit_estimator", "load_requests", "output_names", "regression_metrics"]

@@ -49,8 +49,6 @@ MODEL_JSON = "model.json"
 WEIGHTS = "weights.safetensors"
 EVALUATION = "evaluation.parquet"
 EVALUATION_STEPS = "evaluation_steps.parquet"
-PARITY_PNG = "parity.png"
-POSITION_PNG = "decode_by_position.png"
 FLOOR_MS = 1e-6  # a linear model may go to 0 or below far outside its data; predictions stay positive
 REQUIRED = ("crops", "top_k", "blocks", "prompt_tokens")
 MIXED = ("decode_total_ms", "request_ms")  # outputs whose calibration ratios are kept for N distributions
@@ -469,19 +467,24 @@ class Estimator:
         return frame.with_columns(*[pl.Series(k, v) for k, v in out.items()], pl.Series("in_training_range", inside))
 
     # ------------------------------------------------------------------ save / load
-    def save(self, model_dir: str | Path) -> Path:
-        """Write model.json, weights.safetensors, the evaluations and the plots; returns the directory.
+    def save(self, model_dir: str | Path, *, plots=None) -> Path:
+        """Write model.json, weights.safetensors, the evaluations and, when `plots` is given, the
+        plots; returns the directory.
+
+        `plots` is the show layer's policy ``plots(evaluation, steps_evaluation, metrics, model_dir)
+        -> {"parity_plot": name or None, "position_plot": name or None}`` (the CLI passes
+        :func:`molmo_latency.show.estimator_plots.write_estimator_plots`); the estimator itself
+        never draws.
 
         Example:
             >>> import tempfile
             >>> from molmo_latency.estimator import example_requests, fit_estimator
             >>> d = fit_estimator(example_requests(seed=0)).save(tempfile.mkdtemp())
             >>> sorted(p.name for p in d.iterdir())
-            ['decode_by_position.png', 'evaluation.parquet', 'evaluation_steps.parquet', 'model.json', 'parity.png', 'weights.safetensors']
+            ['evaluation.parquet', 'evaluation_steps.parquet', 'model.json', 'weights.safetensors']
         """
         from safetensors.numpy import save as st_save
 
-        from molmo_latency.estimator.parity import write_parity_plot, write_position_plot
         from molmo_latency.sweep.rundir import atomic_write_bytes, atomic_write_parquet
 
         d = Path(model_dir)
@@ -497,13 +500,11 @@ class Estimator:
         if self.evaluation is not None:
             atomic_write_parquet(self.evaluation, d / EVALUATION)
             files["evaluation"] = EVALUATION
-            if write_parity_plot(self.evaluation, self.meta.get("metrics", {}), d / PARITY_PNG) is not None:
-                files["parity_plot"] = PARITY_PNG
         if self.steps_evaluation is not None:
             atomic_write_parquet(self.steps_evaluation, d / EVALUATION_STEPS)
             files["evaluation_steps"] = EVALUATION_STEPS
-            if write_position_plot(self.steps_evaluation, self.meta.get("metrics", {}), d / POSITION_PNG) is not None:
-                files["position_plot"] = POSITION_PNG
+        if plots is not None:
+            files.update(plots(self.evaluation, self.steps_evaluation, self.meta.get("metrics", {}), d))
         self.meta = {**self.meta, "weights_sha256": hashlib.sha256(blob).hexdigest(), "files": files}
         atomic_write_bytes(d / MODEL_JSON, (json.dumps(_jsonable(self.meta), indent=2, allow_nan=False) + "\n").encode())
         return d

@@ -1,5 +1,5 @@
-"""PNG waterfall of a diff (show only): from A's time to B's, one bar per phase and per kernel
-category. matplotlib with the Agg backend: no display needed.
+"""PNG waterfall of a diff (``diff --plot``): from A's time to B's, one bar per phase and per
+kernel category, written by the one PNG writer (:func:`molmo_latency.show.png.write_png`).
 
 Phase panel: mean time per request (means add up: the phase bars sum exactly to the change of
 the mean total; medians do not add up). A bar is hatched when its phase's verdict is ``no
@@ -26,13 +26,8 @@ _UP, _DOWN, _ENDS = "#C44E52", "#55A868", "#4C72B0"
 MAX_ROWS = 6
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
+from molmo_latency.show.png import pyplot as _plt
+from molmo_latency.show.png import write_png
 
 
 def _bars(ax, labels: list[str], start: float, deltas: list[float], end: float, hatched: list[bool],
@@ -106,8 +101,4 @@ def plot_waterfall(result, path: str | Path) -> Path:
     title = "Where the time went, A -> B" + (f": {comps[0].title}" if len(comps) == 1 else "")
     fig.suptitle(title + "\nred: slower, green: faster, hatched: no significant change or too few samples"
                  + (f"; {more} more comparisons in the JSON" if more > 0 else ""), fontsize=10)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return write_png(fig, path)

@@ -1,4 +1,5 @@
-"""PNG figures of a run report (show). matplotlib with the Agg backend: no display needed.
+"""PNG figures of a run report (``profile`` and ``report``), written by the one PNG writer
+(:func:`molmo_latency.show.png.write_png`).
 
 Every figure has its legend outside the data; a figure with nothing to show is not written (the
 caller gets the reason instead of a blank image).
@@ -18,32 +19,14 @@ from pathlib import Path
 
 import polars as pl
 
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
+from molmo_latency.show.png import pyplot as _plt
+from molmo_latency.show.png import write_png
 
 
 PHASE_COLORS = {"vision": "#4C72B0", "projector": "#8172B2", "prefill": "#DD8452",
                 "decode": "#55A868", "other": "#BBBBBB"}
 KNOBS = ("crops", "top_k", "blocks", "prompt_tokens", "new_tokens")
 LINE_STYLES = ("-", "--", ":", "-.")
-
-
-def _save(fig, path: Path) -> Path:
-    import io
-
-    from molmo_latency.sweep.rundir import atomic_write_bytes
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")  # tight: the outside legend is kept
-    _plt().close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
 
 
 def knob_that_matters(df: pl.DataFrame, value: str, knobs=KNOBS) -> str | None:
@@ -81,7 +64,7 @@ def plot_phase_shares(shares: pl.DataFrame, path: Path) -> Path:
     ax.set_title("Where each configuration's time goes (stacked medians)")
     ax.tick_params(axis="x", rotation=60, labelsize=7)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="phase")
-    return _save(fig, path)
+    return write_png(fig, path)
 
 
 def plot_prefill_vs_tokens(df: pl.DataFrame, path: Path) -> Path:
@@ -107,7 +90,7 @@ def plot_prefill_vs_tokens(df: pl.DataFrame, path: Path) -> Path:
     ax.set_title("Prefill latency against input tokens" + (f", coloured by {knob}" if knob else ""))
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    return _save(fig, path)
+    return write_png(fig, path)
 
 
 def line_style(i: int, cmap) -> dict:
@@ -160,7 +143,7 @@ def plot_decode_steps(df: pl.DataFrame, path: Path) -> Path:
     if shown < configs.height:
         title += f"\n({shown} of {configs.height} configurations shown; all are in the report JSON)"
     fig.suptitle(title, fontsize=10)
-    return _save(fig, path)
+    return write_png(fig, path)
 
 
 def write_report_plots(report: dict[str, pl.DataFrame], out_dir: Path) -> tuple[list[Path], list[tuple[str, str]]]:

@@ -1,8 +1,10 @@
-"""Plots of held-out predictions (show): measured against predicted for prefill and the whole
-request (parity), and decode step latency by position.
+"""Plots of an estimator's held-out predictions (``fit``): measured against predicted for prefill
+and the whole request (parity), and decode step latency by position; written by the one PNG
+writer (:func:`molmo_latency.show.png.write_png`).
 
 Only frames and metrics come in (no estimator object), so this module imports nothing of the
-model: the model imports it when it saves.
+estimator but the names of its outputs; :func:`write_estimator_plots` is the ``plots`` policy
+that ``Estimator.save(model_dir, plots=...)`` takes.
 
 Example:
     >>> import tempfile, pathlib
@@ -13,11 +15,12 @@ Example:
     True
     >>> write_position_plot(est.steps_evaluation, est.metrics, d / "position.png").stat().st_size > 1000
     True
+    >>> write_estimator_plots(est.evaluation, est.steps_evaluation, est.metrics, d)
+    {'parity_plot': 'parity.png', 'position_plot': 'decode_by_position.png'}
 """
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,8 @@ import numpy as np
 import polars as pl
 
 from molmo_latency.estimator.features import output_names
+from molmo_latency.show.png import pyplot as _pyplot
+from molmo_latency.show.png import write_png
 
 TITLES = {"prefill_total_ms": "prefill total (vision + projector + prefill)",
           "decode_total_ms": "decode total (every step)",
@@ -32,23 +37,8 @@ TITLES = {"prefill_total_ms": "prefill total (vision + projector + prefill)",
 SPLITS = {"held_out_configs": "held-out configurations", "held_out_new_tokens": "held-out N (longest outputs)"}
 DECADES_LOG = 10.0  # log axes when the largest value is at least this many times the smallest
 
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> Path:
-    from molmo_latency.sweep.rundir import atomic_write_bytes
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+PARITY_PNG = "parity.png"
+POSITION_PNG = "decode_by_position.png"
 
 
 def use_log_axes(values: np.ndarray) -> bool:
@@ -116,9 +106,7 @@ def write_parity_plot(evaluation: pl.DataFrame, metrics: dict[str, Any], path: s
             ax.set_ylabel("predicted ms")
             ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
-    out = _save(fig, Path(path))
-    plt.close(fig)
-    return out
+    return write_png(fig, path)
 
 
 def write_position_plot(steps: pl.DataFrame, metrics: dict[str, Any], path: str | Path,
@@ -177,6 +165,16 @@ def write_position_plot(steps: pl.DataFrame, metrics: dict[str, Any], path: str 
     ax2.set_title("held-out configurations with the most steps", fontsize=9)
     ax2.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
-    out = _save(fig, Path(path))
-    plt.close(fig)
-    return out
+    return write_png(fig, path)
+
+
+def write_estimator_plots(evaluation: pl.DataFrame | None, steps_evaluation: pl.DataFrame | None,
+                          metrics: dict[str, Any], model_dir: str | Path) -> dict[str, str | None]:
+    """Both plots of a fitted estimator into `model_dir`, as ``Estimator.save``'s ``plots`` policy:
+    ``{"parity_plot": file name or None, "position_plot": file name or None}`` (None: nothing to
+    plot, no file)."""
+    d = Path(model_dir)
+    parity = None if evaluation is None else write_parity_plot(evaluation, metrics, d / PARITY_PNG)
+    position = None if steps_evaluation is None else write_position_plot(steps_evaluation, metrics, d / POSITION_PNG)
+    return {"parity_plot": None if parity is None else PARITY_PNG,
+            "position_plot": None if position is None else POSITION_PNG}

@@ -1,0 +1,34 @@
+"""Show: everything molmo-latency prints or draws, and nothing else (no analysis, no device).
+
+- :mod:`~molmo_latency.show.table`: the one table renderer, :func:`print_frame` (width-aware,
+  compact by default, ``--wide`` via :func:`set_wide`), its cell formatter :func:`format_cell`,
+  and the consoles (:data:`console` for results, :data:`err_console` for messages).
+- :mod:`~molmo_latency.show.json_doc`: the one JSON writer, :func:`print_json` (NaN/inf as null).
+- :mod:`~molmo_latency.show.png`: the one PNG writer, :func:`write_png` (Agg, one style, atomic).
+- The figures, one module per command: :mod:`~molmo_latency.show.report_plots` (``profile`` /
+  ``report``), :mod:`~molmo_latency.show.waterfall` (``diff``), :mod:`~molmo_latency.show.explain_plot`
+  (``explain``), :mod:`~molmo_latency.show.estimator_plots` (``fit``). Each takes frames (and
+  plain dicts) that the analysis layer returned and imports matplotlib only when it draws.
+
+Analysis (``diff``, ``estimator``, ``explain``, ``trace``, ``telemetry.aggregate``) never imports
+this package or matplotlib; the CLI calls the analysis, then hands its result here.
+
+Example:
+    >>> import polars as pl
+    >>> set_width(40)
+    >>> print_frame(pl.DataFrame({"phase": ["decode"], "ms": [1.5]}), "Phases")  # doctest: +NORMALIZE_WHITESPACE
+    Phases
+    ┏━━━━━━━━┳━━━━━━━┓
+    ┃ phase  ┃    ms ┃
+    ┡━━━━━━━━╇━━━━━━━┩
+    │ decode │ 1.500 │
+    └────────┴───────┘
+    >>> set_width(None)
+"""
+
+from molmo_latency.show.json_doc import frame_records, json_text, jsonable, print_json
+from molmo_latency.show.png import write_png
+from molmo_latency.show.table import console, err_console, format_cell, print_frame, set_wide, set_width
+
+__all__ = ["console", "err_console", "format_cell", "frame_records", "json_text", "jsonable", "print_frame",
+           "print_json", "set_wide", "set_width", "write_png"]

@@ -1,0 +1,78 @@
+"""The one JSON writer (show): every ``--json`` of every command prints through :func:`print_json`.
+
+:func:`jsonable` turns what the analysis hands back into plain JSON values first: NaN and
+infinities become ``null`` (valid JSON, and a value we cannot trust is not printed as a number),
+polars frames become lists of rows, paths and other objects their text; the document is then
+written with two-space indentation and nothing left that JSON cannot hold.
+
+Example:
+    >>> import polars as pl
+    >>> print(json_text({"ms": float("nan"), "rows": pl.DataFrame({"a": [1.5, float("inf")]})}))
+    {
+      "ms": null,
+      "rows": [
+        {
+          "a": 1.5
+        },
+        {
+          "a": null
+        }
+      ]
+    }
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from typing import Any
+
+import polars as pl
+
+
+def frame_records(df: pl.DataFrame) -> list[dict[str, Any]]:
+    """Rows as dicts with NaN/inf turned into null (valid JSON).
+
+    >>> frame_records(pl.DataFrame({"x": [1.0, float("nan")]}))
+    [{'x': 1.0}, {'x': None}]
+    """
+    return [{k: jsonable(v) for k, v in row.items()} for row in df.iter_rows(named=True)]
+
+
+def jsonable(value: Any) -> Any:
+    """`value` as plain JSON values (dict, list, str, int, float, bool, None), recursively.
+
+    >>> jsonable({"a": (1, float("-inf")), 2: {"b": float("nan")}})
+    {'a': [1, None], '2': {'b': None}}
+    """
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, pl.DataFrame):
+        return frame_records(value)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if hasattr(value, "item") and getattr(value, "shape", None) == ():  # a numpy scalar
+        return jsonable(value.item())
+    if isinstance(value, pl.Series):
+        return jsonable(value.to_list())
+    if hasattr(value, "tolist"):  # a numpy array
+        return jsonable(value.tolist())
+    return str(value)
+
+
+def json_text(obj: Any) -> str:
+    """The JSON document of `obj` (two-space indent; NaN/inf as null)."""
+    return json.dumps(jsonable(obj), indent=2, allow_nan=False)
+
+
+def print_json(obj: Any) -> None:
+    """Print `obj` as one JSON document on standard output."""
+    sys.stdout.write(json_text(obj) + "\n")

@@ -1,0 +1,92 @@
+"""The show layer's three writers, as a user would check them: a PNG is whole or not there, a JSON
+document is valid JSON whatever the numbers, a table cell reads the same in every command."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import stat
+
+import polars as pl
+import pytest
+
+from molmo_latency.show import format_cell, json_text, write_png
+from molmo_latency.show.png import DPI, pyplot
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _figure():
+    fig, ax = pyplot().subplots(figsize=(2, 1))
+    ax.plot([0, 1], [1, 0])
+    return fig
+
+
+def test_a_png_is_written_whole_with_normal_permissions_and_nothing_beside_it(tmp_path):
+    out = write_png(_figure(), tmp_path / "new" / "fig.png")
+    assert out == tmp_path / "new" / "fig.png"
+    assert out.read_bytes()[:8] == PNG_MAGIC
+    assert os.listdir(out.parent) == ["fig.png"]  # no temporary file left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask  # not mkstemp's 0600
+    from PIL import Image
+
+    with Image.open(out) as im:  # one style: the writer's resolution
+        dpi = im.info.get("dpi")
+    assert dpi is not None and abs(dpi[0] - DPI) < 0.5
+
+
+def test_a_failed_png_write_leaves_the_old_file_and_no_stray_file(tmp_path, monkeypatch):
+    target = tmp_path / "fig.png"
+    target.write_bytes(b"the previous plot")
+    fig = _figure()
+    real = fig.savefig
+
+    def half_then_fail(f, **kwargs):
+        f.write(PNG_MAGIC)  # half a PNG reaches the temporary file, then the disk fills up
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(fig, "savefig", half_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        write_png(fig, target)
+    assert target.read_bytes() == b"the previous plot"
+    assert os.listdir(tmp_path) == ["fig.png"]
+    assert not pyplot().fignum_exists(fig.number)  # the figure is closed either way
+    monkeypatch.setattr(fig, "savefig", real)
+
+
+def test_json_is_valid_whatever_the_numbers():
+    doc = {"a": [1.0, math.nan, -math.inf], "frame": pl.DataFrame({"ms": [2.5, math.inf]}),
+           "nested": {"x": (math.nan,)}}
+    text = json_text(doc)
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"a": [1.0, None, None], "frame": [{"ms": 2.5}, {"ms": None}],
+                                "nested": {"x": [None]}}
+
+
+def test_explain_json_goes_through_the_one_writer(tmp_path, capsys, monkeypatch):
+    """explain --json used its own msgspec writer; now the same document comes from print_json."""
+    import molmo_latency.show as show
+    from molmo_latency.cli.main import main
+    from molmo_latency.explain import PHASE_MS_COLUMNS
+
+    path = tmp_path / "requests.parquet"
+    pl.DataFrame({**{c: [1.0, 1.1, 0.9] for c in PHASE_MS_COLUMNS}, "config_id": ["a"] * 3}).write_parquet(path)
+    seen = []
+    real = show.print_json
+    monkeypatch.setattr(show, "print_json", lambda obj: (seen.append(obj), real(obj))[1])
+    assert main(["explain", str(path), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert len(seen) == 1 and doc["source"] == str(path) and doc["plot"] is None
+    assert doc["has_telemetry"] is False and doc["configs"][0]["config_id"] == "a"
+
+
+@pytest.mark.parametrize("value, digits, thousands, text", [
+    (None, 3, False, "-"), (1234.5678, 3, False, "1234.568"), (1234.5678, 1, True, "1,234.6"),
+    (1234567, 3, True, "1,234,567"), (1234567, 3, False, "1234567"), (math.nan, 3, True, "nan"),
+    (-math.inf, 2, False, "-inf"), (True, 3, True, "True"), ("[param|x]", 3, True, "[param|x]"),
+])
+def test_a_cell_reads_the_same_in_every_command(value, digits, thousands, text):
+    assert format_cell(value, digits, thousands=thousands) == text
