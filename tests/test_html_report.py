@@ -1,11 +1,11 @@
-"""The HTML report page (molmo_latency.html_report) in a real browser: it loads with no console
+"""The HTML report page (molmo_latency.show.html) in a real browser: it loads with no console
 error and no network fetch, shows the verdict, the table and every plot."""
 
 from __future__ import annotations
 
 import polars as pl
 
-from molmo_latency.html_report import HtmlSection, render_html, table_html
+from molmo_latency.show.html import HtmlSection, render_html, table_html
 from tests.browser import console_errors, render
 
 

@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "molmo_latency"
 
 # transform: functions from frames to frames (paths relative to the package)
-ANALYSIS = ("diff", "estimator", "explain.py", "trace", "telemetry/aggregate.py", "report.py", "stats.py")
+ANALYSIS = ("diff", "estimator", "explain.py", "trace", "telemetry/aggregate.py", "report.py", "stats.py",
+            "quality.py", "timeline.py", "flops.py")
 # what analysis may never import (a module or any module under it)
 NOT_IN_ANALYSIS = ("matplotlib", "molmo_latency.show", "molmo_latency.cli", "rich")
 NOT_IN_SHOW = ("torch", "pynvml", "molmo_latency.telemetry.device", "molmo_latency.telemetry.sampler",

@@ -7,28 +7,12 @@ tables (requests, phases, telemetry when NVML was on) and run.json (versions, co
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
 from molmo_latency.cli.app import app, examples
-
-
-def _write_json_atomic(path: Path, document: dict) -> None:
-    """Write `document` to `path` through a temporary file in the same folder (never half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(document, fh, separators=(",", ":"), allow_nan=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @app.command(epilog=examples("molmo-latency timeline runs/tiny --out tiny.json",
@@ -43,7 +27,7 @@ def timeline(
     thread, each phase and decode step a slice, NVML and host conditions as counter tracks."""
 
     from molmo_latency.cli.paths import run_dir_arg
-    from molmo_latency.cli.show import err_console
+    from molmo_latency.show import err_console, write_json
     from molmo_latency.errors import MolmoLatencyError
     from molmo_latency.sweep import RunDir
     from molmo_latency.timeline import chrome_trace, select_requests
@@ -62,7 +46,7 @@ def timeline(
     other = {k: meta[k] for k in ("versions", "conditions", "identity", "device") if k in meta}
     doc = chrome_trace(requests, phases, telemetry=telemetry, metadata={"run_dir": str(path), **other},
                        process_name=f"molmo-latency {path.name}")
-    _write_json_atomic(out, doc)
+    write_json(out, doc, compact=True)
     slices = sum(1 for e in doc["traceEvents"] if e["ph"] == "X")
     err_console.print(f"timeline: {requests.height} requests, {slices} slices -> {out} "
                       "(open in ui.perfetto.dev or chrome://tracing)", markup=False, highlight=False)

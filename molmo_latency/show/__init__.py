@@ -3,7 +3,9 @@
 - :mod:`~molmo_latency.show.table`: the one table renderer, :func:`print_frame` (width-aware,
   compact by default, ``--wide`` via :func:`set_wide`), its cell formatter :func:`format_cell`,
   and the consoles (:data:`console` for results, :data:`err_console` for messages).
-- :mod:`~molmo_latency.show.json_doc`: the one JSON writer, :func:`print_json` (NaN/inf as null).
+- :mod:`~molmo_latency.show.json_doc`: the one JSON writer, :func:`print_json` (NaN/inf as null), and
+  :func:`write_json` for documents written to a file (atomic).
+- :mod:`~molmo_latency.show.html`: the one HTML page writer, :func:`render_html` (self-contained).
 - :mod:`~molmo_latency.show.png`: the one PNG writer, :func:`write_png` (Agg, one style, atomic).
 - The figures, one module per command: :mod:`~molmo_latency.show.report_plots` (``profile`` /
   ``report``), :mod:`~molmo_latency.show.waterfall` (``diff``), :mod:`~molmo_latency.show.explain_plot`
@@ -26,9 +28,9 @@ Example:
     >>> set_width(None)
 """
 
-from molmo_latency.show.json_doc import frame_records, json_text, jsonable, print_json
+from molmo_latency.show.json_doc import frame_records, json_text, jsonable, print_json, write_json
 from molmo_latency.show.png import write_png
 from molmo_latency.show.table import console, err_console, format_cell, print_frame, set_wide, set_width
 
 __all__ = ["console", "err_console", "format_cell", "frame_records", "json_text", "jsonable", "print_frame",
-           "print_json", "set_wide", "set_width", "write_png"]
+           "print_json", "set_wide", "set_width", "write_json", "write_png"]

@@ -76,3 +76,26 @@ def json_text(obj: Any) -> str:
 def print_json(obj: Any) -> None:
     """Print `obj` as one JSON document on standard output."""
     sys.stdout.write(json_text(obj) + "\n")
+
+
+def write_json(path: str | os.PathLike, obj: Any, *, compact: bool = False) -> None:
+    """Write `obj` as one JSON document to `path`, atomically (a temporary file in the same
+    folder, then renamed over it): a reader never sees half a file, a failure leaves no file."""
+    import tempfile
+
+    target = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(target))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(target)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            if compact:
+                json.dump(jsonable(obj), fh, separators=(",", ":"), allow_nan=False)
+            else:
+                fh.write(json_text(obj) + "\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
