@@ -76,7 +76,7 @@ def contention_flags(requests: pl.DataFrame, usable_cpus: int, policy: NoisePoli
         flag = flag | (on_cpu & (share < policy.min_cpu_share)).fill_null(False)
     if "host_load_1m" in requests.columns:
         flag = flag | (pl.col("host_load_1m") > usable_cpus + policy.load_margin).fill_null(False)
-    return requests.select(flag.alias("contended")).to_series()
+    return requests.with_columns(flag.alias("contended"))["contended"]
 
 
 def _cv(col: str) -> pl.Expr:

@@ -8,15 +8,18 @@ Example:
     ...                 tempfile.mkdtemp())["run_dir"]
     >>> rep = run_report(out)
     >>> sorted(rep)
-    ['config', 'decode_steps', 'failures', 'prefill_vs_tokens', 'shares', 'summary']
+    ['config', 'decode_steps', 'failures', 'prefill_vs_tokens', 'quality', 'shares', 'summary']
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 
+from molmo_latency.quality import Quality, judge
 from molmo_latency.schema import CONFIG_COLUMNS
 from molmo_latency.stats import PHASE_METRICS, summarize
 from molmo_latency.sweep.rundir import RunDir
@@ -127,7 +130,29 @@ def failure_table(rd: RunDir) -> pl.DataFrame:
                             for c in FAILURE_COLUMNS]).sort("config_id")
 
 
-def run_report(run_dir: str | Path) -> dict[str, pl.DataFrame]:
+def run_quality(rd: RunDir, requests: pl.DataFrame) -> Quality:
+    """The data-quality verdict of a run directory's requests: its spread, contention and drift
+    (:func:`molmo_latency.quality.judge`), and how many of the sweep's requests it holds, with
+    the command that resumes it."""
+    meta: dict = {}
+    if rd.run_json.exists():
+        meta = rd.meta()
+    expected = None
+    sweep = meta.get("sweep")
+    if isinstance(sweep, dict) and isinstance(sweep.get("grid"), dict) and isinstance(sweep.get("protocol"), dict):
+        # the units of the sweep: every grid point times the repeats (run.json: SweepSpec.as_dict())
+        try:
+            expected = int(sweep["protocol"]["repeats"])
+            for values in sweep["grid"].values():
+                expected *= len(values)
+        except (KeyError, TypeError, ValueError):  # an older or edited run.json: completeness not judged
+            expected = None
+    conditions = meta.get("conditions") or {}
+    cpus = conditions.get("usable_cpus") or (meta.get("versions") or {}).get("cpu_count") or os.cpu_count() or 1
+    return judge(requests, usable_cpus=int(cpus), expected_requests=expected, resume_command=meta.get("command"))
+
+
+def run_report(run_dir: str | Path) -> dict[str, Any]:
     """All tables of the report of a run directory (or of a directory that
     ``prof.report().write_parquet(dir)`` wrote: its configurations come from :func:`with_config_id`)."""
     rd = RunDir(run_dir)
@@ -144,8 +169,12 @@ def run_report(run_dir: str | Path) -> dict[str, pl.DataFrame]:
         phases = phases.join(requests.select("request", "config_id"), on="request", how="left")
     if "valid" not in requests.columns:
         requests = requests.with_columns(pl.lit(True).alias("valid"))
+    quality = run_quality(rd, requests)
+    if "warm" in requests.columns:  # a cold request never enters a median (quality counts them)
+        requests = requests.filter(pl.col("warm").fill_null(True))
     keys = ["config_id"]
     return {
+        "quality": quality,
         "failures": failures,
         "config": config_table(requests),
         "summary": summarize(requests.filter(pl.col("valid")), keys, PHASE_METRICS),

@@ -112,7 +112,7 @@ def _nothing_measured(result: dict, out: Path) -> None:
                                 "or the model and run again into a new --out")
 
 
-def _report(run_dir: Path, *, as_json: bool, extra: dict | None = None) -> None:
+def _report(run_dir: Path, *, as_json: bool, extra: dict | None = None, html: bool = False) -> None:
     import polars as pl
 
     from molmo_latency.show import console, frame_records, print_frame, print_json
@@ -120,16 +120,21 @@ def _report(run_dir: Path, *, as_json: bool, extra: dict | None = None) -> None:
     from molmo_latency.report import run_report
 
     rep = run_report(run_dir)
+    quality = rep["quality"]
     try:
         pngs, skipped = write_report_plots(rep, Path(run_dir) / "report")
     except OSError as exc:  # a read-only run directory: the tables still print
         pngs, skipped = [], [("plots", f"cannot write {Path(run_dir) / 'report'} ({exc.strerror or exc})")]
+    page = _write_html(run_dir, rep, pngs) if html else None
     if as_json:
-        print_json({**(extra or {}), "run_dir": str(run_dir), "configs": frame_records(rep["config"]),
+        print_json({**(extra or {}), "run_dir": str(run_dir), "quality": quality.as_dict(),
+                    "quality_configs": frame_records(quality.configs), "configs": frame_records(rep["config"]),
                     "summary": frame_records(rep["summary"]), "shares": frame_records(rep["shares"]),
                     "failures": frame_records(rep["failures"]), "plots": [str(p) for p in pngs],
-                    "plots_skipped": [{"file": name, "why": why} for name, why in skipped]})
+                    "plots_skipped": [{"file": name, "why": why} for name, why in skipped],
+                    "html": str(page) if page else None})
         return
+    _print_quality(quality)
     config = rep["config"]
     # header: (source column, scale): the compact columns answer "where did the time go"
     named = {"config": ("config_id", 1), "crops": ("crops", 1), "top_k": ("top_k", 1), "blocks": ("blocks", 1),
@@ -159,6 +164,52 @@ def _report(run_dir: Path, *, as_json: bool, extra: dict | None = None) -> None:
     console.print("plots: " + (", ".join(str(p) for p in pngs) or "none"), markup=False, highlight=False)
     for name, why in skipped:
         console.print(f"no {name}: {why}", markup=False, highlight=False)
+    if page is not None:
+        console.print(f"html: {page}", markup=False, highlight=False)
+
+
+def _print_quality(quality) -> None:
+    """The data-quality verdict in one line, then one line per reason (each says what to do)."""
+    from molmo_latency.show import console
+
+    console.print(f"data quality: {quality.verdict}" + ("" if quality.reasons else
+                                                          " (repeats agree, no contention recorded)"),
+                  markup=False, highlight=False)
+    for reason in quality.reasons:
+        console.print(f"  - {reason}", markup=False, highlight=False)
+
+
+def _write_html(run_dir: Path, rep: dict, pngs: list) -> Path | None:
+    """RUN_DIR/report/index.html: verdict, conditions and versions, tables, every plot, failures."""
+    from molmo_latency.show import err_console
+    from molmo_latency.show.html import HtmlSection, render_html
+
+    meta = {}
+    if (Path(run_dir) / "run.json").is_file():
+        from molmo_latency.sweep import RunDir
+
+        meta = RunDir(run_dir).meta()
+    facts = {k: meta[k] for k in ("conditions", "versions", "identity", "device", "protocol", "command") if k in meta}
+    quality = rep["quality"]
+    sections = [HtmlSection("Per configuration", table=rep["config"],
+                            note="medians over valid, warm requests; CV = std/mean"),
+                HtmlSection("Data quality per configuration", table=quality.configs),
+                HtmlSection("Phase shares of the median request", table=rep["shares"])]
+    sections += [HtmlSection(Path(p).stem.replace("_", " "), image=Path(p)) for p in pngs]
+    if rep["failures"].height:
+        sections.append(HtmlSection("Failed configurations", table=rep["failures"]))
+    target = Path(run_dir) / "report" / "index.html"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(".index.html.tmp")
+        tmp.write_text(render_html(f"molmo-latency report: {Path(run_dir).name}", verdict=quality.as_dict(),
+                                   conditions=facts, sections=sections), encoding="utf-8")
+        tmp.replace(target)
+    except OSError as exc:
+        err_console.print(f"report: cannot write {target} ({exc.strerror or exc}); the tables still print",
+                          markup=False, highlight=False)
+        return None
+    return target
 
 
 WIDE_HELP = "show every column at its natural width (default: the columns that fit the terminal)"
@@ -248,13 +299,15 @@ def report(
     run_dir: Path = typer.Argument(..., help="a run directory of `molmo-latency profile`"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
     wide: bool = typer.Option(False, "--wide", help=WIDE_HELP),
+    html: bool = typer.Option(False, "--html", help="also write RUN_DIR/report/index.html: one self-contained "
+                              "page (verdict, conditions, tables, every plot, failures)"),
 ) -> None:
     """Per-configuration median/p95/CV of every phase, with PNG plots in RUN_DIR/report/."""
     from molmo_latency.cli.paths import run_dir_arg
     from molmo_latency.show import set_wide
 
     set_wide(wide)
-    _report(run_dir_arg(run_dir, "report"), as_json=as_json)
+    _report(run_dir_arg(run_dir, "report"), as_json=as_json, html=html)
 
 
 @app.command(epilog=examples("molmo-latency demo", "molmo-latency demo --out /tmp/demo --wide"))

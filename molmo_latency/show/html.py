@@ -34,7 +34,7 @@ th,td{border:1px solid #ddd;padding:3px 8px;text-align:right}th{background:#f5f5
 td.text,th.text{text-align:left}.verdict{display:inline-block;padding:.2em .7em;border-radius:4px;
 font-weight:600;color:#fff}.clean{background:#2e7d32}.noisy{background:#ef6c00}.contended{background:#c62828}
 .incomplete{background:#6a1b9a}img{max-width:100%;border:1px solid #eee;margin:.5em 0}
-.note{color:#555}pre{background:#f5f5f7;padding:.6em;overflow:auto}
+.note{color:#555}.scroll{overflow-x:auto;max-width:100%}pre{background:#f5f5f7;padding:.6em;overflow:auto}
 """
 
 
@@ -77,7 +77,8 @@ def table_html(frame: pl.DataFrame) -> str:
             text, is_text = _cell(value)
             cells.append(f'<td class="text">{text}</td>' if is_text else f"<td>{text}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
-    return f'<table><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+    return (f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody>'
+            '</table></div>')
 
 
 def _image_html(path: Path, title: str) -> str:
