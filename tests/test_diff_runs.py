@@ -1,10 +1,9 @@
-"""`diff` on run directories of the sweep runner: a configuration made really slower is classed
-slower, and two configurations that are the same model setting, measured interleaved in one run,
-are classed no significant change."""
+"""`diff` on run directories of the sweep runner: a configuration made slower by a known amount is
+classed slower by that amount, and two configurations that are the same model setting, measured
+interleaved in one run, are classed no significant change."""
 
 import contextlib
 import json
-import time
 
 import polars as pl
 import pytest
@@ -14,9 +13,8 @@ from molmo_latency.cli.main import main
 from molmo_latency.diff import diff
 from molmo_latency.sweep import SweepSpec, run_sweep
 from molmo_latency.sweep.source import ReferenceSource
-from tests.layout import phase_module
 
-SLEEP_S = 0.025  # injected per LLM forward (prefill + 5 decode steps); a prefill takes ~3 ms
+SLEEP_S = 0.025  # added to every LLM forward of B (prefill + 5 decode steps); a prefill takes ~3 ms
 
 NEW_TOKENS = 6
 SWEEP = {"crops": [1], "prompt_tokens": [8], "new_tokens": [NEW_TOKENS], "repeats": 12, "warmup": 1}
@@ -34,20 +32,35 @@ def one_thread():
         torch.set_num_threads(before)
 
 
+def _slower_copy(a, b):
+    """Run B: run A's measurements, every LLM forward (prefill and each decode step) SLEEP_S
+    slower. The shift is known exactly, so the verdict cannot depend on how busy the machine was
+    while A and B ran (two real runs minutes apart on a shared machine differ by more than any
+    sleep a unit test can afford)."""
+    import shutil
+
+    shutil.copytree(a, b)
+    shutil.rmtree(b / "parts")  # the shifted tables are B's data
+    ms = SLEEP_S * 1e3
+    req = pl.read_parquet(b / "requests.parquet")
+    steps = pl.col("decode_steps")
+    req.with_columns(
+        pl.col("prefill_ms") + ms, pl.col("prefill_total_ms") + ms, pl.col("decode_ms") + ms * steps,
+        pl.col("decode_per_token_ms") + ms, pl.col("total_ms") + ms * (1 + steps),
+    ).write_parquet(b / "requests.parquet")
+    phases = pl.read_parquet(b / "phases.parquet")
+    phases.with_columns(pl.when(pl.col("phase").is_in(["prefill", "decode"])).then(pl.col("ms") + ms)
+                        .otherwise(pl.col("ms")).alias("ms")).write_parquet(b / "phases.parquet")
+
+
 @pytest.fixture(scope="module")
 def slow_pair(tmp_path_factory):
-    """Run A: the tiny model. Run B: the same, with a sleep in a forward hook of its language
-    model, so every prefill and decode step of B is SLEEP_S slower, deterministically."""
+    """Run A: the tiny model, measured. Run B: A's measurements with SLEEP_S added to every LLM
+    forward (see _slower_copy); B keeps A's traces, so the kernel level sees the same ops."""
     root = tmp_path_factory.mktemp("slow_pair")
-    spec = SweepSpec.from_dict(SWEEP)
     with one_thread():
-        run_sweep(ReferenceSource("tiny"), spec, root / "a", kineto=True, nvml="off")
-        source = ReferenceSource("tiny")
-        handle = phase_module(source.model, "llm").register_forward_hook(lambda *_: time.sleep(SLEEP_S))
-        try:
-            run_sweep(source, spec, root / "b", kineto=True, nvml="off")
-        finally:
-            handle.remove()
+        run_sweep(ReferenceSource("tiny"), SweepSpec.from_dict(SWEEP), root / "a", kineto=True, nvml="off")
+    _slower_copy(root / "a", root / "b")
     return root / "a", root / "b"
 
 
@@ -61,8 +74,8 @@ def test_really_slower_run_is_classed_slower(slow_pair):
         assert rows[phase]["verdict"] == "slower", (phase, rows[phase])
         assert rows[phase]["ci_low_ms"] > 0
     injected_ms = SLEEP_S * 1e3 * NEW_TOKENS  # one sleep per LLM forward
-    assert rows["total"]["delta_ms"] > 0.7 * injected_ms
-    assert rows["decode_per_token"]["delta_ms"] > 0.7 * SLEEP_S * 1e3
+    assert rows["total"]["delta_ms"] == pytest.approx(injected_ms, rel=1e-6)  # medians shift exactly
+    assert rows["decode_per_token"]["delta_ms"] == pytest.approx(SLEEP_S * 1e3, rel=1e-6)
     steps = comp.phases.filter(pl.col("family") == "step")
     assert steps["phase"].to_list() == [f"decode[{k}]" for k in range(NEW_TOKENS - 1)]
     assert steps["a_n"].to_list() == [12] * (NEW_TOKENS - 1)
@@ -142,3 +155,38 @@ def test_pairs_of_configurations_between_runs(tmp_path):
     with pytest.raises(DiffError, match="choose one with --config"):
         plan(a, trace)
     assert plan(trace, b, config_b="c9") == [(None, "c9")]
+
+
+def test_conditions_that_differ_are_named_first(slow_pair, tmp_path, capsys):
+    """diff does not refuse different conditions (comparing them is its job), but says which
+    differ, so that a machine change is not read as a code change."""
+    import shutil
+
+    a, b = slow_pair
+    other = tmp_path / "b2"
+    shutil.copytree(b, other)
+    meta = json.loads((other / "run.json").read_text())
+    meta["conditions"] = {**(meta.get("conditions") or {}), "torch_threads": 8}
+    meta["versions"]["transformers"] = "9.9.9"
+    (other / "run.json").write_text(json.dumps(meta))
+    assert main(["diff", str(a), str(other), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert any(line.startswith("torch_threads:") and "8 (B)" in line for line in doc["conditions_differ"])
+    assert any(line.startswith("transformers:") and "9.9.9 (B)" in line for line in doc["conditions_differ"])
+    assert main(["diff", str(a), str(other)]) == 0
+    out = capsys.readouterr().out
+    assert out.index("conditions that differ") < out.index("Phases")
+    assert main(["diff", str(a), str(b), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["conditions_differ"] == []
+
+
+def test_a_diff_of_several_configurations_starts_with_the_overall_summary(same_setting_run, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(same_setting_run, copy)
+    assert main(["diff", str(same_setting_run), str(copy), "--wide"]) == 0
+    out = capsys.readouterr().out
+    assert "overall: 0 of 2 configurations changed" in out
+    assert out.index("overall:") < out.index("Summary:") < out.index("Phases")
+    assert out.count("legend:") <= 1 and out.count("verdict rule:") == 1

@@ -108,6 +108,27 @@ def _show(result, *, top: int, all_steps: bool) -> None:
 
     console.print(f"A {result.a} ({result.a_kind})    B {result.b} ({result.b_kind})", markup=False,
                   highlight=False)
+    if result.conditions:
+        console.print("conditions that differ between A and B (a machine change is not a code change):",
+                      markup=False, highlight=False)
+        for line in result.conditions:
+            console.print(f"  - {line}", markup=False, highlight=False)
+    elif result.a_kind == result.b_kind == "run":
+        console.print("conditions: A and B recorded the same device, dtype, threads, model and versions",
+                      markup=False, highlight=False)
+    summary = result.summary()
+    if summary is not None and len(result.comparisons) > 1:
+        changed = summary.filter(pl.col("verdict").is_in(["faster", "slower"]))
+        console.print(f"overall: {changed.height} of {summary.height} configurations changed "
+                      f"({(changed['verdict'] == 'slower').sum()} slower, {(changed['verdict'] == 'faster').sum()} "
+                      "faster); details per configuration follow", markup=False, highlight=False)
+        print_frame(summary.select(pl.col("a_config").alias("config A"), pl.col("b_config").alias("config B"),
+                                   pl.col("a_median_ms").alias("A total ms"), pl.col("b_median_ms").alias("B total ms"),
+                                   pl.col("delta_pct").alias("delta %"),
+                                   pl.format("[{}, {}]", pl.col("ci_low_ms").round(2), pl.col("ci_high_ms").round(2))
+                                   .alias("95% CI ms"), "verdict"),
+                    "Summary: the whole request (total) per configuration, B vs A", digits=2, max_rows=10_000)
+    legend = False
     for comp in result.comparisons:
         console.rule(f"[bold]{comp.title}[/]")
         for note in comp.notes:
@@ -146,7 +167,9 @@ def _show(result, *, top: int, all_steps: bool) -> None:
                     pl.col("b_us_per_instance").alias("self us/range B"),
                     pl.col("a_us").alias("A self us"), pl.col("b_us").alias("B self us")),
                     "Per phase: kernels (or ops) per range and their self time", digits=1)
-            console.print(f"legend: {LEGEND}", markup=False, highlight=False, style="dim")
+            legend = True
+    if legend:  # once, after every comparison
+        console.print(f"legend: {LEGEND}", markup=False, highlight=False, style="dim")
     if any(c.phases is not None and (c.phases["verdict"] == "too few samples").any() for c in result.comparisons):
         console.print("too few samples: with this many repeats per side no change could be significant, "
                       "whatever its size; the reason in --json says how many repeats would do",

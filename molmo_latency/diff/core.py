@@ -16,6 +16,7 @@ import polars as pl
 from molmo_latency.diff.kernels import (LEVELS, category_diff, kernel_diff, ops_table, phase_instances,
                                         phase_kernel_diff)
 from molmo_latency.diff.phases import SAMPLE_SCHEMA, phase_diff, run_phase_samples, trace_phase_samples
+from molmo_latency.sweep.rundir import RunDir
 from molmo_latency.diff.sources import DiffError, Side, open_side, plan, read_trace
 from molmo_latency.diff.stats import describe_rule
 
@@ -56,6 +57,9 @@ class DiffResult:
     rule: str
     options: dict[str, Any]
     comparisons: list[Comparison]
+    # one line per recorded condition that differs between A and B (run directories: device,
+    # dtype, threads, model, library versions); a machine change is not a code change
+    conditions: list[str] = field(default_factory=list)
 
     def _stack(self, attr: str) -> pl.DataFrame | None:
         parts = [getattr(c, attr).with_columns(pl.lit(c.a_config, dtype=pl.String).alias("a_config"),
@@ -74,6 +78,16 @@ class DiffResult:
     @property
     def categories(self) -> pl.DataFrame | None:
         return self._stack("categories")
+
+    def summary(self) -> pl.DataFrame | None:
+        """The overall answer first: per compared pair, the whole request (``total``) in A and B,
+        the change with its CI and the verdict; None when no comparison has phases."""
+        phases = self.phases
+        if phases is None:
+            return None
+        return (phases.filter(pl.col("phase") == "total")
+                .select("a_config", "b_config", "a_n", "b_n", "a_median_ms", "b_median_ms", "delta_ms",
+                        "delta_pct", "ci_low_ms", "ci_high_ms", "verdict"))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: ``phases`` and ``kernels`` lists (rows carry ``a_config``/``b_config``),
@@ -106,7 +120,8 @@ class DiffResult:
         return {
             "a": self.a, "b": self.b, "a_kind": self.a_kind, "b_kind": self.b_kind,
             "levels": sorted({c.level for c in self.comparisons if c.level}),
-            "rule": self.rule, "options": self.options,
+            "rule": self.rule, "options": self.options, "conditions_differ": list(self.conditions),
+            "summary": records(self.summary()),
             "phases": records(self.phases), "kernels": records(self.kernels),
             "categories": records(self.categories),
             "only_in_a": [n for c in comparisons for n in c["only_in_a"]],
@@ -173,7 +188,18 @@ def diff(a: str | Path, b: str | Path, *, config: str | None = None, config_b: s
     comparisons = [_compare(side_a, side_b, ca, cb, level, normalize, stats, cache) for ca, cb in pairs]
     return DiffResult(a=side_a.label, b=side_b.label, a_kind=side_a.kind, b_kind=side_b.kind,
                       rule=describe_rule(alpha, ci_level, resamples, min_effect_pct),
-                      options={"level": level, "normalize": normalize, **stats}, comparisons=comparisons)
+                      options={"level": level, "normalize": normalize, **stats}, comparisons=comparisons,
+                      conditions=_condition_differences(side_a, side_b))
+
+
+def _condition_differences(a: Side, b: Side) -> list[str]:
+    """What differs between the conditions two run directories recorded (run.json); nothing for
+    traces, which record none of them."""
+    if a.kind != "run" or b.kind != "run":
+        return []
+    from molmo_latency.conditions import condition_differences
+
+    return condition_differences({"A": RunDir(a.path).meta(), "B": RunDir(b.path).meta()})
 
 
 def _samples(side: Side, config_id: str | None, trace) -> pl.DataFrame:
