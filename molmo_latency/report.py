@@ -94,10 +94,16 @@ def config_table(requests: pl.DataFrame) -> pl.DataFrame:
 
 
 def phase_shares(requests: pl.DataFrame) -> pl.DataFrame:
-    """Median time of each phase per configuration and its share of the median total."""
+    """Median time of each phase per configuration and its share of the sum of those medians;
+    with the whole request's median, 25th and 75th percentiles (``total_*``) and ``n``, so a
+    plot can show the median request's height, its spread and how many requests it stands for."""
     present = [c for c in SHARE_PHASES if c in requests.columns]
+    total_stats = [pl.col("total_ms").median().alias("total_median_ms"),
+                   pl.col("total_ms").quantile(0.25, interpolation="linear").alias("total_q25_ms"),
+                   pl.col("total_ms").quantile(0.75, interpolation="linear").alias("total_q75_ms")] \
+        if "total_ms" in requests.columns else []
     med = requests.filter(pl.col("valid")).group_by("config_id", maintain_order=True).agg(
-        *[pl.col(c).median().fill_null(0.0) for c in present])
+        *[pl.col(c).median().fill_null(0.0) for c in present], *total_stats, pl.len().alias("n"))
     total = sum(pl.col(c) for c in present)
     return med.with_columns(*[(pl.col(c) / total).alias(c.replace("_ms", "_share")) for c in present])
 

@@ -90,3 +90,38 @@ def test_explain_json_goes_through_the_one_writer(tmp_path, capsys, monkeypatch)
 ])
 def test_a_cell_reads_the_same_in_every_command(value, digits, thousands, text):
     assert format_cell(value, digits, thousands=thousands) == text
+
+
+def test_report_plots_name_what_they_leave_out_and_skip_what_shows_nothing(tmp_path, monkeypatch):
+    """A decode plot of more configurations than it draws names the ones left out; a prefill plot
+    of one input shape is skipped with its reason; a phase-share bar is the median request."""
+    import polars as pl
+
+    from molmo_latency.show import report_plots
+
+    figures = {}
+
+    def keep(fig, path):
+        figures[path.name] = fig
+        return path
+
+    monkeypatch.setattr(report_plots, "write_png", keep)
+    rows = [{"config_id": f"c{c}-b{b}", "blocks": b, "crops": c, "step": s, "median_ms": float(b * 10 + c + s),
+             "q25_ms": float(b * 10 + c + s - 1), "q75_ms": float(b * 10 + c + s + 1), "n": 5}
+            for b in (1, 2, 3, 4, 5) for c in range(8) for s in range(3)]
+    report_plots.plot_decode_steps(pl.DataFrame(rows), tmp_path / "d.png")
+    title = figures["d.png"]._suptitle.get_text()
+    assert "24 of 40 configurations shown; not shown: " in title and "and 10 more" in title  # 4 panels x 6 lines
+    one_shape = pl.DataFrame({"config_id": ["a", "b"], "input_tokens": [27, 27], "prefill_ms": [1.0, 2.0],
+                              "prefill_total_ms": [2.0, 3.0], "top_k": [1, 2]})
+    empty = pl.DataFrame()
+    written, skipped = report_plots.write_report_plots(
+        {"shares": empty, "prefill_vs_tokens": one_shape, "decode_steps": empty}, tmp_path)
+    assert written == [] and "one shape" in dict(skipped)["prefill_vs_input_tokens.png"]
+    shares = pl.DataFrame({"config_id": ["a"], "prefill_ms": [6.0], "decode_ms": [2.0], "prefill_share": [0.75],
+                           "decode_share": [0.25], "total_median_ms": [10.0], "total_q25_ms": [9.0],
+                           "total_q75_ms": [12.0], "n": [7]})
+    report_plots.plot_phase_shares(shares, tmp_path / "s.png")
+    ax = figures["s.png"].axes[0]
+    tops = sorted(p.get_y() + p.get_height() for p in ax.patches)
+    assert tops[-1] == 10.0 and "(n=7)" in ax.get_xticklabels()[0].get_text()  # the bar is the median total

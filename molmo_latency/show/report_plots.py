@@ -23,6 +23,10 @@ from molmo_latency.show.png import pyplot as _plt
 from molmo_latency.show.png import write_png
 
 
+class NothingToShow(Exception):
+    """A figure that would show nothing (the message says why); it is skipped, not drawn."""
+
+
 PHASE_COLORS = {"vision": "#4C72B0", "projector": "#8172B2", "prefill": "#DD8452",
                 "decode": "#55A868", "other": "#BBBBBB"}
 KNOBS = ("crops", "top_k", "blocks", "prompt_tokens", "new_tokens")
@@ -51,18 +55,31 @@ def knob_that_matters(df: pl.DataFrame, value: str, knobs=KNOBS) -> str | None:
 
 
 def plot_phase_shares(shares: pl.DataFrame, path: Path) -> Path:
+    """The median request of each configuration: bar height = the median whole request, split
+    by the phases' shares (of their medians), whisker = its 25th-75th percentile, n under each
+    bar. (Stacking the phases' own medians would draw a request nobody measured.)"""
     plt = _plt()
-    phases = [p for p in PHASE_COLORS if f"{p}_ms" in shares.columns]
-    fig, ax = plt.subplots(figsize=(max(6, 0.5 * shares.height + 3), 4.5))
+    phases = [p for p in PHASE_COLORS if f"{p}_share" in shares.columns]
+    fig, ax = plt.subplots(figsize=(max(6, 0.55 * shares.height + 3), 4.8))
+    height = (shares["total_median_ms"] if "total_median_ms" in shares.columns
+              else sum(shares[f"{p}_ms"] for p in phases)).to_list()
+    n = shares["n"].to_list() if "n" in shares.columns else [None] * shares.height
+    labels = [f"{c}\n(n={k})" if k is not None else c for c, k in zip(shares["config_id"].to_list(), n)]
+    x = list(range(shares.height))
     bottom = [0.0] * shares.height
-    labels = shares["config_id"].to_list()
     for p in phases:
-        vals = shares[f"{p}_ms"].to_list()
-        ax.bar(labels, vals, bottom=bottom, label=p, color=PHASE_COLORS[p])
+        vals = [h * s for h, s in zip(height, shares[f"{p}_share"].fill_null(0.0).to_list())]
+        ax.bar(x, vals, bottom=bottom, label=p, color=PHASE_COLORS[p], width=0.7)
         bottom = [b + v for b, v in zip(bottom, vals)]
-    ax.set_ylabel("median time per request (ms)")
-    ax.set_title("Where each configuration's time goes (stacked medians)")
-    ax.tick_params(axis="x", rotation=60, labelsize=7)
+    if "total_q25_ms" in shares.columns:
+        lo = [h - q for h, q in zip(height, shares["total_q25_ms"].to_list())]
+        hi = [q - h for h, q in zip(height, shares["total_q75_ms"].to_list())]
+        ax.errorbar(x, height, yerr=[lo, hi], fmt="none", ecolor="black", capsize=3, linewidth=1,
+                    label="25th-75th percentile")
+    ax.set_xticks(x, labels, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("ms per request")
+    ax.set_ylim(bottom=0)
+    ax.set_title("The median request per configuration, split by phase share")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="phase")
     return write_png(fig, path)
 
@@ -71,6 +88,9 @@ def plot_prefill_vs_tokens(df: pl.DataFrame, path: Path) -> Path:
     """Prefill (LLM) time against input tokens, one colour per value of the knob that moves it
     most at a given token count (blocks, usually); vision+projector+prefill as open markers."""
     plt = _plt()
+    if df["input_tokens"].n_unique() < 2:
+        raise NothingToShow(f"every request has {df['input_tokens'][0]} input tokens: one shape, no trend "
+                            "to draw (vary crops or prompt_tokens)")
     per_token = df.with_columns((pl.col("prefill_ms") / pl.col("input_tokens")).alias("_ms_per_token"))
     knob = knob_that_matters(per_token, "_ms_per_token", tuple(k for k in KNOBS if k != "crops"))
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -85,8 +105,14 @@ def plot_prefill_vs_tokens(df: pl.DataFrame, path: Path) -> Path:
                    edgecolors=[color])
     ax.scatter([], [], s=16, facecolors="none", edgecolors="grey", label="vision+projector+prefill")
     ax.set_xlabel("input tokens (image + text)")
-    ax.set_ylabel("ms")
-    ax.set_ylim(bottom=0)
+    values = pl.concat([df["prefill_ms"], df["prefill_total_ms"]]).drop_nulls()
+    values = values.filter(values > 0)
+    if values.len() and float(values.max()) / float(values.min()) > 30:  # spans decades: one outlier
+        ax.set_yscale("log")                                             # must not squash the rest
+        ax.set_ylabel("ms (log scale)")
+    else:
+        ax.set_ylabel("ms")
+        ax.set_ylim(bottom=0)
     ax.set_title("Prefill latency against input tokens" + (f", coloured by {knob}" if knob else ""))
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -94,12 +120,12 @@ def plot_prefill_vs_tokens(df: pl.DataFrame, path: Path) -> Path:
 
 
 def line_style(i: int, cmap) -> dict:
-    """Colour and dash of the i-th line: 20 colours of tab20, then the next dash pattern, so that
-    up to 80 lines are each distinct.
+    """Colour and dash of the i-th line: the colours of `cmap`, then the next dash pattern, so
+    that up to 4 x cmap.N lines are each distinct.
 
-    >>> cmap = _plt().get_cmap("tab20")
-    >>> len({(tuple(s["color"]), s["linestyle"]) for s in (line_style(i, cmap) for i in range(80))})
-    80
+    >>> cmap = _plt().get_cmap("tab10")
+    >>> len({(tuple(s["color"]), s["linestyle"]) for s in (line_style(i, cmap) for i in range(40))})
+    40
     """
     return {"color": cmap(i % cmap.N), "linestyle": LINE_STYLES[(i // cmap.N) % len(LINE_STYLES)]}
 
@@ -119,30 +145,35 @@ def plot_decode_steps(df: pl.DataFrame, path: Path) -> Path:
     facets = [(None, configs)] if knob is None else [
         (v, configs.filter(pl.col(knob) == v)) for v in sorted(configs[knob].drop_nulls().unique().to_list())]
     facets = facets[:MAX_PANELS]
-    fig, axes = plt.subplots(len(facets), 1, figsize=(8, 3.2 * len(facets)), squeeze=False, sharex=True)
-    cmap = plt.get_cmap("tab10")
-    shown = 0
+    fig, axes = plt.subplots(len(facets), 1, figsize=(9, 3.2 * len(facets)), squeeze=False, sharex=True)
+    cmap = plt.get_cmap("tab10")  # distinct neighbours (tab20 pairs light and dark of one hue)
+    shown_ids: list[str] = []
     for ax, (value, group) in zip(axes[:, 0], facets):
         ids = group.sort("_level")["config_id"].to_list()[:MAX_LINES_PER_PANEL]
-        for i, cid in enumerate(ids):
+        for cid in ids:
+            style = line_style(len(shown_ids), cmap)  # one colour per configuration in the whole figure
+            shown_ids.append(cid)
             part = df.filter(pl.col("config_id") == cid).sort("step")
-            color = cmap(i % 10)
-            ax.plot(part["step"], part["median_ms"], marker=".", linewidth=1.2, color=color, label=cid)
+            n = int(part["n"].min()) if "n" in part.columns else None
+            ax.plot(part["step"], part["median_ms"], marker=".", linewidth=1.3, label=cid + (f" (n={n})" if n else ""),
+                    **style)
             if "q25_ms" in part.columns:
                 ax.fill_between(part["step"].to_numpy(), part["q25_ms"].to_numpy(), part["q75_ms"].to_numpy(),
-                                color=color, alpha=0.18, linewidth=0)
-        shown += len(ids)
+                                color=style["color"], alpha=0.10, linewidth=0)
         ax.set_ylim(bottom=0)
         ax.set_ylabel("step time (ms)")
         ax.grid(True, alpha=0.3)
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))  # steps are whole numbers
         if value is not None:
             ax.set_title(f"{knob} = {value}", fontsize=9)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     axes[-1, 0].set_xlabel("decode step index (KV length = input tokens + step + 1)")
     title = "Decode step time by position: median over requests, band = 25th-75th percentile"
-    if shown < configs.height:
-        title += f"\n({shown} of {configs.height} configurations shown; all are in the report JSON)"
-    fig.suptitle(title, fontsize=10)
+    left_out = [c for c in configs["config_id"].to_list() if c not in shown_ids]
+    if left_out:
+        names = ", ".join(left_out[:6]) + (f" and {len(left_out) - 6} more" if len(left_out) > 6 else "")
+        title += f"\n{len(shown_ids)} of {configs.height} configurations shown; not shown: {names} (all are in --json)"
+    fig.suptitle(title, fontsize=9)
     return write_png(fig, path)
 
 
@@ -163,5 +194,8 @@ def write_report_plots(report: dict[str, pl.DataFrame], out_dir: Path) -> tuple[
             skipped.append((name, why))
             continue
         out_dir.mkdir(parents=True, exist_ok=True)
-        written.append(plot(frame, out_dir / name))
+        try:
+            written.append(plot(frame, out_dir / name))
+        except NothingToShow as why_not:
+            skipped.append((name, str(why_not)))
     return written, skipped
