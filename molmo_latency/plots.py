@@ -37,7 +37,7 @@ LINE_STYLES = ("-", "--", ":", "-.")
 def _save(fig, path: Path) -> Path:
     import io
 
-    from molmo_latency.sweep.rundir import atomic_write_bytes
+    from molmo_latency.hold.rundir import atomic_write_bytes
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")  # tight: the outside legend is kept

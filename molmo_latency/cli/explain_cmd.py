@@ -42,7 +42,7 @@ def read_requests(path: str | os.PathLike) -> tuple[pl.DataFrame, Path]:
         raise MolmoLatencyError(f"{path} does not exist; pass a run directory written by "
                                 "`molmo-latency profile` or a requests Parquet file")
     if path.is_dir():
-        from molmo_latency.sweep.rundir import RunDir
+        from molmo_latency.hold.rundir import RunDir
 
         RunDir(path).refresh()  # a killed sweep's parts become visible in requests.parquet
         file, base = path / "requests.parquet", path
@@ -134,7 +134,7 @@ def write_decode_vs_clock_plot(result: "Explanation", path: str | os.PathLike) -
     fig.suptitle(f"Decode step time against SM clock, {pts.height} requests{share}")
     import io
 
-    from molmo_latency.sweep.rundir import atomic_write_bytes
+    from molmo_latency.hold.rundir import atomic_write_bytes
 
     png = io.BytesIO()
     fig.savefig(png, format="png")

@@ -81,7 +81,7 @@ def failure_groups(run_dir: Path) -> list[tuple[str, str, list[str]]]:
     """The failed configurations of a run grouped by cause (the first line of the message, its
     numbers aside): (stage, the first such message, config ids), the most common cause first."""
     from molmo_latency.report import failure_table
-    from molmo_latency.sweep.rundir import RunDir
+    from molmo_latency.hold.rundir import RunDir
 
     import re
 

@@ -482,7 +482,7 @@ class Estimator:
         from safetensors.numpy import save as st_save
 
         from molmo_latency.estimator.parity import write_parity_plot, write_position_plot
-        from molmo_latency.sweep.rundir import atomic_write_bytes, atomic_write_parquet
+        from molmo_latency.hold.rundir import atomic_write_bytes, atomic_write_parquet
 
         d = Path(model_dir)
         if d.exists() and not d.is_dir():

@@ -43,7 +43,7 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> Path:
-    from molmo_latency.sweep.rundir import atomic_write_bytes
+    from molmo_latency.hold.rundir import atomic_write_bytes
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)

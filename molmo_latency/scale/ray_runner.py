@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from molmo_latency.errors import MolmoLatencyError, SweepError
-from molmo_latency.sweep.rundir import RunDir
+from molmo_latency.hold.rundir import RunDir
 from molmo_latency.sweep.runner import CONSOLIDATE_EVERY_S, Progress, Worker, run_identity, run_meta
 from molmo_latency.sweep.spec import Config, SweepSpec
 

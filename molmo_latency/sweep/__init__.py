@@ -7,7 +7,7 @@
 """
 
 from molmo_latency.sweep.spec import Config, SweepSpec, load_sweep
-from molmo_latency.sweep.rundir import RunDir
+from molmo_latency.hold.rundir import RunDir
 
 
 def __getattr__(name: str):

@@ -25,7 +25,7 @@ import torch
 
 from molmo_latency.profiler import profile_phases
 from molmo_latency.sweep.machine import device_columns, versions
-from molmo_latency.sweep.rundir import RunDir
+from molmo_latency.hold.rundir import RunDir
 from molmo_latency.sweep.source import ModelSource, open_source, parse_dtype
 from molmo_latency.sweep.spec import Config, SweepSpec
 
