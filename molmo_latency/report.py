@@ -22,7 +22,7 @@ import polars as pl
 from molmo_latency.quality import Quality, judge
 from molmo_latency.schema import CONFIG_COLUMNS
 from molmo_latency.stats import PHASE_METRICS, summarize
-from molmo_latency.sweep.rundir import RunDir
+from molmo_latency.hold.rundir import RunDir
 
 SHARE_PHASES = ("vision_ms", "projector_ms", "prefill_ms", "decode_ms", "other_ms")
 

@@ -129,3 +129,60 @@ def test_test_tooling_is_bounded_above(project):
     for req in project["optional-dependencies"]["test"]:
         if _requirement_name(req) in ("pytest", "hypothesis"):
             assert "<" in req, f"{req}: give an upper bound, so a new major release cannot break the suite"
+
+
+# ------------------------------------------------------------------ layering: hold never imports torch
+
+HOLD = PACKAGE / "hold"
+
+
+def _absolute_imports(path: Path) -> set[str]:
+    """Every absolute module name `path` imports, at any depth (inside functions too)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_the_hold_layer_imports_only_polars_and_itself():
+    allowed_own = ("molmo_latency.errors", "molmo_latency.hold")
+    for path in sorted(HOLD.glob("*.py")):
+        for name in _absolute_imports(path):
+            top = name.split(".")[0]
+            if top in sys.stdlib_module_names or top == "polars":
+                continue
+            assert name.startswith(allowed_own), f"{path.name} imports {name}: hold/ may import only " \
+                                                 "the standard library, polars, errors and hold/"
+
+
+def test_packages_that_hold_or_measure_need_no_lazy_import_trick():
+    """No module-level __getattr__ in sweep/ or hold/: reading a run directory lives in hold/, so
+    sweep/ may import torch eagerly."""
+    for init in (PACKAGE / "sweep" / "__init__.py", HOLD / "__init__.py"):
+        tree = ast.parse(init.read_text(encoding="utf-8"))
+        assert not [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "__getattr__"], init
+
+
+def test_reading_a_run_directory_and_analysing_it_never_imports_torch(tmp_path):
+    import subprocess
+
+    import polars as pl
+
+    from molmo_latency.hold import RunDir
+
+    run = RunDir(tmp_path / "run")
+    run.create_or_resume(run.path, {"model": "fake"}, {})
+    for repeat in range(2):
+        run.write_unit("c1", repeat, {"requests": pl.DataFrame({"config_id": ["c1"], "repeat": [repeat],
+                                                                "order": [repeat], "total_ms": [1.5]})})
+    code = ("import sys\nfrom molmo_latency.hold import RunDir\n"
+            "import molmo_latency.report, molmo_latency.diff, molmo_latency.explain, molmo_latency.estimator\n"
+            "import molmo_latency.cli.explain_cmd, molmo_latency.cli.diff_cmd, molmo_latency.cli.fit_cmd\n"
+            f"print('ROWS', RunDir({str(run.path)!r}).table('requests').height)\n"
+            "print('LOADED', sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')"
+            " or m.startswith(('molmo_latency.sweep', 'molmo_latency.profiler'))))\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert "ROWS 2" in res.stdout and "LOADED []" in res.stdout, res.stdout + res.stderr

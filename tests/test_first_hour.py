@@ -363,7 +363,7 @@ def test_report_of_a_run_it_cannot_write_into_still_prints_and_explain_writes_no
     import tempfile
 
     from molmo_latency.cli.main import main
-    from molmo_latency.sweep import rundir
+    from molmo_latency.hold import rundir
 
     run = tmp_path / "ro"
     shutil.copytree(small_run, run, ignore=shutil.ignore_patterns("report", ".lock"))

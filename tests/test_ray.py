@@ -101,8 +101,11 @@ def test_a_killed_worker_has_its_units_redone_with_no_duplicate_and_none_missing
 def test_failing_configuration_on_ray_is_recorded_and_the_others_complete(ray_session, tmp_path):
     # 300 crops exceed the tiny model's 4096 positions: that configuration fails in its warm-up
     spec = SweepSpec.from_dict({**SMALL, "crops": [1, 300], "top_k": [2], "repeats": 2})
-    result = run_sweep_ray("tiny", spec, tmp_path, workers=2)
+    seen: list[WorkerProgress] = []
+    result = run_sweep_ray("tiny", spec, tmp_path, workers=2, progress=seen.append)
     assert result["failed_configs"] == 1 and result["measured"] == 2
+    # 2 configurations x 2 repeats: progress ends at 4 of 4 whichever came last, failure or unit
+    assert (seen[-1].done, seen[-1].total, seen[-1].configs_done, seen[-1].configs_total) == (4, 4, 2, 2)
     failures = pl.read_parquet(tmp_path / "failures.parquet")
     assert failures["config_id"].to_list() == ["c300-k2-b2-p8-n4-bs1"]
     assert failures["stage"].to_list() == ["warmup"] and failures["error_type"][0] == "MolmoLatencyError"

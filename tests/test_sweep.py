@@ -72,8 +72,12 @@ def test_a_different_sweep_into_the_same_run_dir_is_refused(tmp_path):
 def test_failing_configuration_is_recorded_and_the_others_complete(tmp_path):
     # 300 crops x 16 tokens exceed the tiny model's 4096 positions: that configuration fails
     spec = SweepSpec.from_dict({**SMALL, "crops": [1, 300, 2], "top_k": [2]})
-    result = run_sweep("tiny", spec, tmp_path)
+    seen = []
+    result = run_sweep("tiny", spec, tmp_path, progress=seen.append)
     assert result["failed_configs"] == 1
+    # it failed in its warm-up: its 3 units count as done, so progress ends at 3 x 3 = 9 of 9
+    assert (seen[-1].done, seen[-1].total, seen[-1].configs_done, seen[-1].configs_total) == (9, 9, 3, 3)
+    assert [p.stage for p in seen].count("measure") == 6
     failures = pl.read_parquet(tmp_path / "failures.parquet")
     assert failures["config_id"].to_list() == ["c300-k2-b2-p8-n4-bs1"]
     assert failures["crops"].to_list() == [300]

@@ -42,7 +42,7 @@ def read_requests(path: str | os.PathLike) -> tuple[pl.DataFrame, Path]:
         raise MolmoLatencyError(f"{path} does not exist; pass a run directory written by "
                                 "`molmo-latency profile` or a requests Parquet file")
     if path.is_dir():
-        from molmo_latency.sweep.rundir import RunDir
+        from molmo_latency.hold.rundir import RunDir
 
         RunDir(path).refresh()  # a killed sweep's parts become visible in requests.parquet
         file, base = path / "requests.parquet", path

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shlex
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Optional
 
@@ -74,14 +75,14 @@ def _run_and_report(model: str, sweep, out: Path, *, device: str, dtype: Optiona
                f"-> {result['run_dir']}")
         err_console.print(msg, markup=False, highlight=False)
     _nothing_measured(result, out)
-    _report(out, as_json=as_json, extra={"sweep": result} if as_json else None)
+    _report(out, as_json=as_json, extra={"sweep": result.as_dict()} if as_json else None)
 
 
 def failure_groups(run_dir: Path) -> list[tuple[str, str, list[str]]]:
     """The failed configurations of a run grouped by cause (the first line of the message, its
     numbers aside): (stage, the first such message, config ids), the most common cause first."""
     from molmo_latency.report import failure_table
-    from molmo_latency.sweep.rundir import RunDir
+    from molmo_latency.hold.rundir import RunDir
 
     import re
 
@@ -105,7 +106,7 @@ def _print_failures(run_dir: Path) -> None:
                           f"[{shown}]", markup=False, highlight=False)
 
 
-def _nothing_measured(result: dict, out: Path) -> None:
+def _nothing_measured(result: Mapping, out: Path) -> None:
     if result.get("rows", 0) == 0 and result["failed_configs"]:
         raise MolmoLatencyError(f"nothing was measured: all {result['failed_configs']} configurations failed "
                                 f"(causes above; details in {Path(out) / 'failures.parquet'}); fix the sweep "
@@ -288,7 +289,7 @@ def profile(
                               f"{result['skipped']} already done -> {result['run_dir']}", markup=False,
                               highlight=False)
         _nothing_measured(result, out)
-        _report(out, as_json=as_json, extra={"sweep": result} if as_json else None)
+        _report(out, as_json=as_json, extra={"sweep": result.as_dict()} if as_json else None)
         return
     _run_and_report(model, spec, out, device=device, dtype=dtype, kineto=kineto, nvml=nvml,
                     trust_remote_code=trust_remote_code, as_json=as_json)

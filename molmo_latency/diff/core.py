@@ -16,7 +16,7 @@ import polars as pl
 from molmo_latency.diff.kernels import (LEVELS, category_diff, kernel_diff, ops_table, phase_instances,
                                         phase_kernel_diff)
 from molmo_latency.diff.phases import SAMPLE_SCHEMA, phase_diff, run_phase_samples, trace_phase_samples
-from molmo_latency.sweep.rundir import RunDir
+from molmo_latency.hold.rundir import RunDir
 from molmo_latency.diff.sources import DiffError, Side, open_side, plan, read_trace
 from molmo_latency.diff.stats import describe_rule
 

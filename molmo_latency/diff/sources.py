@@ -21,7 +21,7 @@ from pathlib import Path
 import polars as pl
 
 from molmo_latency.errors import MolmoLatencyError
-from molmo_latency.sweep.rundir import RunDir
+from molmo_latency.hold.rundir import RunDir
 
 
 class DiffError(MolmoLatencyError):

@@ -112,7 +112,7 @@ def load_run(run_dir: str | Path) -> tuple[pl.DataFrame, dict[str, Any]]:
                              "profile --out RUN_DIR` (the folder that holds requests.parquet)")
     if not run.is_dir():
         raise EstimatorError(f"run directory {run} does not exist; give directories made by `molmo-latency profile`")
-    from molmo_latency.sweep.rundir import RunDir
+    from molmo_latency.hold.rundir import RunDir
 
     RunDir(run).refresh()  # a killed sweep's parts become visible in requests.parquet
     path = run / "requests.parquet"

@@ -485,7 +485,7 @@ class Estimator:
         """
         from safetensors.numpy import save as st_save
 
-        from molmo_latency.sweep.rundir import atomic_write_bytes, atomic_write_parquet
+        from molmo_latency.hold.rundir import atomic_write_bytes, atomic_write_parquet
 
         d = Path(model_dir)
         if d.exists() and not d.is_dir():

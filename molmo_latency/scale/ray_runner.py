@@ -29,7 +29,6 @@ Ray is imported only here, and only when a sweep runs on Ray.
 
 from __future__ import annotations
 
-import heapq
 import os
 import platform
 import time
@@ -39,8 +38,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from molmo_latency.errors import MolmoLatencyError, SweepError
-from molmo_latency.sweep.rundir import RunDir
-from molmo_latency.sweep.runner import CONSOLIDATE_EVERY_S, Progress, Worker, run_identity, run_meta
+from molmo_latency.hold.rundir import RunDir
+from molmo_latency.sweep import runner
+from molmo_latency.sweep.runner import Worker, run_identity, run_meta
+from molmo_latency.sweep.schedule import Progress, RaySweepResult, Schedule, SweepRecorder, no_progress
 from molmo_latency.sweep.spec import Config, SweepSpec
 
 IN_FLIGHT_PER_WORKER = 2  # units queued on a worker: the next one is ready when one finishes
@@ -54,10 +55,6 @@ class WorkerProgress(Progress):
 
     worker_id: str | None = None
     actor_name: str | None = None
-
-
-def _noop(_: Progress) -> None:
-    pass
 
 
 # --------------------------------------------------------------------------- the worker actor
@@ -272,9 +269,9 @@ def run_sweep_ray(
     workers: int | None = None,
     cpus_per_worker: float = 1.0,
     max_restarts: int = 3,
-    progress: Callable[[Progress], None] = _noop,
+    progress: Callable[[Progress], None] = no_progress,
     command: str | None = None,
-) -> dict[str, Any]:
+) -> RaySweepResult:
     """Profile `model` over `spec` on Ray into the run directory `out` (one worker per GPU, or
     per `cpus_per_worker` CPUs with ``device="cpu"``), resuming a run of the same sweep and model
     (made on Ray or not).
@@ -285,9 +282,10 @@ def run_sweep_ray(
     place gets a fresh actor after its actor died. `model` is a preset or a model directory that
     every node can read.
 
-    Returns counts: measured, skipped (already done), failed_configs, rows, resumed, workers,
-    actors_started (workers plus replacements), worker_deaths, units_redone (handed out again after
-    their worker died), duplicates_dropped, run_dir.
+    Returns counts (:class:`~molmo_latency.sweep.schedule.RaySweepResult`, also readable as
+    ``result["measured"]``): measured, skipped (already done), failed_configs, rows, resumed,
+    workers, actors_started (workers plus replacements), worker_deaths, units_redone (handed out
+    again after their worker died), duplicates_dropped, run_dir.
 
     Example:
         >>> import tempfile, ray
@@ -310,183 +308,165 @@ def run_sweep_ray(
         identity = run_identity(model, device, dtype, spec)
         rd, resumed = RunDir.create_or_resume(out, identity, run_meta(spec, device=device, nvml=nvml, command=command))
 
-        units = spec.units()
-        done = rd.done_units()
-        failed = rd.failed_configs()
-        pending = [i for i, (c, r) in enumerate(units) if (c.config_id, r) not in done and c.config_id not in failed]
-        skipped = len(units) - len(pending)
-        result = {"run_dir": str(rd.path), "measured": 0, "skipped": skipped, "failed_configs": len(failed),
-                  "rows": 0, "resumed": resumed, "workers": 0, "actors_started": 0, "worker_deaths": 0, "units_redone": 0,
-                  "duplicates_dropped": 0}
-        if pending:
+        schedule = Schedule.of(spec, rd.done_units(), rd.failed_configs())
+        result = RaySweepResult(run_dir=str(rd.path), measured=0, skipped=schedule.skipped,
+                                failed_configs=len(schedule.failed), rows=0, resumed=resumed)
+        if schedule.has_next():
             ray = _import_ray()
             owned = _connect(ray, address)
             try:
-                _drive(ray, rd, spec, units, pending, done, failed, result, model=model, device=device, dtype=dtype,
-                       nvml=nvml, trust_remote_code=trust_remote_code, workers=workers,
-                       cpus_per_worker=cpus_per_worker, max_restarts=max_restarts, progress=progress,
-                       address=address)
+                recorder = SweepRecorder(rd, schedule, progress, consolidate_every_s=runner.CONSOLIDATE_EVERY_S)
+                try:
+                    _RayExecutor(ray, recorder, result, model=model, spec=spec, device=device, dtype=dtype,
+                                 nvml=nvml, trust_remote_code=trust_remote_code, cpus_per_worker=cpus_per_worker,
+                                 max_restarts=max_restarts, address=address).run(workers)
+                finally:
+                    result.measured = recorder.measured
             finally:
                 if owned:
                     ray.shutdown()
         counts = rd.consolidate()
-        result.update(rows=counts.get("requests", 0), failed_configs=len(rd.failed_configs()))
+        result.rows, result.failed_configs = counts.get("requests", 0), len(rd.failed_configs())
     return result
 
 
-def _drive(ray, rd: RunDir, spec: SweepSpec, units: list[tuple[Config, int]], pending: list[int],
-           done: set[tuple[str, int]], failed: set[str], result: dict[str, Any], *, model: str, device: str,
-           dtype: str | None, nvml: str, trust_remote_code: bool, workers: int | None, cpus_per_worker: float,
-           max_restarts: int, progress: Callable[[Progress], None], address: str | None) -> None:
-    """The driver loop: hand units to workers with room, write what comes back, redo what was lost."""
-    n_workers = _plan_workers(ray, device, workers, cpus_per_worker, len(pending))
-    result["workers"] = n_workers
-    if device.startswith("cuda"):
-        actor_cls = ray.remote(num_gpus=1, num_cpus=cpus_per_worker, max_restarts=0)(SweepActor)
-        threads = None
-    else:
-        actor_cls = ray.remote(num_cpus=cpus_per_worker, max_restarts=0)(SweepActor)
-        threads = max(1, int(cpus_per_worker))
-    configs = spec.configs()
-    token = uuid.uuid4().hex[:8]
-    sessions = rd.meta().get("ray_sessions", [])
-    session = {"started_unix": time.time(), "address": address or "local", "unit": "(configuration, repeat)",
-               "warmup": "per worker, before its first unit of a configuration", "workers": []}
-    rd.update_meta(ray_sessions=[*sessions, session])
-    s_index = len(sessions)
-    spawned = 0
+class _RayExecutor:
+    """The Ray executor of a sweep's schedule: hand units to workers with room, hand what comes
+    back to the recorder, queue again what a lost worker held."""
 
-    heap = list(pending)
-    heapq.heapify(heap)
-    attempts: dict[int, int] = {}
-    refs: dict[Any, tuple[str, _Slot, str, int]] = {}  # ref -> (kind, slot, worker_id, unit)
-    remaining = {c.config_id: 0 for c in configs}
-    for i in pending:
-        remaining[units[i][0].config_id] += 1
-    state = {"done": len(units) - len(pending),
-             "configs_done": sum(1 for c in configs if remaining[c.config_id] == 0)}
-    last_consolidated = time.monotonic()
+    def __init__(self, ray, recorder: SweepRecorder, result: RaySweepResult, *, model: str, spec: SweepSpec,
+                 device: str, dtype: str | None, nvml: str, trust_remote_code: bool, cpus_per_worker: float,
+                 max_restarts: int, address: str | None):
+        self.ray, self.recorder, self.result = ray, recorder, result
+        self.schedule, self.rd = recorder.schedule, recorder.rd
+        self.device, self.cpus_per_worker, self.max_restarts = device, cpus_per_worker, max_restarts
+        self.actor_args = dict(model=model, spec=spec, device=device, dtype=dtype, nvml=nvml,
+                               trust_remote_code=trust_remote_code)
+        if device.startswith("cuda"):
+            self.actor_cls = ray.remote(num_gpus=1, num_cpus=cpus_per_worker, max_restarts=0)(SweepActor)
+            self.threads = None
+        else:
+            self.actor_cls = ray.remote(num_cpus=cpus_per_worker, max_restarts=0)(SweepActor)
+            self.threads = max(1, int(cpus_per_worker))
+        self.token = uuid.uuid4().hex[:8]
+        self.sessions = self.rd.meta().get("ray_sessions", [])
+        self.session = {"started_unix": time.time(), "address": address or "local",
+                        "unit": "(configuration, repeat)",
+                        "warmup": "per worker, before its first unit of a configuration", "workers": []}
+        self.refs: dict[Any, tuple[str, _Slot, str, int]] = {}  # ref -> (kind, slot, worker_id, unit)
 
-    def spawn(slot: _Slot) -> None:
-        nonlocal spawned
-        slot.worker_id = f"s{s_index}-w{spawned}"
-        spawned += 1
-        result["actors_started"] = spawned
-        slot.name = f"{ACTOR_PREFIX}-{token}-{slot.worker_id}"
-        slot.actor = actor_cls.options(name=slot.name).remote(
-            model, spec, device=device, dtype=dtype, nvml=nvml, trust_remote_code=trust_remote_code,
-            worker_id=slot.worker_id, threads=threads)
+    def spawn(self, slot: _Slot) -> None:
+        slot.worker_id = f"s{len(self.sessions)}-w{self.result.actors_started}"
+        self.result.actors_started += 1
+        slot.name = f"{ACTOR_PREFIX}-{self.token}-{slot.worker_id}"
+        slot.actor = self.actor_cls.options(name=slot.name).remote(
+            **self.actor_args, worker_id=slot.worker_id, threads=self.threads)
         slot.ready, slot.inflight, slot.alive = False, 0, True
-        refs[slot.actor.start.remote()] = ("start", slot, slot.worker_id, -1)
+        self.refs[slot.actor.start.remote()] = ("start", slot, slot.worker_id, -1)
 
-    def lose(slot: _Slot, worker_id: str, exc: BaseException) -> None:
+    def lose(self, slot: _Slot, worker_id: str) -> None:
         """The actor behind `worker_id` is gone: give its slot a fresh actor (once per death)."""
         if slot.worker_id != worker_id or not slot.alive:
             return
-        result["worker_deaths"] += 1
+        self.result.worker_deaths += 1
         slot.alive = False
         with _quiet():
-            ray.kill(slot.actor)
-        if slot.restarts < max_restarts:
+            self.ray.kill(slot.actor)
+        if slot.restarts < self.max_restarts:
             slot.restarts += 1
-            spawn(slot)
+            self.spawn(slot)
 
-    def give_back(unit: int, exc: BaseException) -> None:
-        config, repeat = units[unit]
-        if (config.config_id, repeat) in done or config.config_id in failed:
+    def give_back(self, unit: int, worker_id: str, exc: BaseException) -> None:
+        """A unit whose worker died: queued again, or recorded failed (stage "worker") after
+        MAX_UNIT_ATTEMPTS deaths."""
+        if not self.schedule.wanted(unit):
             return
-        attempts[unit] = attempts.get(unit, 0) + 1
-        if attempts[unit] >= MAX_UNIT_ATTEMPTS:
-            err = _named_error("WorkerDied", f"the Ray worker measuring this configuration died "
-                                             f"{attempts[unit]} times (last: {type(exc).__name__}: {str(exc)[:500]})")
-            fail(config, err, "worker")
+        if self.schedule.retry(unit, MAX_UNIT_ATTEMPTS):
+            self.result.units_redone += 1
             return
-        result["units_redone"] += 1
-        heapq.heappush(heap, unit)
+        err = _named_error("WorkerDied", f"the Ray worker measuring this configuration died "
+                                         f"{self.schedule.attempts[unit]} times (last: {type(exc).__name__}: "
+                                         f"{str(exc)[:500]})")
+        self.recorder.failed(self.schedule.units[unit][0], err, "worker", cls=WorkerProgress, worker_id=worker_id)
 
-    def fail(config: Config, exc: BaseException, stage: str) -> None:
-        if config.config_id in failed:
-            return
-        rd.record_failure(config.as_dict(), config.config_id, exc, stage)
-        failed.add(config.config_id)
-        state["done"] += remaining[config.config_id]
-        remaining[config.config_id] = 0
+    def started(self, slot: _Slot, worker_id: str, value: dict[str, Any]) -> None:
+        if "error" in value:
+            raise SweepError(f"Ray worker {worker_id} on {value.get('host', '?')} cannot start: {value['error']}")
+        slot.ready = True
+        if not self.rd.meta().get("model"):
+            self.rd.update_meta(model=value["model"])
+        self.session["workers"].append({k: v for k, v in value.items() if k != "model"})
+        self.rd.update_meta(ray_sessions=[*self.sessions, self.session])
 
-    slots = [_Slot() for _ in range(n_workers)]
-    for slot in slots:
-        spawn(slot)
-    try:
-        while True:
-            for slot in slots:  # fill every ready worker up to IN_FLIGHT_PER_WORKER units
-                while slot.alive and slot.ready and slot.inflight < IN_FLIGHT_PER_WORKER and heap:
-                    unit = heapq.heappop(heap)
-                    config, repeat = units[unit]
-                    if (config.config_id, repeat) in done or config.config_id in failed:
-                        continue
-                    refs[slot.actor.measure.remote(config, repeat, unit)] = ("unit", slot, slot.worker_id, unit)
-                    slot.inflight += 1
-            if not heap and not any(kind == "unit" for kind, *_ in refs.values()):
-                break  # all measured or failed (a replacement still starting is not waited for)
-            if not refs:
-                raise SweepError(f"every Ray worker died (after {max_restarts} restarts each) with "
-                                 f"{len(heap)} units left; the measured ones are kept: run the same "
-                                 "command again to resume")
-            [ref], _ = ray.wait(list(refs), num_returns=1)
-            kind, slot, worker_id, unit = refs.pop(ref)
-            current = slot.worker_id == worker_id and slot.alive
-            if kind == "unit" and current:
-                slot.inflight -= 1
-            try:
-                value = ray.get(ref)
-            except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError,
-                    ray.exceptions.OwnerDiedError, ray.exceptions.NodeDiedError) as exc:
-                lose(slot, worker_id, exc)
-                if kind == "unit":
-                    give_back(unit, exc)
-                continue
-            except ray.exceptions.RayTaskError as exc:  # a bug in the worker's own code, not a user error
-                if kind == "start":
-                    raise
-                fail(units[unit][0], exc, "ray")
-                continue
-            if kind == "start":
-                if "error" in value:
-                    raise SweepError(f"Ray worker {worker_id} on {value.get('host', '?')} cannot start: "
-                                     f"{value['error']}")
-                slot.ready = True
-                if not rd.meta().get("model"):
-                    rd.update_meta(model=value["model"])
-                session["workers"].append({k: v for k, v in value.items() if k != "model"})
-                rd.update_meta(ray_sessions=[*sessions, session])
-                continue
-            config, repeat = units[unit]
-            key = (config.config_id, repeat)
-            if value["status"] == "failed":
-                fail(config, _named_error(value["error_type"], value["message"]), value["stage"])
-                continue
-            if key in done:
-                result["duplicates_dropped"] += 1
-                continue
-            if config.config_id in failed:
-                continue
-            rd.write_unit(config.config_id, repeat, value["tables"])
-            done.add(key)
-            result["measured"] += 1
-            state["done"] += 1
-            remaining[config.config_id] -= 1
-            if remaining[config.config_id] == 0:
-                state["configs_done"] += 1
-            if time.monotonic() - last_consolidated >= CONSOLIDATE_EVERY_S:
-                rd.consolidate()
-                last_consolidated = time.monotonic()
-            progress(WorkerProgress(state["done"], len(units), state["configs_done"], len(configs),
-                                    value["tables"]["requests"]["total_ms"][0], config.config_id, "measure",
-                                    worker_id=worker_id, actor_name=slot.name if current else None))
-    finally:
+    def fill(self, slots: list[_Slot]) -> None:
+        """Give every ready worker units up to IN_FLIGHT_PER_WORKER."""
         for slot in slots:
-            if slot.actor is not None:
-                with _quiet():
-                    ray.kill(slot.actor)
+            while slot.alive and slot.ready and slot.inflight < IN_FLIGHT_PER_WORKER:
+                unit = self.schedule.next()
+                if unit is None:
+                    break
+                config, repeat = self.schedule.units[unit]
+                self.refs[slot.actor.measure.remote(config, repeat, unit)] = ("unit", slot, slot.worker_id, unit)
+                slot.inflight += 1
+
+    def run(self, workers: int | None) -> None:
+        ray = self.ray
+        n_workers = _plan_workers(ray, self.device, workers, self.cpus_per_worker, self.schedule.pending)
+        self.result.workers = n_workers
+        self.rd.update_meta(ray_sessions=[*self.sessions, self.session])
+        slots = [_Slot() for _ in range(n_workers)]
+        for slot in slots:
+            self.spawn(slot)
+        try:
+            while True:
+                self.fill(slots)
+                if not self.schedule.has_next() and not any(kind == "unit" for kind, *_ in self.refs.values()):
+                    break  # all measured or failed (a replacement still starting is not waited for)
+                if not self.refs:
+                    raise SweepError(f"every Ray worker died (after {self.max_restarts} restarts each) with "
+                                     f"{self.schedule.pending} units left; the measured ones are kept: run the "
+                                     "same command again to resume")
+                [ref], _ = ray.wait(list(self.refs), num_returns=1)
+                self.receive(ref)
+        finally:
+            for slot in slots:
+                if slot.actor is not None:
+                    with _quiet():
+                        ray.kill(slot.actor)
+
+    def receive(self, ref: Any) -> None:
+        """One result from a worker: started, a measured unit, a failure, or a lost worker."""
+        ray = self.ray
+        kind, slot, worker_id, unit = self.refs.pop(ref)
+        current = slot.worker_id == worker_id and slot.alive
+        if kind == "unit" and current:
+            slot.inflight -= 1
+        try:
+            value = ray.get(ref)
+        except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError,
+                ray.exceptions.OwnerDiedError, ray.exceptions.NodeDiedError) as exc:
+            self.lose(slot, worker_id)
+            if kind == "unit":
+                self.give_back(unit, worker_id, exc)
+            return
+        except ray.exceptions.RayTaskError as exc:  # a bug in the worker's own code, not a user error
+            if kind == "start":
+                raise
+            self.recorder.failed(self.schedule.units[unit][0], exc, "ray", cls=WorkerProgress, worker_id=worker_id)
+            return
+        if kind == "start":
+            self.started(slot, worker_id, value)
+            return
+        config, repeat = self.schedule.units[unit]
+        if value["status"] == "failed":
+            self.recorder.failed(config, _named_error(value["error_type"], value["message"]), value["stage"],
+                                 cls=WorkerProgress, worker_id=worker_id, actor_name=slot.name if current else None)
+            return
+        if (config.config_id, repeat) in self.schedule.done:
+            self.result.duplicates_dropped += 1
+            return
+        self.recorder.measured_unit(unit, value["tables"], cls=WorkerProgress, worker_id=worker_id,
+                                    actor_name=slot.name if current else None)
 
 
 class _quiet:

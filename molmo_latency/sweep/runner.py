@@ -16,41 +16,21 @@ import hashlib
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import polars as pl
 import torch
 
 from molmo_latency.profiler import profile_phases
 from molmo_latency.sweep.machine import device_columns, versions
-from molmo_latency.sweep.rundir import RunDir
+from molmo_latency.hold.rundir import RunDir
+from molmo_latency.sweep.schedule import LocalSweepResult, Progress, ProgressFn, Schedule, SweepRecorder, no_progress
 from molmo_latency.sweep.source import ModelSource, open_source, parse_dtype
 from molmo_latency.sweep.spec import Config, SweepSpec
 
 
-@dataclass
-class Progress:
-    """What the runner tells a progress display after each measured request."""
-
-    done: int
-    total: int
-    configs_done: int
-    configs_total: int
-    last_ms: float | None
-    last_config: str
-    stage: str  # "warmup" | "measure" | "kineto"
-
-
-ProgressFn = Callable[[Progress], None]
-
-
-def _noop(_: Progress) -> None:
-    pass
-
-
-# The top-level tables are rebuilt from the parts at least this often while a sweep runs.
+# The top-level tables take in the new parts at least this often while a sweep runs.
 CONSOLIDATE_EVERY_S = 30.0
 
 
@@ -222,11 +202,13 @@ def run_sweep(
     kineto: bool = False,
     nvml: str = "auto",
     trust_remote_code: bool = False,
-    progress: ProgressFn = _noop,
+    progress: ProgressFn = no_progress,
     command: str | None = None,
-) -> dict[str, Any]:
+) -> LocalSweepResult:
     """Profile `model` over `spec` into the run directory `out` (resuming a run made by the
-    same sweep and model). Returns counts: measured, skipped (already done), failed_configs."""
+    same sweep and model). Returns counts (:class:`~molmo_latency.sweep.schedule.LocalSweepResult`,
+    also readable as ``result["measured"]``): measured, skipped (already done), failed_configs,
+    rows, resumed, post_failure_warmups."""
     # Load the model (and check the device) before the run directory is touched: a start that
     # fails here leaves nothing behind.
     worker = Worker.open(model, spec, device=device, dtype=dtype, nvml=nvml, trust_remote_code=trust_remote_code)
@@ -249,69 +231,41 @@ def run_sweep(
 
 
 def _sweep_locked(worker: Worker, spec: SweepSpec, rd: RunDir, resumed: bool, *, kineto: bool,
-                  progress: ProgressFn) -> dict[str, Any]:
-    source, dev_cols = worker.source, worker.columns
-    rd.update_meta(model=source.describe(), device=dev_cols, resumed=resumed)
+                  progress: ProgressFn) -> LocalSweepResult:
+    """The in-process executor of the sweep's schedule: every configuration with work is warmed
+    up first (interleaved, kept out of the data), then the units are measured in order."""
+    rd.update_meta(model=worker.source.describe(), device=worker.columns, resumed=resumed)
     previous_rewarms = int(rd.meta().get("post_failure_warmups") or 0)
-
-    units = spec.units()
-    order_of = {(c.config_id, r): i for i, (c, r) in enumerate(units)}
-    done = rd.done_units()
-    failed = rd.failed_configs()
-    configs = spec.configs()
-    pending = [(c, r) for c, r in units if (c.config_id, r) not in done and c.config_id not in failed]
-    remaining = {c.config_id: 0 for c in configs}
-    for c, _ in pending:
-        remaining[c.config_id] += 1
-    total = len(units)
-    state = {"done": total - len(pending), "configs_done": sum(1 for c in configs if remaining[c.config_id] == 0)}
-    measured = 0
-    last_consolidated = time.monotonic()
-
-    def fail(config: Config, exc: BaseException, stage: str) -> None:
-        rd.record_failure(config.as_dict(), config.config_id, exc, stage)
-        failed.add(config.config_id)
-        worker.after_failure()
+    schedule = Schedule.of(spec, rd.done_units(), rd.failed_configs())
+    recorder = SweepRecorder(rd, schedule, progress, consolidate_every_s=CONSOLIDATE_EVERY_S)
 
     with worker:
-        # Warm-up: each configuration that still has work, interleaved, kept out of the data.
-        for w in range(spec.protocol["warmup"]):
-            for config in configs:
-                if remaining[config.config_id] == 0 or config.config_id in failed:
-                    continue
+        for _ in range(spec.protocol["warmup"]):
+            for config in schedule.configs_with_work():
                 try:
                     worker.warm_up(config)
-                except Exception as exc:  # noqa: BLE001 - record and go on
-                    fail(config, exc, "warmup")
-                progress(Progress(state["done"], total, state["configs_done"], len(configs), None,
-                                  config.config_id, "warmup"))
-        for config, repeat in pending:
-            if config.config_id in failed:
-                continue
+                except Exception as exc:  # noqa: BLE001 - record (that reports progress) and go on
+                    recorder.failed(config, exc, "warmup")
+                    worker.after_failure()
+                    continue
+                recorder.warmed_up(config)
+        while (unit := schedule.next()) is not None:
+            config, repeat = schedule.units[unit]
             try:
-                tables = worker.measure(config, repeat, order_of[(config.config_id, repeat)])
+                tables = worker.measure(config, repeat, unit)
             except Exception as exc:  # noqa: BLE001
-                fail(config, exc, "measure")
-                state["done"] += remaining[config.config_id]
+                recorder.failed(config, exc, "measure")
+                worker.after_failure()
                 continue
-            rd.write_unit(config.config_id, repeat, tables)
-            measured += 1
-            state["done"] += 1
-            remaining[config.config_id] -= 1
-            if remaining[config.config_id] == 0:
-                state["configs_done"] += 1
-            if time.monotonic() - last_consolidated >= CONSOLIDATE_EVERY_S:
-                rd.consolidate()  # report/explain of a killed sweep then see its data
-                last_consolidated = time.monotonic()
-            progress(Progress(state["done"], total, state["configs_done"], len(configs),
-                              tables["requests"]["total_ms"][0], config.config_id, "measure"))
+            recorder.measured_unit(unit, tables)
     if kineto:
-        _trace_configs(source, spec, rd, [c for c in configs if c.config_id not in failed], progress)
+        _trace_configs(worker.source, spec, rd, [c for c in schedule.configs if c.config_id not in schedule.failed],
+                       progress)
     counts = rd.consolidate()
     rd.update_meta(post_failure_warmups=previous_rewarms + worker.post_failure_warmups)
-    return {"run_dir": str(rd.path), "measured": measured, "skipped": total - len(pending),
-            "failed_configs": len(failed), "rows": counts.get("requests", 0), "resumed": resumed,
-            "post_failure_warmups": worker.post_failure_warmups}
+    return LocalSweepResult(run_dir=str(rd.path), measured=recorder.measured, skipped=schedule.skipped,
+                            failed_configs=len(schedule.failed), rows=counts.get("requests", 0), resumed=resumed,
+                            post_failure_warmups=worker.post_failure_warmups)
 
 
 def _trace_configs(source: ModelSource, spec: SweepSpec, rd: RunDir, configs: Iterable[Config],

@@ -22,6 +22,7 @@ import polars as pl
 
 from molmo_latency.errors import TraceError
 from molmo_latency.telemetry.throttle import SLOWDOWN_REASONS_MASK
+from molmo_latency.trace.reader import _read_bytes
 
 __all__ = ["COUNTER_TRACKS", "add_counter_tracks", "estimate_clock_offset_ns", "read_trace"]
 
@@ -38,7 +39,9 @@ _CATEGORY = "nvml"
 
 
 def read_trace(path: str | os.PathLike) -> Any:
-    """The decoded JSON of a Chrome/Kineto trace (``.json`` or ``.json.gz``).
+    """The decoded JSON of a Chrome/Kineto trace (``.json`` or ``.json.gz``), read through the
+    one Kineto file reader (:mod:`molmo_latency.trace.reader`: gzip by its magic bytes, and its
+    one-line errors for a missing, unreadable, empty or corrupt-gzip file).
 
     Raises :class:`~molmo_latency.errors.TraceError` for a missing, truncated or non-JSON file.
 
@@ -49,22 +52,12 @@ def read_trace(path: str | os.PathLike) -> Any:
     {'traceEvents': []}
     """
     path = Path(path)
-    if not path.is_file():
-        raise TraceError(f"trace file {path} does not exist; pass the .json or .json.gz that "
-                         "torch.profiler wrote")
+    data = _read_bytes(path)
     try:
-        opener = gzip.open if _is_gzip(path) else open
-        with opener(path, "rb") as fh:
-            data = fh.read()
         return msgspec.json.decode(data)
-    except (OSError, EOFError, msgspec.DecodeError) as exc:
+    except msgspec.DecodeError as exc:
         raise TraceError(f"cannot read trace {path}: {exc}; is it a complete Chrome/Kineto "
-                         "trace JSON?") from exc
-
-
-def _is_gzip(path: Path) -> bool:
-    with open(path, "rb") as fh:
-        return fh.read(2) == b"\x1f\x8b"
+                         "trace JSON?") from None
 
 
 def _events(trace: Any, where: str) -> list:

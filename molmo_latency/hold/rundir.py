@@ -4,11 +4,14 @@ Each measured (configuration, repeat) is written as its own Parquet parts under 
 (phases and telemetry first, the request row last), each atomically (temporary file, then
 rename). A unit is done when its request part exists, so a sweep killed at any moment and
 started again skips exactly the done units. The consolidated tables (``requests.parquet``,
-``phases.parquet``, ``telemetry.parquet``, ``failures.parquet``) are rebuilt from the parts,
-also atomically, every ~30 s of a sweep, at its end, and whenever :meth:`RunDir.table` finds parts
-newer than a table. ``run.json`` fixes the sweep and the model; a different sweep or model into
-the same directory is refused. A sweep holds an exclusive lock on ``RUN_DIR/.lock`` while it
-writes (:meth:`RunDir.locked`), so a second sweep into the same directory is refused.
+``phases.parquet``, ``telemetry.parquet``, ``failures.parquet``) are brought up to date with
+the parts, also atomically, every ~30 s of a sweep, at its end, and whenever :meth:`RunDir.table`
+finds parts newer than a table; each takes in only the parts new since the last time (listed in
+``parts/<table>.consolidated.parquet``), so consolidating grows with what is new, not with the run.
+
+``run.json`` fixes the sweep and the model; a different sweep or model into the same directory
+is refused. A sweep holds an exclusive lock on ``RUN_DIR/.lock`` while it writes
+(:meth:`RunDir.locked`), so a second sweep into the same directory is refused.
 """
 
 from __future__ import annotations
@@ -99,6 +102,27 @@ def _bad_part(path: Path, exc: BaseException) -> str:
             "and run the same `molmo-latency profile` command again: that unit is then measured again")
 
 
+# Tables consolidated incrementally; each keeps a manifest of the parts it holds.
+INCREMENTAL = TABLES
+MANIFEST_SUFFIX = ".consolidated.parquet"
+MANIFEST_SCHEMA = {"part": pl.String, "inode": pl.UInt64, "size_bytes": pl.Int64, "mtime_ns": pl.Int64, "rows": pl.Int64}
+
+
+def _file_key(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _in_table_order(frame: pl.DataFrame) -> pl.DataFrame:
+    """Rows by measurement order (requests), start (phases) or sample time (telemetry), ties by
+    configuration and repeat; a table with none of these keeps its order."""
+    for key in ("order", "start_ns", "t_ns"):
+        if key in frame.columns:
+            by = [key, *[c for c in ("config_id", "repeat") if c in frame.columns]]
+            return frame.sort(by, maintain_order=True)
+    return frame
+
+
 class _suppress:
     def __enter__(self):
         return self
@@ -112,6 +136,9 @@ class RunDir:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        # table -> (file key, frame, manifest) of the last consolidation by this object, so that the
+        # next one need not read the table back
+        self._cache: dict[str, tuple[tuple[int, int, int], pl.DataFrame, pl.DataFrame]] = {}
 
     # -------------------------------------------------------------------- identity
     @property
@@ -275,21 +302,92 @@ class RunDir:
         files = sorted((self.path / "parts" / table).glob("*.parquet"))
         if not files:
             return None
-        frame = pl.concat([read_part(f) for f in files], how="diagonal_relaxed")
-        for key in ("order", "start_ns", "t_ns"):
-            if key in frame.columns:
-                return frame.sort(key)
-        return frame
+        return _in_table_order(pl.concat([read_part(f) for f in files], how="diagonal_relaxed"))
+
+    def _manifest_path(self, table: str) -> Path:
+        return self.path / "parts" / f"{table}{MANIFEST_SUFFIX}"
+
+    def _part_stats(self, table: str) -> dict[str, tuple[int, int, int]]:
+        """Part file name -> (inode, size_bytes, mtime_ns) of every part of `table` (a part
+        written again is a new file: atomic writes rename a new inode into place)."""
+        try:
+            entries = os.scandir(self.path / "parts" / table)
+        except (FileNotFoundError, NotADirectoryError):
+            return {}
+        with entries:
+            stats = {}
+            for entry in entries:
+                if entry.name.endswith(".parquet"):
+                    st = entry.stat()
+                    stats[entry.name] = (entry.inode(), st.st_size, st.st_mtime_ns)
+            return stats
+
+    def _consolidated_so_far(self, table: str, parts: dict[str, tuple[int, int, int]]):
+        """(table, manifest) as the last consolidation left them, or None when they cannot be
+        trusted: either missing or unreadable, their row counts disagree (a consolidation killed
+        between writing the table and its manifest), or a part in the manifest changed or is gone."""
+        top, manifest_path = self.path / f"{table}.parquet", self._manifest_path(table)
+        try:
+            key = _file_key(top)
+            cached = self._cache.get(table)
+            if cached is not None and cached[0] == key:
+                frame, manifest = cached[1], cached[2]
+            else:
+                frame, manifest = pl.read_parquet(top), pl.read_parquet(manifest_path)
+        except Exception:  # noqa: BLE001 - missing, or written by a version without manifests: rebuild
+            return None
+        if frame.height != manifest["rows"].sum():
+            return None
+        for name, *stat in manifest.select("part", "inode", "size_bytes", "mtime_ns").iter_rows():
+            if parts.get(name) != tuple(stat):
+                return None
+        return frame, manifest
+
+    def _consolidate_one(self, table: str) -> int | None:
+        """Bring `table` up to date with its parts: the consolidated table plus only the parts not
+        in it yet (listed in ``parts/<table>.consolidated.parquet``), or rebuilt from every part
+        when there is nothing to trust. Returns its row count (None: no parts)."""
+        parts = self._part_stats(table)
+        if not parts:
+            return None
+        folder = self.path / "parts" / table
+        so_far = None if table not in INCREMENTAL else self._consolidated_so_far(table, parts)
+        if so_far is None:
+            frame, manifest, new = None, None, sorted(parts)
+        else:
+            frame, manifest = so_far
+            known = set(manifest["part"].to_list())
+            new = sorted(n for n in parts if n not in known)
+        top = self.path / f"{table}.parquet"
+        if not new:
+            os.utime(top)  # up to date: newer than every part again (see stale_tables)
+            self._cache[table] = (_file_key(top), frame, manifest)
+            return frame.height
+        frames = [read_part(folder / name) for name in new]
+        added = pl.DataFrame({"part": new, "inode": [parts[n][0] for n in new],
+                              "size_bytes": [parts[n][1] for n in new], "mtime_ns": [parts[n][2] for n in new],
+                              "rows": [f.height for f in frames]},
+                             schema=MANIFEST_SCHEMA)
+        frame = _in_table_order(pl.concat(frames if frame is None else [frame, *frames], how="diagonal_relaxed"))
+        manifest = added if manifest is None else pl.concat([manifest, added])
+        atomic_write_parquet(frame, top)  # the table first: a kill before the manifest is caught by the row count
+        if table in INCREMENTAL:
+            atomic_write_parquet(manifest, self._manifest_path(table))
+            self._cache[table] = (_file_key(top), frame, manifest)
+        return frame.height
 
     def consolidate(self, tables: tuple[str, ...] = ALL_TABLES) -> dict[str, int]:
-        """Rebuild the top-level tables from the parts; returns row counts."""
+        """Bring the top-level tables up to date with the parts; returns row counts.
+
+        Each table takes in only the parts that are new since the last consolidation (so its cost
+        grows with what is new, plus one read and one write of the table), and is rebuilt from
+        every part when its manifest cannot be trusted. The failures table (one part per failed
+        configuration) is always rebuilt."""
         counts = {}
         for table in tables:
-            frame = self._from_parts(table)
-            if frame is None:
-                continue
-            atomic_write_parquet(frame, self.path / f"{table}.parquet")
-            counts[table] = frame.height
+            rows = self._consolidate_one(table)
+            if rows is not None:
+                counts[table] = rows
         return counts
 
     def stale_tables(self) -> tuple[str, ...]:
