@@ -187,7 +187,7 @@ def _write_html(run_dir: Path, rep: dict, pngs: list) -> Path | None:
 
     meta = {}
     if (Path(run_dir) / "run.json").is_file():
-        from molmo_latency.sweep import RunDir
+        from molmo_latency.hold import RunDir
 
         meta = RunDir(run_dir).meta()
     facts = {k: meta[k] for k in ("conditions", "versions", "identity", "device", "protocol", "command") if k in meta}

@@ -29,7 +29,7 @@ def timeline(
     from molmo_latency.cli.paths import run_dir_arg
     from molmo_latency.show import err_console, write_json
     from molmo_latency.errors import MolmoLatencyError
-    from molmo_latency.sweep import RunDir
+    from molmo_latency.hold import RunDir
     from molmo_latency.timeline import chrome_trace, select_requests
 
     path = run_dir_arg(run_dir, "timeline")
