@@ -60,14 +60,15 @@ class _RichProgress:
 
 
 def _run_and_report(model: str, sweep, out: Path, *, device: str, dtype: Optional[str], kineto: bool,
-                    nvml: str, trust_remote_code: bool, as_json: bool, progress: bool = True) -> None:
+                    nvml: str, trust_remote_code: bool, as_json: bool, progress: bool = True,
+                    threads: Optional[int] = None) -> None:
     from molmo_latency.show import err_console
     from molmo_latency.sweep.runner import run_sweep
 
     command = "molmo-latency " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     with _RichProgress(enabled=progress and not as_json) as bar:
         result = run_sweep(model, sweep, out, device=device, dtype=dtype, kineto=kineto, nvml=nvml,
-                           trust_remote_code=trust_remote_code, progress=bar, command=command)
+                           trust_remote_code=trust_remote_code, progress=bar, command=command, threads=threads)
     if not as_json:
         _print_failures(out)
         msg = (f"{result['measured']} requests measured, {result['skipped']} already done"
@@ -252,6 +253,8 @@ def profile(
                                       help="run on Ray; --ray alone (or --ray local) starts a local Ray, "
                                       "--ray ADDRESS joins a cluster (e.g. ray://head:10001 or auto)"),
     workers: Optional[int] = typer.Option(None, "--workers", help="with --ray: number of workers (default: one per GPU, or per CPU)"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads for the whole run (default on "
+                                          "cpu: 1, the steadiest on a shared machine; recorded in run.json)"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
     wide: bool = typer.Option(False, "--wide", help=WIDE_HELP),
 ) -> None:
@@ -267,6 +270,14 @@ def profile(
         raise MolmoLatencyError(f"--device must be cpu or cuda[:N], got {device!r}")
     if workers is not None and workers < 1:
         raise MolmoLatencyError(f"--workers must be at least 1, got {workers}")
+    if workers is not None and ray is None:
+        raise MolmoLatencyError("--workers takes effect only with --ray (a plain run measures in this process); "
+                                "add --ray, or leave --workers out")
+    if threads is not None and threads < 1:
+        raise MolmoLatencyError(f"--threads must be a whole number of threads >= 1, got {threads}")
+    if threads is not None and ray is not None:
+        raise MolmoLatencyError("--threads is for a plain run; with --ray each worker uses the CPUs Ray gives it "
+                                "(recorded in run.json)")
     if out.exists() and not out.is_dir():
         raise MolmoLatencyError(f"profile: --out {out} is a file; pass a new or existing run directory")
     spec = load_sweep(file_arg(sweep, "profile", "a sweep TOML file as --sweep (see README: Sweep file)"))
@@ -292,7 +303,7 @@ def profile(
         _report(out, as_json=as_json, extra={"sweep": result.as_dict()} if as_json else None)
         return
     _run_and_report(model, spec, out, device=device, dtype=dtype, kineto=kineto, nvml=nvml,
-                    trust_remote_code=trust_remote_code, as_json=as_json)
+                    trust_remote_code=trust_remote_code, as_json=as_json, threads=threads)
 
 
 @app.command(epilog=examples("molmo-latency report runs/tiny", "molmo-latency report runs/tiny --wide"))

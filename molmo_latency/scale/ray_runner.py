@@ -114,6 +114,8 @@ class SweepActor:
             if config.config_id not in worker.warmed:
                 for _ in range(self.spec.protocol["warmup"]):
                     worker.warm_up(config)
+                while self.spec.protocol["warmup"] and not worker.steady(config):  # until steady, capped
+                    worker.warm_up(config)
                 worker.warmed.add(config.config_id)
             stage = "measure"
             tables = worker.measure(config, repeat, order)
@@ -414,6 +416,11 @@ class _RayExecutor:
         n_workers = _plan_workers(ray, self.device, workers, self.cpus_per_worker, self.schedule.pending)
         self.result.workers = n_workers
         self.rd.update_meta(ray_sessions=[*self.sessions, self.session])
+        from molmo_latency.conditions import run_conditions
+
+        conditions = run_conditions(self.threads or torch.get_num_threads(), None)
+        conditions["executor"] = {"ray_workers": n_workers, "cpus_per_worker": self.cpus_per_worker}
+        self.rd.update_meta(conditions=conditions)  # the driver host's; each worker's are in ray_sessions
         slots = [_Slot() for _ in range(n_workers)]
         for slot in slots:
             self.spawn(slot)

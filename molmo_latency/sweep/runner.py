@@ -22,6 +22,7 @@ from typing import Any, Iterable
 import polars as pl
 import torch
 
+from molmo_latency.conditions import run_conditions
 from molmo_latency.profiler import profile_phases
 from molmo_latency.sweep.machine import device_columns, versions
 from molmo_latency.hold.rundir import RunDir
@@ -128,6 +129,8 @@ class Worker:
         # host and device columns of every row (plus any the caller adds, e.g. a worker id)
         self.columns = {**device_columns(device), **(columns or {})}
         self.warmed: set[str] = set()
+        # warm-up requests' totals per configuration, to tell when it is steady
+        self.warmup_ms: dict[str, list[float]] = {}
         # after a failed request, the next measurement is preceded by one unmeasured request
         self.rewarm = False
         self.post_failure_warmups = 0
@@ -153,13 +156,44 @@ class Worker:
             profiler.__exit__(*exc)
 
     def warm_up(self, config: Config) -> None:
-        """One unmeasured request of `config` (its report is dropped); raises what generate() raised."""
+        """One unmeasured request of `config` (its report is dropped, its total kept to judge
+        steadiness); raises what generate() raised."""
+        report = None
         try:
             measure_config(self.source, self._prof, config, self.spec)
         finally:
-            self._prof.pop_report()
+            report = self._prof.pop_report()
+        totals = report.requests["total_ms"].drop_nulls().to_list() if report is not None else []
+        self.warmup_ms.setdefault(config.config_id, []).extend(totals)
         self.warmed.add(config.config_id)
         self.rewarm = False
+
+    def steady(self, config: Config) -> bool:
+        """Whether `config`'s last warm-up requests agree (the protocol's window and tolerance),
+        or the warm-up cap is reached; True when steadiness is not asked for (tolerance 0)."""
+        p = self.spec.protocol
+        seen = self.warmup_ms.get(config.config_id, [])
+        if p["warmup_tolerance_pct"] <= 0 or len(seen) >= max(p["warmup_max"], p["warmup"]):
+            return True
+        last = seen[-p["warmup_window"]:]
+        if len(last) < p["warmup_window"]:
+            return False
+        median = sorted(last)[len(last) // 2]
+        return median > 0 and (max(last) - min(last)) / median * 100 <= p["warmup_tolerance_pct"]
+
+    def warmup_record(self) -> dict[str, dict[str, Any]]:
+        """Per configuration: how many warm-up requests ran, whether the last window agreed
+        (steady) or the cap stopped it, and the spread of that window (for run.json)."""
+        p = self.spec.protocol
+        out = {}
+        for config_id, seen in self.warmup_ms.items():
+            last = seen[-p["warmup_window"]:]
+            median = sorted(last)[len(last) // 2] if last else 0.0
+            spread = (max(last) - min(last)) / median * 100 if median > 0 and len(last) > 1 else None
+            out[config_id] = {"requests": len(seen), "window_spread_pct": None if spread is None else round(spread, 2),
+                              "steady": spread is not None and len(last) >= p["warmup_window"]
+                              and spread <= p["warmup_tolerance_pct"]}
+        return out
 
     def measure(self, config: Config, repeat: int, order: int) -> dict[str, pl.DataFrame]:
         """One measured request of `config`: the unit's tables (requests, phases, telemetry).
@@ -204,11 +238,18 @@ def run_sweep(
     trust_remote_code: bool = False,
     progress: ProgressFn = no_progress,
     command: str | None = None,
+    threads: int | None = None,
 ) -> LocalSweepResult:
     """Profile `model` over `spec` into the run directory `out` (resuming a run made by the
     same sweep and model). Returns counts (:class:`~molmo_latency.sweep.schedule.LocalSweepResult`,
     also readable as ``result["measured"]``): measured, skipped (already done), failed_configs,
-    rows, resumed, post_failure_warmups."""
+    rows, resumed, post_failure_warmups.
+
+    `threads`: torch's intra-op threads for the whole run (default on a CPU device:
+    :data:`DEFAULT_CPU_THREADS`, never whatever the library picked; on a GPU: torch's current
+    count). It is part of the run's identity and recorded, with the rest of the conditions, in
+    run.json's ``conditions``."""
+    threads = resolve_threads(threads, device)
     # Load the model (and check the device) before the run directory is touched: a start that
     # fails here leaves nothing behind.
     worker = Worker.open(model, spec, device=device, dtype=dtype, nvml=nvml, trust_remote_code=trust_remote_code)
@@ -224,10 +265,51 @@ def run_sweep(
     else:
         loaded = str(next(model.model.parameters()).dtype).removeprefix("torch.")
         identity = run_identity(model.name, device, dtype or loaded, spec)
+    identity["threads"] = threads
     rd = RunDir(out)
-    with rd.locked():
-        rd, resumed = RunDir.create_or_resume(out, identity, run_meta(spec, device=device, nvml=nvml, command=command))
-        return _sweep_locked(worker, spec, rd, resumed, kineto=kineto, progress=progress)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with rd.locked():
+            rd, resumed = RunDir.create_or_resume(out, identity, run_meta(spec, device=device, nvml=nvml,
+                                                                          command=command))
+            rd.update_meta(conditions=run_conditions(threads, torch.get_num_interop_threads(),
+                                                     gpu=_conditions_gpu(worker.source.model, nvml)))
+            return _sweep_locked(worker, spec, rd, resumed, kineto=kineto, progress=progress)
+    finally:
+        torch.set_num_threads(before)
+
+
+# torch threads of a CPU sweep unless told otherwise: one thread gives the steadiest labels on a
+# shared machine (see benchmarks/RESULTS.md), and every label set then says how it was made
+DEFAULT_CPU_THREADS = 1
+
+
+def resolve_threads(threads: int | None, device: str) -> int:
+    """The thread count a run uses: `threads`, else DEFAULT_CPU_THREADS on a CPU device, else
+    torch's current count; refused in one line when it is not a positive integer."""
+    from molmo_latency.errors import SweepError
+
+    if threads is None:
+        return DEFAULT_CPU_THREADS if not str(device).startswith("cuda") else torch.get_num_threads()
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+        raise SweepError(f"--threads must be a whole number of threads >= 1, got {threads!r}")
+    return threads
+
+
+def _conditions_gpu(model, nvml: str):
+    """The GPU (device layer) the model runs on, for run.json's conditions; None on a CPU, with
+    NVML off, or where NVML cannot open it (the run is not refused for that here)."""
+    param = next(model.parameters(), None)
+    if nvml == "off" or param is None or param.device.type != "cuda":
+        return None
+    try:
+        from molmo_latency.profiler import _nvml_id
+        from molmo_latency.telemetry.device import open_gpu
+
+        return open_gpu(_nvml_id(param.device))
+    except Exception:  # noqa: BLE001 - conditions are recorded where they can be read
+        return None
 
 
 def _sweep_locked(worker: Worker, spec: SweepSpec, rd: RunDir, resumed: bool, *, kineto: bool,
@@ -240,8 +322,13 @@ def _sweep_locked(worker: Worker, spec: SweepSpec, rd: RunDir, resumed: bool, *,
     recorder = SweepRecorder(rd, schedule, progress, consolidate_every_s=CONSOLIDATE_EVERY_S)
 
     with worker:
-        for _ in range(spec.protocol["warmup"]):
-            for config in schedule.configs_with_work():
+        rounds = 0
+        while True:  # interleaved rounds: the fixed count, then until each configuration is steady
+            todo = [c for c in schedule.configs_with_work()
+                    if rounds < spec.protocol["warmup"] or (spec.protocol["warmup"] and not worker.steady(c))]
+            if not todo:
+                break
+            for config in todo:
                 try:
                     worker.warm_up(config)
                 except Exception as exc:  # noqa: BLE001 - record (that reports progress) and go on
@@ -249,6 +336,8 @@ def _sweep_locked(worker: Worker, spec: SweepSpec, rd: RunDir, resumed: bool, *,
                     worker.after_failure()
                     continue
                 recorder.warmed_up(config)
+            rounds += 1
+        rd.update_meta(warmup_record={**(rd.meta().get("warmup_record") or {}), **worker.warmup_record()})
         while (unit := schedule.next()) is not None:
             config, repeat = schedule.units[unit]
             try:

@@ -13,6 +13,9 @@ A sweep file is TOML with these top-level keys (lists are grid axes, scalars the
     batch_size = [1]
     repeats = 12                # measured requests per configuration (enough for a diff verdict)
     warmup = 1                  # unmeasured requests per configuration before measuring
+    warmup_window = 3           # ... then more until the last 3 agree
+    warmup_tolerance_pct = 10   # ... within 10% ((max - min) / median; 0: a fixed count only)
+    warmup_max = 5              # ... at most this many warm-up requests per configuration
     seed = 0                    # model init and inputs
     order = "interleaved"       # A B C A B C (default) or "blocked" (A A B B C C)
     cache_policy = "keep"       # "keep" or "empty_before_each": the same for every request
@@ -40,9 +43,13 @@ GRID_DEFAULTS = {"crops": [1], "top_k": [None], "blocks": [None], "prompt_tokens
 PROTOCOL_DEFAULTS: dict[str, Any] = {
     "repeats": 12, "warmup": 1, "seed": 0, "order": "interleaved", "cache_policy": "keep",
     "free_generation": False, "kineto_per_config": 1, "cooldown_ms": 0, "block_importance": "",
+    # warm-up until steady: after `warmup` requests, more until the last `warmup_window` agree
+    # within `warmup_tolerance_pct` ((max - min) / median), at most `warmup_max` in all (0: off)
+    "warmup_window": 3, "warmup_tolerance_pct": 10, "warmup_max": 5,
 }
 CHOICES = {"order": ("interleaved", "blocked"), "cache_policy": ("keep", "empty_before_each")}
-PROTOCOL_MIN = {"repeats": 1, "warmup": 0, "seed": 0, "kineto_per_config": 0, "cooldown_ms": 0}
+PROTOCOL_MIN = {"repeats": 1, "warmup": 0, "seed": 0, "kineto_per_config": 0, "cooldown_ms": 0,
+                "warmup_window": 2, "warmup_tolerance_pct": 0, "warmup_max": 0}
 
 
 @dataclass(frozen=True)
