@@ -5,7 +5,9 @@ A :class:`TraceCapture` is one value, checked once, that `profile_phases` builds
 shapes ``torch_profiler`` accepts). A :class:`TraceRecorder` runs it around the requests of one
 block: it starts torch.profiler, steps it after each request (the schedule counts requests, not
 model steps) and, with its own handler, exports each finished trace as
-``requests_<first>-<last>.pt.trace.json.gz`` into ``trace_dir`` and lists it in ``traces``.
+``requests_<first>-<last>.pt.trace.json.gz`` into ``trace_dir``, lists it in ``traces`` and,
+when NVML samples are given, writes them into it as counter tracks
+(:func:`~molmo_latency.telemetry.counters.add_request_counter_tracks`).
 
 Example:
     >>> import tempfile
@@ -25,14 +27,12 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+import polars as pl
 from torch.profiler import ProfilerAction, ProfilerActivity, profile
 
 from molmo_latency._quiet import quiet_kineto
 from molmo_latency.errors import MolmoLatencyError
-
-#: ``on_trace(path, first_request, its_start_ns)``: called after a trace of requests was exported.
-TraceCallback = Callable[[Path, int, int], None]
-
+from molmo_latency.telemetry.counters import add_request_counter_tracks
 
 @dataclass(frozen=True)
 class TraceCapture:
@@ -88,15 +88,16 @@ class TraceRecorder:
 
     def __init__(self, capture: TraceCapture, traces: list[dict[str, Any]]):
         self.capture, self.traces = capture, traces
-        self.on_trace: TraceCallback | None = None
+        self._samples: Callable[[], pl.DataFrame] | None = None
         self._profile: Any = None
         self._requests: list[int] = []  # recorded since the last export
         self._starts_ns: dict[int, int] = {}
 
-    def start(self, cuda: bool, on_trace: TraceCallback | None = None) -> None:
-        """Start torch.profiler (ours: CPU, plus CUDA activity for a model on a CUDA device);
-        ``on_trace`` (e.g. NVML counter tracks) runs after each trace our handler exports."""
-        capture, self.on_trace = self.capture, on_trace
+    def start(self, cuda: bool, samples: Callable[[], pl.DataFrame] | None = None) -> None:
+        """Start torch.profiler (ours: CPU, plus CUDA activity for a model on a CUDA device).
+        With ``samples`` (the NVML sampler's), each trace our handler exports gets the samples
+        as counter tracks under its phases."""
+        capture, self._samples = self.capture, samples
         if capture.profile is not None:
             self._profile = capture.profile
             return
@@ -137,8 +138,8 @@ class TraceRecorder:
         tprof.export_chrome_trace(str(path))
         self.traces.append({"path": str(path), "requests": requests})
         starts = [self._starts_ns.pop(r) for r in requests if r in self._starts_ns]
-        if self.on_trace is not None and starts:
-            self.on_trace(path, requests[0], starts[0])
+        if self._samples is not None and starts:
+            add_request_counter_tracks(path, self._samples(), request=requests[0], request_start_ns=starts[0])
 
 
 def _recording(tprof: Any) -> bool:

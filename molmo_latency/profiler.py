@@ -65,7 +65,6 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping, NamedTuple
 
 import polars as pl
@@ -77,7 +76,6 @@ from molmo_latency.errors import MolmoLatencyError
 from molmo_latency.ranges import RangeEmitter
 from molmo_latency.records import PhaseReport, RequestRecord, Span, session_report
 from molmo_latency.session import Session
-from molmo_latency.telemetry.counters import add_request_counter_tracks
 from molmo_latency.telemetry.policy import DEFAULT_INTERVAL_MS, NvmlSettings, stop_telemetry
 from molmo_latency.telemetry.sampler import NvmlSampler
 from molmo_latency.telemetry.source import open_telemetry
@@ -187,7 +185,8 @@ class RunningRequest:
     kind_counts: dict[str, int] = field(default_factory=dict)  # LLM calls per kind so far
     fed: int = 0  # prompt tokens fed to the LLM so far (prefill chunks)
     decode_rows: list[int] = field(default_factory=list)  # rows fed by each decode step
-    # the call's arguments, read once generate() returned (no device sync before)
+    # from the call's arguments; input_ids and image_input_idx are held and counted only after
+    # generate() returned (no device sync before)
     batch_size: int | None = None
     input_ids: Any = None
     image_input_idx: Any = None  # Molmo's image positions
@@ -252,8 +251,8 @@ class PhaseProfiler:
             if self._sampler is not None:  # "required": stopping raises if the sampler failed
                 self._undo.callback(stop_telemetry, self._sampler, self.nvml.mode)
             if self._trace is not None:
-                self._trace.start(cuda=torch.cuda.is_available() and next(self.model.parameters()).is_cuda,
-                                  on_trace=self._counter_tracks if self._sampler is not None else None)
+                cuda = torch.cuda.is_available() and next(self.model.parameters()).is_cuda
+                self._trace.start(cuda, samples=self._sampler.samples if self._sampler is not None else None)
                 self._undo.callback(self._trace.stop)
         except BaseException:
             self._restore()
@@ -275,11 +274,6 @@ class PhaseProfiler:
                 f"run through an entry point other than {', '.join(self.entry_points)}; pass it with "
                 "profile_phases(model, entry_points=[...])", stacklevel=3)
             self._orphan_hooks = 0
-
-    def _counter_tracks(self, path: Path, request: int, request_start_ns: int) -> None:
-        """NVML samples as counter tracks (clocks, temperature, power) under a trace's phases."""
-        add_request_counter_tracks(path, self._sampler.samples(), request=request,
-                                   request_start_ns=request_start_ns)
 
     # ---------------------------------------------------------------------------- hooks
     def _install_hooks(self) -> None:
