@@ -297,7 +297,7 @@ class PhaseProfiler:
         pushed = self._unsplit_seen
         if pushed:
             self.ranges.push(kind, step)
-        req.call = LlmCall(kind, step, start_mark=len(req.marks), range_pushed=pushed)
+        req.call = LlmCall(kind, step, len(req.marks), pushed)  # positional: the hot path
         req.marks.append(self.timer.mark())
         return None
 

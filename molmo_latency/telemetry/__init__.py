@@ -1,15 +1,17 @@
 """NVML telemetry on the phase timeline: collect (device, sampler), hold (samples frames),
 transform (aggregate per phase/request), show (counter tracks in a Kineto trace).
 
-The profiler needs three calls (see :mod:`molmo_latency.telemetry.policy`)::
+The profiler takes the settings as one value, checked once, and opens the sampler on the GPU
+:func:`resolve_gpu` names (by UUID) for the model (see :mod:`molmo_latency.telemetry.source`)::
 
-    from molmo_latency.telemetry import attach_telemetry, start_telemetry, stop_telemetry
+    from molmo_latency.telemetry import NvmlSettings, attach_telemetry, open_telemetry, stop_telemetry
 
-    sampler = start_telemetry(nvml, gpu_index)      # "auto" | "off" | "required"
+    settings = NvmlSettings("auto", interval_ms=50.0)  # "auto" | "off" | "required"
+    sampler = open_telemetry(settings, model)         # None when off or unavailable
     try:
-        ...                                         # profiled generate() calls
+        ...                                           # profiled generate() calls
     finally:
-        samples = stop_telemetry(sampler, nvml)
+        samples = stop_telemetry(sampler, settings.mode)
     report = attach_telemetry(report, samples)
 """
 

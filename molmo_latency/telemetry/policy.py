@@ -1,13 +1,16 @@
-"""The ``nvml="auto" | "off" | "required"`` policy, as two calls around a profiled run.
+"""The ``nvml="auto" | "off" | "required"`` policy: one :class:`NvmlSettings` value, checked once,
+and two calls around a profiled run::
 
-The profiler wires telemetry in a few lines::
-
-    sampler = start_telemetry(nvml, gpu_index)        # None when off or unavailable
+    sampler = start_telemetry(nvml, gpu)              # None when off or unavailable
     try:
         ...                                           # the profiled generate() calls
     finally:
         samples = stop_telemetry(sampler, nvml)       # DataFrame, or None without telemetry
     report = attach_telemetry(report, samples)        # null columns when samples is None
+
+``gpu`` is the NVML index / UUID; the profiler names it with
+:func:`molmo_latency.telemetry.source.resolve_gpu` (by UUID) through
+:func:`~molmo_latency.telemetry.source.open_telemetry`.
 """
 
 from __future__ import annotations
