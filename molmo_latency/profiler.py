@@ -277,14 +277,13 @@ class PhaseProfiler:
 
     # ---------------------------------------------------------------------------- hooks
     def _install_hooks(self) -> None:
-        hooks = [self.model.register_forward_pre_hook(self._on_call_start, with_kwargs=True),
-                 self.model.register_forward_hook(self._on_call_end)]
+        undo = self._undo.callback  # each hook is removed on close, even if a later one fails
+        undo(self.model.register_forward_pre_hook(self._on_call_start, with_kwargs=True).remove)
+        undo(self.model.register_forward_hook(self._on_call_end).remove)
         for name, span in self.phase_map.spans.items():
             on_start, on_end = self._on_start, self._on_end
-            hooks.append(span.start.register_forward_pre_hook(lambda _m, _a, _name=name: on_start(_name)))
-            hooks.append(span.end.register_forward_hook(lambda _m, _a, _o, _name=name: on_end(_name)))
-        for handle in hooks:
-            self._undo.callback(handle.remove)
+            undo(span.start.register_forward_pre_hook(lambda _m, _a, _name=name: on_start(_name)).remove)
+            undo(span.end.register_forward_hook(lambda _m, _a, _o, _name=name: on_end(_name)).remove)
 
     def _on_call_start(self, module: Any, args: tuple, kwargs: dict) -> None:
         """One LLM call of generate(): classified from the shapes it feeds, then marked."""
@@ -480,7 +479,7 @@ class PhaseProfiler:
         with self._lock:
             records = list(self.records)
         samples = self._sampler.samples() if self._sampler is not None else None
-        return Session(records, self.timer.kind, samples=samples, traces=self.traces)
+        return Session(records, self.timer.kind, samples=samples, traces=list(self.traces))
 
     def pop_session(self) -> Session:
         """The requests since the last pop, which the profiler then forgets, with the samples not
@@ -493,7 +492,7 @@ class PhaseProfiler:
         with self._lock:  # finished requests only; requests running in other threads stay
             records, self.records = self.records, []
         if self._sampler is None:
-            return Session(records, self.timer.kind, traces=self.traces)
+            return Session(records, self.timer.kind, traces=list(self.traces))
         samples = self._sampler.samples()  # all of them: a phase may hold an earlier sample
         new = samples
         if self._popped_until_ns is not None:
@@ -502,7 +501,7 @@ class PhaseProfiler:
             self._popped_until_ns = int(new["t_ns"].max())
             # handed out: keep only the sample in effect now, so a long sweep stays bounded
             self._sampler.discard_before(self._popped_until_ns)
-        return Session(records, self.timer.kind, samples=samples, traces=self.traces, new_samples=new)
+        return Session(records, self.timer.kind, samples=samples, traces=list(self.traces), new_samples=new)
 
     def report(self) -> PhaseReport:
         """The `requests` and `phases` tables (polars) of every request held so far."""
