@@ -153,3 +153,28 @@ def test_the_collector_reads_no_trace_back():
     modules = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     modules |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     assert not {m for m in modules if m == "molmo_latency.trace" or m.startswith("molmo_latency.trace.")}
+
+
+def _hook_count(model) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_a_sampler_failing_under_required_still_leaves_the_model_as_it_was(tiny, tmp_path):
+    """Closing runs every undo step (torch.profiler, sampler, wrappers, hooks) even when stopping
+    the sampler raises."""
+    import time
+
+    from molmo_latency.errors import NvmlUnavailable
+
+    before = _hook_count(tiny.model)
+    gpu = FakeGpu(fail_after=2)
+    with pytest.raises(NvmlUnavailable, match="failed after 2 samples"):
+        with profile_phases(tiny.model, trace_dir=tmp_path, nvml="required", nvml_device=gpu,
+                            nvml_interval_ms=5):
+            tiny.model.generate(**tiny.request(crops=1, new_tokens=2))
+            deadline = time.monotonic() + 5
+            while gpu.failures == 0 and time.monotonic() < deadline:
+                time.sleep(0.005)
+    assert "generate" not in vars(tiny.model) and "get_compiled_call" not in vars(tiny.model)
+    assert _hook_count(tiny.model) == before
+    assert not torch.autograd._profiler_enabled()  # our torch.profiler was stopped too
