@@ -140,13 +140,13 @@ def hook_cost_us(model, n: int = 20000) -> float:
     """Direct cost of the hooks of one decode step on the hot path: the model-call hooks (shape
     classification, two timer marks) and the LLM phase hooks (two timer marks, NVTX push/pop, the
     record_function check), measured in a tight loop: median of 5 loops."""
-    from molmo_latency.records import RequestRecord
+    from molmo_latency.profiler import RunningRequest
 
     step = {"input_ids": torch.zeros(1, 1, dtype=torch.long), "past_key_values": object(), "use_cache": True}
     loops = []
     with profile_phases(model, nvml="off") as prof:
         for _ in range(5):
-            req = RequestRecord(index=0, input_tokens=1, fed=1)  # prompt fed: every call a decode step
+            req = RunningRequest(index=0, input_tokens=1, fed=1)  # prompt fed: every call a decode step
             prof._active = req
             t0 = time.perf_counter_ns()
             for _ in range(n):

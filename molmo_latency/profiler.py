@@ -1,9 +1,22 @@
 """`profile_phases`: every phase of every generate() call, on one timeline, in the same run.
 
-Collection only: forward hooks mark time with a timer policy (CUDA events on GPU,
-perf_counter_ns on CPU) and open NVTX / record_function ranges; the generate() wrapper brackets
-each request. Nothing synchronises inside generate(); each request's marks are resolved once,
-after generate() returned. The tables are built by :mod:`molmo_latency.records`.
+Collection only. :class:`PhaseProfiler` is a small collector: forward hooks mark time with a
+timer policy (CUDA events on GPU, perf_counter_ns on CPU) and open NVTX / record_function ranges;
+the generate() wrapper brackets each request. Nothing synchronises inside generate(); each
+request's marks are resolved once, after generate() returned. Its policies are values given once:
+
+- the timer (:mod:`molmo_latency.timers`);
+- NVML telemetry as one :class:`~molmo_latency.telemetry.NvmlSettings` (mode, interval, device),
+  opened once on the GPU that :func:`~molmo_latency.telemetry.source.resolve_gpu` names by UUID;
+- trace capture as one :class:`~molmo_latency.capture.TraceCapture` (a torch.profiler schedule
+  over requests plus the handler that exports each trace and writes the NVML counter tracks).
+
+A running generate() is a :class:`RunningRequest` (its LLM call an :class:`LlmCall`, its open
+phases :class:`OpenPhase`); when it returns it becomes a
+:class:`~molmo_latency.records.RequestRecord`. :meth:`PhaseProfiler.session` hands out a plain
+:class:`~molmo_latency.session.Session` (records, samples, trace paths); the tables are built from
+it by :func:`molmo_latency.records.session_report` (``prof.report()`` is that call), GPU time
+joined from the traces there too. Nothing here reads a trace back.
 
 Where the marks come from:
 
@@ -45,22 +58,27 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import threading
 import time
 import warnings
-from pathlib import Path
-from typing import Any, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Mapping, NamedTuple
 
+import polars as pl
 import torch
 
-from molmo_latency._quiet import quiet_kineto
 from molmo_latency.adapters import PathSpec, PhaseMap, find_phases
+from molmo_latency.capture import TraceCapture, TraceRecorder
 from molmo_latency.errors import MolmoLatencyError
 from molmo_latency.ranges import RangeEmitter
-from molmo_latency.records import PhaseReport, RequestRecord, build_report
-from molmo_latency.telemetry.policy import DEFAULT_INTERVAL_MS, MIN_INTERVAL_MS
+from molmo_latency.records import PhaseReport, RequestRecord, Span, session_report
+from molmo_latency.session import Session
+from molmo_latency.telemetry.policy import DEFAULT_INTERVAL_MS, NvmlSettings, stop_telemetry
+from molmo_latency.telemetry.sampler import NvmlSampler
+from molmo_latency.telemetry.source import open_telemetry
 from molmo_latency.timers import Timer, timer_for
 
 
@@ -124,69 +142,101 @@ class _Dispatch:
             delattr(self.model, self.name)
 
 
+@dataclass(slots=True)
+class LlmCall:
+    """The LLM call (a call of the model itself) running in a request: its label, where it
+    started, and what the hooks inside it saw."""
+
+    kind: str  # prefill | decode | recompute | verify (see _classify)
+    step: int
+    start_mark: int
+    range_pushed: bool = False  # its range is opened at the call (the LLM hook is not firing)
+    llm_seen: bool = False  # the LLM phase hook fired inside it
+    image_end_mark: int | None = None  # where its last vision/projector phase ended
+
+
+class OpenPhase(NamedTuple):
+    """A phase whose start hook fired and whose end hook has not yet."""
+
+    phase: str
+    step: int
+    start_mark: int
+    hook: str  # the hook's phase name ("llm" for an LLM phase)
+
+
+@dataclass
+class RunningRequest:
+    """The scratch state of one running generate(): timer marks and what the hooks saw so far.
+    It becomes a :class:`~molmo_latency.records.RequestRecord` when generate() returns."""
+
+    index: int
+    thread_id: int | None = None
+    wall_start_ns: int = 0
+    marks: list[Any] = field(default_factory=list)
+    spans: list[Span] = field(default_factory=list)
+    open: list[OpenPhase] = field(default_factory=list)
+    call: LlmCall | None = None
+    occurrences: dict[str, int] = field(default_factory=dict)  # vision/projector phases so far
+    llm_calls: int = 0  # LLM phase hooks so far
+    anomalies: list[str] = field(default_factory=list)
+    unsplit: set[str] = field(default_factory=set)
+    # read by _classify, from the shapes each LLM call feeds
+    input_tokens: int | None = None
+    kind_counts: dict[str, int] = field(default_factory=dict)  # LLM calls per kind so far
+    fed: int = 0  # prompt tokens fed to the LLM so far (prefill chunks)
+    decode_rows: list[int] = field(default_factory=list)  # rows fed by each decode step
+    # from the call's arguments; input_ids and image_input_idx are held and counted only after
+    # generate() returned (no device sync before)
+    batch_size: int | None = None
+    input_ids: Any = None
+    image_input_idx: Any = None  # Molmo's image positions
+    num_beams: int | None = None
+    eos_token_id: Any = None
+
+
 class PhaseProfiler:
-    """Holds the hooks and the per-request records of one `profile_phases` block."""
+    """The collector of one `profile_phases` block: hooks and entry-point wrappers that turn each
+    generate() into a :class:`~molmo_latency.records.RequestRecord`, under the policies it is
+    given (timer, NVML settings, trace capture). :meth:`session` hands out what it holds."""
 
     def __init__(
         self,
         model: torch.nn.Module,
         *,
         nvtx: bool = True,
-        torch_profiler: Any = None,
-        trace_dir: str | os.PathLike | None = None,
+        trace: TraceCapture | None = None,
         phases: Mapping[str, PathSpec] | None = None,
         timer: Timer | None = None,
-        nvml: str = "auto",
-        nvml_interval_ms: float = DEFAULT_INTERVAL_MS,
-        nvml_device: Any = None,
+        nvml: NvmlSettings = NvmlSettings(),
         entry_points: tuple[str, ...] | list[str] = ENTRY_POINTS,
     ):
-        if nvml not in ("auto", "off", "required"):
-            raise MolmoLatencyError(f"nvml must be 'auto', 'off' or 'required', got {nvml!r}")
-        if nvml != "off" and not (isinstance(nvml_interval_ms, (int, float))
-                                  and nvml_interval_ms >= MIN_INTERVAL_MS):
-            raise MolmoLatencyError(
-                f"nvml_interval_ms={nvml_interval_ms!r} is below the floor of {MIN_INTERVAL_MS:g} ms: "
-                "faster NVML sampling slows the measured decode loop (see benchmarks/RESULTS.md); "
-                f"use nvml_interval_ms >= {MIN_INTERVAL_MS:g} (default {DEFAULT_INTERVAL_MS:g})")
         self.model = model
         self.phase_map: PhaseMap = find_phases(model, phases)
         self.timer: Timer = timer if timer is not None else timer_for(model)
         self.ranges = RangeEmitter(nvtx=nvtx)
-        self.nvml_mode = nvml
-        self.nvml_interval_ms = nvml_interval_ms
-        self.nvml_device = nvml_device
-        self.trace_dir = Path(trace_dir) if trace_dir is not None else None
-        self._torch_profiler_arg = torch_profiler if torch_profiler is not None else (
-            True if trace_dir is not None else None)
+        self.nvml = nvml
+        self.entry_points = tuple(entry_points)
         self.records: list[RequestRecord] = []  # finished requests, in request order
+        self.traces: list[dict[str, Any]] = []  # {"path": str, "requests": [int]}
+        self._trace = TraceRecorder(trace, self.traces) if trace is not None else None
+        self._sampler: NvmlSampler | None = None
+        self._undo = contextlib.ExitStack()  # hooks, wrappers, sampler, torch.profiler
         self._lock = threading.Lock()
         self._local = threading.local()  # .active: this thread's running request
-        self._running = 0
         self._requests_seen = 0
         self._popped_until_ns: int | None = None
-        self.traces: list[dict[str, Any]] = []  # {"path": str, "requests": [int]}
-        self._handles: list[Any] = []
-        self.entry_points = tuple(entry_points)
-        self._dispatches: list[_Dispatch] = []
         self._orphan_hooks = 0
-        self._tprof: Any = None
-        self._own_tprof = False
-        self._trace_requests: list[int] = []
-        self._trace_starts_ns: dict[int, int] = {}
-        self._sampler: Any = None
         self._entered = False
         self._closed = False
         self._unsplit_seen = False  # a call ran with no inner hook: ranges go on calls from now
-        self._region = f"{type(model).__name__}.forward"
 
     @property
-    def _active(self) -> RequestRecord | None:
+    def _active(self) -> RunningRequest | None:
         """The request running in the calling thread (None outside generate())."""
         return getattr(self._local, "active", None)
 
     @_active.setter
-    def _active(self, req: RequestRecord | None) -> None:
+    def _active(self, req: RunningRequest | None) -> None:
         self._local.active = req
 
     # ------------------------------------------------------------------ context manager
@@ -197,8 +247,13 @@ class PhaseProfiler:
         try:
             self._install_hooks()
             self._wrap_generate()
-            self._start_torch_profiler()
-            self._start_telemetry()
+            self._sampler = open_telemetry(self.nvml, self.model)
+            if self._sampler is not None:  # "required": stopping raises if the sampler failed
+                self._undo.callback(stop_telemetry, self._sampler, self.nvml.mode)
+            if self._trace is not None:
+                cuda = torch.cuda.is_available() and next(self.model.parameters()).is_cuda
+                self._trace.start(cuda, samples=self._sampler.samples if self._sampler is not None else None)
+                self._undo.callback(self._trace.stop)
         except BaseException:
             self._restore()
             raise
@@ -210,16 +265,9 @@ class PhaseProfiler:
     def _restore(self) -> None:
         """Leave the model exactly as it was: hooks off, generate restored, ranges closed."""
         self._closed = True
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        for dispatch in reversed(self._dispatches):
-            dispatch.leave(self)
-        self._dispatches.clear()
         self.ranges.pop_all()
         self._active = None
-        self._stop_torch_profiler()
-        self._stop_telemetry()
+        self._undo.close()  # in reverse: torch.profiler, sampler, wrappers, hooks
         if self._orphan_hooks and not self._requests_seen:
             warnings.warn(
                 f"{self._orphan_hooks} phase hooks fired outside any profiled request: the model was "
@@ -229,14 +277,13 @@ class PhaseProfiler:
 
     # ---------------------------------------------------------------------------- hooks
     def _install_hooks(self) -> None:
-        self._handles.append(self.model.register_forward_pre_hook(self._on_call_start, with_kwargs=True))
-        self._handles.append(self.model.register_forward_hook(self._on_call_end))
+        undo = self._undo.callback  # each hook is removed on close, even if a later one fails
+        undo(self.model.register_forward_pre_hook(self._on_call_start, with_kwargs=True).remove)
+        undo(self.model.register_forward_hook(self._on_call_end).remove)
         for name, span in self.phase_map.spans.items():
             on_start, on_end = self._on_start, self._on_end
-            self._handles.append(span.start.register_forward_pre_hook(
-                lambda _m, _a, _name=name: on_start(_name)))
-            self._handles.append(span.end.register_forward_hook(
-                lambda _m, _a, _o, _name=name: on_end(_name)))
+            undo(span.start.register_forward_pre_hook(lambda _m, _a, _name=name: on_start(_name)).remove)
+            undo(span.end.register_forward_hook(lambda _m, _a, _o, _name=name: on_end(_name)).remove)
 
     def _on_call_start(self, module: Any, args: tuple, kwargs: dict) -> None:
         """One LLM call of generate(): classified from the shapes it feeds, then marked."""
@@ -249,7 +296,7 @@ class PhaseProfiler:
         pushed = self._unsplit_seen
         if pushed:
             self.ranges.push(kind, step)
-        req.call = [kind, step, len(req.marks), False, pushed, None]
+        req.call = LlmCall(kind, step, len(req.marks), pushed)  # positional: the hot path
         req.marks.append(self.timer.mark())
         return None
 
@@ -259,19 +306,19 @@ class PhaseProfiler:
         req = self._active
         if req is None or self._closed or req.call is None:
             return None
-        kind, step, start_idx, llm_seen, pushed, image_end_idx = req.call
-        req.call = None
-        end_idx = len(req.marks)
+        call, req.call = req.call, None
+        end_mark = len(req.marks)
         req.marks.append(self.timer.mark())
-        if pushed:
+        if call.range_pushed:
             self.ranges.pop()
-        if not llm_seen:  # the LLM ran where no hook fires (compiled): time the call instead
-            if image_end_idx is None:
-                req.spans.append((kind, step, start_idx, end_idx))
-                req.unsplit.add(self._region)
+        if not call.llm_seen:  # the LLM ran where no hook fires (compiled): time the call instead
+            region = f"{type(self.model).__name__}.forward"
+            if call.image_end_mark is None:
+                req.spans.append(Span(call.kind, call.step, call.start_mark, end_mark))
+                req.unsplit.add(region)
             else:  # vision/projector were timed: the LLM phase is the rest of the call
-                req.spans.append((kind, step, image_end_idx, end_idx))
-                req.unsplit.add(f"{self._region} (LLM part, timed from the end of the image phases)")
+                req.spans.append(Span(call.kind, call.step, call.image_end_mark, end_mark))
+                req.unsplit.add(f"{region} (LLM part, timed from the end of the image phases)")
             self._unsplit_seen = True
         return None
 
@@ -284,8 +331,8 @@ class PhaseProfiler:
             return
         if name == "llm":
             if req.call is not None:
-                phase, step = req.call[0], req.call[1]
-                req.call[3] = True
+                phase, step = req.call.kind, req.call.step
+                req.call.llm_seen = True
             else:  # an LLM forward outside a call of the model itself: count-based labels
                 phase = "prefill" if req.llm_calls == 0 else "decode"
                 step = 0 if req.llm_calls == 0 else req.llm_calls - 1
@@ -295,9 +342,9 @@ class PhaseProfiler:
             step = req.occurrences.get(name, 0)
             req.occurrences[name] = step + 1
         if req.open:
-            req.anomalies.append(f"{phase} started while {req.open[-1][0]} was open (nested phases)")
+            req.anomalies.append(f"{phase} started while {req.open[-1].phase} was open (nested phases)")
         self.ranges.push(phase, step)
-        req.open.append((phase, step, len(req.marks), name))
+        req.open.append(OpenPhase(phase, step, len(req.marks), name))
         req.marks.append(self.timer.mark())
 
     def _on_end(self, name: str) -> None:
@@ -307,18 +354,18 @@ class PhaseProfiler:
         if req is None or self._closed:
             return
         for i in range(len(req.open) - 1, -1, -1):
-            if req.open[i][3] == name:
+            if req.open[i].hook == name:
                 break
         else:
             req.anomalies.append(f"{name} ended without a start")
             return
-        end_idx = len(req.marks)
+        end_mark = len(req.marks)
         req.marks.append(self.timer.mark())
-        phase, step, start_idx, _ = req.open.pop(i)
+        opened = req.open.pop(i)
         self.ranges.pop()
-        req.spans.append((phase, step, start_idx, end_idx))
+        req.spans.append(Span(opened.phase, opened.step, opened.start_mark, end_mark))
         if name != "llm" and req.call is not None:
-            req.call[5] = end_idx
+            req.call.image_end_mark = end_mark
 
     # ------------------------------------------------------------------------- generate
     def _wrap_generate(self) -> None:
@@ -329,14 +376,14 @@ class PhaseProfiler:
             raise MolmoLatencyError(
                 f"{type(self.model).__name__} has none of the entry points {list(self.entry_points)}; "
                 "pass the method that generates with profile_phases(model, entry_points=[...])")
-        for name in found:
-            self._dispatches.append(_Dispatch.join(self.model, name, self))
+        layers = [(name, "_request") for name in found]
         if callable(getattr(self.model, "get_compiled_call", None)):
             # transformers compiles the model's whole __call__ for its decode loop (static cache
             # auto-compile, chunked prefill on 4.5x): the hooks then run inside compiled code,
             # so the compiled callable it hands out is timed from outside instead
-            self._dispatches.append(_Dispatch.join(self.model, "get_compiled_call", self,
-                                                   layer="_compiled_call_layer"))
+            layers.append(("get_compiled_call", "_compiled_call_layer"))
+        for name, layer in layers:
+            self._undo.callback(_Dispatch.join(self.model, name, self, layer=layer).leave, self)
 
     def _compiled_call_layer(self, inner: Any, args: tuple, kwargs: dict) -> Any:
         """Wrap the compiled model call that ``get_compiled_call`` returns, so that each call is
@@ -369,15 +416,11 @@ class PhaseProfiler:
         self._finish(req, out, None)
         return out
 
-    def _begin(self, args: tuple, kwargs: dict) -> RequestRecord:
+    def _begin(self, args: tuple, kwargs: dict) -> RunningRequest:
         ids = _input_ids(args, kwargs)
         with self._lock:
-            req = RequestRecord(index=self._requests_seen)
+            req = RunningRequest(index=self._requests_seen)
             self._requests_seen += 1
-            self._running += 1
-            traced = self._tprof is not None and _tprof_recording(self._tprof)
-            if traced:
-                self._trace_requests.append(req.index)
         req.thread_id = threading.get_ident()
         if isinstance(ids, torch.Tensor) and ids.dim() == 2:
             req.batch_size, req.input_tokens = int(ids.shape[0]), int(ids.shape[1])
@@ -388,190 +431,85 @@ class PhaseProfiler:
         req.eos_token_id = _generation_setting(self.model, args, kwargs, "eos_token_id")
         self.timer.begin()
         req.wall_start_ns = time.perf_counter_ns()
-        if traced:
-            self._trace_starts_ns[req.index] = req.wall_start_ns
+        if self._trace is not None:
+            with self._lock:
+                self._trace.request_started(req.index, req.wall_start_ns)
         self.ranges.push("request", req.index)
         req.marks.append(self.timer.mark())
         self._active = req
         return req
 
-    def _finish(self, req: RequestRecord, out: Any, exc: BaseException | None) -> None:
+    def _finish(self, req: RunningRequest, out: Any, exc: BaseException | None) -> None:
         req.marks.append(self.timer.mark())
         self._active = None
-        for phase, _step, _idx, _name in req.open:
-            req.anomalies.append(f"{phase} never ended")
-        req.open.clear()
-        req.call = None
+        req.anomalies.extend(f"{opened.phase} never ended" for opened in req.open)
         self.ranges.pop_all()
-        req.wall_end_ns = time.perf_counter_ns()
-        if exc is not None:
-            req.complete = False
-            req.error = f"{type(exc).__name__}: {exc}"
-        else:
-            rows = _output_tokens_per_row(out, req.input_tokens, req.eos_token_id)
-            if rows is not None:
-                req.output_tokens_per_row = rows
-                req.output_tokens = _generated_length(out, req.input_tokens)
-        req.image_tokens_per_row = _image_tokens_per_row(req, self.phase_map.image_token_id)
-        if req.image_tokens_per_row:
-            req.image_tokens = max(req.image_tokens_per_row)
-        req.input_ids = None
-        req.image_input_idx = None
+        wall_end_ns = time.perf_counter_ns()
+        output_tokens = output_rows = None
+        if exc is None:
+            output_rows = _output_tokens_per_row(out, req.input_tokens, req.eos_token_id)
+            if output_rows is not None:
+                output_tokens = _generated_length(out, req.input_tokens)
+        image_rows = _image_tokens_per_row(req, self.phase_map.image_token_id)
         try:
-            req.times_ns = self.timer.resolve(req.marks)
+            times_ns = self.timer.resolve(req.marks)
         except Exception as resolve_exc:  # e.g. CUDA error after a failed generate()
             req.anomalies.append(f"timing could not be resolved: {resolve_exc}")
-            req.times_ns = None
+            times_ns = None
         release = getattr(self.timer, "release", None)
         if release is not None:
             release(req.marks)  # CUDA events back to the free list
-        req.marks = []
+        record = RequestRecord(
+            index=req.index, spans=req.spans, times_ns=times_ns, anomalies=req.anomalies,
+            complete=exc is None, error=None if exc is None else f"{type(exc).__name__}: {exc}",
+            input_tokens=req.input_tokens, image_tokens=max(image_rows) if image_rows else None,
+            output_tokens=output_tokens, batch_size=req.batch_size, num_beams=req.num_beams,
+            output_tokens_per_row=output_rows, image_tokens_per_row=image_rows,
+            decode_rows=req.decode_rows, unsplit=frozenset(req.unsplit), thread_id=req.thread_id,
+            wall_start_ns=req.wall_start_ns, wall_end_ns=wall_end_ns)
         with self._lock:
-            self._running -= 1
-            self.records.append(req)
+            self.records.append(record)
             self.records.sort(key=lambda r: r.index)
-            if self._tprof is not None:
-                with quiet_kineto():  # a schedule starts/stops Kineto here; its C++ lines are dropped
-                    self._tprof.step()
-
-    # --------------------------------------------------------------- torch.profiler
-    def _start_torch_profiler(self) -> None:
-        arg = self._torch_profiler_arg
-        if arg is None or arg is False:
-            return
-        from torch.profiler import ProfilerActivity, profile
-
-        if isinstance(arg, profile):
-            self._tprof, self._own_tprof = arg, False
-            return
-        activities = [ProfilerActivity.CPU]
-        if torch.cuda.is_available() and next(self.model.parameters()).is_cuda:
-            activities.append(ProfilerActivity.CUDA)
-        kwargs: dict[str, Any] = {"activities": activities}
-        if callable(arg):
-            kwargs["schedule"] = arg
-        elif isinstance(arg, Mapping):
-            kwargs.update(arg)
-        elif arg is not True:
-            raise MolmoLatencyError(
-                "torch_profiler must be True, a torch.profiler.schedule(...), a dict of "
-                f"torch.profiler.profile arguments or a profile object, got {type(arg).__name__}"
-            )
-        if self.trace_dir is None:
-            raise MolmoLatencyError("torch_profiler needs trace_dir=... to write its traces into")
-        self.trace_dir.mkdir(parents=True, exist_ok=True)
-        kwargs.setdefault("on_trace_ready", self._export_trace)
-        self._tprof, self._own_tprof = profile(**kwargs), True
-        with quiet_kineto():  # Kineto's C++ "USDT ... profiler_start" line, not our output
-            self._tprof.__enter__()
-
-    def _export_trace(self, tprof: Any) -> None:
-        requests = list(self._trace_requests)
-        self._trace_requests.clear()
-        name = f"requests_{requests[0]}-{requests[-1]}" if requests else f"trace_{len(self.traces)}"
-        path = self.trace_dir / f"{name}.pt.trace.json.gz"
-        tprof.export_chrome_trace(str(path))
-        self.traces.append({"path": str(path), "requests": requests})
-        starts = [self._trace_starts_ns.pop(r) for r in requests if r in self._trace_starts_ns]
-        if self._sampler is not None and starts:
-            self._add_counter_tracks(path, requests[0], starts[0])
-
-    def _add_counter_tracks(self, path: Path, request: int, request_start_ns: int) -> None:
-        """NVML samples as counter tracks (clocks, temperature, power) under the phases."""
-        import polars as pl
-
-        from molmo_latency.errors import TraceError
-        from molmo_latency.telemetry import add_counter_tracks, estimate_clock_offset_ns
-
-        try:
-            offset = estimate_clock_offset_ns(path, f"request[{request}]", request_start_ns)
-        except TraceError as exc:
-            warnings.warn(f"no NVML counter tracks in {path}: {exc}", stacklevel=2)
-            return
-        samples = self._sampler.samples().filter(pl.col("t_ns") >= request_start_ns - 1_000_000_000)
-        add_counter_tracks(path, samples, clock_offset_ns=offset)
-
-    def _stop_torch_profiler(self) -> None:
-        tprof, self._tprof = self._tprof, None
-        if tprof is not None and self._own_tprof:
-            with quiet_kineto():
-                tprof.__exit__(None, None, None)
-
-    # -------------------------------------------------------------------- telemetry
-    def _start_telemetry(self) -> None:
-        if self.nvml_mode == "off":
-            return
-        param = next(self.model.parameters(), None)
-        on_gpu = param is not None and param.device.type == "cuda"
-        if not on_gpu and self.nvml_mode == "auto" and self.nvml_device is None:
-            return  # a CPU model: GPU telemetry would explain nothing
-        try:
-            from molmo_latency.telemetry import start_telemetry
-        except ImportError:  # pragma: no cover - telemetry package missing
-            if self.nvml_mode == "required":
-                raise
-            return
-        device = self.nvml_device
-        if device is None:
-            device = _nvml_id(param.device) if on_gpu else 0
-        self._sampler = start_telemetry(self.nvml_mode, device, interval_ms=self.nvml_interval_ms)
-
-    def _stop_telemetry(self) -> None:
-        sampler = self._sampler
-        if sampler is not None:
-            from molmo_latency.telemetry import stop_telemetry
-
-            stop_telemetry(sampler, self.nvml_mode)  # "required": raises if the sampler failed
+            if self._trace is not None:
+                self._trace.step()
 
     # ------------------------------------------------------------------------ results
-    def report(self) -> PhaseReport:
-        """The `requests` and `phases` tables (polars) of every request held so far."""
+    def session(self) -> Session:
+        """What the block holds so far: finished requests, NVML samples and trace files."""
+        with self._lock:
+            records = list(self.records)
         samples = self._sampler.samples() if self._sampler is not None else None
-        return build_report(self.records, self.timer.kind, samples=samples, traces=self.traces,
-                            gpu_phases=self._gpu_phases())
+        return Session(records, self.timer.kind, samples=samples, traces=list(self.traces))
 
-    def _gpu_phases(self):
-        """GPU time per phase instance from the Kineto traces written so far (those with GPU
-        activity), read once each; None without traces."""
-        if not self.traces:
-            return None
-        import polars as pl
-
-        from molmo_latency.trace import phase_gpu_table, read_kineto
-
-        for trace in self.traces:
-            if "gpu_phases" not in trace:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    parsed = read_kineto(trace["path"])
-                trace["gpu_phases"] = phase_gpu_table(parsed) if parsed.gpu.height else None
-        tables = [t["gpu_phases"] for t in self.traces if t["gpu_phases"] is not None]
-        return pl.concat(tables) if tables else None
-
-    def pop_report(self) -> PhaseReport:
-        """The tables of the requests since the last pop, which the profiler then forgets.
+    def pop_session(self) -> Session:
+        """The requests since the last pop, which the profiler then forgets, with the samples not
+        handed out before (``new_samples``; the profiler keeps only the one in effect now).
 
         For long sweeps: memory stays bounded, and telemetry samples are handed out once each.
         """
         if self._active is not None:
-            raise MolmoLatencyError("pop_report() cannot run inside generate()")
+            raise MolmoLatencyError("pop_session() and pop_report() cannot run inside generate()")
         with self._lock:  # finished requests only; requests running in other threads stay
             records, self.records = self.records, []
         if self._sampler is None:
-            return build_report(records, self.timer.kind, traces=self.traces, gpu_phases=self._gpu_phases())
-        import polars as pl
-
+            return Session(records, self.timer.kind, traces=list(self.traces))
         samples = self._sampler.samples()  # all of them: a phase may hold an earlier sample
-        report = build_report(records, self.timer.kind, samples=samples, traces=self.traces,
-                              gpu_phases=self._gpu_phases())
+        new = samples
         if self._popped_until_ns is not None:
-            samples = samples.filter(pl.col("t_ns") > self._popped_until_ns)
-        if samples.height:
-            self._popped_until_ns = int(samples["t_ns"].max())
+            new = samples.filter(pl.col("t_ns") > self._popped_until_ns)
+        if new.height:
+            self._popped_until_ns = int(new["t_ns"].max())
             # handed out: keep only the sample in effect now, so a long sweep stays bounded
             self._sampler.discard_before(self._popped_until_ns)
-        report.telemetry = samples
-        return report
+        return Session(records, self.timer.kind, samples=samples, traces=list(self.traces), new_samples=new)
+
+    def report(self) -> PhaseReport:
+        """The `requests` and `phases` tables (polars) of every request held so far."""
+        return session_report(self.session())
+
+    def pop_report(self) -> PhaseReport:
+        """The tables of the requests since the last pop (:meth:`pop_session`)."""
+        return session_report(self.pop_session())
 
 
 def profile_phases(
@@ -594,7 +532,8 @@ def profile_phases(
         nvtx: emit NVTX ranges (domain ``molmo_latency``) for Nsight Systems.
         torch_profiler: None; True (record every request); a ``torch.profiler.schedule(...)``;
             a dict of ``torch.profiler.profile`` arguments; or your own started profile object
-            (we call ``.step()`` after each request). Traces go to `trace_dir`.
+            (we call ``.step()`` after each request). Traces go to `trace_dir`. Checked once, as
+            a :class:`~molmo_latency.capture.TraceCapture`.
         trace_dir: where Chrome/Kineto traces are written (implies ``torch_profiler=True``).
         phases: explicit mapping ``{"vision": path, "projector": path, "llm": (start, end)}``.
         timer: a timer policy; default CUDA events for a CUDA model, perf_counter_ns otherwise.
@@ -604,8 +543,10 @@ def profile_phases(
             ``DEFAULT_INTERVAL_MS``; below ``MIN_INTERVAL_MS`` is refused: the sampler thread
             would slow the loop it measures). Each request reports the rate achieved
             (``telemetry_hz``).
-        nvml_device: the NVML index/UUID to read (default: the model's GPU) or a
-            :class:`~molmo_latency.telemetry.GpuDevice` (e.g. ``FakeGpu`` in tests).
+        nvml_device: the NVML index/UUID to read (default: the model's GPU, by UUID, see
+            :func:`~molmo_latency.telemetry.source.resolve_gpu`) or a
+            :class:`~molmo_latency.telemetry.GpuDevice` (e.g. ``FakeGpu`` in tests). The three
+            ``nvml*`` arguments are checked once, as a :class:`~molmo_latency.telemetry.NvmlSettings`.
         entry_points: the model's methods whose calls are requests (default ``generate`` and
             Molmo's ``generate_from_batch``; nested calls count once).
 
@@ -617,21 +558,9 @@ def profile_phases(
         >>> prof.report().phases["phase"].to_list()
         ['vision', 'projector', 'prefill', 'decode', 'decode']
     """
-    return PhaseProfiler(
-        model, nvtx=nvtx, torch_profiler=torch_profiler, trace_dir=trace_dir, phases=phases,
-        timer=timer, nvml=nvml, nvml_interval_ms=nvml_interval_ms, nvml_device=nvml_device,
-        entry_points=entry_points,
-    )
-
-
-def _nvml_id(device: torch.device) -> int | str:
-    """The NVML name of a CUDA device: its UUID ("GPU-..."), because NVML ignores
-    CUDA_VISIBLE_DEVICES and numbers every GPU of the machine; the index as a fallback."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    uuid = str(getattr(torch.cuda.get_device_properties(index), "uuid", "") or "")
-    if uuid:
-        return uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
-    return index
+    settings = NvmlSettings(nvml, nvml_interval_ms, nvml_device)
+    return PhaseProfiler(model, nvtx=nvtx, trace=TraceCapture.from_args(torch_profiler, trace_dir),
+                         phases=phases, timer=timer, nvml=settings, entry_points=entry_points)
 
 
 def _input_ids(args: tuple, kwargs: dict) -> Any:
@@ -647,14 +576,7 @@ def _input_ids(args: tuple, kwargs: dict) -> Any:
     return None
 
 
-def _tprof_recording(tprof: Any) -> bool:
-    from torch.profiler import ProfilerAction
-
-    action = getattr(tprof, "current_action", ProfilerAction.RECORD)
-    return action in (ProfilerAction.RECORD, ProfilerAction.RECORD_AND_SAVE)
-
-
-def _classify(req: RequestRecord, args: tuple, kwargs: dict) -> tuple[str, int]:
+def _classify(req: RunningRequest, args: tuple, kwargs: dict) -> tuple[str, int]:
     """The kind of one LLM call and its index among that kind, from shapes only.
 
     ``prefill`` while the prompt is not yet fed (several calls: prefill chunks), then per new
@@ -742,7 +664,7 @@ def _generation_setting(model: torch.nn.Module, args: tuple, kwargs: dict, name:
     return None
 
 
-def _image_tokens_per_row(req: RequestRecord, image_token_id: int | None) -> list[int] | None:
+def _image_tokens_per_row(req: RunningRequest, image_token_id: int | None) -> list[int] | None:
     """Image tokens of each row: Molmo's image_input_idx entries >= 0 where given, else the
     image token id in input_ids."""
     idx = req.image_input_idx

@@ -21,11 +21,17 @@ phase), which sum to it exactly when no phases overlap:
 
 from __future__ import annotations
 
+import functools
+import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Mapping, NamedTuple
 
 import polars as pl
+
+from molmo_latency.session import Session
+from molmo_latency.trace import phase_gpu_table, read_kineto
 
 from molmo_latency.schema import (
     LLM_PHASES,
@@ -45,37 +51,36 @@ def polars_schema(columns: dict[str, str]) -> dict[str, pl.DataType]:
     return {name: _DTYPES[kind] for name, kind in columns.items()}
 
 
+class Span(NamedTuple):
+    """One phase instance of a request: indices of its start and end mark in ``times_ns``."""
+
+    phase: str
+    step: int
+    start_mark: int
+    end_mark: int
+
+
 @dataclass
 class RequestRecord:
-    """One generate() call as collected: timer marks and the phase spans that index them."""
+    """One finished generate() call: its resolved times and the phase spans that index them
+    (the profiler's scratch state while it runs is :class:`molmo_latency.profiler.RunningRequest`)."""
 
     index: int
-    marks: list[Any] = field(default_factory=list)
-    spans: list[tuple[str, int, int, int]] = field(default_factory=list)  # phase, step, i0, i1
-    open: list[tuple[str, int, int, str]] = field(default_factory=list)
-    occurrences: dict[str, int] = field(default_factory=dict)
-    llm_calls: int = 0
+    spans: list[Span] = field(default_factory=list)
+    times_ns: list[int] | None = None  # the marks on the host clock; None: they could not be resolved
     anomalies: list[str] = field(default_factory=list)
+    complete: bool = True
+    error: str | None = None
     input_tokens: int | None = None
     image_tokens: int | None = None
     output_tokens: int | None = None
     batch_size: int | None = None
-    input_ids: Any = None  # held until the request ends, to count image tokens then
-    image_input_idx: Any = None  # Molmo's image positions, held like input_ids
-    # the LLM call running: [kind, step, start mark, LLM hook seen, range pushed, last image-phase end mark]
-    call: list[Any] | None = None
-    kind_counts: dict[str, int] = field(default_factory=dict)  # LLM calls per kind so far
-    fed: int = 0  # prompt tokens fed to the LLM so far (prefill chunks)
-    decode_rows: list[int] = field(default_factory=list)  # rows fed by each decode step
-    unsplit: set[str] = field(default_factory=set)
     num_beams: int | None = None
-    eos_token_id: Any = None
     output_tokens_per_row: list[int] | None = None
     image_tokens_per_row: list[int] | None = None
+    decode_rows: list[int] = field(default_factory=list)  # rows fed by each decode step
+    unsplit: frozenset[str] = frozenset()  # regions whose LLM call was timed as a whole
     thread_id: int | None = None
-    complete: bool = True
-    error: str | None = None
-    times_ns: list[int] | None = None
     wall_start_ns: int = 0
     wall_end_ns: int = 0
 
@@ -297,3 +302,39 @@ def build_report(records: list[RequestRecord], timer_kind: str, *, samples: pl.D
     tables["phases"] = add_rate_columns(tables["phases"], samples)
     return PhaseReport(requests=tables["requests"], phases=tables["phases"], traces=list(traces or []),
                        telemetry=tables.get("telemetry"))
+
+
+def trace_gpu_phases(traces: Iterable[Mapping[str, Any]]) -> pl.DataFrame | None:
+    """GPU time per phase instance (``phase_gpu_table``) from the Kineto traces listed (each
+    ``{"path": ...}``) that hold GPU activity; None without any. A file is read once for as long
+    as it stays unchanged."""
+    tables = [t for t in (_gpu_phases_of_file(str(trace["path"])) for trace in traces) if t is not None]
+    return pl.concat(tables) if tables else None
+
+
+def _gpu_phases_of_file(path: str) -> pl.DataFrame | None:
+    try:
+        stat = os.stat(path)
+    except OSError:  # read_kineto says what is wrong with the path
+        return _read_gpu_phases(path, None, None)
+    return _read_gpu_phases(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=256)
+def _read_gpu_phases(path: str, _mtime_ns: int | None, _size: int | None) -> pl.DataFrame | None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        parsed = read_kineto(path)
+    return phase_gpu_table(parsed) if parsed.gpu.height else None
+
+
+def session_report(session: Session) -> PhaseReport:
+    """The `requests` and `phases` tables of a profiled :class:`~molmo_latency.session.Session`:
+    the records' phases, their telemetry (from all samples held: a phase may hold an earlier
+    sample) and the GPU time from its traces; the ``telemetry`` table is ``new_samples`` for a
+    popped session."""
+    report = build_report(session.records, session.timer_kind, samples=session.samples,
+                          traces=session.traces, gpu_phases=trace_gpu_phases(session.traces))
+    if session.new_samples is not None:
+        report.telemetry = session.new_samples
+    return report

@@ -277,10 +277,9 @@ def test_prompt_lookup_verification_calls_are_their_own_kind(tiny):
 def test_a_multi_token_call_after_the_prompt_is_labelled_by_whether_a_cache_is_in_use(cache_kwargs, expected):
     """Each LLM-call kind from what the call feeds and whether it runs against a cache, whatever
     the keyword a transformers line names the cache with."""
-    from molmo_latency.profiler import _classify
-    from molmo_latency.records import RequestRecord
+    from molmo_latency.profiler import RunningRequest, _classify
 
-    req = RequestRecord(index=0)
+    req = RunningRequest(index=0)
     req.input_tokens = 6
     kinds = []
     for length in (4, 2, 1):  # a prompt in two chunks, then one decode step

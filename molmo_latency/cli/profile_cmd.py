@@ -217,17 +217,16 @@ def _write_html(run_dir: Path, rep: dict, pngs: list) -> Path | None:
 WIDE_HELP = "show every column at its natural width (default: the columns that fit the terminal)"
 
 
-def _nvml_index(device: str) -> int:
-    return int(device.split(":", 1)[1]) if device.startswith("cuda:") and device[5:].isdigit() else 0
-
-
 def check_nvml_required(device: str) -> None:
-    """`--nvml required`: NVML must open the GPU now, before a model is loaded or a file written."""
+    """`--nvml required`: NVML must open the GPU now, before a model is loaded or a file written;
+    the GPU is named as the profiler names it (:func:`~molmo_latency.telemetry.source.resolve_gpu`,
+    by UUID), so CUDA_VISIBLE_DEVICES cannot make the check look at another GPU."""
     from molmo_latency.errors import NvmlUnavailable
     from molmo_latency.telemetry.device import open_gpu
+    from molmo_latency.telemetry.source import resolve_gpu
 
     try:
-        open_gpu(_nvml_index(device)).close()
+        open_gpu(resolve_gpu(device).nvml_id).close()
     except NvmlUnavailable as exc:
         msg = str(exc).replace("nvml='off'", "--nvml off")
         if "--nvml off" not in msg:

@@ -255,11 +255,10 @@ def run_sweep(
     worker = Worker.open(model, spec, device=device, dtype=dtype, nvml=nvml, trust_remote_code=trust_remote_code)
     worker.source.check_configs(spec.configs())  # a knob value the model cannot take: refused now
     if nvml == "required":  # refused now, not after run.json is written
-        from molmo_latency.profiler import _nvml_id
         from molmo_latency.telemetry.device import open_gpu
+        from molmo_latency.telemetry.source import resolve_gpu
 
-        param = next(worker.source.model.parameters())
-        open_gpu(_nvml_id(param.device) if param.device.type == "cuda" else 0).close()
+        open_gpu(resolve_gpu(worker.source.model).nvml_id).close()
     if isinstance(model, str):
         identity = run_identity(model, device, dtype, spec)
     else:

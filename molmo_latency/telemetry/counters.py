@@ -14,6 +14,7 @@ from __future__ import annotations
 import gzip
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,8 @@ from molmo_latency.errors import TraceError
 from molmo_latency.telemetry.throttle import SLOWDOWN_REASONS_MASK
 from molmo_latency.trace.reader import _read_bytes
 
-__all__ = ["COUNTER_TRACKS", "add_counter_tracks", "estimate_clock_offset_ns", "read_trace"]
+__all__ = ["COUNTER_TRACKS", "add_counter_tracks", "add_request_counter_tracks", "estimate_clock_offset_ns",
+           "read_trace"]
 
 #: (sample column, counter track name) written by :func:`add_counter_tracks`.
 COUNTER_TRACKS: tuple[tuple[str, str], ...] = (
@@ -203,3 +205,21 @@ def add_counter_tracks(
             os.unlink(tmp)
         raise
     return out
+
+
+def add_request_counter_tracks(trace_path: str | os.PathLike, samples: pl.DataFrame, *, request: int,
+                               request_start_ns: int) -> Path | None:
+    """Counter tracks in a trace that `profile_phases` wrote: the clock offset comes from the
+    ``request[<request>]`` annotation, whose start was ``request_start_ns`` on the samples'
+    clock; the samples from 1 s before that request on are written (:func:`add_counter_tracks`).
+
+    A trace without that annotation gets no tracks and one warning naming it; returns the path
+    written, or None.
+    """
+    try:
+        offset = estimate_clock_offset_ns(trace_path, f"request[{request}]", request_start_ns)
+    except TraceError as exc:
+        warnings.warn(f"no NVML counter tracks in {trace_path}: {exc}", stacklevel=2)
+        return None
+    recent = samples.filter(pl.col("t_ns") >= request_start_ns - 1_000_000_000)
+    return add_counter_tracks(trace_path, recent, clock_offset_ns=offset)

@@ -1,19 +1,23 @@
-"""The ``nvml="auto" | "off" | "required"`` policy, as two calls around a profiled run.
+"""The ``nvml="auto" | "off" | "required"`` policy: one :class:`NvmlSettings` value, checked once,
+and two calls around a profiled run::
 
-The profiler wires telemetry in a few lines::
-
-    sampler = start_telemetry(nvml, gpu_index)        # None when off or unavailable
+    sampler = start_telemetry(nvml, gpu)              # None when off or unavailable
     try:
         ...                                           # the profiled generate() calls
     finally:
         samples = stop_telemetry(sampler, nvml)       # DataFrame, or None without telemetry
     report = attach_telemetry(report, samples)        # null columns when samples is None
+
+``gpu`` is the NVML index / UUID; the profiler names it with
+:func:`molmo_latency.telemetry.source.resolve_gpu` (by UUID) through
+:func:`~molmo_latency.telemetry.source.open_telemetry`.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import polars as pl
@@ -22,8 +26,8 @@ from molmo_latency.errors import MolmoLatencyError, NvmlUnavailable
 from molmo_latency.telemetry.device import GpuDevice, open_gpu
 from molmo_latency.telemetry.sampler import NvmlSampler
 
-__all__ = ["DEFAULT_INTERVAL_MS", "MIN_INTERVAL_MS", "NVML_MODES", "NvmlWarning", "start_telemetry",
-           "stop_telemetry"]
+__all__ = ["DEFAULT_INTERVAL_MS", "MIN_INTERVAL_MS", "NVML_MODES", "NvmlSettings", "NvmlWarning",
+           "start_telemetry", "stop_telemetry"]
 
 #: The profiler's NVML sampling interval unless told otherwise. A sample costs the sampler
 #: thread several GIL hand-offs (one per NVML query); against a decode loop that holds the GIL,
@@ -36,6 +40,38 @@ MIN_INTERVAL_MS = 5.0
 
 NvmlMode = Literal["auto", "off", "required"]
 NVML_MODES: tuple[str, ...] = ("auto", "off", "required")
+
+
+@dataclass(frozen=True)
+class NvmlSettings:
+    """NVML telemetry of a profiled block as one value, checked once when it is made.
+
+    ``mode``: "auto" | "off" | "required"; ``interval_ms``: the sampling interval (at least
+    ``MIN_INTERVAL_MS``: a faster sampler thread slows the loop it measures); ``device``: the
+    NVML index / UUID or a :class:`~molmo_latency.telemetry.device.GpuDevice` to read (None: the
+    model's GPU, see :func:`molmo_latency.telemetry.source.resolve_gpu`).
+
+    >>> NvmlSettings().interval_ms == DEFAULT_INTERVAL_MS
+    True
+    >>> NvmlSettings("sometimes")
+    Traceback (most recent call last):
+    ...
+    molmo_latency.errors.MolmoLatencyError: nvml must be 'auto', 'off' or 'required', got 'sometimes'
+    """
+
+    mode: NvmlMode | str = "auto"
+    interval_ms: float = DEFAULT_INTERVAL_MS
+    device: int | str | GpuDevice | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in NVML_MODES:
+            raise MolmoLatencyError(f"nvml must be 'auto', 'off' or 'required', got {self.mode!r}")
+        interval = self.interval_ms
+        if self.mode != "off" and not (isinstance(interval, (int, float)) and interval >= MIN_INTERVAL_MS):
+            raise MolmoLatencyError(
+                f"nvml_interval_ms={interval!r} is below the floor of {MIN_INTERVAL_MS:g} ms: "
+                "faster NVML sampling slows the measured decode loop (see benchmarks/RESULTS.md); "
+                f"use nvml_interval_ms >= {MIN_INTERVAL_MS:g} (default {DEFAULT_INTERVAL_MS:g})")
 
 
 class NvmlWarning(UserWarning):
