@@ -303,10 +303,10 @@ def _conditions_gpu(model, nvml: str):
     if nvml == "off" or param is None or param.device.type != "cuda":
         return None
     try:
-        from molmo_latency.profiler import _nvml_id
         from molmo_latency.telemetry.device import open_gpu
+        from molmo_latency.telemetry.source import resolve_gpu
 
-        return open_gpu(_nvml_id(param.device))
+        return open_gpu(resolve_gpu(model).nvml_id)  # the same GPU, by UUID, as the profiler reads
     except Exception:  # noqa: BLE001 - conditions are recorded where they can be read
         return None
 
