@@ -64,6 +64,7 @@ import os
 import threading
 import time
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Mapping, NamedTuple
 
@@ -72,6 +73,7 @@ import torch
 
 from molmo_latency.adapters import PathSpec, PhaseMap, find_phases
 from molmo_latency.capture import TraceCapture, TraceRecorder
+from molmo_latency.conditions import RequestProbe
 from molmo_latency.errors import MolmoLatencyError
 from molmo_latency.ranges import RangeEmitter
 from molmo_latency.records import PhaseReport, RequestRecord, Span, session_report
@@ -192,6 +194,13 @@ class RunningRequest:
     image_input_idx: Any = None  # Molmo's image positions
     num_beams: int | None = None
     eos_token_id: Any = None
+    probe: RequestProbe | None = None  # the conditions the request runs under
+    warm: bool = True  # False: the first request of its model in this process
+
+
+# Models that finished a request in this process: the first request of a model is measured cold
+# (lazy initialisation, empty caches) and says so (``warm`` False; `report` leaves it out).
+_WARM_MODELS: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
 
 
 class PhaseProfiler:
@@ -429,6 +438,8 @@ class PhaseProfiler:
         beams = _generation_setting(self.model, args, kwargs, "num_beams")
         req.num_beams = int(beams) if isinstance(beams, int) else 1  # unset: generate()'s default, 1
         req.eos_token_id = _generation_setting(self.model, args, kwargs, "eos_token_id")
+        req.warm = self.model in _WARM_MODELS
+        req.probe = RequestProbe.start(torch.get_num_threads())
         self.timer.begin()
         req.wall_start_ns = time.perf_counter_ns()
         if self._trace is not None:
@@ -445,6 +456,9 @@ class PhaseProfiler:
         req.anomalies.extend(f"{opened.phase} never ended" for opened in req.open)
         self.ranges.pop_all()
         wall_end_ns = time.perf_counter_ns()
+        conditions = req.probe.stop(warm=req.warm) if req.probe is not None else {}
+        if exc is None:
+            _WARM_MODELS.add(self.model)
         output_tokens = output_rows = None
         if exc is None:
             output_rows = _output_tokens_per_row(out, req.input_tokens, req.eos_token_id)
@@ -466,7 +480,7 @@ class PhaseProfiler:
             output_tokens=output_tokens, batch_size=req.batch_size, num_beams=req.num_beams,
             output_tokens_per_row=output_rows, image_tokens_per_row=image_rows,
             decode_rows=req.decode_rows, unsplit=frozenset(req.unsplit), thread_id=req.thread_id,
-            wall_start_ns=req.wall_start_ns, wall_end_ns=wall_end_ns)
+            wall_start_ns=req.wall_start_ns, wall_end_ns=wall_end_ns, conditions=conditions)
         with self._lock:
             self.records.append(record)
             self.records.sort(key=lambda r: r.index)

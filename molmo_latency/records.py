@@ -33,6 +33,7 @@ import polars as pl
 from molmo_latency.session import Session
 from molmo_latency.trace import phase_gpu_table, read_kineto
 
+from molmo_latency.conditions import CONDITION_COLUMNS
 from molmo_latency.schema import (
     LLM_PHASES,
     OTHER_LLM_PHASES,
@@ -83,6 +84,7 @@ class RequestRecord:
     thread_id: int | None = None
     wall_start_ns: int = 0
     wall_end_ns: int = 0
+    conditions: dict[str, Any] = field(default_factory=dict)  # molmo_latency.conditions.CONDITION_COLUMNS
 
 
 @dataclass
@@ -234,6 +236,7 @@ def _request_row(rec: RequestRecord, rows: list[dict[str, Any]], problems: list[
         **{f"{k}_ms": v for k, v in gaps.items()},
         "unsplit_regions": ", ".join(sorted(rec.unsplit)) if rec.unsplit else None,
         "thread_id": rec.thread_id,
+        **{k: rec.conditions.get(k) for k in CONDITION_COLUMNS},
     }
 
 

@@ -63,6 +63,12 @@ REQUEST_COLUMNS = {
     "after_last_ms": "float64",    # part 4: last phase -> request end
     "unsplit_regions": "str",      # code whose inner phases could not be timed (compiled)
     "thread_id": "int64",          # threading.get_ident() of the thread that called generate()
+    # the conditions the request ran under (molmo_latency.conditions: what each one means)
+    "torch_threads": "int64",
+    "cpu_time_ratio": "float64",
+    "involuntary_switches": "int64",
+    "host_load_1m": "float64",
+    "warm": "bool",
 }
 
 # prof.report()["phases"]

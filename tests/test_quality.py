@@ -150,3 +150,33 @@ def test_the_thermal_wait_waits_for_a_cool_idle_gpu_and_gives_up_saying_so():
     busy = FakeGpu(temp_c=50.0, util_gpu_pct=100.0)  # another process keeps it busy
     r = wait_until_cool(busy, ThermalWait(poll_s=1.0, timeout_s=3.0), sleep=sleep, clock=lambda: now[0])
     assert r["timed_out"] is True and r["waited_s"] == 3.0 and r["util_gpu_pct"] == 100.0
+
+
+# ------------------------------------------------------------------ recorded by the profiler
+def test_every_request_records_its_conditions_and_the_first_of_a_model_is_cold(tmp_path):
+    import torch
+
+    from molmo_latency import profile_phases
+    from molmo_latency.models import reference_vlm
+    from molmo_latency.report import run_report
+    from tests.layout import phase_module
+
+    ref = reference_vlm("tiny", seed=3)  # a model no profiler has seen in this process
+    with profile_phases(ref.model) as prof:
+        for _ in range(3):
+            ref.model.generate(**ref.request(crops=1, prompt_tokens=8, new_tokens=3))
+        handle = phase_module(ref.model, "llm").register_forward_hook(lambda *_: time.sleep(0.1))
+        try:  # a request that mostly sleeps: its process takes little CPU, however busy the machine
+            ref.model.generate(**ref.request(crops=1, prompt_tokens=8, new_tokens=3))
+        finally:
+            handle.remove()
+    r = prof.report().requests
+    assert r["warm"].to_list() == [False, True, True, True]
+    assert r["torch_threads"].to_list() == [torch.get_num_threads()] * 4
+    assert (r["involuntary_switches"] >= 0).all() and (r["host_load_1m"] >= 0).all()
+    assert r["cpu_time_ratio"][3] < 0.5
+    # the cold request is counted, not used: report's medians leave it out
+    prof.report().write_parquet(tmp_path / "api")
+    rep = run_report(tmp_path / "api")
+    assert int(rep["config"]["n_valid"].sum()) == 3
+    assert any("1 requests were measured cold" in reason for reason in rep["quality"].reasons)
