@@ -67,7 +67,7 @@ def test_fit_uses_every_decode_step_and_is_evaluated_on_held_out_configurations(
         assert (ev[p95] >= ev[p50]).all() and (ev[p50] > 0).all()
         r = m[name]["requests"]
         assert r["n"] == 24
-        assert r["p95_coverage"] == pytest.approx(float((ev[name] <= ev[p95]).mean()))
+        assert r["coverage_p95"] == pytest.approx(float((ev[name] <= ev[p95]).mean()))
         assert r["mae_ms"] == pytest.approx(float((ev[name] - ev[p50]).abs().mean()))
     # the measured whole request is the generate() call of requests.parquet
     req = pl.read_parquet(tiny_run / "requests.parquet")
@@ -217,7 +217,7 @@ def test_cli_fit_has_per_position_evaluation_and_predict_gives_whole_requests(ti
     assert set(m) == {"held_out_configs", "held_out_new_tokens"}
     for split in m.values():
         assert {b["positions"] for b in split["decode_step_ms"]["by_position"]} <= {"0", "1-3", "4-15"}
-        assert all(0 <= b["p95_coverage"] <= 1 and b["mape_pct"] >= 0 for b in split["decode_step_ms"]["by_position"])
+        assert all(0 <= b["coverage_p95"] <= 1 and b["mape_pct"] >= 0 for b in split["decode_step_ms"]["by_position"])
         assert split["request_ms"]["by_output_tokens"]
     preds = []
     for n in (2, 8, 32):

@@ -34,6 +34,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("molmo_latency.cli.fit_cmd",
                 "P50 and P95 of a whole request of N output tokens (prefill, decode total, request) for one "
                 "configuration."),
+    "plan": ("molmo_latency.cli.plan_cmd",
+             "The configurations whose whole request fits a latency budget at a quantile, with their P50/P95 (every "
+             "combination of the knob values the model was fitted on, or those an accuracy table scores); with "
+             "--accuracy, the Pareto frontier of accuracy against latency and the best configuration that fits."),
     "trace": ("molmo_latency.cli.trace_cmd",
               "Read traces (torch.profiler Kineto JSON, Nsight Systems SQLite exports): GPU time per kernel, "
               "annotation and device."),
