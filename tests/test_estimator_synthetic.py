@@ -326,7 +326,7 @@ def test_run_directories_are_concatenated_and_model_defaults_filled(tmp_path):
     est = fit_estimator([a, b])
     assert est.meta["model"]["model"] == "tiny" and est.meta["model"]["blocks_total"] == 4
     assert len(est.meta["training"]["run_dirs"]) == 2
-    with pytest.raises(EstimatorError, match="blocks must be <= 4"):
+    with pytest.raises(EstimatorError, match=r"blocks must be between 1 and 4 \(the model.s blocks\); got 5"):
         est.predict_arrays(crops=1, top_k=1, blocks=5, prompt_tokens=8)
 
 
