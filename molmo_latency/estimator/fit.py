@@ -626,16 +626,17 @@ def quality_gate(rows: pl.DataFrame, metrics: dict[str, Any], baseline: dict[str
         problems.append(f"whole request: held-out MAPE {req['mape_pct']:.1f}% is no better than the knobs "
                         f"baseline's {base['mape_pct']:.1f}%")
     reasons: list[str] = []
-    per_config = rows.group_by("config_key").agg(pl.len().alias("n"),
-                                                 (pl.col("total_ms").log() - pl.col("total_ms").median().log())
-                                                 .abs().median().alias("mad"))
+    logs = rows.filter(pl.col("total_ms") > 0).with_columns(pl.col("total_ms").log().alias("log_ms"))
+    per_config = logs.group_by("config_key").agg(pl.len().alias("n"),
+                                                 ((pl.col("log_ms") - pl.col("log_ms").mean()) ** 2).sum().alias("ss"))
     repeats = float(per_config["n"].median()) if per_config.height else 0.0
     if repeats < GATE["min_repeats"]:
         reasons.append(f"too few repeats: a median of {repeats:g} requests per configuration; sweep repeats >= "
                        f"{GATE['min_repeats']}")
-    spread = float(1.4826 * per_config.filter(pl.col("n") >= 2)["mad"].median() or 0.0) if per_config.height else 0.0
+    many = per_config.filter(pl.col("n") >= 2)  # pooled SD of log(total) within configurations
+    spread = math.sqrt(float(many["ss"].sum()) / float((many["n"] - 1).sum())) if many.height else 0.0
     if spread > GATE["max_repeat_rel_sd"]:
-        reasons.append(f"noisy data: repeats of one configuration differ by {100 * spread:.0f}% (robust SD of the "
+        reasons.append(f"noisy data: repeats of one configuration differ by {100 * spread:.0f}% (SD of the log of the "
                        "whole request); measure on a quiet machine or with more repeats")
     n_settings = sum(configs.values())
     if n_settings < GATE["min_settings"] or min(configs.get("calib", 0), configs.get("test", 0)) < GATE[
