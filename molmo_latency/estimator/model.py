@@ -242,17 +242,21 @@ class Estimator:
         """
         limits = {"blocks": (self._blocks_total, "the model's blocks"),
                   "top_k": (self._experts, "the model's experts per MoE layer")}
-        for key, low in KNOB_MIN.items():
-            if key not in x:
-                continue
-            v = x[key]
-            high, what = limits.get(key, (None, ""))
-            span = f">= {low}" if high is None else f"between {low} and {high} ({what})"
-            outside = ~np.isfinite(v) | ~(v >= low) | ((v > high) if high is not None else False)
-            checks = [(outside, span)]
-            if key in KNOBS:
-                checks.append((v != np.round(v), "a whole number"))
-            for bad, rule in checks:
+        keys = [k for k in KNOB_MIN if k in x]
+        values = np.stack([np.broadcast_to(x[k], x[keys[0]].shape) for k in keys])  # one pass over every knob
+        low = np.array([KNOB_MIN[k] for k in keys], dtype=np.float64)[:, None]
+        high = np.array([limits.get(k, (None,))[0] or np.inf for k in keys], dtype=np.float64)[:, None]
+        whole = np.array([k in KNOBS for k in keys])[:, None]
+        with np.errstate(invalid="ignore"):
+            outside = ~(values >= low) | ~(values <= high) | ~np.isfinite(values)  # NaN and infinities too
+            fraction = whole & (values != np.round(values))
+        if not (outside.any() or fraction.any()):
+            return
+        for row, key in enumerate(keys):
+            v = values[row]
+            hi, what = limits.get(key, (None, ""))
+            span = f">= {KNOB_MIN[key]}" if hi is None else f"between {KNOB_MIN[key]} and {hi} ({what})"
+            for bad, rule in ((outside[row], span), (fraction[row], "a whole number")):
                 if bad.any():
                     i = int(np.argmax(bad))
                     where = f" (configuration {i} of {bad.size})" if bad.size > 1 else ""
@@ -323,18 +327,18 @@ class Estimator:
     def _scaled(self, name: str) -> bool:
         return self.noise is not None and name in MIXED
 
-    def _at(self, name: str, mu: Mapping[str, np.ndarray], steps: np.ndarray, factor: float) -> np.ndarray:
-        """Output `name` at a calibrated factor (a ratio, or a score in units of the modelled spread)."""
+    def _at(self, name: str, mu: Mapping[str, np.ndarray], steps: np.ndarray, *factors: float) -> list[np.ndarray]:
+        """Output `name` at calibrated factors (ratios, or scores in units of the modelled spread)."""
         if not self._scaled(name):
-            return mu[name] * factor
+            return [mu[name] * f for f in factors]
         sd, m = self.relative_sd(name, mu, steps), mu[name]
         floor = np.where(m > 0, FLOOR_MS, 0.0)  # a request without decode steps has a decode total of 0
-        return np.maximum(m * (1.0 + factor * sd), floor)
+        return [np.maximum(m * (1.0 + f * sd), floor) for f in factors]
 
     def _calibrated(self, name: str, mu: Mapping[str, np.ndarray], steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """P50 and P95 of output `name` from the linear predictions."""
-        f50, f95 = self.factors[name]
-        return self._at(name, mu, steps, f50), self._at(name, mu, steps, f95)
+        p50, p95 = self._at(name, mu, steps, *self.factors[name])
+        return p50, p95
 
     def _level(self, name: str, quantile: float) -> float:
         """The calibration-score level that gives `quantile` (split conformal: the ceil((k + 1) q)-th
@@ -563,7 +567,7 @@ class Estimator:
             return {"latency_ms": qs["request_ms"][:, 0], "in_range": self._in_range_lengths(x, new_tokens)}
         x = self._configs(**config, new_tokens=self.defaults["new_tokens"] if new_tokens is None else new_tokens)
         steps = x["new_tokens"] - 1.0
-        return {"latency_ms": self._at("request_ms", self._mu(x, steps), steps, self.factor_at("request_ms", q)),
+        return {"latency_ms": self._at("request_ms", self._mu(x, steps), steps, self.factor_at("request_ms", q))[0],
                 "in_range": self.in_range(x)}
 
     def check_budget_feasibility(self, budget_ms, *, crops, top_k, blocks, prompt_tokens, new_tokens=None,
@@ -621,7 +625,7 @@ class Estimator:
 
         def latency(tokens: np.ndarray) -> np.ndarray:
             steps = tokens - 1.0
-            return self._at("request_ms", self._mu(x, steps, prefill=prefill), steps, f)
+            return self._at("request_ms", self._mu(x, steps, prefill=prefill), steps, f)[0]
 
         lo = np.zeros(n)                                 # the largest N known to fit (0: none)
         hi = np.full(n, float(max_new_tokens) + 1.0)     # the smallest N known not to fit
@@ -668,9 +672,8 @@ class Estimator:
         else:
             x = self._configs(**config, new_tokens=self.defaults["new_tokens"] if new_tokens is None else new_tokens)
             steps = x["new_tokens"] - 1.0
-            mu = self._mu(x, steps)
-            p50, p95 = self._calibrated("request_ms", mu, steps)
-            lat = self._at("request_ms", mu, steps, self.factor_at("request_ms", q))
+            p50, p95, lat = self._at("request_ms", self._mu(x, steps), steps, *self.factors["request_ms"],
+                                     self.factor_at("request_ms", q))
             inside = self.in_range(x)
         out = {"latency_ms": lat, "request_p50_ms": p50, "request_p95_ms": p95, "in_range": inside,
                "fits": lat[None, :] <= budget[:, None]}
