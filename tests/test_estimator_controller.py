@@ -339,3 +339,13 @@ def test_estimate_max_output_tokens_is_the_largest_n_a_loop_over_n_finds(est):
         assert got["max_new_tokens"][-1] == 0 and np.isnan(got["latency_ms"][-1])
     capped = est.estimate_max_output_tokens(1e9, crops=1, top_k=1, blocks=1, prompt_tokens=8, max_new_tokens=50)
     assert capped["max_new_tokens"].tolist() == [50] and capped["capped"].tolist() == [True]
+
+
+def test_plan_help_shows_its_flags_and_ends_with_examples():
+    r = _cli("plan", "--help")
+    assert r.returncode == 0 and "<bool>" not in r.stdout
+    for flag in ("--budget-ms", "--quantile", "--accuracy", "--json"):
+        assert flag in r.stdout
+    assert "molmo-latency plan MODEL_DIR --budget-ms" in r.stdout[r.stdout.index("Examples:"):]
+    top = _cli("--help")
+    assert " plan " in top.stdout
