@@ -166,14 +166,15 @@ def time_controller(est: Estimator, n: int = 1000, budgets: int = 64) -> dict:
     max_us = _timed(lambda: est.estimate_max_output_tokens(per_row, **cfg), 200)
     frame = pl.DataFrame(cfg)
     frame_us = _timed(lambda: est.plan(sweep[:8], configs=frame, new_tokens=16), 100)
-    return {"configs": n, "budgets": budgets, "plan_sweep_median_us": float(np.median(plan_us)),
+    pred_us = _timed(lambda: est.predict_arrays(**cfg, new_tokens=16), 1000)
+    return {"configs": n, "budgets": budgets, "predict_arrays_median_us": float(np.median(pred_us)), "plan_sweep_median_us": float(np.median(plan_us)),
             "plan_sweep_p95_us": float(np.percentile(plan_us, 95)), "plan_one_median_us": float(np.median(one_us)),
             "feasibility_median_us": float(np.median(feas_us)), "max_tokens_median_us": float(np.median(max_us)),
             "plan_frame_median_us": float(np.median(frame_us))}
 
 
 def controller_markdown(label: str, tm: dict, machine: dict) -> str:
-    ok = tm["plan_sweep_median_us"] < PLAN_BUDGET_US
+    ok = tm["plan_sweep_median_us"] < PLAN_BUDGET_US / 2  # "well under 1 ms": under half of it
     return "\n".join([
         f"### {label}", "",
         f"Measured {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC on {machine['arch']} {machine['cpu']} (nproc "
@@ -188,8 +189,14 @@ def controller_markdown(label: str, tm: dict, machine: dict) -> str:
         f"| `estimate_max_output_tokens` (bisection over N <= 4096) | {tm['configs']} rows | "
         f"{tm['max_tokens_median_us']:.0f} |",
         f"| `plan` (polars frame out) | {tm['configs']} configurations x 8 budgets | {tm['plan_frame_median_us']:.0f} |",
+        f"| `predict_arrays` (for reference) | {tm['configs']} configurations | {tm['predict_arrays_median_us']:.0f} |",
         "",
-        f"Budget sweep over {tm['configs']} configurations: target well under 1 ms: {'met' if ok else 'missed'}.", ""])
+        f"Budget sweep over {tm['configs']} configurations: target well under 1 ms (here: under 0.5 ms): "
+        f"{'met' if ok else 'missed'} at a load average of {_fmt(machine.get('load_at_fit'))} on {machine['nproc']} "
+        "cores. The sweep itself (the fits matrix, the frontier and the best per budget) is a few sorts and "
+        "comparisons on top of one `predict_arrays` call; most of the time is that prediction, which took "
+        "135 us for 1,000 configurations on this CPU at a load average of 2.4 (issue 16 section above), against "
+        f"{tm['predict_arrays_median_us']:.0f} us here: on a quiet core the budget sweep scales down with it.", ""])
 
 
 def write_controller_section(text: str, path: Path = RESULTS) -> None:
