@@ -134,6 +134,8 @@ def test_impossible_knob_values_are_refused_the_same_way_on_every_path(est, mode
                        ({"prompt_tokens": np.inf}, "prompt_tokens must be >= 0; got inf")):
         with pytest.raises(EstimatorError, match=match):
             est.predict_arrays(**{**cfg, "top_k": 2, **bad})
+        with pytest.raises(EstimatorError, match=match):
+            est.plan(50.0, configs={**cfg, "top_k": 2, **bad})  # never cast to a whole number first
 
 
 def test_values_outside_the_fitted_range_are_answered_with_a_per_row_flag(est):

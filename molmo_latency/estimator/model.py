@@ -272,7 +272,12 @@ class Estimator:
             >>> est.in_range({"crops": np.array([1, 16]), "new_tokens": 4}).tolist()
             [True, False]
         """
-        arrays = config_arrays(**{k: v for k, v in x.items() if k in self.knob_ranges})
+        given = {k: v for k, v in x.items() if k in self.knob_ranges}
+        shapes = {v.shape for v in given.values() if isinstance(v, np.ndarray) and v.ndim == 1}
+        if len(shapes) == 1 and all(isinstance(v, np.ndarray) and v.ndim == 1 for v in given.values()):
+            arrays = given  # already the broadcast float arrays of _configs
+        else:
+            arrays = config_arrays(**given)
         n = max((v.size for v in arrays.values()), default=1)
         inside = np.ones(n, dtype=bool)
         for key, v in arrays.items():
@@ -1070,12 +1075,14 @@ def plan_configs(est: "Estimator", configs: pl.DataFrame | Mapping[str, Any] | N
     values = est.meta.get("knob_values") or {}
     acc = None if accuracy is None else load_accuracy(accuracy)
     if configs is not None:
-        frame = configs if isinstance(configs, pl.DataFrame) else pl.DataFrame(
-            {k: np.atleast_1d(as_numpy(v)) for k, v in dict(configs).items()})
-        missing = [k for k in REQUIRED if k not in frame.columns]
+        cols = ({c: configs[c].to_numpy() for c in configs.columns} if isinstance(configs, pl.DataFrame)
+                else dict(configs))
+        missing = [k for k in REQUIRED if k not in cols]
         if missing:
             raise EstimatorError(f"configurations lack {missing}; give crops, top_k, blocks and prompt_tokens")
-        frame = frame.select([pl.col(k).cast(pl.Int64) for k in KNOBS if k in frame.columns])
+        arrays = config_arrays(**{k: v for k, v in cols.items() if k in KNOBS})
+        est.check_possible(arrays)  # refused before anything is cast to whole numbers
+        frame = pl.DataFrame({k: v.astype(np.int64) for k, v in arrays.items()})
         if acc is not None:
             keys = [k for k in acc.columns if k != ACCURACY_SCORE]
             lacking = [k for k in keys if k not in frame.columns]
