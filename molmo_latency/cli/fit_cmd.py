@@ -122,7 +122,9 @@ def fit(
     else:
         err_console.print(f"held-out N: {hn['holdout']}, fitted on output tokens {hn['trained_on_output_tokens']}")
     for name, cal in meta["calibration"].items():
-        console.print(f"{OUTPUT_LABELS.get(name, name)}: P50 x{cal['p50_factor']:.3f}, P95 x{cal['p95_factor']:.3f} "
+        what = (f"P50 x{cal['p50_factor']:.3f}, P95 x{cal['p95_factor']:.3f}" if cal.get("scale") != "sd" else
+                f"P50 at {cal['p50_factor']:+.2f}, P95 at {cal['p95_factor']:+.2f} modelled SDs from the linear prediction")
+        console.print(f"{OUTPUT_LABELS.get(name, name)}: {what} "
                       f"({cal['rows']} calibration {'steps' if name == 'decode_step_ms' else 'requests'})")
     base = (quality.get("baseline") or {}).get("request_ms") or {}
     if base.get("mape_pct") is not None:
