@@ -281,10 +281,22 @@ def test_cli_plan_lists_what_fits_and_the_best(est, model_dir, tmp_path):
     assert res["best"] == want.filter(pl.col("best")).drop("budget_ms").to_dicts()[0]
     r = _cli("plan", model_dir, "--budget-ms", 30)
     assert r.returncode == 0 and "configurations fit 30 ms at P95" in r.stdout
+    # a budget sweep: the best configuration per budget
+    sweep = est.plan([12.0, 30.0, 0.5], accuracy=tmp_path / "acc.parquet")
+    r = _cli("plan", model_dir, "--budget-ms", "12,30,0.5", "--accuracy", tmp_path / "acc.parquet", "--json")
+    assert r.returncode == 0, r.stderr
+    per = {b["budget_ms"]: b for b in json.loads(r.stdout)["budgets"]}
+    for budget in (12.0, 30.0):
+        best = sweep.filter((pl.col("budget_ms") == budget) & pl.col("best")).row(0, named=True)
+        assert per[budget]["fitting"] == sweep.filter(pl.col("budget_ms") == budget).height
+        assert {k: per[budget][k] for k in ("crops", "top_k", "blocks", "prompt_tokens", "score")} == {
+            k: best[k] for k in ("crops", "top_k", "blocks", "prompt_tokens", "score")}
+    assert per[0.5] == {"budget_ms": 0.5, "fitting": 0}
     (tmp_path / "bad.csv").write_text("crops,accuracy\n1,0.5\n")
     for args, message in ((["--accuracy", tmp_path / "bad.csv"], "needs a 'score' column"),
                           (["--quantile", "1.5"], "quantile must be a number between 0 and 1"),
-                          (["--budget-ms", "0"], "budget_ms must be finite numbers > 0")):
+                          (["--budget-ms", "0"], "budget_ms must be finite numbers > 0"),
+                          (["--budget-ms", "fast"], "--budget-ms must be a number of ms")):
         base = ["plan", model_dir, "--budget-ms", 30]
         r = _cli(*(base if args[0] != "--budget-ms" else base[:2]), *args)
         assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
