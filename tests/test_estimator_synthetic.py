@@ -68,7 +68,7 @@ def test_decode_steps_are_predicted_by_position(est):
     for b in by_pos:
         part = ev.filter((pl.col("step") >= b["first_step"]) & (pl.col("step") <= b["last_step"]))
         assert b["n"] == part.height
-        assert b["p95_coverage"] == pytest.approx(float((part["decode_step_ms"] <= part["decode_step_p95_ms"]).mean()))
+        assert b["coverage_p95"] == pytest.approx(float((part["decode_step_ms"] <= part["decode_step_p95_ms"]).mean()))
 
 
 def test_a_whole_request_is_prefill_plus_every_decode_step_plus_the_gaps(est):
@@ -104,7 +104,7 @@ def test_p95_coverage_is_about_95_percent_for_short_and_long_requests_alike():
     e = fit_estimator(rows, test_fraction=0.3, calib_fraction=0.3, seed=5)
     assert e.noise["step_correlation"] < 0.2 and e.noise["step_rel_sd"] == pytest.approx(0.05, rel=0.2)
     for b in e.metrics["held_out_configs"]["request_ms"]["by_output_tokens"]:
-        assert b["n"] > 500 and 0.92 <= b["p95_coverage"] <= 0.98, b
+        assert b["n"] > 500 and 0.92 <= b["coverage_p95"] <= 0.98, b
     short, long = (e.predict_arrays(crops=2, top_k=2, blocks=2, prompt_tokens=32, new_tokens=n) for n in (4, 32))
     width = [float(o["request_p95_ms"][0] / o["request_p50_ms"][0]) for o in (short, long)]
     assert width[1] < width[0]  # the long request's P95 is relatively closer to its P50
@@ -130,12 +130,12 @@ def test_p95_is_exceeded_about_5_percent_of_the_time_on_held_out_configurations(
     for name in ("prefill_total_ms", "decode_total_ms", "request_ms"):
         r = m[name]["requests"]
         assert r["n"] > 1000
-        assert 0.92 <= r["p95_coverage"] <= 0.98, (name, r["p95_coverage"])
-        assert 0.40 <= r["p50_below_share"] <= 0.60, (name, r["p50_below_share"])
+        assert 0.92 <= r["coverage_p95"] <= 0.98, (name, r["coverage_p95"])
+        assert 0.40 <= r["coverage_p50"] <= 0.60, (name, r["coverage_p50"])
         if name != "prefill_total_ms":  # coverage is reported by N
             assert [b["output_tokens"] for b in m[name]["by_output_tokens"]] == [4, 8]
             assert sum(b["n"] for b in m[name]["by_output_tokens"]) == r["n"]
-    assert 0.92 <= m["decode_step_ms"]["steps"]["p95_coverage"] <= 0.98
+    assert 0.92 <= m["decode_step_ms"]["steps"]["coverage_p95"] <= 0.98
     cal = e.meta["calibration"]["request_ms"]
     assert cal["finite_sample_guarantee"] and cal["p95_factor"] > cal["p50_factor"]
     ev = e.evaluation.filter(pl.col("split") == "held_out_configs")
@@ -248,6 +248,7 @@ def test_predict_arrays_matches_predict_and_is_vectorised(est):
            "prompt_tokens": rng.integers(0, 100, 1000), "new_tokens": rng.integers(2, 200, 1000)}
     arrays = est.predict_arrays(**cfg)
     frame = est.predict(pl.DataFrame(cfg))
+    inside = arrays.pop("in_range")
     for name, values in arrays.items():
         assert values.shape == (1000,) and np.all(values > 0)
         np.testing.assert_array_equal(frame[name].to_numpy(), values)
@@ -255,8 +256,8 @@ def test_predict_arrays_matches_predict_and_is_vectorised(est):
     assert all(one[k][0] == pytest.approx(arrays[k][7], rel=1e-12) for k in arrays)
     lo = est.predict_arrays(crops=4, top_k=2, blocks=1, prompt_tokens=32, new_tokens=16)
     hi = est.predict_arrays(crops=4, top_k=2, blocks=4, prompt_tokens=32, new_tokens=16)
-    assert all(hi[k][0] > lo[k][0] for k in lo)
-    assert frame["in_training_range"].to_list() == [
+    assert all(hi[k][0] > lo[k][0] for k in arrays)
+    assert frame["in_range"].to_list() == inside.tolist() == [
         bool(0 <= c <= 8 and k <= 4 and b <= 4 and 8 <= p <= 32 and 4 <= n <= 16) for c, k, b, p, n in
         zip(cfg["crops"], cfg["top_k"], cfg["blocks"], cfg["prompt_tokens"], cfg["new_tokens"])]
 
@@ -326,7 +327,7 @@ def test_run_directories_are_concatenated_and_model_defaults_filled(tmp_path):
     est = fit_estimator([a, b])
     assert est.meta["model"]["model"] == "tiny" and est.meta["model"]["blocks_total"] == 4
     assert len(est.meta["training"]["run_dirs"]) == 2
-    with pytest.raises(EstimatorError, match="blocks must be <= 4"):
+    with pytest.raises(EstimatorError, match=r"blocks must be between 1 and 4 \(the model.s blocks\); got 5"):
         est.predict_arrays(crops=1, top_k=1, blocks=5, prompt_tokens=8)
 
 

@@ -13,13 +13,10 @@ from molmo_latency.cli.show import console, err_console, print_frame, print_json
 from molmo_latency.errors import EstimatorError
 
 METRIC_COLUMNS = {"n": "n", "mae_ms": "MAE ms", "mape_pct": "MAPE %", "r2": "R^2",
-                  "within_10pct_share": "within +-10%", "p95_coverage": "P95 coverage"}
+                  "within_10pct_share": "within +-10%", "coverage_p50": "P50 coverage", "coverage_p95": "P95 coverage"}
 OUTPUT_LABELS = {"prefill_total_ms": "prefill total", "decode_total_ms": "decode total", "request_ms": "whole request",
                  "decode_step_ms": "decode step"}
 SPLIT_LABELS = {"held_out_configs": "configs", "held_out_new_tokens": "N"}
-# what each predict option accepts, in the words of its --help
-OPTION_MIN = {"crops": (0, "image crops"), "top_k": (1, "MoE experts per token"), "blocks": (1, "active blocks"),
-              "prompt_tokens": (0, "text tokens"), "batch_size": (1, "sequences per request")}
 
 
 def _metric_row(split: str, output: str, basis: str, m: dict) -> dict:
@@ -35,7 +32,7 @@ def metrics_frame(metrics: dict) -> pl.DataFrame:
     """One row per (held-out split, output): requests (or decode steps) against P50/P95.
 
     Example:
-        >>> m = {"r2": 0.9, "mape_pct": 2.0, "n": 3, "p95_coverage": 1.0}
+        >>> m = {"r2": 0.9, "mape_pct": 2.0, "n": 3, "coverage_p50": 0.5, "coverage_p95": 1.0}
         >>> metrics_frame({"held_out_configs": {"request_ms": {"requests": m}, "decode_step_ms": {"steps": m}}})["output"].to_list()
         ['whole request', 'decode step']
     """
@@ -78,6 +75,8 @@ def fit(
     test_fraction: float = typer.Option(0.25, "--test-fraction", help="share of configurations held out for evaluation"),
     calib_fraction: float = typer.Option(0.25, "--calib-fraction", help="share of configurations that calibrate P50/P95"),
     seed: int = typer.Option(0, "--seed", help="seed of the configuration split"),
+    force: bool = typer.Option(False, "--force", help="write the model even when it fails the quality gate "
+                               "(the model records the verdict)"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
 ) -> None:
     """Fit the whole-request latency estimator (P50/P95 of prefill, of every decode step by position, of the
@@ -88,13 +87,21 @@ def fit(
 
     est = fit_estimator([str(r) for r in run_dirs], feature_set=feature_set, test_fraction=test_fraction,
                         calib_fraction=calib_fraction, seed=seed)
-    model_dir = est.save(out, plots=write_estimator_plots)
+    quality = est.meta["quality"]
+    write = quality["passed"] or force
+    model_dir = est.save(out, plots=write_estimator_plots) if write else None
     meta = est.meta
-    files = [str(model_dir / f) for f in meta["files"].values() if f]
+    files = [str(model_dir / f) for f in meta["files"].values() if f] if write else []
+    refused = ("the estimator failed its quality gate (" + "; ".join(quality["problems"]) + "; likely: "
+               + "; ".join(quality["reasons"]) + f"); {out} was not written: fix the data, or pass --force to write "
+               "it anyway (the model records the verdict)")
     if as_json:
-        print_json(_jsonable({"model_dir": str(model_dir), "files": files, "feature_set": meta["feature_set"]["name"],
-                              **{k: meta[k] for k in ("training", "split", "selection", "calibration", "noise", "metrics",
-                                                      "token_map", "defaults", "knob_ranges", "model")}}))
+        print_json(_jsonable({"model_dir": str(model_dir) if write else None, "written": write, "files": files,
+                              "feature_set": meta["feature_set"]["name"],
+                              **{k: meta[k] for k in ("quality", "training", "split", "selection", "calibration", "noise",
+                                                      "metrics", "token_map", "defaults", "knob_ranges", "model")}}))
+        if not write:
+            raise EstimatorError(refused)
         return
     tr, sp = meta["training"], meta["split"]
     err_console.print(f"fit: {tr['rows']} valid requests ({tr['decode_steps']} decode steps) of {tr['configs']} "
@@ -116,17 +123,26 @@ def fit(
     else:
         err_console.print(f"held-out N: {hn['holdout']}, fitted on output tokens {hn['trained_on_output_tokens']}")
     for name, cal in meta["calibration"].items():
-        console.print(f"{OUTPUT_LABELS.get(name, name)}: P50 x{cal['p50_factor']:.3f}, P95 x{cal['p95_factor']:.3f} "
+        what = (f"P50 x{cal['p50_factor']:.3f}, P95 x{cal['p95_factor']:.3f}" if cal.get("scale") != "sd" else
+                f"P50 at {cal['p50_factor']:+.2f}, P95 at {cal['p95_factor']:+.2f} modelled SDs from the linear prediction")
+        console.print(f"{OUTPUT_LABELS.get(name, name)}: {what} "
                       f"({cal['rows']} calibration {'steps' if name == 'decode_step_ms' else 'requests'})")
-    console.print(f"wrote {model_dir}: " + ", ".join(Path(f).name for f in files))
-
-
-def _check_min(option: str, value: int | None) -> None:
-    if value is None:
-        return
-    low, what = OPTION_MIN[option]
-    if value < low:
-        raise EstimatorError(f"--{option.replace('_', '-')} must be a whole number >= {low} ({what}), got {value}")
+    base = (quality.get("baseline") or {}).get("request_ms") or {}
+    if base.get("mape_pct") is not None:
+        console.print(f"knobs baseline (same split): whole request MAPE {base['mape_pct']:.1f}%, "
+                      f"P50 coverage {100 * base['coverage_p50']:.0f}%, P95 coverage {100 * base['coverage_p95']:.0f}%")
+    if quality["passed"]:
+        console.print("quality gate: passed (held-out P50 coverage 40-60%, P95 90-99%, better than the knobs baseline)")
+    else:
+        console.print("quality gate: FAILED")
+        for p in quality["problems"]:
+            console.print(f"  problem: {p}")
+        for r in quality["reasons"]:
+            console.print(f"  likely: {r}")
+    if not write:
+        raise EstimatorError(refused)
+    console.print(f"wrote {model_dir}: " + ", ".join(Path(f).name for f in files)
+                  + ("" if quality["passed"] else " (written with --force; model.json records the failed gate)"))
 
 
 def parse_new_tokens(text: str | None, from_file: Path | None):
@@ -166,7 +182,7 @@ def parse_new_tokens(text: str | None, from_file: Path | None):
 def predict(
     model_dir: Path = typer.Argument(..., help="model directory written by `molmo-latency fit`"),
     crops: int = typer.Option(..., "--crops", help="image crops (>= 0)"),
-    top_k: int = typer.Option(..., "--top-k", help="MoE experts per token (>= 1)"),
+    top_k: int = typer.Option(..., "--top-k", help="MoE experts per token (1 .. the model's experts)"),
     blocks: int = typer.Option(..., "--blocks", help="active transformer blocks (1 .. the model's)"),
     prompt_tokens: int = typer.Option(..., "--prompt-tokens", help="text tokens after the image (>= 0)"),
     new_tokens: Optional[str] = typer.Option(None, "--new-tokens", help="output tokens N (default: the training "
@@ -181,40 +197,33 @@ def predict(
     from molmo_latency.estimator import Estimator, OutputLengths
     from molmo_latency.estimator.model import _jsonable
 
-    for option, value in (("crops", crops), ("top_k", top_k), ("blocks", blocks), ("prompt_tokens", prompt_tokens),
-                          ("batch_size", batch_size)):
-        _check_min(option, value)
     n = parse_new_tokens(new_tokens, new_tokens_from)
     est = Estimator.load(model_dir, feature_set=feature_set)
-    total = est._blocks_total
-    if total is not None and blocks > total:
-        raise EstimatorError(f"--blocks must be between 1 and {total} (the model's blocks), got {blocks}")
     config = {"crops": crops, "top_k": top_k, "blocks": blocks, "prompt_tokens": prompt_tokens}
     if batch_size is not None:
         config["batch_size"] = batch_size
     if isinstance(n, OutputLengths):
-        out = {k: float(v[0]) for k, v in est.predict_arrays(**config, new_tokens=n).items()}
         n_desc = {"distribution": {"lengths": n.values.astype(int).tolist(), "weights": n.weights.tolist()}}
         n_range = (float(n.values.min()), float(n.values.max()))
     else:
         n = est.defaults["new_tokens"] if n is None else n
-        out = {k: float(v[0]) for k, v in est.predict_arrays(**config, new_tokens=n).items()}
         n_desc, n_range = n, (float(n), float(n))
-    ranges = est.knob_ranges
-    inside = all(ranges[k][0] <= v <= ranges[k][1] for k, v in config.items() if k in ranges)
-    inside &= ranges["new_tokens"][0] <= n_range[0] and n_range[1] <= ranges["new_tokens"][1]
+    pred = est.predict_arrays(**config, new_tokens=n)  # the estimator's own range check refuses what cannot be
+    inside = bool(pred.pop("in_range")[0])
+    out = {k: float(v[0]) for k, v in pred.items()}
     if as_json:
         print_json(_jsonable({"model_dir": str(model_dir), "feature_set": est.features.name, "coverage": est.coverage,
-                              "configuration": config, "new_tokens": n_desc, **out, "in_training_range": inside}))
+                              "configuration": config, "new_tokens": n_desc, **out, "in_range": inside}))
         return
     rows = [{"output": OUTPUT_LABELS[o] if o != "decode_per_token_ms" else "decode per step (mean)",
              "P50 ms": out[f"{o[:-3]}_p50_ms"], "P95 ms": out[f"{o[:-3]}_p95_ms"]}
-            for o in ("prefill_total_ms", "decode_total_ms", "decode_per_token_ms", "request_ms")]
+            for o in ("prefill_total_ms", "decode_total_ms", "decode_per_token_ms", "request_ms")
+            if f"{o[:-3]}_p50_ms" in out]  # a distribution of N has no per-step figure
     what = (f"N = {n_desc}" if not isinstance(n_desc, dict) else
             f"N from {len(n_desc['distribution']['lengths'])} output lengths "
             f"{int(n_range[0])}..{int(n_range[1])}")
     print_frame(pl.DataFrame(rows), f"Predicted latency, {what} ({est.features.name} features, P95 calibrated to "
                                     f"{100 * est.coverage:.0f}%)")
     if not inside:
-        text = ", ".join(f"{k} {int(lo)}..{int(hi)}" for k, (lo, hi) in ranges.items())
+        text = ", ".join(f"{k} {int(lo)}..{int(hi)}" for k, (lo, hi) in est.knob_ranges.items())
         err_console.print(f"note: outside the configurations the model was fitted on ({text}); this is extrapolation")

@@ -37,6 +37,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "timeline": ("molmo_latency.cli.timeline_cmd",
                  "Write requests and their phases as a Chrome trace (Perfetto, chrome://tracing): a track per "
                  "thread, each phase and decode step a slice, NVML and host conditions as counter tracks."),
+    "plan": ("molmo_latency.cli.plan_cmd",
+             "The configurations whose whole request fits a latency budget at a quantile, with their P50/P95 (every "
+             "combination of the knob values the model was fitted on, or those an accuracy table scores); with "
+             "--accuracy, the Pareto frontier of accuracy against latency and the best configuration that fits."),
     "trace": ("molmo_latency.cli.trace_cmd",
               "Read traces (torch.profiler Kineto JSON, Nsight Systems SQLite exports): GPU time per kernel, "
               "annotation and device."),

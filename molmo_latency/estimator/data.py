@@ -71,7 +71,26 @@ def _identity(meta: dict[str, Any], rows: pl.DataFrame) -> dict[str, Any]:
             "gpu_name": device.get("gpu_name"),
             "dtype": model.get("dtype"),
             "blocks_total": model.get("blocks_total"),
-            "top_k_default": model.get("top_k_default")}
+            "top_k_default": model.get("top_k_default"),
+            "experts": model.get("experts") or experts_of(model.get("config") or {})}
+
+
+def experts_of(config: dict[str, Any]) -> int | None:
+    """The number of experts per MoE layer in a model's config (its own or its text model's), the
+    largest top-k the model can take; None when the config does not say.
+
+    Example:
+        >>> experts_of({"text_config": {"num_experts": 8}}), experts_of({"moe_num_experts": 64}), experts_of({})
+        (8, 64, None)
+    """
+    for cfg in (config, config.get("text_config") or {}, config.get("llm_config") or {}):
+        if not isinstance(cfg, dict):
+            continue
+        for key in ("num_experts", "moe_num_experts", "n_experts", "num_local_experts", "n_routed_experts"):
+            v = cfg.get(key)
+            if isinstance(v, int) and v > 0:
+                return v
+    return None
 
 
 def _read(path: Path) -> pl.DataFrame:
@@ -196,7 +215,7 @@ def load_requests(run_dirs: Sequence[str | Path]) -> tuple[pl.DataFrame, dict[st
     valid = rows.filter(pl.col("valid").fill_null(False))
     info = {"run_dirs": runs, "rows_read": rows.height, "invalid_rows": rows.height - valid.height,
             "rows": valid.height, "configs": valid["config_key"].n_unique(),
-            **{k: runs[0][k] for k in (*keys, "blocks_total", "top_k_default")}}
+            **{k: runs[0][k] for k in (*keys, "blocks_total", "top_k_default", "experts")}}
     if valid.height == 0:
         raise EstimatorError(f"no valid request in {', '.join(str(r) for r in run_dirs)} "
                              f"({rows.height} rows, all valid=False); see invalid_reason in requests.parquet")

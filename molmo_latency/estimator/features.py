@@ -76,7 +76,7 @@ def config_arrays(**values) -> dict[str, np.ndarray]:
     arrays = {}
     for k, v in values.items():
         try:
-            arrays[k] = np.asarray(v, dtype=np.float64)
+            arrays[k] = np.asarray(as_numpy(v), dtype=np.float64)
         except (TypeError, ValueError):
             raise EstimatorError(f"{k} must be a number or an array of numbers, got {v!r}") from None
     try:
@@ -91,6 +91,19 @@ def config_arrays(**values) -> dict[str, np.ndarray]:
             raise EstimatorError(f"{key} must be a scalar or a 1-D array, got shape {arr.shape}")
         out[key] = np.atleast_1d(arr)
     return out
+
+
+def as_numpy(value):
+    """A torch tensor (on any device, with or without grad) as a numpy array, without importing
+    torch; anything else unchanged.
+
+    Example:
+        >>> as_numpy([1, 2])
+        [1, 2]
+    """
+    if hasattr(value, "detach") and hasattr(value, "cpu") and hasattr(value, "numpy"):
+        return value.detach().cpu().numpy()
+    return value
 
 
 def _geo_sum(tau: float, n: np.ndarray) -> np.ndarray:

@@ -26,7 +26,7 @@ Example:
     >>> est = fit_estimator(example_requests(seed=0))
     >>> m = est.metrics["held_out_configs"]["request_ms"]["requests"]
     >>> sorted(m)[:4], m["r2"] > 0.9
-    (['mae_ms', 'mape_pct', 'n', 'p50_below_share'], True)
+    (['coverage_p50', 'coverage_p95', 'mae_ms', 'mape_pct'], True)
     >>> [b["positions"] for b in est.metrics["held_out_configs"]["decode_step_ms"]["by_position"]]
     ['0', '1-3', '4-15']
 """
@@ -144,8 +144,9 @@ def candidates(fs: FeatureSet) -> dict[str, Regressor]:
 
 # ---------------------------------------------------------------------------- metrics
 def regression_metrics(y: np.ndarray, p50: np.ndarray, p95: np.ndarray | None = None) -> dict[str, float]:
-    """MAE, RMSE, MAPE, R^2, share within +-10% of P50 against measured `y`; with `p95`, the share
-    of measurements at or below it (coverage) and below the P50.
+    """MAE, RMSE, MAPE, R^2, share within +-10% of P50 against measured `y`, the share of
+    measurements at or below the P50 (``coverage_p50``, 0.5 when the P50 is a median) and, with
+    `p95`, at or below it (``coverage_p95``).
 
     Example:
         >>> import numpy as np
@@ -165,10 +166,10 @@ def regression_metrics(y: np.ndarray, p50: np.ndarray, p95: np.ndarray | None = 
         "mape_pct": float(100 * np.mean(np.abs(err) / y)),
         "r2": float(1 - np.sum(err ** 2) / ss_tot) if ss_tot > 0 else float("nan"),
         "within_10pct_share": float(np.mean(np.abs(err) <= 0.1 * y)),
+        "coverage_p50": float(np.mean(y <= p50)),
     }
     if p95 is not None:
-        out["p95_coverage"] = float(np.mean(y <= np.asarray(p95, float)))
-        out["p50_below_share"] = float(np.mean(y <= p50))
+        out["coverage_p95"] = float(np.mean(y <= np.asarray(p95, float)))
     return out
 
 
@@ -454,6 +455,8 @@ def fit_estimator(
     seed: int = 0,
     holdout: pl.Expr | None = None,
     hold_out_new_tokens: bool = True,
+    model: dict[str, Any] | None = None,
+    baseline: bool = True,
 ) -> Estimator:
     """Fit the whole-request estimator on run directories (or a requests frame with
     ``decode_step_ms``), evaluated on held-out whole configurations and on held-out N.
@@ -465,6 +468,11 @@ def fit_estimator(
     metrics (``est.metrics``) and the held-out predictions (``est.evaluation`` per request,
     ``est.steps_evaluation`` per decode step); the model saved is the one fitted on the
     configuration split, which the ``held_out_configs`` metrics describe.
+
+    `model` says what a requests frame cannot (run directories say it in run.json): the model's
+    ``blocks_total`` and ``experts`` per MoE layer, which bound the blocks and top-k the model
+    can take. `baseline` also fits the ``knobs`` feature set on the same split for the quality
+    gate. ``est.meta["quality"]`` is the gate's verdict (see :func:`quality_gate`).
 
     Example:
         >>> import polars as pl
@@ -479,6 +487,7 @@ def fit_estimator(
         raise EstimatorError(f"coverage must be between 0.5 and 1, got {coverage}")
     started = time.perf_counter()
     rows, info = _prepare(data)
+    info = {**info, **{k: v for k, v in (model or {}).items() if v is not None}}
     test_settings = None
     test_configs: set[str] | None = None
     if holdout is not None:
@@ -521,6 +530,16 @@ def fit_estimator(
         except EstimatorError as exc:
             metrics["held_out_new_tokens"] = {"skipped": str(exc)}
     n_roles = {r: sum(1 for v in setting_roles.values() if v == r) for r in ("train", "calib", "test")}
+    base = None
+    if baseline and fs.name != "knobs":
+        try:
+            bcore = _fit_core(_feature_set("knobs"), rows, steps, coverage, seed)
+            _, _, bm = _evaluate(bcore["estimator"], rows.filter(pl.col("role") == "test"),
+                                 steps.filter(pl.col("role") == "test"), "held_out_configs")
+            base = {"feature_set": "knobs", **{o: bm[o]["requests"] for o in ("prefill_total_ms", "decode_total_ms",
+                                                                                "request_ms")}}
+        except EstimatorError as exc:
+            base = {"feature_set": "knobs", "skipped": str(exc)}
     est.meta = {
         "format_version": FORMAT_VERSION,
         "created_unix": time.time(),
@@ -533,7 +552,9 @@ def fit_estimator(
         "token_map": est.token_map.as_dict(),
         "defaults": est.defaults,
         "knob_ranges": est.knob_ranges,
-        "model": {k: info.get(k) for k in ("model", "device_type", "gpu_name", "dtype", "blocks_total", "top_k_default")},
+        "model": {k: info.get(k) for k in ("model", "device_type", "gpu_name", "dtype", "blocks_total", "top_k_default",
+                                            "experts")},
+        "knob_values": {k: sorted(int(v) for v in rows[k].unique().to_list()) for k in KNOBS if k != "new_tokens"},
         "training": {"run_dirs": info["run_dirs"], "rows_read": info["rows_read"], "invalid_rows_excluded":
                      info["invalid_rows"], "rows": info["rows"], "configs": info["configs"],
                      "decode_steps": steps.height,
@@ -548,11 +569,94 @@ def fit_estimator(
         "calibration": core["calibration"],
         "noise": est.noise,
         "metrics": metrics,
+        "quality": quality_gate(rows, metrics, base, n_roles),
         "versions": _versions(),
     }
     est.evaluation = pl.concat(evaluations, how="vertical")
     est.steps_evaluation = pl.concat(step_evaluations, how="vertical")
     return est
+
+
+# what the quality gate accepts (held-out coverage per output; see quality_gate)
+GATE = {"coverage_p50": (0.40, 0.60), "coverage_p95": (0.90, 0.99), "min_repeats": 3, "max_repeat_rel_sd": 0.15,
+        "min_settings": 12, "min_held_out_configs": 4, "min_held_out_requests": 40}
+_GATE_OUTPUTS = {"prefill_total_ms": "prefill", "decode_total_ms": "decode total", "request_ms": "whole request",
+                 "decode_step_ms": "decode step"}
+_GATE_SPLITS = {"held_out_configs": "held-out configurations", "held_out_new_tokens": "held-out N"}
+
+
+def quality_gate(rows: pl.DataFrame, metrics: dict[str, Any], baseline: dict[str, Any] | None,
+                 configs: dict[str, int]) -> dict[str, Any]:
+    """The verdict on a fit: ``passed`` when every output's held-out P50 coverage is within
+    40-60% and P95 coverage within 90-99% (held-out configurations and held-out N), the whole
+    request's held-out R^2 is >= 0 and its MAPE beats the ``knobs`` baseline's; otherwise
+    ``problems`` says what failed and ``reasons`` what in the data explains it (too few repeats,
+    noisy repeats, too few configurations or held-out requests).
+
+    Example:
+        >>> m = {"held_out_configs": {"request_ms": {"requests": {"n": 400, "coverage_p50": 0.8, "coverage_p95": 0.97,
+        ...                                                        "mape_pct": 9.0, "r2": 0.7}}}}
+        >>> rows = pl.DataFrame({"config_key": ["a", "a", "b", "b"], "total_ms": [10.0, 10.1, 20.0, 20.2]})
+        >>> q = quality_gate(rows, m, {"request_ms": {"mape_pct": 8.0}}, {"train": 20, "calib": 10, "test": 10})
+        >>> q["passed"], q["problems"][0]
+        (False, 'whole request: P50 coverage 80% on held-out configurations (n=400), outside 40-60%')
+        >>> q["reasons"][0]
+        'too few repeats: a median of 2 requests per configuration; sweep repeats >= 3'
+    """
+    problems: list[str] = []
+    for split, ms in metrics.items():
+        if not isinstance(ms, dict) or "skipped" in ms:
+            continue
+        for out, label in _GATE_OUTPUTS.items():
+            m = (ms.get(out) or {}).get("steps" if out == "decode_step_ms" else "requests") or {}
+            if not m.get("n"):
+                continue
+            for key, name in (("coverage_p50", "P50"), ("coverage_p95", "P95")):
+                lo, hi = GATE[key]
+                v = m.get(key)
+                if v is not None and not lo <= v <= hi:
+                    problems.append(f"{label}: {name} coverage {100 * v:.0f}% on {_GATE_SPLITS.get(split, split)} "
+                                    f"(n={m['n']}), outside {100 * lo:.0f}-{100 * hi:.0f}%")
+    req = ((metrics.get("held_out_configs") or {}).get("request_ms") or {}).get("requests") or {}
+    if req.get("r2") is not None and math.isfinite(req["r2"]) and req["r2"] < 0:
+        problems.append(f"whole request: R^2 {req['r2']:.2f} on held-out configurations, worse than predicting "
+                        "the mean")
+    base = (baseline or {}).get("request_ms") or {}
+    if base.get("mape_pct") is not None and req.get("mape_pct") is not None and req["mape_pct"] >= base["mape_pct"]:
+        problems.append(f"whole request: held-out MAPE {req['mape_pct']:.1f}% is no better than the knobs "
+                        f"baseline's {base['mape_pct']:.1f}%")
+    reasons: list[str] = []
+    logs = rows.filter(pl.col("total_ms") > 0).with_columns(pl.col("total_ms").log().alias("log_ms"))
+    per_config = logs.group_by("config_key").agg(pl.len().alias("n"),
+                                                 ((pl.col("log_ms") - pl.col("log_ms").mean()) ** 2).sum().alias("ss"))
+    repeats = float(per_config["n"].median()) if per_config.height else 0.0
+    if repeats < GATE["min_repeats"]:
+        reasons.append(f"too few repeats: a median of {repeats:g} requests per configuration; sweep repeats >= "
+                       f"{GATE['min_repeats']}")
+    many = per_config.filter(pl.col("n") >= 2)  # pooled SD of log(total) within configurations
+    spread = math.sqrt(float(many["ss"].sum()) / float((many["n"] - 1).sum())) if many.height else 0.0
+    if spread > GATE["max_repeat_rel_sd"]:
+        reasons.append(f"noisy data: repeats of one configuration differ by {100 * spread:.0f}% (SD of the log of the "
+                       "whole request); measure on a quiet machine or with more repeats")
+    n_settings = sum(configs.values())
+    if n_settings < GATE["min_settings"] or min(configs.get("calib", 0), configs.get("test", 0)) < GATE[
+            "min_held_out_configs"]:
+        reasons.append(f"too few configurations: {n_settings} settings (train {configs.get('train', 0)}, calibration "
+                       f"{configs.get('calib', 0)}, test {configs.get('test', 0)}); sweep more crops, top-k, blocks or "
+                       f"prompt lengths (>= {GATE['min_settings']} settings)")
+    hn = metrics.get("held_out_new_tokens") or {}
+    if len(hn.get("trained_on_output_tokens") or []) == 1 and any("held-out N" in p for p in problems):
+        reasons.append(f"held-out N was fitted on one output length ({hn['trained_on_output_tokens'][0]}): how a "
+                       "decode step changes with its position cannot be learned from one length; sweep three or "
+                       "more new_tokens values")
+    if req.get("n") is not None and req["n"] < GATE["min_held_out_requests"]:
+        reasons.append(f"too few held-out requests ({req['n']}) to measure coverage within 10 points; sweep more "
+                       "configurations or repeats")
+    if problems and not reasons:
+        reasons.append("none of the usual causes in the data: the feature set may not describe this model's costs, "
+                       "or held-out N lies far beyond the fitted lengths; compare --feature-set knobs and parity.png")
+    return {"passed": not problems, "problems": problems, "reasons": reasons if problems else [],
+            "baseline": baseline, "thresholds": GATE}
 
 
 def _feature_set(name: str) -> FeatureSet:  # `feature_set` is shadowed by fit_estimator's argument

@@ -99,7 +99,7 @@ def write_parity_plot(evaluation: pl.DataFrame, metrics: dict[str, Any], path: s
             m = (m_split.get(t) or {}).get("requests") or {}
             head = f"{TITLES.get(t, t)}" + (f"\n{SPLITS[split]}" if split else "")
             if m.get("n"):
-                head += (f": MAPE {m['mape_pct']:.1f}%, P95 coverage {100 * m['p95_coverage']:.0f}% "
+                head += (f": MAPE {m['mape_pct']:.1f}%, P95 coverage {100 * m['coverage_p95']:.0f}% "
                          f"(n={m['n']})")
             ax.set_title(head, fontsize=9)
             ax.set_xlabel("measured ms")
@@ -138,7 +138,7 @@ def write_position_plot(steps: pl.DataFrame, metrics: dict[str, Any], path: str 
     m = ((metrics.get("held_out_configs") or {}).get("decode_step_ms") or {}).get("steps") or {}
     title = "every held-out decode step, relative to its prediction"
     if m.get("n"):
-        title += f"\nMAPE {m['mape_pct']:.1f}%, P95 coverage {100 * m['p95_coverage']:.0f}% (n={m['n']} steps)"
+        title += f"\nMAPE {m['mape_pct']:.1f}%, P95 coverage {100 * m['coverage_p95']:.0f}% (n={m['n']} steps)"
     ax1.set_title(title, fontsize=9)
     ax1.legend(fontsize=7, loc="upper right")
     longest = (data.group_by("config_key").agg(pl.col("step").max().alias("last"), pl.col("decode_step_p50_ms").mean()
