@@ -27,7 +27,7 @@ from pathlib import Path
 
 from molmo_latency.errors import MolmoLatencyError
 
-__all__ = ["fault_message", "inside", "regular_file", "translate_faults"]
+__all__ = ["fault_line", "fault_message", "inside", "is_write_fault", "regular_file", "translate_faults"]
 
 _KINDS = (
     (stat.S_ISFIFO, "a FIFO (named pipe)"),
@@ -116,6 +116,38 @@ def fault_message(exc: OSError, where: str | os.PathLike, resume: str = "") -> s
 def _polars_disk_full(exc: BaseException) -> bool:
     text = str(exc)
     return "No space left" in text or "os error 28" in text
+
+
+_WRITE_FAULTS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def is_write_fault(exc: BaseException) -> bool:
+    """Whether `exc` is a write refused by the filesystem (full, read-only, no permission), from
+    the OS or from polars (which words a full disk in its own ComputeError).
+
+    Example:
+        >>> is_write_fault(OSError(errno.EROFS, "Read-only file system")), is_write_fault(ValueError("x"))
+        (True, False)
+    """
+    if isinstance(exc, OSError):
+        return exc.errno in _WRITE_FAULTS
+    return _polars_disk_full(exc)
+
+
+def fault_line(exc: BaseException) -> str | None:
+    """The one line the CLI prints for a filesystem fault no command worded itself (None for any
+    other error): names the file, says what was written so far is safe and to run again.
+
+    Example:
+        >>> fault_line(OSError(errno.ENOSPC, "No space left on device", "runs/a/run.json"))
+        'runs/a/run.json: the disk is full (No space left on device); what was written so far is safe: free space and run the same command again'
+    """
+    if not is_write_fault(exc):
+        return None
+    if not isinstance(exc, OSError):
+        exc = OSError(errno.ENOSPC, "No space left on device")
+    where = exc.filename or "a file"
+    return fault_message(exc, where, "run the same command again")
 
 
 @contextlib.contextmanager

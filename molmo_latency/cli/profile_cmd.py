@@ -63,8 +63,11 @@ def _run_and_report(model: str, sweep, out: Path, *, device: str, dtype: Optiona
     from molmo_latency.cli.show import err_console
     from molmo_latency.sweep.runner import run_sweep
 
+    from molmo_latency.safe_fs import translate_faults
+
     command = "molmo-latency " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    with _RichProgress(enabled=progress and not as_json) as bar:
+    with _RichProgress(enabled=progress and not as_json) as bar, translate_faults(
+            out, "run the same command again: the sweep resumes where it stopped"):
         result = run_sweep(model, sweep, out, device=device, dtype=dtype, kineto=kineto, nvml=nvml,
                            trust_remote_code=trust_remote_code, progress=bar, command=command)
     if not as_json:
@@ -119,10 +122,15 @@ def _report(run_dir: Path, *, as_json: bool, extra: dict | None = None) -> None:
     from molmo_latency.plots import write_report_plots
     from molmo_latency.report import run_report
 
+    from molmo_latency.safe_fs import inside, is_write_fault
+
+    inside(Path(run_dir) / "report", run_dir)  # never write plots through a link out of the run
     rep = run_report(run_dir)
     try:
         pngs, skipped = write_report_plots(rep, Path(run_dir) / "report")
-    except OSError as exc:  # a read-only run directory: the tables still print
+    except Exception as exc:  # a read-only or full run directory: the tables still print
+        if not is_write_fault(exc):
+            raise
         pngs, skipped = [], [("plots", f"cannot write {Path(run_dir) / 'report'} ({exc.strerror or exc})")]
     if as_json:
         print_json({**(extra or {}), "run_dir": str(run_dir), "configs": frame_records(rep["config"]),

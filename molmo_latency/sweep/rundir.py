@@ -27,6 +27,7 @@ from typing import Any
 import polars as pl
 
 from molmo_latency.errors import SweepError
+from molmo_latency.safe_fs import inside, is_write_fault
 
 TABLES = ("requests", "phases", "telemetry")
 ALL_TABLES = (*TABLES, "failures")
@@ -93,6 +94,23 @@ def read_part(path: Path) -> pl.DataFrame:
         raise SweepError(_bad_part(path, exc)) from None
 
 
+def check_part_name(path: Path, frame: pl.DataFrame) -> pl.DataFrame:
+    """`frame` when the part file `path` holds what its name says (``CONFIG__rREPEAT.parquet``:
+    that configuration and repeat only; ``failures/CONFIG.parquet``: that configuration), else a
+    SweepError naming the misnamed (copied, renamed) part."""
+    m = _UNIT_RE.match(path.name)
+    expected = {"config_id": m["config"], "repeat": int(m["repeat"])} if m else {
+        "config_id": path.name.removesuffix(".parquet")}
+    for column, value in expected.items():
+        if column in frame.columns and frame.height and frame[column].drop_nulls().unique().to_list() != [value]:
+            held = sorted(str(v) for v in frame[column].unique().to_list())[:3]
+            raise SweepError(
+                f"part file {path} holds {column} {', '.join(held)}, not the {value} its name says (a part "
+                "copied over another or renamed); delete it and run the same `molmo-latency profile` command "
+                "again: that unit is then measured again")
+    return frame
+
+
 def _bad_part(path: Path, exc: BaseException) -> str:
     first = str(exc).splitlines()[0] if str(exc) else ""
     return (f"part file {path} is corrupt or empty ({type(exc).__name__}: {first[:200]}); delete it "
@@ -124,7 +142,7 @@ class RunDir:
         except FileNotFoundError:
             raise SweepError(f"{self.path} is not a run directory (no run.json); "
                              "create one with `molmo-latency profile`") from None
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise SweepError(f"{self.run_json} is corrupted ({exc}); move it away or use a new --out") from None
 
     @classmethod
@@ -178,6 +196,8 @@ class RunDir:
 
     def _clean_tmp(self) -> None:
         """Remove what a killed sweep left half-written: temporary files and Kineto folders."""
+        for folder in ("parts", "traces", "report"):  # never delete or write through a link out of the run
+            inside(self.path / folder, self.path, SweepError)
         for tmp in self.path.rglob(".*.tmp"):
             with _suppress():
                 tmp.unlink()
@@ -275,7 +295,7 @@ class RunDir:
         files = sorted((self.path / "parts" / table).glob("*.parquet"))
         if not files:
             return None
-        frame = pl.concat([read_part(f) for f in files], how="diagonal_relaxed")
+        frame = pl.concat([check_part_name(f, read_part(f)) for f in files], how="diagonal_relaxed")
         for key in ("order", "start_ns", "t_ns"):
             if key in frame.columns:
                 return frame.sort(key)
@@ -325,11 +345,20 @@ class RunDir:
         stale = self.stale_tables()
         if not stale:
             return {}
-        fd = self._try_lock()
+        try:
+            fd = self._try_lock()
+        except Exception as exc:  # read-only or full: table() reads the parts and writes nothing
+            if not is_write_fault(exc):
+                raise
+            return {}
         if fd is None:
             return {}
         try:
             return self.consolidate(stale)
+        except Exception as exc:  # noqa: BLE001 - the same: nothing written, nothing lost
+            if not is_write_fault(exc):
+                raise
+            return {}
         finally:
             os.close(fd)
 
