@@ -27,7 +27,7 @@ from typing import Any
 import polars as pl
 
 from molmo_latency.errors import SweepError
-from molmo_latency.safe_fs import inside, is_write_fault
+from molmo_latency.safe_fs import inside, is_write_fault, regular_file
 
 TABLES = ("requests", "phases", "telemetry")
 ALL_TABLES = (*TABLES, "failures")
@@ -88,6 +88,7 @@ def atomic_write_parquet(frame: pl.DataFrame, path: Path) -> None:
 
 def read_part(path: Path) -> pl.DataFrame:
     """One part file; a corrupt or empty one is a SweepError that says to delete it."""
+    regular_file(path, "a Parquet part (delete what is there)", SweepError)  # a FIFO would hang the read
     try:
         return pl.read_parquet(path)
     except Exception as exc:  # noqa: BLE001 - polars raises several kinds for a bad file
@@ -213,6 +214,7 @@ class RunDir:
         if not folder.is_dir():
             return
         for part in sorted(folder.glob("*/*.parquet")):
+            regular_file(part, "a Parquet part (delete what is there)", SweepError)
             try:
                 pl.read_parquet_schema(part)
             except Exception as exc:  # noqa: BLE001 - polars raises several kinds
