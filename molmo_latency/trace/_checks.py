@@ -40,6 +40,7 @@ SKIP_REASONS = {
     "unclosed_range": "NVTX ranges never closed (no end time)",
     "non_integer_id": "with a device, stream, correlation or other id that is not an integer",
     "non_text_name": "with a name that is not text",
+    "missing_device": "GPU activities without a device",
 }
 
 #: The longest a trace can be: events further than this from the trace's median start, or
@@ -64,9 +65,11 @@ def median_start_ns(tables: list[pl.DataFrame]) -> int | None:
     return median if 2 * near > every.len() else None
 
 
-def drop_impossible(table: pl.DataFrame, median_ns: int | None, skipped: Counter) -> pl.DataFrame:
+def drop_impossible(table: pl.DataFrame, median_ns: int | None, skipped: Counter,
+                    device_required: bool = False) -> pl.DataFrame:
     """`table` without events whose times cannot be true or that duplicate another; each
     counted in `skipped` under its reason. Valid tables come back unchanged (the same object).
+    `device_required`: a row without a ``device`` is set aside too (a GPU activity no GPU ran).
 
     Example:
         >>> from collections import Counter
@@ -80,6 +83,8 @@ def drop_impossible(table: pl.DataFrame, median_ns: int | None, skipped: Counter
         return table
     start, dur = pl.col("start_ns"), pl.col("dur_ns")
     checks = [("negative_duration", dur < 0), ("negative_time", start < 0)]
+    if device_required:
+        checks.append(("missing_device", pl.col("device").is_null()))
     if median_ns is not None:
         far = ((start - median_ns).abs() > MAX_TRACE_SPAN_NS) | (dur > MAX_TRACE_SPAN_NS)
         checks.append(("outside_time_span", far))

@@ -310,7 +310,8 @@ class _Export:
         runtime = self._runtime().sort("start_ns", maintain_order=True)
         annotations = self._nvtx().sort("start_ns", maintain_order=True)
         median_ns = median_start_ns([gpu, runtime, annotations])
-        gpu, runtime, annotations = (drop_impossible(t, median_ns, self.skipped) for t in (gpu, runtime, annotations))
+        gpu = drop_impossible(gpu, median_ns, self.skipped, device_required=True)
+        runtime, annotations = (drop_impossible(t, median_ns, self.skipped) for t in (runtime, annotations))
         unclosed = self.skipped.get("unclosed_range", 0)
         if unclosed:
             warnings.warn(f"{self.path}: skipped {unclosed} NVTX range(s) never closed (no end time)",

@@ -376,7 +376,8 @@ def _assemble(path: Path, meta: _Top, chunks: list[dict[str, pl.DataFrame]], n_e
         if missing:
             skipped["missing_time"] += missing
     median_ns = median_start_ns(list(tables.values()))
-    tables = {name: drop_impossible(table, median_ns, skipped) for name, table in tables.items()}
+    tables = {name: drop_impossible(table, median_ns, skipped, device_required=name == "gpu")
+              for name, table in tables.items()}
     gpu = tables["gpu"]
 
     warn_skipped(path, skipped, stacklevel=3)
