@@ -108,10 +108,20 @@ def test_a_kineto_kernel_with_an_impossible_time_is_skipped_not_summed(tmp_path,
 
 def test_times_spread_over_years_on_purpose_are_kept(tmp_path):
     """No majority near the median: nothing is taken for an outlier (exactness test of the reader)."""
-    body = ",".join(f'{{"ph": "X", "cat": "kernel", "name": "k", "ts": {ts}, "dur": 1, "args": {{}}}}'
+    body = ",".join(f'{{"ph": "X", "cat": "kernel", "name": "k", "pid": 0, "tid": 7, "ts": {ts}, "dur": 1}}'
                     for ts in (1, 10**12, 10**15))
     trace, warned = read_quietly(write(tmp_path, '{"traceEvents": [' + body + "]}"))
     assert trace.gpu.height == 3 and trace.skipped == 0 and not warned
+
+
+def test_a_gpu_activity_without_a_device_is_counted(tmp_path):
+    doc = doc_of()
+    kernel = kernels_of(doc)[0]
+    kernel["pid"] = "Spans"  # no integer pid, and no args.device
+    kernel["args"].pop("device", None)
+    trace, _ = read_quietly(write(tmp_path, doc))
+    assert trace.skipped_reasons == {"missing_device": 1}
+    assert trace.gpu["device"].null_count() == 0
 
 
 def test_exact_duplicate_kineto_events_are_counted_once_and_reported(tmp_path):
