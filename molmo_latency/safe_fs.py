@@ -121,9 +121,11 @@ def _polars_disk_full(exc: BaseException) -> bool:
 _WRITE_FAULTS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
-def is_write_fault(exc: BaseException) -> bool:
+def is_write_fault(exc: BaseException, where: str | os.PathLike | None = None) -> bool:
     """Whether `exc` is a write refused by the filesystem (full, read-only, no permission), from
-    the OS or from polars (which words a full disk in its own ComputeError).
+    the OS or from polars (which words a full disk in its own ComputeError, sometimes only as
+    ``Invalid thrift: transport error``: a polars error while the filesystem of `where` has almost
+    no space left counts as a full disk too).
 
     Example:
         >>> is_write_fault(OSError(errno.EROFS, "Read-only file system")), is_write_fault(ValueError("x"))
@@ -131,7 +133,24 @@ def is_write_fault(exc: BaseException) -> bool:
     """
     if isinstance(exc, OSError):
         return exc.errno in _WRITE_FAULTS
-    return _polars_disk_full(exc)
+    if _polars_disk_full(exc):
+        return True
+    return where is not None and type(exc).__module__.startswith("polars") and _nearly_full(where)
+
+
+_NEARLY_FULL_BYTES = 1 << 20
+
+
+def _nearly_full(where: str | os.PathLike) -> bool:
+    """Whether the filesystem holding `where` (or its nearest existing parent) has < 1 MiB free."""
+    path = Path(where).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < _NEARLY_FULL_BYTES
 
 
 def fault_line(exc: BaseException) -> str | None:
@@ -174,6 +193,6 @@ def translate_faults(where: str | os.PathLike, resume: str = "", error: type[Exc
             raise
         raise error(message) from None
     except Exception as exc:  # noqa: BLE001 - polars' ComputeError for a write the disk cut short
-        if not _polars_disk_full(exc):
+        if not is_write_fault(exc, where):
             raise
         raise error(fault_message(OSError(errno.ENOSPC, "No space left on device"), where, resume)) from None

@@ -132,6 +132,25 @@ def test_a_full_disk_injected_is_one_line_exit_2(tmp_path, monkeypatch):
     assert len(set(units_of(out))) == UNITS
 
 
+def test_a_full_disk_polars_words_as_a_thrift_error_is_still_disk_full(tmp_path, monkeypatch):
+    """polars sometimes reports a write the full disk cut short only as a thrift transport error."""
+    from molmo_latency import safe_fs
+
+    sweep = tmp_path / "sweep.toml"
+    sweep.write_text(SWEEP_TOML)
+
+    def cut_short(frame, path):
+        raise pl.exceptions.ComputeError("parquet: File out of specification: Invalid thrift: transport error")
+
+    monkeypatch.setattr(rundir_module, "atomic_write_parquet", cut_short)
+    monkeypatch.setattr(safe_fs, "_nearly_full", lambda where: True)
+    code, _, err = cli("profile", "--model", "tiny", "--sweep", str(sweep), "--out", str(tmp_path / "run"))
+    assert code == 2 and "disk is full" in one_error_line(err)
+    monkeypatch.setattr(safe_fs, "_nearly_full", lambda where: False)  # with space left it is not a disk fault
+    with pytest.raises(pl.exceptions.ComputeError):
+        cli("profile", "--model", "tiny", "--sweep", str(sweep), "--out", str(tmp_path / "run"))
+
+
 # ------------------------------------------------------------------------------------------
 # A read-only run directory.
 

@@ -129,7 +129,7 @@ def _report(run_dir: Path, *, as_json: bool, extra: dict | None = None) -> None:
     try:
         pngs, skipped = write_report_plots(rep, Path(run_dir) / "report")
     except Exception as exc:  # a read-only or full run directory: the tables still print
-        if not is_write_fault(exc):
+        if not is_write_fault(exc, run_dir):
             raise
         pngs, skipped = [], [("plots", f"cannot write {Path(run_dir) / 'report'} ({exc.strerror or exc})")]
     if as_json:

@@ -350,7 +350,7 @@ class RunDir:
         try:
             fd = self._try_lock()
         except Exception as exc:  # read-only or full: table() reads the parts and writes nothing
-            if not is_write_fault(exc):
+            if not is_write_fault(exc, self.path):
                 raise
             return {}
         if fd is None:
@@ -358,7 +358,7 @@ class RunDir:
         try:
             return self.consolidate(stale)
         except Exception as exc:  # noqa: BLE001 - the same: nothing written, nothing lost
-            if not is_write_fault(exc):
+            if not is_write_fault(exc, self.path):
                 raise
             return {}
         finally:
