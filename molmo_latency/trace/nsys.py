@@ -272,6 +272,19 @@ class _Export:
                                       "(SELECT MIN(rowid) FROM StringIds GROUP BY id))")
         return self._string_table
 
+    def _checked_frame(self, items: list[str], bad: str, source: str, schema: dict[str, pl.DataType],
+                       where: str = "") -> pl.DataFrame:
+        """The rows of ``SELECT items FROM source [WHERE where]`` that `bad` (see :func:`_reason`)
+        gives no reason against; the others are counted under their reason. SQLite counts them
+        first, so an export with none (every real one) is read without the extra column."""
+        cond = f"({bad}) IS NOT NULL" + (f" AND {where}" if where else "")
+        n_bad = self.db.execute(f"SELECT COUNT(*) FROM {source} WHERE {cond}").fetchone()[0]
+        tail = f" WHERE {where}" if where else ""
+        if not n_bad:
+            return self._frame(f"SELECT {', '.join(items)} FROM {source}{tail}", schema)
+        frame = self._frame(f"SELECT {', '.join([*items, bad])} FROM {source}{tail}", {**schema, "_bad": pl.String})
+        return self._valid(frame)
+
     def _valid(self, frame: pl.DataFrame) -> pl.DataFrame:
         """`frame` without the rows its ``_bad`` column gives a reason for (counted); no ``_bad``."""
         bad = frame["_bad"]
@@ -435,11 +448,8 @@ class _Export:
         if has_dims:
             items += [_int(f"t.{d}") for d in dims]
             schema.update({d: pl.Int64 for d in dims})
-        items.append(self._bad)
-        schema["_bad"] = pl.String
-        sql = (f"SELECT {', '.join(items)} FROM {_KERNEL} AS t "
-               f"LEFT JOIN {strings} AS s ON s.id = t.{name_id}")
-        frame = self._valid(self._frame(sql, schema))
+        frame = self._checked_frame(items, self._bad, f"{_KERNEL} AS t LEFT JOIN {strings} AS s ON s.id = t.{name_id}",
+                                    schema)
         if has_dims:
             frame = frame.with_columns(
                 grid=pl.concat_list("gridX", "gridY", "gridZ").list.to_array(3),
@@ -463,9 +473,7 @@ class _Export:
         schema = {k: v for k, v in self._ACTIVITY_SCHEMA.items() if k != "name"}
         items += [_int(f"t.{c}") for c in codes]
         schema.update({c: pl.Int64 for c in codes})
-        items.append(self._bad)
-        schema["_bad"] = pl.String
-        frame = self._valid(self._frame(f"SELECT {', '.join(items)} FROM {_MEMCPY} AS t", schema))
+        frame = self._checked_frame(items, self._bad, f"{_MEMCPY} AS t", schema)
         return self._finish_gpu(frame.with_columns(name=self._memcpy_names(frame, codes)), "gpu_memcpy")
 
     def _memcpy_names(self, frame: pl.DataFrame, codes: list[str]) -> pl.Expr:
@@ -493,9 +501,7 @@ class _Export:
         if "memKind" in columns:
             items.append(_int("t.memKind"))
             schema["memKind"] = pl.Int64
-        items.append(self._bad)
-        schema["_bad"] = pl.String
-        frame = self._valid(self._frame(f"SELECT {', '.join(items)} FROM {_MEMSET} AS t", schema))
+        frame = self._checked_frame(items, self._bad, f"{_MEMSET} AS t", schema)
         kinds = {i: label for i, label in self._enum_labels("ENUM_CUDA_MEM_KIND")
                  if type(i) is int and type(label) is str}
         if "memKind" in columns and kinds:
@@ -523,12 +529,9 @@ class _Export:
         ids = [f"t.{c}" for c in ("globalTid", "correlationId") if c in columns]
         bad = _reason("t.start", "t.end", ids, ["s.value"])
         start, end = self._times()
-        sql = (
-            f"SELECT {_text('s.value')}, {kind}, ({tid} >> {_TID_BITS}) & {_TID_MASK}, {tid} & {_TID_MASK}, "
-            f"{correlation}, {start}, {end}, {bad} "
-            f"FROM {_RUNTIME} AS t LEFT JOIN {strings} AS s ON s.id = t.nameId"
-        )
-        frame = self._valid(self._frame(sql, {**schema, "_bad": pl.String}))
+        items = [_text("s.value"), kind, f"({tid} >> {_TID_BITS}) & {_TID_MASK}", f"{tid} & {_TID_MASK}", correlation,
+                 start, end]
+        frame = self._checked_frame(items, bad, f"{_RUNTIME} AS t LEFT JOIN {strings} AS s ON s.id = t.nameId", schema)
         return frame.with_columns(
             name=pl.col("name").str.replace(r"_v\d+$", ""),
             external_id=pl.lit(None, dtype=pl.Int64),
@@ -557,14 +560,11 @@ class _Export:
         ids = [f"t.{c}" for c in ("globalTid", "domainId") if c in columns] + payload_columns
         bad = _reason("t.start", "t.end", ids, [text], end_missing="unclosed_range")  # no end: never closed
         start, end = self._times()
-        sql = (
-            f"SELECT {_text(text)}, ({tid} >> {_TID_BITS}) & {_TID_MASK}, {tid} & {_TID_MASK}, "
-            f"{start}, {end}, {domain}, {_int(payload)}, {bad} "
-            f"FROM {_NVTX} AS t{join} WHERE {ranges}"
-        )
+        items = [_text(text), f"({tid} >> {_TID_BITS}) & {_TID_MASK}", f"{tid} & {_TID_MASK}", start, end, domain,
+                 _int(payload)]
         schema = {"name": pl.String, "pid": pl.Int64, "tid": pl.Int64, "start_ns": pl.Int64, "end_ns": pl.Int64,
-                  "domain_id": pl.Int64, "payload": pl.Int64, "_bad": pl.String}
-        frame = self._valid(self._frame(sql, schema))
+                  "domain_id": pl.Int64, "payload": pl.Int64}
+        frame = self._checked_frame(items, bad, f"{_NVTX} AS t{join}", schema, where=ranges)
         # the domain's name, looked up by (process, domainId) as one int64 key: no join, no copy of the frame
         domains = {(pid << 32) | domain_id: name for pid, domain_id, name in self._domains(text, join)}
         key = (pl.col("pid") * (1 << 32)) + pl.col("domain_id")
