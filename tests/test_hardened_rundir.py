@@ -249,3 +249,14 @@ def test_a_resume_does_not_follow_a_traces_symlink_out(finished, tmp_path):
     with pytest.raises(SweepError, match="symlink leading out"):
         run_sweep("tiny", SweepSpec.from_dict(SWEEP), run)
     assert (precious / "keep.txt").read_text() == "mine"
+
+
+def test_a_resume_does_not_write_parts_through_a_symlink_out(finished, tmp_path):
+    run = copy_run(finished, tmp_path / "run")
+    outside = tmp_path / "outside_parts"
+    shutil.move(run / "parts" / "phases", outside)
+    (run / "parts" / "phases").symlink_to(outside)
+    before = sorted(p.name for p in outside.iterdir())
+    with pytest.raises(SweepError, match=r"parts/phases is a symlink leading out"):
+        run_sweep("tiny", SweepSpec.from_dict(SWEEP), run)
+    assert sorted(p.name for p in outside.iterdir()) == before

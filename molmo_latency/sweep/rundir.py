@@ -197,8 +197,8 @@ class RunDir:
 
     def _clean_tmp(self) -> None:
         """Remove what a killed sweep left half-written: temporary files and Kineto folders."""
-        for folder in ("parts", "traces", "report"):  # never delete or write through a link out of the run
-            inside(self.path / folder, self.path, SweepError)
+        for folder in ("parts", *[f"parts/{t}" for t in ALL_TABLES], "traces", "report"):
+            inside(self.path / folder, self.path, SweepError)  # never delete or write through a link out
         for tmp in self.path.rglob(".*.tmp"):
             with _suppress():
                 tmp.unlink()
