@@ -162,8 +162,12 @@ def read_nsys(path: str | os.PathLike) -> KinetoTrace:
     ``metadata`` holding the nsys version and export schema. Raises
     :class:`~molmo_latency.errors.TraceError` (one line: the file, the problem, what to do) for
     a missing file, a truncated gzip, a file that is not SQLite, a SQLite database that is not an
-    nsys export, or a table lacking a column the reader needs. An export without GPU activity
-    gives empty GPU tables and a :class:`~molmo_latency.trace.TraceWarning`.
+    nsys export, or a table lacking a column the reader needs (and a FIFO or a device, before it is
+    opened). An export without GPU activity gives empty GPU tables and a
+    :class:`~molmo_latency.trace.TraceWarning`. Rows a reader cannot trust (a start or end that is
+    missing, not an integer or beyond int64 ns, ``end < start``, an id that is not an integer, a
+    name that is not text, a duplicate row, times far from the rest) are set aside, counted by
+    reason in ``skipped_reasons`` (the same names as for Kineto) and listed in one warning.
 
     Example:
         >>> import tempfile

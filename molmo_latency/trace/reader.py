@@ -185,11 +185,15 @@ def read_kineto(path: str | os.PathLike) -> KinetoTrace:
     """Read a Chrome/Kineto trace (``.json`` or ``.json.gz``) written by ``torch.profiler``.
 
     Raises :class:`~molmo_latency.errors.TraceError` (one line: the file, the problem, what to
-    do) for a file that cannot be read as a trace: missing, empty, truncated or corrupt gzip,
-    invalid UTF-8 or JSON, no ``traceEvents``, a field of the wrong type or an integer beyond
-    int64. A valid trace without GPU activity (CPU-only) gives empty GPU tables and a
-    :class:`TraceWarning`; events of kept categories without ``ts``/``dur`` are skipped with a
-    warning.
+    do) for a file that cannot be read as a trace: missing, not a regular file (a FIFO or a
+    device, refused before it is opened), empty, truncated or corrupt gzip, invalid UTF-8 or JSON,
+    JSON nested thousands deep, more than :data:`MAX_WHOLE_TEXT_BYTES` of text that cannot be
+    streamed (a gzip bomb), no ``traceEvents``, a field of the wrong type or an integer beyond
+    int64; a file that is plainly something else is named for what it looks like (TOML/text,
+    XML/HTML, binary data, ...). A valid trace without GPU activity (CPU-only) gives empty GPU
+    tables and a :class:`TraceWarning`. Events whose times cannot be true, duplicates and complete
+    events of a missing or unknown phase or category are set aside, counted by reason in
+    ``skipped_reasons`` (:mod:`molmo_latency.trace._checks`) and listed in one warning.
 
     Example:
         >>> import tempfile
