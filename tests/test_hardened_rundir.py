@@ -260,3 +260,18 @@ def test_a_resume_does_not_write_parts_through_a_symlink_out(finished, tmp_path)
     with pytest.raises(SweepError, match=r"parts/phases is a symlink leading out"):
         run_sweep("tiny", SweepSpec.from_dict(SWEEP), run)
     assert sorted(p.name for p in outside.iterdir()) == before
+
+
+def test_fit_out_on_a_read_only_filesystem_is_one_line(finished, tmp_path, monkeypatch):
+    """`fit --out` (measured: an OSError traceback) on a read-only tmpfs: one line, exit 2."""
+    import molmo_latency.estimator as estimator
+    from molmo_latency.estimator import example_requests
+
+    fitted = estimator.fit_estimator(example_requests(seed=0), hold_out_new_tokens=False)
+    monkeypatch.setattr(estimator, "fit_estimator", lambda *args, **kwargs: fitted)
+    with tmpfs(tmp_path / "ro", "1m") as disk:
+        remount(disk, "ro")
+        code, _, err = cli("fit", str(finished), "--out", str(disk / "model"))
+        line = one_error_line(err)
+        assert code == 2 and "read-only" in line and str(disk / "model") in line
+        remount(disk, "rw")
