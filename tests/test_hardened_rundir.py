@@ -214,6 +214,31 @@ def test_run_json_of_invalid_utf8_is_one_line(finished, tmp_path):
     assert code == 2 and str(run / "run.json") in line and "corrupted" in line
 
 
+@pytest.mark.parametrize("name", ["run.json", "parts/requests/c1-k2-b2-p4-n3-bs1__r0.parquet"])
+def test_a_fifo_in_place_of_a_file_of_the_run_is_refused_without_hanging(finished, tmp_path, name):
+    import os
+    import signal
+
+    run = copy_run(finished, tmp_path / "run")
+    (run / name).unlink()
+    os.mkfifo(run / name)
+    (run / "requests.parquet").unlink()
+
+    def hang(*_):
+        raise TimeoutError("report hangs on a FIFO")
+
+    old = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(30)
+    try:
+        code, _, err = cli("report", str(run))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    line = one_error_line(err)
+    assert code == 2
+    assert ("not a regular file" in line and name.split("/")[-1] in line) or "no run.json" in line, line
+
+
 def test_a_part_copied_over_another_units_name_is_named(finished, tmp_path):
     run = copy_run(finished, tmp_path / "run")
     parts = sorted((run / "parts" / "requests").glob("*.parquet"))

@@ -138,6 +138,7 @@ class RunDir:
         return self.path / "run.json"
 
     def meta(self) -> dict[str, Any]:
+        regular_file(self.run_json, "the run.json a sweep wrote (move this one away)", SweepError)
         try:
             return json.loads(self.run_json.read_text())
         except FileNotFoundError:
