@@ -385,7 +385,8 @@ class _Export:
                 parts.append(f"SELECT DISTINCT globalPid >> {_TID_BITS} FROM {table} "
                              "WHERE typeof(globalPid) = 'integer'")
         if "globalTid" in self._columns(_RUNTIME):
-            parts.append(f"SELECT DISTINCT globalTid >> {_TID_BITS} FROM {_RUNTIME} WHERE typeof(globalTid) = 'integer'")
+            parts.append(f"SELECT DISTINCT globalTid >> {_TID_BITS} FROM {_RUNTIME} "
+                         "WHERE typeof(globalTid) = 'integer'")
         if not parts:
             return []
         rows = self.db.execute(" UNION ".join(parts)).fetchall()

@@ -37,7 +37,6 @@ frames (msgspec shapes, category routing, exact nanoseconds).
 from __future__ import annotations
 
 import gc
-import gzip
 import os
 import re
 import warnings
