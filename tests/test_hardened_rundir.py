@@ -300,3 +300,16 @@ def test_fit_out_on_a_read_only_filesystem_is_one_line(finished, tmp_path, monke
         line = one_error_line(err)
         assert code == 2 and "read-only" in line and str(disk / "model") in line
         remount(disk, "rw")
+
+
+def test_report_on_a_full_disk_prints_its_tables_and_says_why_there_are_no_plots(finished, monkeypatch):
+    def full(rep, folder):
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder / "phase_shares.png"))
+
+    monkeypatch.setattr("molmo_latency.plots.write_report_plots", full)
+    code, stdout, err = cli("report", str(finished), "--json")
+    assert code == 0, err
+    doc = json.loads(stdout)
+    assert len(doc["configs"]) == 2 and doc["plots"] == []
+    assert doc["plots_skipped"] == [{"file": "plots", "why": f"cannot write {finished / 'report'} "
+                                                              "(No space left on device)"}]

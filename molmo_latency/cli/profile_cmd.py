@@ -61,9 +61,8 @@ class _RichProgress:
 def _run_and_report(model: str, sweep, out: Path, *, device: str, dtype: Optional[str], kineto: bool,
                     nvml: str, trust_remote_code: bool, as_json: bool, progress: bool = True) -> None:
     from molmo_latency.cli.show import err_console
-    from molmo_latency.sweep.runner import run_sweep
-
     from molmo_latency.safe_fs import translate_faults
+    from molmo_latency.sweep.runner import run_sweep
 
     command = "molmo-latency " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     with _RichProgress(enabled=progress and not as_json) as bar, translate_faults(
@@ -121,7 +120,6 @@ def _report(run_dir: Path, *, as_json: bool, extra: dict | None = None) -> None:
     from molmo_latency.cli.show import console, frame_records, print_frame, print_json
     from molmo_latency.plots import write_report_plots
     from molmo_latency.report import run_report
-
     from molmo_latency.safe_fs import inside, is_write_fault
 
     inside(Path(run_dir) / "report", run_dir)  # never write plots through a link out of the run
@@ -131,7 +129,8 @@ def _report(run_dir: Path, *, as_json: bool, extra: dict | None = None) -> None:
     except Exception as exc:  # a read-only or full run directory: the tables still print
         if not is_write_fault(exc, run_dir):
             raise
-        pngs, skipped = [], [("plots", f"cannot write {Path(run_dir) / 'report'} ({exc.strerror or exc})")]
+        why = getattr(exc, "strerror", None) or "the disk is full"
+        pngs, skipped = [], [("plots", f"cannot write {Path(run_dir) / 'report'} ({why})")]
     if as_json:
         print_json({**(extra or {}), "run_dir": str(run_dir), "configs": frame_records(rep["config"]),
                     "summary": frame_records(rep["summary"]), "shares": frame_records(rep["shares"]),
