@@ -12,6 +12,7 @@ MODULES = [
     "molmo_latency.trace",
     "molmo_latency.trace.reader",
     "molmo_latency.trace._events",
+    "molmo_latency.trace._checks",
     "molmo_latency.trace._text",
     "molmo_latency.trace.attribution",
     "molmo_latency.trace.categories",

@@ -9,7 +9,7 @@ import polars as pl
 import typer
 
 from molmo_latency.cli.app import app
-from molmo_latency.cli.show import console, err_console, print_frame, print_json
+from molmo_latency.show import console, err_console, print_frame, print_json
 from molmo_latency.errors import EstimatorError
 
 METRIC_COLUMNS = {"n": "n", "mae_ms": "MAE ms", "mape_pct": "MAPE %", "r2": "R^2",

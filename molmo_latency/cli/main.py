@@ -148,6 +148,14 @@ def main(argv: list[str] | None = None) -> int:
     except MolmoLatencyError as exc:
         print(f"molmo-latency: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # a full disk, a read-only filesystem: one line, never a traceback
+        from molmo_latency.safe_fs import fault_line
+
+        line = fault_line(exc)
+        if line is None:
+            raise
+        print(f"molmo-latency: error: {line}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("molmo-latency: interrupted", file=sys.stderr)
         return 130

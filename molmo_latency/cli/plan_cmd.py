@@ -9,7 +9,7 @@ import polars as pl
 import typer
 
 from molmo_latency.cli.app import app
-from molmo_latency.cli.show import console, err_console, print_frame, print_json
+from molmo_latency.show import console, err_console, print_frame, print_json
 
 KNOB_COLUMNS = ("crops", "top_k", "blocks", "prompt_tokens", "new_tokens")
 

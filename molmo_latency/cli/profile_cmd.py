@@ -62,11 +62,13 @@ class _RichProgress:
 def _run_and_report(model: str, sweep, out: Path, *, device: str, dtype: Optional[str], kineto: bool,
                     nvml: str, trust_remote_code: bool, as_json: bool, progress: bool = True,
                     threads: Optional[int] = None) -> None:
+    from molmo_latency.safe_fs import translate_faults
     from molmo_latency.show import err_console
     from molmo_latency.sweep.runner import run_sweep
 
     command = "molmo-latency " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    with _RichProgress(enabled=progress and not as_json) as bar:
+    with _RichProgress(enabled=progress and not as_json) as bar, translate_faults(
+            out, "run the same command again: the sweep resumes where it stopped"):
         result = run_sweep(model, sweep, out, device=device, dtype=dtype, kineto=kineto, nvml=nvml,
                            trust_remote_code=trust_remote_code, progress=bar, command=command, threads=threads)
     if not as_json:
@@ -120,13 +122,18 @@ def _report(run_dir: Path, *, as_json: bool, extra: dict | None = None, html: bo
     from molmo_latency.show import console, frame_records, print_frame, print_json
     from molmo_latency.show.report_plots import write_report_plots
     from molmo_latency.report import run_report
+    from molmo_latency.safe_fs import inside, is_write_fault
 
+    inside(Path(run_dir) / "report", run_dir)  # never write plots through a link out of the run
     rep = run_report(run_dir)
     quality = rep["quality"]
     try:
         pngs, skipped = write_report_plots(rep, Path(run_dir) / "report")
-    except OSError as exc:  # a read-only run directory: the tables still print
-        pngs, skipped = [], [("plots", f"cannot write {Path(run_dir) / 'report'} ({exc.strerror or exc})")]
+    except Exception as exc:  # a read-only or full run directory: the tables still print
+        if not is_write_fault(exc, run_dir):
+            raise
+        why = getattr(exc, "strerror", None) or "the disk is full"
+        pngs, skipped = [], [("plots", f"cannot write {Path(run_dir) / 'report'} ({why})")]
     page = _write_html(run_dir, rep, pngs) if html else None
     if as_json:
         print_json({**(extra or {}), "run_dir": str(run_dir), "quality": quality.as_dict(),

@@ -67,6 +67,7 @@ def summary_document(summary: TraceSummary, warned: list[str]) -> dict[str, Any]
             "cpu_ops": trace.cpu_ops.height,
             "annotations": trace.annotations.height,
             "skipped_events": trace.skipped,
+            "skipped_reasons": dict(trace.skipped_reasons),
             "metadata": trace.metadata,
         },
         "gpu": [

@@ -30,6 +30,7 @@ from typing import Any
 import polars as pl
 
 from molmo_latency.errors import SweepError
+from molmo_latency.safe_fs import inside, is_write_fault, regular_file
 
 TABLES = ("requests", "phases", "telemetry")
 ALL_TABLES = (*TABLES, "failures")
@@ -90,10 +91,28 @@ def atomic_write_parquet(frame: pl.DataFrame, path: Path) -> None:
 
 def read_part(path: Path) -> pl.DataFrame:
     """One part file; a corrupt or empty one is a SweepError that says to delete it."""
+    regular_file(path, "a Parquet part (delete what is there)", SweepError)  # a FIFO would hang the read
     try:
         return pl.read_parquet(path)
     except Exception as exc:  # noqa: BLE001 - polars raises several kinds for a bad file
         raise SweepError(_bad_part(path, exc)) from None
+
+
+def check_part_name(path: Path, frame: pl.DataFrame) -> pl.DataFrame:
+    """`frame` when the part file `path` holds what its name says (``CONFIG__rREPEAT.parquet``:
+    that configuration and repeat only; ``failures/CONFIG.parquet``: that configuration), else a
+    SweepError naming the misnamed (copied, renamed) part."""
+    m = _UNIT_RE.match(path.name)
+    expected = {"config_id": m["config"], "repeat": int(m["repeat"])} if m else {
+        "config_id": path.name.removesuffix(".parquet")}
+    for column, value in expected.items():
+        if column in frame.columns and frame.height and frame[column].drop_nulls().unique().to_list() != [value]:
+            held = sorted(str(v) for v in frame[column].unique().to_list())[:3]
+            raise SweepError(
+                f"part file {path} holds {column} {', '.join(held)}, not the {value} its name says (a part "
+                "copied over another or renamed); delete it and run the same `molmo-latency profile` command "
+                "again: that unit is then measured again")
+    return frame
 
 
 def _bad_part(path: Path, exc: BaseException) -> str:
@@ -146,12 +165,13 @@ class RunDir:
         return self.path / "run.json"
 
     def meta(self) -> dict[str, Any]:
+        regular_file(self.run_json, "the run.json a sweep wrote (move this one away)", SweepError)
         try:
             return json.loads(self.run_json.read_text())
         except FileNotFoundError:
             raise SweepError(f"{self.path} is not a run directory (no run.json); "
                              "create one with `molmo-latency profile`") from None
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise SweepError(f"{self.run_json} is corrupted ({exc}); move it away or use a new --out") from None
 
     @classmethod
@@ -205,6 +225,8 @@ class RunDir:
 
     def _clean_tmp(self) -> None:
         """Remove what a killed sweep left half-written: temporary files and Kineto folders."""
+        for folder in ("parts", *[f"parts/{t}" for t in ALL_TABLES], "traces", "report"):
+            inside(self.path / folder, self.path, SweepError)  # never delete or write through a link out
         for tmp in self.path.rglob(".*.tmp"):
             with _suppress():
                 tmp.unlink()
@@ -220,6 +242,7 @@ class RunDir:
         if not folder.is_dir():
             return
         for part in sorted(folder.glob("*/*.parquet")):
+            regular_file(part, "a Parquet part (delete what is there)", SweepError)
             try:
                 pl.read_parquet_schema(part)
             except Exception as exc:  # noqa: BLE001 - polars raises several kinds
@@ -302,7 +325,7 @@ class RunDir:
         files = sorted((self.path / "parts" / table).glob("*.parquet"))
         if not files:
             return None
-        return _in_table_order(pl.concat([read_part(f) for f in files], how="diagonal_relaxed"))
+        return _in_table_order(pl.concat([check_part_name(f, read_part(f)) for f in files], how="diagonal_relaxed"))
 
     def _manifest_path(self, table: str) -> Path:
         return self.path / "parts" / f"{table}{MANIFEST_SUFFIX}"
@@ -363,7 +386,7 @@ class RunDir:
             os.utime(top)  # up to date: newer than every part again (see stale_tables)
             self._cache[table] = (_file_key(top), frame, manifest)
             return frame.height
-        frames = [read_part(folder / name) for name in new]
+        frames = [check_part_name(folder / name, read_part(folder / name)) for name in new]
         added = pl.DataFrame({"part": new, "inode": [parts[n][0] for n in new],
                               "size_bytes": [parts[n][1] for n in new], "mtime_ns": [parts[n][2] for n in new],
                               "rows": [f.height for f in frames]},
@@ -423,11 +446,20 @@ class RunDir:
         stale = self.stale_tables()
         if not stale:
             return {}
-        fd = self._try_lock()
+        try:
+            fd = self._try_lock()
+        except Exception as exc:  # read-only or full: table() reads the parts and writes nothing
+            if not is_write_fault(exc, self.path):
+                raise
+            return {}
         if fd is None:
             return {}
         try:
             return self.consolidate(stale)
+        except Exception as exc:  # noqa: BLE001 - the same: nothing written, nothing lost
+            if not is_write_fault(exc, self.path):
+                raise
+            return {}
         finally:
             os.close(fd)
 

@@ -23,7 +23,9 @@ import polars as pl
 import torch
 
 from molmo_latency.conditions import run_conditions
+from molmo_latency.errors import SweepError
 from molmo_latency.profiler import profile_phases
+from molmo_latency.safe_fs import inside
 from molmo_latency.sweep.machine import device_columns, versions
 from molmo_latency.hold.rundir import RunDir
 from molmo_latency.sweep.schedule import LocalSweepResult, Progress, ProgressFn, Schedule, SweepRecorder, no_progress
@@ -359,7 +361,7 @@ def _sweep_locked(worker: Worker, spec: SweepSpec, rd: RunDir, resumed: bool, *,
 def _trace_configs(source: ModelSource, spec: SweepSpec, rd: RunDir, configs: Iterable[Config],
                    progress: ProgressFn) -> None:
     """Extra, unmeasured requests per configuration under torch.profiler -> RUN_DIR/traces/."""
-    traces = rd.path / "traces"
+    traces = inside(rd.path / "traces", rd.path, SweepError)  # never write through a link out of the run
     traces.mkdir(exist_ok=True)
     n = spec.protocol["kineto_per_config"]
     configs = list(configs)

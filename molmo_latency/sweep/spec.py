@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from molmo_latency.errors import SweepError
+from molmo_latency.safe_fs import regular_file
 
 GRID_KEYS = ("crops", "top_k", "blocks", "prompt_tokens", "new_tokens", "batch_size")
 GRID_MIN = {"crops": 0, "top_k": 1, "blocks": 1, "prompt_tokens": 0, "new_tokens": 1, "batch_size": 1}
@@ -162,7 +163,7 @@ class SweepSpec:
 
 def load_sweep(path: str | Path) -> SweepSpec:
     """Read and validate a sweep TOML file; errors name the file and the key."""
-    p = Path(path)
+    p = regular_file(path, "the sweep TOML file itself", SweepError)
     try:
         raw = tomllib.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -190,6 +191,7 @@ def _block_subset(value: list, source: str) -> tuple[int, ...]:
 def read_block_importance(path: Path, source: str = "sweep") -> list[float]:
     """One importance score per block, from JSON: a list, ``{"scores": [...]}`` or
     ``{"0": score, "1": score, ...}`` (every block index once)."""
+    regular_file(path, f"a JSON file of block scores as block_importance ({source})", SweepError)
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

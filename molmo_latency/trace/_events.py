@@ -39,6 +39,17 @@ _ROUTE = {
     "gpu_user_annotation": ("gpu_annotations", "gpu_user_annotation"),
 }
 _TABLES = ("gpu", "runtime", "cpu_ops", "annotations", "gpu_annotations")
+#: Categories of complete events Kineto writes that no table keeps (libkineto's ActivityType
+#: names, and the profiler's own bookkeeping): read past without a word. A complete event of
+#: any other category, or of none, is counted as skipped.
+_IGNORED_CATEGORIES = frozenset({
+    "Trace", "cuda_sync", "cuda_profiler_range", "python_function", "overhead", "external_correlation",
+    "cpu_instant_event", "mtia_runtime", "mtia_ccp_events", "mtia_insight", "glow_runtime", "hpu_op",
+    "xpu_runtime", "xpu_driver", "privateuse1_runtime", "privateuse1_driver", "collective_comm",
+    "gpu_pm_counter", "cuda_event", "ac2g", "fwdbwd", "Python", "Memory", "Record Window End",
+})
+#: Key of the per-chunk counts of events set aside while decoding (see ``_checks.SKIP_REASONS``).
+_SKIPPED = "_skipped"
 _CATEGORIES_OF = {t: tuple(c for c, (table, _) in _ROUTE.items() if table == t) for t in _TABLES}
 
 _EXACT_FLOAT_US = 2.0**43  # below this a double holds a 3-decimal microsecond value to < 0.5 ns
@@ -99,6 +110,7 @@ class _XExact(msgspec.Struct, tag_field="ph", tag="X", gc=False):
 
 # Every other Chrome trace event phase (trace-event format spec, incl. deprecated S/T/p/F).
 _OTHER_PHASES = "BEiIbnestfCPNODMVvRcSTpF()"
+_PHASES = frozenset(_OTHER_PHASES) | {"X"}
 _SKIPS = tuple(
     msgspec.defstruct(f"_Skip{ord(ph)}", [], tag_field="ph", tag=ph, gc=False) for ph in _OTHER_PHASES
 )
@@ -152,7 +164,9 @@ class _OutOfRange(ValueError):
 def _checked_frames(events: list, buf: bytes, fast: bool) -> dict[str, pl.DataFrame]:
     """A frame per table of the kept events (``ts``/``dur``: float us, or int ns if exact)."""
     frames = _frames(events, fast=fast, exact=False)
-    for frame in frames.values():
+    for name, frame in frames.items():
+        if name == _SKIPPED:
+            continue
         for column in ("ts", "dur"):
             times = frame[column]
             if times.null_count() == times.len():
@@ -174,9 +188,15 @@ def _us_to_ns(us: pl.Expr) -> pl.Expr:
 
 
 def _frames(events: list, fast: bool, exact: bool) -> dict[str, pl.DataFrame]:
-    """Route the kept events to their tables in one pass, then one pass per column per table."""
+    """Route the kept events to their tables in one pass, then one pass per column per table.
+
+    Complete events of no or an unknown category, and (slow path) events of a missing or
+    unknown phase, are counted under ``frames[_SKIPPED]`` (a dict reason -> count).
+    """
     buckets: dict[str, list] = {category: [] for category in _ROUTE}
     get = buckets.get
+    odd = []  # complete events no table keeps
+    bad_phase = 0
     if fast:
         x = _XExact if exact else _X
         for event in events:
@@ -184,12 +204,19 @@ def _frames(events: list, fast: bool, exact: bool) -> dict[str, pl.DataFrame]:
                 bucket = get(event.cat)
                 if bucket is not None:
                     bucket.append(event)
+                else:
+                    odd.append(event.cat)
     else:
         for event in events:
-            if event.ph == "X":
+            ph = event.ph
+            if ph == "X":
                 bucket = get(event.cat)
                 if bucket is not None:
                     bucket.append(event)
+                else:
+                    odd.append(event.cat)
+            elif type(ph) is not str or ph not in _PHASES:
+                bad_phase += 1
     frames = {}
     for table in _TABLES:
         kept, kinds = [], []
@@ -200,6 +227,15 @@ def _frames(events: list, fast: bool, exact: bool) -> dict[str, pl.DataFrame]:
                 kinds += [_ROUTE[category][1]] * len(bucket)
         if kept:
             frames[table] = _table_frame(table, kept, kinds, exact)
+    skipped = {}
+    if odd:
+        missing = sum(1 for cat in odd if cat is None)
+        unknown = sum(1 for cat in odd if cat is not None and cat not in _IGNORED_CATEGORIES)
+        skipped = {k: v for k, v in (("missing_category", missing), ("unknown_category", unknown)) if v}
+    if bad_phase:
+        skipped["bad_phase"] = bad_phase
+    if skipped:
+        frames[_SKIPPED] = skipped
     return frames
 
 

@@ -47,7 +47,8 @@ class _NotFast(Exception):
 _EVENTS_KEY = re.compile(rb'"traceEvents"[ \t\r\n]*:[ \t\r\n]*\[')
 _ARRAY_END = re.compile(rb"\}[ \t\r\n]*\]")
 _READ_BYTES = 1 << 20
-_HEADER_LIMIT = 64 << 20  # a header this long before traceEvents: not a Kineto trace, read it whole
+_HEADER_LIMIT = 16 << 20  # a header this long before traceEvents: not a Kineto trace, read it whole
+_EVENT_LIMIT = 32 << 20  # an "event" this long (e.g. a gzip bomb of spaces): read it whole (capped there)
 _NON_SPACE = re.compile(rb"[^ \t\r\n]")
 _RELEASE_BYTES = 8 << 20  # hand consumed pages of a mapped file back every this many bytes
 
@@ -199,6 +200,8 @@ def _stream_text(text) -> tuple[_Top, list[dict[str, pl.DataFrame]], int]:
             search_from = min(_CHUNK_BYTES, text.avail())
         match = find(_BOUNDARY, search_from)
         if match is None and not text.eof:
+            if text.avail() > _EVENT_LIMIT:  # no event is this long: the whole-text path words it
+                raise _NotFast
             text.need(text.avail() + _READ_BYTES)  # an event longer than a chunk: read on
             continue
         if match is not None:

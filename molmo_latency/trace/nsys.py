@@ -43,15 +43,19 @@ import gzip
 import os
 import shutil
 import sqlite3
+import stat
 import tempfile
 import warnings
 import zlib
+from collections import Counter
 from pathlib import Path
 from urllib.parse import quote
 
 import polars as pl
 
 from molmo_latency.errors import TraceError
+from molmo_latency.safe_fs import regular_file
+from molmo_latency.trace._checks import drop_impossible, median_start_ns, warn_skipped
 from molmo_latency.trace.reader import (
     CPU_COLUMNS,
     GPU_ANNOTATION_COLUMNS,
@@ -95,6 +99,37 @@ _BATCH_ROWS = 100_000
 _TIME_LIMIT_NS = 2**62
 
 
+def _int(expr: str) -> str:
+    """SQL: `expr` when it is an integer, else NULL (SQLite columns hold any type in any row)."""
+    return f"(CASE WHEN typeof({expr}) = 'integer' THEN {expr} END)"
+
+
+def _text(expr: str) -> str:
+    """SQL: `expr` when it is text, else NULL."""
+    return f"(CASE WHEN typeof({expr}) = 'text' THEN {expr} END)"
+
+
+def _reason(start: str, end: str, ids: list[str], names: list[str], end_missing: str = "missing_time") -> str:
+    """SQL: why a row cannot be read (a key of ``_checks.SKIP_REASONS``), NULL when it can: a
+    missing or non-integer time, one beyond int64 ns, an id that is not an integer, a name that is
+    not text. `end_missing` is the reason for a NULL end (an NVTX range never closed)."""
+    limit = _TIME_LIMIT_NS
+    cases = [
+        f"WHEN {start} IS NULL THEN 'missing_time'",
+        f"WHEN {end} IS NULL THEN '{end_missing}'",
+        f"WHEN typeof({start}) != 'integer' OR typeof({end}) != 'integer' THEN 'non_numeric_time'",
+        f"WHEN {start} NOT BETWEEN -{limit} AND {limit} OR {end} NOT BETWEEN -{limit} AND {limit} "
+        "THEN 'time_out_of_range'",
+    ]
+    if ids:
+        odd = " OR ".join(f"typeof({c}) NOT IN ('integer', 'null')" for c in ids)
+        cases.append(f"WHEN {odd} THEN 'non_integer_id'")
+    if names:
+        odd = " OR ".join(f"typeof({c}) NOT IN ('text', 'null')" for c in names)
+        cases.append(f"WHEN {odd} THEN 'non_text_name'")
+    return f"CASE {' '.join(cases)} END"
+
+
 def is_sqlite(path: str | os.PathLike) -> bool:
     """Whether `path` (plain or gzipped) starts like a SQLite 3 database; False if unreadable.
 
@@ -106,6 +141,8 @@ def is_sqlite(path: str | os.PathLike) -> bool:
         (True, False)
     """
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or a device would block or never end
+            return False
         with open(path, "rb") as f:
             head = f.read(len(SQLITE_MAGIC))
             if head[:2] == b"\x1f\x8b":
@@ -125,8 +162,12 @@ def read_nsys(path: str | os.PathLike) -> KinetoTrace:
     ``metadata`` holding the nsys version and export schema. Raises
     :class:`~molmo_latency.errors.TraceError` (one line: the file, the problem, what to do) for
     a missing file, a truncated gzip, a file that is not SQLite, a SQLite database that is not an
-    nsys export, or a table lacking a column the reader needs. An export without GPU activity
-    gives empty GPU tables and a :class:`~molmo_latency.trace.TraceWarning`.
+    nsys export, or a table lacking a column the reader needs (and a FIFO or a device, before it is
+    opened). An export without GPU activity gives empty GPU tables and a
+    :class:`~molmo_latency.trace.TraceWarning`. Rows a reader cannot trust (a start or end that is
+    missing, not an integer or beyond int64 ns, ``end < start``, an id that is not an integer, a
+    name that is not text, a duplicate row, times far from the rest) are set aside, counted by
+    reason in ``skipped_reasons`` (the same names as for Kineto) and listed in one warning.
 
     Example:
         >>> import tempfile
@@ -138,7 +179,7 @@ def read_nsys(path: str | os.PathLike) -> KinetoTrace:
         >>> phase_gpu_table(trace).select("phase", "step", "gpu_activities").row(-1)
         ('decode', 1, 1)
     """
-    path = Path(path)
+    path = regular_file(path, "an nsys SQLite export (.sqlite)", TraceError)
     head = _read_file(path, "nsys SQLite export (.sqlite)", "an", len(SQLITE_MAGIC))
     if head[:2] != b"\x1f\x8b":
         return _read_sqlite(path, path, head)
@@ -193,7 +234,7 @@ class _Export:
         self.path, self.db = path, db
         rows = db.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'view')").fetchall()
         self.tables = {r[0] for r in rows}
-        self.skipped = 0
+        self.skipped: Counter = Counter()
         self.events = 0
         if not self.tables & {*_EVENT_TABLES, "StringIds", "META_DATA_EXPORT", "TARGET_INFO_SESSION_START_TIME"}:
             raise TraceError(
@@ -217,12 +258,45 @@ class _Export:
                 "the reader knows: export it again with a recent `nsys export --type sqlite`"
             )
 
-    def _strings(self, table: str) -> None:
+    def _strings(self, table: str) -> str:
+        """The StringIds table to join (its first row of each id when an id repeats: warned once)."""
         if "StringIds" not in self.tables:
             raise TraceError(
                 f"{self.path}: {table} names its events through StringIds, but the export has no StringIds "
                 "table; export it again with `nsys export --type sqlite`"
             )
+        if not hasattr(self, "_string_table"):
+            repeated = self.db.execute("SELECT COUNT(*) - COUNT(DISTINCT id) FROM StringIds").fetchone()[0]
+            self._string_table = "StringIds"
+            if repeated:
+                warnings.warn(f"{self.path}: StringIds holds {repeated} repeated id(s); the first string of each "
+                              "id names the events (the export is damaged: export it again)", TraceWarning,
+                              stacklevel=5)
+                self._string_table = ("(SELECT id, value FROM StringIds WHERE rowid IN "
+                                      "(SELECT MIN(rowid) FROM StringIds GROUP BY id))")
+        return self._string_table
+
+    def _checked_frame(self, items: list[str], bad: str, source: str, schema: dict[str, pl.DataType],
+                       where: str = "") -> pl.DataFrame:
+        """The rows of ``SELECT items FROM source [WHERE where]`` that `bad` (see :func:`_reason`)
+        gives no reason against; the others are counted under their reason. SQLite counts them
+        first, so an export with none (every real one) is read without the extra column."""
+        cond = f"({bad}) IS NOT NULL" + (f" AND {where}" if where else "")
+        n_bad = self.db.execute(f"SELECT COUNT(*) FROM {source} WHERE {cond}").fetchone()[0]
+        tail = f" WHERE {where}" if where else ""
+        if not n_bad:
+            return self._frame(f"SELECT {', '.join(items)} FROM {source}{tail}", schema)
+        frame = self._frame(f"SELECT {', '.join([*items, bad])} FROM {source}{tail}", {**schema, "_bad": pl.String})
+        return self._valid(frame)
+
+    def _valid(self, frame: pl.DataFrame) -> pl.DataFrame:
+        """`frame` without the rows its ``_bad`` column gives a reason for (counted); no ``_bad``."""
+        bad = frame["_bad"]
+        if bad.null_count() != bad.len():
+            for key, count in bad.drop_nulls().value_counts().iter_rows():
+                self.skipped[key] += count
+            frame = frame.filter(bad.is_null())
+        return frame.drop("_bad")
 
     def _frame(self, sql: str, schema: dict[str, pl.DataType]) -> pl.DataFrame:
         """The rows of `sql` as one frame, fetched in batches (memory: one batch of rows at a time)."""
@@ -252,12 +326,15 @@ class _Export:
         gpu = gpu.sort("start_ns", maintain_order=True)
         runtime = self._runtime().sort("start_ns", maintain_order=True)
         annotations = self._nvtx().sort("start_ns", maintain_order=True)
-        for frame in (gpu, runtime, annotations):
-            if frame.height and (frame["start_ns"].min() < -_TIME_LIMIT_NS or frame["end_ns"].max() > _TIME_LIMIT_NS):
-                raise TraceError(f"{self.path}: event times beyond the int64 nanosecond range; the export is corrupt")
-        if self.skipped:
-            warnings.warn(f"{self.path}: skipped {self.skipped} NVTX range(s) never closed (no end time)",
+        median_ns = median_start_ns([gpu, runtime, annotations])
+        gpu = drop_impossible(gpu, median_ns, self.skipped, device_required=True)
+        runtime, annotations = (drop_impossible(t, median_ns, self.skipped) for t in (runtime, annotations))
+        unclosed = self.skipped.get("unclosed_range", 0)
+        if unclosed:
+            warnings.warn(f"{self.path}: skipped {unclosed} NVTX range(s) never closed (no end time)",
                           TraceWarning, stacklevel=4)
+        warn_skipped(self.path, Counter({k: v for k, v in self.skipped.items() if k != "unclosed_range"}),
+                     stacklevel=4)
         if gpu.height == 0:
             warnings.warn(
                 f"{self.path}: no GPU activities (kernel, memcpy, memset); a capture without CUDA tracing "
@@ -276,12 +353,13 @@ class _Export:
             annotations=annotations,
             gpu_annotations=pl.DataFrame(schema={c: _TABLE_SCHEMA[c] for c in GPU_ANNOTATION_COLUMNS}),
             device_properties=self._devices(),
-            trace_name=meta.get("EXPORT_PARAM_INPUT_FILE"),
+            trace_name=_str_or_none(meta.get("EXPORT_PARAM_INPUT_FILE")),
             events=self.events,
-            skipped=self.skipped,
+            skipped=sum(self.skipped.values()),
+            skipped_reasons=dict(self.skipped),
             metadata={
-                "nsys_version": meta.get("EXPORT_PRODUCT_VERSION"),
-                "schema_version": meta.get("EXPORT_SCHEMA_VERSION"),
+                "nsys_version": _str_or_none(meta.get("EXPORT_PRODUCT_VERSION")),
+                "schema_version": _str_or_none(meta.get("EXPORT_SCHEMA_VERSION")),
             },
         )
 
@@ -294,7 +372,7 @@ class _Export:
         table = "TARGET_INFO_SESSION_START_TIME"
         if "utcEpochNs" not in self._columns(table):
             return 0
-        row = self.db.execute(f"SELECT utcEpochNs FROM {table} WHERE utcEpochNs IS NOT NULL LIMIT 1").fetchone()
+        row = self.db.execute(f"SELECT utcEpochNs FROM {table} WHERE typeof(utcEpochNs) = 'integer' LIMIT 1").fetchone()
         if row is None or type(row[0]) is not int or not 0 <= row[0] < _TIME_LIMIT_NS:
             return 0
         return row[0]
@@ -304,25 +382,37 @@ class _Export:
         parts = []
         for table in (_KERNEL, _MEMCPY, _MEMSET):
             if "globalPid" in self._columns(table):
-                parts.append(f"SELECT DISTINCT globalPid >> {_TID_BITS} FROM {table} WHERE globalPid IS NOT NULL")
+                parts.append(f"SELECT DISTINCT globalPid >> {_TID_BITS} FROM {table} "
+                             "WHERE typeof(globalPid) = 'integer'")
         if "globalTid" in self._columns(_RUNTIME):
-            parts.append(f"SELECT DISTINCT globalTid >> {_TID_BITS} FROM {_RUNTIME} WHERE globalTid IS NOT NULL")
+            parts.append(f"SELECT DISTINCT globalTid >> {_TID_BITS} FROM {_RUNTIME} "
+                         "WHERE typeof(globalTid) = 'integer'")
         if not parts:
             return []
         rows = self.db.execute(" UNION ".join(parts)).fetchall()
-        return sorted(r[0] for r in rows)
+        return sorted(r[0] for r in rows if type(r[0]) is int)
 
-    def _activity_columns(self, table: str, columns: set[str]) -> list[str]:
-        """SQL select items shared by kernels, memcpy and memset: times, device, stream, correlation."""
+    def _times(self) -> list[str]:
+        """SQL select items start_ns, end_ns (NULL where the row's ``_bad`` reason sets it aside)."""
+        def ns(column: str) -> str:
+            return (f"CASE WHEN typeof({column}) = 'integer' AND {column} BETWEEN -{_TIME_LIMIT_NS} AND "
+                    f"{_TIME_LIMIT_NS} THEN {column} + {self.base_time_ns} END")
+        return [ns("t.start"), ns("t.end")]
+
+    def _activity_columns(self, table: str, columns: set[str], extra_ids: list[str] = ()) -> list[str]:
+        """SQL select items shared by kernels, memcpy and memset: times, device, stream,
+        correlation, and last the ``_bad`` reason (see :func:`_reason`)."""
         self._need(table, columns, ("start", "end"))
         correlation = "NULL"
         if "correlationId" in columns:
-            correlation = "t.correlationId" + (self._process_offset("t.globalPid") if "globalPid" in columns else "")
+            correlation = _int("t.correlationId") + (
+                self._process_offset("t.globalPid") if "globalPid" in columns else "")
+        ids = [f"t.{c}" for c in ("deviceId", "streamId", "correlationId", "globalPid") if c in columns]
+        self._bad = _reason("t.start", "t.end", [*ids, *extra_ids], self._names)
         return [
-            f"t.start + {self.base_time_ns}",
-            f"t.end + {self.base_time_ns}",
-            "t.deviceId" if "deviceId" in columns else "NULL",
-            "t.streamId" if "streamId" in columns else "NULL",
+            *self._times(),
+            _int("t.deviceId") if "deviceId" in columns else "NULL",
+            _int("t.streamId") if "streamId" in columns else "NULL",
             correlation,
         ]
 
@@ -330,6 +420,8 @@ class _Export:
         "name": pl.String, "start_ns": pl.Int64, "end_ns": pl.Int64, "device": pl.Int64,
         "stream": pl.Int64, "correlation": pl.Int64,
     }
+    _names: list[str] = []
+    _bad = "NULL"
 
     def _finish_gpu(self, frame: pl.DataFrame, kind: str) -> pl.DataFrame:
         dims = ("grid", "block")
@@ -351,17 +443,18 @@ class _Export:
         name_id = next((c for c in ("demangledName", "shortName", "mangledName") if c in columns), None)
         if name_id is None:
             self._need(_KERNEL, columns, ("demangledName",))
-        self._strings(_KERNEL)
-        items = ["s.value", *self._activity_columns(_KERNEL, columns)]
-        schema = dict(self._ACTIVITY_SCHEMA)
+        strings = self._strings(_KERNEL)
         dims = [f"{d}{axis}" for d in ("grid", "block") for axis in "XYZ"]
         has_dims = all(d in columns for d in dims)
+        self._names = ["s.value"]
+        items = [_text("s.value"), *self._activity_columns(_KERNEL, columns,
+                                                           [f"t.{d}" for d in dims] if has_dims else [])]
+        schema = dict(self._ACTIVITY_SCHEMA)
         if has_dims:
-            items += [f"t.{d}" for d in dims]
+            items += [_int(f"t.{d}") for d in dims]
             schema.update({d: pl.Int64 for d in dims})
-        sql = (f"SELECT {', '.join(items)} FROM {_KERNEL} AS t "
-               f"LEFT JOIN StringIds AS s ON s.id = t.{name_id}")
-        frame = self._frame(sql, schema)
+        frame = self._checked_frame(items, self._bad, f"{_KERNEL} AS t LEFT JOIN {strings} AS s ON s.id = t.{name_id}",
+                                    schema)
         if has_dims:
             frame = frame.with_columns(
                 grid=pl.concat_list("gridX", "gridY", "gridZ").list.to_array(3),
@@ -379,20 +472,21 @@ class _Export:
         columns = self._columns(_MEMCPY)
         if not columns:
             return self._empty_gpu()
-        items = [*self._activity_columns(_MEMCPY, columns)]
-        schema = {k: v for k, v in self._ACTIVITY_SCHEMA.items() if k != "name"}
         codes = [c for c in ("copyKind", "srcKind", "dstKind") if c in columns]
-        items += [f"t.{c}" for c in codes]
+        self._names = []
+        items = [*self._activity_columns(_MEMCPY, columns, [f"t.{c}" for c in codes])]
+        schema = {k: v for k, v in self._ACTIVITY_SCHEMA.items() if k != "name"}
+        items += [_int(f"t.{c}") for c in codes]
         schema.update({c: pl.Int64 for c in codes})
-        frame = self._frame(f"SELECT {', '.join(items)} FROM {_MEMCPY} AS t", schema)
+        frame = self._checked_frame(items, self._bad, f"{_MEMCPY} AS t", schema)
         return self._finish_gpu(frame.with_columns(name=self._memcpy_names(frame, codes)), "gpu_memcpy")
 
     def _memcpy_names(self, frame: pl.DataFrame, codes: list[str]) -> pl.Expr:
         """Kineto's names: ``Memcpy HtoD (Pageable -> Device)`` from nsys' enum labels."""
         copy = self._enum_labels("ENUM_CUDA_MEMCPY_OPER")
         kinds = self._enum_labels("ENUM_CUDA_MEM_KIND")
-        copy_map = {i: _short_copy_kind(label) for i, label in copy}
-        kind_map = {i: label for i, label in kinds}
+        copy_map = {i: _short_copy_kind(label) for i, label in copy if type(i) is int and type(label) is str}
+        kind_map = {i: label for i, label in kinds if type(i) is int and type(label) is str}
         direction = (pl.col("copyKind").replace_strict(copy_map, default=None, return_dtype=pl.String)
                      if "copyKind" in codes else pl.lit(None, dtype=pl.String))
         name = pl.lit("Memcpy ") + direction.fill_null("Unknown")
@@ -406,13 +500,15 @@ class _Export:
         columns = self._columns(_MEMSET)
         if not columns:
             return self._empty_gpu()
-        items = [*self._activity_columns(_MEMSET, columns)]
+        self._names = []
+        items = [*self._activity_columns(_MEMSET, columns, ["t.memKind"] if "memKind" in columns else [])]
         schema = {k: v for k, v in self._ACTIVITY_SCHEMA.items() if k != "name"}
         if "memKind" in columns:
-            items.append("t.memKind")
+            items.append(_int("t.memKind"))
             schema["memKind"] = pl.Int64
-        frame = self._frame(f"SELECT {', '.join(items)} FROM {_MEMSET} AS t", schema)
-        kinds = {i: label for i, label in self._enum_labels("ENUM_CUDA_MEM_KIND")}
+        frame = self._checked_frame(items, self._bad, f"{_MEMSET} AS t", schema)
+        kinds = {i: label for i, label in self._enum_labels("ENUM_CUDA_MEM_KIND")
+                 if type(i) is int and type(label) is str}
         if "memKind" in columns and kinds:
             kind = pl.col("memKind").replace_strict(kinds, default="Unknown", return_dtype=pl.String)
             name = pl.lit("Memset (") + kind + pl.lit(")")
@@ -427,19 +523,20 @@ class _Export:
         if not columns:
             return pl.DataFrame(schema={c: _TABLE_SCHEMA[c] for c in RUNTIME_COLUMNS})
         self._need(_RUNTIME, columns, ("start", "end", "nameId"))
-        self._strings(_RUNTIME)
-        tid = "t.globalTid" if "globalTid" in columns else "NULL"
+        strings = self._strings(_RUNTIME)
+        tid = _int("t.globalTid") if "globalTid" in columns else "NULL"
         correlation = "NULL"
         if "correlationId" in columns:
-            correlation = "t.correlationId" + (self._process_offset("t.globalTid") if "globalTid" in columns else "")
+            correlation = _int("t.correlationId") + (
+                self._process_offset("t.globalTid") if "globalTid" in columns else "")
         kind = ("CASE t.eventClass WHEN 1 THEN 'cuda_driver' ELSE 'cuda_runtime' END"
                 if "eventClass" in columns else "'cuda_runtime'")
-        sql = (
-            f"SELECT s.value, {kind}, ({tid} >> {_TID_BITS}) & {_TID_MASK}, {tid} & {_TID_MASK}, {correlation}, "
-            f"t.start + {self.base_time_ns}, t.end + {self.base_time_ns} "
-            f"FROM {_RUNTIME} AS t LEFT JOIN StringIds AS s ON s.id = t.nameId"
-        )
-        frame = self._frame(sql, schema)
+        ids = [f"t.{c}" for c in ("globalTid", "correlationId") if c in columns]
+        bad = _reason("t.start", "t.end", ids, ["s.value"])
+        start, end = self._times()
+        items = [_text("s.value"), kind, f"({tid} >> {_TID_BITS}) & {_TID_MASK}", f"{tid} & {_TID_MASK}", correlation,
+                 start, end]
+        frame = self._checked_frame(items, bad, f"{_RUNTIME} AS t LEFT JOIN {strings} AS s ON s.id = t.nameId", schema)
         return frame.with_columns(
             name=pl.col("name").str.replace(r"_v\d+$", ""),
             external_id=pl.lit(None, dtype=pl.Int64),
@@ -453,30 +550,26 @@ class _Export:
             return pl.DataFrame(schema={**{c: _TABLE_SCHEMA[c] for c in CPU_COLUMNS}, "domain": pl.String})
         self._need(_NVTX, columns, ("start", "end", "eventType"))
         has_text_id = "textId" in columns
+        join = ""
         if has_text_id:
-            self._strings(_NVTX)
+            join = f" LEFT JOIN {self._strings(_NVTX)} AS s ON s.id = t.textId"
         text = "t.text" if "text" in columns else "NULL"
         if has_text_id:
             text = f"COALESCE({text}, s.value)"
-        join = " LEFT JOIN StringIds AS s ON s.id = t.textId" if has_text_id else ""
         payload_columns = [f"t.{c}" for c in NVTX_PAYLOAD_COLUMNS if c in columns]
         payload = (f"COALESCE({', '.join(payload_columns)})" if len(payload_columns) > 1
                    else (payload_columns[0] if payload_columns else "NULL"))
-        tid = "t.globalTid" if "globalTid" in columns else "NULL"
-        domain = "t.domainId" if "domainId" in columns else "NULL"
+        tid = _int("t.globalTid") if "globalTid" in columns else "NULL"
+        domain = _int("t.domainId") if "domainId" in columns else "NULL"
         ranges = f"t.eventType IN {_NVTX_RANGES}"
-        sql = (
-            f"SELECT {text}, ({tid} >> {_TID_BITS}) & {_TID_MASK}, {tid} & {_TID_MASK}, "
-            f"t.start + {self.base_time_ns}, t.end + {self.base_time_ns}, {domain}, {payload} "
-            f"FROM {_NVTX} AS t{join} WHERE {ranges}"
-        )
+        ids = [f"t.{c}" for c in ("globalTid", "domainId") if c in columns] + payload_columns
+        bad = _reason("t.start", "t.end", ids, [text], end_missing="unclosed_range")  # no end: never closed
+        start, end = self._times()
+        items = [_text(text), f"({tid} >> {_TID_BITS}) & {_TID_MASK}", f"{tid} & {_TID_MASK}", start, end, domain,
+                 _int(payload)]
         schema = {"name": pl.String, "pid": pl.Int64, "tid": pl.Int64, "start_ns": pl.Int64, "end_ns": pl.Int64,
                   "domain_id": pl.Int64, "payload": pl.Int64}
-        frame = self._frame(sql, schema)
-        unclosed = frame["end_ns"].null_count()  # ranges never closed: no end time
-        if unclosed:
-            self.skipped += unclosed
-            frame = frame.filter(pl.col("end_ns").is_not_null())
+        frame = self._checked_frame(items, bad, f"{_NVTX} AS t{join}", schema, where=ranges)
         # the domain's name, looked up by (process, domainId) as one int64 key: no join, no copy of the frame
         domains = {(pid << 32) | domain_id: name for pid, domain_id, name in self._domains(text, join)}
         key = (pl.col("pid") * (1 << 32)) + pl.col("domain_id")
@@ -512,7 +605,7 @@ class _Export:
         ).fetchall()
         seen: dict[tuple[int, int], str] = {}
         for pid, domain_id, name in rows:  # one row per domain and process, not per event
-            if name is not None:
+            if type(name) is str and type(pid) is int and type(domain_id) is int:
                 seen.setdefault((pid, domain_id), name)
         return [(pid, domain_id, name) for (pid, domain_id), name in seen.items()]
 
@@ -525,7 +618,12 @@ class _Export:
         if key is None:
             return ()
         rows = self.db.execute(f"SELECT {key}, name FROM TARGET_INFO_GPU").fetchall()
-        return tuple({"id": i, "name": name} for i, name in rows)
+        return tuple({"id": i if type(i) is int else None, "name": _str_or_none(name)} for i, name in rows)
+
+
+def _str_or_none(value) -> str | None:
+    """`value` when it is text (an export's metadata may hold anything), else None."""
+    return value if type(value) is str else None
 
 
 def _short_copy_kind(label: str | None) -> str | None:

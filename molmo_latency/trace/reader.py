@@ -37,10 +37,11 @@ frames (msgspec shapes, category routing, exact nanoseconds).
 from __future__ import annotations
 
 import gc
-import gzip
 import os
+import re
 import warnings
 import zlib
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,9 +49,12 @@ import msgspec
 import polars as pl
 
 from molmo_latency.errors import TraceError
+from molmo_latency.safe_fs import regular_file
+from molmo_latency.trace._checks import drop_impossible, median_start_ns, warn_skipped
 from molmo_latency.trace._events import (
     _INT64_MAX,
     _INT64_MIN,
+    _SKIPPED,
     _TABLES,
     _TIME_LIMIT_NS,
     _TOP_DECODER,
@@ -129,7 +133,10 @@ class KinetoTrace:
     fractional us; ``"absolute"``: older, integer us since the epoch), ``base_time_ns`` (0 for
     the older layout), ``device_properties`` (tuple of dicts as written by Kineto),
     ``distributed_info`` (dict or None), ``trace_name``, ``events`` (how many events the file
-    holds) and ``skipped`` (events of kept categories dropped for lacking ``ts``/``dur``).
+    holds), ``skipped`` (events set aside, never summed) and ``skipped_reasons`` (how many for
+    each reason, keys of :data:`molmo_latency.trace._checks.SKIP_REASONS`: ``missing_time``,
+    ``negative_duration``, ``negative_time``, ``outside_time_span``, ``duplicate``,
+    ``bad_phase``, ``missing_category``, ``unknown_category``, ...).
 
     Example:
         >>> import tempfile
@@ -154,6 +161,7 @@ class KinetoTrace:
     events: int = 0
     skipped: int = 0
     metadata: dict = field(default_factory=dict)
+    skipped_reasons: dict = field(default_factory=dict)
 
     @property
     def devices(self) -> list[int]:
@@ -176,11 +184,15 @@ def read_kineto(path: str | os.PathLike) -> KinetoTrace:
     """Read a Chrome/Kineto trace (``.json`` or ``.json.gz``) written by ``torch.profiler``.
 
     Raises :class:`~molmo_latency.errors.TraceError` (one line: the file, the problem, what to
-    do) for a file that cannot be read as a trace: missing, empty, truncated or corrupt gzip,
-    invalid UTF-8 or JSON, no ``traceEvents``, a field of the wrong type or an integer beyond
-    int64. A valid trace without GPU activity (CPU-only) gives empty GPU tables and a
-    :class:`TraceWarning`; events of kept categories without ``ts``/``dur`` are skipped with a
-    warning.
+    do) for a file that cannot be read as a trace: missing, not a regular file (a FIFO or a
+    device, refused before it is opened), empty, truncated or corrupt gzip, invalid UTF-8 or JSON,
+    JSON nested thousands deep, more than :data:`MAX_WHOLE_TEXT_BYTES` of text that cannot be
+    streamed (a gzip bomb), no ``traceEvents``, a field of the wrong type or an integer beyond
+    int64; a file that is plainly something else is named for what it looks like (TOML/text,
+    XML/HTML, binary data, ...). A valid trace without GPU activity (CPU-only) gives empty GPU
+    tables and a :class:`TraceWarning`. Events whose times cannot be true, duplicates and complete
+    events of a missing or unknown phase or category are set aside, counted by reason in
+    ``skipped_reasons`` (:mod:`molmo_latency.trace._checks`) and listed in one warning.
 
     Example:
         >>> import tempfile
@@ -192,7 +204,7 @@ def read_kineto(path: str | os.PathLike) -> KinetoTrace:
         >>> trace.annotations["name"].to_list()[:3]
         ['request[0]', 'vision', 'projector']
     """
-    path = Path(path)
+    path = regular_file(path, "a .json or .json.gz trace file", TraceError)
     was_enabled = gc.isenabled()
     gc.disable()  # millions of short-lived containers: the cyclic GC would dominate decoding
     try:
@@ -201,6 +213,9 @@ def read_kineto(path: str | os.PathLike) -> KinetoTrace:
         except _NotFast:  # anything unusual: read it whole; that path also words every error
             meta, chunks, n_events = _parse(path, [_read_bytes(path)])
         return _assemble(path, meta, chunks, n_events)
+    except RecursionError:  # msgspec's own depth limit (JSON nested thousands deep)
+        raise TraceError(f"{path}: JSON nested too deeply to be a trace (thousands of levels); the file is "
+                         "corrupt or not from torch.profiler") from None
     finally:
         if was_enabled:
             gc.enable()
@@ -220,18 +235,82 @@ def _read_file(path: Path, kind: str, article: str, limit: int = -1) -> bytes:
         raise TraceError(f"{path}: cannot be read ({exc.strerror or exc}); check the path and permissions") from None
 
 
+#: The most text the whole-text path holds in memory (after gunzip): a trace that is larger and
+#: cannot be streamed (a bare event list, an odd layout), or a gzip bomb, is refused.
+MAX_WHOLE_TEXT_BYTES = 512 << 20
+
+
 def _read_bytes(path: Path) -> bytes:
-    data = _read_file(path, ".json or .json.gz trace", "a")
+    data = _read_file(path, ".json or .json.gz trace", "a", MAX_WHOLE_TEXT_BYTES + 1)
     if data[:2] == b"\x1f\x8b":
-        try:
-            data = gzip.decompress(data)
-        except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as exc:
-            raise TraceError(
-                f"{path}: truncated or corrupt gzip ({exc}); re-export or re-copy the trace"
-            ) from None
+        data = _gunzip(path, data)
+    if len(data) > MAX_WHOLE_TEXT_BYTES:
+        raise TraceError(f"{path}: over {MAX_WHOLE_TEXT_BYTES >> 20} MiB of JSON that cannot be read in "
+                         "pieces (truncated, or not the layout torch.profiler writes); re-copy or export the trace again")
     if not data.strip():
         raise TraceError(f"{path}: is empty; export the trace again (torch.profiler export_chrome_trace)")
+    looks = _looks_like(data)
+    if looks:
+        raise TraceError(f"{path}: looks like {looks}, not a Kineto JSON trace or an nsys SQLite export; pass a "
+                         "trace written by torch.profiler (export_chrome_trace) or `nsys export --type sqlite`")
     return data
+
+
+def _gunzip(path: Path, data: bytes) -> bytes:
+    """`data` gunzipped (every member), refused past MAX_WHOLE_TEXT_BYTES (a gzip bomb)."""
+    out, size = [], 0
+    try:
+        while data:
+            inflate = zlib.decompressobj(wbits=31)
+            while True:
+                block = inflate.decompress(data, 1 << 24)
+                out.append(block)
+                size += len(block)
+                if size > MAX_WHOLE_TEXT_BYTES:
+                    raise TraceError(
+                        f"{path}: expands to over {MAX_WHOLE_TEXT_BYTES >> 20} MiB of text that cannot be read "
+                        "in pieces (a gzip bomb, or not the layout torch.profiler writes); pass the trace torch "
+                        "wrote"
+                    )
+                data = inflate.unconsumed_tail
+                if inflate.eof or not data:
+                    break
+            if not inflate.eof:
+                raise EOFError("Compressed file ended before the end-of-stream marker was reached")
+            data = inflate.unused_data
+    except (EOFError, zlib.error) as exc:
+        raise TraceError(f"{path}: truncated or corrupt gzip ({exc}); re-export or re-copy the trace") from None
+    return b"".join(out)
+
+
+_TOML_LINE = re.compile(rb"^[ \t]*(\[[A-Za-z0-9_.\- \"']+\]|[A-Za-z0-9_\-.\"]+[ \t]*=)", re.MULTILINE)
+_MAGICS = ((b"\x89PNG", "a PNG image"), (b"PK\x03\x04", "a zip archive"), (b"%PDF", "a PDF document"),
+           (b"\x28\xb5\x2f\xfd", "zstd-compressed data"), (b"BZh", "bzip2-compressed data"),
+           (b"\xfd7zXZ", "xz-compressed data"), (b"SQLite format 3", "a SQLite database"))
+
+
+def _looks_like(data: bytes) -> str | None:
+    """What a file that cannot be a JSON trace looks like (``"TOML/text"``, ``"binary data"``, ...);
+    None when it starts like JSON (its own errors then say what is wrong)."""
+    head = data[:4096]
+    for magic, what in _MAGICS:
+        if head.startswith(magic):
+            return what
+    text = head.lstrip(_WHITESPACE)
+    if b"\x00" in head:
+        return "binary data"
+    if text[:1] in (b"{", b"[") and not (text[:1] == b"[" and _TOML_LINE.match(text)):
+        return None
+    if _TOML_LINE.search(head):
+        return "TOML/text"
+    if text[:1] == b"<":
+        return "XML/HTML"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 4:  # not merely a character cut at the 4 KiB mark
+            return "binary data"
+    return None if text[:1].isdigit() or text[:1] in b'"-tfn' else "text"
 
 
 def _parse(path: Path, holder: list[bytes]) -> tuple[_Top, list[dict[str, pl.DataFrame]], int]:
@@ -288,25 +367,28 @@ def _assemble(path: Path, meta: _Top, chunks: list[dict[str, pl.DataFrame]], n_e
             "time; the trace header is corrupt"
         )
 
-    skipped = 0
+    skipped: Counter = Counter()
+    for chunk in chunks:
+        skipped.update(chunk.pop(_SKIPPED, {}))
     tables = {}
     for name in _TABLES:
         parts = [chunk.pop(name) for chunk in chunks if name in chunk]
         table, missing = _finish(path, name, parts, base_time_ns)
         del parts
         tables[name] = table
-        skipped += missing
+        if missing:
+            skipped["missing_time"] += missing
+    median_ns = median_start_ns(list(tables.values()))
+    tables = {name: drop_impossible(table, median_ns, skipped, device_required=name == "gpu")
+              for name, table in tables.items()}
     gpu = tables["gpu"]
 
-    if skipped:
-        warnings.warn(
-            f"{path}: skipped {skipped} event(s) without a numeric 'ts' or 'dur'", TraceWarning,
-            stacklevel=3,
-        )
+    warn_skipped(path, skipped, stacklevel=3)
     if gpu.height == 0:
+        cause = "a CPU-only trace, or one recorded without ProfilerActivity.CUDA" + (
+            " (or its GPU events are among the skipped ones)" if skipped else "")
         warnings.warn(
-            f"{path}: no GPU activities (kernel, gpu_memcpy, gpu_memset); a CPU-only trace, or one "
-            "recorded without ProfilerActivity.CUDA: GPU tables are empty",
+            f"{path}: no GPU activities (kernel, gpu_memcpy, gpu_memset); {cause}: GPU tables are empty",
             TraceWarning,
             stacklevel=3,
         )
@@ -328,7 +410,8 @@ def _assemble(path: Path, meta: _Top, chunks: list[dict[str, pl.DataFrame]], n_e
         distributed_info=distributed,
         trace_name=meta.traceName if isinstance(meta.traceName, str) else None,
         events=n_events,
-        skipped=skipped,
+        skipped=sum(skipped.values()),
+        skipped_reasons=dict(skipped),
         metadata={"schemaVersion": meta.schemaVersion},
     )
 
