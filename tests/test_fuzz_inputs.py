@@ -324,7 +324,7 @@ def test_run_directory_mutants(tmp_path, run_base, monkeypatch):
         done = mutate_run(run, rng, outside)
         what = f"run mutant {n}: {'; '.join(done)}"
         if n % 4:  # plots are slow to draw; a quarter of the mutants draw them
-            monkeypatch.setattr("molmo_latency.plots.write_report_plots", lambda rep, d: ([], []))
+            monkeypatch.setattr("molmo_latency.show.report_plots.write_report_plots", lambda rep, d: ([], []))
         else:
             monkeypatch.undo()
         out, err = io.StringIO(), io.StringIO()

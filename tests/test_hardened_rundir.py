@@ -22,7 +22,7 @@ import pytest
 
 from molmo_latency.errors import SweepError
 from molmo_latency.sweep import RunDir, SweepSpec, run_sweep
-from molmo_latency.sweep import rundir as rundir_module
+from molmo_latency.hold import rundir as rundir_module
 
 SWEEP = {"crops": [1, 2], "top_k": [2], "blocks": [2], "prompt_tokens": [4], "new_tokens": [3],
          "repeats": 2, "warmup": 0, "seed": 0}
@@ -165,8 +165,10 @@ def test_report_of_a_read_only_run_reads_the_parts_and_writes_nothing(finished, 
         code, stdout, err = cli("report", str(run), "--json")
         assert code == 0, err
         doc = json.loads(stdout)
+        # no warm-up in SWEEP: the run's first request (c1, repeat 0) is cold and out of the medians
         assert sorted((c["config_id"], c["n_valid"]) for c in doc["configs"]) == [
-            ("c1-k2-b2-p4-n3-bs1", 2), ("c2-k2-b2-p4-n3-bs1", 2)]
+            ("c1-k2-b2-p4-n3-bs1", 1), ("c2-k2-b2-p4-n3-bs1", 2)]
+        assert any("1 requests were measured cold" in r for r in doc["quality"]["reasons"])
         assert doc["plots"] == [] and doc["plots_skipped"]
         assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
         # a resume (a new run) into it: one line saying read-only
@@ -306,7 +308,7 @@ def test_report_on_a_full_disk_prints_its_tables_and_says_why_there_are_no_plots
     def full(rep, folder):
         raise OSError(errno.ENOSPC, "No space left on device", str(folder / "phase_shares.png"))
 
-    monkeypatch.setattr("molmo_latency.plots.write_report_plots", full)
+    monkeypatch.setattr("molmo_latency.show.report_plots.write_report_plots", full)
     code, stdout, err = cli("report", str(finished), "--json")
     assert code == 0, err
     doc = json.loads(stdout)
