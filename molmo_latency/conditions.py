@@ -158,13 +158,15 @@ def label_conditions(run_json: dict[str, Any]) -> dict[str, Any]:
         ...                   "conditions": {"torch_threads": 1}, "versions": {"torch": "2.13"}})["torch_threads"]
         1
     """
-    identity = run_json.get("identity") or {}
-    versions = run_json.get("versions") or {}
-    conditions = run_json.get("conditions") or {}
-    device = run_json.get("device") or {}
+    def part(key: str) -> dict:  # an edited run.json may hold anything: only a dict counts
+        value = run_json.get(key) if isinstance(run_json, dict) else None
+        return value if isinstance(value, dict) else {}
+
+    identity, versions, conditions, device = part("identity"), part("versions"), part("conditions"), part("device")
+    run_json = run_json if isinstance(run_json, dict) else {}
     return {
         "model": identity.get("model"), "device": identity.get("device"), "dtype": identity.get("dtype"),
-        "gpu_name": device.get("gpu_name") if isinstance(device, dict) else None,
+        "gpu_name": device.get("gpu_name"),
         "torch_threads": conditions.get("torch_threads", run_json.get("torch_threads")),
         "torch": versions.get("torch"), "transformers": versions.get("transformers"),
         "molmo_latency": versions.get("molmo_latency"),

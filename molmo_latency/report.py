@@ -143,9 +143,12 @@ def run_quality(rd: RunDir, requests: pl.DataFrame) -> Quality:
     meta: dict = {}
     if rd.run_json.exists():
         meta = rd.meta()
+    if not isinstance(meta, dict):  # an edited run.json: judged without what it should say
+        meta = {}
     expected = None
     sweep = meta.get("sweep")
-    if isinstance(sweep, dict) and isinstance(sweep.get("grid"), dict) and isinstance(sweep.get("protocol"), dict):
+    if isinstance(sweep, dict) and isinstance(sweep.get("grid"), dict) and isinstance(sweep.get("protocol"), dict) \
+            and all(isinstance(v, list) for v in sweep["grid"].values()):
         # the units of the sweep: every grid point times the repeats (run.json: SweepSpec.as_dict())
         try:
             expected = int(sweep["protocol"]["repeats"])
@@ -153,9 +156,14 @@ def run_quality(rd: RunDir, requests: pl.DataFrame) -> Quality:
                 expected *= len(values)
         except (KeyError, TypeError, ValueError):  # an older or edited run.json: completeness not judged
             expected = None
-    conditions = meta.get("conditions") or {}
-    cpus = conditions.get("usable_cpus") or (meta.get("versions") or {}).get("cpu_count") or os.cpu_count() or 1
-    return judge(requests, usable_cpus=int(cpus), expected_requests=expected, resume_command=meta.get("command"))
+    def part(key: str) -> dict:  # an edited run.json may hold anything: only a dict counts
+        value = meta.get(key)
+        return value if isinstance(value, dict) else {}
+
+    cpus = part("conditions").get("usable_cpus") or part("versions").get("cpu_count")
+    cpus = cpus if isinstance(cpus, int) and not isinstance(cpus, bool) and cpus > 0 else (os.cpu_count() or 1)
+    command = meta.get("command") if isinstance(meta.get("command"), str) else None
+    return judge(requests, usable_cpus=cpus, expected_requests=expected, resume_command=command)
 
 
 def run_report(run_dir: str | Path) -> dict[str, Any]:
