@@ -5,7 +5,9 @@ A latency label is only as good as its conditions. Two kinds are recorded:
 - **Per request** (:class:`RequestProbe`), as columns of ``requests`` (:data:`CONDITION_COLUMNS`):
   the torch thread count, the process's CPU time over the wall time inside the request
   (``cpu_time_ratio``: about the thread count when the CPU computes undisturbed, less when other
-  processes take the cores), the involuntary context switches the process suffered, the host's
+  processes take the cores; idle OpenMP workers spin-wait for a while and count too, so with
+  several threads it is high even where the request waits), the involuntary context switches
+  the process suffered, the host's
   1-minute load, and ``warm`` (False for a request measured before the model reached steady
   state). Two ``getrusage`` calls and a clock read per request: a few microseconds
   (``benchmarks/overhead.py``).
