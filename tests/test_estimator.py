@@ -302,3 +302,20 @@ def test_a_sweep_of_block_subsets_keeps_their_indices_and_fits_on_the_count(tmp_
     est = fit_estimator([tmp_path / "run"])
     assert est.meta["feature_set"]["names"]["decode_step_ms"][1] == "blocks"  # the count is the feature
     assert est.knob_ranges["blocks"] == [1.0, 4.0]
+
+
+def test_runs_measured_with_different_threads_are_refused_unless_allowed(tiny_run, tmp_path):
+    """fit refuses run directories measured under different conditions, naming each; with
+    --allow-mixed it fits them and the model records the mix."""
+    other = tmp_path / "threads2"
+    shutil.copytree(tiny_run, other)
+    meta = json.loads((other / "run.json").read_text())
+    meta["conditions"] = {**(meta.get("conditions") or {}), "torch_threads": 2}
+    (other / "run.json").write_text(json.dumps(meta))
+    res = _cli("fit", str(tiny_run), str(other), "--out", str(tmp_path / "m"))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "different conditions" in res.stderr and "torch_threads: 1" in res.stderr and "2 (" in res.stderr
+    assert not (tmp_path / "m").exists()
+    est = fit_estimator([tiny_run, other], seed=0, allow_mixed=True)
+    assert est.meta["training"]["allow_mixed"] is True
+    assert [line.split(":")[0] for line in est.meta["training"]["mixed_conditions"]] == ["torch_threads"]

@@ -77,6 +77,8 @@ def fit(
     seed: int = typer.Option(0, "--seed", help="seed of the configuration split"),
     force: bool = typer.Option(False, "--force", help="write the model even when it fails the quality gate "
                                "(the model records the verdict)"),
+    allow_mixed: bool = typer.Option(False, "--allow-mixed", help="fit run directories measured under different "
+                                     "conditions (threads, dtype, versions, ...) as one label set; the model records it"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
 ) -> None:
     """Fit the whole-request latency estimator (P50/P95 of prefill, of every decode step by position, of the
@@ -86,7 +88,7 @@ def fit(
     from molmo_latency.show.estimator_plots import write_estimator_plots
 
     est = fit_estimator([str(r) for r in run_dirs], feature_set=feature_set, test_fraction=test_fraction,
-                        calib_fraction=calib_fraction, seed=seed)
+                        calib_fraction=calib_fraction, seed=seed, allow_mixed=allow_mixed)
     quality = est.meta["quality"]
     write = quality["passed"] or force
     model_dir = est.save(out, plots=write_estimator_plots) if write else None

@@ -185,11 +185,14 @@ def with_keys(rows: pl.DataFrame) -> pl.DataFrame:
                                if name not in rows.columns])
 
 
-def load_requests(run_dirs: Sequence[str | Path]) -> tuple[pl.DataFrame, dict[str, Any]]:
+def load_requests(run_dirs: Sequence[str | Path], *, allow_mixed: bool = False) -> tuple[pl.DataFrame, dict[str, Any]]:
     """Valid requests of several run directories concatenated, and what was left out.
 
     Rows with ``valid`` False (or null) are excluded and counted. Runs of different models or
-    devices are refused: an estimator describes one model on one device.
+    devices are refused: an estimator describes one model on one device. Runs measured under
+    different conditions (dtype, thread count, model, library versions, CPU: see
+    :func:`molmo_latency.conditions.condition_differences`) are refused too, each difference
+    named, unless `allow_mixed`; the returned info records them (``mixed_conditions``).
 
     Example:
         >>> load_requests([])
@@ -211,9 +214,17 @@ def load_requests(run_dirs: Sequence[str | Path]) -> tuple[pl.DataFrame, dict[st
         listing = "; ".join(f"{r['run_dir']}: " + ", ".join(f"{k}={r[k]}" for k in keys) for r in runs)
         raise EstimatorError(f"the run directories were recorded with different models or devices ({listing}); "
                              "an estimator describes one model on one device: fit them separately")
+    from molmo_latency.conditions import condition_differences
+
+    differ = condition_differences({str(r): _run_meta(Path(r)) for r in run_dirs}) if len(run_dirs) > 1 else []
+    if differ and not allow_mixed:
+        raise EstimatorError("the run directories were measured under different conditions, so their labels are "
+                             "not one label set: " + "; ".join(differ) + ". Fit them separately, re-measure under "
+                             "one set of conditions, or pass --allow-mixed (the model then records the mix)")
     rows = pl.concat(frames, how="vertical")
     valid = rows.filter(pl.col("valid").fill_null(False))
     info = {"run_dirs": runs, "rows_read": rows.height, "invalid_rows": rows.height - valid.height,
+            "mixed_conditions": differ, "allow_mixed": bool(allow_mixed),
             "rows": valid.height, "configs": valid["config_key"].n_unique(),
             **{k: runs[0][k] for k in (*keys, "blocks_total", "top_k_default", "experts")}}
     if valid.height == 0:

@@ -295,11 +295,12 @@ def _choose(x: np.ndarray, y: np.ndarray, groups: np.ndarray, regs: dict[str, Re
     return regs[chosen](x, y), chosen, cv
 
 
-def _prepare(data: pl.DataFrame | Sequence[str | Path] | str | Path) -> tuple[pl.DataFrame, dict[str, Any]]:
+def _prepare(data: pl.DataFrame | Sequence[str | Path] | str | Path,
+             allow_mixed: bool = False) -> tuple[pl.DataFrame, dict[str, Any]]:
     if isinstance(data, (str, Path)):
         data = [data]
     if not isinstance(data, pl.DataFrame):
-        return load_requests(list(data))
+        return load_requests(list(data), allow_mixed=allow_mixed)
     need = (*KNOBS, *TOKENS, *MEASURES, "decode_steps", "decode_step_ms")
     missing = [c for c in need if c not in data.columns]
     if missing:
@@ -457,6 +458,7 @@ def fit_estimator(
     hold_out_new_tokens: bool = True,
     model: dict[str, Any] | None = None,
     baseline: bool = True,
+    allow_mixed: bool = False,
 ) -> Estimator:
     """Fit the whole-request estimator on run directories (or a requests frame with
     ``decode_step_ms``), evaluated on held-out whole configurations and on held-out N.
@@ -472,7 +474,9 @@ def fit_estimator(
     `model` says what a requests frame cannot (run directories say it in run.json): the model's
     ``blocks_total`` and ``experts`` per MoE layer, which bound the blocks and top-k the model
     can take. `baseline` also fits the ``knobs`` feature set on the same split for the quality
-    gate. ``est.meta["quality"]`` is the gate's verdict (see :func:`quality_gate`).
+    gate. ``est.meta["quality"]`` is the gate's verdict (see :func:`quality_gate`). Run
+    directories measured under different conditions are refused unless `allow_mixed`; the
+    training record (``est.meta["training"]``) keeps ``mixed_conditions`` and ``allow_mixed``.
 
     Example:
         >>> import polars as pl
@@ -486,7 +490,7 @@ def fit_estimator(
     if not 0.5 < coverage < 1:
         raise EstimatorError(f"coverage must be between 0.5 and 1, got {coverage}")
     started = time.perf_counter()
-    rows, info = _prepare(data)
+    rows, info = _prepare(data, allow_mixed)
     info = {**info, **{k: v for k, v in (model or {}).items() if v is not None}}
     test_settings = None
     test_configs: set[str] | None = None
@@ -558,7 +562,9 @@ def fit_estimator(
         "training": {"run_dirs": info["run_dirs"], "rows_read": info["rows_read"], "invalid_rows_excluded":
                      info["invalid_rows"], "rows": info["rows"], "configs": info["configs"],
                      "decode_steps": steps.height,
-                     "output_tokens": sorted(int(s) + 1 for s in rows["decode_steps"].unique().to_list())},
+                     "output_tokens": sorted(int(s) + 1 for s in rows["decode_steps"].unique().to_list()),
+                     "mixed_conditions": info.get("mixed_conditions", []),
+                     "allow_mixed": bool(info.get("allow_mixed", False))},
         "split": {"unit": "setting (a configuration at every N)", "seed": seed,
                   "test_fraction": None if holdout is not None else test_fraction,
                   "calib_fraction": calib_fraction, "holdout": None if holdout is None else str(holdout),
