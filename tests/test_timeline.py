@@ -94,8 +94,10 @@ def test_timeline_of_a_run_directory_opens_and_holds_the_chosen_requests(run_dir
     from molmo_latency.trace import read_kineto
 
     out = tmp_path / "t.json"
-    res = _cli("timeline", str(run_dir), "--request", "1", "--request", "3", "--out", str(out))
+    res = _cli("timeline", str(run_dir), "--request", "1", "--request", "3", "--out", str(out),
+               "--png", str(tmp_path / "t.png"))
     assert res.returncode == 0, res.stderr
+    assert (tmp_path / "t.png").stat().st_size > 5000  # the same slices, drawn
     assert "2 requests" in res.stderr
     doc = json.loads(out.read_text())
     assert doc["otherData"]["request_numbering"] == "order" and "versions" in doc["otherData"]

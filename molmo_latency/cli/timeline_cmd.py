@@ -16,12 +16,13 @@ from molmo_latency.cli.app import app, examples
 
 
 @app.command(epilog=examples("molmo-latency timeline runs/tiny --out tiny.json",
-                             "molmo-latency timeline runs/tiny --request 0 --request 5 --out two.json"))
+                             "molmo-latency timeline runs/tiny --request 0 --request 5 --out two.json --png two.png"))
 def timeline(
     run_dir: Path = typer.Argument(..., help="a run directory of `molmo-latency profile`"),
     request: Optional[List[int]] = typer.Option(None, "--request", "-r",
                                                 help="a request to show, by its order in the run (repeatable; default all)"),
     out: Path = typer.Option(..., "--out", "-o", help="the Chrome trace to write (.json)"),
+    png: Optional[Path] = typer.Option(None, "--png", help="also draw the same slices as a PNG"),
 ) -> None:
     """Write requests and their phases as a Chrome trace (Perfetto, chrome://tracing): a track per
     thread, each phase and decode step a slice, NVML and host conditions as counter tracks."""
@@ -47,6 +48,11 @@ def timeline(
     doc = chrome_trace(requests, phases, telemetry=telemetry, metadata={"run_dir": str(path), **other},
                        process_name=f"molmo-latency {path.name}")
     write_json(out, doc, compact=True)
+    if png is not None:
+        from molmo_latency.show.timeline_plot import write_timeline_png
+
+        write_timeline_png(doc, png, title=f"{path.name}: {requests.height} requests (the slices of {out.name})")
+        err_console.print(f"timeline: drawn -> {png}", markup=False, highlight=False)
     slices = sum(1 for e in doc["traceEvents"] if e["ph"] == "X")
     err_console.print(f"timeline: {requests.height} requests, {slices} slices -> {out} "
                       "(open in ui.perfetto.dev or chrome://tracing)", markup=False, highlight=False)
