@@ -39,6 +39,7 @@ def write_timeline_png(trace: dict[str, Any], path: Path, *, title: str | None =
         raise ValueError("the trace holds no slice to draw")
     t0 = min(e["ts"] for e in slices)
     tracks = sorted({e["tid"] for e in slices})
+    span_ms = max(1e-9, (max(x["ts"] + x["dur"] for x in slices) - t0) / 1000)
     counter_name = counters[0]["name"] if counters else None
     rows = len(tracks) + (1 if counter_name else 0)
     fig, axes = plt.subplots(rows, 1, figsize=(11, 1.6 * len(tracks) + (1.4 if counter_name else 0) + 0.6),
@@ -55,7 +56,7 @@ def write_timeline_png(trace: dict[str, Any], path: Path, *, title: str | None =
             kind = _kind(e["name"])
             ax.barh(-depth, end - start, left=start, height=0.8, color=COLORS.get(kind, "#999999"),
                     edgecolor="white", linewidth=0.4)
-            if end - start > 0.04 * max(1e-9, (max(x["ts"] + x["dur"] for x in slices) - t0) / 1000):
+            if end - start > len(e["name"]) * span_ms / 150:  # only where the name fits inside the bar
                 ax.text(start + (end - start) / 2, -depth, e["name"], ha="center", va="center", fontsize=7,
                         clip_on=True)
         ax.set_yticks([])
@@ -66,6 +67,7 @@ def write_timeline_png(trace: dict[str, Any], path: Path, *, title: str | None =
         points = sorted(((e["ts"] - t0) / 1000, next(iter(e["args"].values()))) for e in counters
                         if e["name"] == counter_name and e.get("args"))
         ax.step([p[0] for p in points], [p[1] for p in points], where="post", color="#333333")
+        ax.set_ylim(bottom=0, top=max(1.0, 1.1 * max((p[1] for p in points if p[1] is not None), default=1.0)))
         ax.set_ylabel(counter_name, fontsize=7)
         ax.grid(True, alpha=0.3)
     axes[-1, 0].set_xlabel("ms from the first request's start")
