@@ -133,7 +133,22 @@ def run(preset: str, device: str, dtype: torch.dtype | None, rounds: int, crops:
     return {"times": times, "decode_step_ms": {a: statistics.median(v) for a, v in steps.items()},
             "long_rate": long_rate,
             "achieved_hz": {a: (statistics.median(v) if v else None) for a, v in achieved.items()},
-            "forwards": new_tokens, "hook_us": hook_cost_us(ref.model), "nvml": nvml_what}
+            "forwards": new_tokens, "hook_us": hook_cost_us(ref.model), "nvml": nvml_what,
+            "conditions_us": conditions_cost_us()}
+
+
+def conditions_cost_us(n: int = 20000) -> float:
+    """Cost of recording one request's conditions (issue 21: RequestProbe start + stop, two
+    getrusage calls, a process-clock and a load read), once per request: median of 5 loops."""
+    from molmo_latency.conditions import RequestProbe
+
+    loops = []
+    for _ in range(5):
+        t0 = time.perf_counter_ns()
+        for _ in range(n):
+            RequestProbe.start(1).stop(warm=True)
+        loops.append((time.perf_counter_ns() - t0) / n / 1000)
+    return statistics.median(loops)
 
 
 def hook_cost_us(model, n: int = 20000) -> float:
@@ -207,7 +222,9 @@ def table(label: str, res: dict) -> str:
               f"(95% CI {100 * (lo - 1) * base / res['forwards'] / off_step:+.2f}% to "
               f"{100 * (hi - 1) * base / res['forwards'] / off_step:+.2f}%; goal on GPU: <= 1%)",
               f"- direct cost of the hooks of one decode step (model call + LLM phase, tight loop, no model): {res['hook_us']:.2f} us "
-              f"= {100 * res['hook_us'] / 1000 / off_step:.2f}% of the decode step above"]
+              f"= {100 * res['hook_us'] / 1000 / off_step:.2f}% of the decode step above",
+              f"- recording a request's conditions (cpu_time_ratio, involuntary_switches, host_load_1m, warm; "
+              f"once per request, included in the profile_phases arm): {res['conditions_us']:.1f} us per request"]
     total, hz, spacing, jitter = res["long_rate"]
     if hz is not None:
         lines.append(f"- one long request (150 new tokens, {total:.0f} ms) at the default {DEFAULT_INTERVAL_MS:g} ms: "
