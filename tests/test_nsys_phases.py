@@ -175,6 +175,9 @@ def test_diff_nsys_against_kineto_and_against_nsys(tmp_path):
         assert set(kernels) == {g for *_, g, _, _ in _LAUNCHES}
         for k in kernels.values():
             assert k["b_count"] == factor * k["a_count"] and k["presence"] == "both"
+        notes = [n for c in json.loads(out)["comparisons"] for n in c["notes"]]
+        mixed = any("A is an nsys export and B a Kineto trace" in n for n in notes)
+        assert mixed == (other == b)  # an nsys export against a Kineto trace is said to be two tools
 
 
 def test_summary_json_of_the_demo_export(export):

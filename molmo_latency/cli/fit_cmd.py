@@ -9,7 +9,7 @@ import polars as pl
 import typer
 
 from molmo_latency.cli.app import app
-from molmo_latency.show import console, err_console, print_frame, print_json
+from molmo_latency.show import console, err_console, plural, print_frame, print_json
 from molmo_latency.errors import EstimatorError
 
 METRIC_COLUMNS = {"n": "n", "mae_ms": "MAE ms", "mape_pct": "MAPE %", "r2": "R^2",
@@ -107,7 +107,7 @@ def fit(
         return
     tr, sp = meta["training"], meta["split"]
     err_console.print(f"fit: {tr['rows']} valid requests ({tr['decode_steps']} decode steps) of {tr['configs']} "
-                      f"configurations from {len(tr['run_dirs'])} run directories ({tr['invalid_rows_excluded']} invalid "
+                      f"configurations from {plural(len(tr['run_dirs']), 'run directory', 'run directories')} ({tr['invalid_rows_excluded']} invalid "
                       f"requests excluded); output tokens {tr['output_tokens']}")
     err_console.print(f"split by setting (seed {sp['seed']}): train {sp['configs']['train']}, calibration "
                       f"{sp['configs']['calib']}, test {sp['configs']['test']}")

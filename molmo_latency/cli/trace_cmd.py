@@ -313,16 +313,19 @@ def summary_command(
 
         print_json(summary_document(summary, warned))
         return
-    from molmo_latency.show import console, err_console
+    from molmo_latency.show import console, err_console, plural
 
     for message in warned:
+        if "no GPU activities" in message and summary.trace.gpu.height == 0 and summary.trace.cpu_ops.height:
+            continue  # the CPU-op table below says so in its title (--json keeps the warning)
         err_console.print(f"warning: {message}", highlight=False, soft_wrap=True)
     nsys = trace.layout == "nsys"
     ranges = "NVTX ranges" if nsys else "annotations"
     source = (f"nsys export, schema {trace.metadata.get('schema_version') or 'unknown'}" if nsys
               else f"{trace.layout} layout")
     console.print(
-        f"[bold]{trace.path}[/bold]: {trace.events:,} events, {trace.gpu.height:,} GPU activities, "
+        f"[bold]{trace.path}[/bold]: {plural(trace.events, 'event')}, "
+        f"{plural(trace.gpu.height, 'GPU activity', 'GPU activities')}, "
         f"{trace.annotations.height:,} {ranges} ({source})",
         highlight=False,
     )

@@ -210,6 +210,11 @@ def _samples(side: Side, config_id: str | None, trace) -> pl.DataFrame:
     return trace_phase_samples(trace.annotations)
 
 
+def _trace_format(trace: Any) -> str:
+    """What kind of trace was read: a Kineto trace or an Nsight Systems export."""
+    return "an nsys export" if getattr(trace, "layout", None) == "nsys" else "a Kineto trace"
+
+
 def _compare(a: Side, b: Side, ca: str | None, cb: str | None, level: str, normalize: bool,
              stats: dict[str, Any], cache: dict) -> Comparison:
     comp = Comparison(a_config=ca, b_config=cb)
@@ -241,6 +246,11 @@ def _compare(a: Side, b: Side, ca: str | None, cb: str | None, level: str, norma
                           "(not a run directory, nor a trace from profile_phases): phase level skipped")
 
     if ta is not None and tb is not None:
+        fa, fb = _trace_format(ta), _trace_format(tb)
+        if fa != fb:
+            comp.notes.append(f"A is {fa} and B {fb}: two tools name kernels and ranges differently and "
+                              "time them from different clocks, so a difference may be the tool's; compare "
+                              "traces of one kind")
         has_gpu = ta.gpu.height > 0 and tb.gpu.height > 0
         if level == "gpu" and not has_gpu:
             raise DiffError(f"--level gpu: {'A' if ta.gpu.height == 0 else 'B'} has no GPU activities "

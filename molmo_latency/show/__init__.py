@@ -30,7 +30,7 @@ Example:
 
 from molmo_latency.show.json_doc import frame_records, json_text, jsonable, print_json, write_json
 from molmo_latency.show.png import write_png
-from molmo_latency.show.table import console, err_console, format_cell, print_frame, set_wide, set_width
+from molmo_latency.show.table import console, err_console, format_cell, plural, print_frame, set_wide, set_width
 
 __all__ = ["console", "err_console", "format_cell", "frame_records", "json_text", "jsonable", "print_frame",
-           "print_json", "set_wide", "set_width", "write_json", "write_png"]
+           "plural", "print_json", "set_wide", "set_width", "write_json", "write_png"]

@@ -70,8 +70,8 @@ def format_cell(value: Any, digits: int = 3, *, thousands: bool = False) -> str:
 
     >>> format_cell(None), format_cell(1234.5678), format_cell(1234.5678, 1, thousands=True), format_cell(12345, thousands=True)
     ('-', '1234.568', '1,234.6', '12,345')
-    >>> format_cell(float("nan")), format_cell(float("-inf")), format_cell("x")
-    ('nan', '-inf', 'x')
+    >>> format_cell(float("nan")), format_cell(float("-inf")), format_cell("x"), format_cell(-0.0001, 2)
+    ('nan', '-inf', 'x', '0.00')
     """
     if value is None:
         return "-"
@@ -80,11 +80,26 @@ def format_cell(value: Any, digits: int = 3, *, thousands: bool = False) -> str:
             return "nan"
         if math.isinf(value):
             return "inf" if value > 0 else "-inf"
-        return f"{value:,.{digits}f}" if thousands else f"{value:.{digits}f}"
+        text = f"{value:,.{digits}f}" if thousands else f"{value:.{digits}f}"
+        if text.startswith("-") and not text.strip("-0.,"):
+            text = text[1:]  # a value that rounds to zero is 0, not -0
+        return text
     if thousands and isinstance(value, int) and not isinstance(value, bool):
         return f"{value:,}"
     return str(value)
 
+
+
+MAX_WORD_KEPT = 30  # words up to this long are kept whole when a text column wraps
+
+
+def plural(n: int, singular: str, many: str | None = None) -> str:
+    """``n`` and the noun, singular for 1: ``1 run directory``, ``2 run directories``.
+
+    >>> plural(1, "run directory", "run directories"), plural(3, "GPU activity", "GPU activities")
+    ('1 run directory', '3 GPU activities')
+    """
+    return f"{n:,} {singular if n == 1 else (many or singular + 's')}"
 
 
 def _table(df: pl.DataFrame, cols: list[str], title: str, digits: int, max_rows: int,
@@ -120,15 +135,17 @@ MIN_TEXT_WIDTH = 16
 def _squeeze(df: pl.DataFrame, cols: list[str], digits: int, max_rows: int, excess: int) -> dict[str, int] | None:
     """Wrap the widest text column so that the table loses `excess` columns of width, or None
     when that would leave it narrower than MIN_TEXT_WIDTH (or its header)."""
-    best, best_width = None, 0
+    best, best_width, best_word = None, 0, 0
     for c in cols:
         if df.schema[c] != pl.String:
             continue
         cells = [format_cell(v, digits) for v in df[c].head(max_rows).to_list()]
         width = max([len(c), *map(len, cells)])
         if width > best_width:
-            best, best_width = c, width
-    if best is None or best_width - excess < max(MIN_TEXT_WIDTH, len(best)):
+            word = max((len(w) for cell in cells for w in cell.split()), default=0)
+            best, best_width, best_word = c, width, word
+    # a word no longer than MAX_WORD_KEPT (e.g. ProfilerStep#100) is never cut in the middle
+    if best is None or best_width - excess < max(MIN_TEXT_WIDTH, len(best), min(best_word, MAX_WORD_KEPT)):
         return None
     return {best: best_width - excess}
 
