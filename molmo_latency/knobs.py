@@ -221,6 +221,15 @@ def get_active_blocks(model: torch.nn.Module) -> int:
     return len(get_block_indices(model))
 
 
+def blocks_run(model: torch.nn.Module) -> int | None:
+    """How many transformer blocks the text model runs now, or None where its blocks cannot be
+    found (no error: a request row says null)."""
+    try:
+        return get_active_blocks(model)
+    except MolmoLatencyError:
+        return None
+
+
 def resolve_blocks(model: torch.nn.Module, blocks: Blocks) -> tuple[int, ...]:
     """The block indices a `blocks` value means on this model (first n, or a subset), checked."""
     return _check_blocks(blocks, total_blocks(model))

@@ -383,6 +383,7 @@ class PhaseProfiler:
             req.batch_size, req.input_tokens = int(ids.shape[0]), int(ids.shape[1])
             req.input_ids = ids  # image tokens are counted after generate(): no sync before it
         req.image_input_idx = _image_input_idx(args, kwargs)
+        req.projector_inside_vision, req.blocks_run = _model_facts(self.model, self.phase_map)
         beams = _generation_setting(self.model, args, kwargs, "num_beams")
         req.num_beams = int(beams) if isinstance(beams, int) else 1  # unset: generate()'s default, 1
         req.eos_token_id = _generation_setting(self.model, args, kwargs, "eos_token_id")
@@ -647,6 +648,15 @@ def _input_ids(args: tuple, kwargs: dict) -> Any:
     return None
 
 
+def _model_facts(model: torch.nn.Module, phase_map: PhaseMap) -> tuple[bool | None, int | None]:
+    """What a request's row says about the model as it runs: whether the projector runs inside the
+    vision module (from the phase map), and how many text-model blocks are configured now (after
+    the blocks knob; None where the blocks cannot be found)."""
+    from molmo_latency.knobs import blocks_run
+
+    return phase_map.projector_inside_vision, blocks_run(model)
+
+
 def _tprof_recording(tprof: Any) -> bool:
     from torch.profiler import ProfilerAction
 
@@ -721,13 +731,26 @@ def _batch_arg(args: tuple, kwargs: dict) -> Mapping | None:
     return None
 
 
+# generate() keywords that mark image positions in input_ids by a mask (Kosmos-2, ...)
+_IMAGE_MASK_KWARGS = ("image_embeds_position_mask", "image_token_mask", "images_seq_mask", "image_mask")
+
+
 def _image_input_idx(args: tuple, kwargs: dict) -> Any:
-    """Molmo's image_input_idx (a keyword of generate(), or inside generate_from_batch's batch)."""
+    """Image positions, as entries >= 0 of a tensor with one row per input row: Molmo's
+    image_input_idx (a keyword of generate(), or inside generate_from_batch's batch), else a mask
+    of image positions (``image_embeds_position_mask`` of Kosmos-2, ...), turned into 0 where
+    set and -1 elsewhere (no device sync: an elementwise op)."""
     idx = kwargs.get("image_input_idx")
     if not isinstance(idx, torch.Tensor):
         batch = _batch_arg(args, kwargs)
         idx = batch.get("image_input_idx") if batch is not None else None
-    return idx if isinstance(idx, torch.Tensor) else None
+    if isinstance(idx, torch.Tensor):
+        return idx
+    for name in _IMAGE_MASK_KWARGS:
+        mask = kwargs.get(name)
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            return torch.where(mask.bool(), 0, -1)
+    return None
 
 
 def _generation_setting(model: torch.nn.Module, args: tuple, kwargs: dict, name: str) -> Any:

@@ -78,6 +78,8 @@ class RequestRecord:
     times_ns: list[int] | None = None
     wall_start_ns: int = 0
     wall_end_ns: int = 0
+    projector_inside_vision: bool | None = None  # from the phase map (issue 22)
+    blocks_run: int | None = None  # text-model blocks configured when the request began
 
 
 @dataclass
@@ -229,6 +231,8 @@ def _request_row(rec: RequestRecord, rows: list[dict[str, Any]], problems: list[
         **{f"{k}_ms": v for k, v in gaps.items()},
         "unsplit_regions": ", ".join(sorted(rec.unsplit)) if rec.unsplit else None,
         "thread_id": rec.thread_id,
+        "projector_inside_vision": rec.projector_inside_vision,
+        "blocks_run": rec.blocks_run,
     }
 
 

@@ -63,6 +63,11 @@ REQUEST_COLUMNS = {
     "after_last_ms": "float64",    # part 4: last phase -> request end
     "unsplit_regions": "str",      # code whose inner phases could not be timed (compiled)
     "thread_id": "int64",          # threading.get_ident() of the thread that called generate()
+    # added by issue 22
+    "projector_inside_vision": "bool",  # True: the projector runs inside the vision module (its
+                                        # time is in vision_ms); False: timed as its own phase;
+                                        # null: no projector found (a warning said so)
+    "blocks_run": "int64",         # text-model blocks the request ran (after the blocks knob)
 }
 
 # prof.report()["phases"]

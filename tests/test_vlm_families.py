@@ -1,0 +1,153 @@
+"""Every image-text family we can build here, profiled with no arguments.
+
+Each family is a tiny random model built from its own config class (tests/vlm_families.py). The
+test hooks the family's modules ITSELF (its own reading of the modeling code: ``Family.own``),
+on the same clock as the CPU timer (``time.perf_counter_ns``), and checks that each phase the
+profiler reports is the same module call: the profiler's hooks run right after the test's own
+(registered first), so for every instance ``own start <= phase start <= own end <= phase end``
+and the phase ends before the next own call starts. Output and image tokens come from the
+request the test built; the model must be exactly as before (hooks, instance attributes,
+generate() output).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Any
+
+import pytest
+import torch
+
+from molmo_latency import profile_phases
+from molmo_latency.adapters import get_module
+from tests.vlm_families import EOS, FAMILIES, PAD, Family
+
+NEW_TOKENS = 4
+
+
+def _installed_line() -> str:
+    import transformers
+
+    return transformers.__version__.split(".")[0]
+
+
+def _params() -> list:
+    line = _installed_line()
+    out = []
+    for fam in FAMILIES:
+        marks = [pytest.mark.slow] if fam.slow else []
+        if line not in fam.lines:
+            marks.append(pytest.mark.skip(reason=f"{fam.cls} is tested on transformers {'/'.join(fam.lines)}.x"))
+        out.append(pytest.param(fam, id=fam.name, marks=marks))
+    return out
+
+
+def model_state(model: torch.nn.Module) -> dict[str, Any]:
+    """Everything profiling could leave behind: hooks and instance attributes of every module."""
+    state = {}
+    for name, m in model.named_modules():
+        state[name] = (
+            tuple(m._forward_pre_hooks), tuple(m._forward_hooks), tuple(m._backward_hooks),
+            tuple(sorted(k for k in vars(m) if not k.startswith("_") or k.startswith("_molmo"))),
+            tuple(id(v) for k, v in sorted(vars(m).items()) if callable(v) and not isinstance(v, torch.nn.Module)),
+        )
+    return state
+
+
+class OwnHooks:
+    """The test's own hooks: for each phase, the (start_ns, end_ns) of every call of its modules."""
+
+    def __init__(self, model: torch.nn.Module, own: dict[str, Any]):
+        self.model, self.own = model, own
+        self.calls: dict[str, list[list[int]]] = {}
+        self.handles: list[Any] = []
+
+    def _pair(self, phase: str, start: torch.nn.Module, end: torch.nn.Module) -> None:
+        calls = self.calls.setdefault(phase, [])
+        self.handles.append(start.register_forward_pre_hook(
+            lambda *_: calls.append([time.perf_counter_ns(), -1])))
+
+        def done(*_: Any) -> None:
+            calls[-1][1] = time.perf_counter_ns()
+
+        self.handles.append(end.register_forward_hook(done))
+
+    def __enter__(self) -> "OwnHooks":
+        for phase, spec in self.own.items():
+            if isinstance(spec, str) and spec.startswith("inside:"):
+                module = get_module(self.model, spec.split(":", 1)[1])
+                assert module is not None, spec
+                self._pair("projector_inside", module, module)
+            elif isinstance(spec, tuple):
+                start, end = get_module(self.model, spec[0]), get_module(self.model, spec[1])
+                assert start is not None and end is not None, spec
+                self._pair(phase, start, end)
+            else:
+                for path in spec:
+                    module = get_module(self.model, path)
+                    assert module is not None, path
+                    self._pair(phase, module, module)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def intervals(self, phase: str) -> list[list[int]]:
+        return sorted(self.calls.get(phase, []))
+
+
+def _same_calls(phase: str, own: list[list[int]], rows: list[dict], after: list[int]) -> None:
+    assert len(rows) == len(own), f"{phase}: profiler has {len(rows)} instances, own hooks saw {len(own)}"
+    for i, ((t0, t1), row) in enumerate(zip(own, rows)):
+        assert t1 > 0, f"{phase}[{i}] never ended in the test's own hooks"
+        assert t0 <= row["start_ns"] <= t1 <= row["end_ns"], (phase, i, t0, t1, row)
+        later = [t for t in after if t > t1]
+        if later:
+            assert row["end_ns"] <= min(later), f"{phase}[{i}] ends after the next module call began"
+
+
+def profile_family(fam: Family):
+    model, inputs = fam.build()
+    kw = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+              pad_token_id=PAD, eos_token_id=EOS)
+    with torch.no_grad():
+        expected = model.generate(**inputs, **kw)  # also the warm-up
+    before = model_state(model)
+    with OwnHooks(model, fam.own) as own, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with profile_phases(model) as prof, torch.no_grad():
+            out = model.generate(**inputs, **kw)
+    return model, expected, out, before, own, prof.report(), caught
+
+
+@pytest.mark.parametrize("fam", _params())
+def test_family_phases_agree_with_own_hooks(fam: Family):
+    model, expected, out, before, own, report, caught = profile_family(fam)
+    assert torch.equal(out, expected), "profiling changed what generate() returns"
+    assert model_state(model) == before, "the model was left changed (hooks or attributes)"
+    assert not [w for w in caught if "no projector found" in str(w.message)]
+
+    req = report.requests.row(0, named=True)
+    assert req["valid"], req["invalid_reason"]
+    assert req["output_tokens"] == NEW_TOKENS
+    assert req["decode_steps"] == NEW_TOKENS - 1
+    assert req["image_tokens"] == fam.image_tokens
+    phases = report.phases.sort("start_ns").to_dicts()
+    all_starts = sorted(t0 for calls in own.calls.values() for t0, _ in calls)
+
+    for phase in ("vision", "projector"):
+        rows = [r for r in phases if r["phase"] == phase]
+        if isinstance(fam.own.get(phase), str):  # the projector runs inside the vision module
+            assert not rows and req["projector_inside_vision"] is True
+            vision = own.intervals("vision")
+            for p0, p1 in own.intervals("projector_inside"):
+                assert any(v0 <= p0 and p1 <= v1 for v0, v1 in vision)
+            continue
+        _same_calls(phase, own.intervals(phase), rows, all_starts)
+    if "projector" in fam.own and not isinstance(fam.own["projector"], str):
+        assert req["projector_inside_vision"] is False
+    llm_rows = [r for r in phases if r["phase"] in ("prefill", "decode")]
+    assert [r["phase"] for r in llm_rows] == ["prefill"] + ["decode"] * (NEW_TOKENS - 1)
+    _same_calls("llm", own.intervals("llm"), llm_rows, all_starts)

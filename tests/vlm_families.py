@@ -1,0 +1,251 @@
+"""Tiny image-text models of many transformers families, built the way transformers' own tests
+build them: a config class with tiny sizes, random weights, no download.
+
+Each :class:`Family` knows how to build its model and one request (input_ids with the image
+placeholders the test itself placed, pixel inputs of the shape the family takes), and carries
+the test's OWN reading of where its phases live (``own``: phase -> module paths, written by hand
+from the family's modeling code, never from the adapter under test). The tests hook those
+modules themselves and compare with what the profiler reports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+PAD, EOS, BOS = 0, 1, 2
+VOCAB = 128
+IMAGE = 100  # the image placeholder id every family is given (where the config takes one)
+
+# tiny sizes, applied to the config and every sub-config that has the attribute
+TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 8, "d_model": 32, "encoder_layers": 2,
+        "decoder_layers": 2, "encoder_attention_heads": 4, "decoder_attention_heads": 4,
+        "encoder_ffn_dim": 64, "decoder_ffn_dim": 64, "num_layers": 2, "num_heads": 4,
+        "embed_dim": 32, "moe_intermediate_size": 32, "num_experts": 4, "num_local_experts": 4,
+        "num_experts_per_tok": 2, "n_routed_experts": 4, "shared_expert_intermediate_size": 32,
+        "projection_dim": 32, "out_hidden_size": 32, "depth": 2, "vocab_size": VOCAB,
+        "word_embed_proj_dim": 32, "ffn_dim": 64}
+
+
+def tiny_config(model_type: str, **overrides: Any):
+    """The family's default config with tiny sizes everywhere, then `overrides` (dotted keys
+    reach sub-configs: ``"vision_config.image_size": 32``)."""
+    from transformers import PretrainedConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    cfg = CONFIG_MAPPING[model_type]()
+
+    def shrink(c: Any) -> None:
+        for key, value in list(vars(c).items()):
+            if isinstance(value, PretrainedConfig):
+                shrink(value)
+            elif key in TINY and isinstance(value, int) and not isinstance(value, bool):
+                setattr(c, key, TINY[key])
+        for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
+            if isinstance(getattr(c, key, None), int) and getattr(c, key) >= VOCAB:
+                setattr(c, key, {"pad_token_id": PAD, "eos_token_id": EOS, "bos_token_id": BOS}[key])
+
+    shrink(cfg)
+    for key, value in overrides.items():
+        target = cfg
+        *parents, last = key.split(".")
+        for p in parents:
+            target = getattr(target, p)
+        setattr(target, last, value)
+    return cfg
+
+
+def prompt(image_tokens: int, text_before: int = 3, text_after: int = 4, image_id: int = IMAGE,
+           start: list[int] | None = None, end: list[int] | None = None) -> torch.Tensor:
+    """One prompt row: text, `image_tokens` placeholders (between optional start/end ids), text."""
+    ids = [BOS] + list(range(10, 10 + text_before)) + (start or []) + [image_id] * image_tokens \
+        + (end or []) + list(range(20, 20 + text_after))
+    return torch.tensor([ids])
+
+
+@dataclass
+class Family:
+    name: str                      # transformers model_type
+    cls: str                       # transformers class name
+    build_config: Callable[[], Any]
+    build_inputs: Callable[[Any], dict]   # config -> generate() keyword arguments
+    own: dict[str, Any]            # the test's own reading: phase -> [paths] | "inside:<path>"
+    image_tokens: int | None       # image placeholders the test put in the prompt (None: none)
+    encoder_decoder: bool = False
+    slow: bool = False
+    lines: tuple[str, ...] = ("5",)  # transformers major lines the family exists on
+    knobs: dict[str, Any] = field(default_factory=dict)  # knob -> a value to try
+
+    def build(self, seed: int = 0):
+        import transformers
+
+        torch.manual_seed(seed)
+        cfg = self.build_config()
+        model = getattr(transformers, self.cls)(cfg).eval()
+        return model, self.build_inputs(cfg)
+
+
+def _pix(*shape: int) -> dict:
+    return {"pixel_values": torch.randn(*shape)}
+
+
+LLAVA_OWN = {"vision": ["model.vision_tower"], "projector": ["model.multi_modal_projector"],
+             "llm": ("model.language_model", "lm_head")}
+QWEN_OWN = {"vision": ["model.visual"], "projector": "inside:model.visual.merger",
+            "llm": ("model.language_model", "lm_head")}
+
+
+def _qwen_inputs(merge: int = 2, patch: int = 8, temporal: int = 2, grid: tuple = (1, 4, 4)):
+    def build(cfg: Any) -> dict:
+        t, h, w = grid
+        patches = t * h * w
+        return {"input_ids": prompt(patches // merge ** 2), "image_grid_thw": torch.tensor([grid]),
+                **_pix(patches, 3 * temporal * patch * patch)}
+    return build
+
+
+def _qwen_config(model_type: str, **extra: Any) -> Callable[[], Any]:
+    def build() -> Any:
+        over = {"image_token_id": IMAGE, "video_token_id": IMAGE + 1, "vision_start_token_id": IMAGE + 2,
+                "vision_end_token_id": IMAGE + 3, "vision_config.patch_size": 8,
+                "vision_config.spatial_merge_size": 2, "vision_config.temporal_patch_size": 2}
+        over.update(extra)
+        cfg = tiny_config(model_type, **over)
+        text = getattr(cfg, "text_config", cfg)
+        rope = dict(getattr(text, "rope_parameters", None) or {"rope_type": "default", "rope_theta": 10000.0})
+        rope["mrope_section"] = [1, 1, 2]  # head_dim 8: the sections sum to head_dim / 2
+        text.rope_parameters = rope
+        return cfg
+    return build
+
+
+def _molmo2_config(layers: int = 2, rope_scaling_layers: list[int] | None = None) -> Callable[[], Any]:
+    def build() -> Any:
+        cfg = tiny_config("molmo2", image_patch_id=IMAGE, image_start_token_id=IMAGE + 1,
+                          image_end_token_id=IMAGE + 2, low_res_image_start_token_id=IMAGE + 3, **{
+                              "vision_config.image_size": [32, 32], "vision_config.patch_size": 8,
+                              "vision_config.num_position_embeddings": 16,
+                              "adapter_config.vision_feature_layer": [-1],
+                              "adapter_config.text_hidden_size": 32,
+                              "text_config.num_hidden_layers": layers,
+                              "text_config.rope_scaling_layers": (list(range(layers)) if rope_scaling_layers is None
+                                                                  else rope_scaling_layers)})
+        if rope_scaling_layers is not None:  # scaled and unscaled RoPE differ
+            cfg.text_config.rope_parameters = {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}
+        return cfg
+    return build
+
+
+def _molmo2_inputs(cfg: Any) -> dict:
+    # one crop of 4x4 patches (8x8 pixels each), pooled 2x2 into 4 image tokens
+    pooling = torch.tensor([[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]])
+    return {"input_ids": prompt(4, start=[IMAGE + 1], end=[IMAGE + 2]), **_pix(1, 16, 8 * 8 * 3),
+            "image_token_pooling": pooling, "image_grids": torch.tensor([[2, 2, 0, 0]]),
+            "image_num_crops": torch.tensor([1])}
+
+
+def _idefics_inputs(tokens: int) -> Callable[[Any], dict]:
+    return lambda cfg: {"input_ids": prompt(tokens), **_pix(1, 1, 3, 32, 32),
+                        "pixel_attention_mask": torch.ones(1, 1, 32, 32, dtype=torch.bool)}
+
+
+IDEFICS_OWN = {"vision": ["model.vision_model"], "projector": ["model.connector"],
+               "llm": ("model.text_model", "lm_head")}
+BLIP2_OWN = {"vision": ["vision_model"], "projector": ["qformer", "language_projection"],
+             "llm": ("language_model", "language_model.lm_head")}
+_VISION_32 = {"vision_config.image_size": 32, "vision_config.patch_size": 8}
+
+
+FAMILIES: list[Family] = [
+    Family("llava", "LlavaForConditionalGeneration",
+           lambda: tiny_config("llava", image_token_index=IMAGE, **{
+               "vision_config.image_size": 32, "vision_config.patch_size": 8}),
+           lambda cfg: {"input_ids": prompt(16), **_pix(1, 3, 32, 32)},
+           LLAVA_OWN, 16, lines=("4", "5")),
+    Family("qwen2_vl", "Qwen2VLForConditionalGeneration", _qwen_config("qwen2_vl"),
+           _qwen_inputs(), QWEN_OWN, 4),
+    Family("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration",
+           _qwen_config("qwen2_5_vl", **{"vision_config.fullatt_block_indexes": [1],
+                                         "vision_config.window_size": 16}),
+           _qwen_inputs(), QWEN_OWN, 4),
+    Family("qwen3_vl", "Qwen3VLForConditionalGeneration",
+           _qwen_config("qwen3_vl", **{"vision_config.deepstack_visual_indexes": [0],
+                                       "vision_config.num_position_embeddings": 16}),
+           _qwen_inputs(), QWEN_OWN, 4),
+    Family("qwen3_vl_moe", "Qwen3VLMoeForConditionalGeneration",
+           _qwen_config("qwen3_vl_moe", **{"vision_config.deepstack_visual_indexes": [0],
+                                           "vision_config.num_position_embeddings": 16}),
+           _qwen_inputs(), QWEN_OWN, 4, knobs={"top_k": 1, "blocks": [1]}),
+    Family("glm4v", "Glm4vForConditionalGeneration",
+           _qwen_config("glm4v", **{"vision_config.image_size": 32}),
+           _qwen_inputs(), {**QWEN_OWN, "projector": "inside:model.visual.merger"}, 4),
+    Family("molmo2", "Molmo2ForConditionalGeneration", _molmo2_config(), _molmo2_inputs,
+           LLAVA_OWN, 4, knobs={"blocks": [1]}),
+    Family("vipllava", "VipLlavaForConditionalGeneration",
+           lambda: tiny_config("vipllava", image_token_index=IMAGE, vision_feature_layers=[-2, -1], **_VISION_32),
+           lambda cfg: {"input_ids": prompt(16), **_pix(1, 3, 32, 32)}, LLAVA_OWN, 16),
+    Family("aya_vision", "AyaVisionForConditionalGeneration",
+           lambda: tiny_config("aya_vision", image_token_id=IMAGE, **_VISION_32),
+           lambda cfg: {"input_ids": prompt(4), **_pix(1, 3, 32, 32)}, LLAVA_OWN, 4),
+    Family("paligemma", "PaliGemmaForConditionalGeneration",
+           lambda: tiny_config("paligemma", image_token_index=IMAGE, **_VISION_32),
+           lambda cfg: {"input_ids": prompt(16, text_before=0), **_pix(1, 3, 32, 32)}, LLAVA_OWN, 16),
+    Family("gemma3", "Gemma3ForConditionalGeneration",
+           lambda: tiny_config("gemma3", image_token_index=IMAGE, boi_token_index=IMAGE + 1,
+                               eoi_token_index=IMAGE + 2, mm_tokens_per_image=4, **_VISION_32),
+           lambda cfg: {"input_ids": prompt(4, start=[IMAGE + 1], end=[IMAGE + 2]), **_pix(1, 3, 32, 32)},
+           LLAVA_OWN, 4),
+    Family("internvl", "InternVLForConditionalGeneration",
+           lambda: tiny_config("internvl", image_token_id=IMAGE, **{
+               "vision_config.image_size": [32, 32], "vision_config.patch_size": [8, 8]}),
+           lambda cfg: {"input_ids": prompt(4), **_pix(1, 3, 32, 32)}, LLAVA_OWN, 4),
+    Family("mistral3", "Mistral3ForConditionalGeneration",
+           lambda: tiny_config("mistral3", image_token_index=IMAGE, spatial_merge_size=2, **_VISION_32),
+           lambda cfg: {"input_ids": prompt(4), **_pix(1, 3, 32, 32), "image_sizes": torch.tensor([[32, 32]])},
+           LLAVA_OWN, 4),
+    Family("video_llava", "VideoLlavaForConditionalGeneration",
+           lambda: tiny_config("video_llava", image_token_index=IMAGE, video_token_index=IMAGE + 1, **_VISION_32),
+           lambda cfg: {"input_ids": prompt(16), "pixel_values_images": torch.randn(1, 3, 32, 32)},
+           {"vision": ["model.image_tower", "model.video_tower"], "projector": ["model.multi_modal_projector"],
+            "llm": ("model.language_model", "lm_head")}, 16),
+    Family("idefics3", "Idefics3ForConditionalGeneration",
+           lambda: tiny_config("idefics3", image_token_id=IMAGE, scale_factor=2, **_VISION_32),
+           _idefics_inputs(4), IDEFICS_OWN, 4),
+    Family("smolvlm", "SmolVLMForConditionalGeneration",
+           lambda: tiny_config("smolvlm", image_token_id=IMAGE, scale_factor=2, **_VISION_32),
+           _idefics_inputs(4), IDEFICS_OWN, 4),
+    Family("idefics2", "Idefics2ForConditionalGeneration",
+           lambda: tiny_config("idefics2", image_token_id=IMAGE, **{
+               **_VISION_32, "perceiver_config.resampler_n_latents": 4, "perceiver_config.resampler_depth": 1,
+               "perceiver_config.resampler_n_heads": 2, "perceiver_config.resampler_head_dim": 8,
+               "perceiver_config.num_key_value_heads": 1}),
+           _idefics_inputs(4), IDEFICS_OWN, 4),
+    Family("blip-2", "Blip2ForConditionalGeneration",
+           lambda: tiny_config("blip-2", image_token_index=IMAGE, num_query_tokens=4, **{
+               **_VISION_32, "qformer_config.encoder_hidden_size": 32}),
+           lambda cfg: {"input_ids": prompt(4), **_pix(1, 3, 32, 32)}, BLIP2_OWN, 4),
+    Family("instructblip", "InstructBlipForConditionalGeneration",
+           lambda: tiny_config("instructblip", image_token_index=IMAGE, num_query_tokens=4, **{
+               **_VISION_32, "qformer_config.encoder_hidden_size": 32}),
+           lambda cfg: {"input_ids": prompt(4), **_pix(1, 3, 32, 32),
+                        "qformer_input_ids": torch.tensor([[BOS, 10, 11]])},
+           BLIP2_OWN, 4),
+    Family("kosmos-2", "Kosmos2ForConditionalGeneration",
+           lambda: tiny_config("kosmos-2", latent_query_num=4, **_VISION_32),
+           lambda cfg: {"input_ids": prompt(4, image_id=IMAGE), **_pix(1, 3, 32, 32),
+                        "image_embeds_position_mask": (prompt(4, image_id=IMAGE) == IMAGE)},
+           {"vision": ["vision_model"], "projector": ["image_to_text_projection"],
+            "llm": ("text_model", "text_model.lm_head")}, 4),
+    Family("janus", "JanusForConditionalGeneration",
+           lambda: tiny_config("janus", image_token_id=IMAGE, **{**_VISION_32, "vision_config.num_image_tokens": 16}),
+           lambda cfg: {"input_ids": prompt(16), **_pix(1, 3, 32, 32)},
+           {"vision": ["model.vision_model"], "projector": ["model.aligner"],
+            "llm": ("model.language_model", "lm_head")}, 16),
+]
+
+
+def by_name(name: str) -> Family:
+    return next(f for f in FAMILIES if f.name == name)
