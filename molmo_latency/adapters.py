@@ -371,6 +371,11 @@ def discover_phases(model: torch.nn.Module) -> PhaseMap | None:
     encoder_path = names.get(id(encoder)) if isinstance(encoder, torch.nn.Module) else None
     if encoder_path is not None and (_inside(decoder_path, encoder_path) or encoder is model):
         encoder_path = None
+    if encoder_path is not None and _inside(encoder_path, decoder_path):
+        # get_decoder() gave the whole encoder-decoder text model: its decoder is the LLM part
+        inner = getattr(decoder, "decoder", None)
+        if isinstance(inner, torch.nn.Module) and id(inner) in names:
+            decoder, decoder_path = inner, names[id(inner)]
     blocks_path = _block_list_path(decoder_path, decoder)
     # the text model's own blocks and LM head never hold a vision module or a projector
     text_inner = [p for p in (blocks_path, head_path) if p]

@@ -383,7 +383,7 @@ class PhaseProfiler:
             req.batch_size, req.input_tokens = int(ids.shape[0]), int(ids.shape[1])
             req.input_ids = ids  # image tokens are counted after generate(): no sync before it
         req.image_input_idx = _image_input_idx(args, kwargs)
-        req.projector_inside_vision, req.blocks_run = _model_facts(self.model, self.phase_map)
+        _model_facts(req, self.model, self.phase_map)
         beams = _generation_setting(self.model, args, kwargs, "num_beams")
         req.num_beams = int(beams) if isinstance(beams, int) else 1  # unset: generate()'s default, 1
         req.eos_token_id = _generation_setting(self.model, args, kwargs, "eos_token_id")
@@ -409,10 +409,10 @@ class PhaseProfiler:
             req.complete = False
             req.error = f"{type(exc).__name__}: {exc}"
         else:
-            rows = _output_tokens_per_row(out, req.input_tokens, req.eos_token_id)
+            rows = _output_tokens_per_row(out, _returned_prefix(req), req.eos_token_id)
             if rows is not None:
                 req.output_tokens_per_row = rows
-                req.output_tokens = _generated_length(out, req.input_tokens)
+                req.output_tokens = _generated_length(out, _returned_prefix(req))
         req.image_tokens_per_row = _image_tokens_per_row(req, self.phase_map.image_token_id)
         if req.image_tokens_per_row:
             req.image_tokens = max(req.image_tokens_per_row)
@@ -648,13 +648,23 @@ def _input_ids(args: tuple, kwargs: dict) -> Any:
     return None
 
 
-def _model_facts(model: torch.nn.Module, phase_map: PhaseMap) -> tuple[bool | None, int | None]:
+def _model_facts(req: RequestRecord, model: torch.nn.Module, phase_map: PhaseMap) -> None:
     """What a request's row says about the model as it runs: whether the projector runs inside the
-    vision module (from the phase map), and how many text-model blocks are configured now (after
-    the blocks knob; None where the blocks cannot be found)."""
+    vision module (from the phase map), how many text-model blocks are configured now (after the
+    blocks knob; None where the blocks cannot be found), and, for an encoder-decoder model, that
+    the returned sequences start with the decoder start token (not an output token)."""
     from molmo_latency.knobs import blocks_run
 
-    return phase_map.projector_inside_vision, blocks_run(model)
+    req.projector_inside_vision = phase_map.projector_inside_vision
+    req.blocks_run = blocks_run(model)
+    if phase_map.encoder_decoder or getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        req.decoder_start_tokens = 1
+
+
+def _returned_prefix(req: RequestRecord) -> int | None:
+    """Tokens at the start of each sequence generate() returns that are not output tokens: the
+    prompt for a decoder-only model, the decoder start token for an encoder-decoder model."""
+    return req.decoder_start_tokens if req.decoder_start_tokens is not None else req.input_tokens
 
 
 def _tprof_recording(tprof: Any) -> bool:
@@ -675,8 +685,11 @@ def _classify(req: RequestRecord, args: tuple, kwargs: dict) -> tuple[str, int]:
     from one keyword's name: transformers 5.24 renamed ``past_key_values`` to ``cache``."""
     length, rows = _call_shape(args, kwargs)
     prompt = req.input_tokens
+    first_call = not req.kind_counts
+    if first_call and req.llm_calls:  # LLM passes before any call of the model (an encoder pass
+        req.kind_counts["prefill"] = req.llm_calls  # run by generate() itself): prefill chunks
     if length is None or prompt is None:  # no shape to read: the first call is the prefill
-        kind = "prefill" if not req.kind_counts else "decode"
+        kind = "prefill" if first_call else "decode"
     elif req.fed < prompt:
         kind = "prefill"
         req.fed += length

@@ -80,6 +80,7 @@ class RequestRecord:
     wall_end_ns: int = 0
     projector_inside_vision: bool | None = None  # from the phase map (issue 22)
     blocks_run: int | None = None  # text-model blocks configured when the request began
+    decoder_start_tokens: int | None = None  # encoder-decoder: returned sequences start with these
 
 
 @dataclass

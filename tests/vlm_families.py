@@ -159,6 +159,26 @@ BLIP2_OWN = {"vision": ["vision_model"], "projector": ["qformer", "language_proj
 _VISION_32 = {"vision_config.image_size": 32, "vision_config.patch_size": 8}
 
 
+def _chameleon_config() -> Any:
+    # codebook entry i is the BPE token 110 + i, named IMGIMG<digits as letters>Z as in Chameleon's vocabulary
+    vocab = {"<image>": IMAGE, **{"IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(i)) + "Z": 110 + i
+                                  for i in range(16)}}
+    from transformers import ChameleonVQVAEConfig
+
+    return tiny_config("chameleon", vocabulary_map=vocab, image_token_id=IMAGE, vq_config=ChameleonVQVAEConfig(
+        embed_dim=8, num_embeddings=16, latent_channels=8, resolution=32, base_channels=32,
+        channel_multiplier=[1, 1, 1, 2], num_res_blocks=1))
+
+
+def _florence2_config() -> Any:
+    return tiny_config("florence2", image_token_id=IMAGE, **{
+        "vision_config.depths": [1, 1], "vision_config.patch_size": [7, 3], "vision_config.patch_stride": [4, 2],
+        "vision_config.patch_padding": [3, 1], "vision_config.patch_prenorm": [False, True],
+        "vision_config.embed_dim": [16, 32], "vision_config.num_heads": [2, 2], "vision_config.num_groups": [2, 2],
+        "vision_config.window_size": 2, "vision_config.projection_dim": 32, "text_config.decoder_start_token_id": EOS,
+        "text_config.max_position_embeddings": 64})
+
+
 FAMILIES: list[Family] = [
     Family("llava", "LlavaForConditionalGeneration",
            lambda: tiny_config("llava", image_token_index=IMAGE, **{
@@ -244,6 +264,14 @@ FAMILIES: list[Family] = [
            lambda cfg: {"input_ids": prompt(16), **_pix(1, 3, 32, 32)},
            {"vision": ["model.vision_model"], "projector": ["model.aligner"],
             "llm": ("model.language_model", "lm_head")}, 16),
+    Family("chameleon", "ChameleonForConditionalGeneration", _chameleon_config,
+           lambda cfg: {"input_ids": prompt(16), **_pix(1, 3, 32, 32)},
+           {"vision": ["model.vqmodel.encode"], "llm": ("model.layers.0", "lm_head")}, 16),
+    Family("florence2", "Florence2ForConditionalGeneration", _florence2_config,
+           lambda cfg: {"input_ids": prompt(17), **_pix(1, 3, 32, 32)},
+           {"vision": ["model.vision_tower"], "projector": ["model.multi_modal_projector"],
+            "llm": ("model.language_model.decoder", "lm_head"), "encoder": ["model.language_model.encoder"]},
+           17, encoder_decoder=True),
 ]
 
 
