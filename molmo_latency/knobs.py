@@ -48,6 +48,8 @@ _FULL_BLOCKS_ATTR = "_molmo_latency_all_blocks"      # the full block list, whil
 _ORIGINAL_ATTR = "_molmo_latency_block_originals"    # values changed by the cut, to put back
 _INDICES_ATTR = "_molmo_latency_block_indices"       # the active indices, while cut
 _LAYER_COUNT_ATTRS = ("num_hidden_layers", "n_layers")
+# config lists of block indices that a cut renumbers (Molmo2: the layers that run scaled RoPE)
+_LAYER_INDEX_LISTS = ("rope_scaling_layers",)
 
 
 # ------------------------------------------------------------------------- transactions
@@ -162,15 +164,31 @@ def set_top_k(model: torch.nn.Module, k: int) -> int:
 
 
 # --------------------------------------------------------------------------- active blocks
+def _is_hf_decoder(module: Any) -> bool:
+    layers = getattr(module, "layers", None)
+    cfg = getattr(module, "config", None)
+    return isinstance(layers, torch.nn.ModuleList) and hasattr(cfg, "num_hidden_layers")
+
+
 def _hf_decoder(model: torch.nn.Module):
-    """The HF text decoder: a module with `.layers` and `.config.num_hidden_layers`."""
+    """The HF text decoder: a module with `.layers` and `.config.num_hidden_layers`, found through
+    ``get_decoder()`` (followed while it leads further: BLIP-2's language model is a whole
+    ...ForCausalLM), else at the known paths."""
+    module: Any = model
+    for _ in range(4):
+        getter = getattr(module, "get_decoder", None)
+        try:
+            inner = getter() if callable(getter) else None
+        except Exception:  # e.g. NotImplementedError from a base class
+            inner = None
+        if not isinstance(inner, torch.nn.Module) or inner is module:
+            break
+        module = inner
+        if _is_hf_decoder(module):
+            return module
     for path in TEXT_DECODER_PATHS:
         module = _get(model, path)
-        if module is None:
-            continue
-        layers = getattr(module, "layers", None)
-        cfg = getattr(module, "config", None)
-        if isinstance(layers, torch.nn.ModuleList) and hasattr(cfg, "num_hidden_layers"):
+        if module is not None and _is_hf_decoder(module):
             return module
     return None
 
@@ -188,6 +206,10 @@ def _block_list(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
     transformer = _molmo_transformer(model)
     if transformer is not None:
         return transformer, "blocks"
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise MolmoLatencyError(
+            f"blocks: {type(model).__name__} has an encoder-decoder text model; the blocks knob cuts "
+            "decoder-only text models only (profile it without blocks=)")
     decoder = _hf_decoder(model)
     if decoder is not None:
         return decoder, "layers"
@@ -268,10 +290,17 @@ def _originals(model: torch.nn.Module, owner: torch.nn.Module, full: list[torch.
         return stored
     configs = [c for c in _unique([getattr(owner, "config", None), *_configs(model)]) if c is not None]
     return {
-        "configs": [(cfg, {name: getattr(cfg, name) for name in (*_LAYER_COUNT_ATTRS, "layer_types")
+        "configs": [(cfg, {name: getattr(cfg, name)
+                           for name in (*_LAYER_COUNT_ATTRS, "layer_types", *_LAYER_INDEX_LISTS)
                            if _settable(cfg, name) and getattr(cfg, name, None) is not None})
                     for cfg in configs],
         "layer_idx": [[(m, m.layer_idx) for m in _layer_idx_modules(block)] for block in full],
+        # per-block lists the decoder indexes by a block's place in its list (Molmo2's rope_types:
+        # which RoPE each layer runs): cut with the blocks, or a kept block would run another's
+        "per_block": {name: value for name, value in vars(owner).items()
+                      if not name.startswith("_") and isinstance(value, (list, tuple))
+                      and len(value) == len(full) and value
+                      and all(isinstance(v, (str, int, float, bool)) for v in value)},
     }
 
 
@@ -289,12 +318,17 @@ def _plan_blocks(model: torch.nn.Module, blocks: Any) -> tuple[_Plan, tuple[int,
         for module, original in modules:
             # a kept block is numbered by its place in the cut list (its KV-cache slot)
             plan.set(module, "layer_idx", original if everything else position.get(block_index, original))
+    for name, original in originals.get("per_block", {}).items():
+        plan.set(owner, name, original if everything else type(original)(original[i] for i in indices))
     for cfg, values in originals["configs"]:
         for name, original in values.items():
             if everything:
                 plan.set(cfg, name, original)
             elif name == "layer_types" and isinstance(original, list) and len(original) == len(full):
                 plan.set(cfg, name, [original[i] for i in indices])
+            elif name in _LAYER_INDEX_LISTS and isinstance(original, list):
+                # block indices -> their places in the cut list (blocks not kept drop out)
+                plan.set(cfg, name, [position[i] for i in original if i in position])
             elif name in _LAYER_COUNT_ATTRS and isinstance(original, int):
                 plan.set(cfg, name, len(indices))
     if everything:
