@@ -395,6 +395,8 @@ def discover_phases(model: torch.nn.Module) -> PhaseMap | None:
         if not path or _excluded(path) or any(_inside(path, t) for t in text_inner):
             continue
         by_config = any(getattr(module, "config", None) is c for c in vision_cfgs)
+        if by_config and path.rsplit(".", 1)[-1] in PROJECTOR_NAMES:
+            continue  # a projector built from the vision config (DeepSeek-VL-hybrid's neck): not vision
         if by_config or candidate(path, VISION_NAMES):
             vision.append(path)
     # a vision module never holds the text decoder (that is the whole model, or its base model)
@@ -524,3 +526,36 @@ def _explicit(model: torch.nn.Module, mapping: Mapping[str, PathSpec]) -> PhaseM
     return PhaseMap("explicit", spans, image_token_id(model), projector_inside_vision=inside,
                     projector_path=spans["projector"].start_path if "projector" in spans else None,
                     missing=tuple(p for p in ADAPTER_PHASES if p not in spans))
+
+
+def phase_rows(model: torch.nn.Module, mapping: Mapping[str, PathSpec] | None = None) -> list[dict[str, Any]]:
+    """The phase map found for `model`, one row per phase: ``phase``, ``found`` (bool), ``modules``
+    (the parts, ``start..end`` where they differ), ``note`` (what was looked for, or where the
+    projector runs). Reads the model only; the no-projector warning is said in the row instead.
+
+    Example:
+        >>> from molmo_latency.models import reference_vlm
+        >>> [(r["phase"], r["modules"]) for r in phase_rows(reference_vlm("tiny").model)]
+        [('vision', 'model.vision_tower'), ('projector', 'model.multi_modal_projector'), ('llm', 'model.language_model..lm_head')]
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        found = find_phases(model, mapping)
+    rows = []
+    for phase in ADAPTER_PHASES:
+        span = found.spans.get(phase)
+        if span is not None:
+            modules = ", ".join(s if s == e else f"{s}..{e}" for s, e in span.parts)
+            note = {"vision": "several parts: each run is one vision instance" if len(span.parts) > 1 else None,
+                    "projector": "each part is timed as one projector instance" if len(span.parts) > 1 else None,
+                    "llm": ("the encoder pass and the first decoder step are the prefill"
+                            if found.encoder_decoder else None)}[phase]
+            rows.append({"phase": phase, "found": True, "modules": modules, "note": note})
+        elif phase == "projector" and found.projector_inside_vision:
+            rows.append({"phase": phase, "found": True, "modules": found.projector_path,
+                         "note": "inside the vision module: its time is part of vision_ms"})
+        else:
+            rows.append({"phase": phase, "found": False, "modules": None,
+                         "note": ("not found: its time, if any, falls in embed_merge_ms; looked for modules "
+                                  f"named {', '.join(PROJECTOR_NAMES)}") if phase == "projector" else "not found"})
+    return rows

@@ -428,3 +428,32 @@ def _no_blocks_message(model: torch.nn.Module) -> str:
         "transformer with .blocks at model.transformer / transformer, and an HF decoder with "
         f".layers and config.num_hidden_layers at {' / '.join(p or '(the model)' for p in TEXT_DECODER_PATHS)})"
     )
+
+
+# ---------------------------------------------------------------------------- what applies
+def knob_ranges(model: torch.nn.Module) -> list[dict[str, Any]]:
+    """Which knobs apply to `model`, their valid range and current value, or why not (the
+    one-line refusal the knob itself gives). Reads the model only (works on a meta-device model).
+
+    Example:
+        >>> from molmo_latency.models import reference_vlm
+        >>> [(k["knob"], k["applies"], k["range"], k["now"]) for k in knob_ranges(reference_vlm("tiny").model)]
+        [('top_k', True, '1..8', '2'), ('blocks', True, 'a count in 1..4, or sorted block indices in 0..3', '4')]
+    """
+    rows: list[dict[str, Any]] = []
+    try:
+        k = get_top_k(model)
+        limit = max_top_k(model)
+        rows.append({"knob": "top_k", "applies": True,
+                     "range": f"1..{limit}" if limit is not None else "a positive integer",
+                     "now": str(k), "why_not": None})
+    except MolmoLatencyError as exc:
+        rows.append({"knob": "top_k", "applies": False, "range": None, "now": None, "why_not": str(exc)})
+    try:
+        total = total_blocks(model)
+        rows.append({"knob": "blocks", "applies": True,
+                     "range": f"a count in 1..{total}, or sorted block indices in 0..{total - 1}",
+                     "now": str(get_active_blocks(model)), "why_not": None})
+    except MolmoLatencyError as exc:
+        rows.append({"knob": "blocks", "applies": False, "range": None, "now": None, "why_not": str(exc)})
+    return rows

@@ -34,6 +34,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("molmo_latency.cli.fit_cmd",
                 "P50 and P95 of a whole request of N output tokens (prefill, decode total, request) for one "
                 "configuration."),
+    "inspect": ("molmo_latency.cli.inspect_cmd",
+                "Show the phase map found in MODEL, what was not found, and the knobs that apply, before anything "
+                "is measured."),
     "trace": ("molmo_latency.cli.trace_cmd",
               "Read traces (torch.profiler Kineto JSON, Nsight Systems SQLite exports): GPU time per kernel, "
               "annotation and device."),
