@@ -356,12 +356,37 @@ def _excluded(path: str) -> bool:
     return any(part in path for part in EXCLUDED_NAME_PARTS)
 
 
+def _owns(module: torch.nn.Module, cfg: Any) -> bool:
+    """Is `module` built from the sub-config `cfg`: the same object (5.x), or a copy of it (a
+    config of the same class: 4.5x's from_config copies it)?"""
+    own = getattr(module, "config", None)
+    return own is cfg or (own is not None and type(own) is type(cfg) and type(cfg).__name__ != "PretrainedConfig")
+
+
+def _text_decoder(model: torch.nn.Module, names: dict[int, str]) -> torch.nn.Module | None:
+    """The text decoder: ``get_decoder()``; where a model has none (some 4.5x VLMs), the
+    outermost module whose config is the model's ``text_config`` (followed through its own
+    ``get_decoder()`` when it is a whole ...ForCausalLM)."""
+    decoder = _call(model, "get_decoder")
+    if isinstance(decoder, torch.nn.Module) and id(decoder) in names and decoder is not model:
+        return decoder
+    text_cfg = getattr(getattr(model, "config", None), "text_config", None)
+    if text_cfg is None:
+        return decoder if isinstance(decoder, torch.nn.Module) and id(decoder) in names else None
+    owners = _outermost([n for n, m in model.named_modules() if n and _owns(m, text_cfg)])
+    if not owners:
+        return None
+    found = get_module(model, owners[0])
+    inner = _call(found, "get_decoder")
+    return inner if isinstance(inner, torch.nn.Module) and id(inner) in names else found
+
+
 def discover_phases(model: torch.nn.Module) -> PhaseMap | None:
     """The phases of `model` from what transformers models expose (see the module docstring);
     None when no text decoder or no vision module is found this way."""
     names = {id(m): n for n, m in model.named_modules()}
-    decoder = _call(model, "get_decoder")
-    if not isinstance(decoder, torch.nn.Module) or id(decoder) not in names:
+    decoder = _text_decoder(model, names)
+    if decoder is None:
         return None
     decoder_path = names[id(decoder)]
     head = _call(model, "get_output_embeddings")
@@ -394,7 +419,7 @@ def discover_phases(model: torch.nn.Module) -> PhaseMap | None:
     for path, module in model.named_modules():
         if not path or _excluded(path) or any(_inside(path, t) for t in text_inner):
             continue
-        by_config = any(getattr(module, "config", None) is c for c in vision_cfgs)
+        by_config = any(_owns(module, c) for c in vision_cfgs)
         if by_config and path.rsplit(".", 1)[-1] in PROJECTOR_NAMES:
             continue  # a projector built from the vision config (DeepSeek-VL-hybrid's neck): not vision
         if by_config or candidate(path, VISION_NAMES):
@@ -466,16 +491,16 @@ def find_phases(model: torch.nn.Module, mapping: Mapping[str, PathSpec] | None =
 def _not_found_message(model: torch.nn.Module) -> str:
     decoder = _call(model, "get_decoder")
     names = {id(m): n for n, m in model.named_modules()}
-    llm = (f"the text decoder at {names[id(decoder)] or '(the model)'!r}"
-           if isinstance(decoder, torch.nn.Module) and id(decoder) in names
-           else "no text decoder (get_decoder() gave none)")
+    decoder = _text_decoder(model, names)
+    llm = (f"found the text decoder at {names[id(decoder)] or '(the model)'!r} but"
+           if decoder is not None else "found no text decoder (get_decoder() gave none) and")
     looked = "; ".join(
         f"{layout}: " + ", ".join(f"{ph}={'|'.join(s if s == e else f'{s}..{e}' for s, e in c)}"
                                   for ph, c in spec.items())
         for layout, spec in sorted(LAYOUTS.items())
     )
     return (
-        f"cannot find the phases of {type(model).__name__}: found {llm} but no vision module (looked "
+        f"cannot find the phases of {type(model).__name__}: {llm} no vision module (looked "
         f"for modules owning a vision sub-config, named {'|'.join(VISION_NAMES)}, and the paths {looked}). "
         "Pass an explicit mapping, e.g. profile_phases(model, phases={'vision': 'path.to.vit', "
         "'projector': 'path.to.projector', 'llm': ('path.to.decoder', 'path.to.lm_head')}); "

@@ -144,7 +144,7 @@ def profile_family(fam: Family):
     with torch.no_grad():
         expected = model.generate(**inputs, **kw)  # also the warm-up
     before = model_state(model)
-    with OwnHooks(model, fam.own) as own, warnings.catch_warnings(record=True) as caught:
+    with OwnHooks(model, fam.own_on(_installed_line())) as own, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with profile_phases(model) as prof, torch.no_grad():
             out = model.generate(**inputs, **kw)
@@ -154,10 +154,11 @@ def profile_family(fam: Family):
 @pytest.mark.parametrize("fam", _params())
 def test_family_phases_agree_with_own_hooks(fam: Family):
     model, expected, out, before, own, report, caught = profile_family(fam)
+    own_map = fam.own_on(_installed_line())
     assert torch.equal(out, expected), "profiling changed what generate() returns"
     assert model_state(model) == before, "the model was left changed (hooks or attributes)"
     warned = [w for w in caught if "no projector found" in str(w.message)]
-    if "projector" in fam.own:
+    if "projector" in own_map:
         assert not warned
     else:  # a family with no projector: said so, in a warning and in the row
         assert len(warned) == 1 and req_projector_inside(report) is None
@@ -172,14 +173,14 @@ def test_family_phases_agree_with_own_hooks(fam: Family):
 
     for phase in ("vision", "projector"):
         rows = [r for r in phases if r["phase"] == phase]
-        if isinstance(fam.own.get(phase), str):  # the projector runs inside the vision module
+        if isinstance(own_map.get(phase), str):  # the projector runs inside the vision module
             assert not rows and req["projector_inside_vision"] is True
             vision = own.intervals("vision")
             for p0, p1 in own.intervals("projector_inside"):
                 assert any(v0 <= p0 and p1 <= v1 for v0, v1 in vision)
             continue
         _same_calls(phase, own.intervals(phase), rows, all_starts, inner=phase in own.inner)
-    if "projector" in fam.own and not isinstance(fam.own["projector"], str):
+    if "projector" in own_map and not isinstance(own_map["projector"], str):
         assert req["projector_inside_vision"] is False
     llm_rows = [r for r in phases if r["phase"] in ("prefill", "decode")]
     if fam.encoder_decoder:  # the encoder pass and the first decoder step are the prefill

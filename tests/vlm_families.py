@@ -78,6 +78,10 @@ class Family:
     slow: bool = False
     lines: tuple[str, ...] = ("5",)  # transformers major lines the family exists on
     knobs: dict[str, Any] = field(default_factory=dict)  # knob -> a value to try
+    own4: dict[str, Any] | None = None  # the own reading on transformers 4.5x, where it differs
+
+    def own_on(self, line: str) -> dict[str, Any]:
+        return self.own4 if line == "4" and self.own4 is not None else self.own
 
     def build(self, seed: int = 0):
         import transformers
@@ -94,6 +98,10 @@ def _pix(*shape: int) -> dict:
 
 LLAVA_OWN = {"vision": ["model.vision_tower"], "projector": ["model.multi_modal_projector"],
              "llm": ("model.language_model", "lm_head")}
+LLAVA_OWN4 = {"vision": ["vision_tower"], "projector": ["multi_modal_projector"],
+              "llm": ("language_model.model", "language_model.lm_head")}
+QWEN_OWN4 = {"vision": ["visual"], "projector": "inside:visual.merger", "llm": ("model", "lm_head")}
+BOTH = dict(lines=("4", "5"))
 QWEN_OWN = {"vision": ["model.visual"], "projector": "inside:model.visual.merger",
             "llm": ("model.language_model", "lm_head")}
 
@@ -115,9 +123,13 @@ def _qwen_config(model_type: str, **extra: Any) -> Callable[[], Any]:
         over.update(extra)
         cfg = tiny_config(model_type, **over)
         text = getattr(cfg, "text_config", cfg)
-        rope = dict(getattr(text, "rope_parameters", None) or {"rope_type": "default", "rope_theta": 10000.0})
-        rope["mrope_section"] = [1, 1, 2]  # head_dim 8: the sections sum to head_dim / 2
-        text.rope_parameters = rope
+        # head_dim 8: the sections sum to head_dim / 2 (5.x: rope_parameters, 4.5x: rope_scaling)
+        if hasattr(text, "rope_parameters"):
+            rope = dict(text.rope_parameters or {"rope_type": "default", "rope_theta": 10000.0})
+            rope["mrope_section"] = [1, 1, 2]
+            text.rope_parameters = rope
+        else:
+            text.rope_scaling = {"type": "mrope", "rope_type": "default", "mrope_section": [1, 1, 2]}
         return cfg
     return build
 
@@ -184,13 +196,13 @@ FAMILIES: list[Family] = [
            lambda: tiny_config("llava", image_token_index=IMAGE, **{
                "vision_config.image_size": 32, "vision_config.patch_size": 8}),
            lambda cfg: {"input_ids": prompt(16), **_pix(1, 3, 32, 32)},
-           LLAVA_OWN, 16, lines=("4", "5")),
+           LLAVA_OWN, 16, own4=LLAVA_OWN4, **BOTH),
     Family("qwen2_vl", "Qwen2VLForConditionalGeneration", _qwen_config("qwen2_vl"),
-           _qwen_inputs(), QWEN_OWN, 4),
+           _qwen_inputs(), QWEN_OWN, 4, own4=QWEN_OWN4, **BOTH),
     Family("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration",
            _qwen_config("qwen2_5_vl", **{"vision_config.fullatt_block_indexes": [1],
                                          "vision_config.window_size": 16}),
-           _qwen_inputs(), QWEN_OWN, 4),
+           _qwen_inputs(), QWEN_OWN, 4, own4=QWEN_OWN4, **BOTH),
     Family("qwen3_vl", "Qwen3VLForConditionalGeneration",
            _qwen_config("qwen3_vl", **{"vision_config.deepstack_visual_indexes": [0],
                                        "vision_config.num_position_embeddings": 16}),
@@ -206,18 +218,18 @@ FAMILIES: list[Family] = [
            LLAVA_OWN, 4, knobs={"blocks": [1]}),
     Family("vipllava", "VipLlavaForConditionalGeneration",
            lambda: tiny_config("vipllava", image_token_index=IMAGE, vision_feature_layers=[-2, -1], **_VISION_32),
-           lambda cfg: {"input_ids": prompt(16), **_pix(1, 3, 32, 32)}, LLAVA_OWN, 16),
+           lambda cfg: {"input_ids": prompt(16), **_pix(1, 3, 32, 32)}, LLAVA_OWN, 16, own4=LLAVA_OWN4, **BOTH),
     Family("aya_vision", "AyaVisionForConditionalGeneration",
-           lambda: tiny_config("aya_vision", image_token_id=IMAGE, **_VISION_32),
-           lambda cfg: {"input_ids": prompt(4), **_pix(1, 3, 32, 32)}, LLAVA_OWN, 4),
+           lambda: tiny_config("aya_vision", image_token_id=IMAGE, image_token_index=IMAGE, **_VISION_32),
+           lambda cfg: {"input_ids": prompt(4), **_pix(1, 3, 32, 32)}, LLAVA_OWN, 4, own4=LLAVA_OWN4, **BOTH),
     Family("paligemma", "PaliGemmaForConditionalGeneration",
            lambda: tiny_config("paligemma", image_token_index=IMAGE, **_VISION_32),
-           lambda cfg: {"input_ids": prompt(16, text_before=0), **_pix(1, 3, 32, 32)}, LLAVA_OWN, 16),
+           lambda cfg: {"input_ids": prompt(16, text_before=0), **_pix(1, 3, 32, 32)}, LLAVA_OWN, 16, own4=LLAVA_OWN4, **BOTH),
     Family("gemma3", "Gemma3ForConditionalGeneration",
            lambda: tiny_config("gemma3", image_token_index=IMAGE, boi_token_index=IMAGE + 1,
                                eoi_token_index=IMAGE + 2, mm_tokens_per_image=4, **_VISION_32),
            lambda cfg: {"input_ids": prompt(4, start=[IMAGE + 1], end=[IMAGE + 2]), **_pix(1, 3, 32, 32)},
-           LLAVA_OWN, 4),
+           LLAVA_OWN, 4, own4=LLAVA_OWN4, **BOTH),
     Family("internvl", "InternVLForConditionalGeneration",
            lambda: tiny_config("internvl", image_token_id=IMAGE, **{
                "vision_config.image_size": [32, 32], "vision_config.patch_size": [8, 8]}),
@@ -225,7 +237,7 @@ FAMILIES: list[Family] = [
     Family("mistral3", "Mistral3ForConditionalGeneration",
            lambda: tiny_config("mistral3", image_token_index=IMAGE, spatial_merge_size=2, **_VISION_32),
            lambda cfg: {"input_ids": prompt(4), **_pix(1, 3, 32, 32), "image_sizes": torch.tensor([[32, 32]])},
-           LLAVA_OWN, 4),
+           LLAVA_OWN, 4, own4=LLAVA_OWN4, **BOTH),
     Family("video_llava", "VideoLlavaForConditionalGeneration",
            lambda: tiny_config("video_llava", image_token_index=IMAGE, video_token_index=IMAGE + 1, **_VISION_32),
            lambda cfg: {"input_ids": prompt(16), "pixel_values_images": torch.randn(1, 3, 32, 32)},
@@ -233,32 +245,32 @@ FAMILIES: list[Family] = [
             "llm": ("model.language_model", "lm_head")}, 16),
     Family("idefics3", "Idefics3ForConditionalGeneration",
            lambda: tiny_config("idefics3", image_token_id=IMAGE, scale_factor=2, **_VISION_32),
-           _idefics_inputs(4), IDEFICS_OWN, 4),
+           _idefics_inputs(4), IDEFICS_OWN, 4, **BOTH),
     Family("smolvlm", "SmolVLMForConditionalGeneration",
            lambda: tiny_config("smolvlm", image_token_id=IMAGE, scale_factor=2, **_VISION_32),
-           _idefics_inputs(4), IDEFICS_OWN, 4),
+           _idefics_inputs(4), IDEFICS_OWN, 4, **BOTH),
     Family("idefics2", "Idefics2ForConditionalGeneration",
            lambda: tiny_config("idefics2", image_token_id=IMAGE, **{
                **_VISION_32, "perceiver_config.resampler_n_latents": 4, "perceiver_config.resampler_depth": 1,
                "perceiver_config.resampler_n_heads": 2, "perceiver_config.resampler_head_dim": 8,
                "perceiver_config.num_key_value_heads": 1}),
-           _idefics_inputs(4), IDEFICS_OWN, 4),
+           _idefics_inputs(4), IDEFICS_OWN, 4, **BOTH),
     Family("blip-2", "Blip2ForConditionalGeneration",
            lambda: tiny_config("blip-2", image_token_index=IMAGE, num_query_tokens=4, **{
                **_VISION_32, "qformer_config.encoder_hidden_size": 32}),
-           lambda cfg: {"input_ids": prompt(4), **_pix(1, 3, 32, 32)}, BLIP2_OWN, 4),
+           lambda cfg: {"input_ids": prompt(4), **_pix(1, 3, 32, 32)}, BLIP2_OWN, 4, **BOTH),
     Family("instructblip", "InstructBlipForConditionalGeneration",
            lambda: tiny_config("instructblip", image_token_index=IMAGE, num_query_tokens=4, **{
                **_VISION_32, "qformer_config.encoder_hidden_size": 32}),
            lambda cfg: {"input_ids": prompt(4), **_pix(1, 3, 32, 32),
                         "qformer_input_ids": torch.tensor([[BOS, 10, 11]])},
-           BLIP2_OWN, 4),
+           BLIP2_OWN, 4, **BOTH),
     Family("kosmos-2", "Kosmos2ForConditionalGeneration",
            lambda: tiny_config("kosmos-2", latent_query_num=4, **_VISION_32),
            lambda cfg: {"input_ids": prompt(4, image_id=IMAGE), **_pix(1, 3, 32, 32),
                         "image_embeds_position_mask": (prompt(4, image_id=IMAGE) == IMAGE)},
            {"vision": ["vision_model"], "projector": ["image_to_text_projection"],
-            "llm": ("text_model", "text_model.lm_head")}, 4),
+            "llm": ("text_model", "text_model.lm_head")}, 4, **BOTH),
     Family("janus", "JanusForConditionalGeneration",
            lambda: tiny_config("janus", image_token_id=IMAGE, **{**_VISION_32, "vision_config.num_image_tokens": 16}),
            lambda cfg: {"input_ids": prompt(16), **_pix(1, 3, 32, 32)},
@@ -266,7 +278,7 @@ FAMILIES: list[Family] = [
             "llm": ("model.language_model", "lm_head")}, 16),
     Family("chameleon", "ChameleonForConditionalGeneration", _chameleon_config,
            lambda cfg: {"input_ids": prompt(16), **_pix(1, 3, 32, 32)},
-           {"vision": ["model.vqmodel.encode"], "llm": ("model.layers.0", "lm_head")}, 16),
+           {"vision": ["model.vqmodel.encode"], "llm": ("model.layers.0", "lm_head")}, 16, **BOTH),
     Family("florence2", "Florence2ForConditionalGeneration", _florence2_config,
            lambda cfg: {"input_ids": prompt(17), **_pix(1, 3, 32, 32)},
            {"vision": ["model.vision_tower"], "projector": ["model.multi_modal_projector"],
