@@ -115,7 +115,7 @@ def _qwen_inputs(merge: int = 2, patch: int = 8, temporal: int = 2, grid: tuple 
     return build
 
 
-def _qwen_config(model_type: str, **extra: Any) -> Callable[[], Any]:
+def _qwen_config(model_type: str, mrope: tuple = (1, 1, 2), **extra: Any) -> Callable[[], Any]:
     def build() -> Any:
         over = {"image_token_id": IMAGE, "video_token_id": IMAGE + 1, "vision_start_token_id": IMAGE + 2,
                 "vision_end_token_id": IMAGE + 3, "vision_config.patch_size": 8,
@@ -126,10 +126,10 @@ def _qwen_config(model_type: str, **extra: Any) -> Callable[[], Any]:
         # head_dim 8: the sections sum to head_dim / 2 (5.x: rope_parameters, 4.5x: rope_scaling)
         if hasattr(text, "rope_parameters"):
             rope = dict(text.rope_parameters or {"rope_type": "default", "rope_theta": 10000.0})
-            rope["mrope_section"] = [1, 1, 2]
+            rope["mrope_section"] = list(mrope)
             text.rope_parameters = rope
         else:
-            text.rope_scaling = {"type": "mrope", "rope_type": "default", "mrope_section": [1, 1, 2]}
+            text.rope_scaling = {"type": "mrope", "rope_type": "default", "mrope_section": list(mrope)}
         return cfg
     return build
 
@@ -276,6 +276,31 @@ FAMILIES: list[Family] = [
            lambda cfg: {"input_ids": prompt(16), **_pix(1, 3, 32, 32)},
            {"vision": ["model.vision_model"], "projector": ["model.aligner"],
             "llm": ("model.language_model", "lm_head")}, 16),
+    Family("deepseek_vl_hybrid", "DeepseekVLHybridForConditionalGeneration",
+           lambda: tiny_config("deepseek_vl_hybrid", image_token_id=IMAGE, **{
+               **_VISION_32, "high_res_vision_config.image_size": 64, "high_res_vision_config.patch_size": 8,
+               "high_res_vision_config.window_size": 4, "high_res_vision_config.global_attn_indexes": [1],
+               "high_res_vision_config.output_channels": 8, "high_res_vision_config.mlp_dim": 64}),
+           lambda cfg: {"input_ids": prompt(16), **_pix(1, 3, 32, 32), "high_res_pixel_values": torch.randn(1, 3, 64, 64)},
+           {"vision": ["model.vision_model", "model.high_res_vision_model"],
+            "projector": ["model.high_res_vision_neck", "model.high_res_vision_proj", "model.aligner"],
+            "llm": ("model.language_model", "lm_head")}, 16),
+    Family("deepseek_vl", "DeepseekVLForConditionalGeneration",
+           lambda: tiny_config("deepseek_vl", image_token_id=IMAGE, **_VISION_32),
+           lambda cfg: {"input_ids": prompt(16), **_pix(1, 3, 32, 32)},
+           {"vision": ["model.vision_model"], "projector": ["model.aligner"],
+            "llm": ("model.language_model", "lm_head")}, 16),
+    Family("cohere2_vision", "Cohere2VisionForConditionalGeneration",
+           lambda: tiny_config("cohere2_vision", image_token_id=IMAGE, **_VISION_32),
+           lambda cfg: {"input_ids": prompt(4), **_pix(1, 3, 32, 32)}, LLAVA_OWN, 4),
+    Family("lighton_ocr", "LightOnOcrForConditionalGeneration",
+           lambda: tiny_config("lighton_ocr", image_token_id=IMAGE, spatial_merge_size=2, **_VISION_32),
+           lambda cfg: {"input_ids": prompt(4), **_pix(1, 3, 32, 32), "image_sizes": torch.tensor([[32, 32]])},
+           {"vision": ["model.vision_encoder"], "projector": ["model.vision_projection"],
+            "llm": ("model.language_model", "lm_head")}, 4),
+    Family("glm4v_moe", "Glm4vMoeForConditionalGeneration",
+           _qwen_config("glm4v_moe", mrope=(0, 1, 1), **{"vision_config.image_size": 32}),
+           _qwen_inputs(), QWEN_OWN, 4, knobs={"top_k": 1}),
     Family("chameleon", "ChameleonForConditionalGeneration", _chameleon_config,
            lambda cfg: {"input_ids": prompt(16), **_pix(1, 3, 32, 32)},
            {"vision": ["model.vqmodel.encode"], "llm": ("model.layers.0", "lm_head")}, 16, **BOTH),
