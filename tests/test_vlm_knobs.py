@@ -112,3 +112,39 @@ def test_blocks_run_found_through_get_decoder():
     with knobs.configured(model, blocks=1), profile_phases(model) as prof:
         model.generate(**inputs, **GEN)
     assert prof.report().requests["blocks_run"].to_list() == [1]
+
+
+def test_molmo2_inputs_from_its_config_alone():
+    """models.molmo2_inputs: image tokens where the model's own pooling puts image features, for
+    several crops and rows (generate() itself checks features against placeholders)."""
+    from molmo_latency.models import molmo2_inputs
+
+    model, _ = by_name("molmo2").build()
+    kw = molmo2_inputs(model, crops=2, prompt_tokens=4, batch_size=2)
+    # 4x4 patches per crop pooled 2x2: 4 tokens per crop, 2 crops per row
+    assert (kw["input_ids"] == model.config.image_token_id).sum(1).tolist() == [8, 8]
+    assert tuple(kw["pixel_values"].shape) == (4, 16, 8 * 8 * 3)
+    with profile_phases(model) as prof:
+        model.generate(**kw, **GEN)
+    req = prof.report().requests.row(0, named=True)
+    assert req["valid"], req["invalid_reason"]
+    assert req["image_tokens_per_row"] == [8, 8] and req["output_tokens"] == 3
+
+
+@pytest.mark.xfail(strict=True, reason="sweep/source.py LocalHFSource._config_inputs must hand a Molmo2 "
+                   "model to models.molmo2_inputs (sweep/ is another helper's; integrator: one line)")
+def test_profile_cli_on_a_saved_tiny_molmo2(tmp_path, capsys):
+    from molmo_latency.cli.main import main
+
+    model, _ = by_name("molmo2").build()
+    model.save_pretrained(tmp_path / "molmo2")
+    (tmp_path / "sweep.toml").write_text("crops = [1]\nprompt_tokens = [8]\nnew_tokens = [4]\n"
+                                         "repeats = 2\nwarmup = 1\nseed = 0\n")
+    rc = main(["profile", "--model", str(tmp_path / "molmo2"), "--sweep", str(tmp_path / "sweep.toml"),
+               "--out", str(tmp_path / "run")])
+    assert rc == 0
+    import polars as pl
+
+    req = pl.read_parquet(tmp_path / "run" / "requests.parquet")
+    assert req.height == 2 and req["valid"].all() and (req["image_tokens"] == 4).all()
+    assert req["projector_ms"].is_not_null().all()
