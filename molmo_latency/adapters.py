@@ -334,11 +334,17 @@ def _call(model: torch.nn.Module, name: str) -> Any:
         return None
 
 
-def _block_list_path(decoder_path: str, decoder: torch.nn.Module) -> str | None:
+def _block_list_path(decoder_path: str, decoder: torch.nn.Module, depth: int = 1) -> str | None:
+    """The path of a text model's block list: its own, or its text child's (T5Gemma2's encoder
+    holds ``text_model`` beside the vision tower)."""
     for name in BLOCK_LIST_NAMES:
         blocks = getattr(decoder, name, None)
         if isinstance(blocks, torch.nn.ModuleList) and len(blocks):
             return f"{decoder_path}.{name}" if decoder_path else name
+    for name in ("text_model", "language_model") if depth else ():
+        inner = getattr(decoder, name, None)
+        if isinstance(inner, torch.nn.Module):
+            return _block_list_path(f"{decoder_path}.{name}" if decoder_path else name, inner, 0)
     return None
 
 
@@ -424,6 +430,8 @@ def discover_phases(model: torch.nn.Module) -> PhaseMap | None:
             vision.append(path)
     # a vision module never holds the text decoder (that is the whole model, or its base model)
     vision = [p for p in _outermost(vision) if not _inside(decoder_path, p)]
+    if not vision and encoder_path is not None and getattr(encoder, "main_input_name", None) == "pixel_values":
+        vision = [encoder_path]  # an image encoder with a text decoder (VisionEncoderDecoderModel)
     if not vision:
         return None
     vision_parts = []
@@ -443,9 +451,21 @@ def discover_phases(model: torch.nn.Module) -> PhaseMap | None:
     if any(_inside(p, decoder_path) for p in (*vision, *projectors)) and blocks_path:
         llm_start = f"{blocks_path}.0"
     llm_end = head_path if head_path is not None else decoder_path
+    while head_path is not None and "." in llm_end:
+        # the LM head's outermost holder that is not the text model (T5Gemma2's lm_head.out_proj
+        # sits in lm_head, which soft-caps the logits after it): the LLM ends when it ends
+        parent = llm_end.rsplit(".", 1)[0]
+        if _inside(decoder_path, parent) or (encoder_path is not None and _inside(encoder_path, parent)):
+            break
+        llm_end = parent
     llm_parts = [(llm_start, llm_end)]
     if encoder_path is not None and not any(_inside(v, encoder_path) for v in vision):
         llm_parts.insert(0, (encoder_path, encoder_path))  # the encoder pass is prefill
+    elif encoder_path is not None and encoder_path not in vision:
+        # the encoder runs the vision module first, then its own blocks: those are prefill
+        enc_blocks = _block_list_path(encoder_path, encoder)
+        if enc_blocks and not any(_inside(v, enc_blocks) for v in vision):
+            llm_parts.insert(0, (f"{enc_blocks}.0", encoder_path))
     spans = {"vision": _group(model, vision_parts)}
     missing = []
     if projectors:
