@@ -182,6 +182,18 @@ def _chameleon_config() -> Any:
         channel_multiplier=[1, 1, 1, 2], num_res_blocks=1))
 
 
+def _vit_gpt2_config() -> Any:
+    from transformers import GPT2Config, ViTConfig, VisionEncoderDecoderConfig
+
+    vit = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                    image_size=32, patch_size=8)
+    gpt2 = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64, bos_token_id=BOS,
+                      eos_token_id=EOS, add_cross_attention=True, is_decoder=True)
+    cfg = VisionEncoderDecoderConfig.from_encoder_decoder_configs(vit, gpt2)
+    cfg.decoder_start_token_id, cfg.pad_token_id = BOS, PAD
+    return cfg
+
+
 def _florence2_config() -> Any:
     return tiny_config("florence2", image_token_id=IMAGE, **{
         "vision_config.depths": [1, 1], "vision_config.patch_size": [7, 3], "vision_config.patch_stride": [4, 2],
@@ -311,6 +323,15 @@ FAMILIES: list[Family] = [
            {"vision": ["model.encoder.vision_tower"], "projector": ["model.encoder.multi_modal_projector"],
             "encoder": ["model.encoder.text_model"], "llm": ("model.decoder", "lm_head")},
            4, encoder_decoder=True),
+    Family("got_ocr2", "GotOcr2ForConditionalGeneration",
+           lambda: tiny_config("got_ocr2", image_token_index=IMAGE, **{
+               "vision_config.image_size": 64, "vision_config.patch_size": 8, "vision_config.window_size": 4,
+               "vision_config.global_attn_indexes": [1], "vision_config.output_channels": 8,
+               "vision_config.mlp_dim": 64}),
+           lambda cfg: {"input_ids": prompt(4), **_pix(1, 3, 64, 64)}, LLAVA_OWN, 4),
+    Family("vision-encoder-decoder", "VisionEncoderDecoderModel", _vit_gpt2_config,
+           lambda cfg: {**_pix(1, 3, 32, 32)},
+           {"vision": ["encoder"], "llm": ("decoder", "decoder.lm_head")}, None),
     Family("chameleon", "ChameleonForConditionalGeneration", _chameleon_config,
            lambda cfg: {"input_ids": prompt(16), **_pix(1, 3, 32, 32)},
            {"vision": ["model.vqmodel.encode"], "llm": ("model.layers.0", "lm_head")}, 16, **BOTH),
