@@ -37,7 +37,9 @@ def _params() -> list:
     out = []
     for fam in FAMILIES:
         marks = [pytest.mark.slow] if fam.slow else []
-        if line not in fam.lines:
+        if fam.skip:
+            marks.append(pytest.mark.skip(reason=fam.skip))
+        elif line not in fam.lines:
             marks.append(pytest.mark.skip(reason=f"{fam.cls} is tested on transformers {'/'.join(fam.lines)}.x"))
         out.append(pytest.param(fam, id=fam.name, marks=marks))
     return out

@@ -79,6 +79,7 @@ class Family:
     lines: tuple[str, ...] = ("5",)  # transformers major lines the family exists on
     knobs: dict[str, Any] = field(default_factory=dict)  # knob -> a value to try
     own4: dict[str, Any] | None = None  # the own reading on transformers 4.5x, where it differs
+    skip: str | None = None  # why this family cannot run here (its own generate() fails)
 
     def own_on(self, line: str) -> dict[str, Any]:
         return self.own4 if line == "4" and self.own4 is not None else self.own
@@ -332,6 +333,29 @@ FAMILIES: list[Family] = [
     Family("vision-encoder-decoder", "VisionEncoderDecoderModel", _vit_gpt2_config,
            lambda cfg: {**_pix(1, 3, 32, 32)},
            {"vision": ["encoder"], "llm": ("decoder", "decoder.lm_head")}, None),
+    Family("mllama", "MllamaForConditionalGeneration",
+           lambda: tiny_config("mllama", image_token_index=IMAGE, **{
+               "vision_config.image_size": 32, "vision_config.patch_size": 8, "vision_config.num_global_layers": 1,
+               "vision_config.attention_heads": 4, "vision_config.intermediate_layers_indices": [0],
+               "vision_config.vision_output_dim": 64, "vision_config.max_num_tiles": 1,
+               "vision_config.supported_aspect_ratios": [[1, 1]], "text_config.cross_attention_layers": [1]}),
+           lambda cfg: {"input_ids": prompt(1), "pixel_values": torch.randn(1, 1, 1, 3, 32, 32),
+                        "aspect_ratio_ids": torch.tensor([[1]]), "aspect_ratio_mask": torch.ones(1, 1, 1, dtype=torch.long),
+                        "cross_attention_mask": torch.ones(1, 9, 1, 1, dtype=torch.long)},
+           {"vision": ["model.vision_model"], "projector": ["model.multi_modal_projector"],
+            "llm": ("model.language_model", "lm_head")}, 1),
+    Family("llama4", "Llama4ForConditionalGeneration",
+           lambda: tiny_config("llama4", image_token_index=IMAGE, boi_token_index=IMAGE + 1,
+                               eoi_token_index=IMAGE + 2, **{
+               **_VISION_32, "vision_config.vision_output_dim": 32, "vision_config.projector_input_dim": 32,
+               "vision_config.intermediate_size": 128,
+               "vision_config.projector_output_dim": 32, "text_config.intermediate_size_mlp": 64,
+               "text_config.attention_chunk_size": 64}),
+           lambda cfg: {"input_ids": prompt(4, start=[IMAGE + 1], end=[IMAGE + 2]), **_pix(1, 3, 32, 32)},
+           {"vision": ["vision_model"], "projector": ["multi_modal_projector"],
+            "llm": ("language_model", "language_model.lm_head")}, 4, knobs={"top_k": 1},
+           skip="its own generate() fails on transformers 5.24 without the profiler (Llama4ForConditionalGeneration."
+                "forward reads image_outputs from the text model's MoeCausalLMOutputWithPast)"),
     Family("chameleon", "ChameleonForConditionalGeneration", _chameleon_config,
            lambda cfg: {"input_ids": prompt(16), **_pix(1, 3, 32, 32)},
            {"vision": ["model.vqmodel.encode"], "llm": ("model.layers.0", "lm_head")}, 16, **BOTH),
