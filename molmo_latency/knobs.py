@@ -309,6 +309,7 @@ def _plan_blocks(model: torch.nn.Module, blocks: Any) -> tuple[_Plan, tuple[int,
     full = _full_blocks(owner, attr)
     indices = _check_blocks(blocks, len(full))
     originals = _originals(model, owner, full)
+    _check_layer_types(model, originals, indices, len(full))
     everything = indices == tuple(range(len(full)))
     plan = _Plan()
     plan.set(owner, attr, torch.nn.ModuleList(full) if everything else
@@ -340,6 +341,25 @@ def _plan_blocks(model: torch.nn.Module, blocks: Any) -> tuple[_Plan, tuple[int,
         plan.set(owner, _ORIGINAL_ATTR, originals)
         plan.set(owner, _INDICES_ATTR, indices)
     return plan, indices
+
+
+def _is_softmax_attention(layer_type: Any) -> bool:
+    return isinstance(layer_type, str) and "attention" in layer_type and "linear" not in layer_type
+
+
+def _check_layer_types(model: torch.nn.Module, originals: dict, indices: tuple[int, ...], total: int) -> None:
+    """A hybrid model (linear-attention and attention blocks: Qwen3.5) needs an attention block
+    among those kept: its cache reads the sequence length from one, and generate() fails without."""
+    for _cfg, values in originals["configs"]:
+        types = values.get("layer_types")
+        if not (isinstance(types, list) and len(types) == total and any(map(_is_softmax_attention, types))):
+            continue
+        if not any(_is_softmax_attention(types[i]) for i in indices):
+            attention = [i for i, t in enumerate(types) if _is_softmax_attention(t)]
+            raise MolmoLatencyError(
+                f"blocks={list(indices)!r}: {type(model).__name__} mixes linear-attention and attention blocks "
+                f"and needs at least one attention block kept (its cache reads the sequence length from one); "
+                f"add one of {attention}")
 
 
 def _drop_bookkeeping(model: torch.nn.Module) -> None:

@@ -93,6 +93,7 @@ def test_qwen3_vl_moe_top_k_and_blocks_as_the_routers_and_layers_see_them():
     ("qwen3_vl_moe", "top_k", 5, r"^top_k=5 is out of range \(this model has 4 experts"),
     ("florence2", "blocks", 1, r"^blocks: Florence2ForConditionalGeneration has an encoder-decoder text model"),
     ("molmo2", "blocks", [1, 0], r"^blocks=\[1, 0\]: block indices must be sorted"),
+    ("qwen3_5_moe", "blocks", [0], r"^blocks=\[0\]: Qwen3_5MoeForConditionalGeneration mixes linear-attention"),
 ])
 def test_knob_refused_in_one_line_and_model_untouched(name, knob, value, message):
     model, _ = by_name(name).build()
@@ -148,3 +149,22 @@ def test_profile_cli_on_a_saved_tiny_molmo2(tmp_path, capsys):
     req = pl.read_parquet(tmp_path / "run" / "requests.parquet")
     assert req.height == 2 and req["valid"].all() and (req["image_tokens"] == 4).all()
     assert req["projector_ms"].is_not_null().all()
+
+
+def test_qwen3_5_moe_hybrid_blocks_keep_an_attention_block_and_top_k():
+    """Qwen3.5-MoE mixes linear-attention and attention blocks: keeping the attention block
+    works (the routers pick top-1), keeping only linear attention is refused (above)."""
+    model, inputs = by_name("qwen3_5_moe").build()
+    picked: list[int] = []
+    routers = [m for m in model.modules() if type(m).__name__.endswith("TopKRouter")]
+    handles = [r.register_forward_hook(lambda m, a, out: picked.append(out[-1].shape[-1])) for r in routers]
+    try:
+        with knobs.configured(model, top_k=1, blocks=[1]), profile_phases(model) as prof:
+            model.generate(**inputs, **GEN)
+    finally:
+        for h in handles:
+            h.remove()
+    req = prof.report().requests.row(0, named=True)
+    assert req["valid"], req["invalid_reason"]
+    assert req["blocks_run"] == 1 and set(picked) == {1} and len(picked) == 1 + req["decode_steps"]
+    assert knobs.get_block_indices(model) == (0, 1) and knobs.get_top_k(model) == 2
