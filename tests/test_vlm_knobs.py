@@ -168,3 +168,33 @@ def test_qwen3_5_moe_hybrid_blocks_keep_an_attention_block_and_top_k():
     assert req["valid"], req["invalid_reason"]
     assert req["blocks_run"] == 1 and set(picked) == {1} and len(picked) == 1 + req["decode_steps"]
     assert knobs.get_block_indices(model) == (0, 1) and knobs.get_top_k(model) == 2
+
+
+def _knob_families() -> list:
+    from tests.vlm_families import FAMILIES
+
+    return [pytest.param(f, id=f.name) for f in FAMILIES if f.knobs and not f.skip]
+
+
+@pytest.mark.parametrize("fam", _knob_families())
+def test_family_knobs_run_and_restore(fam: Family):
+    """Each family's knobs (tests/vlm_families.py: MoE top-k, block subsets) give a valid request
+    whose blocks_run is what the test's own hooks on the blocks saw, and leave the model as it was."""
+    model, inputs = fam.build()
+    layers = list(knobs._block_list(model)[0].layers)
+    with torch.no_grad():
+        model.generate(**inputs, **GEN)  # transformers adds its own output-capture hooks on a first run
+    before = model_state(model)
+    ran: set[int] = set()
+    handles = [layer.register_forward_hook(lambda m, a, o, i=i: ran.add(i)) for i, layer in enumerate(layers)]
+    try:
+        with knobs.configured(model, **fam.knobs), profile_phases(model) as prof:
+            model.generate(**inputs, **GEN)
+    finally:
+        for h in handles:
+            h.remove()
+    req = prof.report().requests.row(0, named=True)
+    assert req["valid"], req["invalid_reason"]
+    expected = set(fam.knobs.get("blocks", range(len(layers))))
+    assert ran == expected and req["blocks_run"] == len(expected)
+    assert model_state(model) == before and list(knobs._block_list(model)[0].layers) == layers

@@ -313,7 +313,7 @@ FAMILIES: list[Family] = [
             "llm": ("model.language_model", "lm_head")}, 4),
     Family("glm4v_moe", "Glm4vMoeForConditionalGeneration",
            _qwen_config("glm4v_moe", mrope=(0, 1, 1), **{"vision_config.image_size": 32}),
-           _qwen_inputs(), QWEN_OWN, 4, knobs={"top_k": 1}),
+           _qwen_inputs(), QWEN_OWN, 4, knobs={"top_k": 1, "blocks": [1]}),
     Family("t5gemma2", "T5Gemma2ForConditionalGeneration",
            lambda: tiny_config("t5gemma2", **{
                "encoder.mm_tokens_per_image": 4, "encoder.image_token_index": IMAGE, "image_token_index": IMAGE,
@@ -365,7 +365,7 @@ FAMILIES: list[Family] = [
            _qwen_config("qwen3_5_moe", **{"vision_config.deepstack_visual_indexes": [],
                                           "text_config.layer_types": ["linear_attention", "full_attention"],
                                           "vision_config.num_position_embeddings": 16}),
-           _qwen_inputs(), QWEN_OWN, 4, knobs={"top_k": 1}),
+           _qwen_inputs(), QWEN_OWN, 4, knobs={"top_k": 1, "blocks": [1]}),
     Family("chameleon", "ChameleonForConditionalGeneration", _chameleon_config,
            lambda cfg: {"input_ids": prompt(16), **_pix(1, 3, 32, 32)},
            {"vision": ["model.vqmodel.encode"], "llm": ("model.layers.0", "lm_head")}, 16, **BOTH),
