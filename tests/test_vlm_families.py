@@ -197,3 +197,40 @@ def test_family_phases_agree_with_own_hooks(fam: Family):
 
 def req_projector_inside(report) -> Any:
     return report.requests["projector_inside_vision"][0]
+
+
+def test_explicit_mapping_with_a_method_and_two_parts():
+    """A mapping names a method (an image tokenizer's encode) and several parts per phase; each
+    part's run is one instance; the method is put back afterwards."""
+    from tests.vlm_families import by_name
+
+    fam = by_name("chameleon")
+    model, inputs = fam.build()
+    kw = dict(max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=PAD, eos_token_id=EOS)
+    model.generate(**inputs, **kw)
+    before = model_state(model)
+    mapping = {"vision": ["model.vqmodel.encode", "model.vqmodel.quant_conv"],
+               "llm": ("model.layers.0", "lm_head")}
+    with profile_phases(model, phases=mapping) as prof:
+        model.generate(**inputs, **kw)
+    assert "encode" not in vars(model.model.vqmodel) and model_state(model) == before
+    phases = prof.report().phases.sort("start_ns")
+    # encode() runs quant_conv inside it: the second part nests in the first, and the request
+    # says so rather than summing both
+    assert phases.filter(phases["phase"] == "vision").height == 2
+    req = prof.report().requests.row(0, named=True)
+    assert not req["valid"] and "nested phases" in req["invalid_reason"]
+
+
+def test_a_model_that_fits_nothing_gets_the_mapping_it_needs():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from molmo_latency.errors import AdapterError
+
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, vocab_size=64))
+    with pytest.raises(AdapterError) as info:
+        profile_phases(model)
+    message = str(info.value)
+    assert "found the text decoder at 'model' but no vision module" in message
+    assert "phases={'vision': 'path.to.vit'" in message and "\n" not in message
