@@ -234,3 +234,22 @@ def test_a_model_that_fits_nothing_gets_the_mapping_it_needs():
     message = str(info.value)
     assert "found the text decoder at 'model' but no vision module" in message
     assert "phases={'vision': 'path.to.vit'" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("where, expected", [
+    ({"image_token_id": 7}, 7),
+    ({"image_token_index": 8}, 8),
+    ({"image_patch_id": 9}, 9),                                    # Molmo2 (aliased to image_token_id)
+    ({"vision_config": {"image_token_id": 10}}, 10),               # an id kept in the vision config
+    ({"text_config": {"image_token_index": 11}}, 11),
+    ({"vocabulary_map": {"<image>": 12, "a": 3}}, 12),             # Chameleon
+    ({"image_token_id": None, "vision_config": {"image_token_id": 13}}, 13),
+    ({}, None),
+])
+def test_image_token_id_wherever_the_config_keeps_it(where, expected):
+    from types import SimpleNamespace
+
+    from molmo_latency.adapters import image_token_id
+
+    cfg = SimpleNamespace(**{k: SimpleNamespace(**v) if k.endswith("_config") else v for k, v in where.items()})
+    assert image_token_id(cfg) == expected
