@@ -105,8 +105,10 @@ def inspect_command(
     if json_out:
         print_json(found)
         return
-    console.print(f"{found['class']} ({found['model']}): layout {found['layout']}, "
-                  f"image token id {found['image_token_id']}")
+    tokens = ("image tokens counted from image_input_idx" if found["layout"] == "molmo"
+              else f"image token id {found['image_token_id']}" if found["image_token_id"] is not None
+              else "no image token id in the config (image tokens counted from a position mask, if given)")
+    console.print(f"{found['class']} ({found['model']}): layout {found['layout']}, {tokens}")
     print_frame(pl.DataFrame(found["phases"]), "phases")
     missing = [r for r in found["phases"] if not r["found"]]
     if missing:
