@@ -9,8 +9,8 @@ import pytest
 
 from molmo_latency.cli.main import main
 
-pytestmark = pytest.mark.skipif(__import__("transformers").__version__.split(".")[0] != "5",
-                                reason="the class names below are transformers 5.x classes")
+FIVE = pytest.mark.skipif(__import__("transformers").__version__.split(".")[0] != "5",
+                          reason="the class names below are transformers 5.x classes")
 
 
 def _inspect(capsys, *args: str) -> dict:
@@ -18,6 +18,7 @@ def _inspect(capsys, *args: str) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
+@FIVE
 def test_inspect_preset(capsys):
     found = _inspect(capsys, "tiny")
     phases = {r["phase"]: r for r in found["phases"]}
@@ -33,6 +34,7 @@ def test_inspect_preset(capsys):
     assert knobs["blocks"]["now"] == str(p.text_layers)
 
 
+@FIVE
 def test_inspect_class_name_says_projector_inside_vision_and_knobs_refused(capsys):
     found = _inspect(capsys, "Qwen2VLForConditionalGeneration")
     phases = {r["phase"]: r for r in found["phases"]}
@@ -44,6 +46,7 @@ def test_inspect_class_name_says_projector_inside_vision_and_knobs_refused(capsy
     assert knobs["blocks"]["applies"] is True
 
 
+@FIVE
 def test_inspect_two_towers_and_encoder_decoder(capsys):
     hybrid = {r["phase"]: r for r in _inspect(capsys, "DeepseekVLHybridForConditionalGeneration")["phases"]}
     assert hybrid["vision"]["modules"] == "model.high_res_vision_model, model.vision_model"
@@ -52,6 +55,7 @@ def test_inspect_two_towers_and_encoder_decoder(capsys):
     assert florence["llm"]["modules"] == "model.language_model.encoder, model.language_model.decoder..lm_head"
 
 
+@FIVE
 def test_inspect_model_directory_of_a_saved_tiny_molmo2(tmp_path, capsys):
     from tests.vlm_families import by_name
 
@@ -65,6 +69,7 @@ def test_inspect_model_directory_of_a_saved_tiny_molmo2(tmp_path, capsys):
     assert "model.multi_modal_projector" in out and "blocks" in out
 
 
+@FIVE
 @pytest.mark.parametrize("name, message", [
     ("no-such-model", "not a reference preset"),
     ("ChameleonForConditionalGeneration", "its default config does not build a model"),
@@ -78,9 +83,28 @@ def test_inspect_bad_input_exits_2_in_one_line(name, message, capsys):
 def test_inspect_is_listed_with_its_own_help():
     import typer
 
-    from molmo_latency.cli import inspect_cmd  # noqa: F401 - registers the command
+    import importlib
+
     from molmo_latency.cli.app import app
     from molmo_latency.cli.main import COMMANDS
 
+    for module, _ in COMMANDS.values():  # every command registered: the app is a group
+        importlib.import_module(module)
+
     own = typer.main.get_command(app).commands["inspect"].help
     assert COMMANDS["inspect"][1] == " ".join(own.split("\n\n")[0].split())
+
+
+def test_inspect_a_molmoe_checkpoint_with_its_own_code(tmp_path, capsys):
+    """MolmoE's remote code (transformers 4.5x): the molmo layout, its knobs, no weights read."""
+    from tests.molmoe_fixtures import TINY_BLOCKS, TINY_EXPERTS, TINY_TOP_K, tiny_molmoe, write_checkpoint
+
+    directory = write_checkpoint(tiny_molmoe(), tmp_path / "molmoe")
+    found = _inspect(capsys, str(directory), "--trust-remote-code")
+    assert found["layout"] == "molmo"
+    phases = {r["phase"]: r["modules"] for r in found["phases"]}
+    assert phases["vision"] == "model.vision_backbone.image_vit"
+    assert phases["projector"] == "model.vision_backbone.image_pooling_2d..model.vision_backbone.image_projector"
+    knobs = {r["knob"]: r for r in found["knobs"]}
+    assert knobs["top_k"]["range"] == f"1..{TINY_EXPERTS}" and knobs["top_k"]["now"] == str(TINY_TOP_K)
+    assert knobs["blocks"]["now"] == str(TINY_BLOCKS)
