@@ -658,13 +658,20 @@ def _model_facts(req: RequestRecord, model: torch.nn.Module, phase_map: PhaseMap
     req.projector_inside_vision = phase_map.projector_inside_vision
     req.blocks_run = blocks_run(model)
     if phase_map.encoder_decoder or getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-        req.decoder_start_tokens = 1
+        req.returned_prefix_tokens = 1
+    elif type(model).__name__ in _PROMPT_TRIMMED and req.input_tokens is not None:
+        req.returned_prefix_tokens = req.input_tokens - _PROMPT_TRIMMED[type(model).__name__]
+
+
+# models whose generate() feeds (and returns) the prompt less its last tokens: how many it drops
+_PROMPT_TRIMMED = {"BlipForConditionalGeneration": 1}
 
 
 def _returned_prefix(req: RequestRecord) -> int | None:
     """Tokens at the start of each sequence generate() returns that are not output tokens: the
-    prompt for a decoder-only model, the decoder start token for an encoder-decoder model."""
-    return req.decoder_start_tokens if req.decoder_start_tokens is not None else req.input_tokens
+    prompt for a decoder-only model, the decoder start token for an encoder-decoder model, the
+    prompt less its trimmed end where generate() trims it (BLIP)."""
+    return req.returned_prefix_tokens if req.returned_prefix_tokens is not None else req.input_tokens
 
 
 def _tprof_recording(tprof: Any) -> bool:

@@ -80,7 +80,9 @@ class RequestRecord:
     wall_end_ns: int = 0
     projector_inside_vision: bool | None = None  # from the phase map (issue 22)
     blocks_run: int | None = None  # text-model blocks configured when the request began
-    decoder_start_tokens: int | None = None  # encoder-decoder: returned sequences start with these
+    # tokens at the start of each returned sequence that are not output tokens, where that is not
+    # the prompt (encoder-decoder: the decoder start token; BLIP: the prompt less its last token)
+    returned_prefix_tokens: int | None = None
 
 
 @dataclass

@@ -141,8 +141,9 @@ def _same_calls(phase: str, own: list[list[int]], rows: list[dict], after: list[
 
 def profile_family(fam: Family):
     model, inputs = fam.build()
-    kw = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
-              pad_token_id=PAD, eos_token_id=EOS)
+    kw = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+    if not fam.sets_token_ids:
+        kw.update(pad_token_id=PAD, eos_token_id=EOS)
     with torch.no_grad():
         expected = model.generate(**inputs, **kw)  # also the warm-up
     before = model_state(model)

@@ -80,6 +80,7 @@ class Family:
     knobs: dict[str, Any] = field(default_factory=dict)  # knob -> a value to try
     own4: dict[str, Any] | None = None  # the own reading on transformers 4.5x, where it differs
     skip: str | None = None  # why this family cannot run here (its own generate() fails)
+    sets_token_ids: bool = False  # its generate() passes pad/eos ids itself (BLIP): the test does not
 
     def own_on(self, line: str) -> dict[str, Any]:
         return self.own4 if line == "4" and self.own4 is not None else self.own
@@ -366,6 +367,12 @@ FAMILIES: list[Family] = [
                                           "text_config.layer_types": ["linear_attention", "full_attention"],
                                           "vision_config.num_position_embeddings": 16}),
            _qwen_inputs(), QWEN_OWN, 4, knobs={"top_k": 1, "blocks": [1]}),
+    Family("blip", "BlipForConditionalGeneration",
+           lambda: tiny_config("blip", **{**_VISION_32, "text_config.encoder_hidden_size": 32,
+                                          "text_config.bos_token_id": BOS, "text_config.sep_token_id": EOS,
+                                          "text_config.pad_token_id": PAD}),
+           lambda cfg: {"input_ids": torch.tensor([[BOS, 10, 11, 12, EOS]]), **_pix(1, 3, 32, 32)},
+           {"vision": ["vision_model"], "llm": ("text_decoder", "text_decoder")}, None, sets_token_ids=True, **BOTH),
     Family("chameleon", "ChameleonForConditionalGeneration", _chameleon_config,
            lambda cfg: {"input_ids": prompt(16), **_pix(1, 3, 32, 32)},
            {"vision": ["model.vqmodel.encode"], "llm": ("model.layers.0", "lm_head")}, 16, **BOTH),
