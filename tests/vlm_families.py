@@ -383,6 +383,11 @@ FAMILIES: list[Family] = [
            lambda cfg: {**_qwen_inputs(temporal=1)(cfg), "image_merge_sizes": torch.tensor([2])},
            {"vision": ["model.vision_model"], "projector": ["model.projector"],
             "llm": ("model.language_model", "lm_head")}, 4),
+    Family("llava_next", "LlavaNextForConditionalGeneration",
+           lambda: tiny_config("llava_next", image_token_index=IMAGE, image_grid_pinpoints=[[32, 32]], **_VISION_32),
+           # the base image (16) and one 4x4 tile with a newline after each row (20)
+           lambda cfg: {"input_ids": prompt(36), **_pix(1, 2, 3, 32, 32), "image_sizes": torch.tensor([[32, 32]])},
+           LLAVA_OWN, 36, own4=LLAVA_OWN4, **BOTH),
     Family("chameleon", "ChameleonForConditionalGeneration", _chameleon_config,
            lambda cfg: {"input_ids": prompt(16), **_pix(1, 3, 32, 32)},
            {"vision": ["model.vqmodel.encode"], "llm": ("model.layers.0", "lm_head")}, 16, **BOTH),
