@@ -48,6 +48,8 @@ _FULL_BLOCKS_ATTR = "_molmo_latency_all_blocks"      # the full block list, whil
 _ORIGINAL_ATTR = "_molmo_latency_block_originals"    # values changed by the cut, to put back
 _INDICES_ATTR = "_molmo_latency_block_indices"       # the active indices, while cut
 _LAYER_COUNT_ATTRS = ("num_hidden_layers", "n_layers")
+# config lists of block indices that a cut renumbers (Molmo2: the layers that run scaled RoPE)
+_LAYER_INDEX_LISTS = ("rope_scaling_layers",)
 
 
 # ------------------------------------------------------------------------- transactions
@@ -162,15 +164,31 @@ def set_top_k(model: torch.nn.Module, k: int) -> int:
 
 
 # --------------------------------------------------------------------------- active blocks
+def _is_hf_decoder(module: Any) -> bool:
+    layers = getattr(module, "layers", None)
+    cfg = getattr(module, "config", None)
+    return isinstance(layers, torch.nn.ModuleList) and hasattr(cfg, "num_hidden_layers")
+
+
 def _hf_decoder(model: torch.nn.Module):
-    """The HF text decoder: a module with `.layers` and `.config.num_hidden_layers`."""
+    """The HF text decoder: a module with `.layers` and `.config.num_hidden_layers`, found through
+    ``get_decoder()`` (followed while it leads further: BLIP-2's language model is a whole
+    ...ForCausalLM), else at the known paths."""
+    module: Any = model
+    for _ in range(4):
+        getter = getattr(module, "get_decoder", None)
+        try:
+            inner = getter() if callable(getter) else None
+        except Exception:  # e.g. NotImplementedError from a base class
+            inner = None
+        if not isinstance(inner, torch.nn.Module) or inner is module:
+            break
+        module = inner
+        if _is_hf_decoder(module):
+            return module
     for path in TEXT_DECODER_PATHS:
         module = _get(model, path)
-        if module is None:
-            continue
-        layers = getattr(module, "layers", None)
-        cfg = getattr(module, "config", None)
-        if isinstance(layers, torch.nn.ModuleList) and hasattr(cfg, "num_hidden_layers"):
+        if module is not None and _is_hf_decoder(module):
             return module
     return None
 
@@ -188,6 +206,10 @@ def _block_list(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
     transformer = _molmo_transformer(model)
     if transformer is not None:
         return transformer, "blocks"
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise MolmoLatencyError(
+            f"blocks: {type(model).__name__} has an encoder-decoder text model; the blocks knob cuts "
+            "decoder-only text models only (profile it without blocks=)")
     decoder = _hf_decoder(model)
     if decoder is not None:
         return decoder, "layers"
@@ -219,6 +241,15 @@ def get_block_indices(model: torch.nn.Module) -> tuple[int, ...]:
 def get_active_blocks(model: torch.nn.Module) -> int:
     """How many transformer blocks the text model runs now."""
     return len(get_block_indices(model))
+
+
+def blocks_run(model: torch.nn.Module) -> int | None:
+    """How many transformer blocks the text model runs now, or None where its blocks cannot be
+    found (no error: a request row says null)."""
+    try:
+        return get_active_blocks(model)
+    except MolmoLatencyError:
+        return None
 
 
 def resolve_blocks(model: torch.nn.Module, blocks: Blocks) -> tuple[int, ...]:
@@ -259,10 +290,17 @@ def _originals(model: torch.nn.Module, owner: torch.nn.Module, full: list[torch.
         return stored
     configs = [c for c in _unique([getattr(owner, "config", None), *_configs(model)]) if c is not None]
     return {
-        "configs": [(cfg, {name: getattr(cfg, name) for name in (*_LAYER_COUNT_ATTRS, "layer_types")
+        "configs": [(cfg, {name: getattr(cfg, name)
+                           for name in (*_LAYER_COUNT_ATTRS, "layer_types", *_LAYER_INDEX_LISTS)
                            if _settable(cfg, name) and getattr(cfg, name, None) is not None})
                     for cfg in configs],
         "layer_idx": [[(m, m.layer_idx) for m in _layer_idx_modules(block)] for block in full],
+        # per-block lists the decoder indexes by a block's place in its list (Molmo2's rope_types:
+        # which RoPE each layer runs): cut with the blocks, or a kept block would run another's
+        "per_block": {name: value for name, value in vars(owner).items()
+                      if not name.startswith("_") and isinstance(value, (list, tuple))
+                      and len(value) == len(full) and value
+                      and all(isinstance(v, (str, int, float, bool)) for v in value)},
     }
 
 
@@ -271,6 +309,7 @@ def _plan_blocks(model: torch.nn.Module, blocks: Any) -> tuple[_Plan, tuple[int,
     full = _full_blocks(owner, attr)
     indices = _check_blocks(blocks, len(full))
     originals = _originals(model, owner, full)
+    _check_layer_types(model, originals, indices, len(full))
     everything = indices == tuple(range(len(full)))
     plan = _Plan()
     plan.set(owner, attr, torch.nn.ModuleList(full) if everything else
@@ -280,12 +319,17 @@ def _plan_blocks(model: torch.nn.Module, blocks: Any) -> tuple[_Plan, tuple[int,
         for module, original in modules:
             # a kept block is numbered by its place in the cut list (its KV-cache slot)
             plan.set(module, "layer_idx", original if everything else position.get(block_index, original))
+    for name, original in originals.get("per_block", {}).items():
+        plan.set(owner, name, original if everything else type(original)(original[i] for i in indices))
     for cfg, values in originals["configs"]:
         for name, original in values.items():
             if everything:
                 plan.set(cfg, name, original)
             elif name == "layer_types" and isinstance(original, list) and len(original) == len(full):
                 plan.set(cfg, name, [original[i] for i in indices])
+            elif name in _LAYER_INDEX_LISTS and isinstance(original, list):
+                # block indices -> their places in the cut list (blocks not kept drop out)
+                plan.set(cfg, name, [position[i] for i in original if i in position])
             elif name in _LAYER_COUNT_ATTRS and isinstance(original, int):
                 plan.set(cfg, name, len(indices))
     if everything:
@@ -297,6 +341,25 @@ def _plan_blocks(model: torch.nn.Module, blocks: Any) -> tuple[_Plan, tuple[int,
         plan.set(owner, _ORIGINAL_ATTR, originals)
         plan.set(owner, _INDICES_ATTR, indices)
     return plan, indices
+
+
+def _is_softmax_attention(layer_type: Any) -> bool:
+    return isinstance(layer_type, str) and "attention" in layer_type and "linear" not in layer_type
+
+
+def _check_layer_types(model: torch.nn.Module, originals: dict, indices: tuple[int, ...], total: int) -> None:
+    """A hybrid model (linear-attention and attention blocks: Qwen3.5) needs an attention block
+    among those kept: its cache reads the sequence length from one, and generate() fails without."""
+    for _cfg, values in originals["configs"]:
+        types = values.get("layer_types")
+        if not (isinstance(types, list) and len(types) == total and any(map(_is_softmax_attention, types))):
+            continue
+        if not any(_is_softmax_attention(types[i]) for i in indices):
+            attention = [i for i, t in enumerate(types) if _is_softmax_attention(t)]
+            raise MolmoLatencyError(
+                f"blocks={list(indices)!r}: {type(model).__name__} mixes linear-attention and attention blocks "
+                f"and needs at least one attention block kept (its cache reads the sequence length from one); "
+                f"add one of {attention}")
 
 
 def _drop_bookkeeping(model: torch.nn.Module) -> None:
@@ -385,3 +448,32 @@ def _no_blocks_message(model: torch.nn.Module) -> str:
         "transformer with .blocks at model.transformer / transformer, and an HF decoder with "
         f".layers and config.num_hidden_layers at {' / '.join(p or '(the model)' for p in TEXT_DECODER_PATHS)})"
     )
+
+
+# ---------------------------------------------------------------------------- what applies
+def knob_ranges(model: torch.nn.Module) -> list[dict[str, Any]]:
+    """Which knobs apply to `model`, their valid range and current value, or why not (the
+    one-line refusal the knob itself gives). Reads the model only (works on a meta-device model).
+
+    Example:
+        >>> from molmo_latency.models import reference_vlm
+        >>> [(k["knob"], k["applies"], k["range"], k["now"]) for k in knob_ranges(reference_vlm("tiny").model)]
+        [('top_k', True, '1..8', '2'), ('blocks', True, 'a count in 1..4, or sorted block indices in 0..3', '4')]
+    """
+    rows: list[dict[str, Any]] = []
+    try:
+        k = get_top_k(model)
+        limit = max_top_k(model)
+        rows.append({"knob": "top_k", "applies": True,
+                     "range": f"1..{limit}" if limit is not None else "a positive integer",
+                     "now": str(k), "why_not": None})
+    except MolmoLatencyError as exc:
+        rows.append({"knob": "top_k", "applies": False, "range": None, "now": None, "why_not": str(exc)})
+    try:
+        total = total_blocks(model)
+        rows.append({"knob": "blocks", "applies": True,
+                     "range": f"a count in 1..{total}, or sorted block indices in 0..{total - 1}",
+                     "now": str(get_active_blocks(model)), "why_not": None})
+    except MolmoLatencyError as exc:
+        rows.append({"knob": "blocks", "applies": False, "range": None, "now": None, "why_not": str(exc)})
+    return rows

@@ -245,3 +245,53 @@ def _preset(name: str) -> Preset:
         raise MolmoLatencyError(
             f"unknown reference preset {name!r}; choose one of {', '.join(PRESETS)}"
         ) from None
+
+
+# ------------------------------------------------------------- inputs for a loaded HF VLM
+def molmo2_inputs(model: torch.nn.Module, *, crops: int = 1, prompt_tokens: int = 16, batch_size: int = 1,
+                  seed: int = 0) -> dict[str, Any]:
+    """generate() inputs for a transformers Molmo2 model built from its config alone (no processor
+    files): each row one image of `crops` crops, each crop's patches pooled 2x2 into image tokens
+    (as Molmo2's processor pools them), between the image start and end ids, then random text.
+
+    Example (transformers 5.x, where Molmo2 is native; tests/test_vlm_knobs.py runs it)::
+
+        model = Molmo2ForConditionalGeneration(config)   # 4x4 patches of 8x8 pixels per crop
+        kw = molmo2_inputs(model, crops=2, prompt_tokens=4)
+        # 8 image tokens per row (2 crops x 2x2 pooled), pixel_values of shape (2, 16, 192)
+        model.generate(**kw, max_new_tokens=4)
+    """
+    cfg = model.config
+    _check_int("crops", crops, 1)
+    _check_int("prompt_tokens", prompt_tokens, 0)
+    _check_int("batch_size", batch_size, 1)
+    vision = cfg.vision_config
+    size = vision.image_size if isinstance(vision.image_size, (list, tuple)) else [vision.image_size] * 2
+    rows, cols = size[0] // vision.patch_size, size[1] // vision.patch_size
+    pool = 2 if rows % 2 == 0 and cols % 2 == 0 else 1
+    out_rows, out_cols = rows // pool, cols // pool
+    patches = rows * cols
+    pooling = []
+    for crop in range(batch_size * crops):
+        for r in range(out_rows):
+            for c in range(out_cols):
+                pooling.append([crop * patches + (r * pool + i) * cols + c * pool + j
+                                for i in range(pool) for j in range(pool)])
+    per_image = crops * out_rows * out_cols
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + crops * 1009 + prompt_tokens)
+    text_cfg = cfg.get_text_config()
+    special = [cfg.image_token_id, cfg.image_start_token_id, cfg.image_end_token_id]
+    high = max(_FIRST_TEXT_ID + 1, min([text_cfg.vocab_size, *[s for s in special if s > _FIRST_TEXT_ID]]))
+    text = torch.randint(_FIRST_TEXT_ID, high, (batch_size, prompt_tokens), generator=gen)
+    bos = getattr(text_cfg, "bos_token_id", None)
+    bos = bos if isinstance(bos, int) else BOS_ID
+    ids = torch.cat([torch.full((batch_size, 1), bos), torch.full((batch_size, 1), cfg.image_start_token_id),
+                     torch.full((batch_size, per_image), cfg.image_token_id),
+                     torch.full((batch_size, 1), cfg.image_end_token_id), text], dim=1)
+    param = next(model.parameters())
+    pixels = torch.randn(batch_size * crops, patches, vision.patch_size ** 2 * vision.num_channels, generator=gen)
+    return {"input_ids": ids.to(param.device), "attention_mask": torch.ones_like(ids, device=param.device),
+            "pixel_values": pixels.to(param.device, param.dtype),
+            "image_token_pooling": torch.tensor(pooling, device=param.device),
+            "image_grids": torch.tensor([[crops * out_rows, out_cols, 0, 0]] * batch_size, device=param.device),
+            "image_num_crops": torch.tensor([crops] * batch_size, device=param.device)}

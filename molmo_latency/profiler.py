@@ -196,6 +196,10 @@ class RunningRequest:
     eos_token_id: Any = None
     probe: RequestProbe | None = None  # the conditions the request runs under
     warm: bool = True  # False: the first request of its model in this process
+    # what the request's row says about the model as it runs (see _model_facts)
+    projector_inside_vision: bool | None = None
+    blocks_run: int | None = None
+    returned_prefix_tokens: int | None = None
 
 
 # Models that finished a request in this process: the first request of a model is measured cold
@@ -435,6 +439,7 @@ class PhaseProfiler:
             req.batch_size, req.input_tokens = int(ids.shape[0]), int(ids.shape[1])
             req.input_ids = ids  # image tokens are counted after generate(): no sync before it
         req.image_input_idx = _image_input_idx(args, kwargs)
+        _model_facts(req, self.model, self.phase_map)
         beams = _generation_setting(self.model, args, kwargs, "num_beams")
         req.num_beams = int(beams) if isinstance(beams, int) else 1  # unset: generate()'s default, 1
         req.eos_token_id = _generation_setting(self.model, args, kwargs, "eos_token_id")
@@ -461,9 +466,9 @@ class PhaseProfiler:
             _WARM_MODELS.add(self.model)
         output_tokens = output_rows = None
         if exc is None:
-            output_rows = _output_tokens_per_row(out, req.input_tokens, req.eos_token_id)
+            output_rows = _output_tokens_per_row(out, _returned_prefix(req), req.eos_token_id)
             if output_rows is not None:
-                output_tokens = _generated_length(out, req.input_tokens)
+                output_tokens = _generated_length(out, _returned_prefix(req))
         image_rows = _image_tokens_per_row(req, self.phase_map.image_token_id)
         try:
             times_ns = self.timer.resolve(req.marks)
@@ -480,7 +485,9 @@ class PhaseProfiler:
             output_tokens=output_tokens, batch_size=req.batch_size, num_beams=req.num_beams,
             output_tokens_per_row=output_rows, image_tokens_per_row=image_rows,
             decode_rows=req.decode_rows, unsplit=frozenset(req.unsplit), thread_id=req.thread_id,
-            wall_start_ns=req.wall_start_ns, wall_end_ns=wall_end_ns, conditions=conditions)
+            wall_start_ns=req.wall_start_ns, wall_end_ns=wall_end_ns, conditions=conditions,
+            projector_inside_vision=req.projector_inside_vision, blocks_run=req.blocks_run,
+            returned_prefix_tokens=req.returned_prefix_tokens)
         with self._lock:
             self.records.append(record)
             self.records.sort(key=lambda r: r.index)
@@ -590,6 +597,32 @@ def _input_ids(args: tuple, kwargs: dict) -> Any:
     return None
 
 
+def _model_facts(req: RunningRequest, model: torch.nn.Module, phase_map: PhaseMap) -> None:
+    """What a request's row says about the model as it runs: whether the projector runs inside the
+    vision module (from the phase map), how many text-model blocks are configured now (after the
+    blocks knob; None where the blocks cannot be found), and, for an encoder-decoder model, that
+    the returned sequences start with the decoder start token (not an output token)."""
+    from molmo_latency.knobs import blocks_run
+
+    req.projector_inside_vision = phase_map.projector_inside_vision
+    req.blocks_run = blocks_run(model)
+    if phase_map.encoder_decoder or getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        req.returned_prefix_tokens = 1
+    elif type(model).__name__ in _PROMPT_TRIMMED and req.input_tokens is not None:
+        req.returned_prefix_tokens = req.input_tokens - _PROMPT_TRIMMED[type(model).__name__]
+
+
+# models whose generate() feeds (and returns) the prompt less its last tokens: how many it drops
+_PROMPT_TRIMMED = {"BlipForConditionalGeneration": 1}
+
+
+def _returned_prefix(req: RunningRequest) -> int | None:
+    """Tokens at the start of each sequence generate() returns that are not output tokens: the
+    prompt for a decoder-only model, the decoder start token for an encoder-decoder model, the
+    prompt less its trimmed end where generate() trims it (BLIP)."""
+    return req.returned_prefix_tokens if req.returned_prefix_tokens is not None else req.input_tokens
+
+
 def _classify(req: RunningRequest, args: tuple, kwargs: dict) -> tuple[str, int]:
     """The kind of one LLM call and its index among that kind, from shapes only.
 
@@ -601,8 +634,11 @@ def _classify(req: RunningRequest, args: tuple, kwargs: dict) -> tuple[str, int]
     from one keyword's name: transformers 5.24 renamed ``past_key_values`` to ``cache``."""
     length, rows = _call_shape(args, kwargs)
     prompt = req.input_tokens
+    first_call = not req.kind_counts
+    if first_call and req.llm_calls:  # LLM passes before any call of the model (an encoder pass
+        req.kind_counts["prefill"] = req.llm_calls  # run by generate() itself): prefill chunks
     if length is None or prompt is None:  # no shape to read: the first call is the prefill
-        kind = "prefill" if not req.kind_counts else "decode"
+        kind = "prefill" if first_call else "decode"
     elif req.fed < prompt:
         kind = "prefill"
         req.fed += length
@@ -657,13 +693,26 @@ def _batch_arg(args: tuple, kwargs: dict) -> Mapping | None:
     return None
 
 
+# generate() keywords that mark image positions in input_ids by a mask (Kosmos-2, ...)
+_IMAGE_MASK_KWARGS = ("image_embeds_position_mask", "image_token_mask", "images_seq_mask", "image_mask")
+
+
 def _image_input_idx(args: tuple, kwargs: dict) -> Any:
-    """Molmo's image_input_idx (a keyword of generate(), or inside generate_from_batch's batch)."""
+    """Image positions, as entries >= 0 of a tensor with one row per input row: Molmo's
+    image_input_idx (a keyword of generate(), or inside generate_from_batch's batch), else a mask
+    of image positions (``image_embeds_position_mask`` of Kosmos-2, ...), turned into 0 where
+    set and -1 elsewhere (no device sync: an elementwise op)."""
     idx = kwargs.get("image_input_idx")
     if not isinstance(idx, torch.Tensor):
         batch = _batch_arg(args, kwargs)
         idx = batch.get("image_input_idx") if batch is not None else None
-    return idx if isinstance(idx, torch.Tensor) else None
+    if isinstance(idx, torch.Tensor):
+        return idx
+    for name in _IMAGE_MASK_KWARGS:
+        mask = kwargs.get(name)
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            return torch.where(mask.bool(), 0, -1)
+    return None
 
 
 def _generation_setting(model: torch.nn.Module, args: tuple, kwargs: dict, name: str) -> Any:

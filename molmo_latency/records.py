@@ -85,6 +85,11 @@ class RequestRecord:
     wall_start_ns: int = 0
     wall_end_ns: int = 0
     conditions: dict[str, Any] = field(default_factory=dict)  # molmo_latency.conditions.CONDITION_COLUMNS
+    projector_inside_vision: bool | None = None  # from the phase map (issue 22)
+    blocks_run: int | None = None  # text-model blocks configured when the request began
+    # tokens at the start of each returned sequence that are not output tokens, where that is not
+    # the prompt (encoder-decoder: the decoder start token; BLIP: the prompt less its last token)
+    returned_prefix_tokens: int | None = None
 
 
 @dataclass
@@ -237,6 +242,8 @@ def _request_row(rec: RequestRecord, rows: list[dict[str, Any]], problems: list[
         "unsplit_regions": ", ".join(sorted(rec.unsplit)) if rec.unsplit else None,
         "thread_id": rec.thread_id,
         **{k: rec.conditions.get(k) for k in CONDITION_COLUMNS},
+        "projector_inside_vision": rec.projector_inside_vision,
+        "blocks_run": rec.blocks_run,
     }
 
 

@@ -69,6 +69,11 @@ REQUEST_COLUMNS = {
     "involuntary_switches": "int64",
     "host_load_1m": "float64",
     "warm": "bool",
+    # added by issue 22
+    "projector_inside_vision": "bool",  # True: the projector runs inside the vision module (its
+                                        # time is in vision_ms); False: timed as its own phase;
+                                        # null: no projector found (a warning said so)
+    "blocks_run": "int64",         # text-model blocks the request ran (after the blocks knob)
 }
 
 # prof.report()["phases"]

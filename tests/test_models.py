@@ -27,7 +27,7 @@ def test_molmoe_1b_shape_has_molmoe_dimensions():
     if transformers.__version__.startswith("4."):  # language_model is a whole OlmoeForCausalLM
         expected = {"vision": ("vision_tower", "vision_tower"),
                     "projector": ("multi_modal_projector", "multi_modal_projector"),
-                    "llm": ("language_model", "language_model")}
+                    "llm": ("language_model.model", "language_model.lm_head")}
     else:
         expected = {"vision": ("model.vision_tower", "model.vision_tower"),
                     "projector": ("model.multi_modal_projector", "model.multi_modal_projector"),
@@ -47,7 +47,7 @@ def test_hf_molmo2_layout_and_blocks_knob():
     with torch.device("meta"):
         model = Molmo2ForConditionalGeneration(cfg)
     phases = find_phases(model)
-    assert phases.layout == "llava" and phases.describe()["llm"] == ("model.language_model", "lm_head")
+    assert phases.layout == "discovered" and phases.describe()["llm"] == ("model.language_model", "lm_head")
     assert knobs.set_active_blocks(model, 2) == 4
     # Molmo2's decoder loops over every layer: the list itself must be cut
     assert len(model.model.language_model.layers) == 2

@@ -41,6 +41,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
              "The configurations whose whole request fits a latency budget at a quantile, with their P50/P95 (every "
              "combination of the knob values the model was fitted on, or those an accuracy table scores); with "
              "--accuracy, the Pareto frontier of accuracy against latency and the best configuration that fits."),
+    "inspect": ("molmo_latency.cli.inspect_cmd",
+                "Show the phase map found in MODEL, what was not found, and the knobs that apply, before anything "
+                "is measured."),
     "trace": ("molmo_latency.cli.trace_cmd",
               "Read traces (torch.profiler Kineto JSON, Nsight Systems SQLite exports): GPU time per kernel, "
               "annotation and device."),

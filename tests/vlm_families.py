@@ -1,0 +1,403 @@
+"""Tiny image-text models of many transformers families, built the way transformers' own tests
+build them: a config class with tiny sizes, random weights, no download.
+
+Each :class:`Family` knows how to build its model and one request (input_ids with the image
+placeholders the test itself placed, pixel inputs of the shape the family takes), and carries
+the test's OWN reading of where its phases live (``own``: phase -> module paths, written by hand
+from the family's modeling code, never from the adapter under test). The tests hook those
+modules themselves and compare with what the profiler reports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+PAD, EOS, BOS = 0, 1, 2
+VOCAB = 128
+IMAGE = 100  # the image placeholder id every family is given (where the config takes one)
+
+# tiny sizes, applied to the config and every sub-config that has the attribute
+TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 8, "d_model": 32, "encoder_layers": 2,
+        "decoder_layers": 2, "encoder_attention_heads": 4, "decoder_attention_heads": 4,
+        "encoder_ffn_dim": 64, "decoder_ffn_dim": 64, "num_layers": 2, "num_heads": 4,
+        "embed_dim": 32, "moe_intermediate_size": 32, "num_experts": 4, "num_local_experts": 4,
+        "num_experts_per_tok": 2, "n_routed_experts": 4, "shared_expert_intermediate_size": 32,
+        "projection_dim": 32, "out_hidden_size": 32, "depth": 2, "vocab_size": VOCAB,
+        "word_embed_proj_dim": 32, "ffn_dim": 64}
+
+
+def tiny_config(model_type: str, **overrides: Any):
+    """The family's default config with tiny sizes everywhere, then `overrides` (dotted keys
+    reach sub-configs: ``"vision_config.image_size": 32``)."""
+    from transformers import PretrainedConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    cfg = CONFIG_MAPPING[model_type]()
+
+    def shrink(c: Any) -> None:
+        for key, value in list(vars(c).items()):
+            if isinstance(value, PretrainedConfig):
+                shrink(value)
+            elif key in TINY and isinstance(value, int) and not isinstance(value, bool):
+                setattr(c, key, TINY[key])
+        for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
+            if isinstance(getattr(c, key, None), int) and getattr(c, key) >= VOCAB:
+                setattr(c, key, {"pad_token_id": PAD, "eos_token_id": EOS, "bos_token_id": BOS}[key])
+
+    shrink(cfg)
+    for key, value in overrides.items():
+        target = cfg
+        *parents, last = key.split(".")
+        for p in parents:
+            target = getattr(target, p)
+        setattr(target, last, value)
+    return cfg
+
+
+def prompt(image_tokens: int, text_before: int = 3, text_after: int = 4, image_id: int = IMAGE,
+           start: list[int] | None = None, end: list[int] | None = None) -> torch.Tensor:
+    """One prompt row: text, `image_tokens` placeholders (between optional start/end ids), text."""
+    ids = [BOS] + list(range(10, 10 + text_before)) + (start or []) + [image_id] * image_tokens \
+        + (end or []) + list(range(20, 20 + text_after))
+    return torch.tensor([ids])
+
+
+@dataclass
+class Family:
+    name: str                      # transformers model_type
+    cls: str                       # transformers class name
+    build_config: Callable[[], Any]
+    build_inputs: Callable[[Any], dict]   # config -> generate() keyword arguments
+    own: dict[str, Any]            # the test's own reading: phase -> [paths] | "inside:<path>"
+    image_tokens: int | None       # image placeholders the test put in the prompt (None: none)
+    encoder_decoder: bool = False
+    slow: bool = False
+    lines: tuple[str, ...] = ("5",)  # transformers major lines the family exists on
+    knobs: dict[str, Any] = field(default_factory=dict)  # knob -> a value to try
+    own4: dict[str, Any] | None = None  # the own reading on transformers 4.5x, where it differs
+    skip: str | None = None  # why this family cannot run here (its own generate() fails)
+    sets_token_ids: bool = False  # its generate() passes pad/eos ids itself (BLIP): the test does not
+
+    def own_on(self, line: str) -> dict[str, Any]:
+        return self.own4 if line == "4" and self.own4 is not None else self.own
+
+    def build(self, seed: int = 0):
+        import transformers
+
+        torch.manual_seed(seed)
+        cfg = self.build_config()
+        model = getattr(transformers, self.cls)(cfg).eval()
+        return model, self.build_inputs(cfg)
+
+
+def _pix(*shape: int) -> dict:
+    return {"pixel_values": torch.randn(*shape)}
+
+
+LLAVA_OWN = {"vision": ["model.vision_tower"], "projector": ["model.multi_modal_projector"],
+             "llm": ("model.language_model", "lm_head")}
+LLAVA_OWN4 = {"vision": ["vision_tower"], "projector": ["multi_modal_projector"],
+              "llm": ("language_model.model", "language_model.lm_head")}
+QWEN_OWN4 = {"vision": ["visual"], "projector": "inside:visual.merger", "llm": ("model", "lm_head")}
+BOTH = dict(lines=("4", "5"))
+QWEN_OWN = {"vision": ["model.visual"], "projector": "inside:model.visual.merger",
+            "llm": ("model.language_model", "lm_head")}
+
+
+def _qwen_inputs(merge: int = 2, patch: int = 8, temporal: int = 2, grid: tuple = (1, 4, 4)):
+    def build(cfg: Any) -> dict:
+        t, h, w = grid
+        patches = t * h * w
+        return {"input_ids": prompt(patches // merge ** 2), "image_grid_thw": torch.tensor([grid]),
+                **_pix(patches, 3 * temporal * patch * patch)}
+    return build
+
+
+def _qwen_config(model_type: str, mrope: tuple = (1, 1, 2), **extra: Any) -> Callable[[], Any]:
+    def build() -> Any:
+        over = {"image_token_id": IMAGE, "video_token_id": IMAGE + 1, "vision_start_token_id": IMAGE + 2,
+                "vision_end_token_id": IMAGE + 3, "vision_config.patch_size": 8,
+                "vision_config.spatial_merge_size": 2, "vision_config.temporal_patch_size": 2}
+        over.update(extra)
+        cfg = tiny_config(model_type, **over)
+        text = getattr(cfg, "text_config", cfg)
+        # head_dim 8: the sections sum to head_dim / 2 (5.x: rope_parameters, 4.5x: rope_scaling)
+        if hasattr(text, "rope_parameters"):
+            rope = dict(text.rope_parameters or {"rope_type": "default", "rope_theta": 10000.0})
+            rope["mrope_section"] = list(mrope)
+            text.rope_parameters = rope
+        else:
+            text.rope_scaling = {"type": "mrope", "rope_type": "default", "mrope_section": list(mrope)}
+        return cfg
+    return build
+
+
+def _molmo2_config(layers: int = 2, rope_scaling_layers: list[int] | None = None) -> Callable[[], Any]:
+    def build() -> Any:
+        cfg = tiny_config("molmo2", image_patch_id=IMAGE, image_start_token_id=IMAGE + 1,
+                          image_end_token_id=IMAGE + 2, low_res_image_start_token_id=IMAGE + 3, **{
+                              "vision_config.image_size": [32, 32], "vision_config.patch_size": 8,
+                              "vision_config.num_position_embeddings": 16,
+                              "adapter_config.vision_feature_layer": [-1],
+                              "adapter_config.text_hidden_size": 32,
+                              "text_config.num_hidden_layers": layers,
+                              "text_config.rope_scaling_layers": (list(range(layers)) if rope_scaling_layers is None
+                                                                  else rope_scaling_layers)})
+        if rope_scaling_layers is not None:  # scaled and unscaled RoPE differ
+            cfg.text_config.rope_parameters = {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}
+        return cfg
+    return build
+
+
+def _molmo2_inputs(cfg: Any) -> dict:
+    # one crop of 4x4 patches (8x8 pixels each), pooled 2x2 into 4 image tokens
+    pooling = torch.tensor([[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]])
+    return {"input_ids": prompt(4, start=[IMAGE + 1], end=[IMAGE + 2]), **_pix(1, 16, 8 * 8 * 3),
+            "image_token_pooling": pooling, "image_grids": torch.tensor([[2, 2, 0, 0]]),
+            "image_num_crops": torch.tensor([1])}
+
+
+def _idefics_inputs(tokens: int) -> Callable[[Any], dict]:
+    return lambda cfg: {"input_ids": prompt(tokens), **_pix(1, 1, 3, 32, 32),
+                        "pixel_attention_mask": torch.ones(1, 1, 32, 32, dtype=torch.bool)}
+
+
+IDEFICS_OWN = {"vision": ["model.vision_model"], "projector": ["model.connector"],
+               "llm": ("model.text_model", "lm_head")}
+BLIP2_OWN = {"vision": ["vision_model"], "projector": ["qformer", "language_projection"],
+             "llm": ("language_model", "language_model.lm_head")}
+_VISION_32 = {"vision_config.image_size": 32, "vision_config.patch_size": 8}
+
+
+def _chameleon_config() -> Any:
+    # codebook entry i is the BPE token 110 + i, named IMGIMG<digits as letters>Z as in Chameleon's vocabulary
+    vocab = {"<image>": IMAGE, **{"IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(i)) + "Z": 110 + i
+                                  for i in range(16)}}
+    from transformers import ChameleonVQVAEConfig
+
+    return tiny_config("chameleon", vocabulary_map=vocab, image_token_id=IMAGE, vq_config=ChameleonVQVAEConfig(
+        embed_dim=8, num_embeddings=16, latent_channels=8, resolution=32, base_channels=32,
+        channel_multiplier=[1, 1, 1, 2], num_res_blocks=1))
+
+
+def _vit_gpt2_config() -> Any:
+    from transformers import GPT2Config, ViTConfig, VisionEncoderDecoderConfig
+
+    vit = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                    image_size=32, patch_size=8)
+    gpt2 = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64, bos_token_id=BOS,
+                      eos_token_id=EOS, add_cross_attention=True, is_decoder=True)
+    cfg = VisionEncoderDecoderConfig.from_encoder_decoder_configs(vit, gpt2)
+    cfg.decoder_start_token_id, cfg.pad_token_id = BOS, PAD
+    return cfg
+
+
+def _florence2_config() -> Any:
+    return tiny_config("florence2", image_token_id=IMAGE, **{
+        "vision_config.depths": [1, 1], "vision_config.patch_size": [7, 3], "vision_config.patch_stride": [4, 2],
+        "vision_config.patch_padding": [3, 1], "vision_config.patch_prenorm": [False, True],
+        "vision_config.embed_dim": [16, 32], "vision_config.num_heads": [2, 2], "vision_config.num_groups": [2, 2],
+        "vision_config.window_size": 2, "vision_config.projection_dim": 32, "text_config.decoder_start_token_id": EOS,
+        "text_config.max_position_embeddings": 64})
+
+
+FAMILIES: list[Family] = [
+    Family("llava", "LlavaForConditionalGeneration",
+           lambda: tiny_config("llava", image_token_index=IMAGE, **{
+               "vision_config.image_size": 32, "vision_config.patch_size": 8}),
+           lambda cfg: {"input_ids": prompt(16), **_pix(1, 3, 32, 32)},
+           LLAVA_OWN, 16, own4=LLAVA_OWN4, **BOTH),
+    Family("qwen2_vl", "Qwen2VLForConditionalGeneration", _qwen_config("qwen2_vl"),
+           _qwen_inputs(), QWEN_OWN, 4, own4=QWEN_OWN4, **BOTH),
+    Family("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration",
+           _qwen_config("qwen2_5_vl", **{"vision_config.fullatt_block_indexes": [1],
+                                         "vision_config.window_size": 16}),
+           _qwen_inputs(), QWEN_OWN, 4, own4=QWEN_OWN4, **BOTH),
+    Family("qwen3_vl", "Qwen3VLForConditionalGeneration",
+           _qwen_config("qwen3_vl", **{"vision_config.deepstack_visual_indexes": [0],
+                                       "vision_config.num_position_embeddings": 16}),
+           _qwen_inputs(), QWEN_OWN, 4),
+    Family("qwen3_vl_moe", "Qwen3VLMoeForConditionalGeneration",
+           _qwen_config("qwen3_vl_moe", **{"vision_config.deepstack_visual_indexes": [0],
+                                           "vision_config.num_position_embeddings": 16}),
+           _qwen_inputs(), QWEN_OWN, 4, knobs={"top_k": 1, "blocks": [1]}),
+    Family("glm4v", "Glm4vForConditionalGeneration",
+           _qwen_config("glm4v", **{"vision_config.image_size": 32}),
+           _qwen_inputs(), {**QWEN_OWN, "projector": "inside:model.visual.merger"}, 4),
+    Family("molmo2", "Molmo2ForConditionalGeneration", _molmo2_config(), _molmo2_inputs,
+           LLAVA_OWN, 4, knobs={"blocks": [1]}),
+    Family("vipllava", "VipLlavaForConditionalGeneration",
+           lambda: tiny_config("vipllava", image_token_index=IMAGE, vision_feature_layers=[-2, -1], **_VISION_32),
+           lambda cfg: {"input_ids": prompt(16), **_pix(1, 3, 32, 32)}, LLAVA_OWN, 16, own4=LLAVA_OWN4, **BOTH),
+    Family("aya_vision", "AyaVisionForConditionalGeneration",
+           lambda: tiny_config("aya_vision", image_token_id=IMAGE, image_token_index=IMAGE, **_VISION_32),
+           lambda cfg: {"input_ids": prompt(4), **_pix(1, 3, 32, 32)}, LLAVA_OWN, 4, own4=LLAVA_OWN4, **BOTH),
+    Family("paligemma", "PaliGemmaForConditionalGeneration",
+           lambda: tiny_config("paligemma", image_token_index=IMAGE, **_VISION_32),
+           lambda cfg: {"input_ids": prompt(16, text_before=0), **_pix(1, 3, 32, 32)}, LLAVA_OWN, 16, own4=LLAVA_OWN4, **BOTH),
+    Family("gemma3", "Gemma3ForConditionalGeneration",
+           lambda: tiny_config("gemma3", image_token_index=IMAGE, boi_token_index=IMAGE + 1,
+                               eoi_token_index=IMAGE + 2, mm_tokens_per_image=4, **_VISION_32),
+           lambda cfg: {"input_ids": prompt(4, start=[IMAGE + 1], end=[IMAGE + 2]), **_pix(1, 3, 32, 32)},
+           LLAVA_OWN, 4, own4=LLAVA_OWN4, **BOTH),
+    Family("internvl", "InternVLForConditionalGeneration",
+           lambda: tiny_config("internvl", image_token_id=IMAGE, **{
+               "vision_config.image_size": [32, 32], "vision_config.patch_size": [8, 8]}),
+           lambda cfg: {"input_ids": prompt(4), **_pix(1, 3, 32, 32)}, LLAVA_OWN, 4),
+    Family("mistral3", "Mistral3ForConditionalGeneration",
+           lambda: tiny_config("mistral3", image_token_index=IMAGE, spatial_merge_size=2, **_VISION_32),
+           lambda cfg: {"input_ids": prompt(4), **_pix(1, 3, 32, 32), "image_sizes": torch.tensor([[32, 32]])},
+           LLAVA_OWN, 4, own4=LLAVA_OWN4, **BOTH),
+    Family("video_llava", "VideoLlavaForConditionalGeneration",
+           lambda: tiny_config("video_llava", image_token_index=IMAGE, video_token_index=IMAGE + 1, **_VISION_32),
+           lambda cfg: {"input_ids": prompt(16), "pixel_values_images": torch.randn(1, 3, 32, 32)},
+           {"vision": ["model.image_tower", "model.video_tower"], "projector": ["model.multi_modal_projector"],
+            "llm": ("model.language_model", "lm_head")}, 16),
+    Family("idefics3", "Idefics3ForConditionalGeneration",
+           lambda: tiny_config("idefics3", image_token_id=IMAGE, scale_factor=2, **_VISION_32),
+           _idefics_inputs(4), IDEFICS_OWN, 4, **BOTH),
+    Family("smolvlm", "SmolVLMForConditionalGeneration",
+           lambda: tiny_config("smolvlm", image_token_id=IMAGE, scale_factor=2, **_VISION_32),
+           _idefics_inputs(4), IDEFICS_OWN, 4, **BOTH),
+    Family("idefics2", "Idefics2ForConditionalGeneration",
+           lambda: tiny_config("idefics2", image_token_id=IMAGE, **{
+               **_VISION_32, "perceiver_config.resampler_n_latents": 4, "perceiver_config.resampler_depth": 1,
+               "perceiver_config.resampler_n_heads": 2, "perceiver_config.resampler_head_dim": 8,
+               "perceiver_config.num_key_value_heads": 1}),
+           _idefics_inputs(4), IDEFICS_OWN, 4, **BOTH),
+    Family("blip-2", "Blip2ForConditionalGeneration",
+           lambda: tiny_config("blip-2", image_token_index=IMAGE, num_query_tokens=4, **{
+               **_VISION_32, "qformer_config.encoder_hidden_size": 32}),
+           lambda cfg: {"input_ids": prompt(4), **_pix(1, 3, 32, 32)}, BLIP2_OWN, 4, **BOTH),
+    Family("instructblip", "InstructBlipForConditionalGeneration",
+           lambda: tiny_config("instructblip", image_token_index=IMAGE, num_query_tokens=4, **{
+               **_VISION_32, "qformer_config.encoder_hidden_size": 32}),
+           lambda cfg: {"input_ids": prompt(4), **_pix(1, 3, 32, 32),
+                        "qformer_input_ids": torch.tensor([[BOS, 10, 11]])},
+           BLIP2_OWN, 4, **BOTH),
+    Family("kosmos-2", "Kosmos2ForConditionalGeneration",
+           lambda: tiny_config("kosmos-2", latent_query_num=4, **_VISION_32),
+           lambda cfg: {"input_ids": prompt(4, image_id=IMAGE), **_pix(1, 3, 32, 32),
+                        "image_embeds_position_mask": (prompt(4, image_id=IMAGE) == IMAGE)},
+           {"vision": ["vision_model"], "projector": ["image_to_text_projection"],
+            "llm": ("text_model", "text_model.lm_head")}, 4, **BOTH),
+    Family("janus", "JanusForConditionalGeneration",
+           lambda: tiny_config("janus", image_token_id=IMAGE, **{**_VISION_32, "vision_config.num_image_tokens": 16}),
+           lambda cfg: {"input_ids": prompt(16), **_pix(1, 3, 32, 32)},
+           {"vision": ["model.vision_model"], "projector": ["model.aligner"],
+            "llm": ("model.language_model", "lm_head")}, 16),
+    Family("deepseek_vl_hybrid", "DeepseekVLHybridForConditionalGeneration",
+           lambda: tiny_config("deepseek_vl_hybrid", image_token_id=IMAGE, **{
+               **_VISION_32, "high_res_vision_config.image_size": 64, "high_res_vision_config.patch_size": 8,
+               "high_res_vision_config.window_size": 4, "high_res_vision_config.global_attn_indexes": [1],
+               "high_res_vision_config.output_channels": 8, "high_res_vision_config.mlp_dim": 64}),
+           lambda cfg: {"input_ids": prompt(16), **_pix(1, 3, 32, 32), "high_res_pixel_values": torch.randn(1, 3, 64, 64)},
+           {"vision": ["model.vision_model", "model.high_res_vision_model"],
+            "projector": ["model.high_res_vision_neck", "model.high_res_vision_proj", "model.aligner"],
+            "llm": ("model.language_model", "lm_head")}, 16),
+    Family("deepseek_vl", "DeepseekVLForConditionalGeneration",
+           lambda: tiny_config("deepseek_vl", image_token_id=IMAGE, **_VISION_32),
+           lambda cfg: {"input_ids": prompt(16), **_pix(1, 3, 32, 32)},
+           {"vision": ["model.vision_model"], "projector": ["model.aligner"],
+            "llm": ("model.language_model", "lm_head")}, 16),
+    Family("cohere2_vision", "Cohere2VisionForConditionalGeneration",
+           lambda: tiny_config("cohere2_vision", image_token_id=IMAGE, **_VISION_32),
+           lambda cfg: {"input_ids": prompt(4), **_pix(1, 3, 32, 32)}, LLAVA_OWN, 4),
+    Family("lighton_ocr", "LightOnOcrForConditionalGeneration",
+           lambda: tiny_config("lighton_ocr", image_token_id=IMAGE, spatial_merge_size=2, **_VISION_32),
+           lambda cfg: {"input_ids": prompt(4), **_pix(1, 3, 32, 32), "image_sizes": torch.tensor([[32, 32]])},
+           {"vision": ["model.vision_encoder"], "projector": ["model.vision_projection"],
+            "llm": ("model.language_model", "lm_head")}, 4),
+    Family("glm4v_moe", "Glm4vMoeForConditionalGeneration",
+           _qwen_config("glm4v_moe", mrope=(0, 1, 1), **{"vision_config.image_size": 32}),
+           _qwen_inputs(), QWEN_OWN, 4, knobs={"top_k": 1, "blocks": [1]}),
+    Family("t5gemma2", "T5Gemma2ForConditionalGeneration",
+           lambda: tiny_config("t5gemma2", **{
+               "encoder.mm_tokens_per_image": 4, "encoder.image_token_index": IMAGE, "image_token_index": IMAGE,
+               "encoder.boi_token_index": IMAGE + 1, "encoder.eoi_token_index": IMAGE + 2,
+               "encoder.vision_config.image_size": 32, "encoder.vision_config.patch_size": 8,
+               "decoder_start_token_id": EOS}),
+           lambda cfg: {"input_ids": prompt(4, start=[IMAGE + 1], end=[IMAGE + 2]), **_pix(1, 3, 32, 32)},
+           {"vision": ["model.encoder.vision_tower"], "projector": ["model.encoder.multi_modal_projector"],
+            "encoder": ["model.encoder.text_model"], "llm": ("model.decoder", "lm_head")},
+           4, encoder_decoder=True),
+    Family("got_ocr2", "GotOcr2ForConditionalGeneration",
+           lambda: tiny_config("got_ocr2", image_token_index=IMAGE, **{
+               "vision_config.image_size": 64, "vision_config.patch_size": 8, "vision_config.window_size": 4,
+               "vision_config.global_attn_indexes": [1], "vision_config.output_channels": 8,
+               "vision_config.mlp_dim": 64}),
+           lambda cfg: {"input_ids": prompt(4), **_pix(1, 3, 64, 64)}, LLAVA_OWN, 4),
+    Family("vision-encoder-decoder", "VisionEncoderDecoderModel", _vit_gpt2_config,
+           lambda cfg: {**_pix(1, 3, 32, 32)},
+           {"vision": ["encoder"], "llm": ("decoder", "decoder.lm_head")}, None),
+    Family("mllama", "MllamaForConditionalGeneration",
+           lambda: tiny_config("mllama", image_token_index=IMAGE, **{
+               "vision_config.image_size": 32, "vision_config.patch_size": 8, "vision_config.num_global_layers": 1,
+               "vision_config.attention_heads": 4, "vision_config.intermediate_layers_indices": [0],
+               "vision_config.vision_output_dim": 64, "vision_config.max_num_tiles": 1,
+               "vision_config.supported_aspect_ratios": [[1, 1]], "text_config.cross_attention_layers": [1]}),
+           lambda cfg: {"input_ids": prompt(1), "pixel_values": torch.randn(1, 1, 1, 3, 32, 32),
+                        "aspect_ratio_ids": torch.tensor([[1]]), "aspect_ratio_mask": torch.ones(1, 1, 1, dtype=torch.long),
+                        "cross_attention_mask": torch.ones(1, 9, 1, 1, dtype=torch.long)},
+           {"vision": ["model.vision_model"], "projector": ["model.multi_modal_projector"],
+            "llm": ("model.language_model", "lm_head")}, 1),
+    Family("llama4", "Llama4ForConditionalGeneration",
+           lambda: tiny_config("llama4", image_token_index=IMAGE, boi_token_index=IMAGE + 1,
+                               eoi_token_index=IMAGE + 2, **{
+               **_VISION_32, "vision_config.vision_output_dim": 32, "vision_config.projector_input_dim": 32,
+               "vision_config.intermediate_size": 128,
+               "vision_config.projector_output_dim": 32, "text_config.intermediate_size_mlp": 64,
+               "text_config.attention_chunk_size": 64}),
+           lambda cfg: {"input_ids": prompt(4, start=[IMAGE + 1], end=[IMAGE + 2]), **_pix(1, 3, 32, 32)},
+           {"vision": ["vision_model"], "projector": ["multi_modal_projector"],
+            "llm": ("language_model", "language_model.lm_head")}, 4, knobs={"top_k": 1},
+           skip="its own generate() fails on transformers 5.24 without the profiler (Llama4ForConditionalGeneration."
+                "forward reads image_outputs from the text model's MoeCausalLMOutputWithPast)"),
+    Family("qwen2_5_omni_thinker", "Qwen2_5OmniThinkerForConditionalGeneration",
+           _qwen_config("qwen2_5_omni_thinker", **{"vision_config.fullatt_block_indexes": [1],
+                                                   "vision_config.window_size": 16,
+                                                   "audio_token_id": IMAGE + 5}),
+           _qwen_inputs(), QWEN_OWN, 4),
+    Family("qwen3_5_moe", "Qwen3_5MoeForConditionalGeneration",
+           _qwen_config("qwen3_5_moe", **{"vision_config.deepstack_visual_indexes": [],
+                                          "text_config.layer_types": ["linear_attention", "full_attention"],
+                                          "vision_config.num_position_embeddings": 16}),
+           _qwen_inputs(), QWEN_OWN, 4, knobs={"top_k": 1, "blocks": [1]}),
+    Family("blip", "BlipForConditionalGeneration",
+           lambda: tiny_config("blip", **{**_VISION_32, "text_config.encoder_hidden_size": 32,
+                                          "text_config.bos_token_id": BOS, "text_config.sep_token_id": EOS,
+                                          "text_config.pad_token_id": PAD}),
+           lambda cfg: {"input_ids": torch.tensor([[BOS, 10, 11, 12, EOS]]), **_pix(1, 3, 32, 32)},
+           {"vision": ["vision_model"], "llm": ("text_decoder", "text_decoder")}, None, sets_token_ids=True, **BOTH),
+    Family("paddleocr_vl", "PaddleOCRVLForConditionalGeneration",
+           _qwen_config("paddleocr_vl", **{"vision_config.image_size": 32}),
+           lambda cfg: {**_qwen_inputs(temporal=1)(cfg), **_pix(16, 3, 8, 8)},
+           {"vision": ["model.visual"], "projector": ["model.projector"],
+            "llm": ("model.language_model", "lm_head")}, 4),
+    Family("video_llama_3", "VideoLlama3ForConditionalGeneration",
+           _qwen_config("video_llama_3"),
+           lambda cfg: {**_qwen_inputs(temporal=1)(cfg), "image_merge_sizes": torch.tensor([2])},
+           {"vision": ["model.vision_model"], "projector": ["model.projector"],
+            "llm": ("model.language_model", "lm_head")}, 4),
+    Family("llava_next", "LlavaNextForConditionalGeneration",
+           lambda: tiny_config("llava_next", image_token_index=IMAGE, image_grid_pinpoints=[[32, 32]], **_VISION_32),
+           # the base image (16) and one 4x4 tile with a newline after each row (20)
+           lambda cfg: {"input_ids": prompt(36), **_pix(1, 2, 3, 32, 32), "image_sizes": torch.tensor([[32, 32]])},
+           LLAVA_OWN, 36, own4=LLAVA_OWN4, **BOTH),
+    Family("chameleon", "ChameleonForConditionalGeneration", _chameleon_config,
+           lambda cfg: {"input_ids": prompt(16), **_pix(1, 3, 32, 32)},
+           {"vision": ["model.vqmodel.encode"], "llm": ("model.layers.0", "lm_head")}, 16, **BOTH),
+    Family("florence2", "Florence2ForConditionalGeneration", _florence2_config,
+           lambda cfg: {"input_ids": prompt(17), **_pix(1, 3, 32, 32)},
+           {"vision": ["model.vision_tower"], "projector": ["model.multi_modal_projector"],
+            "llm": ("model.language_model.decoder", "lm_head"), "encoder": ["model.language_model.encoder"]},
+           17, encoder_decoder=True),
+]
+
+
+def by_name(name: str) -> Family:
+    return next(f for f in FAMILIES if f.name == name)
