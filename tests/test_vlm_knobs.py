@@ -132,8 +132,6 @@ def test_molmo2_inputs_from_its_config_alone():
     assert req["image_tokens_per_row"] == [8, 8] and req["output_tokens"] == 3
 
 
-@pytest.mark.xfail(strict=True, reason="sweep/source.py LocalHFSource._config_inputs must hand a Molmo2 "
-                   "model to models.molmo2_inputs (sweep/ is another helper's; integrator: one line)")
 def test_profile_cli_on_a_saved_tiny_molmo2(tmp_path, capsys):
     from molmo_latency.cli.main import main
 

@@ -205,6 +205,11 @@ class LocalHFSource(ModelSource):
 
     def _config_inputs(self, config: Config) -> dict[str, Any]:
         cfg = self.model.config
+        if getattr(cfg, "model_type", None) == "molmo2":  # crops of pooled patches between image ids
+            from molmo_latency.models import molmo2_inputs
+
+            return molmo2_inputs(self.model, crops=config.crops, prompt_tokens=config.prompt_tokens,
+                                 batch_size=config.batch_size, seed=self.seed)
         vision = getattr(cfg, "vision_config", None)
         token = getattr(cfg, "image_token_id", getattr(cfg, "image_token_index", None))
         if vision is None or token is None:
