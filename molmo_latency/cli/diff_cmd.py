@@ -127,7 +127,8 @@ def _show(result, *, top: int, all_steps: bool) -> None:
                                    pl.col("delta_pct").alias("delta %"),
                                    pl.format("[{}, {}]", pl.col("ci_low_ms").round(2), pl.col("ci_high_ms").round(2))
                                    .alias("95% CI ms"), "verdict"),
-                    "Summary: the whole request (total) per configuration, B vs A", digits=2, max_rows=10_000)
+                    "Summary: the whole request (total) per configuration, B vs A", digits=2, max_rows=10_000,
+                    compact=["config A", "A total ms", "B total ms", "delta %", "verdict"])
     legend = False
     for comp in result.comparisons:
         console.rule(f"[bold]{comp.title}[/]")

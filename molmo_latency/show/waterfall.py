@@ -2,8 +2,11 @@
 kernel category, written by the one PNG writer (:func:`molmo_latency.show.png.write_png`).
 
 Phase panel: mean time per request (means add up: the phase bars sum exactly to the change of
-the mean total; medians do not add up). A bar is hatched when its phase's verdict is ``no
-significant change``. Kernel panel: own time of all kernels (or CPU ops), per category.
+the mean total; medians do not add up), titled with the change of the mean and, apart, the
+tested change of the median. A bar is red or green only when its phase's verdict says the change
+is significant, hatched otherwise. Kernel panel: own time of all kernels (or CPU ops), per
+category, of one trace per side: nothing is tested there, so its bars are grey. At most MAX_ROWS
+comparisons are drawn; the title names the ones left out.
 
 Example:
     >>> import tempfile, pathlib
@@ -23,7 +26,9 @@ import polars as pl
 
 _STEPS = ("vision", "projector", "prefill", "decode", "other")
 _UP, _DOWN, _ENDS = "#C44E52", "#55A868", "#4C72B0"
-MAX_ROWS = 6
+# kernel categories of one trace per side are not tested: no significance colours for them
+_UP_UNTESTED, _DOWN_UNTESTED = "#7F7F7F", "#C7C7C7"
+MAX_ROWS = 4
 
 
 from molmo_latency.show.png import pyplot as _plt
@@ -31,13 +36,15 @@ from molmo_latency.show.png import write_png
 
 
 def _bars(ax, labels: list[str], start: float, deltas: list[float], end: float, hatched: list[bool],
-          unit: str, title: str) -> None:
+          unit: str, title: str, colors: tuple[str, str] = (_UP, _DOWN),
+          bar_colors: list[str] | None = None) -> None:
     xs = list(range(len(labels) + 2))
     ax.bar(xs[0], start, color=_ENDS)
     ax.annotate(f"{start:.4g}", (xs[0], start), ha="center", va="bottom", fontsize=7)
     level = start
     for i, (d, h) in enumerate(zip(deltas, hatched), start=1):
-        ax.bar(i, d, bottom=level, color=_UP if d > 0 else _DOWN, hatch="//" if h else None,
+        color = bar_colors[i - 1] if bar_colors else (colors[0] if d > 0 else colors[1])
+        ax.bar(i, d, bottom=level, color=color, hatch="//" if h else None,
                edgecolor="white" if h else None)
         ax.annotate(f"{d:+.3g}", (i, level + max(d, 0)), ha="center", va="bottom", fontsize=7)
         level += d
@@ -58,10 +65,16 @@ def _phase_panel(ax, phases: pl.DataFrame) -> bool:
         return False
     steps = [p for p in _STEPS if p in rows]
     deltas = [rows[p]["b_mean_ms"] - rows[p]["a_mean_ms"] for p in steps]
-    hatched = [rows[p]["verdict"] in ("no significant change", "too few samples") for p in steps]
+    significant = [rows[p]["verdict"] in ("faster", "slower") for p in steps]
+    hatched = [not sig for sig in significant]
+    bar_colors = [(_UP if d > 0 else _DOWN) if sig else (_UP_UNTESTED if d > 0 else _DOWN_UNTESTED)
+                  for d, sig in zip(deltas, significant)]
     total = rows["total"]
+    mean_delta = total["b_mean_ms"] - total["a_mean_ms"]
     _bars(ax, steps, total["a_mean_ms"], deltas, total["b_mean_ms"], hatched, "ms per request (mean)",
-          f"phases: total {total['verdict']} ({total['delta_ms']:+.3g} ms in medians)")
+          f"phases, means (they add up): {mean_delta:+.3g} ms; total {total['verdict']} "
+          f"(tested on medians: {total['delta_ms']:+.3g} ms, n={total['a_n']}/{total['b_n']})",
+          bar_colors=bar_colors)
     return True
 
 
@@ -72,7 +85,8 @@ def _kernel_panel(ax, categories: pl.DataFrame, level: str | None) -> bool:
     a_ms, b_ms = cats["a_us"].sum() / 1e3, cats["b_us"].sum() / 1e3
     what = "CPU ops (self time)" if level == "cpu_op" else "GPU kernels"
     _bars(ax, cats["category"].to_list(), a_ms, [d / 1e3 for d in cats["delta_us"].to_list()], b_ms,
-          [False] * cats.height, "ms (sum over the trace)", f"{what} by category")
+          [False] * cats.height, "ms (sum over the trace)",
+          f"{what} by category: one trace per side, not tested (grey)", colors=(_UP_UNTESTED, _DOWN_UNTESTED))
     return True
 
 
@@ -81,7 +95,7 @@ def plot_waterfall(result, path: str | Path) -> Path:
     plt = _plt()
     comps = [c for c in result.comparisons if c.phases is not None or c.categories is not None][:MAX_ROWS]
     rows = max(1, len(comps))
-    fig, axes = plt.subplots(rows, 2, figsize=(12, 4.2 * rows), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(rows, 2, figsize=(12, 3.4 * rows + 0.8), squeeze=False, layout="constrained")
     for row, comp in zip(axes, comps):
         drawn = [comp.phases is not None and _phase_panel(row[0], comp.phases),
                  comp.categories is not None and _kernel_panel(row[1], comp.categories, comp.level)]
@@ -97,8 +111,12 @@ def plot_waterfall(result, path: str | Path) -> Path:
         axes[0][0].axis("off")
         axes[0][1].axis("off")
         axes[0][0].text(0.5, 0.5, "nothing to compare", ha="center")
-    more = len([c for c in result.comparisons if c.phases is not None or c.categories is not None]) - len(comps)
+    left_out = [c.title for c in result.comparisons if c.phases is not None or c.categories is not None][len(comps):]
     title = "Where the time went, A -> B" + (f": {comps[0].title}" if len(comps) == 1 else "")
-    fig.suptitle(title + "\nred: slower, green: faster, hatched: no significant change or too few samples"
-                 + (f"; {more} more comparisons in the JSON" if more > 0 else ""), fontsize=10)
+    note = ""
+    if left_out:
+        names = ", ".join(left_out[:4]) + (f" and {len(left_out) - 4} more" if len(left_out) > 4 else "")
+        note = f"\n{len(comps)} of {len(comps) + len(left_out)} comparisons drawn; not drawn: {names} (all in --json)"
+    fig.suptitle(title + "\nphases: red slower, green faster (significant); grey hatched: no significant change or "
+                 "too few samples; kernels: grey, not tested" + note, fontsize=9)
     return write_png(fig, path)
