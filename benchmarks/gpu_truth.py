@@ -809,7 +809,7 @@ def child_sweep(plan: Plan, rehearsal: bool, out: Path, put: Callable[..., None]
     t0 = time.perf_counter()
     counts = run_sweep(plan.preset, spec, run_dir, device=plan.device, dtype=plan.dtype,
                        nvml="off" if rehearsal else "auto", command="benchmarks/gpu_truth.py (sweep stage)")
-    put(sweep_s=time.perf_counter() - t0, counts=counts)
+    put(sweep_s=time.perf_counter() - t0, counts=dict(counts))  # a typed result, read as a mapping
     try:
         import scipy  # noqa: F401 - fit_estimator needs it; the host may lack it
     except ImportError as exc:
