@@ -183,3 +183,28 @@ def test_every_request_records_its_conditions_and_the_first_of_a_model_is_cold(t
     rep = run_report(tmp_path / "api")
     assert int(rep["config"]["n_valid"].sum()) == 3
     assert any("1 requests were measured cold" in reason for reason in rep["quality"].reasons)
+
+
+# ------------------------------------------------------------------ controlled by the sweep
+def test_a_sweep_states_its_threads_records_its_conditions_and_waits_for_a_cool_gpu(tmp_path, monkeypatch):
+    """run.json says how the labels were made: the thread count (1 unless told, on a CPU; part of
+    the identity), the host and GPU conditions, the warm-up record, and the thermal waits made
+    before each measured request (a scripted GPU that is hot at first)."""
+    import json
+
+    from molmo_latency.sweep import SweepSpec, run_sweep
+    from molmo_latency.sweep import runner
+    from molmo_latency.telemetry import FakeGpu
+
+    gpu = FakeGpu(readings=[{"temp_c": 75.0, "util_gpu_pct": 0.0}, {"temp_c": 50.0, "util_gpu_pct": 0.0}])
+    monkeypatch.setattr(runner, "_conditions_gpu", lambda model, nvml: gpu)
+    spec = SweepSpec.from_dict({"crops": [1], "repeats": 3, "warmup": 1, "new_tokens": [2], "prompt_tokens": [4],
+                                "gpu_max_temp_c": 60, "gpu_wait_max_s": 5})
+    run_sweep("tiny", spec, tmp_path / "run")
+    meta = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert meta["identity"]["threads"] == 1 and meta["conditions"]["torch_threads"] == 1
+    assert meta["conditions"]["gpu"]["uuid"] == gpu.uuid and meta["conditions"]["usable_cpus"] >= 1
+    waits = meta["thermal_waits"]
+    assert waits["waits"] == 3 and waits["timed_out"] == 0 and waits["max_s"] > 0  # the first one waited
+    record = next(iter(meta["warmup_record"].values()))
+    assert 1 <= record["requests"] <= spec.protocol["warmup_max"]

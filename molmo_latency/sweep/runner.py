@@ -133,6 +133,10 @@ class Worker:
         self.warmed: set[str] = set()
         # warm-up requests' totals per configuration, to tell when it is steady
         self.warmup_ms: dict[str, list[float]] = {}
+        # the GPU the model runs on (device layer; None on a CPU or where NVML cannot open it),
+        # for the thermal mode, and what each thermal wait did
+        self.gpu = None
+        self.thermal_waits: list[dict[str, Any]] = []
         # after a failed request, the next measurement is preceded by one unmeasured request
         self.rewarm = False
         self.post_failure_warmups = 0
@@ -205,11 +209,32 @@ class Worker:
         if self.rewarm:
             self.warm_up(config)
             self.post_failure_warmups += 1
+        self._thermal_wait()
         try:
             indices = measure_config(self.source, self._prof, config, self.spec)
         finally:
             report = self._prof.pop_report()
         return unit_tables(report, config, repeat, order, self.columns, block_indices=indices)
+
+    def _thermal_wait(self) -> None:
+        """The protocol's thermal mode: wait for an idle GPU at most gpu_max_temp_c hot (off
+        without a GPU to read, or with gpu_max_temp_c 0); every wait is kept for run.json."""
+        p = self.spec.protocol
+        if not p["gpu_max_temp_c"] or self.gpu is None:
+            return
+        from molmo_latency.conditions import ThermalWait, wait_until_cool
+
+        self.thermal_waits.append(wait_until_cool(self.gpu, ThermalWait(max_temp_c=float(p["gpu_max_temp_c"]),
+                                                                      timeout_s=float(p["gpu_wait_max_s"]))))
+
+    def thermal_record(self) -> dict[str, Any] | None:
+        """What the thermal waits did (for run.json): how many, the total and longest wait, and
+        how many gave up at their timeout; None when the thermal mode was off."""
+        if not self.thermal_waits:
+            return None
+        waited = [w["waited_s"] for w in self.thermal_waits]
+        return {"waits": len(waited), "total_s": round(sum(waited), 3), "max_s": max(waited),
+                "timed_out": sum(bool(w["timed_out"]) for w in self.thermal_waits)}
 
     def after_failure(self) -> None:
         """Give back what a failed request held; the next measurement is warmed up again first
@@ -274,8 +299,8 @@ def run_sweep(
         with rd.locked():
             rd, resumed = RunDir.create_or_resume(out, identity, run_meta(spec, device=device, nvml=nvml,
                                                                           command=command))
-            rd.update_meta(conditions=run_conditions(threads, torch.get_num_interop_threads(),
-                                                     gpu=_conditions_gpu(worker.source.model, nvml)))
+            worker.gpu = _conditions_gpu(worker.source.model, nvml)
+            rd.update_meta(conditions=run_conditions(threads, torch.get_num_interop_threads(), gpu=worker.gpu))
             return _sweep_locked(worker, spec, rd, resumed, kineto=kineto, progress=progress)
     finally:
         torch.set_num_threads(before)
@@ -352,7 +377,8 @@ def _sweep_locked(worker: Worker, spec: SweepSpec, rd: RunDir, resumed: bool, *,
         _trace_configs(worker.source, spec, rd, [c for c in schedule.configs if c.config_id not in schedule.failed],
                        progress)
     counts = rd.consolidate()
-    rd.update_meta(post_failure_warmups=previous_rewarms + worker.post_failure_warmups)
+    rd.update_meta(post_failure_warmups=previous_rewarms + worker.post_failure_warmups,
+                   thermal_waits=worker.thermal_record())
     return LocalSweepResult(run_dir=str(rd.path), measured=recorder.measured, skipped=schedule.skipped,
                             failed_configs=len(schedule.failed), rows=counts.get("requests", 0), resumed=resumed,
                             post_failure_warmups=worker.post_failure_warmups)

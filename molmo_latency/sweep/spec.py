@@ -47,10 +47,14 @@ PROTOCOL_DEFAULTS: dict[str, Any] = {
     # warm-up until steady: after `warmup` requests, more until the last `warmup_window` agree
     # within `warmup_tolerance_pct` ((max - min) / median), at most `warmup_max` in all (0: off)
     "warmup_window": 3, "warmup_tolerance_pct": 10, "warmup_max": 5,
+    # on a GPU: before each measured request, wait (at most gpu_wait_max_s) until the GPU is idle
+    # and at most this hot (0: off), as nsight-python's thermal mode does
+    "gpu_max_temp_c": 0, "gpu_wait_max_s": 60,
 }
 CHOICES = {"order": ("interleaved", "blocked"), "cache_policy": ("keep", "empty_before_each")}
 PROTOCOL_MIN = {"repeats": 1, "warmup": 0, "seed": 0, "kineto_per_config": 0, "cooldown_ms": 0,
-                "warmup_window": 2, "warmup_tolerance_pct": 0, "warmup_max": 0}
+                "warmup_window": 2, "warmup_tolerance_pct": 0, "warmup_max": 0, "gpu_max_temp_c": 0,
+                "gpu_wait_max_s": 0}
 
 
 @dataclass(frozen=True)
