@@ -114,3 +114,18 @@ def test_timeline_refuses_an_unknown_request_in_one_line(run_dir, tmp_path):
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "no request 99 in this run (it holds 4 requests, numbered 0..3 by order)" in res.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def test_the_shipped_trace_holds_a_warm_request():
+    """traces/ ships a warm request (the model warmed up first), not the cold first request of a
+    process (4 s against tens of ms): its request range and its phases say so."""
+    from pathlib import Path
+
+    from molmo_latency.trace import read_kineto
+
+    path = Path(__file__).resolve().parents[1] / "traces" / "tiny_cpu_profile_phases.pt.trace.json.gz"
+    ann = read_kineto(path).annotations
+    [request] = ann.filter(pl.col("name").str.starts_with("request[")).iter_rows(named=True)
+    assert request["name"] != "request[0]" and request["dur_ns"] < 500e6  # tiny model: tens of ms
+    names = ann["name"].to_list()
+    assert {"vision", "projector", "prefill"} <= set(names) and sum(n.startswith("decode[") for n in names) == 7
