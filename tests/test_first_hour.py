@@ -416,3 +416,42 @@ def test_every_terminal_table_goes_through_the_one_renderer():
         if module.name != "show.py":
             source = module.read_text()
             assert "Table(" not in source and "from rich.table" not in source, module.name
+
+
+def test_ray_asked_for_but_missing_leaves_nothing_behind(tmp_path, monkeypatch, capsys):
+    import sys as _sys
+
+    from molmo_latency.cli.main import main
+
+    sweep = tmp_path / "s.toml"
+    sweep.write_text("crops = [1]\nrepeats = 1\nnew_tokens = [2]\n")
+    monkeypatch.setitem(_sys.modules, "ray", None)  # `import ray` fails as where it is not installed
+    out = tmp_path / "run"
+    assert main(["profile", "--model", "tiny", "--sweep", str(sweep), "--out", str(out), "--ray"]) == 2
+    assert "--ray needs Ray" in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())  # no run.json, no .lock
+
+
+def test_ctrl_c_during_a_sweep_says_how_to_resume_and_exits_130(tmp_path):
+    import signal
+    import time as _time
+
+    sweep = tmp_path / "s.toml"
+    sweep.write_text("crops = [1, 2, 4]\nrepeats = 40\nwarmup = 0\nnew_tokens = [4]\n")
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "molmo_latency", "profile", "--model", "tiny", "--sweep", str(sweep),
+                             "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = _time.monotonic() + 240
+    while _time.monotonic() < deadline and not list((out / "parts" / "requests").glob("*.parquet")):
+        _time.sleep(0.2)  # interrupt once something was measured
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "run the same command again to resume" in err and "Traceback" not in err
+
+
+def test_the_demo_measures_enough_for_diff_and_fit():
+    from molmo_latency.cli.profile_cmd import DEMO_SWEEP
+
+    assert DEMO_SWEEP["repeats"] >= 6  # Mann-Whitney with Holm over the phases can be significant
+    assert len(DEMO_SWEEP["new_tokens"]) >= 2  # fit can hold an output length out

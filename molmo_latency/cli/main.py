@@ -138,6 +138,12 @@ def _fill_optional_values(argv: list[str]) -> list[str]:
     return out
 
 
+def _interrupted(argv: list[str]) -> None:
+    resume = (" (what was measured is kept: run the same command again to resume)"
+              if argv[:1] and argv[0] in ("profile", "demo") else "")
+    print(f"molmo-latency: interrupted{resume}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = _fill_optional_values(list(sys.argv[1:] if argv is None else argv))
     _load_commands(argv)
@@ -147,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         app(args=argv, prog_name="molmo-latency", standalone_mode=True)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if code == 130:  # Ctrl-C, caught by the command-line layer: say what happens next
+            _interrupted(argv)
         return code
     except MolmoLatencyError as exc:
         print(f"molmo-latency: error: {exc}", file=sys.stderr)
@@ -160,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"molmo-latency: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("molmo-latency: interrupted", file=sys.stderr)
+        _interrupted(argv)
         return 130
     return 0
 

@@ -14,8 +14,9 @@ import typer
 from molmo_latency.cli.app import app, examples
 from molmo_latency.errors import MolmoLatencyError
 
+# 8 repeats: enough for diff to give verdicts; two output lengths: fit can hold one out
 DEMO_SWEEP = {"crops": [1, 4, 8], "top_k": [1, 2], "blocks": [2, 4], "prompt_tokens": [16],
-              "new_tokens": [8], "repeats": 5, "warmup": 1, "seed": 0}
+              "new_tokens": [4, 12], "repeats": 8, "warmup": 1, "seed": 0}
 
 
 class _RichProgress:
@@ -34,6 +35,7 @@ class _RichProgress:
                             console=err_console, transient=False)
         self.task = None
         self._last_line = 0.0
+        self.warmups = 0  # warm-up requests so far: shown while the measured count still stands at 0
 
     def __enter__(self):
         if self.enabled:
@@ -42,10 +44,16 @@ class _RichProgress:
 
     def __exit__(self, *exc):
         if self.enabled:
+            if exc and exc[0] is KeyboardInterrupt:  # Ctrl-C: clear the bar, the interrupt message follows
+                self.bar.live.transient = True
             self.bar.__exit__(*exc)
 
     def __call__(self, p) -> None:
-        last = "-" if p.last_ms is None else f"{p.last_ms:.1f} ms ({p.last_config})"
+        if p.stage == "warmup":
+            self.warmups += 1
+            last = f"warm-up request {self.warmups} ({p.last_config})"
+        else:
+            last = "-" if p.last_ms is None else f"{p.last_ms:.1f} ms ({p.last_config})"
         fields = {"stage": p.stage, "configs": f"{p.configs_done}/{p.configs_total}", "last": last}
         if not self.enabled:  # no terminal (CI, a log file): a line every few seconds
             now = time.monotonic()

@@ -306,6 +306,7 @@ def run_sweep_ray(
         raise SweepError(f"--device must be cpu or cuda[:N], got {device!r}")
     if cpus_per_worker <= 0:
         raise SweepError(f"cpus_per_worker must be > 0, got {cpus_per_worker}")
+    ray = _import_ray()  # refused before anything is written: no run.json, no .lock left behind
     with RunDir(out).locked():  # one sweep at a time writes into a run directory
         identity = run_identity(model, device, dtype, spec)
         rd, resumed = RunDir.create_or_resume(out, identity, run_meta(spec, device=device, nvml=nvml, command=command))
@@ -314,7 +315,6 @@ def run_sweep_ray(
         result = RaySweepResult(run_dir=str(rd.path), measured=0, skipped=schedule.skipped,
                                 failed_configs=len(schedule.failed), rows=0, resumed=resumed)
         if schedule.has_next():
-            ray = _import_ray()
             owned = _connect(ray, address)
             try:
                 recorder = SweepRecorder(rd, schedule, progress, consolidate_every_s=runner.CONSOLIDATE_EVERY_S)
