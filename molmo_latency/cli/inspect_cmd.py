@@ -98,7 +98,7 @@ def inspect_command(
     """Show the phase map found in MODEL, what was not found, and the knobs that apply, before anything is measured."""
     import polars as pl
 
-    from molmo_latency.cli.show import console, print_frame, print_json, set_wide
+    from molmo_latency.show import console, print_frame, print_json, set_wide
 
     set_wide(wide)
     found = inspection(*open_for_inspection(model, trust_remote_code=trust_remote_code))
