@@ -41,7 +41,8 @@ def test_installed_line_is_the_one_detected():
 def test_reference_model_layout_on_the_installed_line(tiny):
     spans = find_phases(tiny.model).describe()
     if LINE_4:  # language_model is a whole OlmoeForCausalLM, decoder at language_model.model
-        assert spans["llm"] == ("language_model", "language_model")
+        # the LLM phase: the decoder (get_decoder()) through the LM head (get_output_embeddings())
+        assert spans["llm"] == ("language_model.model", "language_model.lm_head")
         assert spans["vision"] == ("vision_tower", "vision_tower")
         decoder = tiny.model.language_model.model
     else:       # decoder at model.language_model, lm_head on the outer model
