@@ -45,7 +45,8 @@ ODD = [None, "", "abc", "X", "kernel", "Q", 7, -1, -1_000_000, 0, 1.5, 2**63 - 1
 
 
 @contextlib.contextmanager
-def no_hang(seconds: int, what: str):
+def no_hang(seconds: int = 30, what: str = "reading"):
+    """Raise TimeoutError in this (main) thread when the block runs past `seconds`: a hang fails."""
     def stop(*_):
         raise TimeoutError(f"{what}: still running after {seconds} s (a hang)")
     old = signal.signal(signal.SIGALRM, stop)

@@ -10,7 +10,6 @@ import gzip
 import io
 import json
 import os
-import signal
 import sqlite3
 import warnings
 from pathlib import Path
@@ -21,6 +20,7 @@ import pytest
 from molmo_latency.errors import SweepError, TraceError
 from molmo_latency.trace import TraceWarning, load_trace, read_kineto, read_nsys
 from tests.nsys_sql import SHARED, gunzip
+from tests.test_fuzz_inputs import no_hang
 
 DATA = Path(__file__).resolve().parent / "data" / "kineto"
 SMALL = DATA / "event_sync_multi_stream.json.gz"  # older layout: absolute integer us
@@ -62,19 +62,6 @@ def summary_json(path: Path) -> tuple[int, dict | None, str]:
 def kernel_us_of(doc: dict, skip: set[int] = frozenset()) -> float:
     """Sum of the kernels' 'dur' (us) straight from the JSON, leaving out the indices in `skip`."""
     return sum(e["dur"] for i, e in enumerate(kernels_of(doc)) if i not in skip)
-
-
-@contextlib.contextmanager
-def no_hang(seconds: int = 30):
-    def stop(*_):
-        raise TimeoutError(f"still reading after {seconds} s")
-    old = signal.signal(signal.SIGALRM, stop)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 # ------------------------------------------------------------------------------------------
