@@ -58,8 +58,12 @@ def _run(out: Path, sweep: Path, threads: int, hogs: int) -> dict:
         raise SystemExit(f"profile failed: {res.stderr[-2000:]}")
     doc = json.loads(res.stdout)
     cvs = [c["decode_step_cv_pct"] for c in doc["quality_configs"]]
+    adj = [c["decode_step_cv_adjusted_pct"] for c in doc["quality_configs"] if c.get("decode_step_cv_adjusted_pct") is not None]
+    ref = [c["reference_cv_pct"] for c in doc["quality_configs"] if c.get("reference_cv_pct") is not None]
     return {"wall_s": wall, "verdict": doc["quality"]["verdict"], "reasons": doc["quality"]["reasons"],
             "cv_max": max(cvs), "cv_median": statistics.median(cvs),
+            "adj_max": max(adj) if adj else float("nan"), "adj_median": statistics.median(adj) if adj else float("nan"),
+            "ref_median": statistics.median(ref) if ref else float("nan"),
             "contended": sum(c["contended_requests"] for c in doc["quality_configs"]),
             "configs": len(cvs)}
 
@@ -73,10 +77,28 @@ def _probe_cost(n: int = 20000) -> float:
     return (time.perf_counter_ns() - t0) / n / 1000
 
 
+def _reference_alone(seconds: float = 10.0, block_ms: float = 25.0) -> dict:
+    """The machine's own steadiness, with no model: the fixed reference workload timed back to back
+    in blocks of about one tiny request (25 ms) for `seconds`: the CV of the blocks is the spread
+    this host puts into any label of that length."""
+    from molmo_latency.conditions import SpeedReference
+
+    ref = SpeedReference()
+    one = statistics.median(ref.time_ms() for _ in range(20))
+    per_block = max(1, round(block_ms / one))
+    blocks, t_end = [], time.monotonic() + seconds
+    while time.monotonic() < t_end:
+        blocks.append(sum(ref.time_ms() for _ in range(per_block)))
+    cv = 100 * statistics.stdev(blocks) / statistics.mean(blocks)
+    return {"one_ms": one, "blocks": len(blocks), "block_ms": statistics.median(blocks), "cv": cv,
+            "min": min(blocks), "max": max(blocks)}
+
+
 def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="conditions-"))
     sweep = root / "sweep.toml"
     sweep.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in SWEEP.items()) + "\n")
+    alone = _reference_alone()
     quiet = _run(root / "quiet", sweep, threads=1, hogs=0)
     loaded = _run(root / "loaded", sweep, threads=1, hogs=2)
     two = _run(root / "two", sweep, threads=2, hogs=0)
@@ -87,11 +109,18 @@ def main() -> None:
             f"x {SWEEP['repeats']} repeats), `molmo-latency profile ... --threads N --json`; the verdict and the "
             "per-configuration decode-step CV come from `report`'s quality judge (NoisePolicy defaults: CV 5%, "
             "drift 5%, CPU share 75%).", "",
-            "| run | wall s | verdict | decode-step CV % (median / max over configurations) | contended requests |",
-            "|---|---|---|---|---|"]
+            "| run | wall s | verdict | decode-step CV % (median / max over configurations) | same, host speed "
+            "taken out (median / max) | reference workload CV % (median) | contended requests |",
+            "|---|---|---|---|---|---|---|"]
     for name, r in rows:
         body.append(f"| {name} | {r['wall_s']:.1f} | {r['verdict']} | {r['cv_median']:.1f} / {r['cv_max']:.1f} | "
-                    f"{r['contended']} |")
+                    f"{r['adj_median']:.1f} / {r['adj_max']:.1f} | {r['ref_median']:.1f} | {r['contended']} |")
+    body += ["", f"The host alone, no model (`SpeedReference` timed back to back in {alone['blocks']} blocks of "
+                 f"{alone['block_ms']:.1f} ms, about one tiny request, for 10 s, just before the sweeps): block time "
+                 f"{alone['min']:.1f}-{alone['max']:.1f} ms, **CV {alone['cv']:.1f}%**. One reference is "
+                 f"{alone['one_ms']:.2f} ms; the sweep times it before and after each request (outside the request's "
+                 "timeline).",
+             "", "Reasons given for the quiet `--threads 1` run:", ""] + [f"- {reason}" for reason in quiet["reasons"]]
     body += ["", "Reasons given for the loaded run:", ""] + [f"- {reason}" for reason in loaded["reasons"]]
     body += ["", f"`fit` of the `--threads 1` and `--threads 2` runs: exit {fit.returncode}: "
                  f"`{fit.stderr.strip().splitlines()[-1] if fit.stderr.strip() else ''}`", "",

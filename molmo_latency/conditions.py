@@ -11,6 +11,9 @@ A latency label is only as good as its conditions. Two kinds are recorded:
   1-minute load, and ``warm`` (False for a request measured before the model reached steady
   state). Two ``getrusage`` calls and a clock read per request: a few microseconds
   (``benchmarks/overhead.py``).
+- **Per measured request of a sweep**, ``reference_ms`` (:class:`SpeedReference`): a fixed CPU
+  workload timed just before and after the request, outside its timeline: the host's speed then,
+  which a VM changes without the process seeing it.
 - **Per run** (:func:`run_conditions`), the ``conditions`` object of ``run.json``: threads and the
   environment variables that set them, CPU affinity and model, frequency governor where
   readable, load at the start and, on a GPU, what :meth:`GpuDevice.conditions` reads (other
@@ -86,6 +89,51 @@ class RequestProbe:
                 "involuntary_switches": _switches() - self.switches,
                 "host_load_1m": _load_1m(),
                 "warm": bool(warm)}
+
+
+class SpeedReference:
+    """How fast the host runs right now, from a fixed workload timed beside each measured request.
+
+    A process cannot see everything that slows it: on a VM the host CPU's speed changes with
+    what other tenants run and with frequency scaling, and the CPU share and switches recorded by
+    :class:`RequestProbe` stay at 1.00 and 0 while it happens. So the sweep times the same small
+    workload just before and just after each request (outside its timeline: the label is not
+    touched) and records the mean as ``reference_ms``. A reference that varies between requests
+    says the machine's speed varied; :mod:`molmo_latency.quality` uses it to tell that spread from
+    the configuration's own.
+
+    The workload is what a small model on a CPU spends its time on: a chain of small torch ops
+    (matmul, add, tanh on 32x32 tensors: dispatch and a little arithmetic), ``ops`` of them, about
+    a millisecond on a 2-core EPYC VM; the result is kept so that nothing is optimised away.
+
+    Example:
+        >>> ref = SpeedReference(ops=30)
+        >>> ms = ref.time_ms()
+        >>> ms > 0
+        True
+    """
+
+    def __init__(self, ops: int = 450) -> None:
+        import torch
+
+        if ops < 1:
+            raise ValueError(f"SpeedReference needs ops >= 1, got {ops}")
+        self.ops = int(ops)
+        self._torch = torch
+        self._w = torch.full((32, 32), 1.0 / 32)
+        self._x = torch.ones(1, 32)
+        self.sink = 0.0
+
+    def time_ms(self) -> float:
+        torch = self._torch
+        with torch.inference_mode():
+            x = self._x
+            t0 = time.perf_counter_ns()
+            for _ in range(self.ops // 3 or 1):
+                x = torch.tanh(x @ self._w + 0.01)
+            t1 = time.perf_counter_ns()
+        self.sink = float(x[0, 0])
+        return (t1 - t0) / 1e6
 
 
 def _read(path: str) -> str | None:

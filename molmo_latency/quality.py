@@ -2,7 +2,9 @@
 
 Per configuration a noise verdict (spread of decode steps and of prefill, drift between
 interleaved rounds, outliers, contention seen in the recorded conditions), and one run-level
-verdict with its reasons, each saying what to do. The thresholds are a value
+verdict with its reasons, each saying what to do. Where a sweep recorded the host's speed beside
+each request (``reference_ms``), the spread it explains is shown apart (``reference_cv_pct``,
+``decode_step_cv_adjusted_pct``) and a machine whose speed varied is named as the cause. The thresholds are a value
 (:class:`NoisePolicy`), not constants spread through the code.
 
 Verdicts, worst first: ``contended`` (other processes took the CPU the measurement needed),
@@ -102,6 +104,9 @@ def config_quality(requests: pl.DataFrame, usable_cpus: int, policy: NoisePolicy
         pl.when(pl.col("_dev") == 0).then(0.0)
         .otherwise(pl.col("_dev") / (1.4826 * pl.col("_dev").median().over("config_id"))).alias("_mads"))
     step = "decode_per_token_ms" if "decode_per_token_ms" in rows.columns else "total_ms"
+    if "reference_ms" in rows.columns:  # the step at the run's median host speed
+        rows = rows.with_columns((pl.col(step) * pl.col("reference_ms").median() / pl.col("reference_ms"))
+                                 .alias("_step_adjusted"))
     per = rows.group_by("config_id", maintain_order=True).agg(
         pl.len().alias("n"),
         _cv(step).alias("decode_step_cv_pct"),
@@ -112,6 +117,10 @@ def config_quality(requests: pl.DataFrame, usable_cpus: int, policy: NoisePolicy
          / pl.col(step).median()).alias("drift_pct"),
         (pl.col("_mads") > policy.outlier_mads).fill_null(False).sum().alias("outliers"),
         pl.col("contended").sum().alias("contended_requests"),
+        *((_cv("reference_ms").alias("reference_cv_pct"), _cv("_step_adjusted").alias("decode_step_cv_adjusted_pct"))
+          if "reference_ms" in rows.columns else
+          (pl.lit(None, dtype=pl.Float64).alias("reference_cv_pct"),
+           pl.lit(None, dtype=pl.Float64).alias("decode_step_cv_adjusted_pct"))),
     )
     few = pl.col("n") < policy.min_repeats
     noisy = ((pl.col("decode_step_cv_pct") > policy.max_cv_pct) | (pl.col("prefill_cv_pct") > policy.max_cv_pct)
@@ -125,6 +134,33 @@ def config_quality(requests: pl.DataFrame, usable_cpus: int, policy: NoisePolicy
 def _names(ids: list[str], most: int = 4) -> str:
     shown = ", ".join(ids[:most])
     return shown + (f" (+{len(ids) - most} more)" if len(ids) > most else "")
+
+
+def _machine_speed(requests: pl.DataFrame, per: pl.DataFrame, policy: NoisePolicy) -> str | None:
+    """A reason when the host's own speed (``reference_ms``, a fixed workload timed beside each
+    request) varied more than the policy allows over the run: the spread it puts into the labels
+    is the machine's, not the configurations'. None when it held steady or was not recorded."""
+    if "reference_ms" not in requests.columns:
+        return None
+    keep = pl.col("valid").fill_null(False) if "valid" in requests.columns else pl.lit(True)
+    if "warm" in requests.columns:
+        keep = keep & pl.col("warm").fill_null(True)
+    ref = requests.filter(keep)["reference_ms"].drop_nulls()
+    if ref.len() < policy.min_repeats or not ref.mean():
+        return None
+    cv = 100 * float(ref.std()) / float(ref.mean())
+    if cv <= policy.max_cv_pct:
+        return None
+    raw = per["decode_step_cv_pct"].drop_nulls()
+    adj = per["decode_step_cv_adjusted_pct"].drop_nulls()
+    figures = (f"; with that speed taken out, decode steps of a configuration differ by {adj.median():.1f}% "
+               f"(CV, median over configurations; worst {adj.max():.1f}%) instead of {raw.median():.1f}% "
+               f"(worst {raw.max():.1f}%)") if adj.len() and raw.len() else ""
+    return (f"machine speed: a fixed reference workload timed beside each request (reference_ms, "
+            f"{ref.min():.2f}-{ref.max():.2f} ms) varied by {cv:.1f}% (CV) over the run, so the host itself ran "
+            f"faster and slower while it measured (a VM whose host CPU other tenants share, frequency scaling)"
+            f"{figures}. The labels are kept as measured; for repeats within {policy.max_cv_pct:g}% measure on a "
+            "dedicated machine or a GPU")
 
 
 def judge(requests: pl.DataFrame, *, usable_cpus: int, expected_requests: int | None = None,
@@ -152,6 +188,9 @@ def judge(requests: pl.DataFrame, *, usable_cpus: int, expected_requests: int | 
             f"{noisy.height} of {per.height} configurations (worst {worst['config_id']}: decode-step CV "
             f"{worst['decode_step_cv_pct'] or 0:.1f}%, drift {worst['drift_pct'] or 0:.1f}%): "
             f"{_names(noisy['config_id'].to_list())}. Use more repeats, a longer warm-up, or a quieter machine")
+    machine = _machine_speed(configs, per, policy)
+    if machine:
+        reasons.append(machine)
     few = per.filter(pl.col("verdict") == "too few")
     if few.height:
         reasons.append(f"{few.height} configurations have fewer than {policy.min_repeats} valid warm repeats: "

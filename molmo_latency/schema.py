@@ -8,8 +8,10 @@ A *run directory* (written by the sweep runner, `molmo-latency profile`) holds:
 
 - ``requests.parquet``: one row per measured request (one generate() call), REQUEST_COLUMNS plus
   the configuration columns CONFIG_COLUMNS, ``config_id``, ``repeat`` and ``order`` (position in
-  the interleaved run), the device columns DEVICE_COLUMNS and, when NVML was on, the telemetry
-  aggregates TELEMETRY_AGG_COLUMNS (null otherwise).
+  the interleaved run), ``reference_ms`` (a fixed CPU workload timed beside the request: the
+  host's speed then, :class:`molmo_latency.conditions.SpeedReference`), the device columns
+  DEVICE_COLUMNS and, when NVML was on, the telemetry aggregates TELEMETRY_AGG_COLUMNS (null
+  otherwise).
 - ``phases.parquet``: one row per phase instance, PHASE_COLUMNS plus ``config_id``, ``repeat`` and
   TELEMETRY_AGG_COLUMNS.
 - ``telemetry.parquet`` (NVML on): one row per sample, TELEMETRY_SAMPLE_COLUMNS.

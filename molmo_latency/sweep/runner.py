@@ -22,7 +22,7 @@ from typing import Any, Iterable
 import polars as pl
 import torch
 
-from molmo_latency.conditions import run_conditions
+from molmo_latency.conditions import SpeedReference, run_conditions
 from molmo_latency.errors import SweepError
 from molmo_latency.profiler import profile_phases
 from molmo_latency.safe_fs import inside
@@ -130,6 +130,7 @@ class Worker:
         self.nvml = nvml
         # host and device columns of every row (plus any the caller adds, e.g. a worker id)
         self.columns = {**device_columns(device), **(columns or {})}
+        self.speed = SpeedReference()  # timed beside each measured request: reference_ms
         self.warmed: set[str] = set()
         # warm-up requests' totals per configuration, to tell when it is steady
         self.warmup_ms: dict[str, list[float]] = {}
@@ -210,11 +211,15 @@ class Worker:
             self.warm_up(config)
             self.post_failure_warmups += 1
         self._thermal_wait()
+        before = self.speed.time_ms()
         try:
             indices = measure_config(self.source, self._prof, config, self.spec)
         finally:
             report = self._prof.pop_report()
-        return unit_tables(report, config, repeat, order, self.columns, block_indices=indices)
+        reference = (before + self.speed.time_ms()) / 2  # the host's speed around the request
+        tables = unit_tables(report, config, repeat, order, self.columns, block_indices=indices)
+        tables["requests"] = tables["requests"].with_columns(pl.lit(reference, dtype=pl.Float64).alias("reference_ms"))
+        return tables
 
     def _thermal_wait(self) -> None:
         """The protocol's thermal mode: wait for an idle GPU at most gpu_max_temp_c hot (off
