@@ -5,6 +5,11 @@ import torch
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+# Ray's memory monitor kills workers when the whole machine's memory passes 95%, whoever uses it:
+# a test's verdict must not depend on what other processes hold (the Ray tests' own models are
+# tiny). Set before any test starts a Ray cluster; users' Ray settings are not touched.
+os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
