@@ -61,7 +61,10 @@ _HOST_REGRESSORS = (
     ("cpu_share", "coef_ms_per_cpu_share"),
     ("switches_per_s", "coef_ms_per_switch_per_s"),
     ("host_load_1m", "coef_ms_per_load"),
+    ("reference_ms", "coef_ms_per_reference_ms"),  # the host's speed beside the request (sweeps)
 )
+# a request whose reference workload took this much longer than the run's median ran on a slow host
+SLOW_MACHINE_RATIO = 1.15
 NO_CONDITIONS = "no host conditions recorded"
 # a request whose process got less than this share of its threads' CPU time ran contended
 CONTENDED_CPU_SHARE = 0.75
@@ -116,7 +119,7 @@ def prepare_requests(requests: pl.DataFrame) -> pl.DataFrame:
     if "repeat" not in df.columns:
         df = df.with_columns(pl.lit(None, dtype=pl.Int64).alias("repeat"))
     host = []
-    for col in ("cpu_time_ratio", "torch_threads", "involuntary_switches", "host_load_1m"):
+    for col in ("cpu_time_ratio", "torch_threads", "involuntary_switches", "host_load_1m", "reference_ms"):
         if col not in df.columns:
             host.append(pl.lit(None, dtype=pl.Float64).alias(col))
     if host:
@@ -187,8 +190,10 @@ def hardware_share(requests: pl.DataFrame, targets: tuple[str, ...] = HARDWARE_T
 def host_share(requests: pl.DataFrame, targets: tuple[str, ...] = HARDWARE_TARGETS) -> pl.DataFrame:
     """Share of the within-configuration variance of each target explained by the host side:
     the process's CPU share of its threads (``cpu_share``, CPU devices only), involuntary context
-    switches per second and the host's 1-minute load; the same fit as :func:`hardware_share`.
-    A large share says other processes on the machine moved the labels.
+    switches per second, the host's 1-minute load and, from sweeps, the time of a fixed reference
+    workload beside each request (``reference_ms``: the host's own speed, which a VM changes
+    unseen); the same fit as :func:`hardware_share`. A large share says the machine, not the
+    configuration, moved the labels.
 
     >>> share = [1.0, 0.5, 0.98, 0.6, 0.99]
     >>> df = prepare_requests(pl.DataFrame({**{c: [1.0] * 5 for c in PHASE_MS_COLUMNS},
@@ -280,10 +285,12 @@ def find_outliers(
     2. ``throttling`` (slow outliers): a slowdown bit (not idle / app / display clocks) was seen;
     3. ``host contention`` (slow): the process got less than 75% of its threads' CPU time
        (recorded ``cpu_time_ratio``; CPU devices);
-    4. ``clock drop`` (slow): SM clock mean more than ``clock_drop`` below the config median;
-    5. ``first run after idle`` (slow): lowest ``order`` in its configuration, or more than
+    4. ``slow machine`` (slow): the fixed reference workload timed beside it (``reference_ms``)
+       took more than 15% longer than the run's median: the host ran slower;
+    5. ``clock drop`` (slow): SM clock mean more than ``clock_drop`` below the config median;
+    6. ``first run after idle`` (slow): lowest ``order`` in its configuration, or more than
        ``idle_gap_ms`` since the previous request ended;
-    6. ``unexplained``.
+    7. ``unexplained``.
 
     >>> vals = [10.0, 10.1, 9.9, 10.0, 10.2, 9.8, 10.1, 30.0]
     >>> df = prepare_requests(pl.DataFrame({**{c: [1.0] * 8 for c in PHASE_MS_COLUMNS},
@@ -300,6 +307,8 @@ def find_outliers(
     else:
         df = df.with_columns(pl.lit(None, dtype=pl.Float64).alias("gap_before_ms"))
     df = df.with_columns(
+        pl.col("reference_ms").filter(_usable()).median().alias("_ref_med") if "reference_ms" in df.columns
+        else pl.lit(None, dtype=pl.Float64).alias("_ref_med"),
         pl.col("sm_clock_mean_mhz").filter(_usable()).median().over("config_id").alias("_clock_med"),
         (pl.col("order") == pl.col("order").min().over("config_id")).alias("_first"),
     )
@@ -351,6 +360,10 @@ def _cause(r: dict, clock_drop: float, idle_gap_ms: float) -> tuple[str, str | N
     if share is not None and share < CONTENDED_CPU_SHARE:
         return "host contention", (f"the process got {share:.0%} of its {int(r.get('torch_threads') or 1)} "
                                    "thread(s)' CPU time: other processes took the cores")
+    ref, ref_med = r.get("reference_ms"), r.get("_ref_med")
+    if ref is not None and ref_med and ref > SLOW_MACHINE_RATIO * ref_med:
+        return "slow machine", (f"the reference workload beside it took {ref:.2f} ms vs {ref_med:.2f} ms median "
+                                f"({ref / ref_med - 1:+.0%}): the host itself ran slower")
     clock, med = r.get("sm_clock_mean_mhz"), r.get("_clock_med")
     if clock is not None and med and clock < (1.0 - clock_drop) * med:
         return "clock drop", f"SM clock {clock:.0f} MHz vs {med:.0f} MHz median ({clock / med - 1:+.0%})"

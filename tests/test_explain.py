@@ -313,3 +313,25 @@ def test_without_recorded_conditions_the_host_fit_says_so():
 
     df = pl.DataFrame({**{c: [1.0, 1.1, 0.9] for c in PHASE_MS_COLUMNS}, "config_id": ["a"] * 3})
     assert explain(df).host["note"].to_list() == [NO_CONDITIONS, NO_CONDITIONS]
+
+
+def test_a_host_whose_speed_varies_explains_the_spread_and_names_its_slow_request():
+    """Decode steps planted to follow the host's speed (the reference workload beside each request
+    takes as much longer as the step): the host fit explains it through reference_ms, and the
+    slowest request's cause is the slow machine, with its reference against the median."""
+    from molmo_latency.explain import PHASE_MS_COLUMNS, explain
+
+    speed = [1.0, 1.02, 0.98, 1.01, 0.99, 1.0, 1.03, 1.6]
+    n = len(speed)
+    df = pl.DataFrame({**{c: [1.0] * n for c in PHASE_MS_COLUMNS},
+                       "decode_per_token_ms": [2.0 * s for s in speed], "config_id": ["a"] * n,
+                       "cpu_time_ratio": [0.99] * n, "torch_threads": [1] * n, "order": list(range(n)),
+                       "involuntary_switches": [0] * n, "host_load_1m": [1.0] * n,
+                       "reference_ms": [0.8 * s for s in speed]})
+    e = explain(df)
+    host = e.host.filter(pl.col("target") == "decode_per_token_ms").row(0, named=True)
+    assert "reference_ms" in host["regressors"] and host["r2"] > 0.99
+    assert host["coef_ms_per_reference_ms"] == pytest.approx(2.0 / 0.8, rel=1e-6)
+    slow = e.outliers.filter(pl.col("metric") == "decode_per_token_ms").row(0, named=True)
+    assert slow["order"] == 7 and slow["cause"] == "slow machine"
+    assert f"{0.8 * 1.6:.2f} ms vs {0.8 * 1.005:.2f} ms median" in slow["detail"]
