@@ -348,6 +348,16 @@ def _block_list_path(decoder_path: str, decoder: torch.nn.Module, depth: int = 1
     return None
 
 
+def _nested_block_list(model: torch.nn.Module, decoder_path: str, image_modules: Sequence[str]) -> str | None:
+    """The outermost non-empty block list (a ModuleList named like :data:`BLOCK_LIST_NAMES`) inside
+    the text decoder and outside every image module, or None."""
+    found = [n for n, m in model.named_modules()
+             if isinstance(m, torch.nn.ModuleList) and len(m) and n.rsplit(".", 1)[-1] in BLOCK_LIST_NAMES
+             and _inside(n, decoder_path) and not any(_inside(n, p) for p in image_modules)]
+    outer = _outermost(found)
+    return outer[0] if len(outer) == 1 else None
+
+
 def _vision_configs(cfg: Any) -> list[Any]:
     found = []
     for name, value in vars(cfg).items() if cfg is not None else ():
@@ -448,7 +458,16 @@ def discover_phases(model: torch.nn.Module) -> PhaseMap | None:
                                 if candidate(n, PROJECTOR_NAMES) and any(_inside(n, v) for v in vision)])
     # the LLM: the decoder through the LM head, from its first block when it holds image modules
     llm_start = decoder_path
-    if any(_inside(p, decoder_path) for p in (*vision, *projectors)) and blocks_path:
+    image_modules = (*vision, *projectors)
+    if any(_inside(p, decoder_path) for p in image_modules):
+        if blocks_path is None:  # the blocks sit deeper (GIT: git.encoder.layer): the outermost block
+            blocks_path = _nested_block_list(model, decoder_path, image_modules)  # list outside image modules
+        if blocks_path is None:
+            raise AdapterError(
+                f"cannot find the phases of {type(model).__name__}: the image module {image_modules[0]!r} runs "
+                f"inside the text decoder {decoder_path or '(the model)'!r} and no single block list outside it "
+                "marks where the text model starts; pass profile_phases(model, phases={'vision': ..., "
+                "'llm': ('path.to.first_block', 'path.to.lm_head')})")
         llm_start = f"{blocks_path}.0"
     llm_end = head_path if head_path is not None else decoder_path
     while head_path is not None and "." in llm_end:

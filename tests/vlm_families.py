@@ -396,6 +396,40 @@ FAMILIES: list[Family] = [
            {"vision": ["model.vision_tower"], "projector": ["model.multi_modal_projector"],
             "llm": ("model.language_model.decoder", "lm_head"), "encoder": ["model.language_model.encoder"]},
            17, encoder_decoder=True),
+    Family("llava_onevision", "LlavaOnevisionForConditionalGeneration",
+           lambda: tiny_config("llava_onevision", image_token_index=IMAGE, image_grid_pinpoints=[[32, 32]],
+                               **_VISION_32),
+           # the base image (16) and one 4x4 tile with a newline after each row (20)
+           lambda cfg: {"input_ids": prompt(36), **_pix(1, 2, 3, 32, 32), "image_sizes": torch.tensor([[32, 32]])},
+           LLAVA_OWN, 36),
+    Family("lfm2_vl", "Lfm2VlForConditionalGeneration",
+           lambda: tiny_config("lfm2_vl", image_token_id=IMAGE, projector_hidden_size=32, **{
+               "vision_config.patch_size": 8, "vision_config.num_patches": 16}),
+           # one image of 4x4 patches (8x8 pixels each, flattened), downsampled 2x2 into 4 tokens
+           lambda cfg: {"input_ids": prompt(4), **_pix(1, 16, 8 * 8 * 3), "spatial_shapes": torch.tensor([[4, 4]]),
+                        "pixel_attention_mask": torch.ones(1, 16, dtype=torch.long)},
+           LLAVA_OWN, 4),
+    Family("fuyu", "FuyuForCausalLM",
+           lambda: tiny_config("fuyu", image_token_id=IMAGE, patch_size=4),
+           # 9 patches of 4x4 pixels, flattened, each one image token (Fuyu has no vision tower: a linear patch embedding)
+           lambda cfg: {"input_ids": prompt(9), **_pix(1, 9, 4 * 4 * 3)},
+           {"vision": ["model.vision_embed_tokens"], "llm": ("model.language_model", "lm_head")}, 9),
+    Family("git", "GitForCausalLM",
+           lambda: tiny_config("git", **_VISION_32),
+           # the image's 16 patches and its class token are put before the prompt (no placeholders)
+           lambda cfg: {"input_ids": torch.tensor([[BOS, 10, 11, 12]]), **_pix(1, 3, 32, 32)},
+           {"vision": ["git.image_encoder"], "projector": ["git.visual_projection"],
+            "llm": ("git.encoder.layer.0", "output")}, 17),
+    Family("pix2struct", "Pix2StructForConditionalGeneration",
+           lambda: tiny_config("pix2struct", **{
+               "vision_config.patch_embed_hidden_size": 8 * 8 * 3, "vision_config.d_kv": 8,
+               "vision_config.d_ff": 64, "vision_config.seq_len": 16, "text_config.d_kv": 8,
+               "text_config.d_ff": 64}),
+           # 16 flattened patches, each led by its (row, column), counted from 1
+           lambda cfg: {"flattened_patches": torch.cat([
+               torch.tensor([[r, c] for r in range(1, 5) for c in range(1, 5)], dtype=torch.float)[None],
+               torch.randn(1, 16, 8 * 8 * 3)], dim=-1), "attention_mask": torch.ones(1, 16, dtype=torch.long)},
+           {"vision": ["encoder"], "llm": ("decoder", "decoder.lm_head")}, None),
 ]
 
 
