@@ -358,6 +358,31 @@ def _nested_block_list(model: torch.nn.Module, decoder_path: str, image_modules:
     return outer[0] if len(outer) == 1 else None
 
 
+def _sibling_projectors(model: torch.nn.Module, vision: Sequence[str], text: Sequence[str]) -> list[str]:
+    """Where no module is named like a projector: the modules beside the vision module (children
+    of its parent) that hold weights and are no part of the text model (decoder, encoder, LM head,
+    input embeddings), e.g. Ovis2's ``visual_embeddings_table``. None where the vision module sits
+    inside the text decoder (its siblings are the decoder's own parts)."""
+    embeddings = _call(model, "get_input_embeddings")
+    names = {id(m): n for n, m in model.named_modules()}
+    embed_path = names.get(id(embeddings)) if isinstance(embeddings, torch.nn.Module) else None
+    text = [*text, *([embed_path] if embed_path is not None else [])]
+    found = []
+    for v in vision:
+        parent_path = v.rsplit(".", 1)[0] if "." in v else ""
+        if any(_inside(parent_path, t) for t in text if t):
+            continue  # the vision module is a part of the text model (Chameleon)
+        parent = get_module(model, parent_path)
+        for child, module in parent.named_children() if parent is not None else ():
+            path = f"{parent_path}.{child}" if parent_path else child
+            if (path in vision or _excluded(path) or any(_inside(path, t) or _inside(t, path) for t in text)
+                    or isinstance(module, (torch.nn.ParameterList, torch.nn.ParameterDict))
+                    or not any(True for _ in module.parameters())):
+                continue
+            found.append(path)
+    return _outermost(sorted(set(found)))
+
+
 def _vision_configs(cfg: Any) -> list[Any]:
     found = []
     for name, value in vars(cfg).items() if cfg is not None else ():
@@ -456,6 +481,9 @@ def discover_phases(model: torch.nn.Module) -> PhaseMap | None:
     projectors = _outermost(projectors)
     inside_vision = _outermost([n for n, _ in model.named_modules()
                                 if candidate(n, PROJECTOR_NAMES) and any(_inside(n, v) for v in vision)])
+    if not projectors and not inside_vision:
+        projectors = _sibling_projectors(model, vision, [p for p in (decoder_path, encoder_path, head_path)
+                                                         if p is not None])
     # the LLM: the decoder through the LM head, from its first block when it holds image modules
     llm_start = decoder_path
     image_modules = (*vision, *projectors)

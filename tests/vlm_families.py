@@ -205,6 +205,21 @@ def _florence2_config() -> Any:
         "text_config.max_position_embeddings": 64})
 
 
+MINICPM_OWN = {"vision": ["model.vision_tower"], "projector": ["model.merger"],
+               "llm": ("model.language_model", "lm_head")}
+
+
+def _minicpm_config(model_type: str) -> Callable[[], Any]:
+    return lambda: tiny_config(model_type, image_token_id=IMAGE, video_token_id=IMAGE + 1, insert_layer_id=0, **{
+        "vision_config.image_size": 64, "vision_config.patch_size": 8, "vision_config.insert_layer_id": 0,
+        "text_config.layer_types": ["linear_attention", "full_attention"]})
+
+
+def _minicpm_inputs(tokens: int) -> Callable[[Any], dict]:
+    # NaViT-packed: the 64 patches of one 8x8-patch image side by side in one row of pixels
+    return lambda cfg: {"input_ids": prompt(tokens), **_pix(1, 3, 8, 64 * 8), "target_sizes": torch.tensor([[8, 8]])}
+
+
 FAMILIES: list[Family] = [
     Family("llava", "LlavaForConditionalGeneration",
            lambda: tiny_config("llava", image_token_index=IMAGE, **{
@@ -430,6 +445,22 @@ FAMILIES: list[Family] = [
                torch.tensor([[r, c] for r in range(1, 5) for c in range(1, 5)], dtype=torch.float)[None],
                torch.randn(1, 16, 8 * 8 * 3)], dim=-1), "attention_mask": torch.ones(1, 16, dtype=torch.long)},
            {"vision": ["encoder"], "llm": ("decoder", "decoder.lm_head")}, None),
+    Family("ovis2", "Ovis2ForConditionalGeneration",
+           lambda: tiny_config("ovis2", image_token_id=IMAGE, hidden_size=32,
+                               visual_indicator_token_ids=[IMAGE + 1 + i for i in range(5)], **_VISION_32),
+           # 16 patches, each a probability over the visual vocabulary looked up in the embedding table;
+           # the image is framed by two of the visual indicator tokens
+           lambda cfg: {"input_ids": prompt(16, start=[IMAGE + 1], end=[IMAGE + 2]), **_pix(1, 3, 32, 32)},
+           {"vision": ["model.vision_tower"], "projector": ["model.visual_embeddings_table"],
+            "llm": ("model.language_model", "lm_head")}, 16),
+    Family("minicpmv4_6", "MiniCPMV4_6ForConditionalGeneration", _minicpm_config("minicpmv4_6"),
+           # one image of 8x8 patches packed in a row; merged 2x2 inside the vision tower, then 2x2 by the merger
+           _minicpm_inputs(4), MINICPM_OWN, 4),
+    Family("minicpmv4_7", "MiniCPMV4_7ForConditionalGeneration", _minicpm_config("minicpmv4_7"),
+           _minicpm_inputs(4), MINICPM_OWN, 4),
+    Family("minicpm_ocr", "MiniCPMOcrForConditionalGeneration", _minicpm_config("minicpm_ocr"),
+           # "4x" downsampling: no merge inside the vision tower, 2x2 by the merger
+           _minicpm_inputs(16), MINICPM_OWN, 16),
 ]
 
 
