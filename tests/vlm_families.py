@@ -220,6 +220,18 @@ def _minicpm_inputs(tokens: int) -> Callable[[Any], dict]:
     return lambda cfg: {"input_ids": prompt(tokens), **_pix(1, 3, 8, 64 * 8), "target_sizes": torch.tensor([[8, 8]])}
 
 
+def _ernie_config() -> Any:
+    cfg = tiny_config("ernie4_5_vl_moe", image_token_id=IMAGE, video_token_id=IMAGE + 1, image_start_token_id=IMAGE + 2,
+                      image_end_token_id=IMAGE + 3, video_start_token_id=IMAGE + 4, video_end_token_id=IMAGE + 5, **{
+                          "vision_config.patch_size": 8, "text_config.moe_intermediate_size": [32, 32],
+                          "text_config.moe_num_experts": 4, "text_config.moe_k": 2,
+                          "text_config.moe_num_shared_experts": 1})
+    rope = dict(cfg.text_config.rope_parameters)
+    rope["mrope_section"] = [1, 1, 2]  # head_dim 8: the sections sum to head_dim / 2
+    cfg.text_config.rope_parameters = rope
+    return cfg
+
+
 FAMILIES: list[Family] = [
     Family("llava", "LlavaForConditionalGeneration",
            lambda: tiny_config("llava", image_token_index=IMAGE, **{
@@ -461,6 +473,11 @@ FAMILIES: list[Family] = [
     Family("minicpm_ocr", "MiniCPMOcrForConditionalGeneration", _minicpm_config("minicpm_ocr"),
            # "4x" downsampling: no merge inside the vision tower, 2x2 by the merger
            _minicpm_inputs(16), MINICPM_OWN, 16),
+    Family("ernie4_5_vl_moe", "Ernie4_5_VLMoeForConditionalGeneration", _ernie_config,
+           lambda cfg: {"input_ids": prompt(4, start=[IMAGE + 2], end=[IMAGE + 3]), "image_grid_thw": torch.tensor([[1, 4, 4]]),
+                        **_pix(16, 3 * 8 * 8)},
+           {"vision": ["model.vision_tower"], "projector": ["model.resampler_model"],
+            "llm": ("model.language_model", "lm_head")}, 4, knobs={"top_k": 1, "blocks": [1]}),
 ]
 
 
