@@ -262,7 +262,8 @@ _IMAGE_TOKEN_ATTRS = ("image_token_id", "image_token_index", "image_patch_id", "
 def image_token_id(model_or_config: Any) -> int | None:
     """The id that marks an image position in input_ids, wherever the config keeps it: on the
     config (``image_token_id``, ``image_token_index``, ...), its ``vision_config`` or
-    ``text_config``, or a ``vocabulary_map`` entry ``"<image>"`` (Chameleon); None if none."""
+    ``text_config``, or a ``vocabulary_map`` entry ``"<image>"`` (Chameleon); for a model with no
+    image id, the video placeholder id (a video-only model: InstructBLIP-Video); None if none."""
     cfg = getattr(model_or_config, "config", model_or_config)
     for holder in (cfg, getattr(cfg, "vision_config", None), getattr(cfg, "text_config", None)):
         if holder is None:
@@ -274,6 +275,10 @@ def image_token_id(model_or_config: Any) -> int | None:
     vocab = getattr(cfg, "vocabulary_map", None)
     if isinstance(vocab, Mapping) and isinstance(vocab.get("<image>"), int):
         return vocab["<image>"]
+    for attr in ("video_token_index", "video_token_id"):  # a video-only model (InstructBLIP-Video):
+        value = getattr(cfg, attr, None)                  # its frames' placeholders
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
     return None
 
 

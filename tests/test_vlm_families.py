@@ -245,6 +245,8 @@ def test_a_model_that_fits_nothing_gets_the_mapping_it_needs():
     ({"text_config": {"image_token_index": 11}}, 11),
     ({"vocabulary_map": {"<image>": 12, "a": 3}}, 12),             # Chameleon
     ({"image_token_id": None, "vision_config": {"image_token_id": 13}}, 13),
+    ({"video_token_index": 14}, 14),                                # a video-only model (InstructBLIP-Video)
+    ({"image_token_id": 15, "video_token_id": 16}, 15),            # the image id first
     ({}, None),
 ])
 def test_image_token_id_wherever_the_config_keeps_it(where, expected):

@@ -478,6 +478,42 @@ FAMILIES: list[Family] = [
                         **_pix(16, 3 * 8 * 8)},
            {"vision": ["model.vision_tower"], "projector": ["model.resampler_model"],
             "llm": ("model.language_model", "lm_head")}, 4, knobs={"top_k": 1, "blocks": [1]}),
+    Family("qwen3_5", "Qwen3_5ForConditionalGeneration",
+           _qwen_config("qwen3_5", **{"vision_config.deepstack_visual_indexes": [],
+                                      "text_config.layer_types": ["linear_attention", "full_attention"],
+                                      "vision_config.num_position_embeddings": 16}),
+           _qwen_inputs(), QWEN_OWN, 4, knobs={"blocks": [1]}),
+    Family("glm46v", "Glm46VForConditionalGeneration",
+           _qwen_config("glm46v", **{"vision_config.image_size": 32}), _qwen_inputs(), QWEN_OWN, 4),
+    Family("glm_ocr", "GlmOcrForConditionalGeneration",
+           _qwen_config("glm_ocr", **{"vision_config.image_size": 32}), _qwen_inputs(), QWEN_OWN, 4),
+    Family("qwen3_omni_moe_thinker", "Qwen3OmniMoeThinkerForConditionalGeneration",
+           _qwen_config("qwen3_omni_moe_thinker", **{"vision_config.deepstack_visual_indexes": [0],
+                                                     "vision_config.num_position_embeddings": 16,
+                                                     "audio_token_id": IMAGE + 5}),
+           _qwen_inputs(), QWEN_OWN, 4),
+    Family("llava_next_video", "LlavaNextVideoForConditionalGeneration",
+           lambda: tiny_config("llava_next_video", image_token_index=IMAGE, video_token_index=IMAGE + 1,
+                               image_grid_pinpoints=[[32, 32]], **_VISION_32),
+           lambda cfg: {"input_ids": prompt(36), **_pix(1, 2, 3, 32, 32), "image_sizes": torch.tensor([[32, 32]])},
+           # the video resampler only runs on videos: an image request never calls it
+           {"vision": ["model.vision_tower"], "projector": ["model.multi_modal_projector", "model.vision_resampler"],
+            "llm": ("model.language_model", "lm_head")}, 36),
+    Family("instructblipvideo", "InstructBlipVideoForConditionalGeneration",
+           lambda: tiny_config("instructblipvideo", video_token_index=IMAGE, num_query_tokens=4, **{
+               **_VISION_32, "qformer_config.encoder_hidden_size": 32}),
+           # a video of 2 frames: 4 query tokens per frame
+           lambda cfg: {"input_ids": prompt(8), "pixel_values": torch.randn(1, 2, 3, 32, 32),
+                        "qformer_input_ids": torch.tensor([[BOS, 10, 11]])},
+           BLIP2_OWN, 8),
+    Family("granite_docling", "GraniteDoclingForConditionalGeneration",
+           lambda: tiny_config("granite_docling", image_token_id=IMAGE, scale_factor=2, **_VISION_32),
+           # one tile, marked real by a (batch, tiles) mask; the connector runs inside the vision model
+           # (its connector shuffles 4x4 patches into one token: 16 patches, 1 image token)
+           lambda cfg: {"input_ids": prompt(1), **_pix(1, 1, 3, 32, 32),
+                        "pixel_attention_mask": torch.ones(1, 1, dtype=torch.bool)},
+           {"vision": ["model.vision_model"], "projector": "inside:model.vision_model.connector",
+                                "llm": ("model.text_model", "lm_head")}, 1),
 ]
 
 
