@@ -514,6 +514,12 @@ FAMILIES: list[Family] = [
                         "pixel_attention_mask": torch.ones(1, 1, dtype=torch.bool)},
            {"vision": ["model.vision_model"], "projector": "inside:model.vision_model.connector",
                                 "llm": ("model.text_model", "lm_head")}, 1),
+    Family("exaone4_5", "Exaone4_5_ForConditionalGeneration", _qwen_config("exaone4_5"), _qwen_inputs(), QWEN_OWN, 4),
+    Family("glm5_next", "Glm5NextForConditionalGeneration",
+           _qwen_config("glm5_next", **{"vision_config.image_size": 32}), _qwen_inputs(), QWEN_OWN, 4),
+    Family("cosmos3_omni", "Cosmos3OmniForConditionalGeneration",
+           _qwen_config("cosmos3_omni", **{"vision_config.deepstack_visual_indexes": [],
+                                           "vision_config.num_position_embeddings": 16}), _qwen_inputs(), QWEN_OWN, 4),
 ]
 
 
