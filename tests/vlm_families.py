@@ -520,6 +520,17 @@ FAMILIES: list[Family] = [
     Family("cosmos3_omni", "Cosmos3OmniForConditionalGeneration",
            _qwen_config("cosmos3_omni", **{"vision_config.deepstack_visual_indexes": [],
                                            "vision_config.num_position_embeddings": 16}), _qwen_inputs(), QWEN_OWN, 4),
+    Family("step3p7", "Step3p7ForConditionalGeneration",
+           lambda: tiny_config("step3p7", image_token_id=IMAGE, **{**_VISION_32, "text_config.sliding_window": 64}),
+           # its projector pools the 4x4 patches into 1 token
+           lambda cfg: {"input_ids": prompt(1), **_pix(1, 3, 32, 32)},
+           {"vision": ["model.vision_model"], "projector": ["model.multi_modal_projector"],
+            "llm": ("model.language_model", "lm_head")}, 1),
+    Family("aria", "AriaForConditionalGeneration",
+           lambda: tiny_config("aria", image_token_index=IMAGE, image_token_id=IMAGE,
+                               projector_patch_to_query_dict={16: 4}, **_VISION_32),
+           # the projector's cross-attention turns 16 patches into 4 queries
+           lambda cfg: {"input_ids": prompt(4), **_pix(1, 3, 32, 32)}, LLAVA_OWN, 4),
 ]
 
 
