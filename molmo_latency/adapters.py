@@ -410,13 +410,17 @@ def _owns(module: torch.nn.Module, cfg: Any) -> bool:
 def _text_decoder(model: torch.nn.Module, names: dict[int, str]) -> torch.nn.Module | None:
     """The text decoder: ``get_decoder()``; where a model has none (some 4.5x VLMs), the
     outermost module whose config is the model's ``text_config`` (followed through its own
-    ``get_decoder()`` when it is a whole ...ForCausalLM)."""
+    ``get_decoder()`` when it is a whole ...ForCausalLM), or, with no ``text_config`` (the model's
+    config is the text config: 4.5x GIT), its ``base_model``."""
     decoder = _call(model, "get_decoder")
     if isinstance(decoder, torch.nn.Module) and id(decoder) in names and decoder is not model:
         return decoder
     text_cfg = getattr(getattr(model, "config", None), "text_config", None)
     if text_cfg is None:
-        return decoder if isinstance(decoder, torch.nn.Module) and id(decoder) in names else None
+        if isinstance(decoder, torch.nn.Module) and id(decoder) in names:
+            return decoder
+        base = getattr(model, "base_model", None)  # the config is the text config (4.5x GIT): its base model
+        return base if isinstance(base, torch.nn.Module) and base is not model and id(base) in names else None
     owners = _outermost([n for n, m in model.named_modules() if n and _owns(m, text_cfg)])
     if not owners:
         return None

@@ -205,6 +205,10 @@ def _florence2_config() -> Any:
         "text_config.max_position_embeddings": 64})
 
 
+def _unbuildable(*_: Any) -> Any:
+    raise RuntimeError("this family is skipped here (see its skip reason)")
+
+
 MINICPM_OWN = {"vision": ["model.vision_tower"], "projector": ["model.merger"],
                "llm": ("model.language_model", "lm_head")}
 
@@ -360,7 +364,7 @@ FAMILIES: list[Family] = [
            lambda cfg: {"input_ids": prompt(4), **_pix(1, 3, 64, 64)}, LLAVA_OWN, 4),
     Family("vision-encoder-decoder", "VisionEncoderDecoderModel", _vit_gpt2_config,
            lambda cfg: {**_pix(1, 3, 32, 32)},
-           {"vision": ["encoder"], "llm": ("decoder", "decoder.lm_head")}, None),
+           {"vision": ["encoder"], "llm": ("decoder", "decoder.lm_head")}, None, **BOTH),
     Family("mllama", "MllamaForConditionalGeneration",
            lambda: tiny_config("mllama", image_token_index=IMAGE, **{
                "vision_config.image_size": 32, "vision_config.patch_size": 8, "vision_config.num_global_layers": 1,
@@ -428,7 +432,7 @@ FAMILIES: list[Family] = [
                                **_VISION_32),
            # the base image (16) and one 4x4 tile with a newline after each row (20)
            lambda cfg: {"input_ids": prompt(36), **_pix(1, 2, 3, 32, 32), "image_sizes": torch.tensor([[32, 32]])},
-           LLAVA_OWN, 36),
+           LLAVA_OWN, 36, own4=LLAVA_OWN4, **BOTH),
     Family("lfm2_vl", "Lfm2VlForConditionalGeneration",
            lambda: tiny_config("lfm2_vl", image_token_id=IMAGE, projector_hidden_size=32, **{
                "vision_config.patch_size": 8, "vision_config.num_patches": 16}),
@@ -440,13 +444,14 @@ FAMILIES: list[Family] = [
            lambda: tiny_config("fuyu", image_token_id=IMAGE, patch_size=4),
            # 9 patches of 4x4 pixels, flattened, each one image token (Fuyu has no vision tower: a linear patch embedding)
            lambda cfg: {"input_ids": prompt(9), **_pix(1, 9, 4 * 4 * 3)},
+           # (4.51 takes image_patches and image_patches_indices instead: tested on 5.x)
            {"vision": ["model.vision_embed_tokens"], "llm": ("model.language_model", "lm_head")}, 9),
     Family("git", "GitForCausalLM",
            lambda: tiny_config("git", **_VISION_32),
            # the image's 16 patches and its class token are put before the prompt (no placeholders)
            lambda cfg: {"input_ids": torch.tensor([[BOS, 10, 11, 12]]), **_pix(1, 3, 32, 32)},
            {"vision": ["git.image_encoder"], "projector": ["git.visual_projection"],
-            "llm": ("git.encoder.layer.0", "output")}, 17),
+            "llm": ("git.encoder.layer.0", "output")}, 17, **BOTH),
     Family("pix2struct", "Pix2StructForConditionalGeneration",
            lambda: tiny_config("pix2struct", **{
                "vision_config.patch_embed_hidden_size": 8 * 8 * 3, "vision_config.d_kv": 8,
@@ -505,7 +510,7 @@ FAMILIES: list[Family] = [
            # a video of 2 frames: 4 query tokens per frame
            lambda cfg: {"input_ids": prompt(8), "pixel_values": torch.randn(1, 2, 3, 32, 32),
                         "qformer_input_ids": torch.tensor([[BOS, 10, 11]])},
-           BLIP2_OWN, 8),
+           BLIP2_OWN, 8, **BOTH),
     Family("granite_docling", "GraniteDoclingForConditionalGeneration",
            lambda: tiny_config("granite_docling", image_token_id=IMAGE, scale_factor=2, **_VISION_32),
            # one tile, marked real by a (batch, tiles) mask; the connector runs inside the vision model
@@ -531,6 +536,11 @@ FAMILIES: list[Family] = [
                                projector_patch_to_query_dict={16: 4}, **_VISION_32),
            # the projector's cross-attention turns 16 patches into 4 queries
            lambda cfg: {"input_ids": prompt(4), **_pix(1, 3, 32, 32)}, LLAVA_OWN, 4),
+    # need a package this machine cannot load: their vision towers are timm models (TimmWrapperModel)
+    *[Family(name, cls, _unbuildable, _unbuildable, {}, None,
+             skip=f"{cls} needs timm (its vision tower is a TimmWrapperModel); timm is not installed here")
+      for name, cls in (("fast_vlm", "FastVlmForConditionalGeneration"), ("gemma3n", "Gemma3nForConditionalGeneration"),
+                        ("perception_lm", "PerceptionLMForConditionalGeneration"))],
 ]
 
 
