@@ -205,6 +205,16 @@ def _florence2_config() -> Any:
         "text_config.max_position_embeddings": 64})
 
 
+def _emu3_config() -> Any:
+    from transformers import Emu3VQVAEConfig
+
+    # codebook entry i is the BPE token 110 + i, named as in Emu3's vocabulary; 127 ends an image row
+    vocab = {"<image>": IMAGE, "<|extra_200|>": 127, **{f"<|visual token{i:06d}|>": 110 + i for i in range(16)}}
+    return tiny_config("emu3", vocabulary_map=vocab, vq_config=Emu3VQVAEConfig(
+        codebook_size=16, embed_dim=4, latent_channels=4, base_channels=32, channel_multiplier=[1, 1],
+        num_res_blocks=1, attn_resolutions=[], temporal_downsample_factor=2, hidden_size=32))
+
+
 def _unbuildable(*_: Any) -> Any:
     raise RuntimeError("this family is skipped here (see its skip reason)")
 
@@ -541,6 +551,10 @@ FAMILIES: list[Family] = [
              skip=f"{cls} needs timm (its vision tower is a TimmWrapperModel); timm is not installed here")
       for name, cls in (("fast_vlm", "FastVlmForConditionalGeneration"), ("gemma3n", "Gemma3nForConditionalGeneration"),
                         ("perception_lm", "PerceptionLMForConditionalGeneration"))],
+    Family("emu3", "Emu3ForConditionalGeneration", _emu3_config,
+           # an 8x8 image: 4x4 codes, each row ended by an end-of-line token (4 x 5 = 20 image tokens)
+           lambda cfg: {"input_ids": prompt(20), **_pix(1, 3, 8, 8), "image_sizes": torch.tensor([[8, 8]])},
+           {"vision": ["model.vqmodel.encode"], "llm": ("model.text_model", "lm_head")}, 20),
 ]
 
 
