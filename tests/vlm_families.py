@@ -30,13 +30,14 @@ TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num
         "word_embed_proj_dim": 32, "ffn_dim": 64}
 
 
-def tiny_config(model_type: str, **overrides: Any):
-    """The family's default config with tiny sizes everywhere, then `overrides` (dotted keys
-    reach sub-configs: ``"vision_config.image_size": 32``)."""
+def tiny_config(model_type: str, init: dict | None = None, **overrides: Any):
+    """The family's default config (built with `init`: sub-configs a family has none of by
+    default) with tiny sizes everywhere, then `overrides` (dotted keys reach sub-configs:
+    ``"vision_config.image_size": 32``)."""
     from transformers import PretrainedConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    cfg = CONFIG_MAPPING[model_type]()
+    cfg = CONFIG_MAPPING[model_type](**(init or {}))
 
     def shrink(c: Any) -> None:
         for key, value in list(vars(c).items()):
@@ -555,6 +556,20 @@ FAMILIES: list[Family] = [
            # an 8x8 image: 4x4 codes, each row ended by an end-of-line token (4 x 5 = 20 image tokens)
            lambda cfg: {"input_ids": prompt(20), **_pix(1, 3, 8, 8), "image_sizes": torch.tensor([[8, 8]])},
            {"vision": ["model.vqmodel.encode"], "llm": ("model.text_model", "lm_head")}, 20),
+    Family("gemma4", "Gemma4ForConditionalGeneration",
+           lambda: tiny_config("gemma4", init={"vision_config": {}}, image_token_id=IMAGE, boi_token_id=IMAGE + 1, eoi_token_id=IMAGE + 2,
+                               video_token_id=IMAGE + 3, boa_token_id=IMAGE + 4, eoa_token_index=IMAGE + 5,
+                               audio_token_id=IMAGE + 6, **{
+                                   "vision_config.patch_size": 8, "vision_config.pooling_kernel_size": 3,
+                                   "vision_config.position_embedding_size": 64, "text_config.num_kv_shared_layers": 0,
+                                   "text_config.layer_types": ["sliding_attention", "full_attention"],
+                                   "text_config.vocab_size_per_layer_input": VOCAB,
+                                   "text_config.hidden_size_per_layer_input": 8}),
+           # a 6x6 grid of 8x8 patches, pooled 3x3 into 4 image tokens
+           lambda cfg: {"input_ids": prompt(4, start=[IMAGE + 1], end=[IMAGE + 2]), **_pix(1, 36, 3 * 8 * 8),
+                        "image_position_ids": torch.tensor([[[x, y] for y in range(6) for x in range(6)]])},
+           {"vision": ["model.vision_tower"], "projector": ["model.embed_vision"],
+            "llm": ("model.language_model", "lm_head")}, 4),
 ]
 
 
