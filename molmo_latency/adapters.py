@@ -15,17 +15,23 @@ How the phases are found, in order:
 2. ``discovered``: from what transformers models expose, with no list of paths, so that a new
    family works without a code change (:func:`discover_phases`):
 
-   - LLM: ``get_decoder()`` through ``get_output_embeddings()`` (the LM head); for an
-     encoder-decoder model ``get_encoder()`` too (the encoder pass is part of the prefill). When
-     the decoder holds the vision module itself (Chameleon), the LLM starts at its first block.
+   - LLM: ``get_decoder()`` (else the base model, where the config is the text config) through
+     ``get_output_embeddings()`` (the LM head); for an encoder-decoder model ``get_encoder()`` too
+     (the encoder pass is part of the prefill). When the decoder holds the vision module itself
+     (Chameleon, GIT), the LLM starts at its first block (its block list, however deep, outside
+     the image modules); with no such list the model is refused in one line.
    - vision: the outermost modules whose ``config`` is one of the model's vision sub-configs
      (``vision_config``, ``high_res_vision_config``, ...) or whose attribute name says vision
      (:data:`VISION_NAMES`), outside the text decoder's blocks; audio towers are not vision.
-     An image tokenizer (a VQ model with ``encode``) is timed through its ``encode`` method.
+     An image tokenizer (a VQ model with ``encode``) is timed through its ``encode`` method. A
+     model with a vision sub-config and no vision tower: its patch embedder named like a projector
+     is the vision phase (Gemma 4 unified's ``embed_vision``).
    - projector: the outermost modules named like a projector (:data:`PROJECTOR_NAMES`) outside
      the vision and text modules, each timed as one instance; else one inside the vision module
      is *reported* (:attr:`PhaseMap.projector_inside_vision`: its time is in ``vision_ms``);
-     else a warning says no projector was found (its time falls in ``embed_merge_ms``).
+     else the modules with weights beside the vision module that are no part of the text model
+     (Ovis2's ``visual_embeddings_table``); else a warning says no projector was found (its time
+     falls in ``embed_merge_ms``).
 3. ``llava``: the LLaVA-style paths of both transformers lines (:mod:`transformers_lines`),
    as a fallback.
 
@@ -476,6 +482,11 @@ def discover_phases(model: torch.nn.Module) -> PhaseMap | None:
     vision = [p for p in _outermost(vision) if not _inside(decoder_path, p)]
     if not vision and encoder_path is not None and getattr(encoder, "main_input_name", None) == "pixel_values":
         vision = [encoder_path]  # an image encoder with a text decoder (VisionEncoderDecoderModel)
+    if not vision and vision_cfgs:
+        # a vision sub-config but no vision tower: the image path is one patch embedder named like a
+        # projector (Gemma 4 unified's embed_vision); it is the vision phase, with no projector after it
+        embedders = _outermost([n for n, _ in model.named_modules() if candidate(n, PROJECTOR_NAMES)])
+        vision = [p for p in embedders if not _inside(decoder_path, p)]
     if not vision:
         return None
     vision_parts = []
@@ -489,7 +500,8 @@ def discover_phases(model: torch.nn.Module) -> PhaseMap | None:
                   if candidate(n, PROJECTOR_NAMES) and not any(_inside(n, v) for v in vision)]
     projectors = _outermost(projectors)
     inside_vision = _outermost([n for n, _ in model.named_modules()
-                                if candidate(n, PROJECTOR_NAMES) and any(_inside(n, v) for v in vision)])
+                                if candidate(n, PROJECTOR_NAMES) and n not in vision
+                                and any(_inside(n, v) for v in vision)])
     if not projectors and not inside_vision:
         projectors = _sibling_projectors(model, vision, [p for p in (decoder_path, encoder_path, head_path)
                                                          if p is not None])

@@ -570,6 +570,15 @@ FAMILIES: list[Family] = [
                         "image_position_ids": torch.tensor([[[x, y] for y in range(6) for x in range(6)]])},
            {"vision": ["model.vision_tower"], "projector": ["model.embed_vision"],
             "llm": ("model.language_model", "lm_head")}, 4),
+    Family("gemma4_unified", "Gemma4UnifiedForConditionalGeneration",
+           lambda: tiny_config("gemma4_unified", init={"vision_config": {}}, image_token_id=IMAGE, **{
+               "vision_config.patch_size": 4, "vision_config.pooling_kernel_size": 2, "text_config.num_kv_shared_layers": 0,
+               "text_config.layer_types": ["sliding_attention", "full_attention"],
+               "text_config.vocab_size_per_layer_input": VOCAB, "text_config.hidden_size_per_layer_input": 8}),
+           # no vision tower: a patch embedder puts each of the 2x2 patches in the text space (4 image tokens)
+           lambda cfg: {"input_ids": prompt(4), **_pix(1, 4, 3 * 8 * 8),
+                        "image_position_ids": torch.tensor([[[0, 0], [1, 0], [0, 1], [1, 1]]])},
+           {"vision": ["model.embed_vision"], "llm": ("model.language_model", "lm_head")}, 4),
 ]
 
 
