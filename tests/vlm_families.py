@@ -579,6 +579,16 @@ FAMILIES: list[Family] = [
            lambda cfg: {"input_ids": prompt(4), **_pix(1, 4, 3 * 8 * 8),
                         "image_position_ids": torch.tensor([[[0, 0], [1, 0], [0, 1], [1, 1]]])},
            {"vision": ["model.embed_vision"], "llm": ("model.language_model", "lm_head")}, 4),
+    Family("hyperclovax_vision_v2", "HyperCLOVAXVisionV2ForConditionalGeneration",
+           _qwen_config("hyperclovax_vision_v2", **{"vision_config.image_size": 32}), _qwen_inputs(),
+           {"vision": ["model.vision_model"], "projector": ["model.projector"],
+            "llm": ("model.language_model", "lm_head")}, 4),
+    Family("cosmos3_edge", "Cosmos3EdgeForConditionalGeneration",
+           _qwen_config("cosmos3_edge", **{"vision_config.image_size": 32}),
+           # image positions marked by type ids (1: image) as its processor returns them
+           lambda cfg: {**_qwen_inputs(temporal=1)(cfg), "mm_token_type_ids": (prompt(4) == IMAGE).int()},
+           {"vision": ["model.visual"], "projector": ["model.projector"],
+            "llm": ("model.language_model", "lm_head")}, 4),
 ]
 
 
