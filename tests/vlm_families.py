@@ -589,6 +589,24 @@ FAMILIES: list[Family] = [
            lambda cfg: {**_qwen_inputs(temporal=1)(cfg), "mm_token_type_ids": (prompt(4) == IMAGE).int()},
            {"vision": ["model.visual"], "projector": ["model.projector"],
             "llm": ("model.language_model", "lm_head")}, 4),
+    Family("idefics", "IdeficsForVisionText2Text",
+           lambda: tiny_config("idefics", **_VISION_32),
+           # gated cross-attention to one image (no image placeholders in the sequence)
+           lambda cfg: {"input_ids": prompt(0), **_pix(1, 1, 3, 32, 32),
+                        "image_attention_mask": torch.ones(1, 8, 1, dtype=torch.long)},
+           {"vision": ["model.vision_model"], "llm": ("model.layers.0", "lm_head")}, None),
+    Family("kosmos-2.5", "Kosmos2_5ForConditionalGeneration",
+           lambda: tiny_config("kosmos-2.5", latent_query_num=4, **{
+               "text_config.layers": 2, "text_config.attention_heads": 4, "text_config.embed_dim": 32,
+               "text_config.ffn_dim": 64, "vision_config.patch_embed_hidden_size": 8 * 8 * 3,
+               "vision_config.head_dim": 8, "vision_config.max_num_patches": 16}),
+           # 16 flattened patches led by (row, column); 4 latent queries marked by a position mask
+           lambda cfg: {"input_ids": prompt(4, image_id=IMAGE), "flattened_patches": torch.cat([
+               torch.tensor([[r, c] for r in range(1, 5) for c in range(1, 5)], dtype=torch.float)[None],
+               torch.randn(1, 16, 8 * 8 * 3)], dim=-1), "attention_mask": torch.ones(1, 12, dtype=torch.long),
+                        "image_embeds_position_mask": (prompt(4, image_id=IMAGE) == IMAGE)},
+           {"vision": ["vision_model"], "projector": ["image_to_text_projection"],
+            "llm": ("text_model", "text_model.lm_head")}, 4),
 ]
 
 
