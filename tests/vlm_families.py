@@ -607,6 +607,10 @@ FAMILIES: list[Family] = [
                         "image_embeds_position_mask": (prompt(4, image_id=IMAGE) == IMAGE)},
            {"vision": ["vision_model"], "projector": ["image_to_text_projection"],
             "llm": ("text_model", "text_model.lm_head")}, 4),
+    Family("qianfan_ocr", "QianfanOCRForConditionalGeneration",
+           lambda: tiny_config("qianfan_ocr", image_token_id=IMAGE, **{
+               "vision_config.image_size": [32, 32], "vision_config.patch_size": [8, 8]}),
+           lambda cfg: {"input_ids": prompt(4), **_pix(1, 3, 32, 32)}, LLAVA_OWN, 4),
 ]
 
 
