@@ -23,7 +23,8 @@ How the phases are found, in order:
    - vision: the outermost modules whose ``config`` is one of the model's vision sub-configs
      (``vision_config``, ``high_res_vision_config``, ...) or whose attribute name says vision
      (:data:`VISION_NAMES`), outside the text decoder's blocks; audio towers are not vision.
-     An image tokenizer (a VQ model with ``encode``) is timed through its ``encode`` method. A
+     An image tokenizer (a VQ model with ``encode``, or a module with ``encode`` and no
+     ``forward``: Apertus 1.5) is timed through its ``encode`` method. A
      model with a vision sub-config and no vision tower: its patch embedder named like a projector
      is the vision phase (Gemma 4 unified's ``embed_vision``).
    - projector: the outermost modules named like a projector (:data:`PROJECTOR_NAMES`) outside
@@ -492,15 +493,19 @@ def discover_phases(model: torch.nn.Module) -> PhaseMap | None:
     vision_parts = []
     for path in vision:
         module = get_module(model, path)
-        if "vq" in type(module).__name__.lower() and callable(getattr(module, "encode", None)):
+        no_forward = type(module).forward is torch.nn.Module.forward
+        if callable(getattr(module, "encode", None)) and ("vq" in type(module).__name__.lower() or no_forward):
             path = f"{path}.encode"  # an image tokenizer: called through encode(), not forward
         vision_parts.append((path, path))
 
     projectors = [n for n, _ in model.named_modules()
                   if candidate(n, PROJECTOR_NAMES) and not any(_inside(n, v) for v in vision)]
     projectors = _outermost(projectors)
+    # inside the vision module, a name ending in a projector's counts too (HY-V4-VL's patch_merger)
+    inner_names = (*PROJECTOR_NAMES, *(f"{prefix}_{name}" for prefix in ("patch", "vision", "visual")
+                                      for name in ("merger", "projector", "adapter")))
     inside_vision = _outermost([n for n, _ in model.named_modules()
-                                if candidate(n, PROJECTOR_NAMES) and n not in vision
+                                if candidate(n, inner_names) and n not in vision
                                 and any(_inside(n, v) for v in vision)])
     if not projectors and not inside_vision:
         projectors = _sibling_projectors(model, vision, [p for p in (decoder_path, encoder_path, head_path)

@@ -614,6 +614,14 @@ FAMILIES: list[Family] = [
            lambda: tiny_config("qianfan_ocr", image_token_id=IMAGE, **{
                "vision_config.image_size": [32, 32], "vision_config.patch_size": [8, 8]}),
            lambda cfg: {"input_ids": prompt(4), **_pix(1, 3, 32, 32)}, LLAVA_OWN, 4),
+    Family("apertus1p5", "Apertus1p5ForConditionalGeneration",
+           lambda: tiny_config("apertus1p5", image_token_id=IMAGE, image_token_offset=110, **{
+               "vision_config.codebook_size": 16, "vision_config.embed_dim": 4, "vision_config.latent_channels": 4,
+               "vision_config.base_channels": 32, "vision_config.channel_multiplier": [1, 1],
+               "vision_config.num_res_blocks": 1, "vision_config.attn_resolutions": [], "vision_config.resolution": 8}),
+           # an image tokenizer called through encode(): an 8x8 image, 4x4 codes (the BPE tokens 110 + code)
+           lambda cfg: {"input_ids": prompt(16), **_pix(1, 3, 8, 8), "image_sizes": torch.tensor([[8, 8]])},
+           {"vision": ["model.vision_tokenizer.encode"], "llm": ("model.language_model", "lm_head")}, 16),
 ]
 
 
