@@ -622,6 +622,17 @@ FAMILIES: list[Family] = [
            # an image tokenizer called through encode(): an 8x8 image, 4x4 codes (the BPE tokens 110 + code)
            lambda cfg: {"input_ids": prompt(16), **_pix(1, 3, 8, 8), "image_sizes": torch.tensor([[8, 8]])},
            {"vision": ["model.vision_tokenizer.encode"], "llm": ("model.language_model", "lm_head")}, 16),
+    Family("pp_formulanet", "PPFormulaNetForConditionalGeneration",
+           lambda: tiny_config("pp_formulanet", **{"vision_config.image_size": 64, "vision_config.patch_size": 8,
+                                                   "vision_config.window_size": 4, "vision_config.global_attn_indexes": [1],
+                                                   "vision_config.output_channels": 8, "vision_config.mlp_dim": 64,
+                                                   "vision_config.post_conv_in_channels": 8,
+                                                   "vision_config.post_conv_mid_channels": 16,
+                                                   "vision_config.post_conv_out_channels": 32,
+                                                   "vision_config.decoder_hidden_size": 32}),
+           lambda cfg: {**_pix(1, 3, 64, 64)},
+           {"vision": ["model.encoder"], "projector": "inside:model.encoder.multi_modal_projector",
+            "llm": ("model.decoder", "lm_head")}, None),
 ]
 
 
