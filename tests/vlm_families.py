@@ -633,6 +633,13 @@ FAMILIES: list[Family] = [
            lambda cfg: {**_pix(1, 3, 64, 64)},
            {"vision": ["model.encoder"], "projector": "inside:model.encoder.multi_modal_projector",
             "llm": ("model.decoder", "lm_head")}, None),
+    Family("nemotron_h_omni", "NemotronH_Omni_Reasoning_V3",
+           lambda: tiny_config("nemotron_h_omni", image_token_id=IMAGE, video_token_id=IMAGE + 1, audio_token_id=IMAGE + 2,
+                               vision_hidden_size=32, projector_hidden_size=32),
+           # 4x4 patches of 16x16 pixels, flattened; pixel-shuffled 2x2 into 4 image tokens
+           lambda cfg: {"input_ids": prompt(4), **_pix(16, 3 * 16 * 16), "image_grid_hw": torch.tensor([[4, 4]])},
+           {"vision": ["vision_model"], "projector": ["multi_modal_projector"],
+            "llm": ("language_model", "language_model")}, 4),
 ]
 
 
