@@ -640,6 +640,10 @@ FAMILIES: list[Family] = [
            lambda cfg: {"input_ids": prompt(4), **_pix(16, 3 * 16 * 16), "image_grid_hw": torch.tensor([[4, 4]])},
            {"vision": ["vision_model"], "projector": ["multi_modal_projector"],
             "llm": ("language_model", "language_model")}, 4),
+    Family("lfm3_vl", "Lfm3VlForConditionalGeneration",
+           _qwen_config("lfm3_vl", **{"vision_config.image_size": 32,
+                                      "text_config.layer_types": ["conv", "full_attention"]}),
+           _qwen_inputs(), LLAVA_OWN, 4),
 ]
 
 
