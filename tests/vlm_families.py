@@ -644,6 +644,13 @@ FAMILIES: list[Family] = [
            _qwen_config("lfm3_vl", **{"vision_config.image_size": 32,
                                       "text_config.layer_types": ["conv", "full_attention"]}),
            _qwen_inputs(), LLAVA_OWN, 4),
+    # a vision adapter (4 merged patches: 4 x 32 wide) and a projection after it: two projector parts
+    *[Family(name, cls, _qwen_config(name, projector_hidden_size=32, out_hidden_size=128,
+                                     **{"vision_config.image_size": 32}),
+             _qwen_inputs(), {"vision": ["model.vision_tower"], "projector": ["model.vision_adapter", "model.vision_projection"],
+                              "llm": ("model.language_model", "lm_head")}, 4)
+      for name, cls in (("muse_glimmer", "MuseGlimmerForConditionalGeneration"),
+                        ("muse_spark", "MuseSparkForConditionalGeneration"))],
 ]
 
 
