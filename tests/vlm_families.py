@@ -655,7 +655,7 @@ FAMILIES: list[Family] = [
            _qwen_config("minimax_m3_vl", projector_hidden_size=32, merged_hidden_size=128, **{
                "vision_config.image_size": 32, "text_config.dense_intermediate_size": 64,
                "text_config.shared_intermediate_size": 32, "text_config.index_block_size": 4}),
-           _qwen_inputs(), LLAVA_OWN, 4),
+           _qwen_inputs(), LLAVA_OWN, 4, knobs={"top_k": 1, "blocks": [1]}),
 ]
 
 
