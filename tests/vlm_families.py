@@ -656,6 +656,13 @@ FAMILIES: list[Family] = [
                "vision_config.image_size": 32, "text_config.dense_intermediate_size": 64,
                "text_config.shared_intermediate_size": 32, "text_config.index_block_size": 4}),
            _qwen_inputs(), LLAVA_OWN, 4, knobs={"top_k": 1, "blocks": [1]}),
+    Family("cohere_compass", "CohereCompassForConditionalGeneration",
+           lambda: tiny_config("cohere_compass", image_token_id=IMAGE, **{
+               "vision_config.patch_size": 8, "vision_config.image_size": 32, "vision_config.spatial_merge_size": 2,
+               "vision_config.temporal_patch_size": 2, "text_config.layer_types": ["sliding_attention", "full_attention"],
+               "text_config.rope_parameters": {kind: {"rope_type": "default", "rope_theta": 10000.0}
+                                               for kind in ("sliding_attention", "full_attention")}}),
+           _qwen_inputs(), QWEN_OWN, 4),
 ]
 
 
