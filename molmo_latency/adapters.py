@@ -15,17 +15,24 @@ How the phases are found, in order:
 2. ``discovered``: from what transformers models expose, with no list of paths, so that a new
    family works without a code change (:func:`discover_phases`):
 
-   - LLM: ``get_decoder()`` through ``get_output_embeddings()`` (the LM head); for an
-     encoder-decoder model ``get_encoder()`` too (the encoder pass is part of the prefill). When
-     the decoder holds the vision module itself (Chameleon), the LLM starts at its first block.
+   - LLM: ``get_decoder()`` (else the base model, where the config is the text config) through
+     ``get_output_embeddings()`` (the LM head); for an encoder-decoder model ``get_encoder()`` too
+     (the encoder pass is part of the prefill). When the decoder holds the vision module itself
+     (Chameleon, GIT), the LLM starts at its first block (its block list, however deep, outside
+     the image modules); with no such list the model is refused in one line.
    - vision: the outermost modules whose ``config`` is one of the model's vision sub-configs
      (``vision_config``, ``high_res_vision_config``, ...) or whose attribute name says vision
      (:data:`VISION_NAMES`), outside the text decoder's blocks; audio towers are not vision.
-     An image tokenizer (a VQ model with ``encode``) is timed through its ``encode`` method.
+     An image tokenizer (a VQ model with ``encode``, or a module with ``encode`` and no
+     ``forward``: Apertus 1.5) is timed through its ``encode`` method. A
+     model with a vision sub-config and no vision tower: its patch embedder named like a projector
+     is the vision phase (Gemma 4 unified's ``embed_vision``).
    - projector: the outermost modules named like a projector (:data:`PROJECTOR_NAMES`) outside
      the vision and text modules, each timed as one instance; else one inside the vision module
      is *reported* (:attr:`PhaseMap.projector_inside_vision`: its time is in ``vision_ms``);
-     else a warning says no projector was found (its time falls in ``embed_merge_ms``).
+     else the modules with weights beside the vision module that are no part of the text model
+     (Ovis2's ``visual_embeddings_table``); else a warning says no projector was found (its time
+     falls in ``embed_merge_ms``).
 3. ``llava``: the LLaVA-style paths of both transformers lines (:mod:`transformers_lines`),
    as a fallback.
 
@@ -262,7 +269,8 @@ _IMAGE_TOKEN_ATTRS = ("image_token_id", "image_token_index", "image_patch_id", "
 def image_token_id(model_or_config: Any) -> int | None:
     """The id that marks an image position in input_ids, wherever the config keeps it: on the
     config (``image_token_id``, ``image_token_index``, ...), its ``vision_config`` or
-    ``text_config``, or a ``vocabulary_map`` entry ``"<image>"`` (Chameleon); None if none."""
+    ``text_config``, or a ``vocabulary_map`` entry ``"<image>"`` (Chameleon); for a model with no
+    image id, the video placeholder id (a video-only model: InstructBLIP-Video); None if none."""
     cfg = getattr(model_or_config, "config", model_or_config)
     for holder in (cfg, getattr(cfg, "vision_config", None), getattr(cfg, "text_config", None)):
         if holder is None:
@@ -274,6 +282,10 @@ def image_token_id(model_or_config: Any) -> int | None:
     vocab = getattr(cfg, "vocabulary_map", None)
     if isinstance(vocab, Mapping) and isinstance(vocab.get("<image>"), int):
         return vocab["<image>"]
+    for attr in ("video_token_index", "video_token_id"):  # a video-only model (InstructBLIP-Video):
+        value = getattr(cfg, attr, None)                  # its frames' placeholders
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
     return None
 
 
@@ -348,6 +360,41 @@ def _block_list_path(decoder_path: str, decoder: torch.nn.Module, depth: int = 1
     return None
 
 
+def _nested_block_list(model: torch.nn.Module, decoder_path: str, image_modules: Sequence[str]) -> str | None:
+    """The outermost non-empty block list (a ModuleList named like :data:`BLOCK_LIST_NAMES`) inside
+    the text decoder and outside every image module, or None."""
+    found = [n for n, m in model.named_modules()
+             if isinstance(m, torch.nn.ModuleList) and len(m) and n.rsplit(".", 1)[-1] in BLOCK_LIST_NAMES
+             and _inside(n, decoder_path) and not any(_inside(n, p) for p in image_modules)]
+    outer = _outermost(found)
+    return outer[0] if len(outer) == 1 else None
+
+
+def _sibling_projectors(model: torch.nn.Module, vision: Sequence[str], text: Sequence[str]) -> list[str]:
+    """Where no module is named like a projector: the modules beside the vision module (children
+    of its parent) that hold weights and are no part of the text model (decoder, encoder, LM head,
+    input embeddings), e.g. Ovis2's ``visual_embeddings_table``. None where the vision module sits
+    inside the text decoder (its siblings are the decoder's own parts)."""
+    embeddings = _call(model, "get_input_embeddings")
+    names = {id(m): n for n, m in model.named_modules()}
+    embed_path = names.get(id(embeddings)) if isinstance(embeddings, torch.nn.Module) else None
+    text = [*text, *([embed_path] if embed_path is not None else [])]
+    found = []
+    for v in vision:
+        parent_path = v.rsplit(".", 1)[0] if "." in v else ""
+        if any(_inside(parent_path, t) for t in text if t):
+            continue  # the vision module is a part of the text model (Chameleon)
+        parent = get_module(model, parent_path)
+        for child, module in parent.named_children() if parent is not None else ():
+            path = f"{parent_path}.{child}" if parent_path else child
+            if (path in vision or _excluded(path) or any(_inside(path, t) or _inside(t, path) for t in text)
+                    or isinstance(module, (torch.nn.ParameterList, torch.nn.ParameterDict))
+                    or not any(True for _ in module.parameters())):
+                continue
+            found.append(path)
+    return _outermost(sorted(set(found)))
+
+
 def _vision_configs(cfg: Any) -> list[Any]:
     found = []
     for name, value in vars(cfg).items() if cfg is not None else ():
@@ -370,13 +417,17 @@ def _owns(module: torch.nn.Module, cfg: Any) -> bool:
 def _text_decoder(model: torch.nn.Module, names: dict[int, str]) -> torch.nn.Module | None:
     """The text decoder: ``get_decoder()``; where a model has none (some 4.5x VLMs), the
     outermost module whose config is the model's ``text_config`` (followed through its own
-    ``get_decoder()`` when it is a whole ...ForCausalLM)."""
+    ``get_decoder()`` when it is a whole ...ForCausalLM), or, with no ``text_config`` (the model's
+    config is the text config: 4.5x GIT), its ``base_model``."""
     decoder = _call(model, "get_decoder")
     if isinstance(decoder, torch.nn.Module) and id(decoder) in names and decoder is not model:
         return decoder
     text_cfg = getattr(getattr(model, "config", None), "text_config", None)
     if text_cfg is None:
-        return decoder if isinstance(decoder, torch.nn.Module) and id(decoder) in names else None
+        if isinstance(decoder, torch.nn.Module) and id(decoder) in names:
+            return decoder
+        base = getattr(model, "base_model", None)  # the config is the text config (4.5x GIT): its base model
+        return base if isinstance(base, torch.nn.Module) and base is not model and id(base) in names else None
     owners = _outermost([n for n, m in model.named_modules() if n and _owns(m, text_cfg)])
     if not owners:
         return None
@@ -432,23 +483,45 @@ def discover_phases(model: torch.nn.Module) -> PhaseMap | None:
     vision = [p for p in _outermost(vision) if not _inside(decoder_path, p)]
     if not vision and encoder_path is not None and getattr(encoder, "main_input_name", None) == "pixel_values":
         vision = [encoder_path]  # an image encoder with a text decoder (VisionEncoderDecoderModel)
+    if not vision and vision_cfgs:
+        # a vision sub-config but no vision tower: the image path is one patch embedder named like a
+        # projector (Gemma 4 unified's embed_vision); it is the vision phase, with no projector after it
+        embedders = _outermost([n for n, _ in model.named_modules() if candidate(n, PROJECTOR_NAMES)])
+        vision = [p for p in embedders if not _inside(decoder_path, p)]
     if not vision:
         return None
     vision_parts = []
     for path in vision:
         module = get_module(model, path)
-        if "vq" in type(module).__name__.lower() and callable(getattr(module, "encode", None)):
+        no_forward = type(module).forward is torch.nn.Module.forward
+        if callable(getattr(module, "encode", None)) and ("vq" in type(module).__name__.lower() or no_forward):
             path = f"{path}.encode"  # an image tokenizer: called through encode(), not forward
         vision_parts.append((path, path))
 
     projectors = [n for n, _ in model.named_modules()
                   if candidate(n, PROJECTOR_NAMES) and not any(_inside(n, v) for v in vision)]
     projectors = _outermost(projectors)
+    # inside the vision module, a name ending in a projector's counts too (HY-V4-VL's patch_merger)
+    inner_names = (*PROJECTOR_NAMES, *(f"{prefix}_{name}" for prefix in ("patch", "vision", "visual")
+                                      for name in ("merger", "projector", "adapter")))
     inside_vision = _outermost([n for n, _ in model.named_modules()
-                                if candidate(n, PROJECTOR_NAMES) and any(_inside(n, v) for v in vision)])
+                                if candidate(n, inner_names) and n not in vision
+                                and any(_inside(n, v) for v in vision)])
+    if not projectors and not inside_vision:
+        projectors = _sibling_projectors(model, vision, [p for p in (decoder_path, encoder_path, head_path)
+                                                         if p is not None])
     # the LLM: the decoder through the LM head, from its first block when it holds image modules
     llm_start = decoder_path
-    if any(_inside(p, decoder_path) for p in (*vision, *projectors)) and blocks_path:
+    image_modules = (*vision, *projectors)
+    if any(_inside(p, decoder_path) for p in image_modules):
+        if blocks_path is None:  # the blocks sit deeper (GIT: git.encoder.layer): the outermost block
+            blocks_path = _nested_block_list(model, decoder_path, image_modules)  # list outside image modules
+        if blocks_path is None:
+            raise AdapterError(
+                f"cannot find the phases of {type(model).__name__}: the image module {image_modules[0]!r} runs "
+                f"inside the text decoder {decoder_path or '(the model)'!r} and no single block list outside it "
+                "marks where the text model starts; pass profile_phases(model, phases={'vision': ..., "
+                "'llm': ('path.to.first_block', 'path.to.lm_head')})")
         llm_start = f"{blocks_path}.0"
     llm_end = head_path if head_path is not None else decoder_path
     while head_path is not None and "." in llm_end:

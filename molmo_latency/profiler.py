@@ -186,6 +186,7 @@ class RunningRequest:
     input_tokens: int | None = None
     kind_counts: dict[str, int] = field(default_factory=dict)  # LLM calls per kind so far
     fed: int = 0  # prompt tokens fed to the LLM so far (prefill chunks)
+    llm_first_positions: int | None = None  # sequence length at the LLM phase's first start (positional)
     decode_rows: list[int] = field(default_factory=list)  # rows fed by each decode step
     # from the call's arguments; input_ids and image_input_idx are held and counted only after
     # generate() returned (no device sync before)
@@ -295,7 +296,7 @@ class PhaseProfiler:
         undo(self.model.register_forward_hook(self._on_call_end).remove)
         for name, span in self.phase_map.spans.items():
             on_start, on_end = self._on_start, self._on_end
-            undo(span.start.register_forward_pre_hook(lambda _m, _a, _name=name: on_start(_name)).remove)
+            undo(span.start.register_forward_pre_hook(lambda _m, _a, _name=name: on_start(_name, _a)).remove)
             undo(span.end.register_forward_hook(lambda _m, _a, _o, _name=name: on_end(_name)).remove)
 
     def _on_call_start(self, module: Any, args: tuple, kwargs: dict) -> None:
@@ -335,7 +336,7 @@ class PhaseProfiler:
             self._unsplit_seen = True
         return None
 
-    def _on_start(self, name: str) -> None:
+    def _on_start(self, name: str, args: tuple = ()) -> None:
         if _is_compiling():
             return
         req = self._active
@@ -349,6 +350,8 @@ class PhaseProfiler:
             else:  # an LLM forward outside a call of the model itself: count-based labels
                 phase = "prefill" if req.llm_calls == 0 else "decode"
                 step = 0 if req.llm_calls == 0 else req.llm_calls - 1
+            if req.llm_calls == 0:  # the positions the text model's first pass sees (a shape, no sync)
+                req.llm_first_positions = _call_shape(args, {})[0]
             req.llm_calls += 1
         else:
             phase = name
@@ -737,6 +740,12 @@ def _image_tokens_per_row(req: RunningRequest, image_token_id: int | None) -> li
         return [int((idx >= 0).sum())]
     if req.input_ids is not None and image_token_id is not None:
         return [int(n) for n in (req.input_ids == image_token_id).sum(1).tolist()]
+    first = req.llm_first_positions
+    if (req.input_tokens is not None and req.returned_prefix_tokens is None and first is not None
+            and first > req.input_tokens and req.kind_counts.get("prefill") == 1):
+        # no image id: image features put before the prompt with no placeholders (GIT); the text
+        # model's first block saw that many positions more than the prompt holds
+        return [first - req.input_tokens] * (req.batch_size or 1)
     return None
 
 

@@ -245,6 +245,8 @@ def test_a_model_that_fits_nothing_gets_the_mapping_it_needs():
     ({"text_config": {"image_token_index": 11}}, 11),
     ({"vocabulary_map": {"<image>": 12, "a": 3}}, 12),             # Chameleon
     ({"image_token_id": None, "vision_config": {"image_token_id": 13}}, 13),
+    ({"video_token_index": 14}, 14),                                # a video-only model (InstructBLIP-Video)
+    ({"image_token_id": 15, "video_token_id": 16}, 15),            # the image id first
     ({}, None),
 ])
 def test_image_token_id_wherever_the_config_keeps_it(where, expected):
@@ -254,3 +256,27 @@ def test_image_token_id_wherever_the_config_keeps_it(where, expected):
 
     cfg = SimpleNamespace(**{k: SimpleNamespace(**v) if k.endswith("_config") else v for k, v in where.items()})
     assert image_token_id(cfg) == expected
+
+
+@pytest.mark.parametrize("model_type, cls, missing", [
+    # UDOP's image patches are embedded inside its T5 encoder: no vision module of its own
+    ("udop", "UdopForConditionalGeneration", "found the text decoder at 'decoder' but no vision module"),
+    # PI0 (a robot policy) runs its VLM's vision tower inside the module that is its decoder
+    ("pi0", "PI0ForConditionalGeneration", "runs inside the text decoder 'model' and no single block list"),
+])
+def test_a_family_discovery_cannot_tell_is_refused_in_one_line(model_type, cls, missing):
+    import transformers
+
+    from molmo_latency.errors import AdapterError
+    from tests.vlm_families import tiny_config
+
+    if not hasattr(transformers, cls):
+        pytest.skip(f"{cls} is not in transformers {transformers.__version__}")
+    model = getattr(transformers, cls)(tiny_config(model_type))
+    before = model_state(model)
+    with pytest.raises(AdapterError) as info:
+        profile_phases(model)
+    message = str(info.value)
+    assert message.startswith(f"cannot find the phases of {cls}: ") and missing in message
+    assert "\n" not in message and "phases=" in message
+    assert model_state(model) == before

@@ -30,13 +30,14 @@ TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num
         "word_embed_proj_dim": 32, "ffn_dim": 64}
 
 
-def tiny_config(model_type: str, **overrides: Any):
-    """The family's default config with tiny sizes everywhere, then `overrides` (dotted keys
-    reach sub-configs: ``"vision_config.image_size": 32``)."""
+def tiny_config(model_type: str, init: dict | None = None, **overrides: Any):
+    """The family's default config (built with `init`: sub-configs a family has none of by
+    default) with tiny sizes everywhere, then `overrides` (dotted keys reach sub-configs:
+    ``"vision_config.image_size": 32``)."""
     from transformers import PretrainedConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    cfg = CONFIG_MAPPING[model_type]()
+    cfg = CONFIG_MAPPING[model_type](**(init or {}))
 
     def shrink(c: Any) -> None:
         for key, value in list(vars(c).items()):
@@ -205,6 +206,47 @@ def _florence2_config() -> Any:
         "text_config.max_position_embeddings": 64})
 
 
+def _emu3_config() -> Any:
+    from transformers import Emu3VQVAEConfig
+
+    # codebook entry i is the BPE token 110 + i, named as in Emu3's vocabulary; 127 ends an image row
+    vocab = {"<image>": IMAGE, "<|extra_200|>": 127, **{f"<|visual token{i:06d}|>": 110 + i for i in range(16)}}
+    return tiny_config("emu3", vocabulary_map=vocab, vq_config=Emu3VQVAEConfig(
+        codebook_size=16, embed_dim=4, latent_channels=4, base_channels=32, channel_multiplier=[1, 1],
+        num_res_blocks=1, attn_resolutions=[], temporal_downsample_factor=2, hidden_size=32))
+
+
+def _unbuildable(*_: Any) -> Any:
+    raise RuntimeError("this family is skipped here (see its skip reason)")
+
+
+MINICPM_OWN = {"vision": ["model.vision_tower"], "projector": ["model.merger"],
+               "llm": ("model.language_model", "lm_head")}
+
+
+def _minicpm_config(model_type: str) -> Callable[[], Any]:
+    return lambda: tiny_config(model_type, image_token_id=IMAGE, video_token_id=IMAGE + 1, insert_layer_id=0, **{
+        "vision_config.image_size": 64, "vision_config.patch_size": 8, "vision_config.insert_layer_id": 0,
+        "text_config.layer_types": ["linear_attention", "full_attention"]})
+
+
+def _minicpm_inputs(tokens: int) -> Callable[[Any], dict]:
+    # NaViT-packed: the 64 patches of one 8x8-patch image side by side in one row of pixels
+    return lambda cfg: {"input_ids": prompt(tokens), **_pix(1, 3, 8, 64 * 8), "target_sizes": torch.tensor([[8, 8]])}
+
+
+def _ernie_config() -> Any:
+    cfg = tiny_config("ernie4_5_vl_moe", image_token_id=IMAGE, video_token_id=IMAGE + 1, image_start_token_id=IMAGE + 2,
+                      image_end_token_id=IMAGE + 3, video_start_token_id=IMAGE + 4, video_end_token_id=IMAGE + 5, **{
+                          "vision_config.patch_size": 8, "text_config.moe_intermediate_size": [32, 32],
+                          "text_config.moe_num_experts": 4, "text_config.moe_k": 2,
+                          "text_config.moe_num_shared_experts": 1})
+    rope = dict(cfg.text_config.rope_parameters)
+    rope["mrope_section"] = [1, 1, 2]  # head_dim 8: the sections sum to head_dim / 2
+    cfg.text_config.rope_parameters = rope
+    return cfg
+
+
 FAMILIES: list[Family] = [
     Family("llava", "LlavaForConditionalGeneration",
            lambda: tiny_config("llava", image_token_index=IMAGE, **{
@@ -333,7 +375,7 @@ FAMILIES: list[Family] = [
            lambda cfg: {"input_ids": prompt(4), **_pix(1, 3, 64, 64)}, LLAVA_OWN, 4),
     Family("vision-encoder-decoder", "VisionEncoderDecoderModel", _vit_gpt2_config,
            lambda cfg: {**_pix(1, 3, 32, 32)},
-           {"vision": ["encoder"], "llm": ("decoder", "decoder.lm_head")}, None),
+           {"vision": ["encoder"], "llm": ("decoder", "decoder.lm_head")}, None, **BOTH),
     Family("mllama", "MllamaForConditionalGeneration",
            lambda: tiny_config("mllama", image_token_index=IMAGE, **{
                "vision_config.image_size": 32, "vision_config.patch_size": 8, "vision_config.num_global_layers": 1,
@@ -396,6 +438,231 @@ FAMILIES: list[Family] = [
            {"vision": ["model.vision_tower"], "projector": ["model.multi_modal_projector"],
             "llm": ("model.language_model.decoder", "lm_head"), "encoder": ["model.language_model.encoder"]},
            17, encoder_decoder=True),
+    Family("llava_onevision", "LlavaOnevisionForConditionalGeneration",
+           lambda: tiny_config("llava_onevision", image_token_index=IMAGE, image_grid_pinpoints=[[32, 32]],
+                               **_VISION_32),
+           # the base image (16) and one 4x4 tile with a newline after each row (20)
+           lambda cfg: {"input_ids": prompt(36), **_pix(1, 2, 3, 32, 32), "image_sizes": torch.tensor([[32, 32]])},
+           LLAVA_OWN, 36, own4=LLAVA_OWN4, **BOTH),
+    Family("lfm2_vl", "Lfm2VlForConditionalGeneration",
+           lambda: tiny_config("lfm2_vl", image_token_id=IMAGE, projector_hidden_size=32, **{
+               "vision_config.patch_size": 8, "vision_config.num_patches": 16}),
+           # one image of 4x4 patches (8x8 pixels each, flattened), downsampled 2x2 into 4 tokens
+           lambda cfg: {"input_ids": prompt(4), **_pix(1, 16, 8 * 8 * 3), "spatial_shapes": torch.tensor([[4, 4]]),
+                        "pixel_attention_mask": torch.ones(1, 16, dtype=torch.long)},
+           LLAVA_OWN, 4),
+    Family("fuyu", "FuyuForCausalLM",
+           lambda: tiny_config("fuyu", image_token_id=IMAGE, patch_size=4),
+           # 9 patches of 4x4 pixels, flattened, each one image token (Fuyu has no vision tower: a linear patch embedding)
+           lambda cfg: {"input_ids": prompt(9), **_pix(1, 9, 4 * 4 * 3)},
+           # (4.51 takes image_patches and image_patches_indices instead: tested on 5.x)
+           {"vision": ["model.vision_embed_tokens"], "llm": ("model.language_model", "lm_head")}, 9),
+    Family("git", "GitForCausalLM",
+           lambda: tiny_config("git", **_VISION_32),
+           # the image's 16 patches and its class token are put before the prompt (no placeholders)
+           lambda cfg: {"input_ids": torch.tensor([[BOS, 10, 11, 12]]), **_pix(1, 3, 32, 32)},
+           {"vision": ["git.image_encoder"], "projector": ["git.visual_projection"],
+            "llm": ("git.encoder.layer.0", "output")}, 17, **BOTH),
+    Family("pix2struct", "Pix2StructForConditionalGeneration",
+           lambda: tiny_config("pix2struct", **{
+               "vision_config.patch_embed_hidden_size": 8 * 8 * 3, "vision_config.d_kv": 8,
+               "vision_config.d_ff": 64, "vision_config.seq_len": 16, "text_config.d_kv": 8,
+               "text_config.d_ff": 64}),
+           # 16 flattened patches, each led by its (row, column), counted from 1
+           lambda cfg: {"flattened_patches": torch.cat([
+               torch.tensor([[r, c] for r in range(1, 5) for c in range(1, 5)], dtype=torch.float)[None],
+               torch.randn(1, 16, 8 * 8 * 3)], dim=-1), "attention_mask": torch.ones(1, 16, dtype=torch.long)},
+           {"vision": ["encoder"], "llm": ("decoder", "decoder.lm_head")}, None),
+    Family("ovis2", "Ovis2ForConditionalGeneration",
+           lambda: tiny_config("ovis2", image_token_id=IMAGE, hidden_size=32,
+                               visual_indicator_token_ids=[IMAGE + 1 + i for i in range(5)], **_VISION_32),
+           # 16 patches, each a probability over the visual vocabulary looked up in the embedding table;
+           # the image is framed by two of the visual indicator tokens
+           lambda cfg: {"input_ids": prompt(16, start=[IMAGE + 1], end=[IMAGE + 2]), **_pix(1, 3, 32, 32)},
+           {"vision": ["model.vision_tower"], "projector": ["model.visual_embeddings_table"],
+            "llm": ("model.language_model", "lm_head")}, 16),
+    Family("minicpmv4_6", "MiniCPMV4_6ForConditionalGeneration", _minicpm_config("minicpmv4_6"),
+           # one image of 8x8 patches packed in a row; merged 2x2 inside the vision tower, then 2x2 by the merger
+           _minicpm_inputs(4), MINICPM_OWN, 4),
+    Family("minicpmv4_7", "MiniCPMV4_7ForConditionalGeneration", _minicpm_config("minicpmv4_7"),
+           _minicpm_inputs(4), MINICPM_OWN, 4),
+    Family("minicpm_ocr", "MiniCPMOcrForConditionalGeneration", _minicpm_config("minicpm_ocr"),
+           # "4x" downsampling: no merge inside the vision tower, 2x2 by the merger
+           _minicpm_inputs(16), MINICPM_OWN, 16),
+    Family("ernie4_5_vl_moe", "Ernie4_5_VLMoeForConditionalGeneration", _ernie_config,
+           lambda cfg: {"input_ids": prompt(4, start=[IMAGE + 2], end=[IMAGE + 3]), "image_grid_thw": torch.tensor([[1, 4, 4]]),
+                        **_pix(16, 3 * 8 * 8)},
+           {"vision": ["model.vision_tower"], "projector": ["model.resampler_model"],
+            "llm": ("model.language_model", "lm_head")}, 4, knobs={"top_k": 1, "blocks": [1]}),
+    Family("qwen3_5", "Qwen3_5ForConditionalGeneration",
+           _qwen_config("qwen3_5", **{"vision_config.deepstack_visual_indexes": [],
+                                      "text_config.layer_types": ["linear_attention", "full_attention"],
+                                      "vision_config.num_position_embeddings": 16}),
+           _qwen_inputs(), QWEN_OWN, 4, knobs={"blocks": [1]}),
+    Family("glm46v", "Glm46VForConditionalGeneration",
+           _qwen_config("glm46v", **{"vision_config.image_size": 32}), _qwen_inputs(), QWEN_OWN, 4),
+    Family("glm_ocr", "GlmOcrForConditionalGeneration",
+           _qwen_config("glm_ocr", **{"vision_config.image_size": 32}), _qwen_inputs(), QWEN_OWN, 4),
+    Family("qwen3_omni_moe_thinker", "Qwen3OmniMoeThinkerForConditionalGeneration",
+           _qwen_config("qwen3_omni_moe_thinker", **{"vision_config.deepstack_visual_indexes": [0],
+                                                     "vision_config.num_position_embeddings": 16,
+                                                     "audio_token_id": IMAGE + 5}),
+           _qwen_inputs(), QWEN_OWN, 4),
+    Family("llava_next_video", "LlavaNextVideoForConditionalGeneration",
+           lambda: tiny_config("llava_next_video", image_token_index=IMAGE, video_token_index=IMAGE + 1,
+                               image_grid_pinpoints=[[32, 32]], **_VISION_32),
+           lambda cfg: {"input_ids": prompt(36), **_pix(1, 2, 3, 32, 32), "image_sizes": torch.tensor([[32, 32]])},
+           # the video resampler only runs on videos: an image request never calls it
+           {"vision": ["model.vision_tower"], "projector": ["model.multi_modal_projector", "model.vision_resampler"],
+            "llm": ("model.language_model", "lm_head")}, 36),
+    Family("instructblipvideo", "InstructBlipVideoForConditionalGeneration",
+           lambda: tiny_config("instructblipvideo", video_token_index=IMAGE, num_query_tokens=4, **{
+               **_VISION_32, "qformer_config.encoder_hidden_size": 32}),
+           # a video of 2 frames: 4 query tokens per frame
+           lambda cfg: {"input_ids": prompt(8), "pixel_values": torch.randn(1, 2, 3, 32, 32),
+                        "qformer_input_ids": torch.tensor([[BOS, 10, 11]])},
+           BLIP2_OWN, 8, **BOTH),
+    Family("granite_docling", "GraniteDoclingForConditionalGeneration",
+           lambda: tiny_config("granite_docling", image_token_id=IMAGE, scale_factor=2, **_VISION_32),
+           # one tile, marked real by a (batch, tiles) mask; the connector runs inside the vision model
+           # (its connector shuffles 4x4 patches into one token: 16 patches, 1 image token)
+           lambda cfg: {"input_ids": prompt(1), **_pix(1, 1, 3, 32, 32),
+                        "pixel_attention_mask": torch.ones(1, 1, dtype=torch.bool)},
+           {"vision": ["model.vision_model"], "projector": "inside:model.vision_model.connector",
+                                "llm": ("model.text_model", "lm_head")}, 1),
+    Family("exaone4_5", "Exaone4_5_ForConditionalGeneration", _qwen_config("exaone4_5"), _qwen_inputs(), QWEN_OWN, 4),
+    Family("glm5_next", "Glm5NextForConditionalGeneration",
+           _qwen_config("glm5_next", **{"vision_config.image_size": 32, "text_config.kv_lora_rank": 16,
+                                        "text_config.q_lora_rank": 16, "text_config.v_head_dim": 8,
+                                        "text_config.index_head_dim": 8, "text_config.linear_head_dim": 8}),
+           _qwen_inputs(), QWEN_OWN, 4),
+    Family("cosmos3_omni", "Cosmos3OmniForConditionalGeneration",
+           _qwen_config("cosmos3_omni", **{"vision_config.deepstack_visual_indexes": [],
+                                           "vision_config.num_position_embeddings": 16}), _qwen_inputs(), QWEN_OWN, 4),
+    Family("step3p7", "Step3p7ForConditionalGeneration",
+           lambda: tiny_config("step3p7", image_token_id=IMAGE, **{**_VISION_32, "text_config.sliding_window": 64}),
+           # its projector pools the 4x4 patches into 1 token
+           lambda cfg: {"input_ids": prompt(1), **_pix(1, 3, 32, 32)},
+           {"vision": ["model.vision_model"], "projector": ["model.multi_modal_projector"],
+            "llm": ("model.language_model", "lm_head")}, 1),
+    Family("aria", "AriaForConditionalGeneration",
+           lambda: tiny_config("aria", image_token_index=IMAGE, image_token_id=IMAGE,
+                               projector_patch_to_query_dict={16: 4}, **_VISION_32),
+           # the projector's cross-attention turns 16 patches into 4 queries
+           lambda cfg: {"input_ids": prompt(4), **_pix(1, 3, 32, 32)}, LLAVA_OWN, 4),
+    # need a package this machine cannot load: their vision towers are timm models (TimmWrapperModel)
+    *[Family(name, cls, _unbuildable, _unbuildable, {}, None,
+             skip=f"{cls} needs timm (its vision tower is a TimmWrapperModel); timm is not installed here")
+      for name, cls in (("fast_vlm", "FastVlmForConditionalGeneration"), ("gemma3n", "Gemma3nForConditionalGeneration"),
+                        ("perception_lm", "PerceptionLMForConditionalGeneration"))],
+    Family("emu3", "Emu3ForConditionalGeneration", _emu3_config,
+           # an 8x8 image: 4x4 codes, each row ended by an end-of-line token (4 x 5 = 20 image tokens)
+           lambda cfg: {"input_ids": prompt(20), **_pix(1, 3, 8, 8), "image_sizes": torch.tensor([[8, 8]])},
+           {"vision": ["model.vqmodel.encode"], "llm": ("model.text_model", "lm_head")}, 20),
+    Family("gemma4", "Gemma4ForConditionalGeneration",
+           lambda: tiny_config("gemma4", init={"vision_config": {}}, image_token_id=IMAGE, boi_token_id=IMAGE + 1, eoi_token_id=IMAGE + 2,
+                               video_token_id=IMAGE + 3, boa_token_id=IMAGE + 4, eoa_token_index=IMAGE + 5,
+                               audio_token_id=IMAGE + 6, **{
+                                   "vision_config.patch_size": 8, "vision_config.pooling_kernel_size": 3,
+                                   "vision_config.position_embedding_size": 64, "text_config.num_kv_shared_layers": 0,
+                                   "text_config.layer_types": ["sliding_attention", "full_attention"],
+                                   "text_config.vocab_size_per_layer_input": VOCAB,
+                                   "text_config.hidden_size_per_layer_input": 8}),
+           # a 6x6 grid of 8x8 patches, pooled 3x3 into 4 image tokens
+           lambda cfg: {"input_ids": prompt(4, start=[IMAGE + 1], end=[IMAGE + 2]), **_pix(1, 36, 3 * 8 * 8),
+                        "image_position_ids": torch.tensor([[[x, y] for y in range(6) for x in range(6)]])},
+           {"vision": ["model.vision_tower"], "projector": ["model.embed_vision"],
+            "llm": ("model.language_model", "lm_head")}, 4),
+    Family("gemma4_unified", "Gemma4UnifiedForConditionalGeneration",
+           lambda: tiny_config("gemma4_unified", init={"vision_config": {}}, image_token_id=IMAGE, **{
+               "vision_config.patch_size": 4, "vision_config.pooling_kernel_size": 2, "text_config.num_kv_shared_layers": 0,
+               "text_config.layer_types": ["sliding_attention", "full_attention"],
+               "text_config.vocab_size_per_layer_input": VOCAB, "text_config.hidden_size_per_layer_input": 8}),
+           # no vision tower: a patch embedder puts each of the 2x2 patches in the text space (4 image tokens)
+           lambda cfg: {"input_ids": prompt(4), **_pix(1, 4, 3 * 8 * 8),
+                        "image_position_ids": torch.tensor([[[0, 0], [1, 0], [0, 1], [1, 1]]])},
+           {"vision": ["model.embed_vision"], "llm": ("model.language_model", "lm_head")}, 4),
+    Family("hyperclovax_vision_v2", "HyperCLOVAXVisionV2ForConditionalGeneration",
+           _qwen_config("hyperclovax_vision_v2", **{"vision_config.image_size": 32}), _qwen_inputs(),
+           {"vision": ["model.vision_model"], "projector": ["model.projector"],
+            "llm": ("model.language_model", "lm_head")}, 4),
+    Family("cosmos3_edge", "Cosmos3EdgeForConditionalGeneration",
+           _qwen_config("cosmos3_edge", **{"vision_config.image_size": 32}),
+           # image positions marked by type ids (1: image) as its processor returns them
+           lambda cfg: {**_qwen_inputs(temporal=1)(cfg), "mm_token_type_ids": (prompt(4) == IMAGE).int()},
+           {"vision": ["model.visual"], "projector": ["model.projector"],
+            "llm": ("model.language_model", "lm_head")}, 4),
+    Family("idefics", "IdeficsForVisionText2Text",
+           lambda: tiny_config("idefics", **_VISION_32),
+           # gated cross-attention to one image (no image placeholders in the sequence)
+           lambda cfg: {"input_ids": prompt(0), **_pix(1, 1, 3, 32, 32),
+                        "image_attention_mask": torch.ones(1, 8, 1, dtype=torch.long)},
+           {"vision": ["model.vision_model"], "llm": ("model.layers.0", "lm_head")}, None),
+    Family("kosmos-2.5", "Kosmos2_5ForConditionalGeneration",
+           lambda: tiny_config("kosmos-2.5", latent_query_num=4, **{
+               "text_config.layers": 2, "text_config.attention_heads": 4, "text_config.embed_dim": 32,
+               "text_config.ffn_dim": 64, "vision_config.patch_embed_hidden_size": 8 * 8 * 3,
+               "vision_config.head_dim": 8, "vision_config.max_num_patches": 16}),
+           # 16 flattened patches led by (row, column); 4 latent queries marked by a position mask
+           lambda cfg: {"input_ids": prompt(4, image_id=IMAGE), "flattened_patches": torch.cat([
+               torch.tensor([[r, c] for r in range(1, 5) for c in range(1, 5)], dtype=torch.float)[None],
+               torch.randn(1, 16, 8 * 8 * 3)], dim=-1), "attention_mask": torch.ones(1, 12, dtype=torch.long),
+                        "image_embeds_position_mask": (prompt(4, image_id=IMAGE) == IMAGE)},
+           {"vision": ["vision_model"], "projector": ["image_to_text_projection"],
+            "llm": ("text_model", "text_model.lm_head")}, 4),
+    Family("qianfan_ocr", "QianfanOCRForConditionalGeneration",
+           lambda: tiny_config("qianfan_ocr", image_token_id=IMAGE, **{
+               "vision_config.image_size": [32, 32], "vision_config.patch_size": [8, 8]}),
+           lambda cfg: {"input_ids": prompt(4), **_pix(1, 3, 32, 32)}, LLAVA_OWN, 4),
+    Family("apertus1p5", "Apertus1p5ForConditionalGeneration",
+           lambda: tiny_config("apertus1p5", image_token_id=IMAGE, image_token_offset=110, **{
+               "vision_config.codebook_size": 16, "vision_config.embed_dim": 4, "vision_config.latent_channels": 4,
+               "vision_config.base_channels": 32, "vision_config.channel_multiplier": [1, 1],
+               "vision_config.num_res_blocks": 1, "vision_config.attn_resolutions": [], "vision_config.resolution": 8}),
+           # an image tokenizer called through encode(): an 8x8 image, 4x4 codes (the BPE tokens 110 + code)
+           lambda cfg: {"input_ids": prompt(16), **_pix(1, 3, 8, 8), "image_sizes": torch.tensor([[8, 8]])},
+           {"vision": ["model.vision_tokenizer.encode"], "llm": ("model.language_model", "lm_head")}, 16),
+    Family("pp_formulanet", "PPFormulaNetForConditionalGeneration",
+           lambda: tiny_config("pp_formulanet", **{"vision_config.image_size": 64, "vision_config.patch_size": 8,
+                                                   "vision_config.window_size": 4, "vision_config.global_attn_indexes": [1],
+                                                   "vision_config.output_channels": 8, "vision_config.mlp_dim": 64,
+                                                   "vision_config.post_conv_in_channels": 8,
+                                                   "vision_config.post_conv_mid_channels": 16,
+                                                   "vision_config.post_conv_out_channels": 32,
+                                                   "vision_config.decoder_hidden_size": 32}),
+           lambda cfg: {**_pix(1, 3, 64, 64)},
+           {"vision": ["model.encoder"], "projector": "inside:model.encoder.multi_modal_projector",
+            "llm": ("model.decoder", "lm_head")}, None),
+    Family("nemotron_h_omni", "NemotronH_Omni_Reasoning_V3",
+           lambda: tiny_config("nemotron_h_omni", image_token_id=IMAGE, video_token_id=IMAGE + 1, audio_token_id=IMAGE + 2,
+                               vision_hidden_size=32, projector_hidden_size=32),
+           # 4x4 patches of 16x16 pixels, flattened; pixel-shuffled 2x2 into 4 image tokens
+           lambda cfg: {"input_ids": prompt(4), **_pix(16, 3 * 16 * 16), "image_grid_hw": torch.tensor([[4, 4]])},
+           {"vision": ["vision_model"], "projector": ["multi_modal_projector"],
+            "llm": ("language_model", "language_model")}, 4),
+    Family("lfm3_vl", "Lfm3VlForConditionalGeneration",
+           _qwen_config("lfm3_vl", **{"vision_config.image_size": 32,
+                                      "text_config.layer_types": ["conv", "full_attention"]}),
+           _qwen_inputs(), LLAVA_OWN, 4),
+    # a vision adapter (4 merged patches: 4 x 32 wide) and a projection after it: two projector parts
+    *[Family(name, cls, _qwen_config(name, projector_hidden_size=32, out_hidden_size=128,
+                                     **{"vision_config.image_size": 32}),
+             _qwen_inputs(), {"vision": ["model.vision_tower"], "projector": ["model.vision_adapter", "model.vision_projection"],
+                              "llm": ("model.language_model", "lm_head")}, 4)
+      for name, cls in (("muse_glimmer", "MuseGlimmerForConditionalGeneration"),
+                        ("muse_spark", "MuseSparkForConditionalGeneration"))],
+    Family("minimax_m3_vl", "MiniMaxM3SparseForConditionalGeneration",
+           _qwen_config("minimax_m3_vl", projector_hidden_size=32, merged_hidden_size=128, **{
+               "vision_config.image_size": 32, "text_config.dense_intermediate_size": 64,
+               "text_config.shared_intermediate_size": 32, "text_config.index_block_size": 4}),
+           _qwen_inputs(), LLAVA_OWN, 4, knobs={"top_k": 1, "blocks": [1]}),
+    Family("cohere_compass", "CohereCompassForConditionalGeneration",
+           lambda: tiny_config("cohere_compass", image_token_id=IMAGE, **{
+               "vision_config.patch_size": 8, "vision_config.image_size": 32, "vision_config.spatial_merge_size": 2,
+               "vision_config.temporal_patch_size": 2, "text_config.layer_types": ["sliding_attention", "full_attention"],
+               "text_config.rope_parameters": {kind: {"rope_type": "default", "rope_theta": 10000.0}
+                                               for kind in ("sliding_attention", "full_attention")}}),
+           _qwen_inputs(), QWEN_OWN, 4),
 ]
 
 
