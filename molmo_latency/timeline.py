@@ -7,7 +7,8 @@ configuration, validity and recorded conditions as args; each phase a slice insi
 the profiler's ``record_function`` ranges are (``vision``, ``projector``, ``prefill``,
 ``decode[3]``), a decode step with its step index and the KV length it attended over. NVML
 samples become counter tracks (SM clock, temperature, power, ...) and the conditions of each
-request (CPU share of its threads, host load) counters too, on the same time axis. The slices
+request (CPU share of its threads, host load) counters too, on the same time axis (a sample at
+the request's start and one at its end, so a viewer draws the value across the request). The slices
 use the ``user_annotation`` category, so molmo-latency's own Kineto reader reads the file back
 (:func:`molmo_latency.trace.read_kineto`).
 
@@ -124,13 +125,16 @@ def chrome_trace(requests: pl.DataFrame, phases: pl.DataFrame, *, telemetry: pl.
                 pargs["kv_tokens"] = int(r["input_tokens"]) + int(p["step"]) + 1  # prompt + tokens so far
             events.append({"ph": "X", "cat": CATEGORY, "name": name, "pid": PID, "tid": tid,
                            "ts": us(p["start_ns"]), "dur": (p["end_ns"] - p["start_ns"]) / 1000.0, "args": pargs})
+        # a request's own measures: the value at its start and again at its end, so a viewer
+        # draws it across the request (a counter holds its last sample; one sample has no width)
         share = r.get("cpu_time_ratio")
         if share is not None and r.get("torch_threads"):
-            counters.append({"ph": "C", "name": "CPU share of the threads", "pid": PID, "tid": 0,
-                             "ts": us(r["start_ns"]), "args": {"share": _plain(share / max(1, r["torch_threads"]))}})
+            counters += [{"ph": "C", "name": "CPU share of the threads", "pid": PID, "tid": 0, "ts": us(t),
+                          "args": {"share": _plain(share / max(1, r["torch_threads"]))}}
+                         for t in (r["start_ns"], r["end_ns"])]
         if r.get("host_load_1m") is not None:
-            counters.append({"ph": "C", "name": "host load (1 min)", "pid": PID, "tid": 0,
-                             "ts": us(r["start_ns"]), "args": {"load": _plain(r["host_load_1m"])}})
+            counters += [{"ph": "C", "name": "host load (1 min)", "pid": PID, "tid": 0, "ts": us(t),
+                          "args": {"load": _plain(r["host_load_1m"])}} for t in (r["start_ns"], r["end_ns"])]
     if telemetry is not None and telemetry.height:
         lo, hi = int(requests["start_ns"].min()), int(requests["end_ns"].max())
         inside = telemetry.filter((pl.col("t_ns") >= lo - 1_000_000_000) & (pl.col("t_ns") <= hi))

@@ -63,7 +63,11 @@ def test_nvml_samples_and_conditions_become_counter_tracks():
     counters = [(e["name"], e["ts"], list(e["args"].values())[0]) for e in trace["traceEvents"] if e["ph"] == "C"]
     assert ("GPU SM clock (MHz)", -500.0, 1980.0) in counters and ("GPU SM clock (MHz)", 5000.0, 1410.0) in counters
     assert not any(v == 1.0 for _, _, v in counters)  # a sample long after the request is not shown
-    assert ("CPU share of the threads", 0.0, 0.25) in counters and ("host load (1 min)", 0.0, 3.0) in counters
+    # a request's own measure spans it: the same value at its start (0 us) and its end (10 ms later)
+    assert [c for c in counters if c[0] == "CPU share of the threads"] == [
+        ("CPU share of the threads", 0.0, 0.25), ("CPU share of the threads", 10_000.0, 0.25)]
+    assert [c for c in counters if c[0] == "host load (1 min)"] == [
+        ("host load (1 min)", 0.0, 3.0), ("host load (1 min)", 10_000.0, 3.0)]
 
 
 def test_an_unknown_request_is_refused_naming_what_there_is(report):
