@@ -125,3 +125,50 @@ def test_report_plots_name_what_they_leave_out_and_skip_what_shows_nothing(tmp_p
     ax = figures["s.png"].axes[0]
     tops = sorted(p.get_y() + p.get_height() for p in ax.patches)
     assert tops[-1] == 10.0 and "(n=7)" in ax.get_xticklabels()[0].get_text()  # the bar is the median total
+
+
+def test_position_plot_gives_each_configuration_its_own_panel_and_keeps_legends_off_the_data(tmp_path, monkeypatch):
+    """fit's decode_by_position.png: no configuration's predicted line can hide under another's
+    (two configurations with the same prediction each get a panel), the configurations not drawn
+    are named, and no legend sits on an axes."""
+    from molmo_latency.show import estimator_plots
+
+    figures = {}
+
+    def keep(fig, path):
+        figures[path.name] = fig
+        return path
+
+    monkeypatch.setattr(estimator_plots, "write_png", keep)
+    # six held-out configurations: five with 8 steps (two of them predicted exactly alike), one with 3
+    predicted = {"a": 1.0, "b": 2.0, "c": 2.0, "d": 3.0, "e": 4.0, "short": 1.5}
+    rows = [{"request_index": 10 * i + r, "config_key": key, "split": "held_out_configs", "step": s,
+             "decode_step_ms": p50 * (1.05 if r else 0.97), "decode_step_p50_ms": p50 + 0.01 * s,
+             "decode_step_p95_ms": 1.2 * p50 + 0.01 * s}
+            for i, (key, p50) in enumerate(predicted.items()) for r in range(3)
+            for s in range(3 if key == "short" else 8)]
+    estimator_plots.write_position_plot(pl.DataFrame(rows), {}, tmp_path / "pos.png", max_configs=4)
+    fig = figures["pos.png"]
+    whole, parts = fig.subfigs
+    panels = [ax for ax in parts.axes if ax.get_visible()]
+    assert len(panels) == 4
+    shown = {ax.get_title().split(" (")[0] for ax in panels}
+    assert len(shown) == 4 and shown <= set(predicted)
+    for ax in panels:  # its one predicted P50 line is this configuration's own prediction, step by step
+        key = ax.get_title().split(" (")[0]
+        solid = [ln for ln in ax.get_lines() if ln.get_linestyle() == "-"]
+        assert len(solid) == 1
+        want = [predicted[key] + 0.01 * s for s in range(3 if key == "short" else 8)]
+        assert list(solid[0].get_ydata()) == pytest.approx(want, abs=1e-9)
+        assert "(n=3 requests)" in ax.get_title()
+    title = parts._suptitle.get_text()
+    assert "4 of 6 held-out configurations" in title
+    left_out = set(predicted) - shown
+    assert all(k in title.split("not shown: ")[1] for k in left_out)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    legends = [lg for sub in fig.subfigs for lg in sub.legends]
+    assert len(legends) == 2 and all(ax.get_legend() is None for ax in [*whole.axes, *panels])
+    for legend in legends:
+        box = legend.get_window_extent(renderer)
+        assert not any(box.overlaps(ax.get_window_extent(renderer)) for ax in [*whole.axes, *panels])
