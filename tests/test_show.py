@@ -173,3 +173,37 @@ def test_position_plot_gives_each_configuration_its_own_panel_and_keeps_legends_
     for legend in legends:
         box = legend.get_window_extent(renderer)
         assert not any(box.overlaps(ax.get_window_extent(renderer)) for ax in [*whole.axes, *panels])
+
+
+def test_diff_waterfall_draws_the_changed_comparisons_first_and_no_empty_kernel_column(tmp_path, monkeypatch):
+    """diff --plot of run directories without traces: the comparisons whose total changed
+    significantly come first (then the largest changes), the rest are named, and no column of
+    "no trace" panels is drawn (the title says why instead)."""
+    from types import SimpleNamespace
+
+    from molmo_latency.show import waterfall
+
+    figures = {}
+
+    def keep(fig, path):
+        figures[path.name] = fig
+        return path
+
+    monkeypatch.setattr(waterfall, "write_png", keep)
+
+    def comp(name, verdict, delta_pct):
+        rows = [{"phase": p, "a_mean_ms": 10.0, "b_mean_ms": 10.0 * (1 + delta_pct / 100), "verdict": verdict,
+                 "delta_ms": 10.0 * delta_pct / 100, "delta_pct": delta_pct, "a_n": 8, "b_n": 8}
+                for p in ("prefill", "decode", "total")]
+        return SimpleNamespace(title=name, phases=pl.DataFrame(rows), categories=None, level=None)
+
+    comps = [comp("small", "no significant change", 2.0), comp("big-untested", "no significant change", 60.0),
+             comp("slower", "slower", 20.0), comp("faster", "faster", -30.0), comp("mid", "no significant change", 9.0),
+             comp("tiny", "no significant change", 0.5)]
+    waterfall.plot_waterfall(SimpleNamespace(comparisons=comps), tmp_path / "w.png")
+    fig = figures["w.png"]
+    drawn = [ax.get_title().split(":")[0] for ax in fig.axes]
+    assert drawn == ["faster", "slower", "big-untested", "mid"]  # significant by |%|, then the largest
+    title = fig._suptitle.get_text()
+    assert "4 of 6 comparisons drawn" in title and "small" in title and "tiny" in title
+    assert "no trace on both sides" in title and len(fig.axes) == 4  # one column: no empty kernel panels
