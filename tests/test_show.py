@@ -207,3 +207,23 @@ def test_diff_waterfall_draws_the_changed_comparisons_first_and_no_empty_kernel_
     title = fig._suptitle.get_text()
     assert "4 of 6 comparisons drawn" in title and "small" in title and "tiny" in title
     assert "no trace on both sides" in title and len(fig.axes) == 4  # one column: no empty kernel panels
+    for ax in fig.axes:  # means (which add up) titled as means; the tested change of the median apart, with n
+        assert "means (they add up)" in ax.get_title() and "tested on medians" in ax.get_title()
+        assert "n=8/8" in ax.get_title()
+
+    # significance colours only on a phase a test called significant; kernel categories grey (untested)
+    from matplotlib.colors import to_hex
+
+    one = comp("one", "slower", 20.0)
+    one.phases = one.phases.with_columns(
+        pl.when(pl.col("phase") == "decode").then(pl.lit("no significant change")).otherwise(pl.col("verdict"))
+        .alias("verdict"))
+    one.categories = pl.DataFrame({"category": ["gemm", "attention"], "a_us": [500.0, 300.0],
+                                   "b_us": [900.0, 200.0], "delta_us": [400.0, -100.0]})
+    one.level = "cpu_op"
+    waterfall.plot_waterfall(SimpleNamespace(comparisons=[one]), tmp_path / "one.png")
+    phase_ax, kernel_ax = figures["one.png"].axes
+    bars = [to_hex(p.get_facecolor()) for p in phase_ax.patches]  # A, prefill, decode, B
+    assert bars[1] == waterfall._UP.lower() and bars[2] == waterfall._UP_UNTESTED.lower()
+    assert {to_hex(p.get_facecolor()) for p in kernel_ax.patches[1:-1]} <= {
+        waterfall._UP_UNTESTED.lower(), waterfall._DOWN_UNTESTED.lower()}
