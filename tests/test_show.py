@@ -227,3 +227,25 @@ def test_diff_waterfall_draws_the_changed_comparisons_first_and_no_empty_kernel_
     assert bars[1] == waterfall._UP.lower() and bars[2] == waterfall._UP_UNTESTED.lower()
     assert {to_hex(p.get_facecolor()) for p in kernel_ax.patches[1:-1]} <= {
         waterfall._UP_UNTESTED.lower(), waterfall._DOWN_UNTESTED.lower()}
+
+
+def test_prefill_plot_goes_log_when_one_outlier_would_squash_the_rest(tmp_path, monkeypatch):
+    """prefill_vs_input_tokens.png: times spanning more than 30x (a 900 ms outlier among ~3 ms
+    prefills) get a log axis; times of one order of magnitude keep a linear axis from zero."""
+    from molmo_latency.show import report_plots
+
+    figures = {}
+
+    def keep(fig, path):
+        figures[path.name] = fig
+        return path
+
+    monkeypatch.setattr(report_plots, "write_png", keep)
+    base = {"config_id": ["a", "a", "b", "b"], "input_tokens": [30, 30, 60, 60], "blocks": [2, 2, 2, 2]}
+    report_plots.plot_prefill_vs_tokens(pl.DataFrame({**base, "prefill_ms": [3.0, 900.0, 5.0, 5.5],
+                                                      "prefill_total_ms": [4.0, 901.0, 6.0, 6.5]}), tmp_path / "o.png")
+    report_plots.plot_prefill_vs_tokens(pl.DataFrame({**base, "prefill_ms": [3.0, 3.2, 5.0, 5.5],
+                                                      "prefill_total_ms": [4.0, 4.2, 6.0, 6.5]}), tmp_path / "q.png")
+    outlier, quiet = figures["o.png"].axes[0], figures["q.png"].axes[0]
+    assert outlier.get_yscale() == "log" and "log" in outlier.get_ylabel()
+    assert quiet.get_yscale() == "linear" and quiet.get_ylim()[0] == 0
