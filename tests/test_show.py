@@ -249,3 +249,25 @@ def test_prefill_plot_goes_log_when_one_outlier_would_squash_the_rest(tmp_path, 
     outlier, quiet = figures["o.png"].axes[0], figures["q.png"].axes[0]
     assert outlier.get_yscale() == "log" and "log" in outlier.get_ylabel()
     assert quiet.get_yscale() == "linear" and quiet.get_ylim()[0] == 0
+
+
+def test_parity_plot_keeps_its_legend_off_the_data(tmp_path, monkeypatch):
+    """fit's parity.png: one legend for all panels, outside every axes."""
+    from molmo_latency.estimator import example_requests, fit_estimator
+    from molmo_latency.show import estimator_plots
+
+    figures = {}
+
+    def keep(fig, path):
+        figures[path.name] = fig
+        return path
+
+    monkeypatch.setattr(estimator_plots, "write_png", keep)
+    est = fit_estimator(example_requests(seed=0))
+    estimator_plots.write_parity_plot(est.evaluation, est.metrics, tmp_path / "p.png")
+    fig = figures["p.png"]
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    assert all(ax.get_legend() is None for ax in fig.axes) and len(fig.legends) == 1
+    box = fig.legends[0].get_window_extent(renderer)
+    assert not any(box.overlaps(ax.get_window_extent(renderer)) for ax in fig.axes)

@@ -69,14 +69,15 @@ def _log_axes(ax) -> None:
 def write_parity_plot(evaluation: pl.DataFrame, metrics: dict[str, Any], path: str | Path) -> Path | None:
     """Prefill total and whole request of every held-out request (held-out configurations, and
     held-out N where present): measured (x) against predicted P50 (dots) and P95 (ticks), the
-    identity line and the +-10% band; log axes when the values span a decade or more. Returns
-    None (and writes nothing) when there is nothing to plot."""
+    identity line and the +-10% band; log axes when the values span a decade or more; one legend
+    below the panels. Returns None (and writes nothing) when there is nothing to plot."""
     targets = [t for t in ("prefill_total_ms", "request_ms") if t in evaluation.columns]
     if evaluation.height == 0 or not targets:
         return None
     plt = _pyplot()
     splits = [s for s in SPLITS if "split" in evaluation.columns and (evaluation["split"] == s).any()] or [None]
-    fig, axes = plt.subplots(len(splits), len(targets), figsize=(5.6 * len(targets), 4.9 * len(splits)), squeeze=False)
+    fig, axes = plt.subplots(len(splits), len(targets), figsize=(5.6 * len(targets), 4.9 * len(splits) + 0.4),
+                             squeeze=False, layout="constrained")
     for row, split in zip(axes, splits):
         part = evaluation if split is None else evaluation.filter(pl.col("split") == split)
         m_split = (metrics.get(split) or {}) if split else {}
@@ -105,8 +106,8 @@ def write_parity_plot(evaluation: pl.DataFrame, metrics: dict[str, Any], path: s
             ax.set_title(head, fontsize=9)
             ax.set_xlabel("measured ms")
             ax.set_ylabel("predicted ms")
-            ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
+    # one legend for every panel, below them: never on the data
+    fig.legend(*axes[0][0].get_legend_handles_labels(), fontsize=8, ncol=4, frameon=False, loc="outside lower center")
     return write_png(fig, path)
 
 
