@@ -16,9 +16,15 @@ The script writes a small page that embeds the trace JSON, serves it from 127.0.
 Chromium (Debian's ``chromium``) load it through the viewer's own importer, zooms to one request,
 selects it (the panel below lists its args), takes a screenshot and crops it to the tracks.
 
-    python -m molmo_latency profile --model tiny --sweep examples/sweep-tiny.toml --out /tmp/r --threads 1
-    python -m molmo_latency timeline /tmp/r --request 100 --out /tmp/one.json
-    python docs/make_timeline_screenshot.py /tmp/one.json --out docs/timeline_viewer.png
+    python -m molmo_latency profile --model tiny --sweep examples/sweep-tiny.toml --out /tmp/tiny --threads 1
+    python -m molmo_latency timeline /tmp/tiny --request 111 --out /tmp/one.json
+    python docs/make_timeline_screenshot.py /tmp/one.json --out docs/timeline_viewer.png \
+        --select "decode[5]" --size 1400x470 --crop 0,0,1378,410
+
+    # a request of the tiny model measured inside profile_phases(trace_dir=...), merged into its
+    # Kineto trace by Report.write_chrome_trace (written to /tmp/merged.json first):
+    python docs/make_timeline_screenshot.py --merged-tiny /tmp/merged.json --out docs/timeline_merged.png \
+        --select "decode[2]" --size 1400x650 --crop 0,0,1378,590
 
 The page logs ``TRACE-VIEWER: ...`` lines (what it imported, what it selected) to the browser's
 console; the script prints them, and fails when the viewer did not import the trace.
@@ -162,9 +168,28 @@ def screenshot(url: str, out: Path, width: int, height: int, budget_ms: int) -> 
             if "TRACE-VIEWER: " in line]
 
 
+def merged_tiny(out: Path) -> Path:
+    """One request of the tiny model (crops 4, 6 new tokens, one thread, three warm-up requests
+    first) measured inside ``profile_phases(trace_dir=...)``, merged into its Kineto trace."""
+    import torch
+
+    from molmo_latency import profile_phases
+    from molmo_latency.models import reference_vlm
+
+    torch.set_num_threads(1)
+    ref = reference_vlm("tiny")
+    for _ in range(3):
+        ref.model.generate(**ref.request(crops=4, new_tokens=6))
+    with profile_phases(ref.model, trace_dir=out.parent / f"{out.stem}-traces") as prof:
+        ref.model.generate(**ref.request(crops=4, new_tokens=6))
+    return prof.report().write_chrome_trace(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("trace", type=Path, help="a `molmo-latency timeline` JSON file")
+    ap.add_argument("trace", type=Path, nargs="?", help="a `molmo-latency timeline` JSON file")
+    ap.add_argument("--merged-tiny", type=Path, default=None,
+                    help="first write this JSON: a tiny-model request merged into its Kineto trace, and show it")
     ap.add_argument("--out", type=Path, required=True, help="the PNG to write")
     ap.add_argument("--focus", default=None, help="the slice to zoom to and select (default: the first request)")
     ap.add_argument("--select", default=None,
@@ -174,6 +199,10 @@ def main() -> None:
     ap.add_argument("--crop", default=None, help="keep LEFT,TOP,RIGHT,BOTTOM of the screenshot (pixels)")
     ap.add_argument("--budget-ms", type=int, default=20000, help="virtual time the page gets before the shot")
     a = ap.parse_args()
+    if a.merged_tiny is not None:
+        a.trace = merged_tiny(a.merged_tiny)
+    if a.trace is None:
+        ap.error("pass a timeline JSON file, or --merged-tiny FILE")
     doc = json.loads(a.trace.read_text())
     html, polyfill = viewer_files(a.cache)
     width, height = (int(v) for v in a.size.split("x"))

@@ -123,9 +123,10 @@ class PhaseReport:
         trace that Perfetto and ``chrome://tracing`` open (:func:`molmo_latency.timeline.chrome_trace`).
 
         Where ``profile_phases`` recorded a Kineto trace of one of them (``trace_dir=``), ours are
-        merged into a copy of that trace on its clock (aligned on the ``request[N]`` range the
-        trace holds), so each phase's kernels sit under it on one time axis; the trace itself
-        is left as it was. Returns `path`.
+        merged into a copy of that trace on its clock (aligned on the profiler's own ranges of
+        the first such request: the median offset over its phases, see
+        :func:`~molmo_latency.timeline.aligned_offset_ns`), so each phase's kernels sit under it
+        on one time axis; the trace itself is left as it was. Returns `path`.
 
         Example:
             >>> import json, tempfile, pathlib
@@ -140,7 +141,7 @@ class PhaseReport:
         """
         from molmo_latency.show import write_json
         from molmo_latency.telemetry.counters import estimate_clock_offset_ns, read_trace
-        from molmo_latency.timeline import chrome_trace, merge_into_trace, select_requests
+        from molmo_latency.timeline import aligned_offset_ns, chrome_trace, merge_into_trace, select_requests
 
         chosen = select_requests(self.requests, requests)
         numbers = set(chosen["request"].to_list())
@@ -151,9 +152,13 @@ class PhaseReport:
             first = min(numbers & set(traced["requests"]))
             start_ns = int(chosen.filter(pl.col("request") == first)["start_ns"][0])
             kineto = read_trace(traced["path"])
-            offset = estimate_clock_offset_ns(kineto, f"request[{first}]", start_ns)
+            coarse = estimate_clock_offset_ns(kineto, f"request[{first}]", start_ns)
+            own = self.phases.filter(pl.col("request") == first)
+            offset, used = aligned_offset_ns(kineto, own, coarse)
             doc = merge_into_trace(kineto, chosen, self.phases, clock_offset_ns=offset, telemetry=self.telemetry,
-                                   metadata={"kineto_trace": str(traced["path"]), "aligned_on": f"request[{first}]"})
+                                   metadata={"kineto_trace": str(traced["path"]),
+                                             "aligned_on": f"the median of {used} phase ranges of request[{first}]"
+                                             if used else f"request[{first}]"})
         out = Path(path)
         write_json(out, doc, compact=True)
         return out

@@ -186,3 +186,40 @@ def merge_into_trace(trace: dict[str, Any] | list, requests: pl.DataFrame, phase
     other = merged.get("otherData") if isinstance(merged.get("otherData"), dict) else {}
     merged["otherData"] = {**other, "molmo_latency": ours["otherData"]}
     return merged
+
+
+def aligned_offset_ns(trace: dict[str, Any] | list, phases: pl.DataFrame, coarse_offset_ns: int) -> tuple[int, int]:
+    """(``clock_offset_ns``, ranges used): the median over the phases of one request of (the start
+    of the trace's own range of that name, e.g. ``prefill`` or ``decode[3]``, nearest to where
+    `coarse_offset_ns` puts it) minus (our start of it). One range can be off: the first range
+    after the profiler starts (``request[N]``) was stamped 5-13 ms before the clock we read right
+    after opening it (the profiler's time to open its first range); the median of a request's
+    phase ranges is not. With no range matched, `coarse_offset_ns` and 0.
+
+    Example:
+        >>> trace = {"traceEvents": [{"ph": "X", "cat": "user_annotation", "name": n, "ts": t, "dur": 1.0}
+        ...                          for n, t in (("prefill", 1010.0), ("decode[0]", 1030.0), ("decode[1]", 1050.0))]}
+        >>> ph = pl.DataFrame({"phase": ["prefill", "decode", "decode"], "step": [0, 0, 1],
+        ...                    "start_ns": [10_000, 30_000, 50_000]})
+        >>> aligned_offset_ns(trace, ph, coarse_offset_ns=987_000)
+        (1000000, 3)
+    """
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    starts: dict[str, list[float]] = {}
+    for e in events:
+        if isinstance(e, dict) and e.get("ph") in ("X", "B") and e.get("cat") == CATEGORY \
+                and isinstance(e.get("ts"), (int, float)):
+            starts.setdefault(str(e.get("name")), []).append(float(e["ts"]))
+    offsets = []
+    for phase, step, start_ns in phases.select("phase", "step", "start_ns").iter_rows():
+        name = f"{phase}[{step}]" if phase == "decode" else phase
+        candidates = starts.get(name)
+        if not candidates:
+            continue
+        guess_us = (int(start_ns) + coarse_offset_ns) / 1000.0
+        nearest = min(candidates, key=lambda ts: abs(ts - guess_us))
+        offsets.append(round(nearest * 1000.0) - int(start_ns))
+    if not offsets:
+        return coarse_offset_ns, 0
+    offsets.sort()
+    return offsets[len(offsets) // 2], len(offsets)
