@@ -17,7 +17,7 @@ Chromium (Debian's ``chromium``) load it through the viewer's own importer, zoom
 selects it (the panel below lists its args), takes a screenshot and crops it to the tracks.
 
     python -m molmo_latency profile --model tiny --sweep examples/sweep-tiny.toml --out /tmp/tiny --threads 1
-    python -m molmo_latency timeline /tmp/tiny --request 111 --out /tmp/one.json
+    python -m molmo_latency timeline /tmp/tiny --request 159 --out /tmp/one.json  # the median request of c4-k2-b4-p16-n12-bs1
     python docs/make_timeline_screenshot.py /tmp/one.json --out docs/timeline_viewer.png \
         --select "decode[5]" --size 1400x470 --crop 0,0,1378,410
 
