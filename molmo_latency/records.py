@@ -118,6 +118,52 @@ class PhaseReport:
         return written
 
 
+    def write_chrome_trace(self, path: str | Path, *, requests: Iterable[int] | None = None) -> Path:
+        """Write the requests (all, or those numbered `requests`) and their phases as a Chrome
+        trace that Perfetto and ``chrome://tracing`` open (:func:`molmo_latency.timeline.chrome_trace`).
+
+        Where ``profile_phases`` recorded a Kineto trace of one of them (``trace_dir=``), ours are
+        merged into a copy of that trace on its clock (aligned on the profiler's own ranges of
+        the first such request: the median offset over its phases, see
+        :func:`~molmo_latency.timeline.aligned_offset_ns`), so each phase's kernels sit under it
+        on one time axis; the trace itself is left as it was. Returns `path`.
+
+        Example:
+            >>> import json, tempfile, pathlib
+            >>> from molmo_latency import profile_phases
+            >>> from molmo_latency.models import reference_vlm
+            >>> ref = reference_vlm("tiny")
+            >>> with profile_phases(ref.model) as prof:
+            ...     _ = ref.model.generate(**ref.request(crops=1, new_tokens=3))
+            >>> out = prof.report().write_chrome_trace(pathlib.Path(tempfile.mkdtemp()) / "one.json")
+            >>> [e["name"] for e in json.loads(out.read_text())["traceEvents"] if e["ph"] == "X"][:3]
+            ['request[0]', 'vision', 'projector']
+        """
+        from molmo_latency.show import write_json
+        from molmo_latency.telemetry.counters import estimate_clock_offset_ns, read_trace
+        from molmo_latency.timeline import aligned_offset_ns, chrome_trace, merge_into_trace, select_requests
+
+        chosen = select_requests(self.requests, requests)
+        numbers = set(chosen["request"].to_list())
+        traced = next((t for t in self.traces if numbers & set(t.get("requests") or [])), None)
+        if traced is None:
+            doc = chrome_trace(chosen, self.phases, telemetry=self.telemetry)
+        else:
+            first = min(numbers & set(traced["requests"]))
+            start_ns = int(chosen.filter(pl.col("request") == first)["start_ns"][0])
+            kineto = read_trace(traced["path"])
+            coarse = estimate_clock_offset_ns(kineto, f"request[{first}]", start_ns)
+            own = self.phases.filter(pl.col("request") == first)
+            offset, used = aligned_offset_ns(kineto, own, coarse)
+            doc = merge_into_trace(kineto, chosen, self.phases, clock_offset_ns=offset, telemetry=self.telemetry,
+                                   metadata={"kineto_trace": str(traced["path"]),
+                                             "aligned_on": f"the median of {used} phase ranges of request[{first}]"
+                                             if used else f"request[{first}]"})
+        out = Path(path)
+        write_json(out, doc, compact=True)
+        return out
+
+
 def _phase_rows(rec: RequestRecord) -> tuple[list[dict[str, Any]], list[str]]:
     """Resolved phase rows of one request, sorted by start, and the problems found."""
     times = rec.times_ns

@@ -199,3 +199,9 @@ def test_a_diff_of_several_configurations_starts_with_the_overall_summary(same_s
     assert "overall: 0 of 2 configurations changed" in out
     assert out.index("overall:") < out.index("Summary:") < out.index("Phases")
     assert out.count("legend:") <= 1 and out.count("verdict rule:") == 1
+    # each run's data-quality verdict, as `report` gives it, before any change is claimed
+    assert main(["report", str(same_setting_run), "--json"]) == 0
+    verdict = json.loads(capsys.readouterr().out)["quality"]["verdict"]
+    assert f"data quality: A {verdict}, B {verdict}" in out and out.index("data quality:") < out.index("overall:")
+    # no trace was recorded: said once for every configuration, not once per configuration and side
+    assert out.count("no trace of") == 2 and "note (every configuration): A: no trace of any configuration" in out

@@ -455,3 +455,44 @@ def test_the_demo_measures_enough_for_diff_and_fit():
 
     assert DEMO_SWEEP["repeats"] >= 6  # Mann-Whitney with Holm over the phases can be significant
     assert len(DEMO_SWEEP["new_tokens"]) >= 2  # fit can hold an output length out
+
+
+def test_workers_without_ray_is_refused_before_anything_is_written(tmp_path, capsys):
+    from molmo_latency.cli.main import main
+
+    sweep = tmp_path / "s.toml"
+    sweep.write_text("crops = [1]\nrepeats = 1\nnew_tokens = [2]\n")
+    out = tmp_path / "run"
+    assert main(["profile", "--model", "tiny", "--sweep", str(sweep), "--out", str(out), "--workers", "2"]) == 2
+    assert "--workers takes effect only with --ray" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_the_progress_line_counts_warm_up_requests_while_nothing_is_measured_yet(capsys):
+    """Without a terminal the progress is a line; during the warm-up it says which warm-up request
+    ran (the measured count stands at 0 until then), instead of sitting at 0/N in silence."""
+    from molmo_latency.cli.profile_cmd import _RichProgress
+    from molmo_latency.sweep.schedule import Progress
+
+    bar = _RichProgress(enabled=False)
+    bar(Progress(done=0, total=12, configs_done=0, configs_total=2, last_ms=None, last_config="c1", stage="warmup"))
+    err = capsys.readouterr().err
+    assert err.startswith("[warmup] 0/12 requests") and "warm-up request 1 (c1)" in err
+
+
+def test_a_wrapped_text_column_never_cuts_a_short_word_in_the_middle(capsys):
+    """`ProfilerStep#1000000` (20 characters) in a name column that must shrink to fit 60 columns:
+    the table gives up other columns rather than print it cut over two lines."""
+    import polars as pl
+
+    from molmo_latency.show import print_frame, set_width
+
+    names = ["ProfilerStep#1000000", "aten::addmm with a long tail of words to wrap", "x"]
+    frame = pl.DataFrame({"name": names, **{f"value {i}": [1.5, 2.5, 3.5] for i in range(5)}})
+    set_width(60)
+    try:
+        print_frame(frame, "ops")
+    finally:
+        set_width(None)
+    out = capsys.readouterr().out
+    assert "ProfilerStep#1000000" in out

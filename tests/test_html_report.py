@@ -32,7 +32,8 @@ def test_the_page_renders_in_a_browser_with_its_plot_and_table(tmp_path):
     page = tmp_path / "index.html"
     page.write_text(render_html(
         "run tiny", verdict={"verdict": "noisy", "reasons": ["noisy: repeats disagree by more than 5%"]},
-        conditions={"torch_threads": 1},
+        conditions={"command": "molmo-latency profile --model tiny", "conditions": {"torch_threads": 1,
+                                                                                   "gpu": None}},
         sections=[HtmlSection("Configurations", table=pl.DataFrame({"config": ["c1-k1"], "total ms": [12.5]})),
                   HtmlSection("Decode step time", image=png, note="median and P5-P95 band")]), encoding="utf-8")
     dom, log = render(page, screenshot=tmp_path / "shot.png")
@@ -40,3 +41,6 @@ def test_the_page_renders_in_a_browser_with_its_plot_and_table(tmp_path):
     assert 'id="verdict"' in dom and ">noisy<" in dom and "c1-k1" in dom and "12.500" in dom
     assert dom.count("data:image/png;base64,") == 1 and "http://" not in dom and "https://" not in dom
     assert (tmp_path / "shot.png").stat().st_size > 5000
+    # the conditions: the command as one line, the rest as key / value rows (none shown as "none")
+    assert "<code>molmo-latency profile --model tiny</code>" in dom
+    assert "<td>torch_threads</td><td>1</td>" in dom and '<td>gpu</td><td><span class="note">none</span>' in dom

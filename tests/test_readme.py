@@ -42,3 +42,13 @@ def test_readme_example_runs(code, mark, tmp_path, monkeypatch):
         os.symlink(MOLMO_REMOTE.parent, tmp_path / "shared")
     monkeypatch.chdir(tmp_path / "work")
     exec(compile(code, str(README), "exec"), {"__name__": "__readme__"})
+
+
+def test_every_picture_the_readme_shows_is_in_the_repository_and_a_png():
+    """A picture in the README (the timeline in a trace viewer, ...) is a committed PNG file."""
+    pictures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", README.read_text(encoding="utf-8"))
+    assert "docs/timeline_viewer.png" in pictures
+    for rel in pictures:
+        path = README.parent / rel
+        assert path.is_file(), rel
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", rel

@@ -88,3 +88,21 @@ def test_html_report_shows_the_verdict_the_table_and_every_plot_in_a_browser(run
     assert 'id="verdict"' in dom and "Per configuration" in dom
     assert dom.count("data:image/png;base64,") == len(pngs) >= 1
     assert "c1-" in dom and "c2-" in dom  # the configuration table
+
+
+def test_html_report_says_why_a_plot_was_not_drawn(run_dir, tmp_path):
+    """A run of one input shape has no prefill-vs-tokens trend: the page says so where the plot
+    would be, instead of leaving it out without a word."""
+    one = tmp_path / "one_shape"
+    shutil.copytree(run_dir, one)
+    shutil.rmtree(one / "parts")  # the filtered tables below are the run's data
+    shutil.rmtree(one / "report", ignore_errors=True)
+    for table in ("requests", "phases"):
+        frame = pl.read_parquet(one / f"{table}.parquet")
+        frame.filter(pl.col("config_id").str.starts_with("c1-")).write_parquet(one / f"{table}.parquet")
+    res = _cli("report", str(one), "--html")
+    assert res.returncode == 0, res.stderr
+    dom, log = render(one / "report" / "index.html")
+    assert console_errors(log) == []
+    assert "prefill vs input tokens" in dom and "not drawn: every request has" in dom
+    assert not (one / "report" / "prefill_vs_input_tokens.png").exists()

@@ -5,6 +5,7 @@ the profiler's phases table, which the trace must reproduce slice for slice."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -63,7 +64,11 @@ def test_nvml_samples_and_conditions_become_counter_tracks():
     counters = [(e["name"], e["ts"], list(e["args"].values())[0]) for e in trace["traceEvents"] if e["ph"] == "C"]
     assert ("GPU SM clock (MHz)", -500.0, 1980.0) in counters and ("GPU SM clock (MHz)", 5000.0, 1410.0) in counters
     assert not any(v == 1.0 for _, _, v in counters)  # a sample long after the request is not shown
-    assert ("CPU share of the threads", 0.0, 0.25) in counters and ("host load (1 min)", 0.0, 3.0) in counters
+    # a request's own measure spans it: the same value at its start (0 us) and its end (10 ms later)
+    assert [c for c in counters if c[0] == "CPU share of the threads"] == [
+        ("CPU share of the threads", 0.0, 0.25), ("CPU share of the threads", 10_000.0, 0.25)]
+    assert [c for c in counters if c[0] == "host load (1 min)"] == [
+        ("host load (1 min)", 0.0, 3.0), ("host load (1 min)", 10_000.0, 3.0)]
 
 
 def test_an_unknown_request_is_refused_naming_what_there_is(report):
@@ -129,3 +134,41 @@ def test_the_shipped_trace_holds_a_warm_request():
     assert request["name"] != "request[0]" and request["dur_ns"] < 500e6  # tiny model: tens of ms
     names = ann["name"].to_list()
     assert {"vision", "projector", "prefill"} <= set(names) and sum(n.startswith("decode[") for n in names) == 7
+
+
+def test_write_chrome_trace_merges_ours_into_the_kineto_trace_of_the_same_request(tiny, tmp_path):
+    """`Report.write_chrome_trace`: with a Kineto trace of the request (profile_phases(trace_dir=)),
+    our request and phases join that trace on its clock, as a process of their own, so its ops sit
+    under our phases on one time axis; the trace's own ranges stay the ones our reader counts, and
+    the trace file itself is not changed."""
+    from molmo_latency.trace import read_kineto
+
+    with profile_phases(tiny.model, trace_dir=tmp_path / "traces") as prof:
+        tiny.model.generate(**tiny.request(crops=1, prompt_tokens=12, new_tokens=4))
+    report = prof.report()
+    (traced,) = report.traces
+    original = Path(traced["path"]).read_bytes()
+    out = report.write_chrome_trace(tmp_path / "merged.json")
+    assert Path(traced["path"]).read_bytes() == original
+
+    merged = json.loads(out.read_text())
+    kineto = read_kineto(traced["path"])
+    ours = [e for e in merged["traceEvents"] if e.get("cat") == "molmo_latency" and e["ph"] == "X"]
+    names = [e["name"] for e in ours]
+    assert names[0] == "request[0]" and "prefill" in names and "decode[2]" in names
+    import gzip
+
+    theirs = json.loads(gzip.decompress(original))["traceEvents"]
+    assert len({e["pid"] for e in ours}) == 1 and ours[0]["pid"] not in {e.get("pid") for e in theirs}
+    assert len(merged["traceEvents"]) > len(theirs)
+    assert sum(e.get("cat") == "cpu_op" for e in merged["traceEvents"]) > 0  # the trace's own ops are there
+    # on the trace's clock: each of our phases starts where the profiler's own range of that name
+    # starts (its stamps, as the trace file holds them); the two clocks are read microseconds apart
+    # on one thread, 2 ms allows for a preemption between them
+    theirs_x = {e["name"]: e["ts"] for e in theirs if e.get("cat") == "user_annotation" and e.get("ph") == "X"}
+    for e in ours:
+        if e["name"] != "request[0]":
+            assert e["ts"] == pytest.approx(theirs_x[e["name"]], abs=2000.0), e["name"]
+    # our reader counts the trace's own ranges once, not ours a second time
+    back = read_kineto(out)
+    assert back.annotations.height == kineto.annotations.height

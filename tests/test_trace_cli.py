@@ -101,3 +101,27 @@ def test_a_cpu_only_trace_says_so_once_in_the_table_title_not_as_a_warning(capsy
     assert "gloo:all_reduce" in out
     assert main(["trace", "summary", str(DATA / "cpu_only.json.gz"), "--json"]) == 0
     assert any("no GPU activities" in w for w in json.loads(capsys.readouterr().out)["warnings"])
+
+
+def test_a_timeline_file_without_gpu_or_cpu_ops_says_so_in_its_first_line_not_as_a_warning(tmp_path, capsys,
+                                                                                         monkeypatch):
+    """`molmo-latency timeline` output holds only our ranges: `trace summary` reads them, and the
+    missing GPU activity is said on the first line, not warned about on stderr."""
+    import polars as pl
+
+    from molmo_latency import show
+    from molmo_latency.timeline import chrome_trace
+
+    monkeypatch.setattr(show.console, "width", 200)
+    req = pl.DataFrame({"request": [0], "start_ns": [1_000_000], "end_ns": [9_000_000], "thread_id": [1],
+                        "input_tokens": [20]})
+    ph = pl.DataFrame({"request": [0, 0], "phase": ["prefill", "decode"], "step": [0, 0],
+                       "start_ns": [2_000_000, 6_000_000], "end_ns": [5_000_000, 8_000_000]})
+    path = tmp_path / "timeline.json"
+    path.write_text(json.dumps(chrome_trace(req, ph)))
+    assert main(["trace", "summary", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert "warning" not in err
+    first = out.splitlines()[0]
+    assert "0 GPU activities (a CPU-only trace" in first and "3 annotations" in first
+    assert "prefill" in out and "decode[0]" in out

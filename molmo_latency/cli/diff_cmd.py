@@ -101,6 +101,30 @@ def _kernel_table(kernels: "pl.DataFrame", top: int) -> "pl.DataFrame":
 _KERNEL_COMPACT = ["name", "n A", "n B", "A self us", "B self us", "Δ self us", "% chg"]
 
 
+def _shared_notes(comparisons) -> tuple[list[str], list[list[str]]]:
+    """(notes every comparison carries, with its configuration ids read as "any configuration";
+    per comparison, its other notes). One comparison keeps all its notes as they are.
+
+    Example:
+        >>> from types import SimpleNamespace as C
+        >>> comps = [C(a_config=c, b_config=c, notes=[f"A: no trace of {c}", "x"] if c == "c1" else [f"A: no trace of {c}"])
+        ...          for c in ("c1", "c2")]
+        >>> _shared_notes(comps)
+        (['A: no trace of any configuration'], [['x'], []])
+    """
+    def generic(comp, note: str) -> str:
+        for cid in sorted({c for c in (comp.a_config, comp.b_config) if c}, key=len, reverse=True):
+            note = note.replace(cid, "any configuration")
+        return note
+
+    if len(comparisons) < 2:
+        return [], [list(c.notes) for c in comparisons]
+    per = [[generic(c, n) for n in c.notes] for c in comparisons]
+    shared = [n for n in dict.fromkeys(per[0]) if all(n in p for p in per[1:])]
+    own = [[n for n, g in zip(c.notes, p) if g not in shared] for c, p in zip(comparisons, per)]
+    return shared, own
+
+
 def _show(result, *, top: int, all_steps: bool) -> None:
     import polars as pl
 
@@ -116,6 +140,12 @@ def _show(result, *, top: int, all_steps: bool) -> None:
     elif result.a_kind == result.b_kind == "run":
         console.print("conditions: A and B recorded the same device, dtype, threads, model and versions",
                       markup=False, highlight=False)
+    if result.quality:
+        said = ", ".join(f"{side} {verdict}" for side, verdict in result.quality.items())
+        busy = [side for side, verdict in result.quality.items() if verdict != "clean"]
+        console.print(f"data quality: {said}" + (
+            f": a change may be the machine's, not the code's (molmo-latency report "
+            f"{' / '.join(busy)} says why)" if busy else ""), markup=False, highlight=False)
     summary = result.summary()
     if summary is not None and len(result.comparisons) > 1:
         changed = summary.filter(pl.col("verdict").is_in(["faster", "slower"]))
@@ -129,10 +159,13 @@ def _show(result, *, top: int, all_steps: bool) -> None:
                                    .alias("95% CI ms"), "verdict"),
                     "Summary: the whole request (total) per configuration, B vs A", digits=2, max_rows=10_000,
                     compact=["config A", "A total ms", "B total ms", "delta %", "verdict"])
+    shared, own = _shared_notes(result.comparisons)
+    for note in shared:  # said of every configuration: once, not once per configuration
+        console.print(f"note (every configuration): {note}", markup=False, highlight=False, style="dim")
     legend = False
-    for comp in result.comparisons:
+    for comp, notes in zip(result.comparisons, own):
         console.rule(f"[bold]{comp.title}[/]")
-        for note in comp.notes:
+        for note in notes:
             console.print(f"note: {note}", markup=False, highlight=False, style="dim")
         if comp.phases is not None:
             steps = comp.phases.filter(pl.col("family") == "step")

@@ -142,7 +142,7 @@ def _report(run_dir: Path, *, as_json: bool, extra: dict | None = None, html: bo
             raise
         why = getattr(exc, "strerror", None) or "the disk is full"
         pngs, skipped = [], [("plots", f"cannot write {Path(run_dir) / 'report'} ({why})")]
-    page = _write_html(run_dir, rep, pngs) if html else None
+    page = _write_html(run_dir, rep, pngs, skipped) if html else None
     if as_json:
         print_json({**(extra or {}), "run_dir": str(run_dir), "quality": quality.as_dict(),
                     "quality_configs": frame_records(quality.configs), "configs": frame_records(rep["config"]),
@@ -196,8 +196,9 @@ def _print_quality(quality) -> None:
         console.print(f"  - {reason}", markup=False, highlight=False)
 
 
-def _write_html(run_dir: Path, rep: dict, pngs: list) -> Path | None:
-    """RUN_DIR/report/index.html: verdict, conditions and versions, tables, every plot, failures."""
+def _write_html(run_dir: Path, rep: dict, pngs: list, skipped: list = ()) -> Path | None:
+    """RUN_DIR/report/index.html: verdict, conditions and versions, tables, every plot (and why a
+    plot was not drawn), failures."""
     from molmo_latency.show import err_console
     from molmo_latency.show.html import HtmlSection, render_html
 
@@ -213,6 +214,7 @@ def _write_html(run_dir: Path, rep: dict, pngs: list) -> Path | None:
                 HtmlSection("Data quality per configuration", table=quality.configs),
                 HtmlSection("Phase shares of the median request", table=rep["shares"])]
     sections += [HtmlSection(Path(p).stem.replace("_", " "), image=Path(p)) for p in pngs]
+    sections += [HtmlSection(Path(name).stem.replace("_", " "), note=f"not drawn: {why}") for name, why in skipped]
     if rep["failures"].height:
         sections.append(HtmlSection("Failed configurations", table=rep["failures"]))
     target = Path(run_dir) / "report" / "index.html"

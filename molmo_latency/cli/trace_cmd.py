@@ -316,8 +316,8 @@ def summary_command(
     from molmo_latency.show import console, err_console, plural
 
     for message in warned:
-        if "no GPU activities" in message and summary.trace.gpu.height == 0 and summary.trace.cpu_ops.height:
-            continue  # the CPU-op table below says so in its title (--json keeps the warning)
+        if "no GPU activities" in message and summary.trace.gpu.height == 0:
+            continue  # the first line (and the CPU-op table's title) says so (--json keeps the warning)
         err_console.print(f"warning: {message}", highlight=False, soft_wrap=True)
     nsys = trace.layout == "nsys"
     ranges = "NVTX ranges" if nsys else "annotations"
@@ -325,7 +325,8 @@ def summary_command(
               else f"{trace.layout} layout")
     console.print(
         f"[bold]{trace.path}[/bold]: {plural(trace.events, 'event')}, "
-        f"{plural(trace.gpu.height, 'GPU activity', 'GPU activities')}, "
+        f"{plural(trace.gpu.height, 'GPU activity', 'GPU activities')}"
+        f"{'' if trace.gpu.height else ' (a CPU-only trace, or recorded without ProfilerActivity.CUDA)'}, "
         f"{trace.annotations.height:,} {ranges} ({source})",
         highlight=False,
     )

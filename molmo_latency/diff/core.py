@@ -60,6 +60,9 @@ class DiffResult:
     # one line per recorded condition that differs between A and B (run directories: device,
     # dtype, threads, model, library versions); a machine change is not a code change
     conditions: list[str] = field(default_factory=list)
+    # the data-quality verdict of each run directory (``report``'s: clean, noisy, contended,
+    # incomplete); a busy machine on either side can make a change that is not the code's
+    quality: dict[str, str] = field(default_factory=dict)
 
     def _stack(self, attr: str) -> pl.DataFrame | None:
         parts = [getattr(c, attr).with_columns(pl.lit(c.a_config, dtype=pl.String).alias("a_config"),
@@ -121,6 +124,7 @@ class DiffResult:
             "a": self.a, "b": self.b, "a_kind": self.a_kind, "b_kind": self.b_kind,
             "levels": sorted({c.level for c in self.comparisons if c.level}),
             "rule": self.rule, "options": self.options, "conditions_differ": list(self.conditions),
+            "data_quality": dict(self.quality),
             "summary": records(self.summary()),
             "phases": records(self.phases), "kernels": records(self.kernels),
             "categories": records(self.categories),
@@ -189,7 +193,16 @@ def diff(a: str | Path, b: str | Path, *, config: str | None = None, config_b: s
     return DiffResult(a=side_a.label, b=side_b.label, a_kind=side_a.kind, b_kind=side_b.kind,
                       rule=describe_rule(alpha, ci_level, resamples, min_effect_pct),
                       options={"level": level, "normalize": normalize, **stats}, comparisons=comparisons,
-                      conditions=_condition_differences(side_a, side_b))
+                      conditions=_condition_differences(side_a, side_b), quality=_quality(side_a, side_b))
+
+
+def _quality(a: Side, b: Side) -> dict[str, str]:
+    """``{"A": verdict, "B": verdict}`` of run directories (as ``report`` judges them); nothing
+    for a trace, which records no repeats to judge."""
+    from molmo_latency.report import run_quality
+
+    return {label: run_quality(RunDir(side.path), side.table("requests")).verdict
+            for label, side in (("A", a), ("B", b)) if side.kind == "run"}
 
 
 def _condition_differences(a: Side, b: Side) -> list[str]:

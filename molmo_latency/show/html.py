@@ -35,6 +35,10 @@ td.text,th.text{text-align:left}.verdict{display:inline-block;padding:.2em .7em;
 font-weight:600;color:#fff}.clean{background:#2e7d32}.noisy{background:#ef6c00}.contended{background:#c62828}
 .incomplete{background:#6a1b9a}img{max-width:100%;border:1px solid #eee;margin:.5em 0}
 .note{color:#555}.scroll{overflow-x:auto;max-width:100%}pre{background:#f5f5f7;padding:.6em;overflow:auto}
+td.text{white-space:nowrap}th{white-space:nowrap}
+.facts{display:grid;grid-template-columns:repeat(auto-fill,minmax(340px,1fr));gap:0 1.5em;align-items:start}
+.facts h3{font-size:1em;margin:.8em 0 .2em}.facts table{width:100%;font-size:.9em}
+.facts td{text-align:left;overflow-wrap:anywhere}.facts td:first-child{white-space:nowrap;color:#555}
 """
 
 
@@ -86,6 +90,45 @@ def _image_html(path: Path, title: str) -> str:
     return f'<img alt="{html.escape(title)}" src="data:image/png;base64,{data}">'
 
 
+def _flat(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, leaf value) pairs of nested mappings; lists stay whole."""
+    if isinstance(value, dict):
+        out: list[tuple[str, Any]] = []
+        for k in sorted(value, key=str):
+            out += _flat(value[k], f"{prefix}.{k}" if prefix else str(k))
+        return out
+    return [(prefix, value)]
+
+
+def _leaf(value: Any) -> str:
+    if value is None:
+        return '<span class="note">none</span>'
+    if isinstance(value, (list, dict)):
+        return html.escape(json.dumps(value, default=str))
+    return html.escape(str(value))
+
+
+def facts_html(facts: dict[str, Any]) -> str:
+    """The run's conditions and versions as small two-column tables side by side, one per
+    top-level key (nested keys dotted, every value shown, none as "none"); a top-level text
+    (the command) as one line of code.
+
+    Example:
+        >>> out = facts_html({"command": "molmo-latency profile", "versions": {"torch": "2.13", "cuda": None}})
+        >>> "<code>molmo-latency profile</code>" in out and "<td>cuda</td><td><span" in out
+        True
+    """
+    lines, groups = [], []
+    for key in facts:
+        value = facts[key]
+        if isinstance(value, dict):
+            rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{_leaf(v)}</td></tr>" for k, v in _flat(value))
+            groups.append(f"<div><h3>{html.escape(str(key))}</h3><table>{rows}</table></div>")
+        else:
+            lines.append(f"<p>{html.escape(str(key))}: <code>{html.escape(str(value))}</code></p>")
+    return "".join(lines) + (f'<div class="facts">{"".join(groups)}</div>' if groups else "")
+
+
 def render_html(title: str, *, verdict: dict[str, Any] | None = None, conditions: dict[str, Any] | None = None,
                 sections: list[HtmlSection] = ()) -> str:
     """The page as text: title, verdict and its reasons, conditions, then each section."""
@@ -97,8 +140,7 @@ def render_html(title: str, *, verdict: dict[str, Any] | None = None, conditions
         if reasons:
             parts.append("<ul>" + "".join(f"<li>{html.escape(r)}</li>" for r in reasons) + "</ul>")
     if conditions:
-        parts.append("<h2>Conditions and versions</h2><pre>"
-                     + html.escape(json.dumps(conditions, indent=2, sort_keys=True, default=str)) + "</pre>")
+        parts.append("<h2>Conditions and versions</h2>" + facts_html(conditions))
     for section in sections:
         parts.append(f"<h2>{html.escape(section.title)}</h2>")
         if section.note:

@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import polars as pl
@@ -134,22 +135,42 @@ MAX_LINES_PER_PANEL = 6
 MAX_PANELS = 4
 
 
+def _spread_picks(group: pl.DataFrame, k: int) -> list[str]:
+    """At most `k` configurations of `group` (``config_id``, ``_level``, ``_last``): those with
+    the most decode steps (spread evenly over their latency levels, in level order), then the
+    shorter ones (longest first) when there are fewer than `k` of them.
+
+    >>> g = pl.DataFrame({"config_id": list("abcdef"), "_level": [1.0, 2, 3, 4, 5, 6], "_last": [9, 9, 9, 9, 2, 9]})
+    >>> _spread_picks(g, 3), _spread_picks(g, 6)
+    (['a', 'c', 'f'], ['a', 'b', 'c', 'd', 'f', 'e'])
+    """
+    ordered = group.sort(["_last", "_level"], descending=[True, False])
+    longest = ordered.filter(pl.col("_last") == ordered["_last"].max())
+    if longest.height >= k:
+        idx = sorted({round(i * (longest.height - 1) / max(1, k - 1)) for i in range(k)})
+        return longest["config_id"].gather(idx).to_list()
+    return ordered["config_id"].to_list()[:k]
+
+
 def plot_decode_steps(df: pl.DataFrame, path: Path) -> Path:
     """Decode step time by position: per configuration the median over its requests, with the
     band from the 25th to the 75th percentile. Faceted by the knob that moves decode time most
-    (at most MAX_PANELS panels, MAX_LINES_PER_PANEL lines each); legends outside the data."""
+    (at most MAX_PANELS panels, MAX_LINES_PER_PANEL lines each: the configurations with the most
+    steps, spread over latency; the others named in the title); legends outside the data."""
     plt = _plt()
     configs = df.group_by("config_id", maintain_order=True).agg(
-        *[pl.col(k).first() for k in KNOBS if k in df.columns], pl.col("median_ms").median().alias("_level"))
+        *[pl.col(k).first() for k in KNOBS if k in df.columns], pl.col("median_ms").median().alias("_level"),
+        pl.col("step").max().alias("_last"))
     knob = knob_that_matters(configs, "_level") if configs.height > MAX_LINES_PER_PANEL else None
     facets = [(None, configs)] if knob is None else [
         (v, configs.filter(pl.col(knob) == v)) for v in sorted(configs[knob].drop_nulls().unique().to_list())]
     facets = facets[:MAX_PANELS]
-    fig, axes = plt.subplots(len(facets), 1, figsize=(9, 3.2 * len(facets)), squeeze=False, sharex=True)
+    fig, axes = plt.subplots(len(facets), 1, figsize=(9, 3.2 * len(facets)), squeeze=False, sharex=True,
+                             layout="constrained")  # the wrapped title and outside legends get their room
     cmap = plt.get_cmap("tab10")  # distinct neighbours (tab20 pairs light and dark of one hue)
     shown_ids: list[str] = []
     for ax, (value, group) in zip(axes[:, 0], facets):
-        ids = group.sort("_level")["config_id"].to_list()[:MAX_LINES_PER_PANEL]
+        ids = _spread_picks(group, MAX_LINES_PER_PANEL)
         for cid in ids:
             style = line_style(len(shown_ids), cmap)  # one colour per configuration in the whole figure
             shown_ids.append(cid)
@@ -172,7 +193,9 @@ def plot_decode_steps(df: pl.DataFrame, path: Path) -> Path:
     left_out = [c for c in configs["config_id"].to_list() if c not in shown_ids]
     if left_out:
         names = ", ".join(left_out[:6]) + (f" and {len(left_out) - 6} more" if len(left_out) > 6 else "")
-        title += f"\n{len(shown_ids)} of {configs.height} configurations shown; not shown: {names} (all are in --json)"
+        title += "\n" + "\n".join(textwrap.wrap(
+            f"{len(shown_ids)} of {configs.height} configurations shown (per panel the longest outputs, spread over "
+            f"latency); not shown: {names} (all are in --json)", 150))
     fig.suptitle(title, fontsize=9)
     return write_png(fig, path)
 

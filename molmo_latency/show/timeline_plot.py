@@ -71,8 +71,9 @@ def write_timeline_png(trace: dict[str, Any], path: Path, *, title: str | None =
         ax.set_ylabel(counter_name, fontsize=7)
         ax.grid(True, alpha=0.3)
     axes[-1, 0].set_xlabel("ms from the first request's start")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in COLORS.values()]
-    fig.legend(handles, list(COLORS), loc="upper right", fontsize=7, ncol=len(COLORS), frameon=False)
+    shown = [k for k in COLORS if any(_kind(e["name"]) == k for e in slices)]  # the kinds drawn, no others
+    handles = [plt.Rectangle((0, 0), 1, 1, color=COLORS[k]) for k in shown]
+    fig.legend(handles, shown, loc="upper right", fontsize=7, ncol=max(1, len(shown)), frameon=False)
     fig.suptitle(title or "Requests and their phases (the same slices Perfetto shows from the JSON)",
                  fontsize=9, x=0.01, ha="left")
     return write_png(fig, path)

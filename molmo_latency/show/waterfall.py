@@ -6,7 +6,8 @@ the mean total; medians do not add up), titled with the change of the mean and, 
 tested change of the median. A bar is red or green only when its phase's verdict says the change
 is significant, hatched otherwise. Kernel panel: own time of all kernels (or CPU ops), per
 category, of one trace per side: nothing is tested there, so its bars are grey. At most MAX_ROWS
-comparisons are drawn; the title names the ones left out.
+comparisons are drawn, those whose total changed significantly first; the title names the ones
+left out. A column no comparison can fill (no trace on either side) is not drawn; the title says why.
 
 Example:
     >>> import tempfile, pathlib
@@ -20,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import polars as pl
@@ -90,33 +92,64 @@ def _kernel_panel(ax, categories: pl.DataFrame, level: str | None) -> bool:
     return True
 
 
+def _drawing_order(comps: list) -> list:
+    """Comparisons in the order they are drawn: those whose total changed significantly first,
+    then the rest, each by the size of the tested change of the total (|delta %|, largest first);
+    a comparison without phases last, in its own order."""
+    def key(item):
+        i, comp = item
+        total = None if comp.phases is None else comp.phases.filter(pl.col("phase") == "total")
+        if total is None or total.height == 0:
+            return (2, 0.0, i)
+        row = total.row(0, named=True)
+        size = abs(row.get("delta_pct") or 0.0)
+        return (0 if row["verdict"] in ("faster", "slower") else 1, -size, i)
+
+    return [c for _, c in sorted(enumerate(comps), key=key)]
+
+
 def plot_waterfall(result, path: str | Path) -> Path:
-    """Write the waterfall of a :class:`~molmo_latency.diff.DiffResult` to `path` (PNG)."""
+    """Write the waterfall of a :class:`~molmo_latency.diff.DiffResult` to `path` (PNG): at most
+    MAX_ROWS comparisons (the changed ones first, then the largest changes; the others named), a
+    phase column and a kernel column, a column that no comparison can fill left out and said why
+    in the title."""
     plt = _plt()
-    comps = [c for c in result.comparisons if c.phases is not None or c.categories is not None][:MAX_ROWS]
+    drawable = _drawing_order([c for c in result.comparisons if c.phases is not None or c.categories is not None])
+    comps = drawable[:MAX_ROWS]
+    why = ("no phases on both sides (needs run directories or profile_phases traces)",
+           "no trace on both sides: no kernel level (record one with --kineto)")
+    kinds = [k for k, has in enumerate((any(c.phases is not None for c in comps),
+                                        any(c.categories is not None and c.categories.height for c in comps))) if has]
+    kinds = kinds or [0, 1]
     rows = max(1, len(comps))
-    fig, axes = plt.subplots(rows, 2, figsize=(12, 3.4 * rows + 0.8), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(rows, len(kinds), figsize=(6.5 * len(kinds) + (1 if len(kinds) == 1 else -1),
+                                                         3.4 * rows + 0.8), squeeze=False, layout="constrained")
     for row, comp in zip(axes, comps):
-        drawn = [comp.phases is not None and _phase_panel(row[0], comp.phases),
-                 comp.categories is not None and _kernel_panel(row[1], comp.categories, comp.level)]
-        why = ("no phases on both sides (needs run directories or profile_phases traces)",
-               "no trace on both sides: no kernel level")
-        for ax, ok, text in zip(row, drawn, why):
-            if not ok:
+        drawn = {0: comp.phases is not None and _phase_panel(row[kinds.index(0)], comp.phases) if 0 in kinds else None,
+                 1: comp.categories is not None and _kernel_panel(row[kinds.index(1)], comp.categories, comp.level)
+                 if 1 in kinds else None}
+        for kind in kinds:
+            if not drawn[kind]:
+                ax = row[kinds.index(kind)]
                 ax.axis("off")
-                ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=9)
+                ax.text(0.5, 0.5, why[kind], ha="center", va="center", fontsize=9)
         if len(comps) > 1:
             row[0].set_title(f"{comp.title}: " + row[0].get_title(), fontsize=9, wrap=True)
     if not comps:
-        axes[0][0].axis("off")
-        axes[0][1].axis("off")
+        for ax in axes[0]:
+            ax.axis("off")
         axes[0][0].text(0.5, 0.5, "nothing to compare", ha="center")
-    left_out = [c.title for c in result.comparisons if c.phases is not None or c.categories is not None][len(comps):]
+    left_out = [c.title for c in drawable[len(comps):]]
     title = "Where the time went, A -> B" + (f": {comps[0].title}" if len(comps) == 1 else "")
     note = ""
     if left_out:
         names = ", ".join(left_out[:4]) + (f" and {len(left_out) - 4} more" if len(left_out) > 4 else "")
-        note = f"\n{len(comps)} of {len(comps) + len(left_out)} comparisons drawn; not drawn: {names} (all in --json)"
-    fig.suptitle(title + "\nphases: red slower, green faster (significant); grey hatched: no significant change or "
-                 "too few samples; kernels: grey, not tested" + note, fontsize=9)
+        note = (f"\n{len(comps)} of {len(drawable)} comparisons drawn (significant changes of the total first, "
+                f"then the largest); not drawn: {names} (all in --json)")
+    missing = "".join(f"\n{why[k]}" for k in (0, 1) if k not in kinds and comps)
+    key = ("phases: red slower, green faster (significant); grey hatched: no significant change or too few samples"
+           + ("; kernels: grey, not tested" if 1 in kinds else ""))
+    width = 75 if len(kinds) == 1 else 140
+    lines = [title, *textwrap.wrap(key, width), *missing.splitlines()[1:], *textwrap.wrap(note.strip(), width)]
+    fig.suptitle("\n".join(lines), fontsize=9)
     return write_png(fig, path)
