@@ -452,7 +452,7 @@ def _export_summary(path: Path, parts: tuple[str, ...], as_json: bool, top: int,
     import warnings
 
     from molmo_latency.trace.nsys_sql import summarize_export
-    from molmo_latency.trace.reader import TraceWarning
+    from molmo_latency.errors import TraceWarning
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", TraceWarning)

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import quote
 
-from molmo_latency.errors import TraceError
+from molmo_latency.errors import TraceError, TraceWarning
 from molmo_latency.safe_fs import regular_file
 
 __all__ = ["SQLITE_MAGIC", "SUMMARY_PARTS", "ExportSummary", "is_sqlite", "open_export", "summarize_export"]
@@ -418,8 +418,6 @@ class _GpuSource:
 
 
 def _warn(message: str, stacklevel: int) -> None:
-    from molmo_latency.trace.reader import TraceWarning  # only when there is something to say
-
     warnings.warn(message, TraceWarning, stacklevel=stacklevel + 1)
 
 
