@@ -189,7 +189,7 @@ def open_export(path: str | os.PathLike) -> Iterator[tuple[Path, sqlite3.Connect
         >>> from molmo_latency.trace._nsys_demo import write_demo_export
         >>> with open_export(write_demo_export(tempfile.mkdtemp())) as (path, db):
         ...     db.execute("SELECT count(*) FROM CUPTI_ACTIVITY_KIND_KERNEL").fetchone()
-        (7,)
+        (8,)
     """
     path = regular_file(path, "an nsys SQLite export (.sqlite)", TraceError)
     head = _head(path, len(SQLITE_MAGIC))
