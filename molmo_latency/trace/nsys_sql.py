@@ -592,12 +592,14 @@ class _Summary(ExportDB):
             # kernels are grouped by their name id (no join per row); the names of the few ids after
             key, source = (f"t.{src.name_id}", f"{src.table} AS t") if src.name_id else (src.name, src.source)
             checked = self._checked(src, by_id=bool(src.name_id))
-            bad = self.db.execute(f"SELECT COUNT(*) FROM {src.table} AS t WHERE {checked} IS NOT NULL").fetchone()[0]
-            if not bad:  # every row is kept (every real export): no reason per row, raw columns
-                rows = self.db.execute(
-                    f"SELECT NULL, {key}, t.deviceId, COUNT(*), SUM(t.end - t.start), MIN(t.end - t.start), "
-                    f"MAX(t.end - t.start), MIN(t.start), MAX(t.end), MIN(t.start), MAX(t.start) FROM {source} "
-                    f"GROUP BY {key}, t.deviceId").fetchall()
+            # one pass: per name and device, and how many rows a reason sets aside (none in every real
+            # export); only then a second pass groups by reason too
+            rows = self.db.execute(
+                f"SELECT NULL, {key}, t.deviceId, COUNT(*), SUM(t.end - t.start), MIN(t.end - t.start), "
+                f"MAX(t.end - t.start), MIN(t.start), MAX(t.end), MIN(t.start), MAX(t.start), "
+                f"SUM({checked} IS NOT NULL) FROM {source} GROUP BY {key}, t.deviceId").fetchall()
+            if not any(r[-1] for r in rows):  # every row is kept: raw columns are the reader's values
+                rows = [r[:-1] for r in rows]
             else:
                 device = _int("t.deviceId") if "deviceId" in src.columns else "NULL"
                 rows = self.db.execute(
