@@ -204,11 +204,18 @@ def damaged(tmp_path: Path, *sql: str, source: str = "torch_zeros_sum_no_nvtx") 
     (f"UPDATE {KERNELS} SET end = start + 2 * 86400000000000 WHERE rowid = 1", "outside_time_span"),
     (f"UPDATE {KERNELS} SET start = -(SELECT utcEpochNs FROM TARGET_INFO_SESSION_START_TIME) - 5000, "
      "end = -(SELECT utcEpochNs FROM TARGET_INFO_SESSION_START_TIME) - 4000 WHERE rowid = 1", "negative_time"),
+    (f"ALTER TABLE {KERNELS} DROP COLUMN deviceId", "missing_device"),
     # a start three days before the rest: the median decides (the full reader's tables are used)
     (f"UPDATE {KERNELS} SET start = start - 3 * 86400000000000 WHERE rowid = 1", "outside_time_span"),
 ])
 def test_a_damaged_kernel_row_is_set_aside_as_the_reader_does(tmp_path, sql, reason):
     path = damaged(tmp_path, sql)
+    if "DROP COLUMN" in sql:  # every kernel
+        db = sqlite3.connect(path)
+        n = db.execute(f"SELECT COUNT(*) FROM {KERNELS}").fetchone()[0]
+        db.close()
+        assert_same_as_full_reader(path, {reason: n})
+        return
     assert_same_as_full_reader(path, {reason: 1})
     clean = sqlite3.connect(path)
     count, total = clean.execute(f"SELECT COUNT(*), SUM(end - start) FROM {KERNELS} WHERE rowid != 1").fetchone()
@@ -235,6 +242,14 @@ def test_a_name_that_is_not_text_and_repeated_string_ids(tmp_path):
     name_id = db.execute(f"SELECT demangledName FROM {KERNELS} LIMIT 1").fetchone()[0]
     rows = db.execute(f"SELECT COUNT(*) FROM {KERNELS} WHERE demangledName = ?", (name_id,)).fetchone()[0]
     db.execute("UPDATE StringIds SET value = ? WHERE id = ?", (b"\xff\x00blob", name_id))
+    db.commit()
+    db.close()
+    assert_same_as_full_reader(path, {"non_text_name": rows})
+    # a name that is not text on a row that starts before the epoch too: the name's reason first
+    db = sqlite3.connect(path)
+    db.execute(f"UPDATE {KERNELS} SET start = -(SELECT utcEpochNs FROM TARGET_INFO_SESSION_START_TIME) - 5000 "
+               "WHERE rowid = (SELECT MIN(rowid) FROM {KERNELS} WHERE demangledName = ?)".replace("{KERNELS}", KERNELS),
+               (name_id,))
     db.commit()
     db.close()
     assert_same_as_full_reader(path, {"non_text_name": rows})

@@ -594,10 +594,11 @@ class _Summary(ExportDB):
             checked = self._checked(src, by_id=bool(src.name_id))
             # one pass: per name and device, and how many rows a reason sets aside (none in every real
             # export); only then a second pass groups by reason too
+            device = "t.deviceId" if "deviceId" in src.columns else "NULL"
             rows = self.db.execute(
-                f"SELECT NULL, {key}, t.deviceId, COUNT(*), SUM(t.end - t.start), MIN(t.end - t.start), "
+                f"SELECT NULL, {key}, {device}, COUNT(*), SUM(t.end - t.start), MIN(t.end - t.start), "
                 f"MAX(t.end - t.start), MIN(t.start), MAX(t.end), MIN(t.start), MAX(t.start), "
-                f"SUM({checked} IS NOT NULL) FROM {source} GROUP BY {key}, t.deviceId").fetchall()
+                f"SUM({checked} IS NOT NULL) FROM {source} GROUP BY {key}, {device}").fetchall()
             if not any(r[-1] for r in rows):  # every row is kept: raw columns are the reader's values
                 rows = [r[:-1] for r in rows]
             else:
@@ -643,7 +644,7 @@ class _Summary(ExportDB):
         for reason, key, *rest in rows:
             name = names.get(key) if type(key) is int else None
             if type(name) is not str and name is not None:
-                if reason in _MEDIAN_REASONS:
+                if reason in _AFTER_NAME_REASONS:  # the name's reason comes first
                     reason = "non_text_name"
                 name = None
             out.append((reason, name, *rest))
@@ -757,6 +758,8 @@ class _Summary(ExportDB):
 _KIND_ORDER = {"kernel": 0, "gpu_memcpy": 1, "gpu_memset": 2}
 #: Reasons given after the reader's SQL reason, to rows the reader takes its median start over.
 _MEDIAN_REASONS = (None, "negative_duration", "missing_device", "outside_time_span")
+#: Reasons that come after the reader's SQL reasons (``_checks.drop_impossible``'s), or none.
+_AFTER_NAME_REASONS = (None, "negative_duration", "negative_time", "missing_device", "outside_time_span")
 
 
 def _kernel_rows(per_name: list[tuple]) -> list[dict]:
