@@ -42,7 +42,7 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 from urllib.parse import quote
 
 from molmo_latency.errors import TraceError, TraceWarning
@@ -368,6 +368,8 @@ class ExportDB:
             ids = [f"t.{c}" for c in ("deviceId", "streamId", "correlationId", "globalPid") if c in columns]
             names: list[str] = []
             extra: list[str] = []  # columns of the row beyond the shared ones (for duplicates)
+            codes: list[str] = []
+            namer = None
             source = f"{table} AS t"
             if kind == "kernel":
                 name_id = next((c for c in ("demangledName", "shortName", "mangledName") if c in columns), None)
@@ -383,24 +385,28 @@ class ExportDB:
             elif kind == "gpu_memcpy":
                 codes = [c for c in ("copyKind", "srcKind", "dstKind") if c in columns]
                 ids += [f"t.{c}" for c in codes]
-                direction = (_sql_map(_int("t.copyKind"), self._copy_labels(), None) if "copyKind" in codes
-                             else "NULL")
+                copy, kinds = self._copy_labels(), self._mem_kinds()
+                direction = _sql_map(_int("t.copyKind"), copy, None) if "copyKind" in codes else "NULL"
                 name = f"'Memcpy ' || COALESCE({direction}, 'Unknown')"
-                kinds = self._mem_kinds()
-                if "srcKind" in codes and "dstKind" in codes and kinds:
+                both = "srcKind" in codes and "dstKind" in codes and bool(kinds)
+                if both:
                     src = _sql_map(_int("t.srcKind"), kinds, "Unknown")
                     dst = _sql_map(_int("t.dstKind"), kinds, "Unknown")
                     name = f"{name} || ' (' || {src} || ' -> ' || {dst} || ')'"
+                namer = _memcpy_namer(codes, copy, kinds, both)
             else:
-                if "memKind" in columns:
-                    ids.append("t.memKind")
+                codes = ["memKind"] if "memKind" in columns else []
+                ids += [f"t.{c}" for c in codes]
                 kinds = self._mem_kinds()
-                if "memKind" in columns and kinds:
+                if codes and kinds:
                     name = f"'Memset (' || {_sql_map(_int('t.memKind'), kinds, 'Unknown')} || ')'"
+                    namer = (lambda row, kinds=kinds: f"Memset ({kinds.get(row[0], 'Unknown')})")
                 else:
-                    name = "'Memset'"
+                    name, namer = "'Memset'", (lambda row: "Memset")
             out.append(_GpuSource(table, kind, source, name, _reason("t.start", "t.end", ids, names), columns, extra,
-                                  name_id if kind == "kernel" else None, _reason("t.start", "t.end", ids, [])))
+                                  name_id if kind == "kernel" else None, _reason("t.start", "t.end", ids, []),
+                                  () if kind == "kernel" else tuple(f"t.{c}" for c in codes),
+                                  None if kind == "kernel" else namer))
         return out
 
 
@@ -415,6 +421,8 @@ class _GpuSource:
     extra: list[str]  # SQL of the other columns a duplicate must equal too (grid, block)
     name_id: str | None = None  # kernels: the column naming them through StringIds
     reason_by_id: str = "NULL"  # the reason without the name check (kernels: no StringIds join)
+    codes: tuple[str, ...] = ()  # memcpy, memset: the integer columns their name is made of
+    namer: Callable[[tuple], str] | None = None  # the name of those codes, as `name` makes it in SQL
 
 
 def _warn(message: str, stacklevel: int) -> None:
@@ -595,12 +603,18 @@ class _Summary(ExportDB):
             # one pass: per name and device, and how many rows a reason sets aside (none in every real
             # export); only then a second pass groups by reason too
             device = "t.deviceId" if "deviceId" in src.columns else "NULL"
+            if src.namer:  # memcpy, memset: grouped by their codes, named after (per group, not per row)
+                key, source = ", ".join(src.codes) or "NULL", f"{src.table} AS t"
+            n_keys = max(1, len(src.codes))
             rows = self.db.execute(
                 f"SELECT NULL, {key}, {device}, COUNT(*), SUM(t.end - t.start), MIN(t.end - t.start), "
                 f"MAX(t.end - t.start), MIN(t.start), MAX(t.end), MIN(t.start), MAX(t.start), "
                 f"SUM({checked} IS NOT NULL) FROM {source} GROUP BY {key}, {device}").fetchall()
             if not any(r[-1] for r in rows):  # every row is kept: raw columns are the reader's values
-                rows = [r[:-1] for r in rows]
+                if src.namer:
+                    rows = [(None, src.namer(r[1:1 + n_keys]), *r[1 + n_keys:-1]) for r in rows]
+                else:
+                    rows = [r[:-1] for r in rows]
             else:
                 device = _int("t.deviceId") if "deviceId" in src.columns else "NULL"
                 rows = self.db.execute(
@@ -760,6 +774,22 @@ _KIND_ORDER = {"kernel": 0, "gpu_memcpy": 1, "gpu_memset": 2}
 _MEDIAN_REASONS = (None, "negative_duration", "missing_device", "outside_time_span")
 #: Reasons that come after the reader's SQL reasons (``_checks.drop_impossible``'s), or none.
 _AFTER_NAME_REASONS = (None, "negative_duration", "negative_time", "missing_device", "outside_time_span")
+
+
+def _memcpy_namer(codes: list[str], copy: dict[int, str], kinds: dict[int, str], both: bool):
+    """The name of a memcpy of (copyKind, srcKind, dstKind) (those the table has), as the SQL
+    ``name`` makes it: ``Memcpy HtoD (Pageable -> Device)``, ``Unknown`` for a code without a label."""
+    where = {c: i for i, c in enumerate(codes)}
+
+    def name(row: tuple) -> str:
+        direction = copy.get(row[where["copyKind"]]) if "copyKind" in where else None
+        text = f"Memcpy {direction if direction is not None else 'Unknown'}"
+        if both:
+            src, dst = row[where["srcKind"]], row[where["dstKind"]]
+            text += f" ({kinds.get(src, 'Unknown')} -> {kinds.get(dst, 'Unknown')})"
+        return text
+
+    return name
 
 
 def _kernel_rows(per_name: list[tuple]) -> list[dict]:
