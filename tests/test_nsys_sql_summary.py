@@ -316,3 +316,15 @@ def test_json_of_an_export_imports_no_polars_rich_or_torch(tmp_path):
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "0 []"
+
+
+def test_parts_of_a_kineto_trace_are_shown_not_skipped(capsys):
+    """A Kineto trace is read whole as before: `--parts` picks the tables shown, and `--json`
+    says every part was computed."""
+    trace = str(REPO / "tests" / "data" / "kineto" / "alexnet_a100_forward.json.gz")
+    code = main(["trace", "summary", trace, "--parts", "kernels"])
+    out = capsys.readouterr().out
+    assert code == 0 and "Top kernels by total time" in out
+    assert "GPU per device" not in out and "charged to the innermost" not in out
+    doc = summary_json(trace, "--parts", "kernels")
+    assert doc["computed"] == ["gpu", "categories", "kernels", "annotations", "cpu_ops"] and doc["annotations"]
