@@ -244,6 +244,8 @@ def main() -> None:
                         help="issue 29: whole-process trace summary against nsys-ai at --sizes-mb")
     parser.add_argument("--sizes-mb", default="100,500,2000", help="--versus: export sizes (MB), comma list")
     parser.add_argument("--lock", help="--versus: a lock file held (flock) while measuring, not while building")
+    parser.add_argument("--work", help="--versus: build the exports in this folder and reuse those already there "
+                                       "(kept after: delete it yourself); default a temporary folder, deleted after")
     parser.add_argument("--worker", choices=KINDS, help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -381,14 +383,18 @@ def versus(args: argparse.Namespace) -> None:
                                 capture_output=True, text=True).stdout.split()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     ours = [sys.executable, "-m", "molmo_latency", "trace", "summary", "{path}", "--json"]
-    work = Path(tempfile.mkdtemp(prefix="nsys_versus_"))
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="nsys_versus_"))
+    work.mkdir(parents=True, exist_ok=True)
     lock = None
     try:
         exports = []
         for size in sizes:  # built before the lock is taken
             path = work / f"export_{size:g}mb.sqlite"
             t0 = time.perf_counter()
-            built = build_export(path, int(size * 1e6))
+            built = _reuse(path, size)
+            if built is None:
+                built = build_export(path, int(size * 1e6))
+                path.with_suffix(".json").write_text(json.dumps(built))
             print(f"built {path.name}: {built['bytes'] / 1e6:.1f} MB, {built['copies']} copies in "
                   f"{time.perf_counter() - t0:.0f} s", flush=True)
             exports.append((path, built))
@@ -431,8 +437,17 @@ def versus(args: argparse.Namespace) -> None:
     finally:
         if lock is not None:
             lock.close()
-        shutil.rmtree(work, ignore_errors=True)
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
     versus_report(rows, checks, (load_before, load_after), ai_version, args)
+
+
+def _reuse(path: Path, size_mb: float) -> dict | None:
+    """What :func:`build_export` said of an export built before in ``--work`` (None: build it)."""
+    info = path.with_suffix(".json")
+    if path.exists() and info.exists():
+        return json.loads(info.read_text())
+    return None
 
 
 def _same_as_group_by(ours_json: Path, path: Path) -> bool:
