@@ -691,18 +691,22 @@ class _Summary(ExportDB):
         union = " UNION ALL ".join(f"SELECT device, start, end FROM ({self._valid(s, False)})" for s in sources)
         cursor = self.db.execute(f"SELECT device, start, end FROM ({union}) ORDER BY device, start, end")
         busy: dict = {}
-        same, device, furthest, before = 0, object(), 0, None
+        none = object()  # before the first row
+        same, device, furthest, total, last_start, last_end = 0, none, 0, 0, None, None
         while rows := cursor.fetchmany(_BATCH_ROWS):
             for d, start, end in rows:
                 if d != device:
-                    device, furthest, before = d, start, None
-                    busy[d] = 0
-                if (start, end) == before:
+                    if device is not none:
+                        busy[device] = total
+                    device, furthest, total, last_start, last_end = d, start, 0, None, None
+                elif start == last_start and end == last_end:
                     same += 1
-                before = (start, end)
+                last_start, last_end = start, end
                 if end > furthest:
-                    busy[d] += end - (start if start > furthest else furthest)
+                    total += end - (start if start > furthest else furthest)
                     furthest = end
+        if device is not none:
+            busy[device] = total
         return busy, same
 
     def _device_rows(self, per_name: list[tuple], busy: dict) -> list[dict]:
