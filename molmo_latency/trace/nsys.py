@@ -1,7 +1,9 @@
 """Read Nsight Systems SQLite exports (``nsys export --type sqlite``) into the tables of
 :func:`~molmo_latency.trace.read_kineto`, so summary, attribution per phase and diff work on them.
 
-This module collects and holds; it does no analysis. SQLite does the work per event (string
+This module collects and holds; it does no analysis. The SQL it shares (opening an export
+read-only, the checks per row) is in :mod:`molmo_latency.trace.nsys_sql`, which also computes the
+per-kernel, per-device and per-category tables of ``trace summary --parts`` in SQLite alone. SQLite does the work per event (string
 look-ups, process keys, payloads, filters) in one query per table; rows come back in batches
 straight into polars frames, so no Python code runs per event and memory holds one batch of
 rows plus the tables. A gzipped export is first decompressed, streamed, into a temporary file.
