@@ -654,9 +654,12 @@ class _Summary(ExportDB):
             chunk = ids[i:i + 500]
             names.update(self.db.execute(f"SELECT id, value FROM {strings} WHERE id IN "
                                          f"({', '.join('?' * len(chunk))})", chunk).fetchall())
+        for key in {r[1] for r in rows if r[1] is not None and type(r[1]) is not int}:  # SQLite's = decides
+            row = self.db.execute(f"SELECT value FROM {strings} WHERE id = ?", (key,)).fetchone()
+            names[key] = row[0] if row else None
         out = []
         for reason, key, *rest in rows:
-            name = names.get(key) if type(key) is int else None
+            name = names.get(key) if key is not None else None
             if type(name) is not str and name is not None:
                 if reason in _AFTER_NAME_REASONS:  # the name's reason comes first
                     reason = "non_text_name"
