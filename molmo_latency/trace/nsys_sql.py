@@ -670,19 +670,32 @@ class _Summary(ExportDB):
     def _within_span(self, gpu_bound: tuple[int | None, int | None]) -> bool:
         """Whether every start the reader takes its median over (GPU activities, runtime calls,
         NVTX ranges; readable, not before the epoch) lies within the span of every other: then
-        no row is far from the median. Runtime and NVTX starts are bounded from above (the
-        readable rows are among those with an integer start in range, not before the epoch)."""
+        no row is far from the median. Runtime and NVTX starts are bounded from outside: first by
+        the first and last start of every row (SQLite's MIN and MAX; text sorts above numbers, so
+        integer MIN and MAX bound every number), and only when that is too wide by those of the
+        rows the reader can read (an integer start in range, not before the epoch, an NVTX range)."""
         lo, hi = gpu_bound
         limit = _TIME_LIMIT_NS
+
+        def widen(low, high):
+            return (low if lo is None else min(lo, low)), (high if hi is None else max(hi, high))
+
         for table, where in ((_RUNTIME, ""), (_NVTX, f" AND eventType IN {_NVTX_RANGES}")):
             if not self._columns(table):
                 continue
+            low, high = self.db.execute(f"SELECT MIN(start), MAX(start) FROM {table}").fetchone()
+            if low is None:  # no start at all
+                continue
+            if type(low) is int and type(high) is int:
+                wide_lo, wide_hi = widen(low, high)
+                if wide_hi - wide_lo <= _MAX_TRACE_SPAN_NS:
+                    lo, hi = wide_lo, wide_hi
+                    continue
             low, high = self.db.execute(
                 f"SELECT MIN(start), MAX(start) FROM {table} WHERE typeof(start) = 'integer' AND "
                 f"start BETWEEN {-self.base_time_ns} AND {limit}{where}").fetchone()
             if low is not None:
-                lo = low if lo is None else min(lo, low)
-                hi = high if hi is None else max(hi, high)
+                lo, hi = widen(low, high)
         return lo is None or hi - lo <= _MAX_TRACE_SPAN_NS
 
     def _busy(self, sources: list[_GpuSource]) -> tuple[dict, int]:
