@@ -491,7 +491,7 @@ def versus_report(rows, checks, load, ai_version, args) -> None:
         f"{' --lock ' + args.lock if args.lock else ''}`. Side by side in one run: every reader is a fresh whole process "
         "(start-up and imports included; wall, CPU = user + system, peak RSS = `ru_maxrss`, from `os.wait4`), the "
         "readers alternate. The exports: the shared 2-process FSDP capture with its event rows replicated by SQL "
-        "(as in the section above), built before the measurement and deleted after. nsys-ai "
+        f"(as in the section above), built before the measurement{' (in --work)' if args.work else ''} and deleted after. nsys-ai "
         f"{' '.join(ai_version[:1]) or '?'} (DuckDB {' '.join(ai_version[1:2]) or '?'}) runs in its own venv; its "
         "DuckDB path needs the `sqlite_scanner` extension, which it tries to download: there is no network for that "
         "here, so it falls back to sqlite3 after the failed download (its wall time includes it; its CPU time and "
