@@ -21,11 +21,34 @@ Every measurement runs in its own fresh process and times, after the imports:
 Reported: wall and CPU seconds, MB/s of export (1 MB = 1e6 bytes), peak RSS (``ru_maxrss``) and
 RSS before the read. The per-kernel counts and totals of ours and of the SQL group-by are checked
 equal.
+
+``--versus`` (issue 29): whole processes side by side, at several sizes (default ~100 MB, ~500 MB
+and ~2 GB), each export built first, then measured under ``--lock`` (the machine's benchmark lock)
+and deleted after:
+
+    python benchmarks/nsys_read.py --versus --lock /work/bench.lock            # 100, 500, 2000 MB
+    python benchmarks/nsys_read.py --versus --sizes-mb 20 --runs 1 --no-write   # a quick look
+
+  ours sql       ``python -m molmo_latency trace summary EXPORT --json --parts gpu,categories,kernels``:
+                 the per-device, per-category and per-kernel tables computed by SQLite
+                 (molmo_latency/trace/nsys_sql.py), what nsys-ai's ``summary`` shows too;
+  ours full      ``python -m molmo_latency trace summary EXPORT --json`` (every part: NVTX
+                 attribution, launch join; the full reader) at the smallest size only;
+  ours cached    a second ``trace summary`` of the same export through the Parquet cache: the
+                 hook :data:`CACHED_READ_ARGS` (None while the cache is not in this tree);
+  nsys-ai        ``nsys-ai summary EXPORT`` of nsys-ai 0.3.0, installed in its own venv
+                 (:data:`NSYS_AI_VENV`). Its DuckDB path needs DuckDB's ``sqlite_scanner``
+                 extension, which it tries to download; this machine has no network for that, so it
+                 falls back to sqlite3 (it says so): its wall time includes the failed download;
+  sqlite         the plain per-kernel ``GROUP BY`` (the ``sql group-by`` worker) as a process.
+Each is a fresh process; wall, CPU (user + system of the process and its children) and peak RSS
+come from ``os.wait4``. Ours' per-kernel counts and totals are checked equal to the SQL GROUP BY.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import gzip
 import json
 import os
@@ -47,6 +70,16 @@ EVENT_TABLES = ("CUPTI_ACTIVITY_KIND_KERNEL", "CUPTI_ACTIVITY_KIND_MEMCPY", "CUP
                 "CUPTI_ACTIVITY_KIND_RUNTIME", "NVTX_EVENTS")
 GPU_TABLES = EVENT_TABLES[:3]
 CORRELATION_STRIDE = 2_000_000
+SECTION_VERSUS = "Nsight Systems trace summary against nsys-ai (issue 29)"
+NSYS_AI_VERSION = "0.3.0"
+NSYS_AI_VENV = Path("/tmp/nsys-ai-venv")
+OUR_PARTS = "gpu,categories,kernels"
+#: Hook for the cached read (issue 29's Parquet cache lives on another branch): the arguments of a
+#: `python -m molmo_latency` run that reads EXPORT through the cache, ``{path}`` standing for the
+#: export, e.g. ``["trace", "summary", "{path}", "--json", "--parts", OUR_PARTS]`` once the cache is
+#: wired into `trace summary`. None: not measured. The first of two runs fills the cache, the second
+#: is timed.
+CACHED_READ_ARGS: list[str] | None = None
 
 
 # ------------------------------------------------------------------------------------------
@@ -58,6 +91,8 @@ def build_export(path: Path, target_bytes: int) -> dict:
     with gzip.open(SOURCE, "rb") as src, open(path, "wb") as dst:
         shutil.copyfileobj(src, dst, 1 << 20)
     db = sqlite3.connect(path)
+    db.execute("PRAGMA journal_mode = OFF")  # a scratch file: no journal, no sync
+    db.execute("PRAGMA synchronous = OFF")
     first, last = db.execute("SELECT min(start), max(end) FROM CUPTI_ACTIVITY_KIND_RUNTIME").fetchone()
     window = last - first + 1_000_000
     counts = {t: db.execute(f"SELECT max(rowid) FROM {t}").fetchone()[0] for t in EVENT_TABLES}
@@ -205,12 +240,21 @@ def main() -> None:
     parser.add_argument("--size-mb", type=float, default=100.0, help="size of the export to build (MB)")
     parser.add_argument("--runs", type=int, default=5, help="runs of each reader (each a fresh process)")
     parser.add_argument("--no-write", action="store_true", help="do not update benchmarks/RESULTS.md")
+    parser.add_argument("--versus", action="store_true",
+                        help="issue 29: whole-process trace summary against nsys-ai at --sizes-mb")
+    parser.add_argument("--sizes-mb", default="100,500,2000", help="--versus: export sizes (MB), comma list")
+    parser.add_argument("--lock", help="--versus: a lock file held (flock) while measuring, not while building")
+    parser.add_argument("--work", help="--versus: build the exports in this folder and reuse those already there "
+                                       "(kept after: delete it yourself); default a temporary folder, deleted after")
     parser.add_argument("--worker", choices=KINDS, help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print("RESULT " + json.dumps(worker(args.worker, args.path, args.out)), flush=True)
+        return
+    if args.versus:
+        versus(args)
         return
 
     work = Path(tempfile.mkdtemp(prefix="nsys_read_"))
@@ -298,6 +342,178 @@ def report(built: dict, runs: dict[str, list[dict]], same: bool, load: tuple[flo
 
         update_section(SECTION, body)
         print(f"\nupdated the '{SECTION}' section of benchmarks/RESULTS.md")
+
+
+# ------------------------------------------------------------------------------------------
+# --versus (issue 29): whole processes, ours against nsys-ai.
+
+
+def nsys_ai() -> Path:
+    """nsys-ai's command in its own venv (created on first use)."""
+    command = NSYS_AI_VENV / "bin" / "nsys-ai"
+    if not command.exists():
+        print(f"creating {NSYS_AI_VENV} with nsys-ai=={NSYS_AI_VERSION} ...", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(NSYS_AI_VENV)], check=True)
+        subprocess.run([str(NSYS_AI_VENV / "bin" / "python"), "-m", "pip", "install", "-q",
+                        f"nsys-ai=={NSYS_AI_VERSION}"], check=True)
+    return command
+
+
+def measure(command: list[str], cwd: Path, stdout: Path | None = None, env: dict | None = None) -> dict:
+    """Run `command` as a fresh process: wall s, CPU s (user + system, its children included) and
+    peak RSS MB (``ru_maxrss``) from ``os.wait4``."""
+    with open(stdout or os.devnull, "wb") as out:
+        wall0 = time.perf_counter()
+        proc = subprocess.Popen(command, cwd=str(cwd), stdout=out, stderr=subprocess.PIPE, env=env)
+        err = proc.stderr.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - wall0
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise RuntimeError(f"{' '.join(map(str, command))} failed (exit {code}):\n{err.decode()[-3000:]}")
+    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_mb": usage.ru_maxrss / 1e3,
+            "stderr": err.decode(errors="replace")[-2000:]}
+
+
+def versus(args: argparse.Namespace) -> None:
+    sizes = [float(x) for x in args.sizes_mb.split(",") if x.strip()]
+    tool = nsys_ai()
+    ai_version = subprocess.run([str(NSYS_AI_VENV / "bin" / "python"), "-c",
+                                 "import importlib.metadata as m; print(m.version('nsys-ai'), m.version('duckdb'))"],
+                                capture_output=True, text=True).stdout.split()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    ours = [sys.executable, "-m", "molmo_latency", "trace", "summary", "{path}", "--json"]
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="nsys_versus_"))
+    work.mkdir(parents=True, exist_ok=True)
+    lock = None
+    try:
+        exports = []
+        for size in sizes:  # built before the lock is taken
+            path = work / f"export_{size:g}mb.sqlite"
+            t0 = time.perf_counter()
+            built = _reuse(path, size)
+            if built is None:
+                built = build_export(path, int(size * 1e6))
+                path.with_suffix(".json").write_text(json.dumps(built))
+            print(f"built {path.name}: {built['bytes'] / 1e6:.1f} MB, {built['copies']} copies in "
+                  f"{time.perf_counter() - t0:.0f} s", flush=True)
+            exports.append((path, built))
+        if args.lock:
+            lock = open(args.lock, "a")
+            print(f"waiting for {args.lock} ...", flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        load_before = os.getloadavg()[0]
+        rows, checks = [], []
+        for i, (path, built) in enumerate(exports):
+            mb = built["bytes"] / 1e6
+            runs = args.runs if mb < 200 else max(1, min(args.runs, 2 if mb < 1000 else 1))
+            kinds = {
+                "ours sql": [*ours, "--parts", OUR_PARTS],
+                "nsys-ai": [str(tool), "summary", "{path}"],
+                "sqlite group-by": [sys.executable, str(Path(__file__).resolve()), "--worker", "sql group-by",
+                                    "--path", "{path}"],
+            }
+            if i == 0:
+                kinds["ours full"] = ours
+            results: dict[str, list[dict]] = {k: [] for k in kinds}
+            if CACHED_READ_ARGS is not None:
+                results["ours cached"] = []
+            for run in range(runs):  # kinds alternate, so load drift hits all of them
+                for kind, command in kinds.items():
+                    command = [c.replace("{path}", str(path)) for c in command]
+                    out = work / "ours.json" if (kind == "ours sql" and run == 0) else None
+                    results[kind].append(measure(command, work, out, env))
+                    print(f"{mb:.0f} MB {kind} run {run + 1}: {results[kind][-1]['wall_s']:.2f} s wall, "
+                          f"{results[kind][-1]['cpu_s']:.2f} s CPU, {results[kind][-1]['peak_mb']:.0f} MB", flush=True)
+                if CACHED_READ_ARGS is not None:
+                    cached = [sys.executable, "-m", "molmo_latency",
+                              *[c.replace("{path}", str(path)) for c in CACHED_READ_ARGS]]
+                    measure(cached, work, None, env)  # fills the cache
+                    results["ours cached"].append(measure(cached, work, None, env))
+            checks.append(_same_as_group_by(work / "ours.json", path))
+            fell_back = "falling back to sqlite3" in results["nsys-ai"][0]["stderr"]
+            rows.append((mb, built, results, fell_back))
+        load_after = os.getloadavg()[0]
+    finally:
+        if lock is not None:
+            lock.close()
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    versus_report(rows, checks, (load_before, load_after), ai_version, args)
+
+
+def _reuse(path: Path, size_mb: float) -> dict | None:
+    """What :func:`build_export` said of an export built before in ``--work`` (None: build it)."""
+    info = path.with_suffix(".json")
+    if path.exists() and info.exists():
+        return json.loads(info.read_text())
+    return None
+
+
+def _same_as_group_by(ours_json: Path, path: Path) -> bool:
+    """Ours' per-kernel counts and ns totals equal SQLite's own GROUP BY (the `sql group-by` worker)."""
+    doc = json.loads(ours_json.read_text())
+    ours = {k["name"]: [k["count"], round(k["total_us"] * 1000)] for k in doc["kernels"]}
+    out = path.with_suffix(".groupby.json")
+    _spawn(["--worker", "sql group-by", "--path", str(path), "--out", str(out)])
+    return ours == json.loads(out.read_text())
+
+
+def versus_report(rows, checks, load, ai_version, args) -> None:
+    table = ["| export | reader | runs | wall s, median | CPU s, median | peak RSS MB | peak / export size |",
+             "|---|---|---|---|---|---|---|"]
+    lines = []
+    for (mb, built, results, fell_back), same in zip(rows, checks):
+        for kind, rs in results.items():
+            if not rs:
+                continue
+            wall = statistics.median(r["wall_s"] for r in rs)
+            cpu = statistics.median(r["cpu_s"] for r in rs)
+            peak = max(r["peak_mb"] for r in rs)
+            table.append(f"| {mb:.0f} MB | {kind} | {len(rs)} | {wall:.2f} | {cpu:.2f} | {peak:.0f} | "
+                         f"{peak / mb:.2f}x |")
+        ours = results["ours sql"]
+        ai = results["nsys-ai"]
+        cpu_o, cpu_a = (statistics.median(r["cpu_s"] for r in x) for x in (ours, ai))
+        rss_o, rss_a = (max(r["peak_mb"] for r in x) for x in (ours, ai))
+        lines.append(
+            f"- {mb:.0f} MB ({built['copies']} copies; {built['rows']['CUPTI_ACTIVITY_KIND_KERNEL']:,} kernels, "
+            f"{built['rows']['NVTX_EVENTS']:,} NVTX events): ours **{cpu_o:.2f} s CPU, {rss_o:.0f} MB** against "
+            f"nsys-ai's {cpu_a:.2f} s CPU, {rss_a:.0f} MB ({cpu_a / cpu_o:.1f}x less CPU, {rss_a / rss_o:.1f}x less "
+            f"memory); nsys-ai {'fell back to sqlite3 (no DuckDB extension download here)' if fell_back else 'ran on DuckDB'}; "
+            f"ours' per-kernel counts and totals {'**equal**' if same else '**differ from**'} SQLite's GROUP BY."
+        )
+    cached = ("- cached read: " + ("measured above (ours cached)." if CACHED_READ_ARGS is not None else
+              "not measured: the Parquet cache is not in this tree (hook `CACHED_READ_ARGS` in "
+              "benchmarks/nsys_read.py)."))
+    body = "\n".join([
+        f"`python benchmarks/nsys_read.py --versus --sizes-mb {args.sizes_mb} --runs {args.runs}"
+        f"{' --lock ' + args.lock if args.lock else ''}`. Side by side in one run: every reader is a fresh whole process "
+        "(start-up and imports included; wall, CPU = user + system, peak RSS = `ru_maxrss`, from `os.wait4`), the "
+        "readers alternate. The exports: the shared 2-process FSDP capture with its event rows replicated by SQL "
+        f"(as in the section above), built before the measurement{' (in --work)' if args.work else ''} and deleted after. nsys-ai "
+        f"{' '.join(ai_version[:1]) or '?'} (DuckDB {' '.join(ai_version[1:2]) or '?'}) runs in its own venv; its "
+        "DuckDB path needs the `sqlite_scanner` extension, which it tries to download: there is no network for that "
+        "here, so it falls back to sqlite3 after the failed download (its wall time includes it; its CPU time and "
+        "memory are what ran). `ours sql` = `trace summary EXPORT --json --parts gpu,categories,kernels` (per "
+        "device, per category, per kernel: what nsys-ai's summary shows too, computed by SQLite); `ours full` = "
+        "`trace summary EXPORT --json` with every part (NVTX attribution, launch join), smallest export only.",
+        "",
+        f"Machine: `{' '.join(platform.uname()).strip()}`, {os.cpu_count()} cores (1-min load average "
+        f"{load[0]:.1f} -> {load[1]:.1f}). Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}.",
+        "",
+        *table,
+        "",
+        *lines,
+        cached,
+    ])
+    print("\n" + body)
+    if not args.no_write:
+        sys.path.insert(0, str(ROOT))
+        from benchmarks._common import update_section
+
+        update_section(SECTION_VERSUS, body)
+        print(f"\nupdated the '{SECTION_VERSUS}' section of benchmarks/RESULTS.md")
 
 
 if __name__ == "__main__":

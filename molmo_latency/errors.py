@@ -18,6 +18,13 @@ class TraceError(MolmoLatencyError):
     """A trace file could not be read (truncated, not JSON, not a trace, ...)."""
 
 
+class TraceWarning(UserWarning):
+    """A trace was read but something in it is missing or was skipped (e.g. no GPU events).
+
+    Defined here, beside TraceError, so that reading an nsys export in SQL imports no polars;
+    :mod:`molmo_latency.trace` exports it (``from molmo_latency.trace import TraceWarning``)."""
+
+
 class SweepError(MolmoLatencyError):
     """A sweep file or run directory is invalid or does not match the command."""
 

@@ -20,6 +20,7 @@ MODULES = [
     "molmo_latency.trace._demo",
     "molmo_latency.cli.trace_cmd",
     "molmo_latency.trace.nsys",
+    "molmo_latency.trace.nsys_sql",
     "molmo_latency.trace.load",
     "molmo_latency.trace._nsys_demo",
 ]

@@ -23,6 +23,7 @@ from molmo_latency.cli.app import app
 if TYPE_CHECKING:  # pragma: no cover
     import polars as pl
 
+    from molmo_latency.trace.nsys_sql import ExportSummary
     from molmo_latency.trace.summary import TraceSummary
 
 trace_app = typer.Typer(
@@ -41,6 +42,39 @@ NAME_WIDTH = 60
 
 def _us(ns: int | float | None) -> float | None:
     return None if ns is None else ns / 1000
+
+
+#: The parts of `trace summary` (its JSON keys), in the order shown; ``--parts`` picks some.
+SUMMARY_PARTS = ("gpu", "categories", "kernels", "annotations", "cpu_ops")
+
+
+def _device_json(r: dict, names: dict) -> dict[str, Any]:
+    return {
+        "device": r["device"],
+        "name": names.get(r["device"]),
+        "activities": r["gpu_activities"],
+        "kernel_us": _us(r["gpu_kernel_ns"]),
+        "busy_us": _us(r["gpu_busy_ns"]),
+        "span_us": _us(r["gpu_span_ns"]),
+        "idle_us": _us(r["gpu_idle_ns"]),
+    }
+
+
+def _category_json(r: dict) -> dict[str, Any]:
+    return {"category": r["category"], "count": r["count"], "total_us": _us(r["total_ns"])}
+
+
+def _kernel_json(r: dict) -> dict[str, Any]:
+    return {
+        "name": r["name"],
+        "kind": r["kind"],
+        "category": r["category"],
+        "count": r["count"],
+        "total_us": _us(r["total_ns"]),
+        "mean_us": _us(r["total_ns"] / r["count"]),
+        "min_us": _us(r["min_ns"]),
+        "max_us": _us(r["max_ns"]),
+    }
 
 
 def summary_document(summary: TraceSummary, warned: list[str]) -> dict[str, Any]:
@@ -70,35 +104,10 @@ def summary_document(summary: TraceSummary, warned: list[str]) -> dict[str, Any]
             "skipped_reasons": dict(trace.skipped_reasons),
             "metadata": trace.metadata,
         },
-        "gpu": [
-            {
-                "device": r["device"],
-                "name": names.get(r["device"]),
-                "activities": r["gpu_activities"],
-                "kernel_us": _us(r["gpu_kernel_ns"]),
-                "busy_us": _us(r["gpu_busy_ns"]),
-                "span_us": _us(r["gpu_span_ns"]),
-                "idle_us": _us(r["gpu_idle_ns"]),
-            }
-            for r in summary.devices.iter_rows(named=True)
-        ],
-        "categories": [
-            {"category": r["category"], "count": r["count"], "total_us": _us(r["total_ns"])}
-            for r in summary.categories.iter_rows(named=True)
-        ],
-        "kernels": [
-            {
-                "name": r["name"],
-                "kind": r["kind"],
-                "category": r["category"],
-                "count": r["count"],
-                "total_us": _us(r["total_ns"]),
-                "mean_us": _us(r["total_ns"] / r["count"]),
-                "min_us": _us(r["min_ns"]),
-                "max_us": _us(r["max_ns"]),
-            }
-            for r in summary.kernels.iter_rows(named=True)
-        ],
+        "computed": list(SUMMARY_PARTS),
+        "gpu": [_device_json(r, names) for r in summary.devices.iter_rows(named=True)],
+        "categories": [_category_json(r) for r in summary.categories.iter_rows(named=True)],
+        "kernels": [_kernel_json(r) for r in summary.kernels.iter_rows(named=True)],
         "annotations": [
             {
                 "name": r["name"],
@@ -126,6 +135,48 @@ def summary_document(summary: TraceSummary, warned: list[str]) -> dict[str, Any]
         "unlinked_activities": summary.unlinked,
         "warnings": warned,
     }
+
+
+def export_summary_document(summary: ExportSummary, warned: list[str]) -> dict[str, Any]:
+    """The JSON document of `trace summary --json --parts ...` of an nsys export computed by SQLite
+    (:func:`molmo_latency.trace.nsys_sql.summarize_export`): the keys of :func:`summary_document`
+    for the parts in ``computed``, and counts of the tables not read (runtime calls, NVTX ranges)
+    null; ``skipped_reasons`` counts GPU activities (``tables_checked``).
+
+    Example:
+        >>> import tempfile
+        >>> from molmo_latency.trace.nsys_sql import summarize_export
+        >>> from molmo_latency.trace._nsys_demo import write_demo_export
+        >>> doc = export_summary_document(summarize_export(write_demo_export(tempfile.mkdtemp())), [])
+        >>> doc["computed"], doc["kernels"][0]["name"], doc["trace"]["annotations"]
+        (['gpu', 'categories', 'kernels'], 'flash_fwd_kernel', None)
+    """
+    names = {d.get("id"): d.get("name") for d in summary.device_properties}
+    doc: dict[str, Any] = {
+        "trace": {
+            "path": summary.path,
+            "layout": summary.layout,
+            "base_time_ns": summary.base_time_ns,
+            "events": summary.events,
+            "gpu_activities": summary.gpu_activities,
+            "runtime_calls": None,
+            "cpu_ops": None,
+            "annotations": None,
+            "skipped_events": summary.skipped,
+            "skipped_reasons": dict(summary.skipped_reasons),
+            "tables_checked": list(summary.tables_checked),
+            "metadata": summary.metadata,
+        },
+        "computed": list(summary.computed),
+    }
+    if "gpu" in summary.computed:
+        doc["gpu"] = [_device_json(r, names) for r in summary.devices]
+    if "categories" in summary.computed:
+        doc["categories"] = [_category_json(r) for r in summary.categories]
+    if "kernels" in summary.computed:
+        doc["kernels"] = [_kernel_json(r) for r in summary.kernels]
+    doc["warnings"] = warned
+    return doc
 
 
 # ------------------------------------------------------------------------------------------
@@ -283,8 +334,13 @@ def summary_command(
     as_json: bool = typer.Option(False, "--json", help="print one JSON document (full names) instead of tables"),
     top: int = typer.Option(25, "--top", min=1, help="kernels, annotations and CPU ops shown in the tables"),
     wide: bool = typer.Option(False, "--wide", help="show names in full in the tables"),
+    parts: str = typer.Option(
+        "all", "--parts",
+        help="what to compute and show, a comma list of gpu, categories, kernels, annotations, cpu_ops (default: "
+        "all). An nsys export without annotations and cpu_ops is summarised by SQLite alone (fast, bounded "
+        "memory: no NVTX attribution, no launch join)"),
 ) -> None:
-    """`molmo-latency trace summary PATH [--json] [--top N] [--wide]`.
+    """`molmo-latency trace summary PATH [--json] [--top N] [--wide] [--parts P,...]`.
 
     Example:
         >>> import contextlib, io, json, tempfile
@@ -299,6 +355,13 @@ def summary_command(
     """
     import warnings
 
+    chosen = _parse_parts(parts)
+    if not {"annotations", "cpu_ops"} & set(chosen):
+        from molmo_latency.trace.load import trace_format
+
+        if trace_format(path) == "nsys":
+            _export_summary(path, chosen, as_json, top, wide)
+            return
     from molmo_latency.trace.load import load_trace
     from molmo_latency.trace.reader import TraceWarning
     from molmo_latency.trace.summary import summarize
@@ -335,11 +398,14 @@ def summary_command(
 
     set_wide(wide)  # --wide: every column too, not only whole names
     if trace.gpu.height:
-        _show(_us_columns(summary.devices.drop("gpu_start_ns", "gpu_end_ns")), "GPU per device (us)", width)
-        _show(_us_columns(summary.categories), "GPU time per kernel category (us)", width)
-        _show(_us_columns(summary.kernels.drop("kind")),
-              f"Top kernels by total time (us, of {summary.kernels.height:,})", width, max_rows=top)
-    elif summary.cpu_ops.height:
+        if "gpu" in chosen:
+            _show(_us_columns(summary.devices.drop("gpu_start_ns", "gpu_end_ns")), "GPU per device (us)", width)
+        if "categories" in chosen:
+            _show(_us_columns(summary.categories), "GPU time per kernel category (us)", width)
+        if "kernels" in chosen:
+            _show(_us_columns(summary.kernels.drop("kind")),
+                  f"Top kernels by total time (us, of {summary.kernels.height:,})", width, max_rows=top)
+    elif summary.cpu_ops.height and "cpu_ops" in chosen:
         _show(_us_columns(summary.cpu_ops),
               f"No GPU activity: top CPU ops by total time (us, inclusive of nested ops; of "
               f"{summary.cpu_ops.height:,})", width, max_rows=top)
@@ -350,6 +416,8 @@ def summary_command(
             _show(_us_columns(cpu_op_breakdown(trace.annotations).drop("category")),
                   f"{ranges.capitalize()} by total host time (us, inclusive of nested ones; of "
                   f"{summary.annotations.height:,})", width, max_rows=top)
+        return
+    if "annotations" not in chosen:
         return
     shown = summary.annotations.drop("launch_delay_sum_ns", "launch_delay_max_ns")
     _show(
@@ -363,3 +431,60 @@ def summary_command(
         f"{summary.unlinked:,} without their launch call in the trace",
         highlight=False,
     )
+
+
+def _parse_parts(text: str) -> tuple[str, ...]:
+    """``--parts``: ``all`` or a comma list of :data:`SUMMARY_PARTS` (in their order)."""
+    from molmo_latency.errors import MolmoLatencyError
+
+    words = [w.strip() for w in text.split(",") if w.strip()]
+    if words == ["all"]:
+        return SUMMARY_PARTS
+    unknown = [w for w in words if w not in SUMMARY_PARTS]
+    if unknown or not words:
+        raise MolmoLatencyError(f"--parts {text}: not a part of the summary ({', '.join(unknown) or 'none given'}); "
+                                f"pass all or a comma list of {', '.join(SUMMARY_PARTS)}")
+    return tuple(p for p in SUMMARY_PARTS if p in words)
+
+
+def _export_summary(path: Path, parts: tuple[str, ...], as_json: bool, top: int, wide: bool) -> None:
+    """`trace summary` of an nsys export computed by SQLite (:func:`molmo_latency.trace.nsys_sql.summarize_export`):
+    only the GPU tables are read; polars is imported only to render tables, never for ``--json``."""
+    import warnings
+
+    from molmo_latency.trace.nsys_sql import summarize_export
+    from molmo_latency.errors import TraceWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", TraceWarning)
+        summary = summarize_export(path, parts)
+    warned = [str(w.message) for w in caught if issubclass(w.category, TraceWarning)]
+    if as_json:
+        from molmo_latency.show import print_json
+
+        print_json(export_summary_document(summary, warned))
+        return
+    import polars as pl
+
+    from molmo_latency.show import console, err_console, plural, set_wide
+
+    for message in warned:
+        err_console.print(f"warning: {message}", highlight=False, soft_wrap=True)
+    console.print(
+        f"[bold]{summary.path}[/bold]: {plural(summary.gpu_activities, 'GPU activity', 'GPU activities')} "
+        f"(nsys export, schema {summary.metadata.get('schema_version') or 'unknown'}; GPU tables only: "
+        f"{', '.join(parts)})",
+        highlight=False,
+    )
+    width = None if wide else NAME_WIDTH
+    set_wide(wide)
+    if not summary.gpu_activities:
+        return
+    if "gpu" in parts:
+        devices = pl.DataFrame(summary.devices).drop("gpu_start_ns", "gpu_end_ns")
+        _show(_us_columns(devices), "GPU per device (us)", width)
+    if "categories" in parts:
+        _show(_us_columns(pl.DataFrame(summary.categories)), "GPU time per kernel category (us)", width)
+    if "kernels" in parts:
+        kernels = pl.DataFrame(summary.kernels).drop("kind")
+        _show(_us_columns(kernels), f"Top kernels by total time (us, of {kernels.height:,})", width, max_rows=top)

@@ -15,8 +15,12 @@
 Analysis (``diff``, ``estimator``, ``explain``, ``trace``, ``telemetry.aggregate``) never imports
 this package or matplotlib; the CLI calls the analysis, then hands its result here.
 
+Imports are lazy (a name is imported when first used): ``--json`` loads the JSON writer alone,
+without rich or polars.
+
 Example:
     >>> import polars as pl
+    >>> from molmo_latency.show import print_frame, set_width
     >>> set_width(40)
     >>> print_frame(pl.DataFrame({"phase": ["decode"], "ms": [1.5]}), "Phases")  # doctest: +NORMALIZE_WHITESPACE
     Phases
@@ -28,9 +32,27 @@ Example:
     >>> set_width(None)
 """
 
-from molmo_latency.show.json_doc import frame_records, json_text, jsonable, print_json, write_json
-from molmo_latency.show.png import write_png
-from molmo_latency.show.table import console, err_console, format_cell, plural, print_frame, set_wide, set_width
+import importlib
+
+#: Public name -> the module defining it (imported on first use).
+_WHERE = {
+    **dict.fromkeys(("frame_records", "json_text", "jsonable", "print_json", "write_json"), "json_doc"),
+    "write_png": "png",
+    **dict.fromkeys(("console", "err_console", "format_cell", "plural", "print_frame", "set_wide", "set_width"),
+                    "table"),
+}
 
 __all__ = ["console", "err_console", "format_cell", "frame_records", "json_text", "jsonable", "print_frame",
            "plural", "print_json", "set_wide", "set_width", "write_json", "write_png"]
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        value = getattr(importlib.import_module(f"molmo_latency.show.{_WHERE[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'molmo_latency.show' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -27,14 +27,16 @@ import json
 import math
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import polars as pl
+if TYPE_CHECKING:  # pragma: no cover - a value can only be a polars frame once polars is imported
+    import polars as pl
 
 
 def frame_records(df: pl.DataFrame) -> list[dict[str, Any]]:
     """Rows as dicts with NaN/inf turned into null (valid JSON).
 
+    >>> import polars as pl
     >>> frame_records(pl.DataFrame({"x": [1.0, float("nan")]}))
     [{'x': 1.0}, {'x': None}]
     """
@@ -55,13 +57,14 @@ def jsonable(value: Any) -> Any:
         return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [jsonable(v) for v in value]
-    if isinstance(value, pl.DataFrame):
+    pl = sys.modules.get("polars")  # not imported: no value is a polars frame (and --json needs no polars)
+    if pl is not None and isinstance(value, pl.DataFrame):
         return frame_records(value)
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     if hasattr(value, "item") and getattr(value, "shape", None) == ():  # a numpy scalar
         return jsonable(value.item())
-    if isinstance(value, pl.Series):
+    if pl is not None and isinstance(value, pl.Series):
         return jsonable(value.to_list())
     if hasattr(value, "tolist"):  # a numpy array
         return jsonable(value.tolist())

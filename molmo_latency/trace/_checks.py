@@ -122,7 +122,7 @@ def drop_duplicates(table: pl.DataFrame, skipped: Counter) -> pl.DataFrame:
 
 def warn_skipped(path, skipped: Counter, stacklevel: int) -> None:
     """One TraceWarning listing what was skipped and why (nothing when nothing was)."""
-    from molmo_latency.trace.reader import TraceWarning
+    from molmo_latency.errors import TraceWarning
 
     total = sum(skipped.values())
     if not total:

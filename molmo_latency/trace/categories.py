@@ -42,8 +42,10 @@ from __future__ import annotations
 
 import re
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
-import polars as pl
+if TYPE_CHECKING:  # pragma: no cover - imported where used: kernel_category needs no polars
+    import polars as pl
 
 __all__ = ["CATEGORIES", "CATEGORY_RULES", "CPU_OP_RULES", "cpu_op_category", "kernel_category", "with_category"]
 
@@ -112,6 +114,8 @@ def with_category(gpu: pl.DataFrame) -> pl.DataFrame:
         >>> with_category(gpu)["category"].to_list()
         ['norm', 'memory', 'moe_experts']
     """
+    import polars as pl
+
     names = gpu.select("name", "kind").unique()
     lowered = pl.col("name").str.to_lowercase()
     expr = pl.when(pl.col("kind").is_in(_MEMORY_KINDS)).then(pl.lit("memory"))

@@ -1,7 +1,9 @@
 """Read Nsight Systems SQLite exports (``nsys export --type sqlite``) into the tables of
 :func:`~molmo_latency.trace.read_kineto`, so summary, attribution per phase and diff work on them.
 
-This module collects and holds; it does no analysis. SQLite does the work per event (string
+This module collects and holds; it does no analysis. The SQL it shares (opening an export
+read-only, the checks per row) is in :mod:`molmo_latency.trace.nsys_sql`, which also computes the
+per-kernel, per-device and per-category tables of ``trace summary --parts`` in SQLite alone. SQLite does the work per event (string
 look-ups, process keys, payloads, filters) in one query per table; rows come back in batches
 straight into polars frames, so no Python code runs per event and memory holds one batch of
 rows plus the tables. A gzipped export is first decompressed, streamed, into a temporary file.
@@ -39,23 +41,32 @@ between nsys versions that changes a query, which columns hold the NVTX payload,
 
 from __future__ import annotations
 
-import gzip
-import os
-import shutil
-import sqlite3
-import stat
-import tempfile
 import warnings
-import zlib
 from collections import Counter
-from pathlib import Path
-from urllib.parse import quote
 
 import polars as pl
 
-from molmo_latency.errors import TraceError
-from molmo_latency.safe_fs import regular_file
 from molmo_latency.trace._checks import drop_impossible, median_start_ns, warn_skipped
+from molmo_latency.trace.nsys_sql import (
+    _KERNEL,
+    _MEMCPY,
+    _MEMSET,
+    _NVTX,
+    _NVTX_RANGES,
+    _RUNTIME,
+    _TID_BITS,
+    _TID_MASK,
+    _TIME_LIMIT_NS,
+    SQLITE_MAGIC,
+    ExportDB,
+    _int,
+    _reason,
+    _short_copy_kind,
+    _str_or_none,
+    _text,
+    is_sqlite,
+    open_export,
+)
 from molmo_latency.trace.reader import (
     CPU_COLUMNS,
     GPU_ANNOTATION_COLUMNS,
@@ -63,14 +74,11 @@ from molmo_latency.trace.reader import (
     RUNTIME_COLUMNS,
     KinetoTrace,
     TraceWarning,
-    _read_file,
     _TABLE_SCHEMA,
 )
 
 __all__ = ["NVTX_DOMAIN", "NVTX_PAYLOAD_COLUMNS", "SQLITE_MAGIC", "is_sqlite", "read_nsys"]
 
-#: The first 16 bytes of every SQLite 3 database file.
-SQLITE_MAGIC = b"SQLite format 3\x00"
 #: Our NVTX domain (molmo_latency.ranges.NVTX_DOMAIN; repeated here so reading needs no torch).
 NVTX_DOMAIN = "molmo_latency"
 #: Phases whose record_function name carries the payload (``decode[3]``, ``request[0]``); the
@@ -83,75 +91,8 @@ _PHASES = ("request", "vision", "projector", "prefill", "decode")
 #: some, and only those it has are read.
 NVTX_PAYLOAD_COLUMNS = ("int64Value", "uint64Value", "int32Value", "uint32Value")
 
-_KERNEL = "CUPTI_ACTIVITY_KIND_KERNEL"
-_MEMCPY = "CUPTI_ACTIVITY_KIND_MEMCPY"
-_MEMSET = "CUPTI_ACTIVITY_KIND_MEMSET"
-_RUNTIME = "CUPTI_ACTIVITY_KIND_RUNTIME"
-_NVTX = "NVTX_EVENTS"
-_EVENT_TABLES = (_KERNEL, _MEMCPY, _MEMSET, _RUNTIME, _NVTX)
-#: NVTX range event types: push/pop and start/end ranges of NVTX (59, 60) and of NVTXT (70, 71).
-_NVTX_RANGES = (59, 60, 70, 71)
 _NVTX_DOMAIN_CREATE = 75
-_TID_BITS = 24  # globalTid = ... | pid << 24 | tid (nsys' "Serialized GlobalId")
-_TID_MASK = (1 << _TID_BITS) - 1
-_CORRELATION_STRIDE = 1 << 32  # CUPTI correlation ids are 32-bit
 _BATCH_ROWS = 100_000
-_TIME_LIMIT_NS = 2**62
-
-
-def _int(expr: str) -> str:
-    """SQL: `expr` when it is an integer, else NULL (SQLite columns hold any type in any row)."""
-    return f"(CASE WHEN typeof({expr}) = 'integer' THEN {expr} END)"
-
-
-def _text(expr: str) -> str:
-    """SQL: `expr` when it is text, else NULL."""
-    return f"(CASE WHEN typeof({expr}) = 'text' THEN {expr} END)"
-
-
-def _reason(start: str, end: str, ids: list[str], names: list[str], end_missing: str = "missing_time") -> str:
-    """SQL: why a row cannot be read (a key of ``_checks.SKIP_REASONS``), NULL when it can: a
-    missing or non-integer time, one beyond int64 ns, an id that is not an integer, a name that is
-    not text. `end_missing` is the reason for a NULL end (an NVTX range never closed)."""
-    limit = _TIME_LIMIT_NS
-    cases = [
-        f"WHEN {start} IS NULL THEN 'missing_time'",
-        f"WHEN {end} IS NULL THEN '{end_missing}'",
-        f"WHEN typeof({start}) != 'integer' OR typeof({end}) != 'integer' THEN 'non_numeric_time'",
-        f"WHEN {start} NOT BETWEEN -{limit} AND {limit} OR {end} NOT BETWEEN -{limit} AND {limit} "
-        "THEN 'time_out_of_range'",
-    ]
-    if ids:
-        odd = " OR ".join(f"typeof({c}) NOT IN ('integer', 'null')" for c in ids)
-        cases.append(f"WHEN {odd} THEN 'non_integer_id'")
-    if names:
-        odd = " OR ".join(f"typeof({c}) NOT IN ('text', 'null')" for c in names)
-        cases.append(f"WHEN {odd} THEN 'non_text_name'")
-    return f"CASE {' '.join(cases)} END"
-
-
-def is_sqlite(path: str | os.PathLike) -> bool:
-    """Whether `path` (plain or gzipped) starts like a SQLite 3 database; False if unreadable.
-
-    Example:
-        >>> import sqlite3, tempfile, os
-        >>> path = os.path.join(tempfile.mkdtemp(), "x.db")
-        >>> sqlite3.connect(path).execute("create table t (a)").connection.commit()
-        >>> is_sqlite(path), is_sqlite(__file__)
-        (True, False)
-    """
-    try:
-        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or a device would block or never end
-            return False
-        with open(path, "rb") as f:
-            head = f.read(len(SQLITE_MAGIC))
-            if head[:2] == b"\x1f\x8b":
-                f.seek(0)
-                with gzip.GzipFile(fileobj=f) as g:
-                    head = g.read(len(SQLITE_MAGIC))
-    except (OSError, EOFError, zlib.error):
-        return False
-    return head == SQLITE_MAGIC
 
 
 def read_nsys(path: str | os.PathLike) -> KinetoTrace:
@@ -179,102 +120,14 @@ def read_nsys(path: str | os.PathLike) -> KinetoTrace:
         >>> phase_gpu_table(trace).select("phase", "step", "gpu_activities").row(-1)
         ('decode', 1, 1)
     """
-    path = regular_file(path, "an nsys SQLite export (.sqlite)", TraceError)
-    head = _read_file(path, "nsys SQLite export (.sqlite)", "an", len(SQLITE_MAGIC))
-    if head[:2] != b"\x1f\x8b":
-        return _read_sqlite(path, path, head)
-    with tempfile.TemporaryDirectory(prefix="molmo_latency_nsys_") as tmp:
-        plain = Path(tmp) / "export.sqlite"
-        try:
-            with gzip.open(path, "rb") as src, open(plain, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-        except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
-            raise TraceError(f"{path}: truncated or corrupt gzip ({exc}); re-export or re-copy the file") from None
-        except OSError as exc:
-            raise TraceError(
-                f"{path}: cannot be decompressed into {tmp} ({exc.strerror or exc}); free disk space there "
-                "or pass the export unzipped"
-            ) from None
-        with open(plain, "rb") as f:
-            head = f.read(len(SQLITE_MAGIC))
-        return _read_sqlite(path, plain, head)
-
-
-def _read_sqlite(path: Path, plain: Path, head: bytes) -> KinetoTrace:
-    if head != SQLITE_MAGIC:
-        if path.suffix == ".nsys-rep":
-            raise TraceError(
-                f"{path}: an Nsight Systems report, not its SQLite export; run `nsys export --type sqlite "
-                f"{path.name}` and pass the .sqlite it writes"
-            )
-        raise TraceError(
-            f"{path}: not a SQLite database (it does not start with 'SQLite format 3'); pass the export "
-            "of `nsys export --type sqlite report.nsys-rep`"
-        )
-    uri = f"file:{quote(str(plain.resolve()))}?mode=ro&immutable=1"  # no lock or journal: works read-only
-    try:
-        db = sqlite3.connect(uri, uri=True)
-    except sqlite3.Error as exc:
-        raise TraceError(f"{path}: cannot be opened as SQLite ({exc}); check the file") from None
-    try:
+    with open_export(path) as (path, db):
         return _Export(path, db).read()
-    except sqlite3.Error as exc:
-        raise TraceError(
-            f"{path}: SQLite error while reading ({' '.join(str(exc).split())}); the export is truncated or "
-            "corrupt: export it again"
-        ) from None
-    finally:
-        db.close()
 
 
-class _Export:
-    """One open export: which tables and columns it has, and a query per table."""
+class _Export(ExportDB):
+    """One open export: a query per table into frames (the shared SQL: :class:`ExportDB`)."""
 
-    def __init__(self, path: Path, db: sqlite3.Connection):
-        self.path, self.db = path, db
-        rows = db.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'view')").fetchall()
-        self.tables = {r[0] for r in rows}
-        self.skipped: Counter = Counter()
-        self.events = 0
-        if not self.tables & {*_EVENT_TABLES, "StringIds", "META_DATA_EXPORT", "TARGET_INFO_SESSION_START_TIME"}:
-            raise TraceError(
-                f"{path}: a SQLite database but not an Nsight Systems export (no CUPTI_ACTIVITY_KIND_*, "
-                "NVTX_EVENTS or StringIds table); pass the export of `nsys export --type sqlite report.nsys-rep`"
-            )
-
-    # -- helpers ------------------------------------------------------------------------------
-
-    def _columns(self, table: str) -> set[str]:
-        """The columns `table` has (empty when it is absent): only these are read."""
-        if table not in self.tables:
-            return set()
-        return {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
-
-    def _need(self, table: str, columns: set[str], needed: tuple[str, ...]) -> None:
-        missing = [c for c in needed if c not in columns]
-        if missing:
-            raise TraceError(
-                f"{self.path}: table {table} has no column {', '.join(missing)}; this nsys export is not one "
-                "the reader knows: export it again with a recent `nsys export --type sqlite`"
-            )
-
-    def _strings(self, table: str) -> str:
-        """The StringIds table to join (its first row of each id when an id repeats: warned once)."""
-        if "StringIds" not in self.tables:
-            raise TraceError(
-                f"{self.path}: {table} names its events through StringIds, but the export has no StringIds "
-                "table; export it again with `nsys export --type sqlite`"
-            )
-        if not hasattr(self, "_string_table"):
-            repeated = self.db.execute("SELECT COUNT(*) - COUNT(DISTINCT id) FROM StringIds").fetchone()[0]
-            self._string_table = "StringIds"
-            if repeated:
-                warnings.warn(f"{self.path}: StringIds holds {repeated} repeated id(s); the first string of each "
-                              "id names the events (the export is damaged: export it again)", TraceWarning,
-                              stacklevel=5)
-                self._string_table = ("(SELECT id, value FROM StringIds WHERE rowid IN "
-                                      "(SELECT MIN(rowid) FROM StringIds GROUP BY id))")
-        return self._string_table
+    events = 0
 
     def _checked_frame(self, items: list[str], bad: str, source: str, schema: dict[str, pl.DataType],
                        where: str = "") -> pl.DataFrame:
@@ -309,13 +162,6 @@ class _Export:
         frame = pl.concat(parts, how="vertical", rechunk=True) if len(parts) > 1 else parts[0]
         self.events += frame.height
         return frame
-
-    def _process_offset(self, key: str) -> str:
-        """SQL adding 2**32 * (rank of the event's process) to its correlation id (0 when one process)."""
-        if len(self.processes) <= 1:
-            return ""
-        cases = " ".join(f"WHEN {p} THEN {i * _CORRELATION_STRIDE}" for i, p in enumerate(self.processes) if i)
-        return f" + CASE ({key}) >> {_TID_BITS} {cases} ELSE 0 END"
 
     # -- tables -------------------------------------------------------------------------------
 
@@ -362,35 +208,6 @@ class _Export:
                 "schema_version": _str_or_none(meta.get("EXPORT_SCHEMA_VERSION")),
             },
         )
-
-    def _metadata(self) -> dict[str, str]:
-        if "META_DATA_EXPORT" not in self.tables or not {"name", "value"} <= self._columns("META_DATA_EXPORT"):
-            return {}
-        return dict(self.db.execute("SELECT name, value FROM META_DATA_EXPORT").fetchall())
-
-    def _base_time_ns(self) -> int:
-        table = "TARGET_INFO_SESSION_START_TIME"
-        if "utcEpochNs" not in self._columns(table):
-            return 0
-        row = self.db.execute(f"SELECT utcEpochNs FROM {table} WHERE typeof(utcEpochNs) = 'integer' LIMIT 1").fetchone()
-        if row is None or type(row[0]) is not int or not 0 <= row[0] < _TIME_LIMIT_NS:
-            return 0
-        return row[0]
-
-    def _processes(self) -> list[int]:
-        """Process keys (``globalPid >> 24``) of every GPU activity and runtime call, sorted."""
-        parts = []
-        for table in (_KERNEL, _MEMCPY, _MEMSET):
-            if "globalPid" in self._columns(table):
-                parts.append(f"SELECT DISTINCT globalPid >> {_TID_BITS} FROM {table} "
-                             "WHERE typeof(globalPid) = 'integer'")
-        if "globalTid" in self._columns(_RUNTIME):
-            parts.append(f"SELECT DISTINCT globalTid >> {_TID_BITS} FROM {_RUNTIME} "
-                         "WHERE typeof(globalTid) = 'integer'")
-        if not parts:
-            return []
-        rows = self.db.execute(" UNION ".join(parts)).fetchall()
-        return sorted(r[0] for r in rows if type(r[0]) is int)
 
     def _times(self) -> list[str]:
         """SQL select items start_ns, end_ns (NULL where the row's ``_bad`` reason sets it aside)."""
@@ -461,12 +278,6 @@ class _Export:
                 block=pl.concat_list("blockX", "blockY", "blockZ").list.to_array(3),
             )
         return self._finish_gpu(frame, "kernel")
-
-    def _enum_labels(self, table: str) -> list[tuple[int, str]]:
-        """(id, label) rows of a small nsys enum table (a few dozen rows); empty without it."""
-        if not {"id", "label"} <= self._columns(table):
-            return []
-        return self.db.execute(f"SELECT id, label FROM {table}").fetchall()
 
     def _memcpy(self) -> pl.DataFrame:
         columns = self._columns(_MEMCPY)
@@ -608,29 +419,3 @@ class _Export:
             if type(name) is str and type(pid) is int and type(domain_id) is int:
                 seen.setdefault((pid, domain_id), name)
         return [(pid, domain_id, name) for (pid, domain_id), name in seen.items()]
-
-    def _devices(self) -> tuple[dict, ...]:
-        """``{"id": CUDA device, "name": ...}`` per GPU of TARGET_INFO_GPU (absent in cut-out windows)."""
-        columns = self._columns("TARGET_INFO_GPU")
-        if "name" not in columns:
-            return ()
-        key = next((c for c in ("cuDevice", "id") if c in columns), None)
-        if key is None:
-            return ()
-        rows = self.db.execute(f"SELECT {key}, name FROM TARGET_INFO_GPU").fetchall()
-        return tuple({"id": i if type(i) is int else None, "name": _str_or_none(name)} for i, name in rows)
-
-
-def _str_or_none(value) -> str | None:
-    """`value` when it is text (an export's metadata may hold anything), else None."""
-    return value if type(value) is str else None
-
-
-def _short_copy_kind(label: str | None) -> str | None:
-    """nsys' ``Host-to-Device`` -> Kineto's ``HtoD`` (``Peer-to-Peer`` -> ``PtoP``); other labels as is."""
-    if label is None:
-        return None
-    parts = label.split("-to-")
-    if len(parts) == 2 and parts[0].isalpha() and parts[1].isalpha():
-        return f"{parts[0][0]}to{parts[1][0]}"
-    return label

@@ -48,7 +48,7 @@ from pathlib import Path
 import msgspec
 import polars as pl
 
-from molmo_latency.errors import TraceError
+from molmo_latency.errors import TraceError, TraceWarning  # noqa: F401 (TraceWarning: exported here too)
 from molmo_latency.safe_fs import regular_file
 from molmo_latency.trace._checks import drop_impossible, median_start_ns, warn_skipped
 from molmo_latency.trace._events import (
@@ -73,10 +73,6 @@ __all__ = [
     "TraceWarning",
     "read_kineto",
 ]
-
-
-class TraceWarning(UserWarning):
-    """A trace was read but something in it is missing or was skipped (e.g. no GPU events)."""
 
 
 # --------------------------------------------------------------------------------------------
