@@ -184,7 +184,7 @@ def test_cli_predict_with_a_distribution_shows_no_per_step_row(model_dir, tmp_pa
 # ------------------------------------------------------------------ integrity of the model directory
 @pytest.mark.parametrize("edit", [
     lambda m: m["calibration"]["request_ms"].update(p95_factor=m["calibration"]["request_ms"]["p95_factor"] * 2),
-    lambda m: m["noise"].update(step_rel_sd=0.5),
+    lambda m: m["noise"].update(step_ratio_var=0.5),
     lambda m: m["model"].update(blocks_total=64),
     lambda m: m.update(coverage=0.5),
     lambda m: m["knob_ranges"]["blocks"].__setitem__(1, 16.0),

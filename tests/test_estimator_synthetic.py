@@ -84,13 +84,17 @@ def test_a_whole_request_is_prefill_plus_every_decode_step_plus_the_gaps(est):
     assert lin["request_ms"][0] == pytest.approx(lin["prefill_total_ms"][0] + steps.sum() + other, rel=1e-9)
     out = est.predict_arrays(**cfg, new_tokens=n)
     assert out["prefill_total_p50_ms"][0] == pytest.approx(lin["prefill_total_ms"][0] * f["prefill_total_ms"][0])
-    # the whole request's P50/P95: mu * (1 + score * sd), sd from the modelled spreads of prefill and steps
+    # the whole request's P50/P95: a log-normal with the modelled mean and variance of prefill + steps +
+    # gaps (steps: mean ratio to their medians, variance shrinking with the steps' count), at the scores
     nz = est.noise
-    shrink = nz["step_correlation"] + (1 - nz["step_correlation"]) / (n - 1)
-    sd = np.sqrt((lin["prefill_total_ms"][0] * nz["prefill_rel_sd"]) ** 2
-                 + (lin["decode_total_ms"][0] * nz["step_rel_sd"]) ** 2 * shrink) / lin["request_ms"][0]
+    pre, dec = lin["prefill_total_ms"][0], lin["decode_total_ms"][0]
+    mean = pre * nz["prefill_mean_ratio"] + dec * nz["step_mean_ratio"] + other
+    var = (pre ** 2 * nz["prefill_ratio_var"] + 2 * pre * dec * nz["prefill_step_cov"]
+           + dec ** 2 * nz["step_ratio_var"] * (nz["step_correlation"] + (1 - nz["step_correlation"]) / (n - 1)))
+    log_sd = np.sqrt(np.log(1 + var / mean ** 2))
+    median = mean / np.sqrt(1 + var / mean ** 2)
     for i, col in enumerate(("request_p50_ms", "request_p95_ms")):
-        assert out[col][0] == pytest.approx(lin["request_ms"][0] * (1 + f["request_ms"][i] * sd), rel=1e-9)
+        assert out[col][0] == pytest.approx(median * np.exp(f["request_ms"][i] * log_sd), rel=1e-9)
     assert out["decode_per_token_p50_ms"][0] == pytest.approx(out["decode_total_p50_ms"][0] / (n - 1))
     one = est.predict_arrays(**cfg, new_tokens=1)  # no decode step at all
     assert one["decode_total_p50_ms"][0] == 0 and np.isnan(one["decode_per_token_p50_ms"][0])
@@ -102,7 +106,9 @@ def test_p95_coverage_is_about_95_percent_for_short_and_long_requests_alike():
     rows = example_requests(seed=5, noise=0.05, repeats=6, crops=(1, 2, 3, 4, 6, 8), top_k=(1, 2, 4, 8),
                             blocks=(1, 2, 3, 4), prompt_tokens=(8, 32, 64), new_tokens=(4, 32))
     e = fit_estimator(rows, test_fraction=0.3, calib_fraction=0.3, seed=5)
-    assert e.noise["step_correlation"] < 0.2 and e.noise["step_rel_sd"] == pytest.approx(0.05, rel=0.2)
+    # log-normal steps of sigma 0.05: ratio to the median with mean exp(sigma^2 / 2), variance ~ sigma^2
+    assert e.noise["step_correlation"] < 0.2 and np.sqrt(e.noise["step_ratio_var"]) == pytest.approx(0.05, rel=0.2)
+    assert e.noise["step_mean_ratio"] == pytest.approx(np.exp(0.05 ** 2 / 2), abs=0.005)
     for b in e.metrics["held_out_configs"]["request_ms"]["by_output_tokens"]:
         assert b["n"] > 500 and 0.92 <= b["coverage_p95"] <= 0.98, b
     short, long = (e.predict_arrays(crops=2, top_k=2, blocks=2, prompt_tokens=32, new_tokens=n) for n in (4, 32))

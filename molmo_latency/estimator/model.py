@@ -44,7 +44,7 @@ from molmo_latency.estimator.features import (KNOB_MIN, KNOBS, OUTPUTS, TARGETS,
 
 __all__ = ["Estimator", "OutputLengths", "output_names"]
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 MODEL_JSON = "model.json"
 WEIGHTS = "weights.safetensors"
 EVALUATION = "evaluation.parquet"
@@ -52,6 +52,9 @@ EVALUATION_STEPS = "evaluation_steps.parquet"
 FLOOR_MS = 1e-6  # a linear model may go to 0 or below far outside its data; predictions stay positive
 REQUIRED = ("crops", "top_k", "blocks", "prompt_tokens")
 MIXED = ("decode_total_ms", "request_ms")  # outputs whose calibration ratios are kept for N distributions
+# what the fit measures of the noise (ratios of measured to the median model, on training data; see spread)
+NOISE = ("prefill_mean_ratio", "prefill_ratio_var", "step_mean_ratio", "step_ratio_var", "step_correlation",
+         "prefill_step_cov")
 
 
 class OutputLengths:
@@ -151,7 +154,7 @@ class _CalibrationMeta(msgspec.Struct):
     p95_factor: float
     rows: int
     configs: int
-    scale: str = "ratio"  # "ratio": P = mu * factor; "sd": P = mu * (1 + factor * sd(N))
+    scale: str = "ratio"  # "ratio": P = mu * factor; "log_sd": P = median(N) * exp(factor * log_sd(N))
 
 
 class _ModelMeta(msgspec.Struct):
@@ -179,11 +182,12 @@ class Estimator:
     prefill_total_ms, decode_step_ms and other_ms; `factors[output]` = (p50, p95) multiply the
     linear prediction (split-conformal on relative residuals of calibration configurations);
     `ratios[output]` are the sorted calibration ratios (for distributions of N). With `noise`
-    (relative spread of prefill and of one decode step, and the correlation of the steps of one
-    request, from the training residuals), decode_total and request are calibrated on the
-    normalized score (y - mu) / (mu sd(N)), so that short and long requests each get their own
-    width (normalized split conformal): P = mu (1 + score sd(N)); their factors and ratios are
-    then scores. The width mu sd(N) grows with N, so P95 grows with N.
+    (mean and variance of the ratio of prefill and of one decode step to their median models, the
+    correlation of the steps of one request and their covariance with prefill, from the training
+    residuals), decode_total and request are calibrated on the normalized score
+    (log y - log median(N)) / log_sd(N) of a log-normal with the modelled mean and variance (see
+    :meth:`spread`), so that short and long requests each get their own centre and width:
+    P = median(N) exp(score log_sd(N)); their factors and ratios are then scores.
     """
 
     def __init__(self, features: FeatureSet, coef: dict[str, np.ndarray], factors: dict[str, tuple[float, float]],
@@ -202,8 +206,9 @@ class Estimator:
         self.evaluation = evaluation
         self.steps_evaluation = steps_evaluation
         self.targets = tuple(coef)
-        # with `noise`, decode_total and request are calibrated on (y - mu) / (mu sd(N)) (normalized
-        # conformal) and their factors and ratios are in those units; without, plain ratios y / mu
+        # with `noise`, decode_total and request are calibrated on (log y - log median) / log_sd
+        # (normalized conformal, see spread) and their factors and ratios are in those units;
+        # without, plain ratios y / mu
         self.noise = None if noise is None else {k: float(v) for k, v in noise.items()}
 
     @property
@@ -313,30 +318,52 @@ class Estimator:
         return {"prefill_total_ms": prefill, "decode_total_ms": decode, "other_ms": other,
                 "request_ms": prefill + decode + other}
 
-    def relative_sd(self, name: str, mu: Mapping[str, np.ndarray], steps: np.ndarray) -> np.ndarray:
-        """The modelled relative spread of `name` (decode_total_ms or request_ms) for rows with
-        linear predictions `mu` and `steps` decode steps: prefill and steps with their relative
-        spreads, the steps of one request correlated by `step_correlation`."""
+    def spread(self, name: str, mu: Mapping[str, np.ndarray], steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The modelled distribution of `name` (decode_total_ms or request_ms) for rows with linear
+        predictions `mu` and `steps` decode steps, as a log-normal: (median_ms, log_sd).
+
+        The linear costs are fitted to medians, and the median of a sum of skewed step times is not
+        the sum of their medians: it moves from the step median (one step) towards the sum of the
+        step *means* as steps add up (the mean of a sum is the sum of the means, and its spread
+        shrinks). So the decode total's mean is ``mu * step_mean_ratio``, its variance
+        ``(mu)^2 step_ratio_var (rho + (1 - rho) / S)`` (S steps whose ratios to their medians are
+        correlated by rho within a request); the request adds prefill (mean and variance of its
+        ratio, and its covariance with the request's steps) and the gaps. A log-normal with that
+        mean and variance gives the median and the log-spread; calibration scores are
+        ``(log y - log median) / log_sd``, comparable across N.
+
+        Example:
+            >>> from molmo_latency.estimator import example_requests, fit_estimator
+            >>> est = fit_estimator(example_requests(seed=0))
+            >>> mu = est.predict_linear(crops=1, top_k=2, blocks=4, prompt_tokens=32, new_tokens=np.array([2, 64]))
+            >>> med, sd = est.spread("decode_total_ms", mu, np.array([1.0, 63.0]))
+            >>> bool(sd[1] < sd[0])  # a long request's total spreads relatively less
+            True
+        """
         nz = self.noise or {}
-        sp, ss, rho = nz.get("prefill_rel_sd", 0.0), nz.get("step_rel_sd", 0.0), nz.get("step_correlation", 1.0)
-        shrink = rho + (1.0 - rho) / np.maximum(steps, 1.0)
-        if name == "decode_total_ms":
-            sd = ss * np.sqrt(shrink) * np.ones_like(steps)
-        else:
-            var = (mu["prefill_total_ms"] * sp) ** 2 + (mu["decode_total_ms"] * ss) ** 2 * shrink
-            sd = np.sqrt(var) / np.maximum(mu["request_ms"], FLOOR_MS)
-        return np.maximum(sd, 1e-6)
+        ms, vs = nz.get("step_mean_ratio", 1.0), nz.get("step_ratio_var", 0.0)
+        rho = nz.get("step_correlation", 1.0)
+        d = mu["decode_total_ms"]
+        var = d * d * (vs * (rho + (1.0 - rho) / np.maximum(steps, 1.0)))
+        mean = d * ms
+        if name == "request_ms":
+            p = mu["prefill_total_ms"]
+            mean = mean + p * nz.get("prefill_mean_ratio", 1.0) + (mu["request_ms"] - p - d)
+            var = var + p * p * nz.get("prefill_ratio_var", 0.0) + 2.0 * p * d * nz.get("prefill_step_cov", 0.0)
+        mean = np.maximum(mean, FLOOR_MS)
+        rel = 1.0 + np.maximum(var, 0.0) / (mean * mean)
+        return mean / np.sqrt(rel), np.maximum(np.sqrt(np.log(rel)), 1e-6)
 
     def _scaled(self, name: str) -> bool:
         return self.noise is not None and name in MIXED
 
     def _at(self, name: str, mu: Mapping[str, np.ndarray], steps: np.ndarray, *factors: float) -> list[np.ndarray]:
-        """Output `name` at calibrated factors (ratios, or scores in units of the modelled spread)."""
+        """Output `name` at calibrated factors (ratios, or scores in units of the modelled log-spread)."""
         if not self._scaled(name):
             return [mu[name] * f for f in factors]
-        sd, m = self.relative_sd(name, mu, steps), mu[name]
-        floor = np.where(m > 0, FLOOR_MS, 0.0)  # a request without decode steps has a decode total of 0
-        return [np.maximum(m * (1.0 + f * sd), floor) for f in factors]
+        median, sd = self.spread(name, mu, steps)
+        keep = mu[name] > 0  # a request without decode steps has a decode total of 0
+        return [np.where(keep, median * np.exp(f * sd), 0.0) for f in factors]
 
     def _calibrated(self, name: str, mu: Mapping[str, np.ndarray], steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """P50 and P95 of output `name` from the linear predictions."""
@@ -468,10 +495,9 @@ class Estimator:
             r = self._scores(name)
             k = r.size
             if self._scaled(name):
-                sd = self.relative_sd(name, mu, steps).reshape(n, m)
-                mm = mu[name].reshape(n, m)[:, :, None]
-                values = np.maximum(mm * (1.0 + r[None, None, :] * sd[:, :, None]),
-                                    np.where(mm > 0, FLOOR_MS, 0.0)).reshape(n, m * k)
+                median, sd = (v.reshape(n, m)[:, :, None] for v in self.spread(name, mu, steps))
+                keep = mu[name].reshape(n, m)[:, :, None] > 0
+                values = np.where(keep, median * np.exp(r[None, None, :] * sd), 0.0).reshape(n, m * k)
             else:
                 values = (mu[name].reshape(n, m)[:, :, None] * r[None, None, :]).reshape(n, m * k)
             weights = np.repeat(dist.weights / k, k)
@@ -915,10 +941,10 @@ class Estimator:
             if name not in meta.calibration:
                 raise EstimatorError(f"{mj} has no calibration for {name}; refit")
             cal = meta.calibration[name]
-            want = "sd" if (meta.noise is not None and name in MIXED) else "ratio"
+            want = "log_sd" if (meta.noise is not None and name in MIXED) else "ratio"
             if cal.scale != want:
                 raise EstimatorError(f"{mj}: calibration of {name} has scale {cal.scale!r}, expected {want!r}; refit")
-            low = -math.inf if want == "sd" else 0.0
+            low = -math.inf if want == "log_sd" else 0.0
             if not (low < cal.p50_factor <= cal.p95_factor and math.isfinite(cal.p95_factor)):
                 raise EstimatorError(f"{mj}: calibration of {name} must have {'' if want == 'sd' else '0 < '}"
                                      f"p50_factor <= p95_factor, got {cal.p50_factor}, {cal.p95_factor}; refit")
@@ -937,10 +963,10 @@ class Estimator:
         evaluation = _read_optional(d / EVALUATION)
         steps_evaluation = _read_optional(d / EVALUATION_STEPS)
         if meta.noise is not None:
-            bad = {k: v for k, v in meta.noise.items() if not (math.isfinite(v) and v >= 0)}
-            if set(meta.noise) != {"prefill_rel_sd", "step_rel_sd", "step_correlation"} or bad:
-                raise EstimatorError(f"{mj}: noise must give finite prefill_rel_sd, step_rel_sd and step_correlation "
-                                     f">= 0, got {meta.noise}; refit")
+            bad = {k: v for k, v in meta.noise.items() if not (math.isfinite(v) and (v >= 0 or k == "prefill_step_cov"))}
+            if set(meta.noise) != set(NOISE) or bad:
+                raise EstimatorError(f"{mj}: noise must give finite {', '.join(NOISE)} (all but the covariance "
+                                     f">= 0), got {meta.noise}; refit")
         return cls(fs, coef, factors, tm, meta.defaults, meta.knob_ranges, raw, evaluation, ratios, steps_evaluation,
                    noise=meta.noise)
 
