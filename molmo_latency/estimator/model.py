@@ -201,7 +201,7 @@ class Estimator:
         self.ratios = {t: np.sort(np.asarray(r, dtype=np.float64)) for t, r in (ratios or {}).items()}
         self.token_map = token_map
         self.defaults = dict(defaults)
-        self.knob_ranges = {k: [float(v[0]), float(v[1])] for k, v in knob_ranges.items()}
+        self.knob_ranges = knob_ranges
         self.meta = meta
         self.evaluation = evaluation
         self.steps_evaluation = steps_evaluation
@@ -210,6 +210,18 @@ class Estimator:
         # (normalized conformal, see spread) and their factors and ratios are in those units;
         # without, plain ratios y / mu
         self.noise = None if noise is None else {k: float(v) for k, v in noise.items()}
+        self._bounds: dict[tuple, tuple] = {}  # check_possible's limits per knob set (built once)
+        self._ranges: dict[tuple, tuple] = {}  # in_range's fitted ranges per knob set
+
+    @property
+    def knob_ranges(self) -> dict[str, list[float]]:
+        """The fitted range [min, max] of every knob (and of N, as ``new_tokens``)."""
+        return self._knob_ranges
+
+    @knob_ranges.setter
+    def knob_ranges(self, ranges: Mapping[str, Sequence[float]]) -> None:
+        self._knob_ranges = {k: [float(v[0]), float(v[1])] for k, v in ranges.items()}
+        self._ranges = {}
 
     @property
     def _blocks_total(self) -> int | None:
@@ -245,16 +257,22 @@ class Estimator:
         """
         limits = {"blocks": (self._blocks_total, "the model's blocks"),
                   "top_k": (self._experts, "the model's experts per MoE layer")}
-        keys = [k for k in KNOB_MIN if k in x]
-        values = np.stack([np.broadcast_to(x[k], x[keys[0]].shape) for k in keys])  # one pass over every knob
-        low = np.array([KNOB_MIN[k] for k in keys], dtype=np.float64)[:, None]
-        high = np.array([limits.get(k, (None,))[0] or np.inf for k in keys], dtype=np.float64)[:, None]
-        whole = np.array([k in KNOBS for k in keys])[:, None]
+        keys = tuple(k for k in KNOB_MIN if k in x)
+        values = _rows([x[k] for k in keys])  # one pass over every knob
+        key = (keys, limits["blocks"][0], limits["top_k"][0])
+        if key not in self._bounds:
+            # the largest float stands for "no limit", so that infinities fail the comparison as NaN does
+            self._bounds[key] = (np.array([KNOB_MIN[k] for k in keys], dtype=np.float64)[:, None],
+                                 np.array([limits.get(k, (None,))[0] or np.finfo(np.float64).max for k in keys],
+                                          dtype=np.float64)[:, None],
+                                 sum(k in KNOBS for k in keys))  # the knobs come first in KNOB_MIN
+        low, high, n_whole = self._bounds[key]
         with np.errstate(invalid="ignore"):
-            outside = ~(values >= low) | ~(values <= high) | ~np.isfinite(values)  # NaN and infinities too
-            fraction = whole & (values != np.round(values))
-        if not (outside.any() or fraction.any()):
-            return
+            knobs = values[:n_whole]
+            if ((values >= low) & (values <= high)).all() and (knobs == np.floor(knobs)).all():
+                return
+            outside = ~(values >= low) | ~(values <= high)  # NaN and infinities too
+            fraction = (np.arange(len(keys)) < n_whole)[:, None] & (values != np.round(values))
         for row, key in enumerate(keys):
             v = values[row]
             hi, what = limits.get(key, (None, ""))
@@ -276,17 +294,17 @@ class Estimator:
             [True, False]
         """
         given = {k: v for k, v in x.items() if k in self.knob_ranges}
+        if not given:
+            return np.ones(1, dtype=bool)
         shapes = {v.shape for v in given.values() if isinstance(v, np.ndarray) and v.ndim == 1}
-        if len(shapes) == 1 and all(isinstance(v, np.ndarray) and v.ndim == 1 for v in given.values()):
-            arrays = given  # already the broadcast float arrays of _configs
-        else:
-            arrays = config_arrays(**given)
-        n = max((v.size for v in arrays.values()), default=1)
-        inside = np.ones(n, dtype=bool)
-        for key, v in arrays.items():
-            lo, hi = self.knob_ranges[key]
-            inside &= (v >= lo) & (v <= hi)
-        return inside
+        if not (len(shapes) == 1 and all(isinstance(v, np.ndarray) and v.ndim == 1 for v in given.values())):
+            given = config_arrays(**given)  # otherwise: already the broadcast float arrays of _configs
+        keys = tuple(given)
+        if keys not in self._ranges:
+            self._ranges[keys] = tuple(np.array([self.knob_ranges[k][i] for k in keys])[:, None] for i in (0, 1))
+        lo, hi = self._ranges[keys]
+        values = _rows(list(given.values()))
+        return ((values >= lo) & (values <= hi)).all(axis=0)
 
     # ------------------------------------------------------------------ predict
     def _configs(self, *, crops, top_k, blocks, prompt_tokens, batch_size=None, image_tokens=None,
@@ -1006,6 +1024,14 @@ def _check_integrity(d: Path, raw: Any) -> None:
         got = hashlib.sha256(path.read_bytes()).hexdigest()
         if got != want:
             fail(f"{name} has SHA-256 {got[:12]}..., expected {str(want)[:12]}...")
+
+
+def _rows(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """1-D arrays (or scalars) as the rows of one 2-D array (broadcast to a common length)."""
+    first = np.shape(arrays[0])
+    if all(np.shape(a) == first for a in arrays):
+        return np.stack(arrays)
+    return np.stack(np.broadcast_arrays(*arrays))
 
 
 def check_quantile(quantile: float) -> float:
