@@ -366,7 +366,7 @@ def _fit_core(fs: FeatureSet, rows: pl.DataFrame, steps: pl.DataFrame, coverage:
                         train["image_tokens"].to_numpy(), train["input_tokens"].to_numpy())
     est = Estimator(fs, coef, {o: (1.0, 1.0) for o in OUTPUTS}, tm, defaults=_defaults(rows),
                     knob_ranges=_ranges(train), meta={"coverage": coverage})
-    est.noise = _noise(est, train, st_train)
+    est.noise, excluded = _noise(est, train, st_train)
     # calibration: ratios of measured to the linear prediction, per output, on calibration requests
     # (for decode total and request: the normalized score (log y - log median(N)) / log_sd(N), see
     # Estimator.spread)
@@ -410,10 +410,10 @@ def _fit_core(fs: FeatureSet, rows: pl.DataFrame, steps: pl.DataFrame, coverage:
                              "finite_sample_guarantee": guaranteed}
     est.factors = factors
     est.ratios = ratios
-    return {"estimator": est, "selection": selection, "calibration": calibration}
+    return {"estimator": est, "selection": selection, "calibration": calibration, "noise_excluded": excluded}
 
 
-def _noise(est: Estimator, train: pl.DataFrame, steps: pl.DataFrame) -> dict[str, float]:
+def _noise(est: Estimator, train: pl.DataFrame, steps: pl.DataFrame) -> tuple[dict[str, float], dict[str, int]]:
     """How measurements scatter around the median models, on the training data: the mean and
     variance of the ratio measured / predicted of prefill and of one decode step (their means are
     above 1 when the times are skewed: a sum of many steps is then above the sum of their medians),
@@ -421,15 +421,20 @@ def _noise(est: Estimator, train: pl.DataFrame, steps: pl.DataFrame) -> dict[str
     1 together), and the covariance of a request's prefill ratio with the mean of its step ratios.
 
     rho and the covariance are moment estimates over requests: the mean of a request's S step
-    ratios has variance var (rho + (1 - rho) / S)."""
+    ratios has variance var (rho + (1 - rho) / S). Requests and steps whose linear prediction is
+    clipped at the floor (a model far outside its data) have no meaningful ratio: they are left out
+    of these moments and counted in ``excluded``."""
     mu = _mu_rows(est, train)
     y = train["prefill_total_ms"].to_numpy()
     ok = np.isfinite(y) & (y > 0)
+    ok &= mu["prefill_total_ms"] > FLOOR_MS  # a prediction clipped at the floor has no meaningful ratio
     rp = y / mu["prefill_total_ms"]
     mp, vp = float(np.mean(rp[ok])), float(np.var(rp[ok]))
-    rs = steps["decode_step_ms"].to_numpy() / _mu_steps(est, steps)
-    ms, vs = float(np.mean(rs)), float(np.var(rs))
-    per = (steps.select("request_index").with_columns(pl.Series("r", rs))
+    mus = _mu_steps(est, steps)
+    rs = steps["decode_step_ms"].to_numpy() / mus
+    fine = mus > FLOOR_MS
+    ms, vs = float(np.mean(rs[fine])), float(np.var(rs[fine]))
+    per = (steps.select("request_index").with_columns(pl.Series("r", rs)).filter(pl.Series(fine))
            .group_by("request_index").agg(pl.col("r").mean(), pl.len().alias("s")))
     rho, cov = 1.0, 0.0
     if vs > 0 and per.height >= 3:
@@ -442,8 +447,9 @@ def _noise(est: Estimator, train: pl.DataFrame, steps: pl.DataFrame) -> dict[str
             cov = float(np.mean((both["rp"].to_numpy() - mp) * (both["r"].to_numpy() - ms)))
             bound = math.sqrt(vp * vs * rho)  # keeps the request's variance >= 0 at every N
             cov = float(np.clip(cov, -bound, bound))
+    excluded = {"prefill_requests": int((np.isfinite(y) & (y > 0) & ~ok).sum()), "decode_steps": int((~fine).sum())}
     return {"prefill_mean_ratio": mp, "prefill_ratio_var": vp, "step_mean_ratio": ms, "step_ratio_var": vs,
-            "step_correlation": rho, "prefill_step_cov": cov}
+            "step_correlation": rho, "prefill_step_cov": cov}, excluded
 
 
 def _mu_rows(est: Estimator, frame: pl.DataFrame) -> dict[str, np.ndarray]:
@@ -585,6 +591,7 @@ def fit_estimator(
         "selection": core["selection"],
         "calibration": core["calibration"],
         "noise": est.noise,
+        "noise_excluded": core["noise_excluded"],
         "metrics": metrics,
         "quality": quality_gate(rows, metrics, base, n_roles),
         "versions": _versions(),
