@@ -248,6 +248,35 @@ def test_conformal_factor_is_the_finite_sample_quantile():
     assert f95 == 1.2 and not ok
 
 
+def test_noise_moments_are_the_ratio_moments_and_leave_out_floored_predictions(est):
+    from molmo_latency.estimator.fit import _noise, explode_steps
+
+    rows = example_requests(seed=4, repeats=3).filter(pl.col("valid")).with_row_index("request_index")
+    steps = explode_steps(rows.drop("request_index"))
+    noise, excluded = _noise(est, rows, steps)
+    # recomputed here from the definitions: ratio of measured to the linear (median) prediction
+    lin = est.predict_linear(**{k: rows[k].to_numpy() for k in ("crops", "top_k", "blocks", "prompt_tokens")},
+                             new_tokens=rows["new_tokens"].to_numpy())
+    rp = rows["prefill_total_ms"].to_numpy() / lin["prefill_total_ms"]
+    assert noise["prefill_mean_ratio"] == pytest.approx(rp.mean(), rel=1e-9)
+    assert noise["prefill_ratio_var"] == pytest.approx(rp.var(), rel=1e-9)
+    mu = est.predict_positions(**{k: steps[k].to_numpy() for k in ("crops", "top_k", "blocks", "prompt_tokens")},
+                               steps=steps["step"].to_numpy())["decode_step_p50_ms"] / est.factors["decode_step_ms"][0]
+    rs = steps["decode_step_ms"].to_numpy() / mu
+    assert noise["step_mean_ratio"] == pytest.approx(rs.mean(), rel=1e-9) and excluded == {"prefill_requests": 0,
+                                                                                             "decode_steps": 0}
+    # a step model that predicts nothing (0, clipped at the floor) for one-block configurations: their
+    # steps' ratios (measured / 1e-6 ms) mean nothing and are left out and counted, not averaged in
+    names = est.features.names["decode_step_ms"]
+    broken = Estimator(est.features, {**est.coef, "decode_step_ms": np.where(np.array(names) == "blocks", 1.0, 0.0)
+                                      - np.where(np.array(names) == "const", 1.0, 0.0)},
+                       est.factors, est.token_map, est.defaults, est.knob_ranges, est.meta)
+    noise, excluded = _noise(broken, rows, steps)
+    one_block = int((steps["blocks"] == 1).sum())
+    assert excluded["decode_steps"] == one_block > 0 and np.isfinite(noise["step_mean_ratio"])
+    assert noise["step_mean_ratio"] < 1e3  # measured / FLOOR_MS would be ~1e6
+
+
 def test_predict_arrays_matches_predict_and_is_vectorised(est):
     rng = np.random.default_rng(0)
     cfg = {"crops": rng.integers(0, 13, 1000), "top_k": rng.integers(1, 9, 1000), "blocks": rng.integers(1, 5, 1000),
