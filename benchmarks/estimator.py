@@ -4,6 +4,8 @@ against the in-sample noise floor; time batched prediction.
 
     python benchmarks/estimator.py                      # sweep the tiny model on CPU, then fit
     python benchmarks/estimator.py --run-dir RUN ...    # reuse run directories (e.g. a GPU sweep)
+    python benchmarks/estimator.py --controller         # time the controller's calls (issue 23)
+    python benchmarks/estimator.py --coverage           # held-out P50/P95 coverage per output (issue 23)
 
 Reports whole-request (and prefill, decode total) MAPE and P95 coverage on held-out
 configurations (by N) and on held-out N (the longest outputs, never fitted on), decode-step
@@ -59,7 +61,7 @@ def loadavg() -> float | None:
         return None
 
 
-def run_tiny_sweep(out: Path, threads: int) -> dict:
+def run_tiny_sweep(out: Path, threads: int, grid: dict | None = None) -> dict:
     import torch
 
     from molmo_latency.sweep import SweepSpec, run_sweep
@@ -74,8 +76,9 @@ def run_tiny_sweep(out: Path, threads: int) -> dict:
             loads.append(loadavg())
             print(f"  sweep {p.done}/{p.total} requests", file=sys.stderr, flush=True)
 
-    result = run_sweep("tiny", SweepSpec.from_dict(SWEEP), out, progress=progress)
-    return {"seconds": time.perf_counter() - t0, "threads": threads, "load_before": load_before,
+    grid = SWEEP if grid is None else grid
+    result = run_sweep("tiny", SweepSpec.from_dict(grid), out, progress=progress)
+    return {"seconds": time.perf_counter() - t0, "threads": threads, "load_before": load_before, "grid": grid,
             "load_max": max([x for x in loads + [loadavg()] if x is not None], default=None), **result}
 
 
@@ -191,24 +194,88 @@ def controller_markdown(label: str, tm: dict, machine: dict) -> str:
         f"| `plan` (polars frame out) | {tm['configs']} configurations x 8 budgets | {tm['plan_frame_median_us']:.0f} |",
         f"| `predict_arrays` (for reference) | {tm['configs']} configurations | {tm['predict_arrays_median_us']:.0f} |",
         "",
-        f"Budget sweep over {tm['configs']} configurations: target well under 1 ms (here: under 0.5 ms): "
-        f"{'met' if ok else 'missed'} at a load average of {_fmt(machine.get('load_at_fit'))} on {machine['nproc']} "
-        "cores. The sweep itself (the fits matrix, the frontier and the best per budget) is a few sorts and "
-        "comparisons on top of one `predict_arrays` call; most of the time is that prediction, which took "
-        "135 us for 1,000 configurations on this CPU at a load average of 2.4 (issue 16 section above), against "
-        f"{tm['predict_arrays_median_us']:.0f} us here: on a quiet core the budget sweep scales down with it.", ""])
+        f"Budget sweep over {tm['configs']} configurations x {tm['budgets']} budgets: target well under 1 ms (here: "
+        f"a median under 0.5 ms): {'met' if ok else 'missed'}, {tm['plan_sweep_median_us'] / 1000:.2f} ms, at a load "
+        f"average of {_fmt(machine.get('load_at_fit'))} on {machine['nproc']} cores. The sweep is one prediction of "
+        f"the {tm['configs']} configurations (`predict_arrays` alone: {tm['predict_arrays_median_us']:.0f} us) and, on "
+        "top, the fits matrix (budgets x configurations), one sort for the frontier and a search per budget; no "
+        "loop over configurations or budgets in Python. All figures are side by side in one run.", ""])
 
 
-def write_controller_section(text: str, path: Path = RESULTS) -> None:
-    doc = path.read_text()
-    start = doc.find(CONTROLLER_SECTION + "\n")
-    body = CONTROLLER_SECTION + "\n\n`python benchmarks/estimator.py --controller` times the controller's calls.\n\n" + text
-    if start < 0:
-        doc = doc.rstrip("\n") + "\n\n" + body
+CONTROLLER_INTRO = (CONTROLLER_SECTION + "\n\n`python benchmarks/estimator.py --controller` times the controller's "
+                    "calls; `python benchmarks/estimator.py --coverage` sweeps the tiny model (or reads `--run-dir`), "
+                    "fits and reports the held-out P50 and P95 coverage per output.\n\n")
+
+
+def write_controller_section(text: str, label: str, path: Path = RESULTS) -> None:
+    write_subsection(CONTROLLER_SECTION, CONTROLLER_INTRO, label, text, path)
+
+
+# the coverage sweep: the issue-16 grid with 4 repeats and a fixed warm-up (1 request per configuration)
+COVERAGE_SWEEP = {**SWEEP, "repeats": 4, "warmup_tolerance_pct": 0}
+COVERAGE_OUTPUTS = {"prefill_total_ms": "prefill", "decode_total_ms": "decode total", "request_ms": "whole request",
+                    "decode_step_ms": "decode step"}
+
+
+def coverage_markdown(label: str, est: Estimator, info: dict, sweep: dict | None, machine: dict) -> str:
+    """Held-out P50 and P95 coverage per output (held-out configurations and held-out N), by N."""
+    meta, m = est.meta, est.metrics
+    sp, mn = meta["split"], m["held_out_new_tokens"]
+    gate = meta["quality"]["thresholds"]
+    lo50, hi50 = gate["coverage_p50"]
+    lo95, hi95 = gate["coverage_p95"]
+
+    def inside(v, lo, hi):
+        return "" if v is None else ("" if lo <= v <= hi else " (outside)")
+
+    out = [f"### {label}", "",
+           f"Measured {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC on {machine['arch']} {machine['cpu']} "
+           f"(nproc {machine['nproc']}), Python {platform.python_version()}, numpy {np.__version__}."]
+    if sweep is not None:
+        g = sweep["grid"]
+        out.append(f"Data: a new sweep of the tiny reference model on this CPU ({sweep['threads']} torch thread), grid "
+                   f"crops {g['crops']} x top_k {g['top_k']} x blocks {g['blocks']} x prompt_tokens "
+                   f"{g['prompt_tokens']} x new_tokens {g['new_tokens']}, {g['repeats']} repeats (interleaved, "
+                   f"{g['warmup']} warm-up request per configuration), {sweep['seconds']:.0f} s; load average "
+                   f"{_fmt(sweep['load_before'])} before, up to {_fmt(sweep['load_max'])} during the sweep.")
     else:
-        end = doc.find("\n## ", start + len(CONTROLLER_SECTION))
-        doc = doc[:start] + body + ("" if end < 0 else doc[end:])
-    path.write_text(doc)
+        out.append("Data: existing run directories " + ", ".join(f"`{r['run_dir']}`" for r in info["run_dirs"]) + ".")
+    out.append(f"{info['rows']} valid requests of {info['configs']} configurations. Held-out configurations: "
+               f"split by setting (seed {sp['seed']}): train {sp['configs']['train']}, calibration "
+               f"{sp['configs']['calib']}, test {sp['configs']['test']} settings. Held-out N: "
+               + (mn.get("skipped") or f"{mn['holdout']} held out (every setting), fitted and calibrated on output "
+                                        f"tokens {mn['trained_on_output_tokens']}") + ".")
+    out += ["", f"Coverage = share of held-out requests (decode steps: steps) at or below the quantile; the gate "
+                f"asks {100 * lo50:.0f}-{100 * hi50:.0f}% (P50) and {100 * lo95:.0f}-{100 * hi95:.0f}% (P95).", "",
+            "| held out | output | n | P50 coverage | P95 coverage | MAPE % |", "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for split, name in (("held_out_configs", "configurations"), ("held_out_new_tokens", "N")):
+        ms = m.get(split) or {}
+        if "skipped" in ms:
+            continue
+        for o, text in COVERAGE_OUTPUTS.items():
+            r = ms[o]["steps" if o == "decode_step_ms" else "requests"]
+            out.append(f"| {name} | {text} | {r['n']} | {_pct(r['coverage_p50'])}{inside(r['coverage_p50'], lo50, hi50)} "
+                       f"| {_pct(r['coverage_p95'])}{inside(r['coverage_p95'], lo95, hi95)} | {r['mape_pct']:.1f} |")
+    out += ["", "By output tokens (whole request and decode total, held-out configurations and held-out N):", "",
+            "| held out | output | output tokens | n | P50 coverage | P95 coverage |",
+            "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for split, name in (("held_out_configs", "configurations"), ("held_out_new_tokens", "N")):
+        ms = m.get(split) or {}
+        if "skipped" in ms:
+            continue
+        for o in ("decode_total_ms", "request_ms"):
+            for b in ms[o].get("by_output_tokens", []):
+                out.append(f"| {name} | {COVERAGE_OUTPUTS[o]} | {b['output_tokens']} | {b['n']} | "
+                           f"{_pct(b['coverage_p50'])} | {_pct(b['coverage_p95'])} |")
+    nz, q = est.noise or {}, meta["quality"]
+    out += ["", "Noise measured on the training requests (ratio of measured to the median model): one decode step "
+            f"mean {nz.get('step_mean_ratio', float('nan')):.3f}, variance {nz.get('step_ratio_var', float('nan')):.3f}, "
+            f"correlation of the steps of one request {nz.get('step_correlation', float('nan')):.2f}; prefill mean "
+            f"{nz.get('prefill_mean_ratio', float('nan')):.3f}. A step mean above 1 is the skew that puts the median "
+            "of a long request's decode total above the sum of its step medians (see `Estimator.spread`).",
+            "", "Quality gate: " + ("passed." if q["passed"] else "FAILED: " + "; ".join(q["problems"])
+                                    + ". Why: " + "; ".join(q["reasons"]) + "."), ""]
+    return "\n".join(out)
 
 
 def evaluate(run_dirs: list[str], seed: int) -> dict:
@@ -300,18 +367,23 @@ def markdown(label: str, res: dict, sweep: dict | None, machine: dict) -> str:
 
 def write_section(text: str, label: str, path: Path = RESULTS) -> None:
     """Replace (or add) the subsection `### label` of SECTION in RESULTS.md; nothing else changes."""
+    write_subsection(SECTION, INTRO, label, text, path)
+
+
+def write_subsection(section: str, intro_text: str, label: str, text: str, path: Path = RESULTS) -> None:
+    """Replace (or add) the subsection `### label` of `section` in RESULTS.md (the section, with
+    `intro_text`, is added at the end when missing); nothing else changes."""
     doc = path.read_text() if path.exists() else "# Benchmark results\n"
-    start = doc.find(SECTION + "\n")
+    start = doc.find(section + "\n")
     if start < 0:
-        doc = doc.rstrip("\n") + "\n\n" + INTRO
-        start = doc.find(SECTION + "\n")
-    end = doc.find("\n## ", start + len(SECTION))
+        doc = doc.rstrip("\n") + "\n\n" + intro_text
+        start = doc.find(section + "\n")
+    end = doc.find("\n## ", start + len(section))
     end = len(doc) if end < 0 else end + 1
-    section = doc[start:end]
-    parts = section.split("\n### ")
-    intro, subs = parts[0], {p.split("\n", 1)[0]: "### " + p for p in parts[1:]}
+    parts = doc[start:end].split("\n### ")
+    subs = {q.split("\n", 1)[0]: "### " + q for q in parts[1:]}
     subs[label] = text
-    body = intro.rstrip("\n") + "\n\n" + "\n".join(s.rstrip("\n") + "\n" for s in subs.values())
+    body = intro_text.rstrip("\n") + "\n\n" + "\n".join(t.rstrip("\n") + "\n" for t in subs.values())
     if end < len(doc):
         body += "\n"
     path.write_text(doc[:start] + body + doc[end:])
@@ -333,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
     ap.add_argument("--controller", action="store_true", help="only time the controller's calls (plan, feasibility, "
                     "max output tokens) on a synthetic fit; writes its own section")
+    ap.add_argument("--coverage", action="store_true", help="sweep the tiny model (or read --run-dir), fit, and report "
+                    "the held-out P50/P95 coverage per output in the controller's section")
     args = ap.parse_args(argv)
     machine = {"cpu": cpu_model(), "nproc": os.cpu_count(), "arch": platform.machine()}
     if args.controller:
@@ -343,7 +417,24 @@ def main(argv: list[str] | None = None) -> int:
         text = controller_markdown(f"CPU ({machine['cpu']})", tm, machine)
         print(text)
         if not args.no_write:
-            write_controller_section(text)
+            write_controller_section(text, f"CPU ({machine['cpu']})")
+        return 0
+    if args.coverage:
+        sweep, run_dirs = None, [str(r) for r in args.run_dir]
+        if not run_dirs:
+            out = args.keep_run or Path(tempfile.mkdtemp(prefix="estimator-coverage-")) / "run"
+            print(f"sweeping the tiny model into {out} ...", file=sys.stderr, flush=True)
+            sweep = run_tiny_sweep(out, args.threads, COVERAGE_SWEEP)
+            run_dirs = [str(out)]
+        est = fit_estimator(run_dirs, seed=args.seed)
+        _, info = load_requests(run_dirs)
+        device = info["gpu_name"] or (machine["cpu"] if info["device_type"] == "cpu" else info["device_type"])
+        label = args.label or (f"{info['model']} on {'CPU' if info['device_type'] == 'cpu' else 'GPU'} ({device}): "
+                               "held-out P50 and P95 coverage")
+        text = coverage_markdown(label, est, info, sweep, machine)
+        print(text)
+        if not args.no_write:
+            write_controller_section(text, label)
         return 0
     sweep = None
     run_dirs = [str(r) for r in args.run_dir]

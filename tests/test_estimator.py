@@ -176,7 +176,7 @@ def test_edited_or_broken_model_json_is_refused(model_dir):
         Estimator.load(model_dir)
     (model_dir / "model.json").write_text(text)
     _edit_json(model_dir, lambda m: m.update(format_version=1))
-    with pytest.raises(EstimatorError, match="format_version 1; this molmo-latency reads 3: refit"):
+    with pytest.raises(EstimatorError, match="format_version 1; this molmo-latency reads 4: refit"):
         Estimator.load(model_dir)
     (model_dir / "model.json").write_text(text)
     Estimator.load(model_dir)  # restored: loads again

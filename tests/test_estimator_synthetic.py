@@ -84,13 +84,17 @@ def test_a_whole_request_is_prefill_plus_every_decode_step_plus_the_gaps(est):
     assert lin["request_ms"][0] == pytest.approx(lin["prefill_total_ms"][0] + steps.sum() + other, rel=1e-9)
     out = est.predict_arrays(**cfg, new_tokens=n)
     assert out["prefill_total_p50_ms"][0] == pytest.approx(lin["prefill_total_ms"][0] * f["prefill_total_ms"][0])
-    # the whole request's P50/P95: mu * (1 + score * sd), sd from the modelled spreads of prefill and steps
+    # the whole request's P50/P95: a log-normal with the modelled mean and variance of prefill + steps +
+    # gaps (steps: mean ratio to their medians, variance shrinking with the steps' count), at the scores
     nz = est.noise
-    shrink = nz["step_correlation"] + (1 - nz["step_correlation"]) / (n - 1)
-    sd = np.sqrt((lin["prefill_total_ms"][0] * nz["prefill_rel_sd"]) ** 2
-                 + (lin["decode_total_ms"][0] * nz["step_rel_sd"]) ** 2 * shrink) / lin["request_ms"][0]
+    pre, dec = lin["prefill_total_ms"][0], lin["decode_total_ms"][0]
+    mean = pre * nz["prefill_mean_ratio"] + dec * nz["step_mean_ratio"] + other
+    var = (pre ** 2 * nz["prefill_ratio_var"] + 2 * pre * dec * nz["prefill_step_cov"]
+           + dec ** 2 * nz["step_ratio_var"] * (nz["step_correlation"] + (1 - nz["step_correlation"]) / (n - 1)))
+    log_sd = np.sqrt(np.log(1 + var / mean ** 2))
+    median = mean / np.sqrt(1 + var / mean ** 2)
     for i, col in enumerate(("request_p50_ms", "request_p95_ms")):
-        assert out[col][0] == pytest.approx(lin["request_ms"][0] * (1 + f["request_ms"][i] * sd), rel=1e-9)
+        assert out[col][0] == pytest.approx(median * np.exp(f["request_ms"][i] * log_sd), rel=1e-9)
     assert out["decode_per_token_p50_ms"][0] == pytest.approx(out["decode_total_p50_ms"][0] / (n - 1))
     one = est.predict_arrays(**cfg, new_tokens=1)  # no decode step at all
     assert one["decode_total_p50_ms"][0] == 0 and np.isnan(one["decode_per_token_p50_ms"][0])
@@ -102,7 +106,9 @@ def test_p95_coverage_is_about_95_percent_for_short_and_long_requests_alike():
     rows = example_requests(seed=5, noise=0.05, repeats=6, crops=(1, 2, 3, 4, 6, 8), top_k=(1, 2, 4, 8),
                             blocks=(1, 2, 3, 4), prompt_tokens=(8, 32, 64), new_tokens=(4, 32))
     e = fit_estimator(rows, test_fraction=0.3, calib_fraction=0.3, seed=5)
-    assert e.noise["step_correlation"] < 0.2 and e.noise["step_rel_sd"] == pytest.approx(0.05, rel=0.2)
+    # log-normal steps of sigma 0.05: ratio to the median with mean exp(sigma^2 / 2), variance ~ sigma^2
+    assert e.noise["step_correlation"] < 0.2 and np.sqrt(e.noise["step_ratio_var"]) == pytest.approx(0.05, rel=0.2)
+    assert e.noise["step_mean_ratio"] == pytest.approx(np.exp(0.05 ** 2 / 2), abs=0.005)
     for b in e.metrics["held_out_configs"]["request_ms"]["by_output_tokens"]:
         assert b["n"] > 500 and 0.92 <= b["coverage_p95"] <= 0.98, b
     short, long = (e.predict_arrays(crops=2, top_k=2, blocks=2, prompt_tokens=32, new_tokens=n) for n in (4, 32))
@@ -240,6 +246,35 @@ def test_conformal_factor_is_the_finite_sample_quantile():
     assert conformal_factors(ratios, 0.95) == (1.05, 2.0, True)
     f50, f95, ok = conformal_factors(np.array([1.0, 1.1, 1.2]), 0.95)  # too few: the largest, no guarantee
     assert f95 == 1.2 and not ok
+
+
+def test_noise_moments_are_the_ratio_moments_and_leave_out_floored_predictions(est):
+    from molmo_latency.estimator.fit import _noise, explode_steps
+
+    rows = example_requests(seed=4, repeats=3).filter(pl.col("valid")).with_row_index("request_index")
+    steps = explode_steps(rows.drop("request_index"))
+    noise, excluded = _noise(est, rows, steps)
+    # recomputed here from the definitions: ratio of measured to the linear (median) prediction
+    lin = est.predict_linear(**{k: rows[k].to_numpy() for k in ("crops", "top_k", "blocks", "prompt_tokens")},
+                             new_tokens=rows["new_tokens"].to_numpy())
+    rp = rows["prefill_total_ms"].to_numpy() / lin["prefill_total_ms"]
+    assert noise["prefill_mean_ratio"] == pytest.approx(rp.mean(), rel=1e-9)
+    assert noise["prefill_ratio_var"] == pytest.approx(rp.var(), rel=1e-9)
+    mu = est.predict_positions(**{k: steps[k].to_numpy() for k in ("crops", "top_k", "blocks", "prompt_tokens")},
+                               steps=steps["step"].to_numpy())["decode_step_p50_ms"] / est.factors["decode_step_ms"][0]
+    rs = steps["decode_step_ms"].to_numpy() / mu
+    assert noise["step_mean_ratio"] == pytest.approx(rs.mean(), rel=1e-9) and excluded == {"prefill_requests": 0,
+                                                                                             "decode_steps": 0}
+    # a step model that predicts nothing (0, clipped at the floor) for one-block configurations: their
+    # steps' ratios (measured / 1e-6 ms) mean nothing and are left out and counted, not averaged in
+    names = est.features.names["decode_step_ms"]
+    broken = Estimator(est.features, {**est.coef, "decode_step_ms": np.where(np.array(names) == "blocks", 1.0, 0.0)
+                                      - np.where(np.array(names) == "const", 1.0, 0.0)},
+                       est.factors, est.token_map, est.defaults, est.knob_ranges, est.meta)
+    noise, excluded = _noise(broken, rows, steps)
+    one_block = int((steps["blocks"] == 1).sum())
+    assert excluded["decode_steps"] == one_block > 0 and np.isfinite(noise["step_mean_ratio"])
+    assert noise["step_mean_ratio"] < 1e3  # measured / FLOOR_MS would be ~1e6
 
 
 def test_predict_arrays_matches_predict_and_is_vectorised(est):

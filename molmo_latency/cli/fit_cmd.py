@@ -125,8 +125,9 @@ def fit(
     else:
         err_console.print(f"held-out N: {hn['holdout']}, fitted on output tokens {hn['trained_on_output_tokens']}")
     for name, cal in meta["calibration"].items():
-        what = (f"P50 x{cal['p50_factor']:.3f}, P95 x{cal['p95_factor']:.3f}" if cal.get("scale") != "sd" else
-                f"P50 at {cal['p50_factor']:+.2f}, P95 at {cal['p95_factor']:+.2f} modelled SDs from the linear prediction")
+        what = (f"P50 x{cal['p50_factor']:.3f}, P95 x{cal['p95_factor']:.3f}" if cal.get("scale") != "log_sd" else
+                f"P50 at {cal['p50_factor']:+.2f}, P95 at {cal['p95_factor']:+.2f} modelled log-SDs from the modelled "
+                "median at that N")
         console.print(f"{OUTPUT_LABELS.get(name, name)}: {what} "
                       f"({cal['rows']} calibration {'steps' if name == 'decode_step_ms' else 'requests'})")
     base = (quality.get("baseline") or {}).get("request_ms") or {}

@@ -107,9 +107,13 @@ def as_numpy(value):
 
 
 def _geo_sum(tau: float, n: np.ndarray) -> np.ndarray:
-    """sum_{s=0}^{n-1} exp(-s / tau), elementwise (0 for n = 0)."""
-    r = math.exp(-1.0 / tau)
-    return (1.0 - r ** n) / (1.0 - r)
+    """sum_{s=0}^{n-1} exp(-s / tau), elementwise (0 for n = 0).
+
+    Example:
+        >>> float(_geo_sum(4.0, np.array([3.0]))[0]) == sum(math.exp(-s / 4.0) for s in range(3))
+        True
+    """
+    return (1.0 - np.exp(n * (-1.0 / tau))) / (1.0 - math.exp(-1.0 / tau))
 
 
 # ---------------------------------------------------------------------------- physical
@@ -130,13 +134,13 @@ def _physical_request(x: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         bt,                         # per-block, per-token dense work (QKV/O projections, router)
         bk * tok,                   # expert FFN FLOPs: blocks x top-k x tokens
         bt * x["input_tokens"],     # attention scores: blocks x tokens^2
-    ], axis=1)
+    ]).T
     return {"prefill_total_ms": prefill, "other_ms": _physical_other(x)}
 
 
 def _physical_other(x: Mapping[str, np.ndarray]) -> np.ndarray:
     steps = x["decode_steps"]
-    return np.stack([np.ones_like(steps), steps, x["batch_size"] * steps], axis=1)  # per request, step, sequence-step
+    return np.stack([np.ones_like(steps), steps, x["batch_size"] * steps]).T  # per request, step, sequence-step
 
 
 def _physical_step(x: Mapping[str, np.ndarray], step: np.ndarray) -> np.ndarray:
@@ -149,14 +153,14 @@ def _physical_step(x: Mapping[str, np.ndarray], step: np.ndarray) -> np.ndarray:
         b * kv,                                # attention over the KV cache
         np.exp(-step / FIRST_STEPS_TAU),       # one-off costs of the first steps, fading
         b * (1.0 - np.exp(-step / RAMP_TAU)),  # per-block cost rising over the first steps
-    ], axis=1)
+    ]).T
 
 
 def _physical_step_sum(x: Mapping[str, np.ndarray], n: np.ndarray) -> np.ndarray:
     b, k, bs = x["blocks"], x["top_k"], x["batch_size"]
     kv_sum = bs * (n * (x["input_tokens"] + 1.0) + n * (n - 1.0) / 2.0)
     return np.stack([n, b * n, b * k * n, b * kv_sum, _geo_sum(FIRST_STEPS_TAU, n),
-                     b * (n - _geo_sum(RAMP_TAU, n))], axis=1)
+                     b * (n - _geo_sum(RAMP_TAU, n))]).T
 
 
 # ---------------------------------------------------------------------------- knobs baseline

@@ -325,7 +325,8 @@ def _prepare(data: pl.DataFrame | Sequence[str | Path] | str | Path,
 def _fit_core(fs: FeatureSet, rows: pl.DataFrame, steps: pl.DataFrame, coverage: float, seed: int) -> dict[str, Any]:
     """Fit the three linear models on role == train, calibrate on role == calib."""
     regs = candidates(fs)
-    train, calib = rows.filter(pl.col("role") == "train"), rows.filter(pl.col("role") == "calib")
+    train = rows.with_row_index("request_index").filter(pl.col("role") == "train")  # the index explode_steps gives
+    calib = rows.filter(pl.col("role") == "calib")
     coef, selection = {}, {}
     # prefill: per-configuration medians
     ok = train.filter(pl.col("prefill_total_ms").is_finite() & (pl.col("prefill_total_ms") > 0))
@@ -365,9 +366,10 @@ def _fit_core(fs: FeatureSet, rows: pl.DataFrame, steps: pl.DataFrame, coverage:
                         train["image_tokens"].to_numpy(), train["input_tokens"].to_numpy())
     est = Estimator(fs, coef, {o: (1.0, 1.0) for o in OUTPUTS}, tm, defaults=_defaults(rows),
                     knob_ranges=_ranges(train), meta={"coverage": coverage})
-    est.noise = _noise(est, train, st_train)
+    est.noise, excluded = _noise(est, train, st_train)
     # calibration: ratios of measured to the linear prediction, per output, on calibration requests
-    # (for decode total and request: the normalized score (y - mu) / (mu sd(N)))
+    # (for decode total and request: the normalized score (log y - log median(N)) / log_sd(N), see
+    # Estimator.spread)
     mu = _mu_rows(est, calib)
     cal_n = calib["decode_steps"].to_numpy().astype(np.float64)
     cal_steps = steps.filter(pl.col("role") == "calib")
@@ -388,51 +390,66 @@ def _fit_core(fs: FeatureSet, rows: pl.DataFrame, steps: pl.DataFrame, coverage:
             raise EstimatorError(f"no usable {name} in the calibration configurations; run a sweep with more "
                                  "configurations (and new_tokens >= 2)")
         r = y[good] / m[good]
-        if name in MIXED:  # normalized: each request's relative residual in units of its modelled spread
-            steps_n = cal_n if name == "request_ms" else cal_n[calib["decode_steps"].to_numpy() > 0]
-            mu_rows = mu if name == "request_ms" else {k: v[calib["decode_steps"].to_numpy() > 0] for k, v in mu.items()}
-            sd = est.relative_sd(name, {k: v[good] for k, v in mu_rows.items()}, steps_n[good])
-            r = (r - 1.0) / sd
+        if name in MIXED:  # normalized: each request's log residual from its modelled median, in its log-spreads
+            has = np.ones(calib.height, bool) if name == "request_ms" else calib["decode_steps"].to_numpy() > 0
+            median, sd = est.spread(name, {k: v[has][good] for k, v in mu.items()}, cal_n[has][good])
+            r = (np.log(y[good]) - np.log(median)) / sd
         f50, f95, guaranteed = conformal_factors(r, coverage)
         factors[name] = (f50, f95)
         if name in MIXED:
             ratios[name] = np.sort(r)
-        calibration[name] = {"method": ("normalized split-conformal on (y - mu) / (mu sd(N)) of calibration requests "
-                                        "(sd from the relative spreads of prefill and decode steps, see noise)")
+        calibration[name] = {"method": ("normalized split-conformal on (log y - log median(N)) / log_sd(N) of "
+                                        "calibration requests (a log-normal with the mean and variance of the "
+                                        "request's steps and prefill, see noise)")
                              if name in MIXED else
                              "split-conformal on relative residuals y / mu of calibration "
                              + ("decode steps" if name == "decode_step_ms" else "requests"),
-                             "scale": "sd" if name in MIXED else "ratio",
+                             "scale": "log_sd" if name in MIXED else "ratio",
                              "p50_factor": f50, "p95_factor": f95, "rows": int(good.sum()),
                              "configs": int(keys.filter(pl.Series(good)).n_unique()),
                              "finite_sample_guarantee": guaranteed}
     est.factors = factors
     est.ratios = ratios
-    return {"estimator": est, "selection": selection, "calibration": calibration}
+    return {"estimator": est, "selection": selection, "calibration": calibration, "noise_excluded": excluded}
 
 
-def _robust_sd(v: np.ndarray) -> float:
-    v = v[np.isfinite(v)]
-    return float(1.4826 * np.median(np.abs(v - np.median(v)))) if v.size else 0.0
+def _noise(est: Estimator, train: pl.DataFrame, steps: pl.DataFrame) -> tuple[dict[str, float], dict[str, int]]:
+    """How measurements scatter around the median models, on the training data: the mean and
+    variance of the ratio measured / predicted of prefill and of one decode step (their means are
+    above 1 when the times are skewed: a sum of many steps is then above the sum of their medians),
+    how strongly the step ratios of one request move together (the correlation rho: 0 independent,
+    1 together), and the covariance of a request's prefill ratio with the mean of its step ratios.
 
-
-def _noise(est: Estimator, train: pl.DataFrame, steps: pl.DataFrame) -> dict[str, float]:
-    """Relative spread (robust SD of log(y / mu)) of prefill and of one decode step on the
-    training data, and how strongly the steps of one request move together (0: independent, so
-    the decode total of S steps spreads sqrt(S) times less; 1: together)."""
+    rho and the covariance are moment estimates over requests: the mean of a request's S step
+    ratios has variance var (rho + (1 - rho) / S). Requests and steps whose linear prediction is
+    clipped at the floor (a model far outside its data) have no meaningful ratio: they are left out
+    of these moments and counted in ``excluded``."""
     mu = _mu_rows(est, train)
     y = train["prefill_total_ms"].to_numpy()
     ok = np.isfinite(y) & (y > 0)
-    sp = _robust_sd(np.log(y[ok] / mu["prefill_total_ms"][ok]))
-    ls = np.log(steps["decode_step_ms"].to_numpy() / _mu_steps(est, steps))
-    ss = _robust_sd(ls)
-    per = (steps.select("request_index").with_columns(pl.Series("ls", ls))
-           .group_by("request_index").agg(pl.col("ls").mean(), pl.len().alias("s")))
-    inv = float(np.mean(1.0 / per["s"].to_numpy())) if per.height else 1.0
-    rho = 1.0
-    if ss > 0 and inv < 1 and per.height >= 3:
-        rho = float(np.clip((_robust_sd(per["ls"].to_numpy()) ** 2 / ss ** 2 - inv) / (1 - inv), 0.0, 1.0))
-    return {"prefill_rel_sd": sp, "step_rel_sd": ss, "step_correlation": rho}
+    ok &= mu["prefill_total_ms"] > FLOOR_MS  # a prediction clipped at the floor has no meaningful ratio
+    rp = y / mu["prefill_total_ms"]
+    mp, vp = float(np.mean(rp[ok])), float(np.var(rp[ok]))
+    mus = _mu_steps(est, steps)
+    rs = steps["decode_step_ms"].to_numpy() / mus
+    fine = mus > FLOOR_MS
+    ms, vs = float(np.mean(rs[fine])), float(np.var(rs[fine]))
+    per = (steps.select("request_index").with_columns(pl.Series("r", rs)).filter(pl.Series(fine))
+           .group_by("request_index").agg(pl.col("r").mean(), pl.len().alias("s")))
+    rho, cov = 1.0, 0.0
+    if vs > 0 and per.height >= 3:
+        inv = float(np.mean(1.0 / per["s"].to_numpy()))
+        spread = float(np.mean((per["r"].to_numpy() - ms) ** 2))
+        rho = float(np.clip((spread / vs - inv) / (1.0 - inv), 0.0, 1.0)) if inv < 1 else 1.0
+        both = (pl.DataFrame({"request_index": train["request_index"], "rp": rp, "ok": ok})
+                .join(per, on="request_index").filter(pl.col("ok")))
+        if both.height >= 3:
+            cov = float(np.mean((both["rp"].to_numpy() - mp) * (both["r"].to_numpy() - ms)))
+            bound = math.sqrt(vp * vs * rho)  # keeps the request's variance >= 0 at every N
+            cov = float(np.clip(cov, -bound, bound))
+    excluded = {"prefill_requests": int((np.isfinite(y) & (y > 0) & ~ok).sum()), "decode_steps": int((~fine).sum())}
+    return {"prefill_mean_ratio": mp, "prefill_ratio_var": vp, "step_mean_ratio": ms, "step_ratio_var": vs,
+            "step_correlation": rho, "prefill_step_cov": cov}, excluded
 
 
 def _mu_rows(est: Estimator, frame: pl.DataFrame) -> dict[str, np.ndarray]:
@@ -574,6 +591,7 @@ def fit_estimator(
         "selection": core["selection"],
         "calibration": core["calibration"],
         "noise": est.noise,
+        "noise_excluded": core["noise_excluded"],
         "metrics": metrics,
         "quality": quality_gate(rows, metrics, base, n_roles),
         "versions": _versions(),

@@ -44,7 +44,7 @@ from molmo_latency.estimator.features import (KNOB_MIN, KNOBS, OUTPUTS, TARGETS,
 
 __all__ = ["Estimator", "OutputLengths", "output_names"]
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 MODEL_JSON = "model.json"
 WEIGHTS = "weights.safetensors"
 EVALUATION = "evaluation.parquet"
@@ -52,6 +52,9 @@ EVALUATION_STEPS = "evaluation_steps.parquet"
 FLOOR_MS = 1e-6  # a linear model may go to 0 or below far outside its data; predictions stay positive
 REQUIRED = ("crops", "top_k", "blocks", "prompt_tokens")
 MIXED = ("decode_total_ms", "request_ms")  # outputs whose calibration ratios are kept for N distributions
+# what the fit measures of the noise (ratios of measured to the median model, on training data; see spread)
+NOISE = ("prefill_mean_ratio", "prefill_ratio_var", "step_mean_ratio", "step_ratio_var", "step_correlation",
+         "prefill_step_cov")
 
 
 class OutputLengths:
@@ -151,7 +154,7 @@ class _CalibrationMeta(msgspec.Struct):
     p95_factor: float
     rows: int
     configs: int
-    scale: str = "ratio"  # "ratio": P = mu * factor; "sd": P = mu * (1 + factor * sd(N))
+    scale: str = "ratio"  # "ratio": P = mu * factor; "log_sd": P = median(N) * exp(factor * log_sd(N))
 
 
 class _ModelMeta(msgspec.Struct):
@@ -179,11 +182,12 @@ class Estimator:
     prefill_total_ms, decode_step_ms and other_ms; `factors[output]` = (p50, p95) multiply the
     linear prediction (split-conformal on relative residuals of calibration configurations);
     `ratios[output]` are the sorted calibration ratios (for distributions of N). With `noise`
-    (relative spread of prefill and of one decode step, and the correlation of the steps of one
-    request, from the training residuals), decode_total and request are calibrated on the
-    normalized score (y - mu) / (mu sd(N)), so that short and long requests each get their own
-    width (normalized split conformal): P = mu (1 + score sd(N)); their factors and ratios are
-    then scores. The width mu sd(N) grows with N, so P95 grows with N.
+    (mean and variance of the ratio of prefill and of one decode step to their median models, the
+    correlation of the steps of one request and their covariance with prefill, from the training
+    residuals), decode_total and request are calibrated on the normalized score
+    (log y - log median(N)) / log_sd(N) of a log-normal with the modelled mean and variance (see
+    :meth:`spread`), so that short and long requests each get their own centre and width:
+    P = median(N) exp(score log_sd(N)); their factors and ratios are then scores.
     """
 
     def __init__(self, features: FeatureSet, coef: dict[str, np.ndarray], factors: dict[str, tuple[float, float]],
@@ -197,14 +201,27 @@ class Estimator:
         self.ratios = {t: np.sort(np.asarray(r, dtype=np.float64)) for t, r in (ratios or {}).items()}
         self.token_map = token_map
         self.defaults = dict(defaults)
-        self.knob_ranges = {k: [float(v[0]), float(v[1])] for k, v in knob_ranges.items()}
+        self.knob_ranges = knob_ranges
         self.meta = meta
         self.evaluation = evaluation
         self.steps_evaluation = steps_evaluation
         self.targets = tuple(coef)
-        # with `noise`, decode_total and request are calibrated on (y - mu) / (mu sd(N)) (normalized
-        # conformal) and their factors and ratios are in those units; without, plain ratios y / mu
+        # with `noise`, decode_total and request are calibrated on (log y - log median) / log_sd
+        # (normalized conformal, see spread) and their factors and ratios are in those units;
+        # without, plain ratios y / mu
         self.noise = None if noise is None else {k: float(v) for k, v in noise.items()}
+        self._bounds: dict[tuple, tuple] = {}  # check_possible's limits per knob set (built once)
+        self._ranges: dict[tuple, tuple] = {}  # in_range's fitted ranges per knob set
+
+    @property
+    def knob_ranges(self) -> dict[str, list[float]]:
+        """The fitted range [min, max] of every knob (and of N, as ``new_tokens``)."""
+        return self._knob_ranges
+
+    @knob_ranges.setter
+    def knob_ranges(self, ranges: Mapping[str, Sequence[float]]) -> None:
+        self._knob_ranges = {k: [float(v[0]), float(v[1])] for k, v in ranges.items()}
+        self._ranges = {}
 
     @property
     def _blocks_total(self) -> int | None:
@@ -240,16 +257,22 @@ class Estimator:
         """
         limits = {"blocks": (self._blocks_total, "the model's blocks"),
                   "top_k": (self._experts, "the model's experts per MoE layer")}
-        keys = [k for k in KNOB_MIN if k in x]
-        values = np.stack([np.broadcast_to(x[k], x[keys[0]].shape) for k in keys])  # one pass over every knob
-        low = np.array([KNOB_MIN[k] for k in keys], dtype=np.float64)[:, None]
-        high = np.array([limits.get(k, (None,))[0] or np.inf for k in keys], dtype=np.float64)[:, None]
-        whole = np.array([k in KNOBS for k in keys])[:, None]
+        keys = tuple(k for k in KNOB_MIN if k in x)
+        values = _rows([x[k] for k in keys])  # one pass over every knob
+        key = (keys, limits["blocks"][0], limits["top_k"][0])
+        if key not in self._bounds:
+            # the largest float stands for "no limit", so that infinities fail the comparison as NaN does
+            self._bounds[key] = (np.array([KNOB_MIN[k] for k in keys], dtype=np.float64)[:, None],
+                                 np.array([limits.get(k, (None,))[0] or np.finfo(np.float64).max for k in keys],
+                                          dtype=np.float64)[:, None],
+                                 sum(k in KNOBS for k in keys))  # the knobs come first in KNOB_MIN
+        low, high, n_whole = self._bounds[key]
         with np.errstate(invalid="ignore"):
-            outside = ~(values >= low) | ~(values <= high) | ~np.isfinite(values)  # NaN and infinities too
-            fraction = whole & (values != np.round(values))
-        if not (outside.any() or fraction.any()):
-            return
+            knobs = values[:n_whole]
+            if ((values >= low) & (values <= high)).all() and (knobs == np.floor(knobs)).all():
+                return
+            outside = ~(values >= low) | ~(values <= high)  # NaN and infinities too
+            fraction = (np.arange(len(keys)) < n_whole)[:, None] & (values != np.round(values))
         for row, key in enumerate(keys):
             v = values[row]
             hi, what = limits.get(key, (None, ""))
@@ -271,17 +294,17 @@ class Estimator:
             [True, False]
         """
         given = {k: v for k, v in x.items() if k in self.knob_ranges}
+        if not given:
+            return np.ones(1, dtype=bool)
         shapes = {v.shape for v in given.values() if isinstance(v, np.ndarray) and v.ndim == 1}
-        if len(shapes) == 1 and all(isinstance(v, np.ndarray) and v.ndim == 1 for v in given.values()):
-            arrays = given  # already the broadcast float arrays of _configs
-        else:
-            arrays = config_arrays(**given)
-        n = max((v.size for v in arrays.values()), default=1)
-        inside = np.ones(n, dtype=bool)
-        for key, v in arrays.items():
-            lo, hi = self.knob_ranges[key]
-            inside &= (v >= lo) & (v <= hi)
-        return inside
+        if not (len(shapes) == 1 and all(isinstance(v, np.ndarray) and v.ndim == 1 for v in given.values())):
+            given = config_arrays(**given)  # otherwise: already the broadcast float arrays of _configs
+        keys = tuple(given)
+        if keys not in self._ranges:
+            self._ranges[keys] = tuple(np.array([self.knob_ranges[k][i] for k in keys])[:, None] for i in (0, 1))
+        lo, hi = self._ranges[keys]
+        values = _rows(list(given.values()))
+        return ((values >= lo) & (values <= hi)).all(axis=0)
 
     # ------------------------------------------------------------------ predict
     def _configs(self, *, crops, top_k, blocks, prompt_tokens, batch_size=None, image_tokens=None,
@@ -313,30 +336,52 @@ class Estimator:
         return {"prefill_total_ms": prefill, "decode_total_ms": decode, "other_ms": other,
                 "request_ms": prefill + decode + other}
 
-    def relative_sd(self, name: str, mu: Mapping[str, np.ndarray], steps: np.ndarray) -> np.ndarray:
-        """The modelled relative spread of `name` (decode_total_ms or request_ms) for rows with
-        linear predictions `mu` and `steps` decode steps: prefill and steps with their relative
-        spreads, the steps of one request correlated by `step_correlation`."""
+    def spread(self, name: str, mu: Mapping[str, np.ndarray], steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The modelled distribution of `name` (decode_total_ms or request_ms) for rows with linear
+        predictions `mu` and `steps` decode steps, as a log-normal: (median_ms, log_sd).
+
+        The linear costs are fitted to medians, and the median of a sum of skewed step times is not
+        the sum of their medians: it moves from the step median (one step) towards the sum of the
+        step *means* as steps add up (the mean of a sum is the sum of the means, and its spread
+        shrinks). So the decode total's mean is ``mu * step_mean_ratio``, its variance
+        ``(mu)^2 step_ratio_var (rho + (1 - rho) / S)`` (S steps whose ratios to their medians are
+        correlated by rho within a request); the request adds prefill (mean and variance of its
+        ratio, and its covariance with the request's steps) and the gaps. A log-normal with that
+        mean and variance gives the median and the log-spread; calibration scores are
+        ``(log y - log median) / log_sd``, comparable across N.
+
+        Example:
+            >>> from molmo_latency.estimator import example_requests, fit_estimator
+            >>> est = fit_estimator(example_requests(seed=0))
+            >>> mu = est.predict_linear(crops=1, top_k=2, blocks=4, prompt_tokens=32, new_tokens=np.array([2, 64]))
+            >>> med, sd = est.spread("decode_total_ms", mu, np.array([1.0, 63.0]))
+            >>> bool(sd[1] < sd[0])  # a long request's total spreads relatively less
+            True
+        """
         nz = self.noise or {}
-        sp, ss, rho = nz.get("prefill_rel_sd", 0.0), nz.get("step_rel_sd", 0.0), nz.get("step_correlation", 1.0)
-        shrink = rho + (1.0 - rho) / np.maximum(steps, 1.0)
-        if name == "decode_total_ms":
-            sd = ss * np.sqrt(shrink) * np.ones_like(steps)
-        else:
-            var = (mu["prefill_total_ms"] * sp) ** 2 + (mu["decode_total_ms"] * ss) ** 2 * shrink
-            sd = np.sqrt(var) / np.maximum(mu["request_ms"], FLOOR_MS)
-        return np.maximum(sd, 1e-6)
+        ms, vs = nz.get("step_mean_ratio", 1.0), nz.get("step_ratio_var", 0.0)
+        rho = nz.get("step_correlation", 1.0)
+        d = mu["decode_total_ms"]
+        var = d * d * (vs * (rho + (1.0 - rho) / np.maximum(steps, 1.0)))
+        mean = d * ms
+        if name == "request_ms":
+            p = mu["prefill_total_ms"]
+            mean = mean + p * nz.get("prefill_mean_ratio", 1.0) + (mu["request_ms"] - p - d)
+            var = var + p * p * nz.get("prefill_ratio_var", 0.0) + 2.0 * p * d * nz.get("prefill_step_cov", 0.0)
+        mean = np.maximum(mean, FLOOR_MS)
+        rel = 1.0 + np.maximum(var, 0.0) / (mean * mean)
+        return mean / np.sqrt(rel), np.maximum(np.sqrt(np.log(rel)), 1e-6)
 
     def _scaled(self, name: str) -> bool:
         return self.noise is not None and name in MIXED
 
     def _at(self, name: str, mu: Mapping[str, np.ndarray], steps: np.ndarray, *factors: float) -> list[np.ndarray]:
-        """Output `name` at calibrated factors (ratios, or scores in units of the modelled spread)."""
+        """Output `name` at calibrated factors (ratios, or scores in units of the modelled log-spread)."""
         if not self._scaled(name):
             return [mu[name] * f for f in factors]
-        sd, m = self.relative_sd(name, mu, steps), mu[name]
-        floor = np.where(m > 0, FLOOR_MS, 0.0)  # a request without decode steps has a decode total of 0
-        return [np.maximum(m * (1.0 + f * sd), floor) for f in factors]
+        median, sd = self.spread(name, mu, steps)
+        keep = mu[name] > 0  # a request without decode steps has a decode total of 0
+        return [np.where(keep, median * np.exp(f * sd), 0.0) for f in factors]
 
     def _calibrated(self, name: str, mu: Mapping[str, np.ndarray], steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """P50 and P95 of output `name` from the linear predictions."""
@@ -468,10 +513,9 @@ class Estimator:
             r = self._scores(name)
             k = r.size
             if self._scaled(name):
-                sd = self.relative_sd(name, mu, steps).reshape(n, m)
-                mm = mu[name].reshape(n, m)[:, :, None]
-                values = np.maximum(mm * (1.0 + r[None, None, :] * sd[:, :, None]),
-                                    np.where(mm > 0, FLOOR_MS, 0.0)).reshape(n, m * k)
+                median, sd = (v.reshape(n, m)[:, :, None] for v in self.spread(name, mu, steps))
+                keep = mu[name].reshape(n, m)[:, :, None] > 0
+                values = np.where(keep, median * np.exp(r[None, None, :] * sd), 0.0).reshape(n, m * k)
             else:
                 values = (mu[name].reshape(n, m)[:, :, None] * r[None, None, :]).reshape(n, m * k)
             weights = np.repeat(dist.weights / k, k)
@@ -915,10 +959,10 @@ class Estimator:
             if name not in meta.calibration:
                 raise EstimatorError(f"{mj} has no calibration for {name}; refit")
             cal = meta.calibration[name]
-            want = "sd" if (meta.noise is not None and name in MIXED) else "ratio"
+            want = "log_sd" if (meta.noise is not None and name in MIXED) else "ratio"
             if cal.scale != want:
                 raise EstimatorError(f"{mj}: calibration of {name} has scale {cal.scale!r}, expected {want!r}; refit")
-            low = -math.inf if want == "sd" else 0.0
+            low = -math.inf if want == "log_sd" else 0.0
             if not (low < cal.p50_factor <= cal.p95_factor and math.isfinite(cal.p95_factor)):
                 raise EstimatorError(f"{mj}: calibration of {name} must have {'' if want == 'sd' else '0 < '}"
                                      f"p50_factor <= p95_factor, got {cal.p50_factor}, {cal.p95_factor}; refit")
@@ -937,10 +981,10 @@ class Estimator:
         evaluation = _read_optional(d / EVALUATION)
         steps_evaluation = _read_optional(d / EVALUATION_STEPS)
         if meta.noise is not None:
-            bad = {k: v for k, v in meta.noise.items() if not (math.isfinite(v) and v >= 0)}
-            if set(meta.noise) != {"prefill_rel_sd", "step_rel_sd", "step_correlation"} or bad:
-                raise EstimatorError(f"{mj}: noise must give finite prefill_rel_sd, step_rel_sd and step_correlation "
-                                     f">= 0, got {meta.noise}; refit")
+            bad = {k: v for k, v in meta.noise.items() if not (math.isfinite(v) and (v >= 0 or k == "prefill_step_cov"))}
+            if set(meta.noise) != set(NOISE) or bad:
+                raise EstimatorError(f"{mj}: noise must give finite {', '.join(NOISE)} (all but the covariance "
+                                     f">= 0), got {meta.noise}; refit")
         return cls(fs, coef, factors, tm, meta.defaults, meta.knob_ranges, raw, evaluation, ratios, steps_evaluation,
                    noise=meta.noise)
 
@@ -980,6 +1024,14 @@ def _check_integrity(d: Path, raw: Any) -> None:
         got = hashlib.sha256(path.read_bytes()).hexdigest()
         if got != want:
             fail(f"{name} has SHA-256 {got[:12]}..., expected {str(want)[:12]}...")
+
+
+def _rows(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """1-D arrays (or scalars) as the rows of one 2-D array (broadcast to a common length)."""
+    first = np.shape(arrays[0])
+    if all(np.shape(a) == first for a in arrays):
+        return np.stack(arrays)
+    return np.stack(np.broadcast_arrays(*arrays))
 
 
 def check_quantile(quantile: float) -> float:
