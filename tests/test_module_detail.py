@@ -233,3 +233,62 @@ def test_a_hook_that_fails_to_go_on_leaves_the_model_as_it_was(tiny, monkeypatch
     monkeypatch.undo()
     assert _hooks(tiny.model) == before
     assert tiny.model.generate == generate and "generate" not in vars(tiny.model)
+
+
+def _cli(*args):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""), "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "molmo_latency", *args], capture_output=True, text=True,
+                          env=env, cwd=root, timeout=600)
+
+
+def test_the_detail_key_leaves_existing_sweeps_digest_alone():
+    from molmo_latency.sweep import SweepSpec
+
+    base = {"crops": [1], "new_tokens": [3]}
+    plain, phases = SweepSpec.from_dict(base), SweepSpec.from_dict({**base, "detail": "phases"})
+    modules = SweepSpec.from_dict({**base, "detail": "modules"})
+    assert "detail" not in plain.as_dict()["protocol"] and plain.digest() == phases.digest()
+    assert modules.as_dict()["protocol"]["detail"] == "modules" and modules.digest() != plain.digest()
+    from molmo_latency.errors import SweepError
+
+    with pytest.raises(SweepError, match="'detail' must be one of"):
+        SweepSpec.from_dict({**base, "detail": "kernels"})
+
+
+def test_a_modules_sweep_holds_the_table_and_the_report_shows_it(tmp_path):
+    import json
+
+    sweep = tmp_path / "sweep.toml"
+    sweep.write_text("crops = [1]\ntop_k = [1, 2]\nprompt_tokens = [8]\nnew_tokens = [3]\nrepeats = 1\n"
+                     "warmup = 1\nwarmup_max = 1\n")
+    out = tmp_path / "run"
+    done = _cli("profile", "--model", "tiny", "--sweep", str(sweep), "--out", str(out), "--detail", "modules",
+                "--json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    doc = json.loads(done.stdout)
+    table = pl.read_parquet(out / "modules.parquet")
+    requests = pl.read_parquet(out / "requests.parquet")
+    assert set(table["config_id"]) == set(requests["config_id"]) and table["repeat"].to_list().count(0) == table.height
+    # per run: every decode step of every request has its breakdown
+    steps = table.filter(pl.col("phase") == "decode").select("config_id", "step").unique()
+    assert steps.height == 2 * 2  # 2 configurations x (3 - 1) steps
+    # the report's breakdown: the shares of the kinds of each phase add up to 1
+    shares = pl.DataFrame(doc["modules"]).group_by("config_id", "phase").agg(pl.col("share").sum())
+    assert shares["share"].to_list() == pytest.approx([1.0] * shares.height)
+    # FLOPs of the experts double from top-k 1 to 2 (the other kinds stay)
+    flops = {(r["top_k"], r["phase"], r["module_kind"]): r["flops_median"] for r in doc["modules"]}
+    assert flops[(2, "decode", "moe_experts")] == 2 * flops[(1, "decode", "moe_experts")]
+    assert flops[(2, "decode", "attention")] == flops[(1, "decode", "attention")]
+    names = {p.rsplit("/", 1)[-1] for p in doc["plots"]}
+    assert {"module_stacks.png", "modules_vs_knobs.png", "flops_vs_wall.png"} <= names
+    text = _cli("report", str(out))
+    assert text.returncode == 0 and "Inside the phases" in text.stdout
+    bad = _cli("profile", "--model", "tiny", "--sweep", str(sweep), "--out", str(tmp_path / "x"), "--detail", "ops")
+    assert bad.returncode == 2 and "--detail must be phases or modules" in bad.stderr
+    assert "Traceback" not in bad.stderr
