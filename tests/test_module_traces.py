@@ -80,3 +80,31 @@ def test_a_real_cpu_trace_keeps_its_phases_and_charges_ops_to_modules(cpu_trace)
         assert per["attention"] == 4 * blocks, (phase, step, per)  # q, k, v, o
         assert per["moe_router"] == blocks and per["lm_head"] == 1, (phase, step, per)
         assert per.get("other", 0) == 0  # no linear layer outside the modules in an LLM phase
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_module_kernels_add_up_to_each_phase(tmp_path):
+    """On CUDA (the GPU machine): a Kineto trace with kernels; each phase instance's kernels,
+    charged to module kinds, add up to what phase attribution charges it, and attention launches
+    kernels in every LLM phase; the event-timed modules table closes each phase."""
+    from molmo_latency.models import reference_vlm
+
+    ref = reference_vlm("tiny", device="cuda")
+    ref.model.generate(**ref.request(crops=1, new_tokens=2))
+    with profile_phases(ref.model, detail="modules", trace_dir=tmp_path, nvml="off") as prof:
+        ref.model.generate(**ref.request(crops=1, new_tokens=4))
+    report = prof.report()
+    assert report.requests["timer"].to_list() == ["cuda_event"]
+    trace = read_kineto(prof.traces[0]["path"])
+    phases = phase_gpu_table(trace).filter(pl.col("gpu_activities") > 0)
+    per = module_gpu_table(trace).group_by("request", "phase", "step").agg(
+        pl.col("gpu_activities").sum().alias("n"), pl.col("gpu_kernel_ms").sum().alias("kernel_ms"))
+    joined = phases.join(per, on=["request", "phase", "step"], how="left")
+    assert joined["n"].to_list() == joined["gpu_activities"].to_list()
+    assert joined["kernel_ms"].to_list() == pytest.approx(joined["gpu_kernel_ms"].to_list(), abs=1e-9)
+    llm = module_gpu_table(trace).filter(pl.col("phase").is_in(["prefill", "decode"]))
+    attention = llm.filter(pl.col("module_kind") == "attention")
+    assert attention.height == report.phases.filter(pl.col("phase").is_in(["prefill", "decode"])).height
+    sums = report.modules.group_by("phase", "step").agg(pl.col("ms").sum())
+    expected = report.phases.select("phase", "step", "ms").join(sums, on=["phase", "step"], suffix="_modules")
+    assert expected["ms_modules"].to_list() == pytest.approx(expected["ms"].to_list(), abs=1e-6)

@@ -237,6 +237,10 @@ def _write_html(run_dir: Path, rep: dict, pngs: list) -> Path | None:
                             note="medians over valid, warm requests; CV = std/mean"),
                 HtmlSection("Data quality per configuration", table=quality.configs),
                 HtmlSection("Phase shares of the median request", table=rep["shares"])]
+    if "modules" in rep:
+        sections.append(HtmlSection("Inside the phases: module kinds", table=rep["modules"],
+                                    note="median ms per phase instance (decode: per step), share of the phase, "
+                                         "FLOPs and achieved GFLOP/s; other = the phase outside every module"))
     sections += [HtmlSection(Path(p).stem.replace("_", " "), image=Path(p)) for p in pngs]
     if rep["failures"].height:
         sections.append(HtmlSection("Failed configurations", table=rep["failures"]))
