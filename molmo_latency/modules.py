@@ -29,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from typing import Any
 
@@ -191,9 +192,16 @@ def module_table(spans: pl.DataFrame, phases: pl.DataFrame) -> pl.DataFrame:
         by_request.setdefault(tuple(row[k] for k in (*keys, "request")), []).append(
             (row["start_ns"], row["end_ns"], row["module_kind"]))
     placed: set[tuple] = set()
+    starts: dict[tuple, list[int]] = {}
+    for key, items in by_request.items():  # by start, so each phase looks only at its own stretch
+        items.sort()
+        starts[key] = [item[0] for item in items]
     for p in phases.sort("start_ns").iter_rows(named=True):
         key = tuple(p[k] for k in (*keys, "request"))
-        inside = [s for s in by_request.get(key, []) if s[0] >= p["start_ns"] and s[1] <= p["end_ns"]]
+        items = by_request.get(key, [])
+        first = bisect.bisect_left(starts.get(key, []), p["start_ns"])
+        last = bisect.bisect_right(starts.get(key, []), p["end_ns"])
+        inside = [s for s in items[first:last] if s[1] <= p["end_ns"]]
         if not inside:
             continue
         placed.update((key, s) for s in inside)
