@@ -108,3 +108,28 @@ def test_on_a_gpu_module_kernels_add_up_to_each_phase(tmp_path):
     sums = report.modules.group_by("phase", "step").agg(pl.col("ms").sum())
     expected = report.phases.select("phase", "step", "ms").join(sums, on=["phase", "step"], suffix="_modules")
     assert expected["ms_modules"].to_list() == pytest.approx(expected["ms"].to_list(), abs=1e-6)
+
+
+def test_trace_summary_shows_gpu_time_per_phase_and_module_kind(tmp_path):
+    import contextlib
+    import io
+
+    from molmo_latency.cli.main import main
+    from molmo_latency.trace import summarize
+
+    with_modules, plain = _with_modules(tmp_path)
+    assert summarize(plain).modules is None
+    rows = summarize(with_modules).modules.filter(pl.col("phase") == "prefill").select(
+        "module_kind", "gpu_activities").rows()
+    assert sorted(rows) == [("attention", 1), ("norm", 1), ("other", 1)]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["trace", "summary", str(tmp_path / "modules.pt.trace.json.gz"), "--json"]) == 0
+    doc = json.loads(out.getvalue())
+    attention = [m for m in doc["modules"] if m["phase"] == "prefill" and m["module_kind"] == "attention"]
+    assert attention == [{"phase": "prefill", "module_kind": "attention", "instances": 1, "kernels": 1,
+                          "gpu_kernel_us": pytest.approx(10.0)}]
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        assert main(["trace", "summary", str(tmp_path / "modules.pt.trace.json.gz")]) == 0
+    assert "module kind" in text.getvalue()
