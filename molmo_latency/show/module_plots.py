@@ -129,8 +129,9 @@ def plot_flops_vs_wall(modules: pl.DataFrame, path: Path) -> Path:
         if ys[1] < ms_lo or ys[0] > ms_hi:
             continue
         ax.plot(xs, ys, ":", color="grey", linewidth=0.8)
-        ax.annotate(f"{rate / 1e9:g} GFLOP/s", (xs[1], ys[1]), fontsize=7, color="grey", ha="right", va="bottom",
-                    annotation_clip=True)
+        x_label = min(hi, ms_hi * 0.7 / 1e3 * rate)  # where the line leaves the plot (top or right)
+        ax.annotate(f"{rate / 1e9:g} GFLOP/s", (x_label, x_label / rate * 1e3), fontsize=7, color="grey",
+                    ha="right", va="bottom", annotation_clip=True)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlim(lo, hi)
