@@ -8,6 +8,9 @@ repeats in one run.
 Arms, rotated every round so drift hits all alike:
   none                    plain generate()
   molmo-latency           inside profile_phases(model) (NVTX on, record_function gated, nvml off)
+  + detail=modules        the same with detail="modules": module hooks and ranges on every block's
+                          attention, MoE router / experts, norms, the vision layers, the projector
+                          and the LM head (issue 25), nvml off
   + sampler @ N ms        the same with the NVML sampler thread on, at the default interval and at
                           the floor. On a machine without NVML (this CPU machine) the sampler
                           reads a FakeGpu whose read() hands the GIL over 7 times, as the 7 NVML
@@ -79,6 +82,7 @@ def run(preset: str, device: str, dtype: torch.dtype | None, rounds: int, crops:
     nvml_device, nvml_what = _nvml_device(device)
     profiled = {
         "molmo-latency": dict(nvml="off"),
+        "+ detail=modules": dict(nvml="off", detail="modules"),
         f"+ sampler @ {DEFAULT_INTERVAL_MS:g} ms (default)": dict(
             nvml="required", nvml_device=nvml_device, nvml_interval_ms=DEFAULT_INTERVAL_MS),
         f"+ sampler @ {MIN_INTERVAL_MS:g} ms (floor)": dict(
@@ -124,7 +128,8 @@ def run(preset: str, device: str, dtype: torch.dtype | None, rounds: int, crops:
             one(arm, record=True)
     # one long request at the default interval: the per-request rate where it means something
     long_kwargs = {**kwargs, "max_new_tokens": 150, "min_new_tokens": 150}
-    with profile_phases(ref.model, **profiled[arms[2]]) as prof:
+    default_sampler = f"+ sampler @ {DEFAULT_INTERVAL_MS:g} ms (default)"
+    with profile_phases(ref.model, **profiled[default_sampler]) as prof:
         ref.model.generate(**long_kwargs)
     rep = prof.report()
     gaps = rep.telemetry["t_ns"].diff().drop_nulls().to_list()[1:-1]  # between the thread's ticks
@@ -134,6 +139,7 @@ def run(preset: str, device: str, dtype: torch.dtype | None, rounds: int, crops:
             "long_rate": long_rate,
             "achieved_hz": {a: (statistics.median(v) if v else None) for a, v in achieved.items()},
             "forwards": new_tokens, "hook_us": hook_cost_us(ref.model), "nvml": nvml_what,
+            "module_hooks": module_hook_cost_us(ref.model),
             "conditions_us": conditions_cost_us()}
 
 
@@ -172,6 +178,32 @@ def hook_cost_us(model, n: int = 20000) -> float:
             loops.append((time.perf_counter_ns() - t0) / n / 1000)
             prof._active = None
     return statistics.median(loops)
+
+
+def module_hook_cost_us(model, n: int = 2000) -> tuple[float, int]:
+    """Direct cost of the module hooks of one decode step with detail="modules" (each LLM site's
+    start and end: two timer marks, NVTX push/pop, the record_function check), tight loop:
+    (median of 5 loops in us, sites per decode step)."""
+    from molmo_latency.profiler import RunningRequest
+    from molmo_latency.ranges import MODULE_RANGE_PREFIX
+
+    loops = []
+    with profile_phases(model, nvml="off", detail="modules") as prof:
+        sites = [(MODULE_RANGE_PREFIX + s.kind, -1 if s.block is None else s.block) for s in prof.sites
+                 if s.kind not in ("vision_block", "projector")]
+        for _ in range(5):
+            req = RunningRequest(index=0, input_tokens=1, fed=1)
+            prof._active = req
+            t0 = time.perf_counter_ns()
+            for _ in range(n):
+                for kind, block in sites:
+                    prof._on_module_start(kind, block)
+                    prof._on_module_end(kind, block)
+                req.marks.clear()
+                req.module_spans.clear()
+            loops.append((time.perf_counter_ns() - t0) / n / 1000)
+            prof._active = None
+    return statistics.median(loops), len(sites)
 
 
 def _iqr(xs: list[float]) -> float:
@@ -213,7 +245,7 @@ def table(label: str, res: dict) -> str:
               f"- the sampler read: {res['nvml']}",
               f"- median decode step measured by profile_phases, sampler off: {off_step:.3f} ms"]
     for arm, step in res["decode_step_ms"].items():
-        if arm != "molmo-latency":
+        if arm not in ("molmo-latency", "+ detail=modules"):  # detail=modules: its own line below
             gen = statistics.median(t[arm]) / statistics.median(t["molmo-latency"])
             lines.append(f"- {arm.lstrip('+ ')}: decode step {step:.3f} ms = {100 * (step / off_step - 1):+.1f}% "
                          f"vs sampler off; generate() {100 * (gen - 1):+.1f}%")
@@ -225,6 +257,18 @@ def table(label: str, res: dict) -> str:
               f"= {100 * res['hook_us'] / 1000 / off_step:.2f}% of the decode step above",
               f"- recording a request's conditions (cpu_time_ratio, involuntary_switches, host_load_1m, warm; "
               f"once per request, included in the profile_phases arm): {res['conditions_us']:.1f} us per request"]
+    if "+ detail=modules" in t:
+        extra = (statistics.median(t["+ detail=modules"]) - statistics.median(t["molmo-latency"])) / res["forwards"]
+        lo, hi = _bootstrap_ratio_ci(t["+ detail=modules"], t["molmo-latency"])
+        mod_step = res["decode_step_ms"]["+ detail=modules"]
+        hook_us, n_sites = res["module_hooks"]
+        lines += [f"- detail=\"modules\" on top of detail=\"phases\", per LLM forward: {extra * 1000:.1f} us "
+                  f"= {100 * extra / off_step:.2f}% of a decode step (generate() ratio modules/phases, 95% CI "
+                  f"{lo:.3f}-{hi:.3f}); the decode step it measures: {mod_step:.3f} ms = "
+                  f"{100 * (mod_step / off_step - 1):+.1f}% vs detail=\"phases\"",
+                  f"- direct cost of the module hooks of one decode step ({n_sites} module calls: start + end each, "
+                  f"tight loop, no model): {hook_us:.2f} us = {100 * hook_us / 1000 / off_step:.2f}% of the decode step "
+                  f"above ({hook_us / n_sites:.2f} us per module call)"]
     total, hz, spacing, jitter = res["long_rate"]
     if hz is not None:
         lines.append(f"- one long request (150 new tokens, {total:.0f} ms) at the default {DEFAULT_INTERVAL_MS:g} ms: "
@@ -242,6 +286,8 @@ def main() -> None:
     ap.add_argument("--crops", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--no-write", action="store_true", help="print only; do not update RESULTS.md")
+    ap.add_argument("--section", default="Profiler overhead and the NVML sampler (issue 13)",
+                    help="the RESULTS.md section to write")
     ap.add_argument("--torch-threads", type=int, default=1,
                     help="torch intra-op threads on CPU (default 1: on a shared machine two OpenMP "
                          "threads stall each other at every barrier, 5-10x slower and noisier)")
@@ -260,12 +306,13 @@ def main() -> None:
         print(sections[-1], flush=True)
     load = os.getloadavg()
     body = (f"`python benchmarks/overhead.py {' '.join(sys.argv[1:])}`".replace(" `", "`") +
-            " — generate() wall time with no profiler, inside `profile_phases` with the NVML sampler "
-            "off and on (default interval and floor), and inside torch.profiler (the peer), interleaved. "
+            " — generate() wall time with no profiler, inside `profile_phases` (detail=\"phases\", and "
+            "detail=\"modules\"), with the NVML sampler off and on (default interval and floor), and inside "
+            "torch.profiler (the peer), side by side in one run, interleaved. "
             f"Load average when it finished (1/5/15 min, the machine is shared): "
             f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}; nproc {os.cpu_count()}; uname -m {platform.machine()}.\n\n" + "\n\n".join(sections))
     if not args.no_write:
-        update_section("Profiler overhead and the NVML sampler (issue 13)", body)
+        update_section(args.section, body)
 
 
 if __name__ == "__main__":

@@ -21,14 +21,15 @@ the final norm, ...): the module kinds of a phase instance sum to the phase exac
 Example:
     >>> import polars as pl
     >>> phases = pl.DataFrame({"request": [0], "phase": ["decode"], "step": [0], "start_ns": [0], "end_ns": [100]})
-    >>> spans = pl.DataFrame({"request": [0, 0, 0], "kind": ["attention", "norm", "moe_experts"],
-    ...                       "block": [0, 0, 0], "start_ns": [10, 12, 50], "end_ns": [40, 15, 90]})
-    >>> module_table(spans, phases).select("kind", "ms").rows()
-    [('attention', 2.7e-05), ('moe_experts', 4e-05), ('norm', 3e-06), ('other', 3e-05)]
+    >>> spans = pl.DataFrame({"request": [0, 0, 0], "module_kind": ["attention", "norm", "moe_experts"],
+    ...                       "start_ns": [10, 12, 50], "end_ns": [40, 15, 90]})
+    >>> module_table(spans, phases).select("module_kind", "ms", "calls").rows()
+    [('attention', 2.7e-05, 1), ('moe_experts', 4e-05, 1), ('norm', 3e-06, 1), ('other', 3e-05, None)]
 """
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,46 +142,89 @@ def module_sites(model: Any, phase_map: Any) -> list[ModuleSite]:
         sites.append(ModuleSite("projector", None, spans["projector"].start, "projector"))
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else getattr(model, "lm_head", None)
-    if head is not None and hasattr(head, "register_forward_hook"):
+    get_input = getattr(model, "get_input_embeddings", None)
+    tied = callable(get_input) and head is not None and head is get_input()
+    # a tied head is the embedding module: its forward is the lookup, not the logits' GEMM
+    if head is not None and not tied and hasattr(head, "register_forward_hook"):
         sites.append(ModuleSite("lm_head", None, head, "lm_head"))
     return sites
 
 
-def _exclusive(spans: list[tuple[int, int, str]]) -> dict[str, int]:
-    """Exclusive ns per kind of properly nested spans (start, end, kind), sorted by start."""
+def _exclusive(spans: list[tuple[int, int, str]]) -> tuple[dict[str, int], dict[str, int], list[str]]:
+    """Exclusive ns and calls per kind of nested spans (start, end, kind), and the problems found
+    (a span that starts inside another and ends after it: the two are not nested)."""
     out: dict[str, int] = {}
-    stack: list[list] = []  # [end, kind, child_ns]
+    calls: dict[str, int] = {}
+    problems: list[str] = []
+    stack: list[list] = []  # [end, kind, own ns less the spans directly inside]
     for start, end, kind in sorted(spans, key=lambda s: (s[0], -s[1])):
         while stack and stack[-1][0] <= start:
             e, k, child = stack.pop()
-            out[k] = out.get(k, 0) + child  # child holds (own duration - children); settled
+            out[k] = out.get(k, 0) + child
+        if stack and end > stack[-1][0]:
+            problems.append(f"{kind} ends after the {stack[-1][1]} it starts in (spans not nested)")
         stack.append([end, kind, end - start])
+        calls[kind] = calls.get(kind, 0) + 1
         if len(stack) > 1:
             stack[-2][2] -= end - start
     for e, k, child in stack:
         out[k] = out.get(k, 0) + child
-    return out
+    return out, calls, problems
+
+
+MODULE_COLUMNS = {"request": pl.Int64, "phase": pl.Utf8, "step": pl.Int64, "module_kind": pl.Utf8,
+                  "ms": pl.Float64, "calls": pl.Int64, "flag": pl.Utf8}
 
 
 def module_table(spans: pl.DataFrame, phases: pl.DataFrame) -> pl.DataFrame:
-    """Per phase instance and module kind: exclusive time (``ms``), with ``other`` = the rest of
-    the phase, so the kinds of a phase sum to it. Spans outside every phase are left out."""
+    """Per phase instance and module kind: exclusive time (``ms``) and how many spans
+    (``calls``), with ``other`` = the rest of the phase (``calls`` null), so the kinds of a phase
+    sum to it. ``other`` is never clamped: where it comes out negative (spans that are not nested)
+    its row says why in ``flag``. Spans that lie in no phase are kept as rows with a null phase
+    and step (flagged), never dropped.
+
+    `spans`: ``request, module_kind, start_ns, end_ns`` (and ``config_id``, ``repeat`` when the
+    phases have them); `phases`: ``request, phase, step, start_ns, end_ns``."""
     keys = [k for k in ("config_id", "repeat") if k in phases.columns and k in spans.columns]
     out: list[dict[str, Any]] = []
     by_request: dict[tuple, list[tuple[int, int, str]]] = {}
     for row in spans.iter_rows(named=True):
         by_request.setdefault(tuple(row[k] for k in (*keys, "request")), []).append(
-            (row["start_ns"], row["end_ns"], row["kind"]))
+            (row["start_ns"], row["end_ns"], row["module_kind"]))
+    placed: set[tuple] = set()
+    starts: dict[tuple, list[int]] = {}
+    for key, items in by_request.items():  # by start, so each phase looks only at its own stretch
+        items.sort()
+        starts[key] = [item[0] for item in items]
     for p in phases.sort("start_ns").iter_rows(named=True):
         key = tuple(p[k] for k in (*keys, "request"))
-        inside = [s for s in by_request.get(key, []) if s[0] >= p["start_ns"] and s[1] <= p["end_ns"]]
+        items = by_request.get(key, [])
+        first = bisect.bisect_left(starts.get(key, []), p["start_ns"])
+        last = bisect.bisect_right(starts.get(key, []), p["end_ns"])
+        inside = [s for s in items[first:last] if s[1] <= p["end_ns"]]
         if not inside:
             continue
-        times = _exclusive(inside)
-        times["other"] = (p["end_ns"] - p["start_ns"]) - sum(times.values())
+        placed.update((key, s) for s in inside)
+        times, calls, problems = _exclusive(inside)
+        other = (p["end_ns"] - p["start_ns"]) - sum(times.values())
+        if other < 0:
+            problems.append(f"module spans sum to more than the phase ({other / 1e6:.6f} ms left)")
+        flag = "; ".join(problems) if problems else None
+        base = {**{k: p[k] for k in keys}, "request": p["request"], "phase": p["phase"], "step": p["step"]}
         for kind in sorted(times):
-            out.append({**{k: p[k] for k in keys}, "request": p["request"], "phase": p["phase"], "step": p["step"],
-                        "kind": kind, "ms": times[kind] / 1e6})
-    schema = {**{k: phases.schema[k] for k in keys}, "request": pl.Int64, "phase": pl.Utf8, "step": pl.Int64,
-              "kind": pl.Utf8, "ms": pl.Float64}
+            out.append({**base, "module_kind": kind, "ms": times[kind] / 1e6, "calls": calls[kind],
+                        "flag": flag})
+        out.append({**base, "module_kind": "other", "ms": other / 1e6, "calls": None, "flag": flag})
+    outside: dict[tuple, list[tuple[int, int, str]]] = {}
+    for key, items in by_request.items():
+        for s in items:
+            if (key, s) not in placed:
+                outside.setdefault(key, []).append(s)
+    for key, items in outside.items():
+        times, calls, _ = _exclusive(items)
+        base = {**dict(zip(keys, key[:-1])), "request": key[-1], "phase": None, "step": None}
+        for kind in sorted(times):
+            out.append({**base, "module_kind": kind, "ms": times[kind] / 1e6, "calls": calls[kind],
+                        "flag": "outside every phase"})
+    schema = {**{k: phases.schema[k] for k in keys}, **MODULE_COLUMNS}
     return pl.DataFrame(out, schema=schema, orient="row")

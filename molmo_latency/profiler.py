@@ -76,7 +76,8 @@ from molmo_latency.capture import TraceCapture, TraceRecorder
 from molmo_latency.conditions import RequestProbe
 from molmo_latency.errors import MolmoLatencyError
 from molmo_latency.ranges import RangeEmitter
-from molmo_latency.records import PhaseReport, RequestRecord, Span, session_report
+from molmo_latency.ranges import MODULE_RANGE_PREFIX
+from molmo_latency.records import ModuleSpan, PhaseReport, RequestRecord, Span, session_report
 from molmo_latency.session import Session
 from molmo_latency.telemetry.policy import DEFAULT_INTERVAL_MS, NvmlSettings, stop_telemetry
 from molmo_latency.telemetry.sampler import NvmlSampler
@@ -85,6 +86,10 @@ from molmo_latency.timers import Timer, timer_for
 
 
 ENTRY_POINTS = ("generate", "generate_from_batch")
+#: How much a profile_phases block records: "phases" (default: hooks on the phase modules only)
+#: or "modules" (also each block's attention, MLP / MoE router and experts, norms, the vision
+#: layers, the projector and the LM head: see :mod:`molmo_latency.modules`).
+DETAILS = ("phases", "modules")
 _DISPATCH_ATTR = "_molmo_latency_dispatch"
 
 try:  # torch >= 2.3
@@ -157,6 +162,14 @@ class LlmCall:
     image_end_mark: int | None = None  # where its last vision/projector phase ended
 
 
+class OpenModule(NamedTuple):
+    """A module (detail="modules") whose pre-hook fired and whose forward hook has not yet."""
+
+    kind: str
+    block: int
+    start_mark: int
+
+
 class OpenPhase(NamedTuple):
     """A phase whose start hook fired and whose end hook has not yet."""
 
@@ -201,6 +214,10 @@ class RunningRequest:
     projector_inside_vision: bool | None = None
     blocks_run: int | None = None
     returned_prefix_tokens: int | None = None
+    # detail="modules": the module spans so far and the modules open now
+    module_spans: list[ModuleSpan] = field(default_factory=list)
+    module_open: list[OpenModule] = field(default_factory=list)
+    top_k: int | None = None  # the MoE top-k when the request began (FLOPs of the modules table)
 
 
 # Models that finished a request in this process: the first request of a model is measured cold
@@ -223,9 +240,16 @@ class PhaseProfiler:
         timer: Timer | None = None,
         nvml: NvmlSettings = NvmlSettings(),
         entry_points: tuple[str, ...] | list[str] = ENTRY_POINTS,
+        detail: str = "phases",
     ):
+        if detail not in DETAILS:
+            raise MolmoLatencyError(f"detail={detail!r} is not known; use one of {', '.join(DETAILS)}")
         self.model = model
+        self.detail = detail
         self.phase_map: PhaseMap = find_phases(model, phases)
+        # detail="modules": every site found (and checked) before any hook goes on
+        self.sites = _checked_sites(model, self.phase_map) if detail == "modules" else []
+        self.text_shape = _text_shape(model) if detail == "modules" else None
         self.timer: Timer = timer if timer is not None else timer_for(model)
         self.ranges = RangeEmitter(nvtx=nvtx)
         self.nvml = nvml
@@ -298,6 +322,15 @@ class PhaseProfiler:
             on_start, on_end = self._on_start, self._on_end
             undo(span.start.register_forward_pre_hook(lambda _m, _a, _name=name: on_start(_name, _a)).remove)
             undo(span.end.register_forward_hook(lambda _m, _a, _o, _name=name: on_end(_name)).remove)
+        on_module_start, on_module_end = self._on_module_start, self._on_module_end
+        for site in self.sites:
+            kind, block = MODULE_RANGE_PREFIX + site.kind, -1 if site.block is None else site.block
+            undo(site.module.register_forward_pre_hook(
+                lambda _m, _a, _k=kind, _b=block: on_module_start(_k, _b)).remove)
+            # prepended: a module that is also a phase's end (the LM head, the projector) closes
+            # its module range before the phase's end hook closes the phase range
+            undo(site.module.register_forward_hook(
+                lambda _m, _a, _o, _k=kind, _b=block: on_module_end(_k, _b), prepend=True).remove)
 
     def _on_call_start(self, module: Any, args: tuple, kwargs: dict) -> None:
         """One LLM call of generate(): classified from the shapes it feeds, then marked."""
@@ -383,6 +416,33 @@ class PhaseProfiler:
         if name != "llm" and req.call is not None:
             req.call.image_end_mark = end_mark
 
+    def _on_module_start(self, kind: str, block: int) -> None:
+        """detail="modules": a module site starts (kind carries the range prefix)."""
+        if _is_compiling():
+            return
+        req = self._active
+        if req is None or self._closed:
+            return
+        self.ranges.push(kind, block)
+        req.module_open.append(OpenModule(kind, block, len(req.marks)))
+        req.marks.append(self.timer.mark())
+
+    def _on_module_end(self, kind: str, block: int) -> None:
+        if _is_compiling():
+            return
+        req = self._active
+        if req is None or self._closed:
+            return
+        if not req.module_open or req.module_open[-1][:2] != (kind, block):
+            req.anomalies.append(f"{kind}[{block}] ended without a start")
+            return
+        opened = req.module_open.pop()
+        end_mark = len(req.marks)
+        req.marks.append(self.timer.mark())
+        self.ranges.pop()
+        req.module_spans.append(ModuleSpan(kind[len(MODULE_RANGE_PREFIX):], opened.block, opened.start_mark,
+                                           end_mark))
+
     # ------------------------------------------------------------------------- generate
     def _wrap_generate(self) -> None:
         """Wrap each generation entry point (generate, and Molmo's generate_from_batch, which
@@ -447,6 +507,8 @@ class PhaseProfiler:
         req.num_beams = int(beams) if isinstance(beams, int) else 1  # unset: generate()'s default, 1
         req.eos_token_id = _generation_setting(self.model, args, kwargs, "eos_token_id")
         req.warm = self.model in _WARM_MODELS
+        if self.sites:
+            req.top_k = _current_top_k(self.model)
         req.probe = RequestProbe.start(torch.get_num_threads())
         self.timer.begin()
         req.wall_start_ns = time.perf_counter_ns()
@@ -462,6 +524,7 @@ class PhaseProfiler:
         req.marks.append(self.timer.mark())
         self._active = None
         req.anomalies.extend(f"{opened.phase} never ended" for opened in req.open)
+        req.anomalies.extend(f"{o.kind}[{o.block}] never ended" for o in req.module_open)
         self.ranges.pop_all()
         wall_end_ns = time.perf_counter_ns()
         conditions = req.probe.stop(warm=req.warm) if req.probe is not None else {}
@@ -490,7 +553,8 @@ class PhaseProfiler:
             decode_rows=req.decode_rows, unsplit=frozenset(req.unsplit), thread_id=req.thread_id,
             wall_start_ns=req.wall_start_ns, wall_end_ns=wall_end_ns, conditions=conditions,
             projector_inside_vision=req.projector_inside_vision, blocks_run=req.blocks_run,
-            returned_prefix_tokens=req.returned_prefix_tokens)
+            returned_prefix_tokens=req.returned_prefix_tokens, detail=self.detail,
+            module_spans=req.module_spans, text_shape=self.text_shape, top_k=req.top_k)
         with self._lock:
             self.records.append(record)
             self.records.sort(key=lambda r: r.index)
@@ -548,6 +612,7 @@ def profile_phases(
     nvml_interval_ms: float = DEFAULT_INTERVAL_MS,
     nvml_device: Any = None,
     entry_points: tuple[str, ...] | list[str] = ENTRY_POINTS,
+    detail: str = "phases",
 ) -> PhaseProfiler:
     """Profile every `model.generate()` call inside a `with` block, phase by phase.
 
@@ -573,6 +638,12 @@ def profile_phases(
             ``nvml*`` arguments are checked once, as a :class:`~molmo_latency.telemetry.NvmlSettings`.
         entry_points: the model's methods whose calls are requests (default ``generate`` and
             Molmo's ``generate_from_batch``; nested calls count once).
+        detail: ``"phases"`` (default: no hook beyond the phases') or ``"modules"``: also time
+            each decoder block's attention, MLP / MoE router / experts and norms, the vision
+            layers, the projector and the LM head (found structurally, all checked before any
+            hook goes on), with the same timer and as ``module/KIND[B]`` ranges nested in the
+            phases; the report then has a ``modules`` table (per phase instance and module kind:
+            ``ms``, ``calls``, ``flops``; ``other`` = the phase outside every module).
 
     Example:
         >>> from molmo_latency.models import reference_vlm
@@ -584,7 +655,48 @@ def profile_phases(
     """
     settings = NvmlSettings(nvml, nvml_interval_ms, nvml_device)
     return PhaseProfiler(model, nvtx=nvtx, trace=TraceCapture.from_args(torch_profiler, trace_dir),
-                         phases=phases, timer=timer, nvml=settings, entry_points=entry_points)
+                         phases=phases, timer=timer, nvml=settings, entry_points=entry_points, detail=detail)
+
+
+def _checked_sites(model: torch.nn.Module, phase_map: PhaseMap) -> list:
+    """The module sites of detail="modules", every one checked to take hooks (one line naming
+    the first that does not)."""
+    from molmo_latency.modules import module_sites
+
+    sites = module_sites(model, phase_map)
+    for site in sites:
+        if not callable(getattr(site.module, "register_forward_pre_hook", None)):
+            raise MolmoLatencyError(f"detail='modules': {site.name} ({type(site.module).__name__}) takes no "
+                                    "forward hooks; profile with detail='phases'")
+    if not any(s.kind in ("attention", "mlp", "moe_experts") for s in sites):
+        raise MolmoLatencyError(f"detail='modules': no attention or MLP found in the blocks of "
+                                f"{type(model).__name__}; profile with detail='phases'")
+    return sites
+
+
+def _text_shape(model: torch.nn.Module) -> Any:
+    """The decoder's dimensions for the FLOPs of the modules table (None where the config does
+    not say them: the flops column is then null)."""
+    from molmo_latency.flops import TextShape
+
+    config = getattr(model, "config", None)
+    for cfg in (getattr(config, "text_config", None), config):
+        if cfg is None:
+            continue
+        try:
+            return TextShape.from_config(cfg)
+        except (AttributeError, TypeError, ValueError):
+            continue
+    return None
+
+
+def _current_top_k(model: torch.nn.Module) -> int | None:
+    from molmo_latency.knobs import get_top_k
+
+    try:
+        return int(get_top_k(model))
+    except MolmoLatencyError:
+        return None
 
 
 def _input_ids(args: tuple, kwargs: dict) -> Any:

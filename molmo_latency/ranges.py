@@ -8,6 +8,13 @@ The `nvtx` package turns them into no-ops (~0.1 us) when no tool is attached.
 ``decode[N]`` (N: request index, decode step). They cost ~5 us each, so they are only opened
 while a torch profiler is recording (checked per range, ~0.1 us).
 
+With ``detail="modules"`` the module ranges nest inside the phases: ``module/attention[B]``,
+``module/mlp[B]``, ``module/moe_router[B]``, ``module/moe_experts[B]``, ``module/norm[B]``,
+``module/vision_block[B]`` (B: the decoder block or vision layer), ``module/projector``,
+``module/lm_head`` (NVTX: message ``module/KIND``, payload B or -1). Phase attribution reads only
+the phase names, so a kernel inside a module range still counts for its phase; module
+attribution (:func:`molmo_latency.trace.attribution.module_gpu_table`) reads these.
+
 Example:
     >>> r = RangeEmitter(nvtx=True)
     >>> r.push("decode", 3); r.pop()
@@ -20,10 +27,14 @@ import threading
 import torch
 
 NVTX_DOMAIN = "molmo_latency"
+MODULE_RANGE_PREFIX = "module/"
 
 
 def record_function_name(phase: str, step: int) -> str:
-    """The Kineto annotation name of a phase instance: `decode[3]`, `request[0]`, `prefill`."""
+    """The Kineto annotation name of a phase instance: `decode[3]`, `request[0]`, `prefill`;
+    of a module range: `module/attention[2]` (block 2), `module/lm_head` (no block: -1)."""
+    if phase.startswith(MODULE_RANGE_PREFIX):
+        return f"{phase}[{step}]" if step >= 0 else phase
     return f"{phase}[{step}]" if phase in ("decode", "request") else phase
 
 

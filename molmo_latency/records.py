@@ -52,6 +52,16 @@ def polars_schema(columns: dict[str, str]) -> dict[str, pl.DataType]:
     return {name: _DTYPES[kind] for name, kind in columns.items()}
 
 
+class ModuleSpan(NamedTuple):
+    """One module call of a request (``detail="modules"``): its kind (``attention``, ``mlp``,
+    ``moe_router``, ...), decoder block or vision layer (-1: none) and mark indices."""
+
+    kind: str
+    block: int
+    start_mark: int
+    end_mark: int
+
+
 class Span(NamedTuple):
     """One phase instance of a request: indices of its start and end mark in ``times_ns``."""
 
@@ -90,26 +100,33 @@ class RequestRecord:
     # tokens at the start of each returned sequence that are not output tokens, where that is not
     # the prompt (encoder-decoder: the decoder start token; BLIP: the prompt less its last token)
     returned_prefix_tokens: int | None = None
+    detail: str = "phases"  # "modules": module_spans were recorded
+    module_spans: list[ModuleSpan] = field(default_factory=list)
+    text_shape: Any = None  # molmo_latency.flops.TextShape of the decoder (FLOPs), None: unknown
+    top_k: int | None = None  # MoE top-k when the request began
 
 
 @dataclass
 class PhaseReport:
-    """The profiler's tables: `requests` (one row per generate()) and `phases` (one per phase)."""
+    """The profiler's tables: `requests` (one row per generate()), `phases` (one per phase) and,
+    with ``detail="modules"``, `modules` (one per phase instance and module kind, see
+    :func:`modules_of`)."""
 
     requests: pl.DataFrame
     phases: pl.DataFrame
     traces: list[dict[str, Any]] = field(default_factory=list)
     telemetry: pl.DataFrame | None = None
+    modules: pl.DataFrame | None = None
 
     def __getitem__(self, name: str) -> pl.DataFrame:
         return getattr(self, name)
 
     def write_parquet(self, directory: str | Path) -> list[Path]:
-        """Write requests.parquet, phases.parquet (and telemetry.parquet) into `directory`."""
+        """Write requests.parquet, phases.parquet (and telemetry.parquet, modules.parquet) into `directory`."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         written = []
-        for name in ("requests", "phases", "telemetry"):
+        for name in ("requests", "phases", "telemetry", "modules"):
             frame = getattr(self, name)
             if frame is not None:
                 path = out / f"{name}.parquet"
@@ -349,6 +366,7 @@ def build_report(records: list[RequestRecord], timer_kind: str, *, samples: pl.D
         request_rows.append(_request_row(rec, rows, problems, timer_kind))
     requests = pl.DataFrame(request_rows, schema=polars_schema(REQUEST_COLUMNS), orient="row")
     phases = pl.DataFrame(phase_rows, schema=polars_schema(PHASE_COLUMNS), orient="row")
+    modules = modules_of(records, phases) if any(r.detail == "modules" for r in records) else None
     if gpu_phases is not None:
         requests, phases = join_gpu_columns(requests, phases, gpu_phases)
     from molmo_latency.telemetry import attach_telemetry
@@ -357,7 +375,59 @@ def build_report(records: list[RequestRecord], timer_kind: str, *, samples: pl.D
     tables["requests"] = add_rate_columns(tables["requests"], samples)
     tables["phases"] = add_rate_columns(tables["phases"], samples)
     return PhaseReport(requests=tables["requests"], phases=tables["phases"], traces=list(traces or []),
-                       telemetry=tables.get("telemetry"))
+                       telemetry=tables.get("telemetry"), modules=modules)
+
+
+MODULES_COLUMNS = {"request": pl.Int64, "phase": pl.Utf8, "step": pl.Int64, "module_kind": pl.Utf8,
+                   "ms": pl.Float64, "calls": pl.Int64, "flops": pl.Int64, "flag": pl.Utf8}
+
+
+def modules_of(records: list[RequestRecord], phases: pl.DataFrame) -> pl.DataFrame:
+    """The ``modules`` table of ``detail="modules"`` requests: per phase instance and module kind
+    the exclusive time (``ms``, :func:`molmo_latency.modules.module_table`: ``other`` closes the
+    phase, never clamped, ``flag`` says why where it is negative), the module calls and the
+    matrix-product FLOPs the config and the shapes fed give (:func:`molmo_latency.flops.request_flops`;
+    null where not modelled: norms, ``other``, the image phases, prefill chunks, beam search)."""
+    from molmo_latency.modules import module_table
+
+    span_rows, flop_tables = [], []
+    for rec in records:
+        if rec.times_ns is None:
+            continue
+        t = rec.times_ns
+        span_rows.extend({"request": rec.index, "module_kind": m.kind, "start_ns": t[m.start_mark],
+                          "end_ns": t[m.end_mark]} for m in rec.module_spans)
+        flops = _request_flops(rec)
+        if flops is not None:
+            flop_tables.append(flops.with_columns(pl.lit(rec.index, dtype=pl.Int64).alias("request")))
+    spans = pl.DataFrame(span_rows, schema={"request": pl.Int64, "module_kind": pl.Utf8, "start_ns": pl.Int64,
+                                            "end_ns": pl.Int64}, orient="row")
+    table = module_table(spans, phases.select("request", "phase", "step", "start_ns", "end_ns"))
+    if flop_tables:
+        flops = pl.concat(flop_tables).select("request", "phase", "step", "module_kind", "flops")
+        table = table.join(flops, on=["request", "phase", "step", "module_kind"], how="left",
+                           maintain_order="left", nulls_equal=False)
+    else:
+        table = table.with_columns(pl.lit(None, dtype=pl.Int64).alias("flops"))
+    return table.select(list(MODULES_COLUMNS)).cast(MODULES_COLUMNS)
+
+
+def _request_flops(rec: RequestRecord) -> pl.DataFrame | None:
+    """FLOPs per LLM phase instance and module kind of one request (None where its shapes are
+    not all known: no decoder shape, no prompt length, beam search or prefill chunks)."""
+    from molmo_latency.flops import request_flops
+
+    if rec.text_shape is None or rec.input_tokens is None or rec.batch_size is None or (rec.num_beams or 1) > 1:
+        return None
+    if sum(1 for s in rec.spans if s.phase == "prefill") != 1:
+        return None
+    decode_steps = sum(1 for s in rec.spans if s.phase == "decode")
+    table = request_flops(rec.text_shape, input_tokens=rec.input_tokens, output_tokens=decode_steps + 1,
+                          top_k=rec.top_k, blocks=rec.blocks_run, batch=rec.batch_size)
+    rows = rec.decode_rows
+    if rows and any(r != rec.batch_size for r in rows):  # rows dropped out (finished sequences): per step
+        return None
+    return table
 
 
 def trace_gpu_phases(traces: Iterable[Mapping[str, Any]]) -> pl.DataFrame | None:

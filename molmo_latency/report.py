@@ -166,6 +166,79 @@ def run_quality(rd: RunDir, requests: pl.DataFrame) -> Quality:
     return judge(requests, usable_cpus=cpus, expected_requests=expected, resume_command=command)
 
 
+MODULE_PHASES = ("vision", "projector", "prefill", "decode")
+MODULE_KIND_ORDER = ("vision_block", "projector", "attention", "mlp", "moe_router", "moe_experts", "norm",
+                     "lm_head", "other")
+
+
+def _valid_modules(modules: pl.DataFrame, requests: pl.DataFrame) -> pl.DataFrame:
+    """The rows of the ``modules`` table that belong to valid (and warm) requests and to a phase,
+    with their configuration's config_id."""
+    if "config_id" not in modules.columns:
+        modules = modules.join(requests.select("request", "config_id"), on="request", how="left")
+    keys = ["config_id", "repeat"] if "repeat" in modules.columns and "repeat" in requests.columns else ["request"]
+    ok = requests.filter(pl.col("valid")).select(keys).unique()
+    return modules.join(ok, on=keys, how="semi").filter(pl.col("phase").is_not_null())
+
+
+def _ordered(frame: pl.DataFrame, requests: pl.DataFrame) -> pl.DataFrame:
+    knobs = [c for c in CONFIG_COLUMNS if c in requests.columns and c not in frame.columns]
+    if knobs:
+        frame = frame.join(requests.group_by("config_id").agg(*[pl.col(k).first() for k in knobs]),
+                           on="config_id", how="left")
+    rank = {p: i for i, p in enumerate(MODULE_PHASES)}
+    kinds = {k: i for i, k in enumerate(MODULE_KIND_ORDER)}
+    return frame.with_columns(
+        pl.col("phase").replace_strict(rank, default=len(rank), return_dtype=pl.Int64).alias("_p"),
+        pl.col("module_kind").replace_strict(kinds, default=len(kinds), return_dtype=pl.Int64).alias("_k"),
+    ).sort("config_id", "_p", "_k", "module_kind").drop("_p", "_k")
+
+
+def module_breakdown(modules: pl.DataFrame, requests: pl.DataFrame) -> pl.DataFrame:
+    """Per configuration, phase and module kind (``detail="modules"`` runs), over the phase
+    instances of valid requests (each decode step is one instance): ``median_ms`` per instance,
+    ``share`` of the phase's time (the kind's summed ms over the phase's summed ms; the kinds of a
+    phase, ``other`` included, add up to 1), ``calls`` per instance (median), ``flops_median``
+    per instance and ``gflop_per_s`` achieved (summed FLOPs over summed time, where FLOPs are
+    known), ``n`` instances; with the configuration's knobs.
+
+    >>> m = pl.DataFrame({"request": [0, 0, 0, 0], "phase": ["decode"] * 4, "step": [0, 0, 1, 1],
+    ...                   "module_kind": ["attention", "other"] * 2, "ms": [2.0, 1.0, 4.0, 1.0],
+    ...                   "calls": [4, None, 4, None], "flops": [2_000_000, None, 2_000_000, None]})
+    >>> r = pl.DataFrame({"request": [0], "config_id": ["a"], "valid": [True]})
+    >>> module_breakdown(m, r).select("module_kind", "median_ms", "share", "gflop_per_s").rows()
+    [('attention', 3.0, 0.75, 0.6666666666666666), ('other', 1.0, 0.25, None)]
+    """
+    m = _valid_modules(modules, requests)
+    phase_ms = m.group_by("config_id", "phase").agg(pl.col("ms").sum().alias("_phase_ms"))
+    known = pl.col("flops").is_not_null()
+    out = m.group_by("config_id", "phase", "module_kind").agg(
+        pl.col("ms").median().alias("median_ms"), pl.col("calls").median().alias("calls"),
+        pl.col("flops").median().alias("flops_median"), pl.len().alias("n"),
+        pl.col("ms").sum().alias("_kind_ms"), pl.col("flops").filter(known).sum().alias("_flops"),
+        pl.col("ms").filter(known).sum().alias("_flops_ms"), known.any().alias("_known"))
+    out = out.join(phase_ms, on=["config_id", "phase"], how="left").with_columns(
+        (pl.col("_kind_ms") / pl.col("_phase_ms")).alias("share"),
+        pl.when(pl.col("_known") & (pl.col("_flops_ms") > 0))
+        .then(pl.col("_flops") / (pl.col("_flops_ms") / 1e3) / 1e9).alias("gflop_per_s"))
+    out = out.select("config_id", "phase", "module_kind", "median_ms", "share", "calls", "flops_median",
+                     "gflop_per_s", "n")
+    return _ordered(out, requests)
+
+
+def module_stacks(modules: pl.DataFrame, requests: pl.DataFrame) -> pl.DataFrame:
+    """Per configuration, phase and module kind: the mean time per valid request (``mean_ms``:
+    decode steps summed within a request, then the mean over requests, so the stack of a
+    configuration is its mean request) and ``n`` requests."""
+    m = _valid_modules(modules, requests)
+    req_key = ["config_id", "repeat"] if "repeat" in m.columns else ["config_id", "request"]
+    per_request = m.group_by(*req_key, "phase", "module_kind").agg(pl.col("ms").sum())
+    n = per_request.select(*req_key).unique().group_by("config_id").agg(pl.len().alias("n"))
+    out = per_request.group_by("config_id", "phase", "module_kind").agg(pl.col("ms").sum().alias("_sum"))
+    out = out.join(n, on="config_id").with_columns((pl.col("_sum") / pl.col("n")).alias("mean_ms"))
+    return _ordered(out.select("config_id", "phase", "module_kind", "mean_ms", "n"), requests)
+
+
 def run_report(run_dir: str | Path) -> dict[str, Any]:
     """All tables of the report of a run directory (or of a directory that
     ``prof.report().write_parquet(dir)`` wrote: its configurations come from :func:`with_config_id`)."""
@@ -187,7 +260,12 @@ def run_report(run_dir: str | Path) -> dict[str, Any]:
     if "warm" in requests.columns:  # a cold request never enters a median (quality counts them)
         requests = requests.filter(pl.col("warm").fill_null(True))
     keys = ["config_id"]
+    extra: dict[str, Any] = {}
+    if (rd.path / "modules.parquet").is_file() or (rd.path / "parts" / "modules").is_dir():
+        modules = rd.table("modules")  # a detail="modules" run: the breakdown inside each phase
+        extra = {"modules": module_breakdown(modules, requests), "module_stacks": module_stacks(modules, requests)}
     return {
+        **extra,
         "quality": quality,
         "failures": failures,
         "config": config_table(requests),

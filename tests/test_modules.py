@@ -29,14 +29,14 @@ def test_nested_spans_are_charged_their_exclusive_time_and_other_closes_the_phas
     phases = pl.DataFrame({"request": [0, 0], "phase": ["prefill", "decode"], "step": [0, 0],
                            "start_ns": [0, 1000], "end_ns": [900, 1300]})
     spans = pl.DataFrame({
-        "request": [0] * 6, "block": [0] * 6,
-        "kind": ["attention", "norm", "moe_experts", "moe_router", "attention", "lm_head"],
+        "request": [0] * 6,
+        "module_kind": ["attention", "norm", "moe_experts", "moe_router", "attention", "lm_head"],
         "start_ns": [100, 110, 400, 410, 1010, 1200], "end_ns": [300, 130, 800, 450, 1100, 1290]})
     t = module_table(spans, phases)
-    prefill = dict(t.filter(pl.col("phase") == "prefill").select("kind", "ms").rows())
+    prefill = dict(t.filter(pl.col("phase") == "prefill").select("module_kind", "ms").rows())
     assert prefill == pytest.approx({"attention": 180e-6, "norm": 20e-6, "moe_experts": 360e-6,
                                      "moe_router": 40e-6, "other": 300e-6})
-    decode = dict(t.filter(pl.col("phase") == "decode").select("kind", "ms").rows())
+    decode = dict(t.filter(pl.col("phase") == "decode").select("module_kind", "ms").rows())
     assert decode == pytest.approx({"attention": 90e-6, "lm_head": 90e-6, "other": 120e-6})
     sums = t.group_by("phase").agg(pl.col("ms").sum())
     assert dict(sums.rows()) == pytest.approx({"prefill": 900e-6, "decode": 300e-6})

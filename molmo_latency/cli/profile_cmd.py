@@ -148,6 +148,7 @@ def _report(run_dir: Path, *, as_json: bool, extra: dict | None = None, html: bo
                     "quality_configs": frame_records(quality.configs), "configs": frame_records(rep["config"]),
                     "summary": frame_records(rep["summary"]), "shares": frame_records(rep["shares"]),
                     "failures": frame_records(rep["failures"]), "plots": [str(p) for p in pngs],
+                    **({"modules": frame_records(rep["modules"])} if "modules" in rep else {}),
                     "plots_skipped": [{"file": name, "why": why} for name, why in skipped],
                     "html": str(page) if page else None})
         return
@@ -178,11 +179,35 @@ def _report(run_dir: Path, *, as_json: bool, extra: dict | None = None, html: bo
     shares = rep["shares"].select(pl.col("config_id").alias("config"),
                                   *[(100 * pl.col(f"{c}_share")).alias(f"{c} %") for c in present])
     print_frame(shares, "Phase shares of the median request (% of the sum of its phases)", digits=1)
+    if "modules" in rep:
+        _print_modules(rep["modules"])
     console.print("plots: " + (", ".join(str(p) for p in pngs) or "none"), markup=False, highlight=False)
     for name, why in skipped:
         console.print(f"no {name}: {why}", markup=False, highlight=False)
     if page is not None:
         console.print(f"html: {page}", markup=False, highlight=False)
+
+
+def _print_modules(modules) -> None:
+    """detail="modules": per configuration and phase, the median ms per phase instance of each
+    module kind (a decode row is one step), other = the phase outside every module."""
+    import polars as pl
+
+    from molmo_latency.report import MODULE_KIND_ORDER
+    from molmo_latency.show import print_frame
+
+    if modules.height == 0:
+        return
+    short = {"vision_block": "vis blk", "projector": "proj", "attention": "attn", "mlp": "mlp",
+             "moe_router": "router", "moe_experts": "experts", "norm": "norm", "lm_head": "lm head", "other": "other"}
+    kinds = [k for k in MODULE_KIND_ORDER if k in set(modules["module_kind"].to_list())]
+    wide = modules.pivot(on="module_kind", index=["config_id", "phase"], values="median_ms",
+                         maintain_order=True)
+    table = wide.select(pl.col("config_id").alias("config"), "phase",
+                        *[pl.col(k).alias(short.get(k, k)) for k in kinds if k in wide.columns])
+    print_frame(table, "Inside the phases: median ms per phase instance (decode: per step) of each module kind "
+                "(attn = attention, experts = MoE experts, router = MoE router); other = the phase outside every "
+                "module", digits=3, compact=[c for c in table.columns if c not in ("norm", "lm head")])
 
 
 def _print_quality(quality) -> None:
@@ -213,6 +238,10 @@ def _write_html(run_dir: Path, rep: dict, pngs: list, skipped: list = ()) -> Pat
                             note="medians over valid, warm requests; CV = std/mean"),
                 HtmlSection("Data quality per configuration", table=quality.configs),
                 HtmlSection("Phase shares of the median request", table=rep["shares"])]
+    if "modules" in rep:
+        sections.append(HtmlSection("Inside the phases: module kinds", table=rep["modules"],
+                                    note="median ms per phase instance (decode: per step), share of the phase, "
+                                         "FLOPs and achieved GFLOP/s; other = the phase outside every module"))
     sections += [HtmlSection(Path(p).stem.replace("_", " "), image=Path(p)) for p in pngs]
     sections += [HtmlSection(Path(name).stem.replace("_", " "), note=f"not drawn: {why}") for name, why in skipped]
     if rep["failures"].height:
@@ -271,6 +300,9 @@ def profile(
     workers: Optional[int] = typer.Option(None, "--workers", help="with --ray: number of workers (default: one per GPU, or per CPU)"),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads for the whole run (default on "
                                           "cpu: 1, the steadiest on a shared machine; recorded in run.json)"),
+    detail: Optional[str] = typer.Option(None, "--detail", help="phases or modules: modules also times attention, "
+                                         "MLP / MoE router / experts and norms inside each phase (a modules "
+                                         "table; default: the sweep file's `detail`, else phases)"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
     wide: bool = typer.Option(False, "--wide", help=WIDE_HELP),
 ) -> None:
@@ -289,6 +321,8 @@ def profile(
     if workers is not None and ray is None:
         raise MolmoLatencyError("--workers takes effect only with --ray (a plain run measures in this process); "
                                 "add --ray, or leave --workers out")
+    if detail is not None and detail not in ("phases", "modules"):
+        raise MolmoLatencyError(f"--detail must be phases or modules, got {detail!r}")
     if threads is not None and threads < 1:
         raise MolmoLatencyError(f"--threads must be a whole number of threads >= 1, got {threads}")
     if threads is not None and ray is not None:
@@ -297,6 +331,8 @@ def profile(
     if out.exists() and not out.is_dir():
         raise MolmoLatencyError(f"profile: --out {out} is a file; pass a new or existing run directory")
     spec = load_sweep(file_arg(sweep, "profile", "a sweep TOML file as --sweep (see README: Sweep file)"))
+    if detail is not None:  # part of the sweep's protocol (and so of the run's identity)
+        spec.protocol["detail"] = detail
     if nvml == "required":
         check_nvml_required(device)
     if ray is not None:

@@ -131,6 +131,11 @@ def summary_document(summary: TraceSummary, warned: list[str]) -> dict[str, Any]
             }
             for r in summary.cpu_ops.iter_rows(named=True)
         ],
+        "modules": [] if summary.modules is None else [
+            {"phase": r["phase"], "module_kind": r["module_kind"], "instances": r["instances"],
+             "kernels": r["gpu_activities"], "gpu_kernel_us": r["gpu_kernel_ms"] * 1000}
+            for r in summary.modules.iter_rows(named=True)
+        ],
         "unattributed_activities": summary.unattributed,
         "unlinked_activities": summary.unlinked,
         "warnings": warned,
@@ -426,6 +431,13 @@ def summary_command(
         width,
         max_rows=top,
     )
+    if summary.modules is not None:
+        import polars as pl
+
+        _show(summary.modules.with_columns((pl.col("gpu_kernel_ms") * 1000).alias("gpu_kernel_us"))
+              .drop("gpu_kernel_ms").rename({"gpu_activities": "kernels"}),
+              "GPU time per phase and module kind (detail=\"modules\" ranges; other = in the phase, outside every "
+              "module range; us)", width)
     console.print(
         f"{summary.unattributed:,} GPU activities outside every one of the {ranges}; "
         f"{summary.unlinked:,} without their launch call in the trace",

@@ -32,7 +32,7 @@ import polars as pl
 from molmo_latency.errors import SweepError
 from molmo_latency.safe_fs import inside, is_write_fault, regular_file
 
-TABLES = ("requests", "phases", "telemetry")
+TABLES = ("requests", "phases", "telemetry", "modules")
 ALL_TABLES = (*TABLES, "failures")
 LOCK_NAME = ".lock"
 IDENTITY_LABELS = {"model_config_sha256": "the model's config.json (sha256)"}
@@ -296,7 +296,7 @@ class RunDir:
 
     def write_unit(self, config_id: str, repeat: int, tables: dict[str, pl.DataFrame | None]) -> None:
         """Write one (configuration, repeat): other tables first, the request row last."""
-        for table in ("phases", "telemetry"):
+        for table in ("phases", "telemetry", "modules"):
             frame = tables.get(table)
             if frame is not None:
                 atomic_write_parquet(frame, self._part(table, config_id, repeat))

@@ -221,4 +221,10 @@ def write_report_plots(report: dict[str, pl.DataFrame], out_dir: Path) -> tuple[
             written.append(plot(frame, out_dir / name))
         except NothingToShow as why_not:
             skipped.append((name, str(why_not)))
+    if "modules" in report:  # a detail="modules" run: inside the phases
+        from molmo_latency.show.module_plots import write_module_plots
+
+        more, why = write_module_plots(report, out_dir)
+        written += more
+        skipped += why
     return written, skipped

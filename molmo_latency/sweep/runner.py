@@ -99,6 +99,9 @@ def unit_tables(report, config: Config, repeat: int, order: int, device_cols: di
     phases = report.phases.with_columns(pl.lit(keys["config_id"]).alias("config_id"),
                                         pl.lit(repeat, dtype=pl.Int64).alias("repeat"))
     tables = {"requests": requests, "phases": phases}
+    if report.modules is not None:
+        tables["modules"] = report.modules.with_columns(pl.lit(keys["config_id"]).alias("config_id"),
+                                                        pl.lit(repeat, dtype=pl.Int64).alias("repeat"))
     if report.telemetry is not None:
         tables["telemetry"] = report.telemetry
     return tables
@@ -153,7 +156,8 @@ class Worker:
         return cls(source, spec, device=device, nvml=nvml, columns=columns)
 
     def __enter__(self) -> "Worker":
-        self._profiler = profile_phases(self.source.model, nvml=self.nvml)
+        self._profiler = profile_phases(self.source.model, nvml=self.nvml,
+                                        detail=self.spec.protocol.get("detail", "phases"))
         self._prof = self._profiler.__enter__()
         return self
 

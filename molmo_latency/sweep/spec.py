@@ -22,6 +22,8 @@ A sweep file is TOML with these top-level keys (lists are grid axes, scalars the
     free_generation = false     # true: let EOS stop generation (decode steps vary)
     kineto_per_config = 1       # with --kineto: extra traced requests per config (not measured)
     cooldown_ms = 0             # host sleep between requests (outside the measurement)
+    detail = "phases"           # "modules": also time attention / MLP / MoE router / experts /
+                                # norms inside each phase (a modules table; see profile_phases)
 """
 
 from __future__ import annotations
@@ -50,8 +52,14 @@ PROTOCOL_DEFAULTS: dict[str, Any] = {
     # on a GPU: before each measured request, wait (at most gpu_wait_max_s) until the GPU is idle
     # and at most this hot (0: off), as nsight-python's thermal mode does
     "gpu_max_temp_c": 0, "gpu_wait_max_s": 60,
+    # what the profiler records in each request: "phases" or "modules" (profile_phases' detail)
+    "detail": "phases",
 }
-CHOICES = {"order": ("interleaved", "blocked"), "cache_policy": ("keep", "empty_before_each")}
+CHOICES = {"order": ("interleaved", "blocked"), "cache_policy": ("keep", "empty_before_each"),
+           "detail": ("phases", "modules")}
+# protocol keys left out of as_dict() (and so of the digest and run.json) at their default, so that
+# sweeps made before the key existed keep their digest and resume
+_OMITTED_AT_DEFAULT = ("detail",)
 PROTOCOL_MIN = {"repeats": 1, "warmup": 0, "seed": 0, "kineto_per_config": 0, "cooldown_ms": 0,
                 "warmup_window": 2, "warmup_tolerance_pct": 0, "warmup_max": 0, "gpu_max_temp_c": 0,
                 "gpu_wait_max_s": 0}
@@ -158,7 +166,9 @@ class SweepSpec:
 
     def as_dict(self) -> dict[str, Any]:
         grid = {k: [list(v) if isinstance(v, tuple) else v for v in vals] for k, vals in self.grid.items()}
-        return {"grid": grid, "protocol": self.protocol}
+        protocol = {k: v for k, v in self.protocol.items()
+                    if not (k in _OMITTED_AT_DEFAULT and v == PROTOCOL_DEFAULTS[k])}
+        return {"grid": grid, "protocol": protocol}
 
     def digest(self) -> str:
         blob = json.dumps(self.as_dict(), sort_keys=True).encode()

@@ -23,6 +23,13 @@ Phases. :func:`phase_of` reads the names the profiler gives its ranges (``vision
 ``projector``, ``prefill``, ``decode[N]``, inside ``request[N]``), and :func:`phase_gpu_table`
 gives one row per phase instance with GPU columns that ``prof.report()`` joins on
 (``request``, ``phase``, ``step``).
+
+Modules. With ``profile_phases(model, detail="modules")`` the trace also holds module ranges
+(``module/attention[B]``, ``module/moe_experts[B]``, ... nested inside the phases). Phase
+attribution reads only the phase names, so they never take a kernel from its phase;
+:func:`module_gpu_table` (kernels) and :func:`module_op_table` (CPU ops) charge each activity to
+its phase as above *and* to the innermost module range containing it (``other``: inside the
+phase, outside every module range).
 """
 
 from __future__ import annotations
@@ -44,6 +51,8 @@ __all__ = [
     "innermost_range",
     "kernel_breakdown",
     "link_launches",
+    "module_gpu_table",
+    "module_op_table",
     "phase_category_table",
     "phase_gpu_table",
     "phase_of",
@@ -53,6 +62,8 @@ __all__ = [
 # "vision", "decode[3]", "decode#3", "molmo_latency/decode#3", "molmo_latency::prefill".
 PHASE_PATTERN = r"^(?:molmo_latency[/:.]+)?(vision|projector|prefill|decode)(?:\[(\d+)\]|#(\d+))?$"
 REQUEST_PATTERN = r"^(?:molmo_latency[/:.]+)?request(?:\[(\d+)\]|#(\d+))$"
+# "module/attention[3]", "module/lm_head", "molmo_latency/module/moe_experts" (NVTX: payload apart)
+MODULE_PATTERN = r"^(?:molmo_latency[/:.]+)?module/([a-z_]+)(?:\[(-?\d+)\]|#(-?\d+))?$"
 _PHASE_RE = re.compile(PHASE_PATTERN)
 _REQUEST_RE = re.compile(REQUEST_PATTERN)
 
@@ -494,3 +505,73 @@ def phase_category_table(trace: KinetoTrace) -> pl.DataFrame:
         "phase", "step", "request", "category", "gpu_activities",
         (pl.col("gpu_kernel_ns") / 1e6).alias("gpu_kernel_ms"),
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Modules (detail="modules").
+
+
+def _module_of(frame: pl.DataFrame, queries: pl.DataFrame, annotations: pl.DataFrame) -> pl.DataFrame:
+    """`frame` with ``module_kind``: the kind of the innermost module range containing each
+    query interval (aligned rows), ``other`` where none does."""
+    modules = annotations.with_columns(module_kind=pl.col("name").str.extract(MODULE_PATTERN, 1)).filter(
+        pl.col("module_kind").is_not_null())
+    has = queries["start_ns"].is_not_null() & queries["end_ns"].is_not_null()
+    ids = pl.Series("m", [None] * frame.height, dtype=pl.UInt32)
+    if modules.height and has.any():
+        ids = ids.scatter(has.arg_true(), innermost_range(queries.filter(has), modules))
+    kinds = modules["module_kind"].gather(ids) if modules.height else pl.Series([None] * frame.height, dtype=pl.String)
+    return frame.with_columns(module_kind=kinds.fill_null("other"))
+
+
+def module_gpu_table(trace: KinetoTrace) -> pl.DataFrame:
+    """GPU time per phase instance and module kind of a ``detail="modules"`` trace: each GPU
+    activity goes to its phase instance exactly as :func:`phase_gpu_table` charges it, and to
+    the innermost ``module/KIND[B]`` range containing its launch call (``other``: launched in
+    the phase outside every module range). Columns: ``phase, step, request, module_kind,
+    gpu_activities, gpu_kernel_ms, gpu_busy_ms``; per phase instance the kinds add up to its
+    ``gpu_kernel_ms``.
+
+    Example:
+        >>> import tempfile
+        >>> from molmo_latency.trace import read_kineto
+        >>> from molmo_latency.trace._demo import write_demo_trace
+        >>> module_gpu_table(read_kineto(write_demo_trace(tempfile.mkdtemp()))).select("phase", "module_kind").row(0)
+        ('vision', 'other')
+    """
+    phases, attributed = _phase_instances(trace)
+    calls = attributed.select(pid="launch_pid", tid="launch_tid", start_ns="launch_start_ns", end_ns="launch_end_ns")
+    charged = _module_of(attributed, calls, trace.annotations).filter(pl.col("phase_row").is_not_null())
+    stats = _gpu_aggregates(charged, ["phase_row", "module_kind"])
+    out = phases.select("phase_row", "phase", "step", "request").join(stats, on="phase_row", how="inner")
+    return out.sort(["phase_row", "module_kind"]).select(
+        "phase", "step", "request", "module_kind", "gpu_activities",
+        (pl.col("gpu_kernel_ns") / 1e6).alias("gpu_kernel_ms"), (pl.col("gpu_busy_ns") / 1e6).alias("gpu_busy_ms"))
+
+
+def module_op_table(trace: KinetoTrace, names: list[str] | None = None) -> pl.DataFrame:
+    """CPU ops per phase instance, module kind and op name (``ops``: how many; ``op_ms``: their
+    summed inclusive durations, so nested ops of different names overlap), each op charged to the
+    innermost phase range and the innermost module range containing it on its thread (``other``:
+    inside the phase, outside every module range); `names` keeps only those op names.
+
+    Example:
+        >>> import tempfile
+        >>> from molmo_latency.trace import read_kineto
+        >>> from molmo_latency.trace._demo import write_demo_trace
+        >>> module_op_table(read_kineto(write_demo_trace(tempfile.mkdtemp()))).select("phase", "module_kind", "name", "ops").rows()
+        [('vision', 'other', 'aten::linear', 1)]
+    """
+    ops = trace.cpu_ops if names is None else trace.cpu_ops.filter(pl.col("name").is_in(names))
+    phases, _ = _phase_instances(trace)
+    ranges = phases.select("pid", "tid", "start_ns", "end_ns")
+    queries = ops.select("pid", "tid", "start_ns", "end_ns")
+    row = innermost_range(queries, ranges) if ops.height else pl.Series([], dtype=pl.UInt32)
+    ops = ops.with_columns(phase_row=phases["phase_row"].gather(row) if phases.height and ops.height
+                           else pl.lit(None, dtype=pl.UInt32))
+    charged = _module_of(ops, queries, trace.annotations).filter(pl.col("phase_row").is_not_null())
+    per = charged.group_by("phase_row", "module_kind", "name").agg(
+        ops=pl.len().cast(pl.Int64), op_ms=pl.col("dur_ns").sum() / 1e6)
+    out = phases.select("phase_row", "phase", "step", "request").join(per, on="phase_row", how="inner")
+    return out.sort(["phase_row", "module_kind", "name"]).select(
+        "phase", "step", "request", "module_kind", "name", "ops", "op_ms")

@@ -8,11 +8,13 @@ from dataclasses import dataclass
 import polars as pl
 
 from molmo_latency.trace.attribution import (
+    MODULE_PATTERN,
     annotation_gpu_stats,
     annotation_name_stats,
     attribute,
     device_gpu_stats,
     kernel_breakdown,
+    module_gpu_table,
 )
 from molmo_latency.trace.categories import cpu_op_category, with_category
 from molmo_latency.trace.reader import KinetoTrace
@@ -33,7 +35,11 @@ class TraceSummary:
     - ``unattributed``: GPU activities charged to no annotation; ``unlinked``: those whose
       launch call is not in the trace;
     - ``cpu_ops``: per CPU op name (``cpu_op`` events): ``name, category, count, total_ns`` (inclusive:
-      an op's time includes the ops nested in it), ``mean_ns``, largest total first.
+      an op's time includes the ops nested in it), ``mean_ns``, largest total first;
+    - ``modules``: for a trace with ``detail="modules"`` ranges and GPU activity, per phase and
+      module kind (:func:`~molmo_latency.trace.attribution.module_gpu_table` summed over the
+      phase's instances): ``phase, module_kind, instances, gpu_activities, gpu_kernel_ms``;
+      None otherwise.
     """
 
     trace: KinetoTrace
@@ -44,6 +50,7 @@ class TraceSummary:
     unattributed: int
     unlinked: int
     cpu_ops: pl.DataFrame
+    modules: pl.DataFrame | None = None
 
 
 def summarize(trace: KinetoTrace) -> TraceSummary:
@@ -74,7 +81,17 @@ def summarize(trace: KinetoTrace) -> TraceSummary:
         unattributed=int(attributed["annotation_id"].is_null().sum()),
         unlinked=int(attributed["launch_start_ns"].is_null().sum()),
         cpu_ops=cpu_op_breakdown(trace.cpu_ops),
+        modules=_module_totals(trace),
     )
+
+
+def _module_totals(trace: KinetoTrace) -> pl.DataFrame | None:
+    if not trace.gpu.height or not trace.annotations.height \
+            or not trace.annotations["name"].str.contains(MODULE_PATTERN).any():
+        return None
+    return module_gpu_table(trace).group_by("phase", "module_kind", maintain_order=True).agg(
+        instances=pl.len().cast(pl.Int64), gpu_activities=pl.col("gpu_activities").sum(),
+        gpu_kernel_ms=pl.col("gpu_kernel_ms").sum())
 
 
 def cpu_op_breakdown(cpu_ops: pl.DataFrame) -> pl.DataFrame:
