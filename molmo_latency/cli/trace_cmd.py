@@ -56,6 +56,10 @@ def summary_document(summary: TraceSummary, warned: list[str]) -> dict[str, Any]
     """
     trace = summary.trace
     names = {d.get("id"): d.get("name") for d in trace.device_properties}
+
+    def part(key: str, rows):  # a part not computed is null (``computed`` lists those that were)
+        return None if key not in summary.computed else rows()
+
     return {
         "trace": {
             "path": trace.path,
@@ -70,7 +74,8 @@ def summary_document(summary: TraceSummary, warned: list[str]) -> dict[str, Any]
             "skipped_reasons": dict(trace.skipped_reasons),
             "metadata": trace.metadata,
         },
-        "gpu": [
+        "computed": list(summary.computed),
+        "gpu": part("devices", lambda: [
             {
                 "device": r["device"],
                 "name": names.get(r["device"]),
@@ -81,12 +86,12 @@ def summary_document(summary: TraceSummary, warned: list[str]) -> dict[str, Any]
                 "idle_us": _us(r["gpu_idle_ns"]),
             }
             for r in summary.devices.iter_rows(named=True)
-        ],
-        "categories": [
+        ]),
+        "categories": part("categories", lambda: [
             {"category": r["category"], "count": r["count"], "total_us": _us(r["total_ns"])}
             for r in summary.categories.iter_rows(named=True)
-        ],
-        "kernels": [
+        ]),
+        "kernels": part("kernels", lambda: [
             {
                 "name": r["name"],
                 "kind": r["kind"],
@@ -98,8 +103,8 @@ def summary_document(summary: TraceSummary, warned: list[str]) -> dict[str, Any]
                 "max_us": _us(r["max_ns"]),
             }
             for r in summary.kernels.iter_rows(named=True)
-        ],
-        "annotations": [
+        ]),
+        "annotations": part("annotations", lambda: [
             {
                 "name": r["name"],
                 "instances": r["instances"],
@@ -111,8 +116,8 @@ def summary_document(summary: TraceSummary, warned: list[str]) -> dict[str, Any]
                 "launch_delay_mean_us": _us(r["launch_delay_mean_ns"]),
             }
             for r in summary.annotations.iter_rows(named=True)
-        ],
-        "cpu_ops": [
+        ]),
+        "cpu_ops": part("cpu_ops", lambda: [
             {
                 "name": r["name"],
                 "category": r["category"],
@@ -121,7 +126,7 @@ def summary_document(summary: TraceSummary, warned: list[str]) -> dict[str, Any]
                 "mean_us": _us(r["total_ns"] / r["count"]),
             }
             for r in summary.cpu_ops.iter_rows(named=True)
-        ],
+        ]),
         "unattributed_activities": summary.unattributed,
         "unlinked_activities": summary.unlinked,
         "warnings": warned,
@@ -283,8 +288,16 @@ def summary_command(
     as_json: bool = typer.Option(False, "--json", help="print one JSON document (full names) instead of tables"),
     top: int = typer.Option(25, "--top", min=1, help="kernels, annotations and CPU ops shown in the tables"),
     wide: bool = typer.Option(False, "--wide", help="show names in full in the tables"),
+    parts: str | None = typer.Option(None, "--parts", help="with --json: the parts to compute, comma-separated, of "
+                                     "devices, categories, kernels, annotations, cpu_ops (default: all; the "
+                                     "document's `computed` lists them)"),
+    no_cache: bool = typer.Option(False, "--no-cache", help="read the trace itself, neither reading nor writing "
+                                  "the Parquet cache (.molmo-latency-cache/ beside the trace)"),
+    cache_dir: Path | None = typer.Option(None, "--cache-dir", help="keep the Parquet cache of the trace's tables "
+                                          "in this folder (default: .molmo-latency-cache/ beside the trace, "
+                                          "or $MOLMO_LATENCY_CACHE_DIR)"),
 ) -> None:
-    """`molmo-latency trace summary PATH [--json] [--top N] [--wide]`.
+    """`molmo-latency trace summary PATH [--json [--parts P,..]] [--top N] [--wide] [--no-cache] [--cache-dir D]`.
 
     Example:
         >>> import contextlib, io, json, tempfile
@@ -299,15 +312,27 @@ def summary_command(
     """
     import warnings
 
+    from molmo_latency.errors import MolmoLatencyError
     from molmo_latency.trace.load import load_trace
     from molmo_latency.trace.reader import TraceWarning
-    from molmo_latency.trace.summary import summarize
+    from molmo_latency.trace.summary import SUMMARY_PARTS, summarize
 
+    asked = None
+    if parts is not None:
+        if not as_json:
+            raise MolmoLatencyError("--parts: only with --json (the tables show the parts that apply to the trace)")
+        asked = [p.strip() for p in parts.split(",") if p.strip()]
+        unknown = [p for p in asked if p not in SUMMARY_PARTS]
+        if unknown or not asked:
+            raise MolmoLatencyError(f"--parts {parts!r}: choose one or more of {', '.join(SUMMARY_PARTS)}, "
+                                    "comma-separated")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", TraceWarning)
-        trace = load_trace(path)
+        trace = load_trace(path, cache=False if no_cache else None, cache_dir=cache_dir)
     warned = [str(w.message) for w in caught if issubclass(w.category, TraceWarning)]
-    summary = summarize(trace)
+    if not as_json:  # what the tables below show, and nothing else
+        asked = ["devices", "categories", "kernels", "annotations"] if trace.gpu.height else ["cpu_ops"]
+    summary = summarize(trace, asked)
     if as_json:
         from molmo_latency.show import print_json
 
@@ -346,9 +371,10 @@ def summary_command(
         from molmo_latency.trace.summary import cpu_op_breakdown
 
         if trace.annotations.height:
-            _show(_us_columns(cpu_op_breakdown(trace.annotations).drop("category")),
+            per_name = cpu_op_breakdown(trace.annotations)  # one row per annotation name
+            _show(_us_columns(per_name.drop("category")),
                   f"{ranges.capitalize()} by total host time (us, inclusive of nested ones; of "
-                  f"{summary.annotations.height:,})", width, max_rows=top)
+                  f"{per_name.height:,})", width, max_rows=top)
         return
     shown = summary.annotations.drop("launch_delay_sum_ns", "launch_delay_max_ns")
     _show(

@@ -10,26 +10,36 @@ launched it (:mod:`.attribution`, transform) and name kernel categories (:mod:`.
     ('vision', 0, 2)
 """
 
-from molmo_latency.trace.attribution import (
-    PHASE_GPU_COLUMNS,
-    annotation_gpu_stats,
-    annotation_name_stats,
-    attribute,
-    busy_ns,
-    device_gpu_stats,
-    innermost_range,
-    kernel_breakdown,
-    link_launches,
-    phase_category_table,
-    phase_gpu_table,
-    phase_of,
-    request_of,
-)
-from molmo_latency.trace.categories import CATEGORIES, CPU_OP_RULES, cpu_op_category, kernel_category, with_category
-from molmo_latency.trace.load import load_trace, trace_format
-from molmo_latency.trace.nsys import read_nsys
-from molmo_latency.trace.reader import KinetoTrace, TraceWarning, read_kineto
-from molmo_latency.trace.summary import TraceSummary, summarize
+import importlib
+
+# Names -> the module that defines them, imported on first use (PEP 562): `trace summary` loads
+# the reader and the summary only, not attribution's phase tables or the nsys reader.
+_WHERE = {
+    **dict.fromkeys(("PHASE_GPU_COLUMNS", "annotation_gpu_stats", "annotation_name_stats", "attribute", "busy_ns",
+                     "device_gpu_stats", "innermost_range", "kernel_breakdown", "link_launches",
+                     "phase_category_table", "phase_gpu_table", "phase_of", "request_of"),
+                    "molmo_latency.trace.attribution"),
+    **dict.fromkeys(("CATEGORIES", "CPU_OP_RULES", "cpu_op_category", "kernel_category", "with_category"),
+                    "molmo_latency.trace.categories"),
+    **dict.fromkeys(("load_trace", "trace_format"), "molmo_latency.trace.load"),
+    "read_nsys": "molmo_latency.trace.nsys",
+    **dict.fromkeys(("KinetoTrace", "TraceWarning", "read_kineto"), "molmo_latency.trace.reader"),
+    **dict.fromkeys(("TraceSummary", "summarize"), "molmo_latency.trace.summary"),
+}
+
+
+def __getattr__(name: str):
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))
+
 
 __all__ = [
     "CATEGORIES",
