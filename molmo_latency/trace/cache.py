@@ -47,6 +47,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat as stat_module
 import sys
 import tempfile
 import threading
@@ -140,9 +141,13 @@ def trace_digest(path: str | os.PathLike) -> str:
 
 
 def _stat_record(path: Path) -> list[int] | None:
+    """Size, mtime, ctime, inode and device of a regular file; None for anything else (missing,
+    a folder, a FIFO or a device: never opened here, the reader says what is wrong)."""
     try:
         st = os.stat(path)
     except OSError:
+        return None
+    if not stat_module.S_ISREG(st.st_mode):
         return None
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
 
@@ -162,12 +167,25 @@ def _note(key: str, message: str) -> None:
 
 
 def _writable(root: Path) -> bool:
-    """Whether `root` exists (or can be made) and can be written."""
-    try:
-        root.mkdir(parents=False, exist_ok=True)
-    except OSError:
-        return False
-    return root.is_dir() and os.access(root, os.W_OK | os.X_OK)
+    """Whether `root` exists (or can be made in its parent) and can be written. A folder whose
+    mode lets nobody write (``chmod a-w``) counts as read-only even for root, who could."""
+
+    def open_to_writes(folder: Path) -> bool:
+        try:
+            mode = folder.stat().st_mode
+        except OSError:
+            return False
+        return bool(mode & 0o222) and os.access(folder, os.W_OK | os.X_OK)
+
+    if not root.is_dir():
+        existing = next((p for p in root.absolute().parents if p.exists()), None)
+        if existing is None or not open_to_writes(existing):
+            return False
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            return False
+    return open_to_writes(root)
 
 
 def cached_tables(
@@ -202,7 +220,7 @@ def cached_tables(
         return _built(build, "off", None)
     root = _cache_root(path, cache_dir)
     stat = _stat_record(path)
-    if stat is None:  # missing or unreadable: the reader says what is wrong
+    if stat is None:  # not a regular file: the reader says what is wrong
         return _built(build, "off", None)
     prefix = f"{path.name}.{name}."
 
@@ -382,6 +400,8 @@ def _write_entry(root: Path, entry: Path, tables: dict, digest: str, name: str, 
         manifest = {"format": _FORMAT, "digest": digest, "name": name, "version": version,
                     "source_stat": stat, "hashed_at_ns": hashed_at_ns, "tables": files}
         (tmp / _MANIFEST).write_text(json.dumps(manifest), encoding="utf-8")
+        mode = (tmp / _MANIFEST).stat().st_mode & 0o777  # the umask's file mode: readable alike
+        os.chmod(tmp, mode | (mode & 0o444) >> 2 | 0o700)
         if entry.exists():  # a corrupt entry (or one a concurrent reader just wrote): replace it
             trash = Path(tempfile.mkdtemp(prefix=".old-", dir=root))
             os.rename(entry, trash / "entry")
