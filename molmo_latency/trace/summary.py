@@ -71,7 +71,7 @@ def summarize(trace: KinetoTrace, parts: tuple[str, ...] | list[str] | None = No
         ((0, 9), 1)
         >>> only = summarize(trace, ["kernels"])
         >>> only.computed, only.kernels.height, only.annotations, only.unattributed
-        (('kernels',), 6, None, None)
+        (('kernels',), 8, None, None)
     """
     asked = SUMMARY_PARTS if parts is None else tuple(parts)
     unknown = [p for p in asked if p not in SUMMARY_PARTS]
