@@ -283,3 +283,77 @@ def test_streaming_summary_of_a_generated_multi_copy_trace(tmp_path, monkeypatch
     for p in (path, packed):
         streamed, whole = _both_readings(p)
         assert streamed == whole
+
+
+# ------------------------------------------------------------------------------------------
+# The checks' cheaper paths (valid rows found in one pass; duplicates looked for among rows
+# sharing a start only) set aside exactly what a plain Python reading does.
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_duplicates_and_impossible_times_match_a_plain_reading(seed):
+    import random
+    from collections import Counter
+
+    from molmo_latency.trace._checks import drop_impossible
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(400):
+        start = rng.choice([rng.randrange(-3, 60), 1000])
+        dur = rng.choice([rng.randrange(-2, 4), 5])
+        rows.append((rng.choice(["a", "b"]), rng.randrange(2), start, start + dur, dur,
+                     rng.choice([None, [1, 1, 1], [2, 1, 1]])))
+    if rng.random() < 0.5:  # sorted by start (as the Kineto reader gives its tables) or not
+        rows.sort(key=lambda r: r[2])
+    table = pl.DataFrame(rows, schema={"name": pl.String, "device": pl.Int64, "start_ns": pl.Int64,
+                                       "end_ns": pl.Int64, "dur_ns": pl.Int64, "grid": pl.Array(pl.Int64, 3)},
+                         orient="row")
+    seen, kept, expected = set(), [], Counter()
+    for row in rows:  # the first rule that applies names the reason; then duplicates among the rest
+        if row[4] < 0:
+            expected["negative_duration"] += 1
+        elif row[2] < 0:
+            expected["negative_time"] += 1
+        elif (key := (row[0], row[1], row[2], row[3], row[4], tuple(row[5]) if row[5] else None)) in seen:
+            expected["duplicate"] += 1
+        else:
+            seen.add(key)
+            kept.append(row)
+    got = Counter()
+    out = drop_impossible(table, None, got)
+    assert got == expected
+    assert out.rows() == [tuple(r[:5]) + (r[5],) for r in kept]
+
+
+# ------------------------------------------------------------------------------------------
+# `trace summary` straight from the command line (no Typer) is the command Typer declares.
+
+
+def test_the_direct_command_line_reads_the_options_typer_declares(tmp_path, capsys):
+    import inspect
+
+    from typer.models import OptionInfo
+
+    from molmo_latency.cli.app import app
+    from molmo_latency.cli.trace_cmd import summary_command
+    from molmo_latency.cli.trace_summary import SUMMARY_OPTIONS, direct_summary
+
+    declared = {}
+    for name, param in inspect.signature(summary_command).parameters.items():
+        if isinstance(param.default, OptionInfo):
+            for decl in param.default.param_decls:
+                declared[decl] = (name, param.default.default)
+    assert declared == {flag: (name, default) for flag, (name, _, default) in SUMMARY_OPTIONS.items()}
+    path = tmp_path / "t.json.gz"
+    shutil.copy(DATA / "nccl_training.json.gz", path)
+    args = [str(path), "--json", "--top", "3", "--no-cache", "--parts", "kernels,devices"]
+    assert direct_summary(args) is not None
+    direct = _summary(args[:1] + args[2:])  # main() takes the direct path
+    capsys.readouterr()
+    assert app(args=["trace", "summary", *args], prog_name="molmo-latency", standalone_mode=False) is None
+    through_typer = json.loads(capsys.readouterr().out)
+    assert direct == through_typer and direct["computed"] == ["devices", "kernels"]
+    for odd in (["--help"], [str(path), "--top", "x"], [str(path), "--top", "0"], [str(path), "--bogus"],
+                [str(path), str(path)], [], [str(path), "--json=1"], [str(path), "--cache-dir"]):
+        assert direct_summary(odd) is None, odd  # left to Typer and its messages

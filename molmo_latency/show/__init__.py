@@ -28,9 +28,30 @@ Example:
     >>> set_width(None)
 """
 
-from molmo_latency.show.json_doc import frame_records, json_text, jsonable, print_json, write_json
-from molmo_latency.show.png import write_png
-from molmo_latency.show.table import console, err_console, format_cell, plural, print_frame, set_wide, set_width
+import importlib
+
+# Names -> the module defining them, imported on first use (PEP 562): printing a JSON document
+# loads neither rich (the tables) nor the PNG writer.
+_WHERE = {
+    **dict.fromkeys(("frame_records", "json_text", "jsonable", "print_json", "write_json"), "molmo_latency.show.json_doc"),
+    "write_png": "molmo_latency.show.png",
+    **dict.fromkeys(("console", "err_console", "format_cell", "plural", "print_frame", "set_wide", "set_width"),
+                    "molmo_latency.show.table"),
+}
+
+
+def __getattr__(name: str):
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))
+
 
 __all__ = ["console", "err_console", "format_cell", "frame_records", "json_text", "jsonable", "print_frame",
            "plural", "print_json", "set_wide", "set_width", "write_json", "write_png"]

@@ -230,7 +230,7 @@ def cached_tables(
     if digest is None:
         hasher = _Hasher(path)
     status = "written"
-    if digest is None and root.is_dir():
+    if digest is None and _has_entries(root, prefix):  # else nothing to look up: hash beside the parse
         digest = hasher.result()
     if digest is not None:
         entry = root / f"{prefix}{_key(digest, name, version)}"
@@ -255,15 +255,16 @@ def cached_tables(
         hasher = _Hasher(path, digest, _recorded_at(root, prefix, digest))
     tables = build()  # the parse, while the hash runs in its thread (it releases the GIL)
     digest = hasher.result()
-    if stat != _stat_record(path):  # the trace changed while it was read: do not cache that read
+    if digest is None or stat != _stat_record(path):  # unreadable, or changed while read: not cached
         out = CachedTables(tables)
         out.status = "off"
         return out
     entry = root / f"{prefix}{_key(digest, name, version)}"
     try:
         _write_entry(root, entry, tables, digest, name, version, stat, hasher.started_ns)
-    except OSError as exc:  # a full disk, a folder made read-only meanwhile: the tables stand
-        _note(str(root), f"could not write the cache entry {entry} ({exc.strerror or exc}); continuing without it")
+    except Exception as exc:  # noqa: BLE001 - a full disk, a folder made read-only meanwhile: the tables stand
+        reason = getattr(exc, "strerror", None) or " ".join(str(exc).split())[:200]
+        _note(str(root), f"could not write the cache entry {entry} ({reason}); continuing without it")
         out = CachedTables(tables)
         out.status = "unwritable"
         return out
@@ -316,6 +317,13 @@ def _load_manifest(entry: Path) -> dict | None:
     except (OSError, ValueError, UnicodeDecodeError):
         return None
     return manifest if isinstance(manifest, dict) else None
+
+
+def _has_entries(root: Path, prefix: str) -> bool:
+    try:
+        return any(n.startswith(prefix) for n in os.listdir(root))
+    except OSError:
+        return False
 
 
 def _recorded_digest(root: Path, prefix: str, stat: list[int]) -> str | None:
