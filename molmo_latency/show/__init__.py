@@ -17,6 +17,7 @@ this package or matplotlib; the CLI calls the analysis, then hands its result he
 
 Example:
     >>> import polars as pl
+    >>> from molmo_latency.show import print_frame, set_width
     >>> set_width(40)
     >>> print_frame(pl.DataFrame({"phase": ["decode"], "ms": [1.5]}), "Phases")  # doctest: +NORMALIZE_WHITESPACE
     Phases
