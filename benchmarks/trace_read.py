@@ -265,6 +265,10 @@ def main() -> None:
                         help="--scale: keep (and reuse) the built traces in this folder, one subfolder per size")
     parser.add_argument("--lock", type=Path, default=None,
                         help="--scale: hold this lock file (flock) while measuring each size, not while building")
+    parser.add_argument("--baseline-src", type=Path, default=None,
+                        help="--scale: also time `trace summary` with the molmo_latency package in this folder "
+                             "(e.g. `git archive BASE molmo_latency | tar -x -C DIR`): the reader before a change")
+    parser.add_argument("--baseline-label", default="before", help=argparse.SUPPRESS)
     parser.add_argument("--hta-cap-gb", type=float, default=12.0,
                         help="--scale: address-space cap of each HTA process (GB), so it fails alone")
     parser.add_argument("--worker", choices=["ours", "ours-package", "hta"], help=argparse.SUPPRESS)
@@ -615,7 +619,7 @@ def scale(args: argparse.Namespace) -> None:
             mb = built["bytes"] / 1e6
             cache = folder / f"{size_mb:g}-cache"  # beside, not inside, the folder HTA reads
             runs = args.runs if size_mb < 100 else 2 if size_mb < 1000 else 1
-            hta_runs = min(args.hta_runs, runs) if size_mb < 1000 else 1
+            hta_runs = min(args.hta_runs, runs) if size_mb < 100 else 1
             arms = {
                 "ours: first read (`--no-cache`)": summary + [str(path), "--json", "--no-cache"],
                 "ours: first read, writing the cache": summary + [str(path), "--json", "--cache-dir", str(cache)],
@@ -626,6 +630,8 @@ def scale(args: argparse.Namespace) -> None:
                 f"HTA {HTA_VERSION}: TraceAnalysis + get_gpu_kernel_breakdown":
                     [hta_python, "-c", _HTA_WHOLE.format(d=str(path.parent))],
             }
+            if args.baseline_src is not None:
+                arms = {f"{args.baseline_label}: first read": ["BASELINE", *summary[1:], str(path), "--json"], **arms}
             if size_mb < 100:
                 arms = {"`python -c pass` (interpreter start)": [sys.executable, "-c", "pass"], **arms}
             results: dict[str, list[dict]] = {a: [] for a in arms}
@@ -638,7 +644,12 @@ def scale(args: argparse.Namespace) -> None:
                             continue
                         if "writing the cache" in label:
                             shutil.rmtree(cache, ignore_errors=True)
-                        r = run_process(cmd, env=env, cwd=str(ROOT), timeout_s=900,
+                        where, run_env = str(ROOT), env
+                        if cmd[0] == "BASELINE":  # the package as it was, run from its own folder
+                            cmd = [sys.executable, *cmd[1:]]
+                            where = str(args.baseline_src)
+                            run_env = {**env, "PYTHONPATH": str(args.baseline_src)}
+                        r = run_process(cmd, env=run_env, cwd=where, timeout_s=900,
                                         address_space_cap_bytes=int(args.hta_cap_gb * 1e9) if hta else None)
                         results[label].append(r)
                         state = "ok" if r["returncode"] == 0 else f"FAILED (exit {r['returncode']})"
@@ -687,6 +698,7 @@ def _scale_report(rows: list[dict], notes: list[str], versions: str, sizes: list
         writing = med.get("ours: first read, writing the cache")
         gz = med.get("ours: gzip, first read (`--no-cache`)")
         hta = next((v for k, v in med.items() if k.startswith("HTA")), None)
+        before = next((v for k, v in med.items() if k.startswith(f"{args.baseline_label}:")), None)
         parts = [f"- **{mb:.0f} MB** ({row['events']:,} events; 1-min load {row['load'][0]:.1f} -> {row['load'][1]:.1f}):"]
         if first and hta:
             parts.append(f"  - HTA / ours, first read: **{hta['wall'] / first['wall']:.1f}x** wall, "
@@ -701,6 +713,12 @@ def _scale_report(rows: list[dict], notes: list[str], versions: str, sizes: list
                          f"faster wall (goal >= 5x); vs a first read without the cache: "
                          f"{first['wall'] / cached['wall']:.1f}x. Writing the cache costs "
                          f"{writing['wall'] - first['wall']:+.2f} s on the first read.")
+        if before and first:
+            parts.append(f"  - the package before this change (`{args.baseline_label}`): {before['wall']:.2f} s wall, "
+                         f"{before['cpu']:.2f} s CPU, peak RSS {before['peak']:.0f} MB "
+                         f"({before['peak'] / mb:.2f}x); now {first['wall']:.2f} s, {first['cpu']:.2f} s CPU, "
+                         f"{first['peak']:.0f} MB ({first['peak'] / mb:.2f}x) without the cache"
+                         + (f", HTA / before {hta['wall'] / before['wall']:.1f}x" if hta else "") + ".")
         if first:
             parts.append(f"  - peak RSS of the first read: **{first['peak']:.0f} MB = {first['peak'] / mb:.2f}x** the trace"
                          + (f"; gzip: {gz['peak']:.0f} MB = {gz['peak'] / mb:.2f}x the uncompressed size" if gz else "")
