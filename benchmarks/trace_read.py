@@ -726,19 +726,21 @@ def _scale_report(rows: list[dict], notes: list[str], versions: str, sizes: list
                          + " (goal at 2 GB: below 0.5x).")
         verdicts += parts
     uname = " ".join(platform.uname()).strip()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=str(ROOT)).stdout.strip() or "unknown"
     return "\n".join([
-        f"`python benchmarks/trace_read.py --scale --size-mb {' '.join(format(s, 'g') for s in sizes)} --runs "
+        f"Code at commit `{commit}`. `python benchmarks/trace_read.py --scale --size-mb {' '.join(format(s, 'g') for s in sizes)} --runs "
         f"{args.runs} --hta-runs {args.hta_runs} --lock /work/bench.lock`: every figure below is from this one run, "
         "side by side (arms alternated run by run, each size measured while holding the machine's benchmark lock). "
         "Traces built as in the sections above (copies of tests/data/kineto's GPU traces, newer layout), the "
-        "gzip ones with `gzip -1`. Each command is a fresh process timed from spawn to exit (output to "
+        "gzip ones at compression level 1. Each command is a fresh process timed from spawn to exit (output to "
         "/dev/null): wall, CPU = user + system of the process (all threads), peak RSS = its `ru_maxrss` "
         "(1 MB = 1e6 bytes). Ours is `python -m molmo_latency trace summary T --json` (every part: devices, "
         "categories, kernels, annotations with the launch join, CPU ops) unless the arm says `--parts kernels`; "
         "\"writing the cache\" starts from an empty `--cache-dir` (next to the trace folder, so HTA never sees "
         "it); \"cached read\" reads that entry back (SHA-256 of the trace skipped only when its stat is as "
-        "recorded and settled; see molmo_latency/trace/cache.py). 500 MB and 2 GB are run "
-        f"{'twice' if args.runs > 1 else 'once'} / once. HTA runs under an address-space cap of "
+        "recorded and settled; see molmo_latency/trace/cache.py). Runs per arm: "
+        f"{args.runs} at 54 MB (HTA {args.hta_runs}), 2 at 500 MB (HTA 1), 1 at 2 GB. HTA runs under an address-space cap of "
         f"{args.hta_cap_gb:g} GB so that it fails alone instead of exhausting the machine.",
         "",
         f"Machine: `{uname}`, {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} "
