@@ -153,5 +153,10 @@ def _trace_from_tables(path: str, tables: dict):
     kwargs = {"path": path}
     for field, (kind, value) in document["fields"].items():
         kwargs[field] = tuple(value) if kind == "tuple" else value
-    kwargs.update((name, frame) for name, frame in tables.items() if name != _META)
+    for name, frame in tables.items():
+        if name == _META:
+            continue
+        if "start_ns" in frame.columns and frame["start_ns"].null_count() == 0 and frame["start_ns"].is_sorted():
+            frame = frame.with_columns(frame["start_ns"].set_sorted())  # Parquet keeps no sorted flag
+        kwargs[name] = frame
     return cls(**kwargs), document["warnings"]

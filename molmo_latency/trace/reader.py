@@ -443,7 +443,7 @@ def _finish(path: Path, name: str, parts: list[pl.DataFrame], base_time_ns: int)
     order = frame.select(pl.int_range(pl.len(), dtype=pl.Int64).sort_by("ts", maintain_order=True)).to_series()
     source = {c: frame[c] for c in frame.columns}
     del frame
-    starts = source.pop("ts").gather(order) + base_time_ns
+    starts = (source.pop("ts").gather(order) + base_time_ns).set_sorted()  # it is: later sorts are free
     durations = source.pop("dur").gather(order)
     out = {}
     for c in columns:

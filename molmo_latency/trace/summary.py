@@ -86,10 +86,12 @@ def summarize(trace: KinetoTrace, parts: tuple[str, ...] | list[str] | None = No
         unattributed = int(attributed["annotation_id"].is_null().sum())
         unlinked = int(attributed["launch_start_ns"].is_null().sum())
     if "categories" in computed:
+        # categories named once per distinct (name, kind), not joined back onto every activity
+        per_name = trace.gpu.group_by("name", "kind").agg(count=pl.len().cast(pl.Int64), total_ns=pl.col("dur_ns").sum())
         categories = (
-            with_category(trace.gpu)
+            with_category(per_name)
             .group_by("category")
-            .agg(count=pl.len().cast(pl.Int64), total_ns=pl.col("dur_ns").sum())
+            .agg(count=pl.col("count").sum(), total_ns=pl.col("total_ns").sum())
             .sort(["total_ns", "category"], descending=[True, False])
         )
     return TraceSummary(
