@@ -269,6 +269,9 @@ def main() -> None:
                         help="--scale: also time `trace summary` with the molmo_latency package in this folder "
                              "(e.g. `git archive BASE molmo_latency | tar -x -C DIR`): the reader before a change")
     parser.add_argument("--baseline-label", default="before", help=argparse.SUPPRESS)
+    parser.add_argument("--hta-max-mb", type=float, default=None,
+                        help="--scale: run HTA only on traces up to this size (MB); e.g. when its larger runs "
+                             "were measured before (HTA took ~6 minutes on 500 MB here)")
     parser.add_argument("--hta-cap-gb", type=float, default=12.0,
                         help="--scale: address-space cap of each HTA process (GB), so it fails alone")
     parser.add_argument("--worker", choices=["ours", "ours-package", "hta"], help=argparse.SUPPRESS)
@@ -630,6 +633,8 @@ def scale(args: argparse.Namespace) -> None:
                 f"HTA {HTA_VERSION}: TraceAnalysis + get_gpu_kernel_breakdown":
                     [hta_python, "-c", _HTA_WHOLE.format(d=str(path.parent))],
             }
+            if args.hta_max_mb is not None and size_mb > args.hta_max_mb:
+                arms = {k: v for k, v in arms.items() if not k.startswith("HTA")}
             if args.baseline_src is not None:
                 arms = {f"{args.baseline_label}: first read": ["BASELINE", *summary[1:], str(path), "--json"], **arms}
             if size_mb < 100:
