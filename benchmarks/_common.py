@@ -49,3 +49,37 @@ def update_section(title: str, body: str) -> None:
         else:
             text = text.rstrip() + "\n\n" + section
         RESULTS.write_text(text.rstrip() + "\n")
+
+
+def run_process(cmd: list[str], *, env: dict | None = None, cwd: str | None = None, timeout_s: float = 1800,
+                address_space_cap_bytes: int | None = None) -> dict:
+    """Run `cmd` as a fresh process (output to /dev/null, stderr kept) and measure it whole:
+    ``wall_s`` from spawn to exit, ``cpu_s`` (user + system of the process and its threads),
+    ``peak_rss_mb`` (its own ``ru_maxrss``, from ``wait4``; 1 MB = 1e6 bytes), ``returncode``
+    and the end of ``stderr``. `address_space_cap_bytes`: a RLIMIT_AS for the child, so a peer
+    that would exhaust the machine's memory fails alone (MemoryError) instead."""
+    import resource
+    import subprocess
+    import tempfile
+    import threading
+    import time
+
+    def cap() -> None:
+        if address_space_cap_bytes:
+            resource.setrlimit(resource.RLIMIT_AS, (address_space_cap_bytes, address_space_cap_bytes))
+
+    with tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=cwd, preexec_fn=cap)
+        timer = threading.Timer(timeout_s, proc.kill)
+        timer.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            timer.cancel()
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        err.seek(0)
+        tail = err.read()[-3000:].decode("utf-8", "replace")
+    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mb": usage.ru_maxrss * 1024 / 1e6,
+            "returncode": proc.returncode, "stderr": tail}

@@ -5,6 +5,8 @@ with molmo-latency and with Holistic Trace Analysis 0.5.0 (the peer), in one run
     python benchmarks/trace_read.py --size-mb 60 --runs 5 --hta-runs 2 --no-write
     python benchmarks/trace_read.py --summary-process        # issue 15: `trace summary` of a 54 MB
                                                              # trace as a whole process, beside HTA
+    python benchmarks/trace_read.py --scale --lock /work/bench.lock   # issue 29: 54 MB, 500 MB, 2 GB:
+                      # first read, cached read, gzip, memory; HTA beside
 
 Each trace (not committed) is built in a temporary directory from the real traces in
 tests/data/kineto (HTA's test data): their events replicated one after another in time, with
@@ -58,6 +60,7 @@ START_US = 4_400_000_000_000  # like Kineto's relative ts: well below 2**43 us
 ID_STRIDE = 10_000_000
 SECTION = "Trace reading (issue 3)"
 SUMMARY_SECTION = "trace summary as a whole process (issue 15)"
+SCALE_SECTION = "Trace reading at scale: first read, cached read, memory (issue 29)"
 
 
 # ------------------------------------------------------------------------------------------
@@ -255,6 +258,22 @@ def main() -> None:
     parser.add_argument("--summary-process", action="store_true",
                         help="instead: time `trace summary` of one trace as a whole process beside HTA (issue 15); "
                              "--size-mb defaults to 54 here")
+    parser.add_argument("--scale", action="store_true",
+                        help="instead: issue 29 - `trace summary` as a whole process at 54, 500 and 2000 MB "
+                             "(--size-mb), first read, cached read and gzip, wall / CPU / peak RSS, beside HTA")
+    parser.add_argument("--traces", type=Path, default=None,
+                        help="--scale: keep (and reuse) the built traces in this folder, one subfolder per size")
+    parser.add_argument("--lock", type=Path, default=None,
+                        help="--scale: hold this lock file (flock) while measuring each size, not while building")
+    parser.add_argument("--baseline-src", type=Path, default=None,
+                        help="--scale: also time `trace summary` with the molmo_latency package in this folder "
+                             "(e.g. `git archive BASE molmo_latency | tar -x -C DIR`): the reader before a change")
+    parser.add_argument("--baseline-label", default="before", help=argparse.SUPPRESS)
+    parser.add_argument("--hta-max-mb", type=float, default=None,
+                        help="--scale: run HTA only on traces up to this size (MB); e.g. when its larger runs "
+                             "were measured before (HTA took ~6 minutes on 500 MB here)")
+    parser.add_argument("--hta-cap-gb", type=float, default=12.0,
+                        help="--scale: address-space cap of each HTA process (GB), so it fails alone")
     parser.add_argument("--worker", choices=["ours", "ours-package", "hta"], help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -270,6 +289,9 @@ def main() -> None:
 
     if args.summary_process:
         summary_process(args)
+        return
+    if args.scale:
+        scale(args)
         return
     if min(args.size_mb) < 50:
         parser.error("--size-mb must be at least 50 (issue 3)")
@@ -530,6 +552,210 @@ def summary_process(args: argparse.Namespace) -> None:
 
         update_section(SUMMARY_SECTION, body)
         print(f"\nupdated the '{SUMMARY_SECTION}' section of benchmarks/RESULTS.md")
+
+
+
+# ------------------------------------------------------------------------------------------
+# Issue 29: first read, cached read and memory at 54 MB, 500 MB and 2 GB, beside HTA.
+
+_SCALE_SIZES = [54.0, 500.0, 2000.0]
+
+
+def _scale_trace(folder: Path, size_mb: float) -> tuple[Path, Path, dict]:
+    """(plain trace, gzip of it, what was built) in folder/<size>/, built when missing."""
+    import gzip as gzip_module
+
+    sub = folder / f"{size_mb:g}"
+    sub.mkdir(parents=True, exist_ok=True)
+    path, packed = sub / "rank0_trace.json", folder / f"{size_mb:g}-gz" / "rank0_trace.json.gz"
+    info = folder / f"{size_mb:g}-built.json"  # not in the folder HTA reads
+    if not (path.exists() and info.exists()):
+        t0 = time.perf_counter()
+        built = build_trace(path, int(size_mb * 1e6))
+        info.write_text(json.dumps(built))
+        print(f"built {path} ({built['bytes'] / 1e6:.0f} MB, {built['events']:,} events) in "
+              f"{time.perf_counter() - t0:.0f} s", flush=True)
+    if not packed.exists():
+        packed.parent.mkdir(exist_ok=True)
+        with open(path, "rb") as src, gzip_module.open(packed.with_suffix(".tmp"), "wb", compresslevel=1) as dst:
+            shutil.copyfileobj(src, dst, 1 << 22)
+        packed.with_suffix(".tmp").rename(packed)
+    return path, packed, json.loads(info.read_text())
+
+
+def _locked(lock: Path | None):
+    import contextlib
+    import fcntl
+
+    @contextlib.contextmanager
+    def hold():
+        if lock is None:
+            yield
+            return
+        with open(lock, "a") as f:
+            t0 = time.perf_counter()
+            fcntl.flock(f, fcntl.LOCK_EX)
+            print(f"holding {lock} (waited {time.perf_counter() - t0:.0f} s)", flush=True)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+    return hold()
+
+
+def scale(args: argparse.Namespace) -> None:
+    sys.path.insert(0, str(ROOT))
+    from benchmarks._common import run_process, update_section
+
+    sizes = args.size_mb if args.size_mb != [60.0, 120.0] else _SCALE_SIZES
+    hta_python = _hta_python()
+    versions = _versions(hta_python)
+    folder = args.traces or Path(tempfile.mkdtemp(prefix="trace_scale_"))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("MOLMO_LATENCY_CACHE_DIR", None)
+    env.pop("MOLMO_LATENCY_NO_CACHE", None)
+    summary = [sys.executable, "-m", "molmo_latency", "trace", "summary"]
+    rows, notes = [], []
+    try:
+        for size_mb in sizes:
+            path, packed, built = _scale_trace(folder, size_mb)
+            mb = built["bytes"] / 1e6
+            cache = folder / f"{size_mb:g}-cache"  # beside, not inside, the folder HTA reads
+            runs = args.runs if size_mb < 100 else 2 if size_mb < 1000 else 1
+            hta_runs = min(args.hta_runs, runs) if size_mb < 100 else 1
+            arms = {
+                "ours: first read (`--no-cache`)": summary + [str(path), "--json", "--no-cache"],
+                "ours: first read, writing the cache": summary + [str(path), "--json", "--cache-dir", str(cache)],
+                "ours: cached read": summary + [str(path), "--json", "--cache-dir", str(cache)],
+                "ours: cached read, `--parts kernels`": summary + [str(path), "--json", "--parts", "kernels",
+                                                                   "--cache-dir", str(cache)],
+                "ours: gzip, first read (`--no-cache`)": summary + [str(packed), "--json", "--no-cache"],
+                f"HTA {HTA_VERSION}: TraceAnalysis + get_gpu_kernel_breakdown":
+                    [hta_python, "-c", _HTA_WHOLE.format(d=str(path.parent))],
+            }
+            if args.hta_max_mb is not None and size_mb > args.hta_max_mb:
+                arms = {k: v for k, v in arms.items() if not k.startswith("HTA")}
+            if args.baseline_src is not None:
+                arms = {f"{args.baseline_label}: first read": ["BASELINE", *summary[1:], str(path), "--json"], **arms}
+            if size_mb < 100:
+                arms = {"`python -c pass` (interpreter start)": [sys.executable, "-c", "pass"], **arms}
+            results: dict[str, list[dict]] = {a: [] for a in arms}
+            with _locked(args.lock):
+                load_before = os.getloadavg()[0]
+                for i in range(runs):  # arms alternate, so load drift hits all of them
+                    for label, cmd in arms.items():
+                        hta = label.startswith("HTA")
+                        if hta and i >= hta_runs:
+                            continue
+                        if "writing the cache" in label:
+                            shutil.rmtree(cache, ignore_errors=True)
+                        where, run_env = str(ROOT), env
+                        if cmd[0] == "BASELINE":  # the package as it was, run from its own folder
+                            cmd = [sys.executable, *cmd[1:]]
+                            where = str(args.baseline_src)
+                            run_env = {**env, "PYTHONPATH": str(args.baseline_src)}
+                        r = run_process(cmd, env=run_env, cwd=where, timeout_s=900,
+                                        address_space_cap_bytes=int(args.hta_cap_gb * 1e9) if hta else None)
+                        results[label].append(r)
+                        state = "ok" if r["returncode"] == 0 else f"FAILED (exit {r['returncode']})"
+                        print(f"{mb:.0f} MB | {label} | run {i + 1}: {r['wall_s']:.2f} s wall, {r['cpu_s']:.2f} s CPU, "
+                              f"peak RSS {r['peak_rss_mb']:.0f} MB, {state}", flush=True)
+                        if r["returncode"] != 0:
+                            last = r["stderr"].strip().splitlines()[-1:] or ["(no message)"]
+                            notes.append(f"{mb:.0f} MB, {label}: exit {r['returncode']}: `{last[0][:200]}`")
+                load_after = os.getloadavg()[0]
+            shutil.rmtree(cache, ignore_errors=True)
+            rows.append({"size_mb": mb, "gz_mb": packed.stat().st_size / 1e6, "events": built["events"],
+                         "results": results, "load": (load_before, load_after)})
+    finally:
+        if args.traces is None:
+            shutil.rmtree(folder, ignore_errors=True)
+    body = _scale_report(rows, notes, versions, sizes, args)
+    print("\n" + body)
+    if not args.no_write:
+        update_section(SCALE_SECTION, body)
+        print(f"\nupdated the '{SCALE_SECTION}' section of benchmarks/RESULTS.md")
+
+
+def _scale_report(rows: list[dict], notes: list[str], versions: str, sizes: list[float],
+                  args: argparse.Namespace) -> str:
+    table = ["| trace | command (whole process) | runs | wall s, median (min) | CPU s, median | peak RSS MB | "
+             "peak RSS / trace |", "|---|---|---|---|---|---|---|"]
+    verdicts = []
+    for row in rows:
+        mb, res = row["size_mb"], row["results"]
+        med = {}
+        for label, runs in res.items():
+            ok = [r for r in runs if r["returncode"] == 0]
+            if not ok:
+                table.append(f"| {mb:.0f} MB | {label} | {len(runs)} | failed | - | "
+                             f"{max(r['peak_rss_mb'] for r in runs):.0f} (at failure) | - |")
+                continue
+            wall = statistics.median(r["wall_s"] for r in ok)
+            peak = max(r["peak_rss_mb"] for r in ok)
+            base = row["gz_mb"] if "gzip" in label else mb
+            med[label] = {"wall": wall, "cpu": statistics.median(r["cpu_s"] for r in ok), "peak": peak}
+            table.append(f"| {mb:.0f} MB{' (gzip: ' + format(row['gz_mb'], '.0f') + ' MB)' if 'gzip' in label else ''} | "
+                         f"{label} | {len(ok)} | {wall:.3f} ({min(r['wall_s'] for r in ok):.3f}) | "
+                         f"{med[label]['cpu']:.3f} | {peak:.0f} | {peak / mb:.2f}x |")
+        first, cached = med.get("ours: first read (`--no-cache`)"), med.get("ours: cached read")
+        kernels = med.get("ours: cached read, `--parts kernels`")
+        writing = med.get("ours: first read, writing the cache")
+        gz = med.get("ours: gzip, first read (`--no-cache`)")
+        hta = next((v for k, v in med.items() if k.startswith("HTA")), None)
+        before = next((v for k, v in med.items() if k.startswith(f"{args.baseline_label}:")), None)
+        parts = [f"- **{mb:.0f} MB** ({row['events']:,} events; 1-min load {row['load'][0]:.1f} -> {row['load'][1]:.1f}):"]
+        if first and hta:
+            parts.append(f"  - HTA / ours, first read: **{hta['wall'] / first['wall']:.1f}x** wall, "
+                         f"{hta['cpu'] / first['cpu']:.1f}x CPU (goal >= 10x wall)"
+                         + (f"; HTA / ours cached: {hta['wall'] / cached['wall']:.1f}x" if cached else "")
+                         + (f"; cached `--parts kernels` (what HTA computes): {hta['wall'] / kernels['wall']:.1f}x"
+                            if kernels else "") + ".")
+        elif first:
+            parts.append("  - HTA did not finish (see below); nothing to compare against.")
+        if writing and cached:
+            parts.append(f"  - cached read vs first read writing the cache: **{writing['wall'] / cached['wall']:.1f}x** "
+                         f"faster wall (goal >= 5x); vs a first read without the cache: "
+                         f"{first['wall'] / cached['wall']:.1f}x. Writing the cache costs "
+                         f"{writing['wall'] - first['wall']:+.2f} s on the first read.")
+        if before and first:
+            parts.append(f"  - the package before this change (`{args.baseline_label}`): {before['wall']:.2f} s wall, "
+                         f"{before['cpu']:.2f} s CPU, peak RSS {before['peak']:.0f} MB "
+                         f"({before['peak'] / mb:.2f}x); now {first['wall']:.2f} s, {first['cpu']:.2f} s CPU, "
+                         f"{first['peak']:.0f} MB ({first['peak'] / mb:.2f}x) without the cache"
+                         + (f", HTA / before {hta['wall'] / before['wall']:.1f}x" if hta else "") + ".")
+        if first:
+            parts.append(f"  - peak RSS of the first read: **{first['peak']:.0f} MB = {first['peak'] / mb:.2f}x** the trace"
+                         + (f"; gzip: {gz['peak']:.0f} MB = {gz['peak'] / mb:.2f}x the uncompressed size" if gz else "")
+                         + (f"; cached read {cached['peak']:.0f} MB" if cached else "")
+                         + " (goal at 2 GB: below 0.5x).")
+        verdicts += parts
+    uname = " ".join(platform.uname()).strip()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=str(ROOT)).stdout.strip() or "unknown"
+    return "\n".join([
+        f"Code at commit `{commit}`. `python benchmarks/trace_read.py --scale --size-mb {' '.join(format(s, 'g') for s in sizes)} --runs "
+        f"{args.runs} --hta-runs {args.hta_runs} --lock /work/bench.lock`: every figure below is from this one run, "
+        "side by side (arms alternated run by run, each size measured while holding the machine's benchmark lock). "
+        "Traces built as in the sections above (copies of tests/data/kineto's GPU traces, newer layout), the "
+        "gzip ones at compression level 1. Each command is a fresh process timed from spawn to exit (output to "
+        "/dev/null): wall, CPU = user + system of the process (all threads), peak RSS = its `ru_maxrss` "
+        "(1 MB = 1e6 bytes). Ours is `python -m molmo_latency trace summary T --json` (every part: devices, "
+        "categories, kernels, annotations with the launch join, CPU ops) unless the arm says `--parts kernels`; "
+        "\"writing the cache\" starts from an empty `--cache-dir` (next to the trace folder, so HTA never sees "
+        "it); \"cached read\" reads that entry back (SHA-256 of the trace skipped only when its stat is as "
+        "recorded and settled; see molmo_latency/trace/cache.py). Runs per arm: "
+        f"{args.runs} at 54 MB (HTA {args.hta_runs}), 2 at 500 MB (HTA 1), 1 at 2 GB. HTA runs under an address-space cap of "
+        f"{args.hta_cap_gb:g} GB so that it fails alone instead of exhausting the machine.",
+        "",
+        f"Machine: `{uname}`, {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} "
+        f"GiB RAM. HTA in its own venv: {versions}.",
+        "",
+        *table,
+        "",
+        *verdicts,
+        *(["", "Failures:", "", *[f"- {n}" for n in notes]] if notes else []),
+    ])
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import polars as pl
 
 from molmo_latency.session import Session
 from molmo_latency.trace import phase_gpu_table, read_kineto
+from molmo_latency.trace.load import cached_trace
 
 from molmo_latency.conditions import CONDITION_COLUMNS
 from molmo_latency.schema import (
@@ -450,7 +451,8 @@ def _gpu_phases_of_file(path: str) -> pl.DataFrame | None:
 def _read_gpu_phases(path: str, _mtime_ns: int | None, _size: int | None) -> pl.DataFrame | None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        parsed = read_kineto(path)
+        # through the Parquet cache (molmo_latency.trace.cache): a later report reads typed columns
+        parsed = cached_trace(path, "kineto", read_kineto)
     return phase_gpu_table(parsed) if parsed.gpu.height else None
 
 

@@ -1,7 +1,13 @@
 import os
+import tempfile
 
 import pytest
 import torch
+
+# The trace cache (molmo_latency.trace.cache) of every command the tests run goes to one temporary
+# folder, never beside the test data (tests/data; ../shared is read-only). Tests of the cache
+# itself name their own folders.
+os.environ.setdefault("MOLMO_LATENCY_CACHE_DIR", tempfile.mkdtemp(prefix="molmo-latency-cache-"))
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

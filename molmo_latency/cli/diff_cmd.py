@@ -239,6 +239,11 @@ def diff_command(
     resamples: int = typer.Option(2000, "--resamples", help="bootstrap resamples"),
     seed: int = typer.Option(0, "--seed", help="bootstrap seed"),
     wide: bool = typer.Option(False, "--wide", help="show every column at its natural width"),
+    no_cache: bool = typer.Option(False, "--no-cache", help="read traces themselves, neither reading nor writing "
+                                  "the Parquet cache (.molmo-latency-cache/ beside each trace)"),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="keep the Parquet cache of the traces' "
+                                             "tables in this folder (default: beside each trace, or "
+                                             "$MOLMO_LATENCY_CACHE_DIR)"),
 ) -> None:
     """What changed from A to B, phase by phase (with noise told apart from change) and kernel by kernel."""
     from molmo_latency.show import console, print_json, set_wide
@@ -257,7 +262,8 @@ def diff_command(
     if plot is not None and plot.is_dir():
         raise DiffError(f"--plot {plot} is a directory; pass a file path such as {plot / 'diff.png'}")
     result = diff(a, b, config=config, config_b=config_b, level=level, normalize=normalize, alpha=alpha,
-                  min_effect_pct=min_effect_pct, resamples=resamples, seed=seed)
+                  min_effect_pct=min_effect_pct, resamples=resamples, seed=seed,
+                  trace_cache=False if no_cache else None, cache_dir=cache_dir)
     png = None
     if plot is not None and not no_plot:
         try:

@@ -146,11 +146,21 @@ def _interrupted(argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = _fill_optional_values(list(sys.argv[1:] if argv is None else argv))
-    _load_commands(argv)
-    from molmo_latency.cli.app import app
+    direct = None
+    if argv[:2] == ["trace", "summary"]:  # the command users wait for most: no Typer run-time
+        from molmo_latency.cli.trace_summary import direct_summary
+
+        direct = direct_summary(argv[2:])
+    if direct is None:
+        _load_commands(argv)
 
     try:
-        app(args=argv, prog_name="molmo-latency", standalone_mode=True)
+        if direct is not None:
+            direct()
+        else:
+            from molmo_latency.cli.app import app
+
+            app(args=argv, prog_name="molmo-latency", standalone_mode=True)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         if code == 130:  # Ctrl-C, caught by the command-line layer: say what happens next

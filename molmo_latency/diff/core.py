@@ -153,7 +153,8 @@ def _with_instances(table: pl.DataFrame, a: dict[str, int], b: dict[str, int]) -
 
 def diff(a: str | Path, b: str | Path, *, config: str | None = None, config_b: str | None = None,
          level: str = "auto", normalize: bool = False, alpha: float = 0.05, ci_level: float = 0.95,
-         resamples: int = 2000, min_effect_pct: float = 1.0, seed: int = 0) -> DiffResult:
+         resamples: int = 2000, min_effect_pct: float = 1.0, seed: int = 0, trace_cache: bool | None = False,
+         cache_dir: str | Path | None = None) -> DiffResult:
     """Compare B against A; each is a Kineto trace or a run directory of the sweep runner.
 
     Phase level (run directories, or traces written by ``profile_phases``): per phase and per
@@ -167,6 +168,9 @@ def diff(a: str | Path, b: str | Path, *, config: str | None = None, config_b: s
 
     Two run directories: every configuration id found in both is compared, unless
     ``config``/``config_b`` name one pair (they may be two configurations of one run).
+
+    ``trace_cache`` / ``cache_dir``: read traces through the Parquet cache of their tables
+    (:mod:`molmo_latency.trace.cache`; the CLI turns it on, ``--no-cache`` off).
 
     Example:
         >>> import tempfile
@@ -189,7 +193,8 @@ def diff(a: str | Path, b: str | Path, *, config: str | None = None, config_b: s
     stats = {"alpha": alpha, "ci_level": ci_level, "resamples": resamples, "min_effect_pct": min_effect_pct,
              "seed": seed}
     cache: dict[Path, tuple[Any, list[str]]] = {}
-    comparisons = [_compare(side_a, side_b, ca, cb, level, normalize, stats, cache) for ca, cb in pairs]
+    reading = {"cache": trace_cache, "cache_dir": cache_dir}
+    comparisons = [_compare(side_a, side_b, ca, cb, level, normalize, stats, cache, reading) for ca, cb in pairs]
     return DiffResult(a=side_a.label, b=side_b.label, a_kind=side_a.kind, b_kind=side_b.kind,
                       rule=describe_rule(alpha, ci_level, resamples, min_effect_pct),
                       options={"level": level, "normalize": normalize, **stats}, comparisons=comparisons,
@@ -229,7 +234,7 @@ def _trace_format(trace: Any) -> str:
 
 
 def _compare(a: Side, b: Side, ca: str | None, cb: str | None, level: str, normalize: bool,
-             stats: dict[str, Any], cache: dict) -> Comparison:
+             stats: dict[str, Any], cache: dict, reading: dict | None = None) -> Comparison:
     comp = Comparison(a_config=ca, b_config=cb)
     traces = []
     for side, cid, label in ((a, ca, "A"), (b, cb, "B")):
@@ -237,7 +242,7 @@ def _compare(a: Side, b: Side, ca: str | None, cb: str | None, level: str, norma
         trace = None
         if path is not None:
             if path not in cache:
-                cache[path] = read_trace(path)
+                cache[path] = read_trace(path, **(reading or {}))
             trace, notes = cache[path]
             comp.notes.extend(f"{label}: {n}" for n in notes if "no GPU activities" not in n)
         elif side.kind == "run":

@@ -137,9 +137,10 @@ def plan(a: Side, b: Side, config: str | None = None, config_b: str | None = Non
     return [(None, b_id or _one_config(b, "--config-b"))]
 
 
-def read_trace(path: Path):
+def read_trace(path: Path, *, cache: bool | None = False, cache_dir: str | Path | None = None):
     """Read a trace (Kineto JSON or nsys SQLite export, told apart by content: ``load_trace``);
-    its warnings come back as notes, not printed.
+    its warnings come back as notes, not printed. `cache`, `cache_dir`: the Parquet cache of the
+    trace's tables (:mod:`molmo_latency.trace.cache`; None: on unless ``MOLMO_LATENCY_NO_CACHE``).
 
     Example:
         >>> import tempfile
@@ -152,7 +153,7 @@ def read_trace(path: Path):
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", TraceWarning)
-        trace = load_trace(path)
+        trace = load_trace(path, cache=cache, cache_dir=cache_dir)
     notes = [str(w.message) for w in caught if issubclass(w.category, TraceWarning)]
     for w in caught:
         if not issubclass(w.category, TraceWarning):

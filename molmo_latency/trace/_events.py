@@ -161,7 +161,104 @@ class _OutOfRange(ValueError):
     pass
 
 
+#: Key of the per-chunk counts, per table, of events without a numeric ts / dur (dropped).
+_MISSING = "_missing"
+#: Key set (True) in a chunk decoded exactly (times parsed as decimals): the reader puts such
+#: chunks after the others, as it always has, so equal start times keep their order.
+_EXACT = "_exact"
+#: The columns a chunk's frame keeps per table: the tables' own (``ts``/``dur``: int64 ns relative
+#: to ``baseTimeNanoseconds``; the reader adds the base and sorts once every chunk is in).
+_KEEP = {
+    "gpu": ("name", "kind", "device", "stream", "correlation", "external_id", "ts", "dur", "grid", "block"),
+    "runtime": ("name", "kind", "pid", "tid", "correlation", "external_id", "ts", "dur"),
+    "cpu_ops": ("name", "pid", "tid", "external_id", "ts", "dur"),
+    "annotations": ("name", "pid", "tid", "external_id", "ts", "dur"),
+    "gpu_annotations": ("name", "device", "stream", "external_id", "ts", "dur"),
+}
+
+
 def _checked_frames(events: list, buf: bytes, fast: bool) -> dict[str, pl.DataFrame]:
+    """A frame per table of the kept events, settled (:func:`_settle`): int64 ns times, the
+    tables' columns only, events without times dropped (counted under ``_MISSING``)."""
+    return _settle(_decoded_frames(events, buf, fast))
+
+
+class _Settled(list):
+    """The chunks of a read, settled in batches: the decoded frames of consecutive chunks wait
+    until ~:data:`_BATCH_BYTES` of text is in, then are settled together (a few polars calls per
+    batch instead of per 2 MiB chunk). Exactly decoded chunks are settled alone, in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending: list[dict] = []
+        self.pending_bytes = 0
+
+    def add(self, events: list, buf: bytes, fast: bool) -> None:
+        frames = _decoded_frames(events, buf, fast)
+        if any(f["ts"].dtype != pl.Float64 for n, f in frames.items() if n != _SKIPPED):
+            self.flush()
+            self.append(_settle(frames))
+            return
+        self.pending.append(frames)
+        self.pending_bytes += len(buf)
+        if self.pending_bytes >= _BATCH_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        merged: dict = {}
+        skipped: dict = {}
+        for frames in self.pending:
+            for reason, count in frames.pop(_SKIPPED, {}).items():
+                skipped[reason] = skipped.get(reason, 0) + count
+            for name, frame in frames.items():
+                merged.setdefault(name, []).append(frame)
+        self.pending, self.pending_bytes = [], 0
+        batch = {name: pl.concat(parts, how="vertical", rechunk=False) if len(parts) > 1 else parts[0]
+                 for name, parts in merged.items()}
+        if skipped:
+            batch[_SKIPPED] = skipped
+        self.append(_settle(batch))
+
+
+_BATCH_BYTES = 8 << 20
+
+
+def _settle(frames: dict) -> dict:
+    """Each chunk in the tables' final form at once (all but the time base and the sort), so a
+    read holds the tables' columns only, never the raw per-event fields of every chunk:
+    microseconds -> exact int64 ns (chunks decoded as doubles), events without a ts / dur
+    dropped and counted, device / stream from pid / tid when args lack them, grid / block of
+    anything but three integers null."""
+    exact = any(f["ts"].dtype != pl.Float64 for n, f in frames.items() if n != _SKIPPED)
+    missing = {}
+    for name in _TABLES:
+        frame = frames.get(name)
+        if frame is None:
+            continue
+        if frame["ts"].dtype == pl.Float64:
+            frame = frame.with_columns(ts=_us_to_ns(pl.col("ts")), dur=_us_to_ns(pl.col("dur")))
+        without = frame["ts"].is_null() | frame["dur"].is_null()
+        n_missing = int(without.sum())
+        if n_missing:
+            frame = frame.filter(~without)
+            missing[name] = n_missing
+        if name in ("gpu", "gpu_annotations"):  # in args; Kineto also writes them as pid / tid
+            frame = frame.with_columns(device=pl.coalesce("device", "pid"), stream=pl.coalesce("stream", "tid"))
+        if name == "gpu":  # rows without three integer dims: null, not [null, null, null]
+            frame = frame.with_columns(
+                pl.when(pl.col(c).arr.get(0).is_not_null()).then(pl.col(c)).alias(c) for c in ("grid", "block")
+            )
+        frames[name] = frame.select(_KEEP[name])
+    if missing:
+        frames[_MISSING] = missing
+    if exact:
+        frames[_EXACT] = True
+    return frames
+
+
+def _decoded_frames(events: list, buf: bytes, fast: bool) -> dict[str, pl.DataFrame]:
     """A frame per table of the kept events (``ts``/``dur``: float us, or int ns if exact)."""
     frames = _frames(events, fast=fast, exact=False)
     for name, frame in frames.items():
@@ -247,7 +344,7 @@ def _table_frame(table: str, kept: list, kinds: list[str], exact: bool) -> pl.Da
         dur = [_exact_ns(v) for v in dur]
     times = pl.Int64 if exact else pl.Float64
     columns = {
-        "name": pl.Series([e.name for e in kept], dtype=pl.String),
+        "name": _strings([e.name for e in kept]),
         "pid": pl.Series([e.pid for e in kept], dtype=pl.Int64, strict=False),  # "Spans" -> null
         "tid": pl.Series([e.tid for e in kept], dtype=pl.Int64, strict=False),
         "ts": pl.Series(ts, dtype=times, strict=False),
@@ -266,6 +363,17 @@ def _table_frame(table: str, kept: list, kinds: list[str], exact: bool) -> pl.Da
         columns["grid"] = _dims([a.grid for a in args])
         columns["block"] = _dims([a.block for a in args])
     return pl.DataFrame(columns)
+
+
+def _strings(values: list) -> pl.Series:
+    """A string column whose rows share the bytes of equal values: the distinct values once,
+    gathered (polars' string views then point into one buffer). Kernel names are long (often
+    200+ bytes) and few: this holds them in ~16 bytes a row instead of their whole length."""
+    distinct: dict = {}
+    index = [distinct.setdefault(v, len(distinct)) for v in values]
+    if len(distinct) * 2 > len(values):  # mostly distinct: sharing saves nothing
+        return pl.Series(values, dtype=pl.String)
+    return pl.Series(list(distinct), dtype=pl.String).gather(pl.Series(index, dtype=pl.UInt32))
 
 
 def _ints(values: list) -> pl.Series:

@@ -25,6 +25,7 @@ from molmo_latency.trace._events import (
     _SLOW_DECODER,
     _TOP_DECODER,
     _checked_frames,
+    _Settled,
     _event_error,
     _one_line,
     _OutOfRange,
@@ -184,7 +185,7 @@ def _stream_text(text) -> tuple[_Top, list[dict[str, pl.DataFrame]], int]:
         raise _NotFast
     text.consume(key[1])
 
-    chunks, count = [], 0
+    chunks, count = _Settled(), 0
     search_from, end_from, attempts, done = None, 0, 0, False
     while not done:
         text.need(_CHUNK_BYTES + _READ_BYTES)
@@ -226,12 +227,13 @@ def _stream_text(text) -> tuple[_Top, list[dict[str, pl.DataFrame]], int]:
             tail = copy(consumed, text.avail())
         count += len(events)
         try:
-            chunks.append(_checked_frames(events, buf, fast=True))
+            chunks.add(events, buf, fast=True)
         except _OutOfRange:
             raise _NotFast from None
         del events, buf
         text.consume(consumed)
         search_from, end_from, attempts = None, 0, 0
+    chunks.flush()
     try:
         meta = _TOP_DECODER.decode(header + b'"traceEvents": null' + tail)
     except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):

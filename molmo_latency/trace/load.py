@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["NSYS_SUFFIXES", "load_trace", "trace_format"]
+__all__ = ["NSYS_SUFFIXES", "cached_trace", "load_trace", "trace_format"]
 
 #: File names read as nsys exports even when their content is not SQLite (to say so clearly).
 NSYS_SUFFIXES = (".sqlite", ".sqlite3", ".db", ".nsys-rep")
@@ -39,10 +39,14 @@ def trace_format(path: str | os.PathLike) -> str:
     return "nsys" if name.endswith(NSYS_SUFFIXES) else "kineto"
 
 
-def load_trace(path: str | os.PathLike):
+def load_trace(path: str | os.PathLike, *, cache: bool | None = False, cache_dir: str | os.PathLike | None = None):
     """The :class:`~molmo_latency.trace.KinetoTrace` of a Kineto trace or an nsys export
     (:func:`~molmo_latency.trace.read_kineto` or :func:`~molmo_latency.trace.read_nsys`, chosen by
     :func:`trace_format`). Errors and warnings are theirs.
+
+    `cache`: read the tables through the Parquet cache (:mod:`molmo_latency.trace.cache`):
+    True, False, or None (on unless ``MOLMO_LATENCY_NO_CACHE`` is set); `cache_dir`: the cache
+    folder (default ``.molmo-latency-cache`` beside the trace, or ``MOLMO_LATENCY_CACHE_DIR``).
 
     Example:
         >>> import tempfile
@@ -54,7 +58,105 @@ def load_trace(path: str | os.PathLike):
     if trace_format(path) == "nsys":
         from molmo_latency.trace.nsys import read_nsys
 
-        return read_nsys(path)
+        if cache is False:
+            return read_nsys(path)
+        return cached_trace(path, "nsys", read_nsys, ("molmo_latency.trace.nsys",), cache_dir=cache_dir,
+                            enabled=cache)
     from molmo_latency.trace.reader import read_kineto
 
-    return read_kineto(path)
+    if cache is False:
+        return read_kineto(path)
+    return cached_trace(path, "kineto", read_kineto, _KINETO_MODULES, cache_dir=cache_dir, enabled=cache)
+
+
+#: The modules whose code decides what the Kineto reader returns (their source hashes version
+#: its cache entries); the nsys reader's entries also hash these (it builds the same tables).
+_KINETO_MODULES = ("molmo_latency.trace.reader", "molmo_latency.trace._events", "molmo_latency.trace._text",
+                   "molmo_latency.trace._checks", "molmo_latency.trace.load")
+
+
+def cached_trace(path: str | os.PathLike, name: str, read, modules: tuple[str, ...] = (), *,
+                 cache_dir: str | os.PathLike | None = None, enabled: bool | None = None):
+    """``read(path)`` (a trace reader returning a :class:`~molmo_latency.trace.KinetoTrace`-like
+    dataclass of polars frames and JSON-able metadata) through the Parquet cache, as entry `name`
+    versioned by the source of `modules` (and of the Kineto reader's). The reader's
+    :class:`~molmo_latency.trace.TraceWarning` s are kept with the entry and warned again on
+    every read, hit or not, so a cached read says what a fresh one says.
+
+    Example:
+        >>> import tempfile, warnings
+        >>> from molmo_latency.trace import read_kineto
+        >>> from molmo_latency.trace._demo import write_demo_trace
+        >>> path = write_demo_trace(tempfile.mkdtemp())
+        >>> cold = cached_trace(path, "kineto", read_kineto)
+        >>> hit = cached_trace(path, "kineto", read_kineto)
+        >>> hit.gpu.equals(cold.gpu), hit.events == cold.events, hit.path == str(path)
+        (True, True, True)
+    """
+    import warnings
+
+    from molmo_latency.trace.cache import cached_tables, reader_version
+    from molmo_latency.trace.reader import TraceWarning
+
+    path_text = str(Path(path))
+
+    def build() -> dict:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trace = read(path)
+        said = []
+        for w in caught:
+            if issubclass(w.category, TraceWarning):
+                said.append(str(w.message).replace(path_text, "\0PATH\0"))
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return _trace_tables(trace, said)
+
+    version = reader_version(*dict.fromkeys(_KINETO_MODULES + tuple(modules)))
+    tables = cached_tables(path, name, build, version=version, cache_dir=cache_dir, enabled=enabled)
+    trace, said = _trace_from_tables(path_text, tables)
+    for message in said:
+        warnings.warn(message.replace("\0PATH\0", path_text), TraceWarning, stacklevel=3)
+    return trace
+
+
+_META = "_meta"
+
+
+def _trace_tables(trace, said: list[str]) -> dict:
+    """A trace dataclass as tables: its frames, and one ``_meta`` row holding the rest as JSON."""
+    import dataclasses
+    import json
+
+    import polars as pl
+
+    tables, meta = {}, {}
+    for f in dataclasses.fields(trace):
+        value = getattr(trace, f.name)
+        if isinstance(value, pl.DataFrame):
+            tables[f.name] = value
+        elif f.name != "path":
+            meta[f.name] = [type(value).__name__, value]
+    cls = type(trace)
+    document = {"class": f"{cls.__module__}:{cls.__qualname__}", "fields": meta, "warnings": said}
+    tables[_META] = pl.DataFrame({"json": [json.dumps(document)]})
+    return tables
+
+
+def _trace_from_tables(path: str, tables: dict):
+    import importlib
+    import json
+
+    document = json.loads(tables[_META]["json"][0])
+    module, qualname = document["class"].split(":")
+    cls = getattr(importlib.import_module(module), qualname)
+    kwargs = {"path": path}
+    for field, (kind, value) in document["fields"].items():
+        kwargs[field] = tuple(value) if kind == "tuple" else value
+    for name, frame in tables.items():
+        if name == _META:
+            continue
+        if "start_ns" in frame.columns and frame["start_ns"].null_count() == 0 and frame["start_ns"].is_sorted():
+            frame = frame.with_columns(frame["start_ns"].set_sorted())  # Parquet keeps no sorted flag
+        kwargs[name] = frame
+    return cls(**kwargs), document["warnings"]

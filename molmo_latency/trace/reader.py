@@ -52,8 +52,10 @@ from molmo_latency.errors import TraceError, TraceWarning  # noqa: F401 (TraceWa
 from molmo_latency.safe_fs import regular_file
 from molmo_latency.trace._checks import drop_impossible, median_start_ns, warn_skipped
 from molmo_latency.trace._events import (
+    _EXACT,
     _INT64_MAX,
     _INT64_MIN,
+    _MISSING,
     _SKIPPED,
     _TABLES,
     _TIME_LIMIT_NS,
@@ -62,7 +64,6 @@ from molmo_latency.trace._events import (
     RUNTIME_KINDS,
     _one_line,
     _Top,
-    _us_to_ns,
 )
 from molmo_latency.trace._text import _WHITESPACE, _decode_fast, _decode_slow, _NotFast, _stream
 
@@ -364,16 +365,19 @@ def _assemble(path: Path, meta: _Top, chunks: list[dict[str, pl.DataFrame]], n_e
         )
 
     skipped: Counter = Counter()
+    missing: Counter = Counter()
     for chunk in chunks:
         skipped.update(chunk.pop(_SKIPPED, {}))
+        missing.update(chunk.pop(_MISSING, {}))
+    # chunks decoded exactly (times as decimals) come after the others, as they always have
+    chunks = [c for c in chunks if not c.get(_EXACT)] + [c for c in chunks if c.get(_EXACT)]
     tables = {}
     for name in _TABLES:
         parts = [chunk.pop(name) for chunk in chunks if name in chunk]
-        table, missing = _finish(path, name, parts, base_time_ns)
+        tables[name] = _finish(path, name, parts, base_time_ns)
         del parts
-        tables[name] = table
-        if missing:
-            skipped["missing_time"] += missing
+        if missing[name]:
+            skipped["missing_time"] += missing[name]
     median_ns = median_start_ns(list(tables.values()))
     tables = {name: drop_impossible(table, median_ns, skipped, device_required=name == "gpu")
               for name, table in tables.items()}
@@ -413,25 +417,14 @@ def _assemble(path: Path, meta: _Top, chunks: list[dict[str, pl.DataFrame]], n_e
 
 
 
-def _finish(path: Path, name: str, parts: list[pl.DataFrame], base_time_ns: int) -> tuple[pl.DataFrame, int]:
-    """One table from its per-chunk frames: drop events without times, ns since the epoch, sort."""
+def _finish(path: Path, name: str, parts: list[pl.DataFrame], base_time_ns: int) -> pl.DataFrame:
+    """One table from its per-chunk frames (already settled by ``_events._settle``: int64 ns
+    relative times, the table's columns): times since the epoch, sorted by start."""
     columns = _COLUMNS[name]
     if not parts:
-        return pl.DataFrame(schema={c: _TABLE_SCHEMA[c] for c in columns}), 0
-    # Chunks decoded as doubles hold microseconds; those decoded exactly hold nanoseconds already.
-    in_us = [p for p in parts if p["ts"].dtype == pl.Float64]
-    in_ns = [p for p in parts if p["ts"].dtype != pl.Float64]
-    if in_us:
-        converted = pl.concat(in_us, how="vertical").with_columns(
-            ts=_us_to_ns(pl.col("ts")), dur=_us_to_ns(pl.col("dur")))
-        in_ns.insert(0, converted)
-    del in_us, parts[:]
-    frame = pl.concat(in_ns, how="vertical") if len(in_ns) > 1 else in_ns[0]
-    del in_ns
-    missing = frame["ts"].is_null() | frame["dur"].is_null()
-    n_missing = int(missing.sum())
-    if n_missing:
-        frame = frame.filter(~missing)
+        return pl.DataFrame(schema={c: _TABLE_SCHEMA[c] for c in columns})
+    frame = pl.concat(parts, how="vertical", rechunk=False) if len(parts) > 1 else parts[0]
+    del parts[:]
     if frame.height:  # checked with Python ints, so nothing below can overflow int64
         lo, hi = frame["ts"].min() + base_time_ns, frame["ts"].max() + base_time_ns
         longest = max(abs(frame["dur"].min()), abs(frame["dur"].max()))
@@ -440,17 +433,22 @@ def _finish(path: Path, name: str, parts: list[pl.DataFrame], base_time_ns: int)
                 f"{path}: event times beyond the int64 nanosecond range (base + ts up to {hi} ns); "
                 "the trace is corrupt"
             )
-    out = frame.with_columns(
-        start_ns=pl.col("ts") + base_time_ns,
-        end_ns=pl.col("ts") + base_time_ns + pl.col("dur"),
-        dur_ns=pl.col("dur"),
-    )
-    if "device" in columns:  # device and stream are in args; Kineto also writes them as pid / tid
-        out = out.with_columns(device=pl.coalesce("device", "pid"), stream=pl.coalesce("stream", "tid"))
-    if "grid" in columns:  # rows without three integer dims: null, not [null, null, null]
-        out = out.with_columns(
-            pl.when(pl.col(c).arr.get(0).is_not_null()).then(pl.col(c)).alias(c) for c in ("grid", "block")
-        )
-    return out.select(columns).sort("start_ns", maintain_order=True), n_missing
-
-
+    # Sorted by start (stable: equal starts keep their order), built one column at a time from
+    # the chunks, each chunk column released once gathered: the read holds the table about
+    # once, not the chunks and a sorted copy of every column at the same time.
+    order = frame.select(pl.int_range(pl.len(), dtype=pl.Int64).sort_by("ts", maintain_order=True)).to_series()
+    source = {c: frame[c] for c in frame.columns}
+    del frame
+    starts = (source.pop("ts").gather(order) + base_time_ns).set_sorted()  # it is: later sorts are free
+    durations = source.pop("dur").gather(order)
+    out = {}
+    for c in columns:
+        if c == "start_ns":
+            out[c] = starts.alias(c)
+        elif c == "end_ns":
+            out[c] = (starts + durations).alias(c)
+        elif c == "dur_ns":
+            out[c] = durations.alias(c)
+        else:
+            out[c] = source.pop(c).gather(order)
+    return pl.DataFrame(out)

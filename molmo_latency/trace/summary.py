@@ -1,5 +1,8 @@
 """What ``molmo-latency trace summary`` shows, as frames: per-kernel, per-annotation, per-device
-and per-category GPU time of one trace (transform only; the CLI renders it)."""
+and per-category GPU time of one trace (transform only; the CLI renders it).
+
+Only the parts asked for are computed (:data:`SUMMARY_PARTS`): the per-kernel table alone does
+not pay for the launch join and the annotation attribution, nor for the CPU-op table."""
 
 from __future__ import annotations
 
@@ -17,9 +20,14 @@ from molmo_latency.trace.attribution import (
     module_gpu_table,
 )
 from molmo_latency.trace.categories import cpu_op_category, with_category
+from molmo_latency.trace.parts import SUMMARY_PARTS
 from molmo_latency.trace.reader import KinetoTrace
 
-__all__ = ["TraceSummary", "cpu_op_breakdown", "summarize"]
+__all__ = ["SUMMARY_PARTS", "TraceSummary", "cpu_op_breakdown", "summarize"]
+
+#: The parts of a summary, each computed only when asked for: ``devices``, ``categories``,
+#: ``kernels`` (GPU activities alone), ``annotations`` (the launch join and the attribution to
+#: annotations: also gives ``unattributed`` and ``unlinked``) and ``cpu_ops``.
 
 
 @dataclass(frozen=True)
@@ -39,49 +47,71 @@ class TraceSummary:
     - ``modules``: for a trace with ``detail="modules"`` ranges and GPU activity, per phase and
       module kind (:func:`~molmo_latency.trace.attribution.module_gpu_table` summed over the
       phase's instances): ``phase, module_kind, instances, gpu_activities, gpu_kernel_ms``;
-      None otherwise.
+      None otherwise (and when ``annotations`` is not computed: it needs the same attribution).
+    - ``computed``: the parts computed (of :data:`SUMMARY_PARTS`); a part not computed is None
+      (``unattributed`` and ``unlinked`` too, without ``annotations``).
     """
 
     trace: KinetoTrace
-    kernels: pl.DataFrame
-    annotations: pl.DataFrame
-    devices: pl.DataFrame
-    categories: pl.DataFrame
-    unattributed: int
-    unlinked: int
-    cpu_ops: pl.DataFrame
+    kernels: pl.DataFrame | None
+    annotations: pl.DataFrame | None
+    devices: pl.DataFrame | None
+    categories: pl.DataFrame | None
+    unattributed: int | None
+    unlinked: int | None
+    cpu_ops: pl.DataFrame | None
+    computed: tuple[str, ...] = SUMMARY_PARTS
     modules: pl.DataFrame | None = None
 
 
-def summarize(trace: KinetoTrace) -> TraceSummary:
-    """Per-kernel, per-annotation, per-device and per-category GPU time of `trace`.
+def summarize(trace: KinetoTrace, parts: tuple[str, ...] | list[str] | None = None) -> TraceSummary:
+    """Per-kernel, per-annotation, per-device and per-category GPU time of `trace`: the `parts`
+    of :data:`SUMMARY_PARTS` asked for (all when None); the others are None.
 
     Example:
         >>> import tempfile
         >>> from molmo_latency.trace import read_kineto
         >>> from molmo_latency.trace._demo import write_demo_trace
-        >>> s = summarize(read_kineto(write_demo_trace(tempfile.mkdtemp())))
+        >>> trace = read_kineto(write_demo_trace(tempfile.mkdtemp()))
+        >>> s = summarize(trace)
         >>> s.devices.select("device", "gpu_activities").row(0), s.unattributed
         ((0, 9), 1)
+        >>> only = summarize(trace, ["kernels"])
+        >>> only.computed, only.kernels.height, only.annotations, only.unattributed
+        (('kernels',), 8, None, None)
     """
-    attributed = attribute(trace.gpu, trace.runtime, trace.annotations)
-    per_instance = annotation_gpu_stats(attributed, trace.annotations)
-    categories = (
-        with_category(trace.gpu)
-        .group_by("category")
-        .agg(count=pl.len().cast(pl.Int64), total_ns=pl.col("dur_ns").sum())
-        .sort(["total_ns", "category"], descending=[True, False])
-    )
+    asked = SUMMARY_PARTS if parts is None else tuple(parts)
+    unknown = [p for p in asked if p not in SUMMARY_PARTS]
+    if unknown:
+        raise ValueError(f"unknown summary part(s) {unknown}; choose from {', '.join(SUMMARY_PARTS)}")
+    computed = tuple(p for p in SUMMARY_PARTS if p in asked)
+    annotations = unattributed = unlinked = categories = None
+    if "annotations" in computed:
+        attributed = attribute(trace.gpu, trace.runtime, trace.annotations)
+        per_instance = annotation_gpu_stats(attributed, trace.annotations)
+        annotations = annotation_name_stats(per_instance)
+        unattributed = int(attributed["annotation_id"].is_null().sum())
+        unlinked = int(attributed["launch_start_ns"].is_null().sum())
+    if "categories" in computed:
+        # categories named once per distinct (name, kind), not joined back onto every activity
+        per_name = trace.gpu.group_by("name", "kind").agg(count=pl.len().cast(pl.Int64), total_ns=pl.col("dur_ns").sum())
+        categories = (
+            with_category(per_name)
+            .group_by("category")
+            .agg(count=pl.col("count").sum(), total_ns=pl.col("total_ns").sum())
+            .sort(["total_ns", "category"], descending=[True, False])
+        )
     return TraceSummary(
         trace=trace,
-        kernels=kernel_breakdown(trace.gpu),
-        annotations=annotation_name_stats(per_instance),
-        devices=device_gpu_stats(trace.gpu),
+        kernels=kernel_breakdown(trace.gpu) if "kernels" in computed else None,
+        annotations=annotations,
+        devices=device_gpu_stats(trace.gpu) if "gpu" in computed else None,
         categories=categories,
-        unattributed=int(attributed["annotation_id"].is_null().sum()),
-        unlinked=int(attributed["launch_start_ns"].is_null().sum()),
-        cpu_ops=cpu_op_breakdown(trace.cpu_ops),
-        modules=_module_totals(trace),
+        unattributed=unattributed,
+        unlinked=unlinked,
+        cpu_ops=cpu_op_breakdown(trace.cpu_ops) if "cpu_ops" in computed else None,
+        computed=computed,
+        modules=_module_totals(trace) if "annotations" in computed else None,
     )
 
 
