@@ -667,7 +667,9 @@ def quality_gate(rows: pl.DataFrame, metrics: dict[str, Any], baseline: dict[str
             "min_held_out_configs"]:
         reasons.append(f"too few configurations: {n_settings} settings (train {configs.get('train', 0)}, calibration "
                        f"{configs.get('calib', 0)}, test {configs.get('test', 0)}); sweep more crops, top-k, blocks or "
-                       f"prompt lengths (>= {GATE['min_settings']} settings)")
+                       f"prompt lengths (>= {GATE['min_settings']} settings, of which >= "
+                       f"{GATE['min_held_out_configs']} held out for calibration and >= {GATE['min_held_out_configs']} "
+                       "for test)")
     hn = metrics.get("held_out_new_tokens") or {}
     if len(hn.get("trained_on_output_tokens") or []) == 1 and any("held-out N" in p for p in problems):
         reasons.append(f"held-out N was fitted on one output length ({hn['trained_on_output_tokens'][0]}): how a "
