@@ -60,35 +60,9 @@ def summary_document(summary: TraceSummary, warned: list[str]) -> dict[str, Any]
             "metadata": trace.metadata,
         },
         "computed": list(summary.computed),
-        "gpu": part("gpu", lambda: [
-            {
-                "device": r["device"],
-                "name": names.get(r["device"]),
-                "activities": r["gpu_activities"],
-                "kernel_us": _us(r["gpu_kernel_ns"]),
-                "busy_us": _us(r["gpu_busy_ns"]),
-                "span_us": _us(r["gpu_span_ns"]),
-                "idle_us": _us(r["gpu_idle_ns"]),
-            }
-            for r in summary.devices.iter_rows(named=True)
-        ]),
-        "categories": part("categories", lambda: [
-            {"category": r["category"], "count": r["count"], "total_us": _us(r["total_ns"])}
-            for r in summary.categories.iter_rows(named=True)
-        ]),
-        "kernels": part("kernels", lambda: [
-            {
-                "name": r["name"],
-                "kind": r["kind"],
-                "category": r["category"],
-                "count": r["count"],
-                "total_us": _us(r["total_ns"]),
-                "mean_us": _us(r["total_ns"] / r["count"]),
-                "min_us": _us(r["min_ns"]),
-                "max_us": _us(r["max_ns"]),
-            }
-            for r in summary.kernels.iter_rows(named=True)
-        ]),
+        "gpu": part("gpu", lambda: [_device_json(r, names) for r in summary.devices.iter_rows(named=True)]),
+        "categories": part("categories", lambda: [_category_json(r) for r in summary.categories.iter_rows(named=True)]),
+        "kernels": part("kernels", lambda: [_kernel_json(r) for r in summary.kernels.iter_rows(named=True)]),
         "annotations": part("annotations", lambda: [
             {
                 "name": r["name"],
