@@ -196,3 +196,20 @@ def translate_faults(where: str | os.PathLike, resume: str = "", error: type[Exc
         if not is_write_fault(exc, where):
             raise
         raise error(fault_message(OSError(errno.ENOSPC, "No space left on device"), where, resume)) from None
+
+
+def read_head(path: Path, kind: str, article: str, limit: int = -1) -> bytes:
+    """The first `limit` bytes of a trace file (all with -1); a missing file, a directory or an
+    unreadable file is a one-line TraceError saying what to pass (`article` `kind`). Imports
+    nothing heavy, so the SQLite path of an nsys export can use it without polars."""
+    from molmo_latency.errors import TraceError
+
+    try:
+        with open(path, "rb") as f:
+            return f.read(limit)
+    except FileNotFoundError:
+        raise TraceError(f"{path}: no such file; pass the path of {article} {kind}") from None
+    except IsADirectoryError:
+        raise TraceError(f"{path}: is a directory; pass one {kind} file") from None
+    except OSError as exc:
+        raise TraceError(f"{path}: cannot be read ({exc.strerror or exc}); check the path and permissions") from None

@@ -164,17 +164,10 @@ def is_sqlite(path: str | os.PathLike) -> bool:
 
 def _head(path: Path, limit: int) -> bytes:
     """The first bytes of the export; a missing file, a directory or an unreadable file is a one-line
-    TraceError (the words of ``reader._read_file``)."""
-    kind = "nsys SQLite export (.sqlite)"
-    try:
-        with open(path, "rb") as f:
-            return f.read(limit)
-    except FileNotFoundError:
-        raise TraceError(f"{path}: no such file; pass the path of an {kind}") from None
-    except IsADirectoryError:
-        raise TraceError(f"{path}: is a directory; pass one {kind} file") from None
-    except OSError as exc:
-        raise TraceError(f"{path}: cannot be read ({exc.strerror or exc}); check the path and permissions") from None
+    TraceError (:func:`molmo_latency.safe_fs.read_head`, as the Kineto reader words it)."""
+    from molmo_latency.safe_fs import read_head
+
+    return read_head(path, "nsys SQLite export (.sqlite)", "an", limit)
 
 
 @contextlib.contextmanager

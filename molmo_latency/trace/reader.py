@@ -49,7 +49,7 @@ import msgspec
 import polars as pl
 
 from molmo_latency.errors import TraceError, TraceWarning  # noqa: F401 (TraceWarning: exported here too)
-from molmo_latency.safe_fs import regular_file
+from molmo_latency.safe_fs import read_head as _read_file, regular_file
 from molmo_latency.trace._checks import drop_impossible, median_start_ns, warn_skipped
 from molmo_latency.trace._events import (
     _EXACT,
@@ -216,20 +216,6 @@ def read_kineto(path: str | os.PathLike) -> KinetoTrace:
     finally:
         if was_enabled:
             gc.enable()
-
-
-def _read_file(path: Path, kind: str, article: str, limit: int = -1) -> bytes:
-    """The first `limit` bytes of a trace file (all with -1); a missing file, a directory or an
-    unreadable file is a one-line TraceError saying what to pass (`article` `kind`)."""
-    try:
-        with open(path, "rb") as f:
-            return f.read(limit)
-    except FileNotFoundError:
-        raise TraceError(f"{path}: no such file; pass the path of {article} {kind}") from None
-    except IsADirectoryError:
-        raise TraceError(f"{path}: is a directory; pass one {kind} file") from None
-    except OSError as exc:
-        raise TraceError(f"{path}: cannot be read ({exc.strerror or exc}); check the path and permissions") from None
 
 
 #: The most text the whole-text path holds in memory (after gunzip): a trace that is larger and
