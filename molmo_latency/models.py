@@ -192,6 +192,10 @@ def reference_config(preset: str = "tiny"):
     )
     cfg.image_token_id = p.vocab_size - 1
     cfg.alignment_intermediate_size = p.text_hidden
+    # AyaVision's text model is Cohere2, whose logits are scaled; from transformers 5.25 its forward
+    # reads text_config.logit_scale, which OLMoE's config lacks. 1.0 leaves the logits exactly as
+    # they are on the lines that do not scale.
+    cfg.text_config.logit_scale = 1.0
     for c in (cfg, cfg.text_config):
         c.pad_token_id, c.bos_token_id, c.eos_token_id = PAD_ID, BOS_ID, EOS_ID
     return cfg
