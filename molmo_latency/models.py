@@ -275,11 +275,18 @@ def molmo2_inputs(model: torch.nn.Module, *, crops: int = 1, prompt_tokens: int 
     pool = 2 if rows % 2 == 0 and cols % 2 == 0 else 1
     out_rows, out_cols = rows // pool, cols // pool
     patches = rows * cols
+    # Up to transformers 5.24 the pooling indices address the patches of all images at once; from
+    # 5.25 each image's indices address its own patches, and the model adds each image's offset
+    # (its get_image_features takes the crops per image to do so).
+    import inspect
+
+    per_image_indices = "image_num_crops" in inspect.signature(model.get_image_features).parameters
     pooling = []
     for crop in range(batch_size * crops):
+        first = (crop % crops if per_image_indices else crop) * patches
         for r in range(out_rows):
             for c in range(out_cols):
-                pooling.append([crop * patches + (r * pool + i) * cols + c * pool + j
+                pooling.append([first + (r * pool + i) * cols + c * pool + j
                                 for i in range(pool) for j in range(pool)])
     per_image = crops * out_rows * out_cols
     gen = torch.Generator().manual_seed(seed * 1_000_003 + crops * 1009 + prompt_tokens)

@@ -162,13 +162,20 @@ def test_write_chrome_trace_merges_ours_into_the_kineto_trace_of_the_same_reques
     assert len({e["pid"] for e in ours}) == 1 and ours[0]["pid"] not in {e.get("pid") for e in theirs}
     assert len(merged["traceEvents"]) > len(theirs)
     assert sum(e.get("cat") == "cpu_op" for e in merged["traceEvents"]) > 0  # the trace's own ops are there
-    # on the trace's clock: each of our phases starts where the profiler's own range of that name
-    # starts (its stamps, as the trace file holds them); the two clocks are read microseconds apart
-    # on one thread, 2 ms allows for a preemption between them
+    # on the trace's clock: our phases are moved by one offset, the median over the phases of (the
+    # start of the profiler's own range of that name, as the trace file holds it, minus our start),
+    # the median phase starts exactly where its range starts. The two stamps of one phase are read
+    # microseconds apart on one thread, but a busy machine can preempt between them (8 ms seen at
+    # load 4 on 2 cores): one phase's own distance is not a verdict, the median is.
     theirs_x = {e["name"]: e["ts"] for e in theirs if e.get("cat") == "user_annotation" and e.get("ph") == "X"}
+    own_start = {(f"{p}[{s}]" if p == "decode" else p): t
+                 for p, s, t in report.phases.select("phase", "step", "start_ns").iter_rows()}
+    diffs = sorted(round(theirs_x[name] * 1000) - own_start[name] for name in names if name != "request[0]")
+    offset = diffs[len(diffs) // 2]
     for e in ours:
         if e["name"] != "request[0]":
-            assert e["ts"] == pytest.approx(theirs_x[e["name"]], abs=2000.0), e["name"]
+            assert e["ts"] == pytest.approx((own_start[e["name"]] + offset) / 1000, abs=0.002), e["name"]
+    assert any(abs(e["ts"] - theirs_x[e["name"]]) <= 0.002 for e in ours if e["name"] != "request[0]")
     # our reader counts the trace's own ranges once, not ours a second time
     back = read_kineto(out)
     assert back.annotations.height == kineto.annotations.height
