@@ -28,7 +28,9 @@ How the phases are found, in order:
      model with a vision sub-config and no vision tower: its patch embedder named like a projector
      is the vision phase (Gemma 4 unified's ``embed_vision``).
    - projector: the outermost modules named like a projector (:data:`PROJECTOR_NAMES`) outside
-     the vision and text modules, each timed as one instance; else one inside the vision module
+     the vision and text modules, each timed as one instance (where a module list is named like
+     projectors, ``layerwise_projectors``, each of its modules is one: a list is never called
+     itself; Granite 4 Vision); else one inside the vision module
      is *reported* (:attr:`PhaseMap.projector_inside_vision`: its time is in ``vision_ms``);
      else the modules with weights beside the vision module that are no part of the text model
      (Ovis2's ``visual_embeddings_table``); else a warning says no projector was found (its time
@@ -395,6 +397,17 @@ def _sibling_projectors(model: torch.nn.Module, vision: Sequence[str], text: Seq
     return _outermost(sorted(set(found)))
 
 
+def _in_projector_list(model: torch.nn.Module, path: str) -> bool:
+    """Is `path` one module of a module list named like projectors (``projectors``,
+    ``spatial_projectors``: a projector name in the plural, alone or after a prefix)? A list is
+    never called, so its modules are the projector's instances (Granite 4 Vision's window Q-Formers)."""
+    list_path, _, index = path.rpartition(".")
+    if not index.isdigit() or not isinstance(get_module(model, list_path), torch.nn.ModuleList):
+        return False
+    name = list_path.rsplit(".", 1)[-1]
+    return any(name == f"{p}s" or name.endswith(f"_{p}s") for p in PROJECTOR_NAMES)
+
+
 def _vision_configs(cfg: Any) -> list[Any]:
     found = []
     for name, value in vars(cfg).items() if cfg is not None else ():
@@ -465,14 +478,15 @@ def discover_phases(model: torch.nn.Module) -> PhaseMap | None:
             text_inner.append(enc_blocks)
     vision_cfgs = _vision_configs(getattr(model, "config", None))
 
+    def usable(path: str) -> bool:
+        return bool(path) and not _excluded(path) and not any(_inside(path, t) for t in text_inner)
+
     def candidate(path: str, names_: Sequence[str]) -> bool:
-        if not path or _excluded(path) or any(_inside(path, t) for t in text_inner):
-            return False
-        return path.rsplit(".", 1)[-1] in names_
+        return usable(path) and path.rsplit(".", 1)[-1] in names_
 
     vision = []
     for path, module in model.named_modules():
-        if not path or _excluded(path) or any(_inside(path, t) for t in text_inner):
+        if not usable(path):
             continue
         by_config = any(_owns(module, c) for c in vision_cfgs)
         if by_config and path.rsplit(".", 1)[-1] in PROJECTOR_NAMES:
@@ -499,7 +513,8 @@ def discover_phases(model: torch.nn.Module) -> PhaseMap | None:
         vision_parts.append((path, path))
 
     projectors = [n for n, _ in model.named_modules()
-                  if candidate(n, PROJECTOR_NAMES) and not any(_inside(n, v) for v in vision)]
+                  if (candidate(n, PROJECTOR_NAMES) or (usable(n) and _in_projector_list(model, n)))
+                  and not any(_inside(n, v) for v in vision)]
     projectors = _outermost(projectors)
     # inside the vision module, a name ending in a projector's counts too (HY-V4-VL's patch_merger)
     inner_names = (*PROJECTOR_NAMES, *(f"{prefix}_{name}" for prefix in ("patch", "vision", "visual")

@@ -250,6 +250,84 @@ def _ernie_config() -> Any:
     return cfg
 
 
+# --- fam-a (2026-12-07) --- helpers of the families added in the fam-a block at the end of FAMILIES
+def _sam_ocr_config(model_type: str, sam: dict, encoder: dict) -> Callable[[], Any]:
+    """DeepSeek-OCR-2 / Unlimited-OCR: a SAM encoder whose neck downsamples 4x to the second encoder's
+    width (downsample_channels[-1] = 32, the tiny hidden size), a MoE text model (one dense, one sparse layer)."""
+    sam = {"output_channels": 16, "window_size": 4, "global_attn_indexes": [1], "mlp_dim": 64,
+           "downsample_channels": [16, 32], **sam}
+    text = {"num_hidden_layers": 2, "mlp_layer_types": ["dense", "sparse"], "n_shared_experts": 1}
+    return lambda: tiny_config(model_type, init={"vision_config": {"sam_config": sam, "encoder_config": encoder},
+                                                 "text_config": text},
+                               image_token_id=IMAGE, **{"text_config.num_experts_per_tok": 2})
+
+
+def _granite4_vision_config() -> Any:
+    # the window Q-Former's heads are vision hidden_size // 64: a vision width of 64, one head
+    return tiny_config("granite4_vision", image_token_index=IMAGE, image_grid_pinpoints=[[32, 32]],
+                       downsample_rate="1/2", deepstack_layer_map=[[1, 0]], spatial_target_layers=[0, 1, 1, 0],
+                       projector_dropout=0.0, **{**_VISION_32, "vision_config.hidden_size": 64,
+                                                 "qformer_config.hidden_size": 64,
+                                                 "qformer_config.encoder_hidden_size": 64,
+                                                 "qformer_config.num_attention_heads": 1})
+
+
+def _hunyuan_vl_config() -> Any:
+    cfg = tiny_config("hunyuan_vl", image_token_id=IMAGE, im_start_id=IMAGE + 1, im_end_id=IMAGE + 2,
+                      im_newline_id=IMAGE + 3, **{"vision_config.patch_size": 8, "vision_config.max_image_size": 32,
+                                                  "vision_config.min_image_size": 32, "vision_config.max_vit_seq_len": 16,
+                                                  "vision_config.text_hidden_size": 32, "text_config.head_dim": 8})
+    rope = dict(cfg.text_config.rope_parameters or {"rope_type": "default", "rope_theta": 10000.0})
+    rope["mrope_section"] = [1, 1, 1, 1]  # 4 axes; head_dim 8: the sections sum to head_dim / 2
+    cfg.text_config.rope_parameters = rope
+    return cfg
+
+
+def _hy_v4_vl_config() -> Any:
+    # an MLA text model (rope head 8: mrope sections summing to 4); its post-init derives per-layer lists, so the
+    # layer count goes in at construction
+    text = {"num_hidden_layers": 2, "num_attention_heads": 4, "q_lora_rank": 16, "kv_lora_rank": 16,
+            "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 8, "index_topk": 8, "index_head_dim": 8,
+            "index_n_heads": 2, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                    "mrope_section": [2, 1, 1]}}
+    return tiny_config("hy_v4_vl", init={"text_config": text}, image_token_id=IMAGE, video_token_id=IMAGE + 1,
+                       **{"vision_config.patch_size": 8, "vision_config.max_image_size": 32,
+                          "text_config.num_key_value_heads": 4})
+
+
+def _grid_inputs(tokens: int, flat: bool = True, type_ids: bool = False) -> Callable[[Any], dict]:
+    """One image of 4x4 patches of 8x8 pixels (flattened, or as 3x8x8 crops) with its (1, 4, 4) grid."""
+    def build(cfg: Any) -> dict:
+        ids = prompt(tokens)
+        pix = _pix(16, 3 * 8 * 8) if flat else _pix(16, 3, 8, 8)
+        extra = {"mm_token_type_ids": (ids == IMAGE).int()} if type_ids else {}
+        return {"input_ids": ids, **pix, "image_grid_thw": torch.tensor([[1, 4, 4]]), **extra}
+    return build
+
+
+def _dots3_note_config() -> Any:
+    from transformers import Dots3NoteConfig
+
+    # the text settings sit on the top-level config (as in the released checkpoints); layer 0 full
+    # attention, layer 1 sliding (a window longer than the request); a pyramid of one dense, one MoE vision layer
+    vision = {"hidden_size": 32, "intermediate_size": 64, "moe_intermediate_size": 32, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "patch_size": 8, "spatial_merge_size": 2, "pyramid_num_routed": [-1, 2],
+              "capacity_factor": 2, "adapter_in_dim": 32, "adapter_out_dim": 32, "adapter_merge_size": 2}
+    audio = {"hidden_size": 32, "num_attention_heads": 4, "intermediate_size": 64, "num_hidden_layers": 1,
+             "feature_size": 8, "downsample_hidden_size": 4, "adapter_input_size": 32, "adapter_out_dim": 32}
+    mla = {"q_lora_rank": 16, "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 8,
+           "head_dim": 16, "num_attention_heads": 4, "num_key_value_heads": 4}
+    return Dots3NoteConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, max_position_embeddings=128,
+        layer_types=["full_attention", "sliding_attention"], sliding_window_size=64, use_dsa=False,
+        **mla, **{f"swa_{k}": v for k, v in mla.items()}, index_n_heads=2, index_head_dim=8, index_topk=4,
+        n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=16,
+        moe_shared_expert_intermediate_size=16, first_k_dense_replace=1, pad_token_id=PAD, bos_token_id=BOS,
+        eos_token_id=EOS, vision_config=vision, audio_config=audio, image_token_id=IMAGE, video_token_id=IMAGE + 1,
+        audio_token_id=IMAGE + 2)
+# --- end fam-a helpers ---
+
+
 FAMILIES: list[Family] = [
     Family("llava", "LlavaForConditionalGeneration",
            lambda: tiny_config("llava", image_token_index=IMAGE, **{
@@ -666,6 +744,61 @@ FAMILIES: list[Family] = [
                "text_config.rope_parameters": {kind: {"rope_type": "default", "rope_theta": 10000.0}
                                                for kind in ("sliding_attention", "full_attention")}}),
            _qwen_inputs(), QWEN_OWN, 4),
+    # --- fam-a (2026-12-07) ---
+    # DeepSeek-OCR-2: SAM (16x16 image, 8x8 patches downsampled 4x) then a Qwen2 encoder whose 144 learned
+    # queries (the 768-pixel set) are the image's tokens, and one view separator: 145 image tokens
+    Family("deepseek_ocr2", "DeepseekOcr2ForConditionalGeneration",
+           _sam_ocr_config("deepseek_ocr2", {"hidden_size": 32, "image_size": 16, "patch_size": 2},
+                           {"hidden_size": 32, "num_key_value_heads": 4}),
+           lambda cfg: {"input_ids": prompt(145), **_pix(1, 3, 16, 16)}, LLAVA_OWN, 145),
+    # Unlimited-OCR: SAM (32x32 image, 8x8 patches downsampled 4x to 2x2) then CLIP over them; each of the
+    # 2 rows ends in a newline, then a view separator: 2 x 3 + 1 = 7 image tokens
+    Family("unlimited_ocr", "UnlimitedOcrForConditionalGeneration",
+           _sam_ocr_config("unlimited_ocr", {"image_size": 32, "patch_size": 4}, {"image_size": 16, "patch_size": 8}),
+           lambda cfg: {"input_ids": prompt(7), **_pix(1, 3, 32, 32)}, LLAVA_OWN, 7),
+    # Granite 4 Vision: no single projector; one window Q-Former per deepstack layer and 4 spatial ones, each a
+    # projector instance. LLaVA-NeXT tiling: the base view and one 32x32 tile; 4x4 patches downsampled to 2x2:
+    # 4 base + 4 tile + 2 row newlines = 10 image tokens
+    Family("granite4_vision", "Granite4VisionForConditionalGeneration", _granite4_vision_config,
+           lambda cfg: {"input_ids": prompt(10), **_pix(1, 2, 3, 32, 32), "image_sizes": torch.tensor([[32, 32]])},
+           {"vision": ["model.vision_tower"],
+            "projector": ["model.layerwise_projectors.0", *(f"model.spatial_projectors.{i}" for i in range(4))],
+            "llm": ("model.language_model", "lm_head")}, 10),
+    # HunYuan-VL: the patch merger (inside the vision tower) merges 2x2: 2 rows of 2 tokens and a newline each,
+    # between a begin and an end token: 8 image tokens
+    Family("hunyuan_vl", "HunYuanVLForConditionalGeneration", _hunyuan_vl_config, _grid_inputs(8, type_ids=True),
+           {"vision": ["model.vision_tower"], "projector": "inside:model.vision_tower.patch_merger",
+            "llm": ("model.language_model", "lm_head")}, 8),
+    # HY-V4-VL: the same merger with no begin/end tokens: 2 rows of 2 tokens and a newline each
+    Family("hy_v4_vl", "HYV4VLForConditionalGeneration", _hy_v4_vl_config, _grid_inputs(6, type_ids=True),
+           {"vision": ["model.vision_tower"], "projector": "inside:model.vision_tower.patch_merger",
+            "llm": ("model.language_model", "lm_head")}, 6),
+    # Kimi K2.5: the vision tower pools 2x2 patches; its projector is `mm_projector` (DeepSeek-V3 text model)
+    Family("kimi_k25", "Kimi_K25ForConditionalGeneration",
+           lambda: tiny_config("kimi_k25", image_token_id=IMAGE, video_token_id=IMAGE + 1, vision_start_token_id=IMAGE + 2,
+                               vision_end_token_id=IMAGE + 3, projection_hidden_size=32, **{
+                                   "vision_config.patch_size": 8, "vision_config.pos_emb_height": 4,
+                                   "vision_config.pos_emb_width": 4, "text_config.q_lora_rank": 16,
+                                   "text_config.kv_lora_rank": 16, "text_config.qk_nope_head_dim": 8,
+                                   "text_config.qk_rope_head_dim": 8, "text_config.v_head_dim": 8,
+                                   "text_config.n_group": 1, "text_config.topk_group": 1,
+                                   "text_config.first_k_dense_replace": 1, "text_config.num_key_value_heads": 4}),
+           _grid_inputs(4, flat=False),
+           {"vision": ["model.vision_tower"], "projector": ["model.mm_projector"],
+            "llm": ("model.language_model", "lm_head")}, 4),
+    # Mistral Large 4: Pixtral and Mistral 3's projector (patch merger inside it: 4x4 patches into 4 tokens)
+    Family("mistral_large4", "MistralLarge4ForConditionalGeneration",
+           lambda: tiny_config("mistral_large4", init={"text_config": {
+               "num_hidden_layers": 2, "num_attention_heads": 4, "kv_lora_rank": 16, "qk_rope_head_dim": 8,
+               "qk_nope_head_dim": 8, "v_head_dim": 8, "index_topk": 8, "index_head_dim": 8, "index_n_heads": 2}},
+               image_token_index=IMAGE, spatial_merge_size=2, **{**_VISION_32, "text_config.num_key_value_heads": 4}),
+           lambda cfg: {"input_ids": prompt(4), **_pix(1, 3, 32, 32), "image_sizes": torch.tensor([[32, 32]])},
+           LLAVA_OWN, 4),
+    # dots3 note: the merger (2x2) runs inside the vision tower; an audio tower beside it is not vision
+    Family("dots3_note", "Dots3NoteForConditionalGeneration", _dots3_note_config, _grid_inputs(4),
+           {"vision": ["model.vision_tower"], "projector": "inside:model.vision_tower.merger",
+            "llm": ("model.language_model", "lm_head")}, 4),
+    # --- end fam-a ---
 ]
 
 
