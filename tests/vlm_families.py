@@ -663,6 +663,14 @@ FAMILIES: list[Family] = [
                "text_config.rope_parameters": {kind: {"rope_type": "default", "rope_theta": 10000.0}
                                                for kind in ("sliding_attention", "full_attention")}}),
            _qwen_inputs(), QWEN_OWN, 4),
+    # --- fam-b (2026-12-07) ---
+    Family("llava_onevision1_5", "LlavaOnevision15ForConditionalGeneration",
+           lambda: tiny_config("llava_onevision1_5", image_token_id=IMAGE, video_token_id=IMAGE + 1,
+                               vision_start_token_id=IMAGE + 2, vision_end_token_id=IMAGE + 3,
+                               **{"vision_config.patch_size": 8, "vision_config.spatial_merge_size": 2}),
+           # 4x4 patches of 8x8 pixels (one frame: no temporal patch), merged 2x2 by the merger
+           # inside the vision model (model.visual.merger) into 4 image tokens
+           _qwen_inputs(temporal=1), QWEN_OWN, 4),
 ]
 
 
