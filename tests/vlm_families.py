@@ -671,6 +671,16 @@ FAMILIES: list[Family] = [
            # 4x4 patches of 8x8 pixels (one frame: no temporal patch), merged 2x2 by the merger
            # inside the vision model (model.visual.merger) into 4 image tokens
            _qwen_inputs(temporal=1), QWEN_OWN, 4),
+    Family("ovis2_5", "Ovis2_5ForConditionalGeneration",
+           lambda: tiny_config("ovis2_5", image_token_id=IMAGE, video_token_id=IMAGE + 1, image_start_token_id=IMAGE + 2,
+                               image_end_token_id=IMAGE + 3, video_start_token_id=IMAGE + 4,
+                               video_end_token_id=IMAGE + 5, **{**_VISION_32, "vision_config.window_size": 16,
+                                                                "vision_config.layer_types": ["full_attention"] * 2}),
+           # 4x4 patches of 8x8 pixels; the projector's visual tokenizer merges 2x2 of them into each of
+           # 4 image tokens (a probability over the visual vocabulary, looked up in its embedding table);
+           # the image is framed by its start and end tokens, replaced by learned indicator embeddings
+           lambda cfg: {**_qwen_inputs(temporal=1)(cfg), "input_ids": prompt(4, start=[IMAGE + 2], end=[IMAGE + 3])},
+           LLAVA_OWN, 4),
 ]
 
 
