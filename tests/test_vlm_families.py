@@ -263,6 +263,9 @@ def test_image_token_id_wherever_the_config_keeps_it(where, expected):
     ("udop", "UdopForConditionalGeneration", "found the text decoder at 'decoder' but no vision module"),
     # PI0 (a robot policy) runs its VLM's vision tower inside the module that is its decoder
     ("pi0", "PI0ForConditionalGeneration", "runs inside the text decoder 'model' and no single block list"),
+    # PI0.5 (transformers 5.25), the same layout: a PaliGemma VLM and an action expert under `model`,
+    # actions from flow matching (sample_actions), no generate()
+    ("pi05", "PI05ForConditionalGeneration", "runs inside the text decoder 'model' and no single block list"),
 ])
 def test_a_family_discovery_cannot_tell_is_refused_in_one_line(model_type, cls, missing):
     import transformers
