@@ -681,6 +681,21 @@ FAMILIES: list[Family] = [
            # the image is framed by its start and end tokens, replaced by learned indicator embeddings
            lambda cfg: {**_qwen_inputs(temporal=1)(cfg), "input_ids": prompt(4, start=[IMAGE + 2], end=[IMAGE + 3])},
            LLAVA_OWN, 4),
+    Family("inkling_mm_model", "InklingForConditionalGeneration",
+           lambda: tiny_config("inkling_mm_model", init={
+               "text_config": {"num_hidden_layers": 2, "layer_types": ["hybrid_sliding", "hybrid"],
+                               "mlp_layer_types": ["dense", "sparse"], "n_routed_experts": 4,
+                               "swa_num_attention_heads": 4, "swa_num_key_value_heads": 2, "swa_head_dim": 8,
+                               "sliding_window_size": 16, "rel_extent": 32, "d_rel": 4},
+               "vision_config": {"patch_size": 4, "temporal_patch_size": 2}},
+               image_token_id=IMAGE, image_bos_token_id=IMAGE + 1, audio_token_id=IMAGE + 2,
+               audio_bos_token_id=IMAGE + 3, **{"vision_config.text_hidden_size": 32,
+                                                "audio_config.text_hidden_size": 32}),
+           # 4 patches of 2 frames x 4x4 pixels (patch, frame, row, column, channel), one image token each;
+           # the vision tower is a stack of per-patch linear layers, the last one projecting into the
+           # text width: no projector module of its own (the test expects the warning)
+           lambda cfg: {"input_ids": prompt(4, start=[IMAGE + 1]), "pixel_values": torch.randn(4, 2, 4, 4, 3)},
+           {"vision": ["model.vision_tower"], "llm": ("model.language_model", "lm_head")}, 4),
 ]
 
 
