@@ -247,6 +247,27 @@ def _ernie_config() -> Any:
     return cfg
 
 
+def _inkling2_config(model_type: str, **text: Any) -> Callable[[], Any]:
+    def build() -> Any:
+        return tiny_config(model_type, init={"text_config": {
+            "num_hidden_layers": 2, "layer_types": ["hybrid_sliding", "hybrid"], "n_routed_experts": 4,
+            "swa_num_attention_heads": 4, "swa_num_key_value_heads": 2, "swa_head_dim": 8,
+            "unpadded_vocab_size": VOCAB, "sliding_window_size": 16, "rel_extent": 32, "d_rel": 4,
+            "n_layers_per_attn_res_block": 1, **text}}, image_token_id=IMAGE, **{
+                "vision_config.text_hidden_size": 32, "vision_config.patch_size": 4,
+                "vision_config.posemb_grid_size": 4, "vision_config.projection_hidden_dim": 64})
+    return build
+
+
+# Inkling 2's processor cuts an image into one 8x8 block (2x2 patches of 4x4 pixels, channels last) per
+# image token; the grid counts image tokens: a 2x2 grid, 4 image tokens
+INKLING2_INPUTS = lambda cfg: {"input_ids": prompt(4), "pixel_values": torch.randn(4, 8, 8, 3),  # noqa: E731
+                               "image_grid_thw": torch.tensor([[1, 2, 2]])}
+# its merger (an MLP from 2x2 merged patches into the text width) runs inside the vision model
+INKLING2_OWN = {"vision": ["model.vision_tower"], "projector": "inside:model.vision_tower.merger",
+                "llm": ("model.language_model", "lm_head")}
+
+
 FAMILIES: list[Family] = [
     Family("llava", "LlavaForConditionalGeneration",
            lambda: tiny_config("llava", image_token_index=IMAGE, **{
@@ -696,6 +717,12 @@ FAMILIES: list[Family] = [
            # text width: no projector module of its own (the test expects the warning)
            lambda cfg: {"input_ids": prompt(4, start=[IMAGE + 1]), "pixel_values": torch.randn(4, 2, 4, 4, 3)},
            {"vision": ["model.vision_tower"], "llm": ("model.language_model", "lm_head")}, 4),
+    Family("inkling2", "Inkling2ForConditionalGeneration", _inkling2_config("inkling2"), INKLING2_INPUTS,
+           INKLING2_OWN, 4),
+    # the same vision model; its text model runs the looped layer 1 twice (2 passes, the second fed messages from the first)
+    Family("inkling2_loop", "Inkling2LoopForConditionalGeneration",
+           _inkling2_config("inkling2_loop", loop_layer_index_start=1, loop_layer_index_end=2, loop_num_passes=2,
+                            loop_gate_rank=4), INKLING2_INPUTS, INKLING2_OWN, 4),
 ]
 
 
