@@ -719,7 +719,8 @@ FAMILIES: list[Family] = [
            {"vision": ["model.vision_tower"], "llm": ("model.language_model", "lm_head")}, 4),
     Family("inkling2", "Inkling2ForConditionalGeneration", _inkling2_config("inkling2"), INKLING2_INPUTS,
            INKLING2_OWN, 4),
-    # the same vision model; its text model runs the looped layer 1 twice (2 passes, the second fed messages from the first)
+    # the same vision model; its text model runs the looped layer 1 twice (2 passes, the second
+    # fed messages from the first)
     Family("inkling2_loop", "Inkling2LoopForConditionalGeneration",
            _inkling2_config("inkling2_loop", loop_layer_index_start=1, loop_layer_index_end=2, loop_num_passes=2,
                             loop_gate_rank=4), INKLING2_INPUTS, INKLING2_OWN, 4),
