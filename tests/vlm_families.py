@@ -724,6 +724,18 @@ FAMILIES: list[Family] = [
     Family("inkling2_loop", "Inkling2LoopForConditionalGeneration",
            _inkling2_config("inkling2_loop", loop_layer_index_start=1, loop_layer_index_end=2, loop_num_passes=2,
                             loop_gate_rank=4), INKLING2_INPUTS, INKLING2_OWN, 4),
+    # Qwen-style vision with its merger inside; a hybrid text model (gated delta net, then attention whose
+    # tokens an indexer selects), so the indexer needs its own tiny sizes
+    Family("qwen4_exp", "Qwen4ExpForConditionalGeneration",
+           _qwen_config("qwen4_exp", **{
+               "vision_config.num_position_embeddings": 16,
+               "text_config.layer_types": ["linear_attention", "indexed_attention"],
+               "text_config.linear_key_head_dim": 8, "text_config.linear_value_head_dim": 8,
+               "text_config.linear_num_key_heads": 2, "text_config.linear_num_value_heads": 4,
+               "text_config.hc_lowrank": 8, "text_config.indexer_n_heads": 2, "text_config.indexer_kv_heads": 1,
+               "text_config.indexer_head_dim": 8, "text_config.indexer_budget": 8,
+               "text_config.indexer_compress_ratio": 4}),
+           _qwen_inputs(), QWEN_OWN, 4),
 ]
 
 
