@@ -259,6 +259,16 @@ def _inkling2_config(model_type: str, **text: Any) -> Callable[[], Any]:
     return build
 
 
+def diffusion_gemma_config() -> Any:
+    """DiffusionGemma (block diffusion): a Gemma 4 vision tower in its encoder, canvases of 4 tokens."""
+    return tiny_config("diffusion_gemma", init={"text_config": {
+        "num_hidden_layers": 2, "layer_types": ["sliding_attention", "full_attention"], "global_head_dim": 8,
+        "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 32}},
+        image_token_id=IMAGE, boi_token_id=IMAGE + 1, eoi_token_id=IMAGE + 2, canvas_length=4, **{
+            "vision_config.patch_size": 8, "vision_config.pooling_kernel_size": 3,
+            "vision_config.position_embedding_size": 64})
+
+
 # Inkling 2's processor cuts an image into one 8x8 block (2x2 patches of 4x4 pixels, channels last) per
 # image token; the grid counts image tokens: a 2x2 grid, 4 image tokens
 INKLING2_INPUTS = lambda cfg: {"input_ids": prompt(4), "pixel_values": torch.randn(4, 8, 8, 3),  # noqa: E731
