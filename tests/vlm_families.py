@@ -269,10 +269,12 @@ def diffusion_gemma_config() -> Any:
             "vision_config.position_embedding_size": 64})
 
 
-# Inkling 2's processor cuts an image into one 8x8 block (2x2 patches of 4x4 pixels, channels last) per
-# image token; the grid counts image tokens: a 2x2 grid, 4 image tokens
-INKLING2_INPUTS = lambda cfg: {"input_ids": prompt(4), "pixel_values": torch.randn(4, 8, 8, 3),  # noqa: E731
-                               "image_grid_thw": torch.tensor([[1, 2, 2]])}
+# Inkling 2's vision model takes one 8x8 block of pixels (2x2 patches of 4x4, channels last) per image
+# token, and a grid counted in image tokens: a 2x2 grid, 4 image tokens
+def _inkling2_inputs(cfg: Any) -> dict:
+    return {"input_ids": prompt(4), "pixel_values": torch.randn(4, 8, 8, 3), "image_grid_thw": torch.tensor([[1, 2, 2]])}
+
+
 # its merger (an MLP from 2x2 merged patches into the text width) runs inside the vision model
 INKLING2_OWN = {"vision": ["model.vision_tower"], "projector": "inside:model.vision_tower.merger",
                 "llm": ("model.language_model", "lm_head")}
@@ -727,13 +729,13 @@ FAMILIES: list[Family] = [
            # text width: no projector module of its own (the test expects the warning)
            lambda cfg: {"input_ids": prompt(4, start=[IMAGE + 1]), "pixel_values": torch.randn(4, 2, 4, 4, 3)},
            {"vision": ["model.vision_tower"], "llm": ("model.language_model", "lm_head")}, 4),
-    Family("inkling2", "Inkling2ForConditionalGeneration", _inkling2_config("inkling2"), INKLING2_INPUTS,
+    Family("inkling2", "Inkling2ForConditionalGeneration", _inkling2_config("inkling2"), _inkling2_inputs,
            INKLING2_OWN, 4),
     # the same vision model; its text model runs the looped layer 1 twice (2 passes, the second
     # fed messages from the first)
     Family("inkling2_loop", "Inkling2LoopForConditionalGeneration",
            _inkling2_config("inkling2_loop", loop_layer_index_start=1, loop_layer_index_end=2, loop_num_passes=2,
-                            loop_gate_rank=4), INKLING2_INPUTS, INKLING2_OWN, 4),
+                            loop_gate_rank=4), _inkling2_inputs, INKLING2_OWN, 4),
     # Qwen-style vision with its merger inside; a hybrid text model (gated delta net, then attention whose
     # tokens an indexer selects), so the indexer needs its own tiny sizes
     Family("qwen4_exp", "Qwen4ExpForConditionalGeneration",
