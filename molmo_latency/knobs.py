@@ -308,6 +308,9 @@ def _plan_blocks(model: torch.nn.Module, blocks: Any) -> tuple[_Plan, tuple[int,
     owner, attr = _block_list(model)
     full = _full_blocks(owner, attr)
     indices = _check_blocks(blocks, len(full))
+    looped = _looped(model)
+    if looped is not None and indices != tuple(range(len(full))):
+        raise MolmoLatencyError(f"blocks={blocks!r}: {looped}; use all {len(full)} blocks")
     originals = _originals(model, owner, full)
     _check_layer_types(model, originals, indices, len(full))
     everything = indices == tuple(range(len(full)))
@@ -341,6 +344,18 @@ def _plan_blocks(model: torch.nn.Module, blocks: Any) -> tuple[_Plan, tuple[int,
         plan.set(owner, _ORIGINAL_ATTR, originals)
         plan.set(owner, _INDICES_ATTR, indices)
     return plan, indices
+
+
+def _looped(model: torch.nn.Module) -> str | None:
+    """Why no block subset keeps what the model runs, or None: its text config visits more blocks
+    per forward than it has (``total_num_hidden_layers``: Inkling 2 Loop runs a range of its blocks
+    again, a range its config gives by position, which a cut would not renumber)."""
+    for cfg in _configs(model):
+        visited, count = getattr(cfg, "total_num_hidden_layers", None), getattr(cfg, "num_hidden_layers", None)
+        if isinstance(visited, int) and isinstance(count, int) and visited != count:
+            return (f"{type(model).__name__} runs some of its {count} blocks again in a loop ({visited} block "
+                    "passes per forward, the loop given by block positions), which a subset of blocks would not keep")
+    return None
 
 
 def _is_softmax_attention(layer_type: Any) -> bool:
@@ -471,6 +486,9 @@ def knob_ranges(model: torch.nn.Module) -> list[dict[str, Any]]:
         rows.append({"knob": "top_k", "applies": False, "range": None, "now": None, "why_not": str(exc)})
     try:
         total = total_blocks(model)
+        looped = _looped(model)
+        if looped is not None:
+            raise MolmoLatencyError(f"blocks: {looped}; only all {total} blocks")
         rows.append({"knob": "blocks", "applies": True,
                      "range": f"a count in 1..{total}, or sorted block indices in 0..{total - 1}",
                      "now": str(get_active_blocks(model)), "why_not": None})

@@ -244,6 +244,9 @@ class PhaseProfiler:
     ):
         if detail not in DETAILS:
             raise MolmoLatencyError(f"detail={detail!r} is not known; use one of {', '.join(DETAILS)}")
+        refused = _not_token_by_token(model, entry_points)
+        if refused is not None:
+            raise MolmoLatencyError(refused)
         self.model = model
         self.detail = detail
         self.phase_map: PhaseMap = find_phases(model, phases)
@@ -656,6 +659,31 @@ def profile_phases(
     settings = NvmlSettings(nvml, nvml_interval_ms, nvml_device)
     return PhaseProfiler(model, nvtx=nvtx, trace=TraceCapture.from_args(torch_profiler, trace_dir),
                          phases=phases, timer=timer, nvml=settings, entry_points=entry_points, detail=detail)
+
+
+def _not_token_by_token(model: torch.nn.Module, entry_points: tuple[str, ...] | list[str]) -> str | None:
+    """Why a transformers model's generate() cannot be split into a prefill and one decode step
+    per new token, or None: its generate() is not transformers' decoding loop (the model is no
+    ``GenerationMixin``) but one of its own (DiffusionGemma's block diffusion: each canvas of
+    tokens denoised over several decoder passes). A model outside transformers (remote code,
+    MolmoE's own) is not judged here."""
+    generate = getattr(model, "generate", None)
+    if "generate" not in entry_points or not callable(generate) or \
+            not type(model).__module__.startswith("transformers."):
+        return None
+    try:
+        from transformers import GenerationMixin
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return None
+    if isinstance(model, GenerationMixin):
+        return None
+    owner = next((c.__name__ for c in type(model).__mro__ if "generate" in vars(c)), type(model).__name__)
+    doc = (getattr(generate, "__doc__", None) or "").strip().splitlines()
+    said = f" (its docstring: {doc[0].strip()!r})" if doc else ""
+    return (f"cannot profile {type(model).__name__}.generate(): it is {owner}.generate{said}, not transformers' "
+            "token-by-token loop (GenerationMixin), so a prefill and one decode step per new token do not "
+            "describe it; time generate() as a whole instead, or pass a method that decodes token by token "
+            "with profile_phases(model, entry_points=[...])")
 
 
 def _checked_sites(model: torch.nn.Module, phase_map: PhaseMap) -> list:

@@ -270,6 +270,9 @@ def test_image_token_id_wherever_the_config_keeps_it(where, expected):
     ("udop", "UdopForConditionalGeneration", "found the text decoder at 'decoder' but no vision module"),
     # PI0 (a robot policy) runs its VLM's vision tower inside the module that is its decoder
     ("pi0", "PI0ForConditionalGeneration", "runs inside the text decoder 'model' and no single block list"),
+    # PI0.5 (transformers 5.25), the same layout: a PaliGemma VLM and an action expert under `model`,
+    # actions from flow matching (sample_actions), no generate()
+    ("pi05", "PI05ForConditionalGeneration", "runs inside the text decoder 'model' and no single block list"),
 ])
 def test_a_family_discovery_cannot_tell_is_refused_in_one_line(model_type, cls, missing):
     import transformers
@@ -286,4 +289,39 @@ def test_a_family_discovery_cannot_tell_is_refused_in_one_line(model_type, cls, 
     message = str(info.value)
     assert message.startswith(f"cannot find the phases of {cls}: ") and missing in message
     assert "\n" not in message and "phases=" in message
+    assert model_state(model) == before
+
+
+def test_a_generate_that_is_not_token_by_token_is_refused_in_one_line():
+    """DiffusionGemma (transformers 5.25) generates by block diffusion: each canvas of tokens is
+    denoised by whole-canvas decoder passes, so its decoder calls are no prefill and one decode step
+    per new token. The test sees that itself (its own hook on the decoder: 2 passes for 8 tokens with
+    one denoising step per canvas of 4), and the profiler refuses the model in one line, unchanged."""
+    import transformers
+
+    from molmo_latency.errors import MolmoLatencyError
+    from tests.vlm_families import IMAGE, diffusion_gemma_config, prompt
+
+    if not hasattr(transformers, "DiffusionGemmaForBlockDiffusion"):
+        pytest.skip(f"DiffusionGemmaForBlockDiffusion is not in transformers {transformers.__version__}")
+    torch.manual_seed(0)
+    model = transformers.DiffusionGemmaForBlockDiffusion(diffusion_gemma_config()).eval()
+    passes = []
+    handle = model.model.decoder.register_forward_pre_hook(lambda *_: passes.append(1))
+    # a 6x6 grid of 8x8 patches pooled 3x3 into 4 image tokens, as for Gemma 4 (its vision tower)
+    ids = prompt(4, start=[IMAGE + 1], end=[IMAGE + 2])
+    image = {"pixel_values": torch.randn(1, 36, 3 * 8 * 8),
+             "image_position_ids": torch.tensor([[[x, y] for y in range(6) for x in range(6)]])}
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, **image, max_new_tokens=8, max_denoising_steps=1, pad_token_id=PAD,
+                             eos_token_id=EOS)
+    handle.remove()
+    assert out.sequences.shape[1] - ids.shape[1] == 8 and len(passes) == 2  # 4 tokens per decoder pass
+    before = model_state(model)
+    with pytest.raises(MolmoLatencyError) as info:
+        profile_phases(model)
+    message = str(info.value)
+    assert message.startswith("cannot profile DiffusionGemmaForBlockDiffusion.generate(): ")
+    assert "DiffusionGemmaGenerationMixin.generate" in message and "entry_points=" in message
+    assert "\n" not in message
     assert model_state(model) == before

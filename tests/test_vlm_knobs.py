@@ -196,3 +196,32 @@ def test_family_knobs_run_and_restore(fam: Family):
     expected = set(fam.knobs.get("blocks", range(len(layers))))
     assert ran == expected and req["blocks_run"] == len(expected)
     assert model_state(model) == before and list(knobs._block_list(model)[0].layers) == layers
+
+
+def test_a_looped_text_model_refuses_a_block_subset():
+    """Inkling 2 Loop runs a range of its blocks again (its config names the range by position): the
+    test's own hooks see block 1 run twice per forward; a subset of blocks would not keep that, so
+    it is refused in one line and the model is left as it was; all blocks are accepted."""
+    from molmo_latency.knobs import knob_ranges
+
+    fam = by_name("inkling2_loop")
+    model, inputs = fam.build()
+    layers = list(model.model.language_model.layers)
+    calls: list[int] = []
+    handles = [layer.register_forward_pre_hook(lambda *_, i=i: calls.append(i)) for i, layer in enumerate(layers)]
+    with torch.no_grad():
+        model(**inputs)
+    for h in handles:
+        h.remove()
+    assert calls == [0, 1, 1]
+    before = model_state(model)
+    for blocks in ([1], 1):
+        with pytest.raises(MolmoLatencyError) as info:
+            knobs.set_active_blocks(model, blocks)
+        assert str(info.value).startswith(f"blocks={blocks!r}: Inkling2LoopForConditionalGeneration runs some")
+        assert "\n" not in str(info.value)
+        assert model_state(model) == before and list(model.model.language_model.layers) == layers
+    with knobs.configured(model, blocks=2):
+        assert knobs.get_block_indices(model) == (0, 1)
+    row = next(r for r in knob_ranges(model) if r["knob"] == "blocks")
+    assert not row["applies"] and "in a loop" in row["why_not"]

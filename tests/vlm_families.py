@@ -327,6 +327,38 @@ def _dots3_note_config() -> Any:
         audio_token_id=IMAGE + 2)
 # --- end fam-a helpers ---
 
+def _inkling2_config(model_type: str, **text: Any) -> Callable[[], Any]:
+    def build() -> Any:
+        return tiny_config(model_type, init={"text_config": {
+            "num_hidden_layers": 2, "layer_types": ["hybrid_sliding", "hybrid"], "n_routed_experts": 4,
+            "swa_num_attention_heads": 4, "swa_num_key_value_heads": 2, "swa_head_dim": 8,
+            "unpadded_vocab_size": VOCAB, "sliding_window_size": 16, "rel_extent": 32, "d_rel": 4,
+            "n_layers_per_attn_res_block": 1, **text}}, image_token_id=IMAGE, **{
+                "vision_config.text_hidden_size": 32, "vision_config.patch_size": 4,
+                "vision_config.posemb_grid_size": 4, "vision_config.projection_hidden_dim": 64})
+    return build
+
+
+def diffusion_gemma_config() -> Any:
+    """DiffusionGemma (block diffusion): a Gemma 4 vision tower in its encoder, canvases of 4 tokens."""
+    return tiny_config("diffusion_gemma", init={"text_config": {
+        "num_hidden_layers": 2, "layer_types": ["sliding_attention", "full_attention"], "global_head_dim": 8,
+        "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 32}},
+        image_token_id=IMAGE, boi_token_id=IMAGE + 1, eoi_token_id=IMAGE + 2, canvas_length=4, **{
+            "vision_config.patch_size": 8, "vision_config.pooling_kernel_size": 3,
+            "vision_config.position_embedding_size": 64})
+
+
+# Inkling 2's vision model takes one 8x8 block of pixels (2x2 patches of 4x4, channels last) per image
+# token, and a grid counted in image tokens: a 2x2 grid, 4 image tokens
+def _inkling2_inputs(cfg: Any) -> dict:
+    return {"input_ids": prompt(4), "pixel_values": torch.randn(4, 8, 8, 3), "image_grid_thw": torch.tensor([[1, 2, 2]])}
+
+
+# its merger (an MLP from 2x2 merged patches into the text width) runs inside the vision model
+INKLING2_OWN = {"vision": ["model.vision_tower"], "projector": "inside:model.vision_tower.merger",
+                "llm": ("model.language_model", "lm_head")}
+
 
 FAMILIES: list[Family] = [
     Family("llava", "LlavaForConditionalGeneration",
@@ -799,6 +831,59 @@ FAMILIES: list[Family] = [
            {"vision": ["model.vision_tower"], "projector": "inside:model.vision_tower.merger",
             "llm": ("model.language_model", "lm_head")}, 4),
     # --- end fam-a ---
+
+    # --- fam-b (2026-12-07) ---
+    Family("llava_onevision1_5", "LlavaOnevision15ForConditionalGeneration",
+           lambda: tiny_config("llava_onevision1_5", image_token_id=IMAGE, video_token_id=IMAGE + 1,
+                               vision_start_token_id=IMAGE + 2, vision_end_token_id=IMAGE + 3,
+                               **{"vision_config.patch_size": 8, "vision_config.spatial_merge_size": 2}),
+           # 4x4 patches of 8x8 pixels (one frame: no temporal patch), merged 2x2 by the merger
+           # inside the vision model (model.visual.merger) into 4 image tokens
+           _qwen_inputs(temporal=1), QWEN_OWN, 4),
+    Family("ovis2_5", "Ovis2_5ForConditionalGeneration",
+           lambda: tiny_config("ovis2_5", image_token_id=IMAGE, video_token_id=IMAGE + 1, image_start_token_id=IMAGE + 2,
+                               image_end_token_id=IMAGE + 3, video_start_token_id=IMAGE + 4,
+                               video_end_token_id=IMAGE + 5, **{**_VISION_32, "vision_config.window_size": 16,
+                                                                "vision_config.layer_types": ["full_attention"] * 2}),
+           # 4x4 patches of 8x8 pixels; the projector's visual tokenizer merges 2x2 of them into each of
+           # 4 image tokens (a probability over the visual vocabulary, looked up in its embedding table);
+           # the image is framed by its start and end tokens, replaced by learned indicator embeddings
+           lambda cfg: {**_qwen_inputs(temporal=1)(cfg), "input_ids": prompt(4, start=[IMAGE + 2], end=[IMAGE + 3])},
+           LLAVA_OWN, 4),
+    Family("inkling_mm_model", "InklingForConditionalGeneration",
+           lambda: tiny_config("inkling_mm_model", init={
+               "text_config": {"num_hidden_layers": 2, "layer_types": ["hybrid_sliding", "hybrid"],
+                               "mlp_layer_types": ["dense", "sparse"], "n_routed_experts": 4,
+                               "swa_num_attention_heads": 4, "swa_num_key_value_heads": 2, "swa_head_dim": 8,
+                               "sliding_window_size": 16, "rel_extent": 32, "d_rel": 4},
+               "vision_config": {"patch_size": 4, "temporal_patch_size": 2}},
+               image_token_id=IMAGE, image_bos_token_id=IMAGE + 1, audio_token_id=IMAGE + 2,
+               audio_bos_token_id=IMAGE + 3, **{"vision_config.text_hidden_size": 32,
+                                                "audio_config.text_hidden_size": 32}),
+           # 4 patches of 2 frames x 4x4 pixels (patch, frame, row, column, channel), one image token each;
+           # the vision tower is a stack of per-patch linear layers, the last one projecting into the
+           # text width: no projector module of its own (the test expects the warning)
+           lambda cfg: {"input_ids": prompt(4, start=[IMAGE + 1]), "pixel_values": torch.randn(4, 2, 4, 4, 3)},
+           {"vision": ["model.vision_tower"], "llm": ("model.language_model", "lm_head")}, 4),
+    Family("inkling2", "Inkling2ForConditionalGeneration", _inkling2_config("inkling2"), _inkling2_inputs,
+           INKLING2_OWN, 4),
+    # the same vision model; its text model runs the looped layer 1 twice (2 passes, the second
+    # fed messages from the first)
+    Family("inkling2_loop", "Inkling2LoopForConditionalGeneration",
+           _inkling2_config("inkling2_loop", loop_layer_index_start=1, loop_layer_index_end=2, loop_num_passes=2,
+                            loop_gate_rank=4), _inkling2_inputs, INKLING2_OWN, 4),
+    # Qwen-style vision with its merger inside; a hybrid text model (gated delta net, then attention whose
+    # tokens an indexer selects), so the indexer needs its own tiny sizes
+    Family("qwen4_exp", "Qwen4ExpForConditionalGeneration",
+           _qwen_config("qwen4_exp", **{
+               "vision_config.num_position_embeddings": 16,
+               "text_config.layer_types": ["linear_attention", "indexed_attention"],
+               "text_config.linear_key_head_dim": 8, "text_config.linear_value_head_dim": 8,
+               "text_config.linear_num_key_heads": 2, "text_config.linear_num_value_heads": 4,
+               "text_config.hc_lowrank": 8, "text_config.indexer_n_heads": 2, "text_config.indexer_kv_heads": 1,
+               "text_config.indexer_head_dim": 8, "text_config.indexer_budget": 8,
+               "text_config.indexer_compress_ratio": 4}),
+           _qwen_inputs(), QWEN_OWN, 4),
 ]
 
 
