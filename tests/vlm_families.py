@@ -327,6 +327,7 @@ def _dots3_note_config() -> Any:
         audio_token_id=IMAGE + 2)
 # --- end fam-a helpers ---
 
+
 def _inkling2_config(model_type: str, **text: Any) -> Callable[[], Any]:
     def build() -> Any:
         return tiny_config(model_type, init={"text_config": {
