@@ -244,7 +244,7 @@ class PhaseProfiler:
     ):
         if detail not in DETAILS:
             raise MolmoLatencyError(f"detail={detail!r} is not known; use one of {', '.join(DETAILS)}")
-        refused = _not_token_by_token(model, entry_points)
+        refused = generate_refusal(model, entry_points)
         if refused is not None:
             raise MolmoLatencyError(refused)
         self.model = model
@@ -661,7 +661,7 @@ def profile_phases(
                          phases=phases, timer=timer, nvml=settings, entry_points=entry_points, detail=detail)
 
 
-def _not_token_by_token(model: torch.nn.Module, entry_points: tuple[str, ...] | list[str]) -> str | None:
+def generate_refusal(model: torch.nn.Module, entry_points: tuple[str, ...] | list[str]) -> str | None:
     """Why a transformers model's generate() cannot be split into a prefill and one decode step
     per new token, or None: its generate() is not transformers' decoding loop (the model is no
     ``GenerationMixin``) but one of its own (DiffusionGemma's block diffusion: each canvas of

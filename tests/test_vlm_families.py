@@ -300,7 +300,7 @@ def test_a_generate_that_is_not_token_by_token_is_refused_in_one_line():
     import transformers
 
     from molmo_latency.errors import MolmoLatencyError
-    from tests.vlm_families import IMAGE, diffusion_gemma_config, prompt
+    from tests.vlm_families import IMAGE, by_name, diffusion_gemma_config, prompt
 
     if not hasattr(transformers, "DiffusionGemmaForBlockDiffusion"):
         pytest.skip(f"DiffusionGemmaForBlockDiffusion is not in transformers {transformers.__version__}")
@@ -325,3 +325,8 @@ def test_a_generate_that_is_not_token_by_token_is_refused_in_one_line():
     assert "DiffusionGemmaGenerationMixin.generate" in message and "entry_points=" in message
     assert "\n" not in message
     assert model_state(model) == before
+    # inspect says so before anything is measured; a token-by-token model has no refusal
+    from molmo_latency.cli.inspect_cmd import inspection
+
+    assert inspection(model, "diffusion_gemma")["refused"] == message
+    assert inspection(by_name("llava").build()[0], "llava")["refused"] is None

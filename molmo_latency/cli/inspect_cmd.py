@@ -76,6 +76,7 @@ def inspection(model: Any, source: str) -> dict[str, Any]:
     """What `inspect` shows, as data: the phase rows, the knob rows, the image token id."""
     from molmo_latency.adapters import find_phases, image_token_id, phase_rows
     from molmo_latency.knobs import knob_ranges
+    from molmo_latency.profiler import generate_refusal
 
     import warnings
 
@@ -83,7 +84,8 @@ def inspection(model: Any, source: str) -> dict[str, Any]:
         warnings.simplefilter("ignore")
         layout = find_phases(model).layout
     return {"model": source, "class": type(model).__name__, "layout": layout,
-            "image_token_id": image_token_id(model), "phases": phase_rows(model), "knobs": knob_ranges(model)}
+            "image_token_id": image_token_id(model), "phases": phase_rows(model), "knobs": knob_ranges(model),
+            "refused": generate_refusal(model, ("generate",))}
 
 
 @app.command("inspect", epilog=examples("molmo-latency inspect tiny",
@@ -109,6 +111,8 @@ def inspect_command(
               else f"image token id {found['image_token_id']}" if found["image_token_id"] is not None
               else "no image token id in the config (image tokens counted from a position mask, if given)")
     console.print(f"{found['class']} ({found['model']}): layout {found['layout']}, {tokens}")
+    if found["refused"]:
+        console.print(f"profile_phases refuses this model: {found['refused']}")
     print_frame(pl.DataFrame(found["phases"]), "phases")
     missing = [r for r in found["phases"] if not r["found"]]
     if missing:
