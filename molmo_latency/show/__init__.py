@@ -32,7 +32,7 @@ Example:
     >>> set_width(None)
 """
 
-import importlib
+from molmo_latency._lazy import lazy_exports
 
 #: Public name -> the module defining it (imported on first use).
 _WHERE = {
@@ -46,13 +46,4 @@ __all__ = ["console", "err_console", "format_cell", "frame_records", "json_text"
            "plural", "print_json", "set_wide", "set_width", "write_json", "write_png"]
 
 
-def __getattr__(name: str):
-    if name in _WHERE:
-        value = getattr(importlib.import_module(f"molmo_latency.show.{_WHERE[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'molmo_latency.show' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE, globals())

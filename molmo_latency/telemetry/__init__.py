@@ -15,6 +15,8 @@ The profiler takes the settings as one value, checked once, and opens the sample
     report = attach_telemetry(report, samples)
 """
 
+from molmo_latency._lazy import lazy_exports
+
 # Lazy: importing one submodule (e.g. ``telemetry.throttle`` from explain) must not load the
 # device layer; each public name is imported from its module on first use.
 _WHERE = {
@@ -31,14 +33,7 @@ _WHERE = {
 }
 
 
-def __getattr__(name: str):
-    if name in _WHERE:
-        import importlib
-
-        value = getattr(importlib.import_module(f"molmo_latency.telemetry.{_WHERE[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'molmo_latency.telemetry' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE, globals())
 
 
 __all__ = [
