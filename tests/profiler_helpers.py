@@ -1,5 +1,6 @@
 """Shared by the profiler tests: generate() keyword arguments with the generation settings given
-explicitly (ReferenceVLM.inputs() may or may not carry them, depending on its version)."""
+explicitly (ReferenceVLM.inputs() may or may not carry them, depending on its version), and the
+tiny reference model built with eager attention and experts."""
 
 from __future__ import annotations
 
@@ -17,3 +18,22 @@ def gen_kwargs(ref, *, crops=1, prompt_tokens=32, batch_size=1, new_tokens=8, fi
         kw["min_new_tokens"] = new_tokens
     kw.update(extra)
     return kw
+
+
+def eager_reference():
+    """The tiny reference model built with eager attention (4.51's OLMoE picks its attention class
+    at construction) and eager experts (5.x: a loop of F.linear over the routed experts), so that
+    every matrix product runs as an op a counter or a module hook sees."""
+    import torch
+    from transformers import AyaVisionForConditionalGeneration
+
+    from molmo_latency.models import reference_config, reference_vlm
+
+    ref = reference_vlm("tiny", seed=0)
+    cfg = reference_config("tiny")
+    for c in (cfg, cfg.text_config, cfg.vision_config):
+        c._attn_implementation = "eager"
+        c._experts_implementation = "eager"
+    torch.manual_seed(0)
+    ref.model = AyaVisionForConditionalGeneration._from_config(cfg, attn_implementation="eager").eval()
+    return ref

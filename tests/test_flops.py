@@ -11,27 +11,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from molmo_latency.flops import (ACCELERATORS, TextShape, VisionShape, accelerator, request_flops,
                                  speed_of_light)
-from molmo_latency.models import reference_vlm
+from tests.profiler_helpers import eager_reference
 
 TOLERANCE = 0.01  # relative: what the counter sees beyond the matrix products we model (none today)
 
 
 @pytest.fixture(scope="module")
 def eager():
-    """The tiny reference model built with eager attention (4.51's OLMoE picks its attention class
-    at construction) and eager experts (5.x: a loop of F.linear over the routed experts)."""
-    from transformers import AyaVisionForConditionalGeneration
-
-    from molmo_latency.models import reference_config
-
-    ref = reference_vlm("tiny", seed=0)
-    cfg = reference_config("tiny")
-    for c in (cfg, cfg.text_config, cfg.vision_config):
-        c._attn_implementation = "eager"
-        c._experts_implementation = "eager"
-    torch.manual_seed(0)
-    ref.model = AyaVisionForConditionalGeneration._from_config(cfg, attn_implementation="eager").eval()
-    return ref
+    return eager_reference()
 
 
 def _counted(fc: FlopCounterMode, suffix: str) -> int:

@@ -21,7 +21,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from molmo_latency import profile_phases
 from molmo_latency.errors import MolmoLatencyError
-from molmo_latency.models import PRESETS, reference_config, reference_vlm
+from molmo_latency.models import PRESETS, reference_config
+from tests.profiler_helpers import eager_reference
 
 # The kinds of a phase instance plus `other` sum to the phase: int64 ns divided by 1e6 and
 # summed as floats, so they agree to far better than a nanosecond.
@@ -48,17 +49,6 @@ def _olmoe_request(model, new_tokens):
             "min_new_tokens": new_tokens, "do_sample": False, "pad_token_id": 0}
 
 
-def _eager_reference():
-    from transformers import AyaVisionForConditionalGeneration
-
-    ref = reference_vlm("tiny", seed=0)
-    cfg = reference_config("tiny")
-    for c in (cfg, cfg.text_config, cfg.vision_config):
-        c._attn_implementation = "eager"
-        c._experts_implementation = "eager"
-    torch.manual_seed(0)
-    ref.model = AyaVisionForConditionalGeneration._from_config(cfg, attn_implementation="eager").eval()
-    return ref
 
 
 def _molmoe():
@@ -86,7 +76,7 @@ def _molmoe_request(model, new_tokens):
 # the phases to pass: a text-only OLMoE has only its LLM span, named)
 ATTENTION_HF = r"(^|\.)layers\.\d+\.self_attn$"
 MODELS = {
-    "reference": (lambda: _eager_reference(), None, ATTENTION_HF, PRESETS["tiny"].text_layers, None),
+    "reference": (eager_reference, None, ATTENTION_HF, PRESETS["tiny"].text_layers, None),
     "olmoe": (_olmoe, _olmoe_request, ATTENTION_HF, PRESETS["tiny"].text_layers, {"llm": ("model", "lm_head")}),
     "molmoe": (_molmoe, _molmoe_request, r"transformer\.blocks\.\d+\.attn$", 4, None),
 }
