@@ -132,6 +132,36 @@ def test_molmo2_inputs_from_its_config_alone():
     assert req["image_tokens_per_row"] == [8, 8] and req["output_tokens"] == 3
 
 
+def test_molmo2_inputs_pool_each_images_own_crops():
+    """Each row's image tokens pool that row's own crops, on either convention of the installed
+    Molmo2 (indices over all images, or per image with the model adding the offsets): the test
+    changes the pixels of row 0's crops only and reads the model's own pooled features per image."""
+    import inspect
+
+    from molmo_latency.models import molmo2_inputs
+
+    model, _ = by_name("molmo2").build()
+    kw = molmo2_inputs(model, crops=2, prompt_tokens=4, batch_size=2)
+    names = ["pixel_values", "image_token_pooling", "image_grids", "image_num_crops"]
+    takes = inspect.signature(model.get_image_features).parameters
+
+    def features(pixels: torch.Tensor) -> tuple:
+        args = {k: kw[k] for k in names if k in takes}
+        with torch.no_grad():
+            return model.get_image_features(**{**args, "pixel_values": pixels}).pooler_output
+
+    before = features(kw["pixel_values"])
+    changed = kw["pixel_values"].clone()
+    changed[:2] += 1.0  # row 0's two crops
+    after = features(changed)
+    assert len(before) == 2 and all(f.shape[0] == 8 for f in before)
+
+    def moved(i: int) -> float:  # relative: a tiny random model's features are ~1e-9
+        return float((before[i] - after[i]).abs().max() / before[i].abs().max())
+
+    assert moved(0) > 0.1 and moved(1) < 1e-5
+
+
 def test_profile_cli_on_a_saved_tiny_molmo2(tmp_path, capsys):
     from molmo_latency.cli.main import main
 
