@@ -64,6 +64,7 @@ from molmo_latency.trace._events import (
     RUNTIME_KINDS,
     _one_line,
     _Top,
+    names_column,
 )
 from molmo_latency.trace._text import _WHITESPACE, _decode_fast, _decode_slow, _NotFast, _stream
 
@@ -350,6 +351,7 @@ def _assemble(path: Path, meta: _Top, chunks: list[dict[str, pl.DataFrame]], n_e
             "time; the trace header is corrupt"
         )
 
+    names = names_column(chunks.names)  # what the chunks' name codes stand for
     skipped: Counter = Counter()
     missing: Counter = Counter()
     for chunk in chunks:
@@ -360,7 +362,7 @@ def _assemble(path: Path, meta: _Top, chunks: list[dict[str, pl.DataFrame]], n_e
     tables = {}
     for name in _TABLES:
         parts = [chunk.pop(name) for chunk in chunks if name in chunk]
-        tables[name] = _finish(path, name, parts, base_time_ns)
+        tables[name] = _finish(path, name, parts, base_time_ns, names)
         del parts
         if missing[name]:
             skipped["missing_time"] += missing[name]
@@ -403,9 +405,10 @@ def _assemble(path: Path, meta: _Top, chunks: list[dict[str, pl.DataFrame]], n_e
 
 
 
-def _finish(path: Path, name: str, parts: list[pl.DataFrame], base_time_ns: int) -> pl.DataFrame:
+def _finish(path: Path, name: str, parts: list[pl.DataFrame], base_time_ns: int, names: pl.Series) -> pl.DataFrame:
     """One table from its per-chunk frames (already settled by ``_events._settle``: int64 ns
-    relative times, the table's columns): times since the epoch, sorted by start."""
+    relative times, the table's columns, names as codes into `names`): times since the epoch,
+    sorted by start."""
     columns = _COLUMNS[name]
     if not parts:
         return pl.DataFrame(schema={c: _TABLE_SCHEMA[c] for c in columns})
@@ -435,6 +438,8 @@ def _finish(path: Path, name: str, parts: list[pl.DataFrame], base_time_ns: int)
             out[c] = (starts + durations).alias(c)
         elif c == "dur_ns":
             out[c] = durations.alias(c)
+        elif c == "name":  # one string view per row into the read's distinct names
+            out[c] = names.gather(source.pop(c).gather(order)).alias(c)
         else:
             out[c] = source.pop(c).gather(order)
     return pl.DataFrame(out)
