@@ -386,7 +386,14 @@ def _codes(values: list, names: dict) -> pl.Series:
 
 
 def names_column(names: dict) -> pl.Series:
-    """The distinct names of a read as a string column, row i the name of code i."""
+    """The distinct names of a read as a string column, row i the name of code i.
+
+    Example:
+        >>> names = {}
+        >>> codes = _codes(["gemm", "add", "gemm", None], names)
+        >>> codes.to_list(), names_column(names).gather(codes).to_list()
+        ([0, 1, 0, 2], ['gemm', 'add', 'gemm', None])
+    """
     return pl.Series(list(names), dtype=pl.String)
 
 
