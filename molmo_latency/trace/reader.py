@@ -441,5 +441,8 @@ def _finish(path: Path, name: str, parts: list[pl.DataFrame], base_time_ns: int,
         elif c == "name":  # one string view per row into the read's distinct names
             out[c] = names.gather(source.pop(c).gather(order)).alias(c)
         else:
-            out[c] = source.pop(c).gather(order)
+            column = source.pop(c)
+            if isinstance(column.dtype, pl.Array):  # grid / block: gathered from many chunks, polars
+                column = column.rechunk()  # holds ~2.5x the column meanwhile; from one, no more than it
+            out[c] = column.gather(order)
     return pl.DataFrame(out)
