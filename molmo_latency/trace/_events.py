@@ -247,20 +247,21 @@ def _settle(frames: dict) -> dict:
         frame = frames.get(name)
         if frame is None:
             continue
+        query = frame.lazy()  # one polars query per table and batch: every step is row by row
         if frame["ts"].dtype == pl.Float64:
-            frame = frame.with_columns(ts=_us_to_ns(pl.col("ts")), dur=_us_to_ns(pl.col("dur")))
-        without = frame["ts"].is_null() | frame["dur"].is_null()
-        n_missing = int(without.sum())
-        if n_missing:
-            frame = frame.filter(~without)
-            missing[name] = n_missing
+            query = query.with_columns(ts=_us_to_ns(pl.col("ts")), dur=_us_to_ns(pl.col("dur")))
         if name in ("gpu", "gpu_annotations"):  # in args; Kineto also writes them as pid / tid
-            frame = frame.with_columns(device=pl.coalesce("device", "pid"), stream=pl.coalesce("stream", "tid"))
+            query = query.with_columns(device=pl.coalesce("device", "pid"), stream=pl.coalesce("stream", "tid"))
         if name == "gpu":  # rows without three integer dims: null, not [null, null, null]
-            frame = frame.with_columns(
+            query = query.with_columns(
                 pl.when(pl.col(c).arr.get(0).is_not_null()).then(pl.col(c)).alias(c) for c in ("grid", "block")
             )
-        frames[name] = frame.select(_KEEP[name])
+        frame = query.select(_KEEP[name]).collect()
+        if frame["ts"].null_count() or frame["dur"].null_count():
+            without = frame["ts"].is_null() | frame["dur"].is_null()
+            frame = frame.filter(~without)
+            missing[name] = int(without.sum())
+        frames[name] = frame
     if missing:
         frames[_MISSING] = missing
     if exact:
@@ -381,8 +382,10 @@ def _codes(values: list, names: dict) -> pl.Series:
     (:func:`names_column`), whose rows share the bytes of equal names. Kernel names are long
     (often 200+ bytes) and few: a chunk holds 4 bytes a row for them, a table 16 (a string view
     into one buffer of the distinct names), never their whole length per row or per chunk."""
-    setdefault = names.setdefault
-    return pl.Series([setdefault(v, len(names)) for v in values], dtype=pl.UInt32)
+    for value in dict.fromkeys(values):  # the chunk's distinct names (few): new ones get the next codes
+        if value not in names:
+            names[value] = len(names)
+    return pl.Series(list(map(names.__getitem__, values)), dtype=pl.UInt32)
 
 
 def names_column(names: dict) -> pl.Series:

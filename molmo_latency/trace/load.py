@@ -31,7 +31,7 @@ def trace_format(path: str | os.PathLike) -> str:
         >>> trace_format(write_demo_trace(tempfile.mkdtemp())), trace_format("report.sqlite.gz")
         ('kineto', 'nsys')
     """
-    from molmo_latency.trace.nsys_sql import is_sqlite
+    from molmo_latency.trace._format import is_sqlite
 
     if is_sqlite(path):
         return "nsys"
