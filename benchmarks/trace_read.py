@@ -656,7 +656,9 @@ def scale(args: argparse.Namespace) -> None:
                         if cmd[0] == "BASELINE":  # the package as it was, run from its own folder
                             cmd = [sys.executable, *cmd[1:]]
                             where = str(args.baseline_src)
-                            run_env = {**env, "PYTHONPATH": str(args.baseline_src)}
+                            # a first read: a package with the cache would read its own entry from run 2 on
+                            # (and leave it in the folder HTA reads); one without ignores the variable
+                            run_env = {**env, "PYTHONPATH": str(args.baseline_src), "MOLMO_LATENCY_NO_CACHE": "1"}
                         r = run_process(cmd, env=run_env, cwd=where, timeout_s=900,
                                         address_space_cap_bytes=int(args.hta_cap_gb * 1e9) if hta else None)
                         results[label].append(r)
