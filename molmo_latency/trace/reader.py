@@ -24,7 +24,10 @@ nested object leaves unbalanced brackets, fails to decode and is replaced by the
 each chunk is decoded by msgspec into small structs tagged on ``ph``: flow, metadata and
 instant events become empty structs, and of complete ("X") events only the fields we keep are
 built. Each chunk becomes a polars frame per table at once, so memory holds about one chunk of
-text and objects plus the tables, never the whole text or a Python object per event. The text
+text and objects plus the tables, never the whole text or a Python object per event; its event
+names are UInt32 codes into one dictionary per read, turned back into strings (views into the
+distinct names, 16 bytes a row) when each table is put together from the chunks, column by
+column, every chunk column freed once gathered. The text
 around the array (header and tail) is decoded last as the metadata. Anything this streaming path
 cannot read (a bare event list, an odd layout, any error) is read again from the whole text,
 by a path that also splits per event when needed and names the offending event in its error.
