@@ -608,8 +608,11 @@ def scale(args: argparse.Namespace) -> None:
     from benchmarks._common import run_process, update_section
 
     sizes = args.size_mb if args.size_mb != [60.0, 120.0] else _SCALE_SIZES
-    hta_python = _hta_python()
-    versions = _versions(hta_python)
+    if args.hta_max_mb is None or any(size <= args.hta_max_mb for size in sizes):
+        hta_python = _hta_python()
+        versions = _versions(hta_python)
+    else:  # HTA runs at no size: its venv is neither needed nor built
+        hta_python, versions = "", "not run"
     folder = args.traces or Path(tempfile.mkdtemp(prefix="trace_scale_"))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("MOLMO_LATENCY_CACHE_DIR", None)
@@ -653,7 +656,9 @@ def scale(args: argparse.Namespace) -> None:
                         if cmd[0] == "BASELINE":  # the package as it was, run from its own folder
                             cmd = [sys.executable, *cmd[1:]]
                             where = str(args.baseline_src)
-                            run_env = {**env, "PYTHONPATH": str(args.baseline_src)}
+                            # a first read: a package with the cache would read its own entry from run 2 on
+                            # (and leave it in the folder HTA reads); one without ignores the variable
+                            run_env = {**env, "PYTHONPATH": str(args.baseline_src), "MOLMO_LATENCY_NO_CACHE": "1"}
                         r = run_process(cmd, env=run_env, cwd=where, timeout_s=900,
                                         address_space_cap_bytes=int(args.hta_cap_gb * 1e9) if hta else None)
                         results[label].append(r)
@@ -711,6 +716,8 @@ def _scale_report(rows: list[dict], notes: list[str], versions: str, sizes: list
                          + (f"; HTA / ours cached: {hta['wall'] / cached['wall']:.1f}x" if cached else "")
                          + (f"; cached `--parts kernels` (what HTA computes): {hta['wall'] / kernels['wall']:.1f}x"
                             if kernels else "") + ".")
+        elif first and not any(k.startswith("HTA") for k in row["results"]):
+            parts.append(f"  - HTA not run at this size in this run (`--hta-max-mb {args.hta_max_mb:g}`).")
         elif first:
             parts.append("  - HTA did not finish (see below); nothing to compare against.")
         if writing and cached:

@@ -59,6 +59,31 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
 # Options whose value may be left out: `--ray` alone means a local Ray.
 OPTIONAL_VALUES = {"--ray": "local"}
 
+#: How polars' allocator (its own jemalloc, configured by this environment variable when polars is
+#: imported) hands freed memory back in a command-line process: unused pages purged after 200 ms.
+#: polars' own setting (``dirty_decay_ms:500,muzzy_decay_ms:1000``, to which it appends ours, so
+#: ours wins) keeps freed pages "muzzy" (MADV_FREE: still counted in the process's RSS until the
+#: kernel needs them) for a further second. A trace read frees its decoded chunks table by table
+#: while it builds the tables: with polars' setting they stay beside the tables (a 2 GB trace:
+#: ~1.0 GB peak RSS instead of ~0.8). Set only when the user has not set it, before polars loads.
+POLARS_ALLOCATOR_ENV = "_RJEM_MALLOC_CONF"
+POLARS_ALLOCATOR_CONF = "dirty_decay_ms:200,muzzy_decay_ms:0"
+
+
+def _allocator_policy() -> None:
+    """Apply :data:`POLARS_ALLOCATOR_CONF` unless polars is loaded already or the user set their own.
+
+    Example:
+        >>> import os
+        >>> _allocator_policy()
+        >>> "polars" in sys.modules or os.environ.get(POLARS_ALLOCATOR_ENV) is not None
+        True
+    """
+    import os
+
+    if "polars" not in sys.modules:
+        os.environ.setdefault(POLARS_ALLOCATOR_ENV, POLARS_ALLOCATOR_CONF)
+
 
 def _import(name: str) -> None:
     try:
@@ -145,6 +170,7 @@ def _interrupted(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    _allocator_policy()
     argv = _fill_optional_values(list(sys.argv[1:] if argv is None else argv))
     direct = None
     if argv[:2] == ["trace", "summary"]:  # the command users wait for most: no Typer run-time

@@ -338,7 +338,7 @@ def run_summary(path: Path, as_json: bool = False, top: int = 25, wide: bool = F
     from molmo_latency.trace.summary import summarize
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", TraceWarning)
-        trace = load_trace(path, cache=False if no_cache else None, cache_dir=cache_dir)
+        trace = load_trace(path, cache=False if no_cache else None, cache_dir=cache_dir, tables=_tables_of(chosen))
     warned = [str(w.message) for w in caught if issubclass(w.category, TraceWarning)]
     asked = list(chosen)
     if not as_json:  # what the tables below show, and nothing else
@@ -413,6 +413,18 @@ def run_summary(path: Path, as_json: bool = False, top: int = 25, wide: bool = F
         f"{summary.unlinked:,} without their launch call in the trace",
         highlight=False,
     )
+
+
+def _tables_of(parts: tuple[str, ...]) -> tuple[str, ...]:
+    """The tables a cached read decodes at once for `parts` (the others only if used).
+
+    Example:
+        >>> _tables_of(("kernels",)), _tables_of(("kernels", "cpu_ops"))
+        (('gpu',), ('gpu', 'cpu_ops'))
+    """
+    from molmo_latency.trace.parts import PART_TABLES
+
+    return tuple(dict.fromkeys(t for p in parts for t in PART_TABLES[p]))
 
 
 def _parse_parts(text: str | None) -> tuple[str, ...]:

@@ -177,13 +177,23 @@ _KEEP = {
 }
 
 
-def _checked_frames(events: list, buf: bytes, fast: bool) -> dict[str, pl.DataFrame]:
+def _checked_frames(events: list, buf: bytes, fast: bool, names: dict) -> dict[str, pl.DataFrame]:
     """A frame per table of the kept events, settled (:func:`_settle`): int64 ns times, the
-    tables' columns only, events without times dropped (counted under ``_MISSING``)."""
-    return _settle(_decoded_frames(events, buf, fast))
+    tables' columns only, events without times dropped (counted under ``_MISSING``); names as
+    codes into `names` (:func:`_codes`)."""
+    return _settle(_decoded_frames(events, buf, fast, names))
 
 
-class _Settled(list):
+class _Chunks(list):
+    """The settled chunks of one read, and ``names``: every distinct event name met in them
+    (name -> code), the dictionary their ``name`` codes index (:func:`_codes`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: dict = {}
+
+
+class _Settled(_Chunks):
     """The chunks of a read, settled in batches: the decoded frames of consecutive chunks wait
     until ~:data:`_BATCH_BYTES` of text is in, then are settled together (a few polars calls per
     batch instead of per 2 MiB chunk). Exactly decoded chunks are settled alone, in order."""
@@ -194,7 +204,7 @@ class _Settled(list):
         self.pending_bytes = 0
 
     def add(self, events: list, buf: bytes, fast: bool) -> None:
-        frames = _decoded_frames(events, buf, fast)
+        frames = _decoded_frames(events, buf, fast, self.names)
         if any(f["ts"].dtype != pl.Float64 for n, f in frames.items() if n != _SKIPPED):
             self.flush()
             self.append(_settle(frames))
@@ -237,20 +247,21 @@ def _settle(frames: dict) -> dict:
         frame = frames.get(name)
         if frame is None:
             continue
+        query = frame.lazy()  # one polars query per table and batch: every step is row by row
         if frame["ts"].dtype == pl.Float64:
-            frame = frame.with_columns(ts=_us_to_ns(pl.col("ts")), dur=_us_to_ns(pl.col("dur")))
-        without = frame["ts"].is_null() | frame["dur"].is_null()
-        n_missing = int(without.sum())
-        if n_missing:
-            frame = frame.filter(~without)
-            missing[name] = n_missing
+            query = query.with_columns(ts=_us_to_ns(pl.col("ts")), dur=_us_to_ns(pl.col("dur")))
         if name in ("gpu", "gpu_annotations"):  # in args; Kineto also writes them as pid / tid
-            frame = frame.with_columns(device=pl.coalesce("device", "pid"), stream=pl.coalesce("stream", "tid"))
+            query = query.with_columns(device=pl.coalesce("device", "pid"), stream=pl.coalesce("stream", "tid"))
         if name == "gpu":  # rows without three integer dims: null, not [null, null, null]
-            frame = frame.with_columns(
+            query = query.with_columns(
                 pl.when(pl.col(c).arr.get(0).is_not_null()).then(pl.col(c)).alias(c) for c in ("grid", "block")
             )
-        frames[name] = frame.select(_KEEP[name])
+        frame = query.select(_KEEP[name]).collect()
+        if frame["ts"].null_count() or frame["dur"].null_count():
+            without = frame["ts"].is_null() | frame["dur"].is_null()
+            frame = frame.filter(~without)
+            missing[name] = int(without.sum())
+        frames[name] = frame
     if missing:
         frames[_MISSING] = missing
     if exact:
@@ -258,9 +269,9 @@ def _settle(frames: dict) -> dict:
     return frames
 
 
-def _decoded_frames(events: list, buf: bytes, fast: bool) -> dict[str, pl.DataFrame]:
+def _decoded_frames(events: list, buf: bytes, fast: bool, names: dict) -> dict[str, pl.DataFrame]:
     """A frame per table of the kept events (``ts``/``dur``: float us, or int ns if exact)."""
-    frames = _frames(events, fast=fast, exact=False)
+    frames = _frames(events, fast=fast, exact=False, names=names)
     for name, frame in frames.items():
         if name == _SKIPPED:
             continue
@@ -274,7 +285,7 @@ def _decoded_frames(events: list, buf: bytes, fast: bool) -> dict[str, pl.DataFr
             if largest >= _EXACT_FLOAT_US and (times != times.floor()).any():
                 # a fractional value a double cannot hold to the nanosecond: decode the text exactly
                 decoder = _FAST_EXACT_DECODER if fast else _SLOW_EXACT_DECODER
-                return _frames(decoder.decode(buf), fast=fast, exact=True)
+                return _frames(decoder.decode(buf), fast=fast, exact=True, names=names)
     return frames
 
 
@@ -284,7 +295,7 @@ def _us_to_ns(us: pl.Expr) -> pl.Expr:
     return whole.cast(pl.Int64) * 1000 + ((us - whole) * 1000).round().cast(pl.Int64)
 
 
-def _frames(events: list, fast: bool, exact: bool) -> dict[str, pl.DataFrame]:
+def _frames(events: list, fast: bool, exact: bool, names: dict) -> dict[str, pl.DataFrame]:
     """Route the kept events to their tables in one pass, then one pass per column per table.
 
     Complete events of no or an unknown category, and (slow path) events of a missing or
@@ -323,7 +334,7 @@ def _frames(events: list, fast: bool, exact: bool) -> dict[str, pl.DataFrame]:
                 kept += bucket
                 kinds += [_ROUTE[category][1]] * len(bucket)
         if kept:
-            frames[table] = _table_frame(table, kept, kinds, exact)
+            frames[table] = _table_frame(table, kept, kinds, exact, names)
     skipped = {}
     if odd:
         missing = sum(1 for cat in odd if cat is None)
@@ -336,7 +347,7 @@ def _frames(events: list, fast: bool, exact: bool) -> dict[str, pl.DataFrame]:
     return frames
 
 
-def _table_frame(table: str, kept: list, kinds: list[str], exact: bool) -> pl.DataFrame:
+def _table_frame(table: str, kept: list, kinds: list[str], exact: bool, names: dict) -> pl.DataFrame:
     ts = [e.ts for e in kept]
     dur = [e.dur for e in kept]
     if exact:
@@ -344,7 +355,7 @@ def _table_frame(table: str, kept: list, kinds: list[str], exact: bool) -> pl.Da
         dur = [_exact_ns(v) for v in dur]
     times = pl.Int64 if exact else pl.Float64
     columns = {
-        "name": _strings([e.name for e in kept]),
+        "name": _codes([e.name for e in kept], names),
         "pid": pl.Series([e.pid for e in kept], dtype=pl.Int64, strict=False),  # "Spans" -> null
         "tid": pl.Series([e.tid for e in kept], dtype=pl.Int64, strict=False),
         "ts": pl.Series(ts, dtype=times, strict=False),
@@ -365,15 +376,28 @@ def _table_frame(table: str, kept: list, kinds: list[str], exact: bool) -> pl.Da
     return pl.DataFrame(columns)
 
 
-def _strings(values: list) -> pl.Series:
-    """A string column whose rows share the bytes of equal values: the distinct values once,
-    gathered (polars' string views then point into one buffer). Kernel names are long (often
-    200+ bytes) and few: this holds them in ~16 bytes a row instead of their whole length."""
-    distinct: dict = {}
-    index = [distinct.setdefault(v, len(distinct)) for v in values]
-    if len(distinct) * 2 > len(values):  # mostly distinct: sharing saves nothing
-        return pl.Series(values, dtype=pl.String)
-    return pl.Series(list(distinct), dtype=pl.String).gather(pl.Series(index, dtype=pl.UInt32))
+def _codes(values: list, names: dict) -> pl.Series:
+    """The names `values` as UInt32 codes into `names` (name -> code, shared by every chunk of a
+    read, grown here): the reader turns them back into one string column per table
+    (:func:`names_column`), whose rows share the bytes of equal names. Kernel names are long
+    (often 200+ bytes) and few: a chunk holds 4 bytes a row for them, a table 16 (a string view
+    into one buffer of the distinct names), never their whole length per row or per chunk."""
+    for value in dict.fromkeys(values):  # the chunk's distinct names (few): new ones get the next codes
+        if value not in names:
+            names[value] = len(names)
+    return pl.Series(list(map(names.__getitem__, values)), dtype=pl.UInt32)
+
+
+def names_column(names: dict) -> pl.Series:
+    """The distinct names of a read as a string column, row i the name of code i.
+
+    Example:
+        >>> names = {}
+        >>> codes = _codes(["gemm", "add", "gemm", None], names)
+        >>> codes.to_list(), names_column(names).gather(codes).to_list()
+        ([0, 1, 0, 2], ['gemm', 'add', 'gemm', None])
+    """
+    return pl.Series(list(names), dtype=pl.String)
 
 
 def _ints(values: list) -> pl.Series:

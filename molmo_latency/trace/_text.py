@@ -25,6 +25,7 @@ from molmo_latency.trace._events import (
     _SLOW_DECODER,
     _TOP_DECODER,
     _checked_frames,
+    _Chunks,
     _Settled,
     _event_error,
     _one_line,
@@ -259,7 +260,7 @@ def _decode_fast(array: memoryview) -> tuple[list[dict[str, pl.DataFrame]], int]
     if end < 2 or array[end - 1] != ord("]"):
         raise _NotFast
     pos, end = 1, end - 1  # inside the brackets
-    chunks, count = [], 0
+    chunks, count = _Chunks(), 0
     while pos < end:
         search_from = pos + _CHUNK_BYTES
         for _attempt in range(4):
@@ -280,7 +281,7 @@ def _decode_fast(array: memoryview) -> tuple[list[dict[str, pl.DataFrame]], int]
             raise _NotFast
         count += len(events)
         try:
-            chunks.append(_checked_frames(events, buf, fast=True))
+            chunks.append(_checked_frames(events, buf, fast=True, names=chunks.names))
         except _OutOfRange:
             raise _NotFast from None  # the slow path reports it with the event index
         del events, buf
@@ -298,7 +299,7 @@ def _decode_slow(path: Path, array: memoryview) -> tuple[list[dict[str, pl.DataF
         raise TraceError(
             f"{path}: traceEvents is not valid JSON ({_one_line(exc)}); the file is truncated or corrupt"
         ) from None
-    chunks = []
+    chunks = _Chunks()
     for offset in range(0, len(raws), _CHUNK_EVENTS):
         buf = b"".join((b"[", b",".join(raws[offset:offset + _CHUNK_EVENTS]), b"]"))
         try:
@@ -310,7 +311,7 @@ def _decode_slow(path: Path, array: memoryview) -> tuple[list[dict[str, pl.DataF
                 f"{path}: {_event_error(exc, offset)}; the trace is corrupt or not from torch.profiler"
             ) from None
         try:
-            chunks.append(_checked_frames(events, buf, fast=False))
+            chunks.append(_checked_frames(events, buf, fast=False, names=chunks.names))
         except _OutOfRange as exc:
             raise TraceError(
                 f"{path}: {exc} (in traceEvents[{offset}:{offset + len(events)}]); the trace is corrupt"

@@ -196,6 +196,7 @@ def cached_tables(
     version: str,
     cache_dir: str | os.PathLike | None = None,
     enabled: bool | None = None,
+    load: tuple[str, ...] | None = None,
 ) -> CachedTables:
     """The tables `build()` returns for the trace at `path` (name -> polars DataFrame), read
     from the cache when an entry for this content, `name` and `version` checks out; else built,
@@ -205,6 +206,10 @@ def cached_tables(
     `build` must be a pure function of the file's bytes (it is not called on a hit): anything it
     reports besides tables (warnings, metadata) must be in the tables it returns. Errors of
     `build` propagate and nothing is written. `enabled` None: on unless :data:`NO_CACHE_ENV`.
+
+    `load`: on a hit, the tables decoded at once; every other table (when `load` is given) is a
+    :class:`~molmo_latency.trace._deferred.DeferredFrame`, decoded from its file on first use,
+    its ``height`` the manifest's. Every file of the entry is still checked (size, CRC-32) first.
 
     Example:
         >>> import tempfile, polars as pl
@@ -235,7 +240,7 @@ def cached_tables(
     if digest is not None:
         entry = root / f"{prefix}{_key(digest, name, version)}"
         if entry.is_dir():
-            tables = _read_entry(entry, digest, name, version)
+            tables = _read_entry(entry, digest, name, version, load)
             if tables is not None:
                 out = CachedTables(tables)
                 out.status, out.entry = "hit", entry
@@ -370,8 +375,9 @@ def _crc_file(file: Path) -> tuple[int, int]:
     return crc, size
 
 
-def _read_entry(entry: Path, digest: str, name: str, version: str) -> dict | None:
-    """The tables of `entry` when its manifest and every file check out; else None."""
+def _read_entry(entry: Path, digest: str, name: str, version: str, load: tuple[str, ...] | None = None) -> dict | None:
+    """The tables of `entry` when its manifest and every file check out; else None. With `load`,
+    the tables not in it are deferred (decoded on first use, checked again then)."""
     import polars as pl
 
     manifest = _load_manifest(entry)
@@ -385,13 +391,27 @@ def _read_entry(entry: Path, digest: str, name: str, version: str) -> dict | Non
         try:
             if not isinstance(info, dict) or _crc_file(file) != (info.get("crc32"), info.get("bytes")):
                 return None
+            if load is not None and table not in load and isinstance(info.get("rows"), int):
+                from molmo_latency.trace._deferred import DeferredFrame
+
+                tables[table] = DeferredFrame(file, info["rows"], lambda frame, info=info: _mismatch(frame, info))
+                continue
             frame = pl.read_parquet(file)
         except Exception:  # noqa: BLE001 - any failure to read a cache file: rebuild, never trust
             return None
-        if frame.height != info.get("rows") or [[c, str(t)] for c, t in frame.schema.items()] != info.get("schema"):
+        if _mismatch(frame, info) is not None:
             return None
         tables[table] = frame
     return tables
+
+
+def _mismatch(frame, info: dict) -> str | None:
+    """Why a table read from an entry is not the one its manifest records (rows, schema); None when it is."""
+    if frame.height != info.get("rows"):
+        return f"{frame.height} rows, the manifest says {info.get('rows')}"
+    if [[c, str(t)] for c, t in frame.schema.items()] != info.get("schema"):
+        return "its columns differ from the manifest's"
+    return None
 
 
 def _write_entry(root: Path, entry: Path, tables: dict, digest: str, name: str, version: str,

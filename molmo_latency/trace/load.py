@@ -31,7 +31,7 @@ def trace_format(path: str | os.PathLike) -> str:
         >>> trace_format(write_demo_trace(tempfile.mkdtemp())), trace_format("report.sqlite.gz")
         ('kineto', 'nsys')
     """
-    from molmo_latency.trace.nsys_sql import is_sqlite
+    from molmo_latency.trace._format import is_sqlite
 
     if is_sqlite(path):
         return "nsys"
@@ -39,14 +39,18 @@ def trace_format(path: str | os.PathLike) -> str:
     return "nsys" if name.endswith(NSYS_SUFFIXES) else "kineto"
 
 
-def load_trace(path: str | os.PathLike, *, cache: bool | None = False, cache_dir: str | os.PathLike | None = None):
+def load_trace(path: str | os.PathLike, *, cache: bool | None = False, cache_dir: str | os.PathLike | None = None,
+               tables: tuple[str, ...] | None = None):
     """The :class:`~molmo_latency.trace.KinetoTrace` of a Kineto trace or an nsys export
     (:func:`~molmo_latency.trace.read_kineto` or :func:`~molmo_latency.trace.read_nsys`, chosen by
     :func:`trace_format`). Errors and warnings are theirs.
 
     `cache`: read the tables through the Parquet cache (:mod:`molmo_latency.trace.cache`):
     True, False, or None (on unless ``MOLMO_LATENCY_NO_CACHE`` is set); `cache_dir`: the cache
-    folder (default ``.molmo-latency-cache`` beside the trace, or ``MOLMO_LATENCY_CACHE_DIR``).
+    folder (default ``.molmo-latency-cache`` beside the trace, or ``MOLMO_LATENCY_CACHE_DIR``);
+    `tables`: the tables a cached read decodes at once (None: all); the others are decoded from
+    the cache when first used (:class:`~molmo_latency.trace._deferred.DeferredFrame`; their
+    ``height`` needs nothing read), so the trace is the same, only what is never used is not read.
 
     Example:
         >>> import tempfile
@@ -61,12 +65,13 @@ def load_trace(path: str | os.PathLike, *, cache: bool | None = False, cache_dir
         if cache is False:
             return read_nsys(path)
         return cached_trace(path, "nsys", read_nsys, ("molmo_latency.trace.nsys",), cache_dir=cache_dir,
-                            enabled=cache)
+                            enabled=cache, tables=tables)
     from molmo_latency.trace.reader import read_kineto
 
     if cache is False:
         return read_kineto(path)
-    return cached_trace(path, "kineto", read_kineto, _KINETO_MODULES, cache_dir=cache_dir, enabled=cache)
+    return cached_trace(path, "kineto", read_kineto, _KINETO_MODULES, cache_dir=cache_dir, enabled=cache,
+                        tables=tables)
 
 
 #: The modules whose code decides what the Kineto reader returns (their source hashes version
@@ -76,12 +81,14 @@ _KINETO_MODULES = ("molmo_latency.trace.reader", "molmo_latency.trace._events", 
 
 
 def cached_trace(path: str | os.PathLike, name: str, read, modules: tuple[str, ...] = (), *,
-                 cache_dir: str | os.PathLike | None = None, enabled: bool | None = None):
+                 cache_dir: str | os.PathLike | None = None, enabled: bool | None = None,
+                 tables: tuple[str, ...] | None = None):
     """``read(path)`` (a trace reader returning a :class:`~molmo_latency.trace.KinetoTrace`-like
     dataclass of polars frames and JSON-able metadata) through the Parquet cache, as entry `name`
     versioned by the source of `modules` (and of the Kineto reader's). The reader's
     :class:`~molmo_latency.trace.TraceWarning` s are kept with the entry and warned again on
-    every read, hit or not, so a cached read says what a fresh one says.
+    every read, hit or not, so a cached read says what a fresh one says. `tables`: as in
+    :func:`load_trace`.
 
     Example:
         >>> import tempfile, warnings
@@ -113,8 +120,9 @@ def cached_trace(path: str | os.PathLike, name: str, read, modules: tuple[str, .
         return _trace_tables(trace, said)
 
     version = reader_version(*dict.fromkeys(_KINETO_MODULES + tuple(modules)))
-    tables = cached_tables(path, name, build, version=version, cache_dir=cache_dir, enabled=enabled)
-    trace, said = _trace_from_tables(path_text, tables)
+    load = None if tables is None else (*tables, _META)
+    found = cached_tables(path, name, build, version=version, cache_dir=cache_dir, enabled=enabled, load=load)
+    trace, said = _trace_from_tables(path_text, found)
     for message in said:
         warnings.warn(message.replace("\0PATH\0", path_text), TraceWarning, stacklevel=3)
     return trace
@@ -147,6 +155,8 @@ def _trace_from_tables(path: str, tables: dict):
     import importlib
     import json
 
+    from molmo_latency.trace._deferred import DeferredFrame
+
     document = json.loads(tables[_META]["json"][0])
     module, qualname = document["class"].split(":")
     cls = getattr(importlib.import_module(module), qualname)
@@ -156,7 +166,12 @@ def _trace_from_tables(path: str, tables: dict):
     for name, frame in tables.items():
         if name == _META:
             continue
-        if "start_ns" in frame.columns and frame["start_ns"].null_count() == 0 and frame["start_ns"].is_sorted():
-            frame = frame.with_columns(frame["start_ns"].set_sorted())  # Parquet keeps no sorted flag
-        kwargs[name] = frame
+        kwargs[name] = frame.then(_sorted_flag) if isinstance(frame, DeferredFrame) else _sorted_flag(frame)
     return cls(**kwargs), document["warnings"]
+
+
+def _sorted_flag(frame):
+    """`frame` with the sorted flag of ``start_ns`` set when it is sorted (Parquet keeps no flag)."""
+    if "start_ns" in frame.columns and frame["start_ns"].null_count() == 0 and frame["start_ns"].is_sorted():
+        frame = frame.with_columns(frame["start_ns"].set_sorted())
+    return frame

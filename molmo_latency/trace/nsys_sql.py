@@ -47,11 +47,11 @@ from urllib.parse import quote
 
 from molmo_latency.errors import TraceError, TraceWarning
 from molmo_latency.safe_fs import regular_file
+from molmo_latency.trace._format import SQLITE_MAGIC, is_sqlite
 
 __all__ = ["SQLITE_MAGIC", "SUMMARY_PARTS", "ExportSummary", "is_sqlite", "open_export", "summarize_export"]
 
 #: The first 16 bytes of every SQLite 3 database file.
-SQLITE_MAGIC = b"SQLite format 3\x00"
 #: What :func:`summarize_export` can compute (the names of ``trace summary --json``'s keys).
 SUMMARY_PARTS = ("gpu", "categories", "kernels")
 
@@ -136,30 +136,6 @@ def _sql_map(expr: str, mapping: dict[int, str], default: str | None) -> str:
 
 # ------------------------------------------------------------------------------------------
 # Opening an export.
-
-
-def is_sqlite(path: str | os.PathLike) -> bool:
-    """Whether `path` (plain or gzipped) starts like a SQLite 3 database; False if unreadable.
-
-    Example:
-        >>> import sqlite3, tempfile, os
-        >>> path = os.path.join(tempfile.mkdtemp(), "x.db")
-        >>> sqlite3.connect(path).execute("create table t (a)").connection.commit()
-        >>> is_sqlite(path), is_sqlite(__file__)
-        (True, False)
-    """
-    try:
-        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or a device would block or never end
-            return False
-        with open(path, "rb") as f:
-            head = f.read(len(SQLITE_MAGIC))
-            if head[:2] == b"\x1f\x8b":
-                f.seek(0)
-                with gzip.GzipFile(fileobj=f) as g:
-                    head = g.read(len(SQLITE_MAGIC))
-    except (OSError, EOFError, zlib.error):
-        return False
-    return head == SQLITE_MAGIC
 
 
 def _head(path: Path, limit: int) -> bytes:

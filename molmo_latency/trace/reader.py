@@ -24,7 +24,10 @@ nested object leaves unbalanced brackets, fails to decode and is replaced by the
 each chunk is decoded by msgspec into small structs tagged on ``ph``: flow, metadata and
 instant events become empty structs, and of complete ("X") events only the fields we keep are
 built. Each chunk becomes a polars frame per table at once, so memory holds about one chunk of
-text and objects plus the tables, never the whole text or a Python object per event. The text
+text and objects plus the tables, never the whole text or a Python object per event; its event
+names are UInt32 codes into one dictionary per read, turned back into strings (views into the
+distinct names, 16 bytes a row) when each table is put together from the chunks, column by
+column, every chunk column freed once gathered. The text
 around the array (header and tail) is decoded last as the metadata. Anything this streaming path
 cannot read (a bare event list, an odd layout, any error) is read again from the whole text,
 by a path that also splits per event when needed and names the offending event in its error.
@@ -64,6 +67,7 @@ from molmo_latency.trace._events import (
     RUNTIME_KINDS,
     _one_line,
     _Top,
+    names_column,
 )
 from molmo_latency.trace._text import _WHITESPACE, _decode_fast, _decode_slow, _NotFast, _stream
 
@@ -350,6 +354,7 @@ def _assemble(path: Path, meta: _Top, chunks: list[dict[str, pl.DataFrame]], n_e
             "time; the trace header is corrupt"
         )
 
+    names = names_column(chunks.names)  # what the chunks' name codes stand for
     skipped: Counter = Counter()
     missing: Counter = Counter()
     for chunk in chunks:
@@ -360,7 +365,7 @@ def _assemble(path: Path, meta: _Top, chunks: list[dict[str, pl.DataFrame]], n_e
     tables = {}
     for name in _TABLES:
         parts = [chunk.pop(name) for chunk in chunks if name in chunk]
-        tables[name] = _finish(path, name, parts, base_time_ns)
+        tables[name] = _finish(path, name, parts, base_time_ns, names)
         del parts
         if missing[name]:
             skipped["missing_time"] += missing[name]
@@ -403,9 +408,10 @@ def _assemble(path: Path, meta: _Top, chunks: list[dict[str, pl.DataFrame]], n_e
 
 
 
-def _finish(path: Path, name: str, parts: list[pl.DataFrame], base_time_ns: int) -> pl.DataFrame:
+def _finish(path: Path, name: str, parts: list[pl.DataFrame], base_time_ns: int, names: pl.Series) -> pl.DataFrame:
     """One table from its per-chunk frames (already settled by ``_events._settle``: int64 ns
-    relative times, the table's columns): times since the epoch, sorted by start."""
+    relative times, the table's columns, names as codes into `names`): times since the epoch,
+    sorted by start."""
     columns = _COLUMNS[name]
     if not parts:
         return pl.DataFrame(schema={c: _TABLE_SCHEMA[c] for c in columns})
@@ -435,6 +441,11 @@ def _finish(path: Path, name: str, parts: list[pl.DataFrame], base_time_ns: int)
             out[c] = (starts + durations).alias(c)
         elif c == "dur_ns":
             out[c] = durations.alias(c)
+        elif c == "name":  # one string view per row into the read's distinct names
+            out[c] = names.gather(source.pop(c).gather(order)).alias(c)
         else:
-            out[c] = source.pop(c).gather(order)
+            column = source.pop(c)
+            if isinstance(column.dtype, pl.Array):  # grid / block: gathered from many chunks, polars
+                column = column.rechunk()  # holds ~2.5x the column meanwhile; from one, no more than it
+            out[c] = column.gather(order)
     return pl.DataFrame(out)
