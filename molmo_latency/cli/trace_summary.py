@@ -332,24 +332,39 @@ def run_summary(path: Path, as_json: bool = False, top: int = 25, wide: bool = F
     from molmo_latency.errors import TraceWarning
 
     chosen = _parse_parts(parts)
-    if not {"annotations", "cpu_ops"} & set(chosen) and trace_format(path) == "nsys":
+    fmt = trace_format(path)
+    if not {"annotations", "cpu_ops"} & set(chosen) and fmt == "nsys":
         _export_summary(path, chosen, as_json, top, wide)  # SQLite alone: the GPU tables, aggregated there
         return
-    from molmo_latency.trace.summary import summarize
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", TraceWarning)
-        trace = load_trace(path, cache=False if no_cache else None, cache_dir=cache_dir, tables=_tables_of(chosen))
-    warned = [str(w.message) for w in caught if issubclass(w.category, TraceWarning)]
-    asked = list(chosen)
-    if not as_json:  # what the tables below show, and nothing else
-        shown = ["gpu", "categories", "kernels", "annotations"] if trace.gpu.height else ["cpu_ops"]
-        asked = [p for p in shown if p in chosen]
-    summary = summarize(trace, asked)
-    if as_json:
-        from molmo_latency.show.json_doc import print_json
 
-        print_json(summary_document(summary, warned))
+    def read():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", TraceWarning)
+            trace = load_trace(path, cache=False if no_cache else None, cache_dir=cache_dir,
+                               tables=_tables_of(chosen))
+        return trace, [str(w.message) for w in caught if issubclass(w.category, TraceWarning)]
+
+    from molmo_latency.trace.summary import summarize
+
+    if as_json:  # the whole document kept beside the trace's tables: a repeat prints it again
+        import sys
+
+        from molmo_latency.trace.cache import cached_document
+
+        def document() -> str:
+            from molmo_latency.show.json_doc import json_text
+
+            trace, warned = read()
+            return json_text(summary_document(summarize(trace, list(chosen)), warned))
+
+        text, _ = cached_document(path, fmt, f"trace summary --json --parts {','.join(chosen)} of {path}", document,
+                                  version=summary_version(), cache_dir=cache_dir, enabled=False if no_cache else None)
+        sys.stdout.write(text + "\n")
         return
+    trace, warned = read()
+    # what the tables below show, and nothing else
+    shown = ["gpu", "categories", "kernels", "annotations"] if trace.gpu.height else ["cpu_ops"]
+    summary = summarize(trace, [p for p in shown if p in chosen])
     from molmo_latency.show import console, err_console, plural
 
     for message in warned:
@@ -413,6 +428,16 @@ def run_summary(path: Path, as_json: bool = False, top: int = 25, wide: bool = F
         f"{summary.unlinked:,} without their launch call in the trace",
         highlight=False,
     )
+
+
+def summary_version() -> str:
+    """The version of what `trace summary --json` prints: a hash of the trace package's code (the
+    readers, the summary, the attribution), of this module and of the JSON writer. A kept
+    document is printed again only while this is the one it was computed with."""
+    from molmo_latency.trace.cache import sources_version
+
+    return sources_version("molmo_latency.trace", modules=("molmo_latency.cli.trace_summary",
+                                                             "molmo_latency.show.json_doc"))
 
 
 def _tables_of(parts: tuple[str, ...]) -> tuple[str, ...]:

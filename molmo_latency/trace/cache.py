@@ -62,7 +62,9 @@ __all__ = [
     "NO_CACHE_ENV",
     "CachedTables",
     "cache_enabled",
+    "cached_document",
     "cached_tables",
+    "sources_version",
     "reader_version",
     "trace_digest",
 ]
@@ -123,6 +125,37 @@ def reader_version(*modules: str) -> str:
             from importlib.metadata import version
 
             digest.update(f"{name} {version('molmo-latency')}".encode())
+    return digest.hexdigest()[:16]
+
+
+def sources_version(*packages: str, modules: tuple[str, ...] = ()) -> str:
+    """A short hash of every source file of `packages` (dotted names of packages: all their
+    ``.py`` files) and of `modules`: a document computed by that code is never trusted after any
+    of it changed.
+
+    Example:
+        >>> len(sources_version("molmo_latency.trace", modules=("molmo_latency.cli.trace_summary",)))
+        16
+    """
+    import importlib.util
+
+    files: list[Path] = []
+    for name in packages:
+        spec = importlib.util.find_spec(name)
+        folders = list(spec.submodule_search_locations or []) if spec is not None else []
+        files += sorted(f for folder in folders for f in Path(folder).glob("*.py"))
+    for name in modules:
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.origin:
+            files.append(Path(spec.origin))
+    digest = hashlib.sha256(f"format {_FORMAT}".encode())
+    for file in files:
+        try:
+            digest.update(file.name.encode() + b"\0" + file.read_bytes())
+        except OSError:
+            from importlib.metadata import version
+
+            digest.update(f"{file.name} {version('molmo-latency')}".encode())
     return digest.hexdigest()[:16]
 
 
@@ -277,6 +310,118 @@ def cached_tables(
     out = CachedTables(tables)
     out.status, out.entry = status, entry
     return out
+
+
+def cached_document(
+    path: str | os.PathLike,
+    name: str,
+    key: str,
+    build: Callable[[], str],
+    *,
+    version: str,
+    cache_dir: str | os.PathLike | None = None,
+    enabled: bool | None = None,
+) -> tuple[str, str]:
+    """``(text, status)``: a text `build()` computes from the trace at `path` (a command's whole
+    output, such as ``trace summary --json`` of some parts: `key` says which, the path as given
+    included), kept beside the tables of entry `name` and returned from there while the trace's
+    content, `key` and `version` are the same, so a repeat command reads one small file and
+    prints exactly what the first printed.
+
+    The trace's content is the digest its table entry recorded for the file's current stat (size,
+    mtime, ctime, inode, device, hashed well after its last write: see the module's docstring);
+    with none recorded (the first read, a file just written, the cache off or unwritable) the
+    text is built and, once `build()` has recorded one, kept. A kept text whose size or CRC-32 is
+    not the one recorded is never trusted: it is built again. `status`: ``"hit"``, ``"written"``
+    or ``"off"`` (built, not kept).
+
+    Example:
+        >>> import tempfile, time
+        >>> import polars as pl
+        >>> trace = Path(tempfile.mkdtemp()) / "t.json"
+        >>> _ = trace.write_text("{}")
+        >>> time.sleep(0.01)
+        >>> calls = []
+        >>> def build():
+        ...     calls.append(1)
+        ...     return "summary"
+        >>> cached_document(trace, "demo", "all", build, version="1", enabled=False), len(calls)
+        (('summary', 'off'), 1)
+    """
+    path = Path(path)
+    if not cache_enabled(enabled):
+        return build(), "off"
+    root = _cache_root(path, cache_dir)
+    stat = _stat_record(path)
+    if stat is None:
+        return build(), "off"
+    tables_prefix, doc_prefix = f"{path.name}.{name}.", f"{path.name}.{name}-doc."
+
+    def file_of(digest: str) -> Path:
+        token = hashlib.sha256("\0".join((digest, key, version)).encode()).hexdigest()[:32]
+        return root / f"{doc_prefix}{token}"
+
+    digest = _recorded_digest(root, tables_prefix, stat)
+    if digest is not None:
+        text = _read_doc(file_of(digest), digest)
+        if text is not None:
+            return text, "hit"
+    text = build()
+    digest = _recorded_digest(root, tables_prefix, stat)
+    if digest is None or stat != _stat_record(path) or not _writable(root):
+        return text, "off"
+    target = file_of(digest)
+    body = text.encode()
+    header = json.dumps({"digest": digest, "size": len(body), "crc32": zlib.crc32(body)}).encode()
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-doc-", dir=root)
+        with os.fdopen(fd, "wb") as f:
+            f.write(header + b"\n" + body)
+        os.chmod(tmp, 0o644)  # as the table entries' files (mkstemp makes it private)
+        os.replace(tmp, target)
+    except OSError:
+        return text, "off"
+    _prune_docs(root, doc_prefix, digest)
+    return text, "written"
+
+
+def _read_doc(file: Path, digest: str) -> str | None:
+    """The text kept in `file` for `digest`, or None (missing, or not what its header says)."""
+    try:
+        raw = file.read_bytes()
+    except OSError:
+        return None
+    head, sep, body = raw.partition(b"\n")
+    try:
+        info = json.loads(head) if sep else None
+    except ValueError:
+        return None
+    if not isinstance(info, dict) or info.get("digest") != digest or info.get("size") != len(body) \
+            or info.get("crc32") != zlib.crc32(body):
+        return None
+    try:
+        return body.decode()
+    except UnicodeDecodeError:
+        return None
+
+
+def _prune_docs(root: Path, prefix: str, digest: str) -> None:
+    """Remove the kept texts of the same trace file name computed from other contents."""
+    try:
+        names = [n for n in os.listdir(root) if n.startswith(prefix)]
+    except OSError:
+        return
+    for doc_name in names:
+        try:
+            with open(root / doc_name, "rb") as f:
+                head = json.loads(f.readline())
+        except (OSError, ValueError):
+            head = None
+        if not isinstance(head, dict) or head.get("digest") != digest:
+            try:
+                os.remove(root / doc_name)
+            except OSError:
+                pass
 
 
 def _built(build: Callable[[], dict], status: str, entry: Path | None) -> CachedTables:
