@@ -344,8 +344,6 @@ def run_summary(path: Path, as_json: bool = False, top: int = 25, wide: bool = F
                                tables=_tables_of(chosen))
         return trace, [str(w.message) for w in caught if issubclass(w.category, TraceWarning)]
 
-    from molmo_latency.trace.summary import summarize
-
     if as_json:  # the whole document kept beside the trace's tables: a repeat prints it again
         import sys
 
@@ -353,6 +351,7 @@ def run_summary(path: Path, as_json: bool = False, top: int = 25, wide: bool = F
 
         def document() -> str:
             from molmo_latency.show.json_doc import json_text
+            from molmo_latency.trace.summary import summarize
 
             trace, warned = read()
             return json_text(summary_document(summarize(trace, list(chosen)), warned))
@@ -361,6 +360,8 @@ def run_summary(path: Path, as_json: bool = False, top: int = 25, wide: bool = F
                                   version=summary_version(), cache_dir=cache_dir, enabled=False if no_cache else None)
         sys.stdout.write(text + "\n")
         return
+    from molmo_latency.trace.summary import summarize
+
     trace, warned = read()
     # what the tables below show, and nothing else
     shown = ["gpu", "categories", "kernels", "annotations"] if trace.gpu.height else ["cpu_ops"]
