@@ -121,3 +121,25 @@ def test_the_path_as_given_is_part_of_the_key(tmp_path, monkeypatch, no_reader):
     no_reader()
     with pytest.raises(AssertionError, match="the trace was read"):
         _text(Path(trace.name))  # its document says the path as given: not the one kept
+
+
+def test_a_repeat_from_the_command_line_imports_no_polars(tmp_path):
+    """As a whole process: the second `trace summary --json` prints the kept document without
+    importing polars (what a repeat costs is the interpreter and this package's start-up)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    trace = _copy(tmp_path)
+    time.sleep(2.2)  # settled: a file hashed within 2 s of its last change is hashed again next time
+    env = {k: v for k, v in os.environ.items() if k not in (CACHE_DIR_ENV, NO_CACHE_ENV)}
+    command = [sys.executable, "-X", "importtime", "-m", "molmo_latency", "trace", "summary", str(trace), "--json"]
+    first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert first.returncode == again.returncode == 0, first.stderr[-500:] + again.stderr[-500:]
+    assert again.stdout == first.stdout == _text(trace, no_cache=True)
+    imported = {line.split("|")[-1].strip() for line in again.stderr.splitlines() if line.startswith("import time:")}
+    assert "molmo_latency.trace.cache" in imported and "polars" not in imported
+    assert "polars" in {line.split("|")[-1].strip() for line in first.stderr.splitlines()
+                        if line.startswith("import time:")}
