@@ -435,10 +435,13 @@ def summary_version() -> str:
     """The version of what `trace summary --json` prints: a hash of the trace package's code (the
     readers, the summary, the attribution), of this module and of the JSON writer. A kept
     document is printed again only while this is the one it was computed with."""
-    from molmo_latency.trace.cache import sources_version
+    import pkgutil
 
-    return sources_version("molmo_latency.trace", modules=("molmo_latency.cli.trace_summary",
-                                                             "molmo_latency.show.json_doc"))
+    import molmo_latency.trace as trace
+    from molmo_latency.trace.cache import reader_version
+
+    modules = [f"{trace.__name__}.{m.name}" for m in pkgutil.iter_modules(trace.__path__)]
+    return reader_version(*modules, "molmo_latency.cli.trace_summary", "molmo_latency.show.json_doc")
 
 
 def _tables_of(parts: tuple[str, ...]) -> tuple[str, ...]:

@@ -64,7 +64,6 @@ __all__ = [
     "cache_enabled",
     "cached_document",
     "cached_tables",
-    "sources_version",
     "reader_version",
     "trace_digest",
 ]
@@ -125,37 +124,6 @@ def reader_version(*modules: str) -> str:
             from importlib.metadata import version
 
             digest.update(f"{name} {version('molmo-latency')}".encode())
-    return digest.hexdigest()[:16]
-
-
-def sources_version(*packages: str, modules: tuple[str, ...] = ()) -> str:
-    """A short hash of every source file of `packages` (dotted names of packages: all their
-    ``.py`` files) and of `modules`: a document computed by that code is never trusted after any
-    of it changed.
-
-    Example:
-        >>> len(sources_version("molmo_latency.trace", modules=("molmo_latency.cli.trace_summary",)))
-        16
-    """
-    import importlib.util
-
-    files: list[Path] = []
-    for name in packages:
-        spec = importlib.util.find_spec(name)
-        folders = list(spec.submodule_search_locations or []) if spec is not None else []
-        files += sorted(f for folder in folders for f in Path(folder).glob("*.py"))
-    for name in modules:
-        spec = importlib.util.find_spec(name)
-        if spec is not None and spec.origin:
-            files.append(Path(spec.origin))
-    digest = hashlib.sha256(f"format {_FORMAT}".encode())
-    for file in files:
-        try:
-            digest.update(file.name.encode() + b"\0" + file.read_bytes())
-        except OSError:
-            from importlib.metadata import version
-
-            digest.update(f"{file.name} {version('molmo-latency')}".encode())
     return digest.hexdigest()[:16]
 
 
@@ -336,11 +304,9 @@ def cached_document(
     or ``"off"`` (built, not kept).
 
     Example:
-        >>> import tempfile, time
-        >>> import polars as pl
+        >>> import tempfile
         >>> trace = Path(tempfile.mkdtemp()) / "t.json"
         >>> _ = trace.write_text("{}")
-        >>> time.sleep(0.01)
         >>> calls = []
         >>> def build():
         ...     calls.append(1)

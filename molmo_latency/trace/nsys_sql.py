@@ -35,7 +35,6 @@ import gzip
 import os
 import shutil
 import sqlite3
-import stat
 import tempfile
 import warnings
 import zlib
@@ -51,7 +50,6 @@ from molmo_latency.trace._format import SQLITE_MAGIC, is_sqlite
 
 __all__ = ["SQLITE_MAGIC", "SUMMARY_PARTS", "ExportSummary", "is_sqlite", "open_export", "summarize_export"]
 
-#: The first 16 bytes of every SQLite 3 database file.
 #: What :func:`summarize_export` can compute (the names of ``trace summary --json``'s keys).
 SUMMARY_PARTS = ("gpu", "categories", "kernels")
 

@@ -13,10 +13,10 @@ import polars as pl
 from molmo_latency.trace.attribution import (
     MODULE_PATTERN,
     annotation_gpu_stats,
-    grouped,
     annotation_name_stats,
     attribute,
     device_gpu_stats,
+    grouped,
     kernel_breakdown,
     module_gpu_table,
 )
