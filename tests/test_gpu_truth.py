@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -103,7 +104,18 @@ def test_nvml_compile_gpu_tests_and_sweep_stages_report(rehearsal):
     _, data, _ = rehearsal
     nv = data["nvml"]
     assert nv["source"].startswith("FakeGpu") and nv["samples"] > 0
-    assert 0 < data["nvml_achieved_hz"] <= 1000 / 5  # never above the sampler's floor interval
+    # The rate is the median over requests of >= 5 sampling intervals, or over all requests when none
+    # was that long. A rehearsal's tiny requests may be shorter than one interval (0 samples inside is
+    # then a true reading, not an error), so the test recomputes the figure from the per-request rows
+    # instead of asserting a rate that depends on how fast this machine ran them.
+    rows = nv["achieved_hz_per_request"]
+    assert rows and all(r["telemetry_hz"] is None or 0 <= r["telemetry_hz"] for r in rows)
+    long_rows = [r for r in rows if r["total_ms"] >= 5 * nv["interval_ms"]]
+    rated = long_rows or rows
+    assert nv["rate_from"] == ("requests of >= 5 intervals" if long_rows else "all requests (none was >= 5 intervals)")
+    rates = [r["telemetry_hz"] for r in rated if r["telemetry_hz"] is not None]
+    assert data["nvml_achieved_hz"] == pytest.approx(statistics.median(rates), rel=1e-9)
+    assert data["nvml_achieved_hz"] <= 1000 / 5  # never above the sampler's floor interval
     assert {row["phase"] for row in nv["per_phase"]} == {"vision", "projector", "prefill", "decode"}
     sc = data["compile"]["static_cache"]
     if transformers.__version__.startswith("4."):
