@@ -3,10 +3,13 @@
 
 This module collects and holds; it does no analysis. The SQL it shares (opening an export
 read-only, the checks per row) is in :mod:`molmo_latency.trace.nsys_sql`, which also computes the
-per-kernel, per-device and per-category tables of ``trace summary --parts`` in SQLite alone. SQLite does the work per event (string
-look-ups, process keys, payloads, filters) in one query per table; rows come back in batches
-straight into polars frames, so no Python code runs per event and memory holds one batch of
-rows plus the tables. A gzipped export is first decompressed, streamed, into a temporary file.
+per-kernel, per-device and per-category tables of ``trace summary --parts`` in SQLite alone.
+SQLite does the work per event (process keys, payloads, filters) in one query per table. A table
+no row of which is set aside (every real export) comes back a column at a time: SQLite joins each
+column's values of a chunk of rows into one string that polars splits, and names are looked up
+once per distinct StringIds id instead of joined per row; a table with rows set aside comes back
+in batches of rows, with the reason of each. No Python code runs per event, and memory holds one
+chunk plus the tables. A gzipped export is first decompressed, streamed, into a temporary file.
 
 What goes where (every time int64 ns; ``base_time_ns`` is the capture's start in ns since the
 Unix epoch, ``TARGET_INFO_SESSION_START_TIME.utcEpochNs``, and the export's times count from it):
@@ -41,8 +44,10 @@ between nsys versions that changes a query, which columns hold the NVTX payload,
 
 from __future__ import annotations
 
+import sqlite3
 import warnings
 from collections import Counter
+from dataclasses import dataclass
 
 import polars as pl
 
@@ -93,6 +98,18 @@ NVTX_PAYLOAD_COLUMNS = ("int64Value", "uint64Value", "int32Value", "uint32Value"
 
 _NVTX_DOMAIN_CREATE = 75
 _BATCH_ROWS = 100_000
+#: Rowids per query of a column-at-a-time read: each column's joined string stays a few MB.
+_COLUMN_CHUNK_ROWIDS = 1 << 17
+
+
+@dataclass(frozen=True)
+class _Named:
+    """How a table names its rows: ``text`` (SQL of an inline text, or NULL) before ``id`` (SQL of
+    a StringIds id) of the StringIds table the reader joins for `table`."""
+
+    table: str
+    id: str
+    text: str = "NULL"
 
 
 def read_nsys(path: str | os.PathLike) -> KinetoTrace:
@@ -129,18 +146,43 @@ class _Export(ExportDB):
 
     events = 0
 
-    def _checked_frame(self, items: list[str], bad: str, source: str, schema: dict[str, pl.DataType],
-                       where: str = "") -> pl.DataFrame:
-        """The rows of ``SELECT items FROM source [WHERE where]`` that `bad` (see :func:`_reason`)
-        gives no reason against; the others are counted under their reason. SQLite counts them
-        first, so an export with none (every real one) is read without the extra column."""
-        cond = f"({bad}) IS NOT NULL" + (f" AND {where}" if where else "")
-        n_bad = self.db.execute(f"SELECT COUNT(*) FROM {source} WHERE {cond}").fetchone()[0]
+    def _checked_frame(self, items: list[str], bad: str, table: str, schema: dict[str, pl.DataType],
+                       where: str = "", join: str = "", named: _Named | None = None,
+                       bad_unjoined: str | None = None) -> pl.DataFrame:
+        """The rows of ``SELECT items FROM table AS t [join] [WHERE where]`` that `bad` (see
+        :func:`_reason`) gives no reason against; the others are counted under their reason.
+
+        A table none of whose rows has a reason (every real export) is read column by column
+        (:meth:`_columnar`), checked in the same pass by `bad_unjoined` (`bad` without the checks
+        of the joined StringIds value) and, with `named`, without the join: item 0, the name, is
+        looked up once per distinct id (and a value that is not text found there). Otherwise, or
+        when a value cannot be read back so, rows are read in batches with their reason."""
+        if bad_unjoined is not None:
+            frame = self._columnar_named(table, items, schema, where, named, bad_unjoined)
+            if frame is not None:
+                self.events += frame.height
+                return frame
+        source = f"{table} AS t{join}"
         tail = f" WHERE {where}" if where else ""
-        if not n_bad:
-            return self._frame(f"SELECT {', '.join(items)} FROM {source}{tail}", schema)
         frame = self._frame(f"SELECT {', '.join([*items, bad])} FROM {source}{tail}", {**schema, "_bad": pl.String})
         return self._valid(frame)
+
+    def _columnar_named(self, table: str, items: list[str], schema: dict[str, pl.DataType], where: str,
+                        named: _Named | None, bad: str) -> pl.DataFrame | None:
+        if named is None:
+            return self._columnar(table, items, schema, where, bad)
+        rest = dict(list(schema.items())[1:])
+        if named.text == "NULL":  # named by id alone (kernels, runtime calls)
+            frame = self._columnar(table, [named.id, *items[1:]], {"_id": pl.Int64, **rest}, where, bad)
+            if frame is not None:
+                frame = frame.with_columns(_text=pl.lit(None, dtype=pl.String))
+        else:
+            frame = self._columnar(table, [named.text, named.id, *items[1:]],
+                                   {"_text": pl.String, "_id": pl.Int64, **rest}, where, bad)
+        if frame is None:
+            return None
+        frame = self._named(frame, named, next(iter(schema)))
+        return None if frame is None else frame.select(list(schema))
 
     def _valid(self, frame: pl.DataFrame) -> pl.DataFrame:
         """`frame` without the rows its ``_bad`` column gives a reason for (counted); no ``_bad``."""
@@ -162,6 +204,83 @@ class _Export(ExportDB):
         frame = pl.concat(parts, how="vertical", rechunk=True) if len(parts) > 1 else parts[0]
         self.events += frame.height
         return frame
+
+    def _columnar(self, table: str, items: list[str], schema: dict[str, pl.DataType],
+                  where: str, bad: str) -> pl.DataFrame | None:
+        """The rows of ``SELECT items FROM table AS t [WHERE where]`` (in rowid order, as a scan of the
+        table gives them), read a column at a time: per chunk of rowids, SQLite joins each column's
+        values into one string (``group_concat``) and polars splits it, so no Python object is made
+        per value. Integers are joined by ``,`` (NULL: an empty piece), text by NUL (NULL: ``\x01``).
+        None when a value cannot be read back so exactly (a NUL inside a text, a text equal to the
+        NULL mark, a piece that is not an integer, a table without rowids), and when `bad` (SQL, see
+        :func:`_reason`) gives a row a reason: the caller reads rows, with their reasons."""
+        try:  # two queries: SQLite reads MIN or MAX of the rowid from the b-tree's ends, not both at once
+            low = self.db.execute(f"SELECT MIN(rowid) FROM {table}").fetchone()[0]
+            high = self.db.execute(f"SELECT MAX(rowid) FROM {table}").fetchone()[0]
+        except sqlite3.OperationalError:  # a WITHOUT ROWID table
+            return None
+        if low is None:
+            return pl.DataFrame(schema=schema)
+        if type(low) is not int or type(high) is not int:
+            return None
+        picks, nulls = [], []
+        for item, dtype in zip(items, schema.values()):
+            if dtype == pl.String:
+                picks.append(f"group_concat(COALESCE({item}, char(1)), char(0))")
+                nulls.append(f"SUM(({item}) IS NULL)")
+            else:
+                picks.append(f"group_concat(COALESCE({item}, ''), ',')")
+        cond = f"{where} AND " if where else ""
+        parts = []
+        for first in range(low, high + 1, _COLUMN_CHUNK_ROWIDS):
+            row = self.db.execute(
+                f"SELECT COUNT(*), SUM(({bad}) IS NOT NULL), {', '.join([*picks, *nulls])} FROM {table} AS t "
+                f"WHERE {cond}t.rowid BETWEEN {first} AND {first + _COLUMN_CHUNK_ROWIDS - 1}").fetchone()
+            n, n_bad, joined, null_counts = row[0], row[1], row[2:2 + len(picks)], iter(row[2 + len(picks):])
+            if n_bad:
+                return None
+            if not n:
+                continue
+            columns = []
+            for (name, dtype), text in zip(schema.items(), joined):
+                piece = pl.Series(name, [text], dtype=pl.String).str.split("\x00" if dtype == pl.String else ",")
+                piece = piece.explode()
+                if piece.len() != n:
+                    return None
+                if dtype == pl.String:
+                    mark = piece == "\x01"
+                    if int(mark.sum()) != next(null_counts):
+                        return None
+                    piece = piece.set(mark, None)
+                else:
+                    empty = int((piece.str.len_bytes() == 0).sum())
+                    piece = piece.cast(pl.Int64, strict=False)
+                    if piece.null_count() != empty:
+                        return None
+                columns.append(piece)
+            parts.append(pl.DataFrame(columns))
+        return pl.concat(parts, how="vertical", rechunk=True) if parts else pl.DataFrame(schema=schema)
+
+    def _named(self, frame: pl.DataFrame, named: _Named, name: str) -> pl.DataFrame | None:
+        """`frame` with column `name` in place of ``_text`` and ``_id``: the text where there is one,
+        else the StringIds value of the id (the first string of a repeated id; NULL for an id
+        StringIds lacks), as the reader's join gives it. Looked up once per distinct id. None when
+        such a value is not text (the reader sets those rows aside: the caller reads rows)."""
+        ids = frame.filter(pl.col("_text").is_null())["_id"].drop_nulls().unique().to_list()
+        strings = self._strings(named.table)
+        lookup: dict[int, str] = {}
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            for key, value in self.db.execute(f"SELECT id, value FROM {strings} WHERE id IN "
+                                              f"({', '.join('?' * len(chunk))})", chunk).fetchall():
+                if value is not None and type(value) is not str:  # the reader's reason non_text_name
+                    return None
+                if value is not None:
+                    lookup.setdefault(key, value)
+        by_id = (pl.col("_id").replace_strict(lookup, default=None, return_dtype=pl.String) if lookup
+                 else pl.lit(None, dtype=pl.String))
+        return frame.with_columns(pl.coalesce(pl.col("_text"), by_id).alias("_text")).drop("_id").rename(
+            {"_text": name})
 
     # -- tables -------------------------------------------------------------------------------
 
@@ -226,6 +345,7 @@ class _Export(ExportDB):
                 self._process_offset("t.globalPid") if "globalPid" in columns else "")
         ids = [f"t.{c}" for c in ("deviceId", "streamId", "correlationId", "globalPid") if c in columns]
         self._bad = _reason("t.start", "t.end", [*ids, *extra_ids], self._names)
+        self._bad_unjoined = _reason("t.start", "t.end", [*ids, *extra_ids], [])  # names: checked per id
         return [
             *self._times(),
             _int("t.deviceId") if "deviceId" in columns else "NULL",
@@ -238,7 +358,7 @@ class _Export(ExportDB):
         "stream": pl.Int64, "correlation": pl.Int64,
     }
     _names: list[str] = []
-    _bad = "NULL"
+    _bad = _bad_unjoined = "NULL"
 
     def _finish_gpu(self, frame: pl.DataFrame, kind: str) -> pl.DataFrame:
         dims = ("grid", "block")
@@ -270,8 +390,9 @@ class _Export(ExportDB):
         if has_dims:
             items += [_int(f"t.{d}") for d in dims]
             schema.update({d: pl.Int64 for d in dims})
-        frame = self._checked_frame(items, self._bad, f"{_KERNEL} AS t LEFT JOIN {strings} AS s ON s.id = t.{name_id}",
-                                    schema)
+        frame = self._checked_frame(items, self._bad, _KERNEL, schema,
+                                    join=f" LEFT JOIN {strings} AS s ON s.id = t.{name_id}",
+                                    named=_Named(_KERNEL, _int(f"t.{name_id}")), bad_unjoined=self._bad_unjoined)
         if has_dims:
             frame = frame.with_columns(
                 grid=pl.concat_list("gridX", "gridY", "gridZ").list.to_array(3),
@@ -289,7 +410,7 @@ class _Export(ExportDB):
         schema = {k: v for k, v in self._ACTIVITY_SCHEMA.items() if k != "name"}
         items += [_int(f"t.{c}") for c in codes]
         schema.update({c: pl.Int64 for c in codes})
-        frame = self._checked_frame(items, self._bad, f"{_MEMCPY} AS t", schema)
+        frame = self._checked_frame(items, self._bad, _MEMCPY, schema, bad_unjoined=self._bad)
         return self._finish_gpu(frame.with_columns(name=self._memcpy_names(frame, codes)), "gpu_memcpy")
 
     def _memcpy_names(self, frame: pl.DataFrame, codes: list[str]) -> pl.Expr:
@@ -317,7 +438,7 @@ class _Export(ExportDB):
         if "memKind" in columns:
             items.append(_int("t.memKind"))
             schema["memKind"] = pl.Int64
-        frame = self._checked_frame(items, self._bad, f"{_MEMSET} AS t", schema)
+        frame = self._checked_frame(items, self._bad, _MEMSET, schema, bad_unjoined=self._bad)
         kinds = {i: label for i, label in self._enum_labels("ENUM_CUDA_MEM_KIND")
                  if type(i) is int and type(label) is str}
         if "memKind" in columns and kinds:
@@ -347,7 +468,9 @@ class _Export(ExportDB):
         start, end = self._times()
         items = [_text("s.value"), kind, f"({tid} >> {_TID_BITS}) & {_TID_MASK}", f"{tid} & {_TID_MASK}", correlation,
                  start, end]
-        frame = self._checked_frame(items, bad, f"{_RUNTIME} AS t LEFT JOIN {strings} AS s ON s.id = t.nameId", schema)
+        frame = self._checked_frame(items, bad, _RUNTIME, schema, join=f" LEFT JOIN {strings} AS s ON s.id = t.nameId",
+                                    named=_Named(_RUNTIME, _int("t.nameId")),
+                                    bad_unjoined=_reason("t.start", "t.end", ids, []))
         return frame.with_columns(
             name=pl.col("name").str.replace(r"_v\d+$", ""),
             external_id=pl.lit(None, dtype=pl.Int64),
@@ -380,7 +503,11 @@ class _Export(ExportDB):
                  _int(payload)]
         schema = {"name": pl.String, "pid": pl.Int64, "tid": pl.Int64, "start_ns": pl.Int64, "end_ns": pl.Int64,
                   "domain_id": pl.Int64, "payload": pl.Int64}
-        frame = self._checked_frame(items, bad, f"{_NVTX} AS t{join}", schema, where=ranges)
+        named = _Named(_NVTX, _int("t.textId"), "t.text" if "text" in columns else "NULL") if has_text_id else None
+        bad_unjoined = _reason("t.start", "t.end", ids, ["t.text"] if "text" in columns else [],
+                               end_missing="unclosed_range")
+        frame = self._checked_frame(items, bad, _NVTX, schema, where=ranges, join=join, named=named,
+                                    bad_unjoined=bad_unjoined)
         # the domain's name, looked up by (process, domainId) as one int64 key: no join, no copy of the frame
         domains = {(pid << 32) | domain_id: name for pid, domain_id, name in self._domains(text, join)}
         key = (pl.col("pid") * (1 << 32)) + pl.col("domain_id")
