@@ -408,6 +408,11 @@ def test_busy_time_is_the_union_length(intervals):
         covered = {t for g, s, d in intervals if g == group for t in range(s, s + d)}  # unit cells
         expected[group] = len(covered)
     assert dict(busy_ns(frame, ["g"]).iter_rows()) == expected
+    # the same intervals spread over ~2**60 ns (too far to lay the groups end to end on one axis:
+    # the per-group running maximum), and grouped by two columns
+    scale = 2**56
+    far = frame.with_columns(pl.col("start_ns") * scale, pl.col("end_ns") * scale, g2=pl.col("g") % 2)
+    assert {g: b for g, _, b in busy_ns(far, ["g", "g2"]).iter_rows()} == {g: v * scale for g, v in expected.items()}
 
 
 # ------------------------------------------------------------------------------------------
