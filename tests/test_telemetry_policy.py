@@ -110,19 +110,25 @@ def test_a_bad_mode_is_a_user_error():
 def test_available_device_gives_a_running_sampler_and_its_samples():
     sampler = start_telemetry("auto", FakeGpu(sm_clock_mhz=1700.0), interval_ms=2)
     assert isinstance(sampler, NvmlSampler) and sampler.running
-    time.sleep(0.03)
-    samples = stop_telemetry(sampler, "auto")
+    deadline = time.monotonic() + 30  # a busy machine may hold the sampler's thread back a while
+    while sampler.samples().height < 2 and time.monotonic() < deadline:
+        time.sleep(0.002)
+    samples = stop_telemetry(sampler, "auto")  # the start sample, a tick or more, the stop sample
     assert samples.height >= 3 and samples["sm_clock_mhz"].unique().to_list() == [1700.0]
 
 
 def test_a_sampler_failing_mid_run(monkeypatch):
-    sampler = start_telemetry("auto", FakeGpu(fail_after=2), interval_ms=1)
-    time.sleep(0.05)
+    def failed(sampler):  # the thread's third read failed (a busy machine may take a while to get there)
+        deadline = time.monotonic() + 30
+        while sampler.error is None and time.monotonic() < deadline:
+            time.sleep(0.002)
+        return sampler
+
+    sampler = failed(start_telemetry("auto", FakeGpu(fail_after=2), interval_ms=1))
     with pytest.warns(NvmlWarning, match="stopped early"):
         samples = stop_telemetry(sampler, "auto")
     assert samples.height == 2
-    sampler = start_telemetry("required", FakeGpu(fail_after=2), interval_ms=1)
-    time.sleep(0.05)
+    sampler = failed(start_telemetry("required", FakeGpu(fail_after=2), interval_ms=1))
     with pytest.raises(NvmlUnavailable, match="failed after 2 samples"):
         stop_telemetry(sampler, "required")
 

@@ -29,9 +29,11 @@ def test_samples_on_the_phase_clock_with_the_contract_columns():
     assert df["throttle_reasons"].unique().to_list() == [4]
     # energy integrates the power like the NVML counter: never decreasing
     assert (df["energy_mj"].diff().drop_nulls() >= 0).all()
-    # 5 ms asked for 0.3 s: about 60 samples; a loaded 2-core CI machine may lose some
-    assert 25 <= df.height <= 75
-    assert 80 < sampler.achieved_hz <= 230
+    # 5 ms asked for 0.3 s: about 60 samples on a quiet machine. However loaded the machine, the
+    # start and stop samples are there, and the thread never takes more than one per 5 ms tick
+    # (it skips the ticks it missed instead of catching up)
+    span_s = (after - before) / 1e9
+    assert 2 <= df.height <= 2 + span_s / 0.005 + 1
     expected_hz = (df.height - 1) * 1e9 / (df["t_ns"].max() - df["t_ns"].min())
     assert sampler.achieved_hz == pytest.approx(expected_hz)
 
@@ -67,12 +69,19 @@ def test_start_and_stop_bracket_the_run_with_a_sample_each():
         sampler.start()
 
 
+def _until(condition, timeout_s: float = 30.0) -> bool:
+    """Wait for `condition` (a busy machine may hold the sampler's thread back for a while)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.002)
+    return condition()
+
+
 def test_samples_can_be_read_while_running():
     with NvmlSampler(device=FakeGpu(), interval_ms=2) as sampler:
-        time.sleep(0.05)
+        assert _until(lambda: sampler.samples().height >= 2)  # the start sample and one tick
         first = sampler.samples().height
-        time.sleep(0.05)
-        assert sampler.samples().height > first >= 2
+        assert _until(lambda: sampler.samples().height > first)
 
 
 def test_an_error_in_the_thread_is_kept_and_raised_at_stop():
