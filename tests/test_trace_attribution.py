@@ -397,6 +397,73 @@ def test_innermost_range_is_latest_start_then_earliest_end(ranges, queries):
     assert innermost_range(q, r).to_list() == expected
 
 
+def _brute_innermost(ranges, queries):
+    """(thread, start, end) tuples: the rule read directly (latest start, earliest end, first row)."""
+    expected = []
+    for qt, qs, qe in queries:
+        best = None
+        for i, (rt, rs, re_) in enumerate(ranges):
+            if rt == qt and rs <= qs and qe <= re_ and (best is None or (rs, -re_) > (ranges[best][1], -ranges[best][2])):
+                best = i
+        expected.append(best)
+    return expected
+
+
+def _frame(rows):
+    return pl.DataFrame({"pid": [7] * len(rows), "tid": [t for t, _, _ in rows], "start_ns": [s for _, s, _ in rows],
+                         "end_ns": [e for _, _, e in rows]},
+                        schema={"pid": pl.Int64, "tid": pl.Int64, "start_ns": pl.Int64, "end_ns": pl.Int64})
+
+
+@st.composite
+def _nested(draw):
+    """Push/pop ranges of a few threads, as a profiler writes them: every range inside the one open
+    when it opened. Steps of 0 ns make ranges start or end together, and identical ranges."""
+    rows = []
+    for thread in range(draw(st.integers(1, 3))):
+        t, stack = 0, []
+        for push in draw(st.lists(st.booleans(), max_size=24)):
+            t += draw(st.integers(0, 3))
+            if push or not stack:
+                stack.append(len(rows))
+                rows.append([thread, t, None])
+            else:
+                rows[stack.pop()][2] = t
+        for i in reversed(stack):
+            t += draw(st.integers(0, 2))
+            rows[i][2] = t
+    order = draw(st.permutations(range(len(rows))))  # row order is not time order
+    return [tuple(rows[i]) for i in order]
+
+
+@settings(max_examples=300, deadline=None)
+@given(ranges=_nested(), queries=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 80), st.integers(0, 6)),
+                                          max_size=16))
+def test_innermost_range_in_nested_ranges_walks_their_tree(ranges, queries):
+    queries = [(t, s, s + d) for t, s, d in queries]
+    assert innermost_range(_frame(queries), _frame(ranges)).to_list() == _brute_innermost(ranges, queries)
+
+
+def test_innermost_range_where_ranges_overlap_without_nesting():
+    """C overlaps B without nesting in it: walking up from E (the last range to start before the
+    query) through its parents B and A would miss C, the innermost range containing the query."""
+    a, b, c, e = (0, 0, 100), (0, 10, 50), (0, 45, 70), (0, 60, 65)
+    ranges = [a, b, c, e, (1, 0, 100)]  # thread 1 nests: walked as a tree beside thread 0's join
+    queries = [(0, 66, 68), (0, 61, 64), (0, 47, 49), (0, 5, 6), (1, 3, 4), (0, 101, 102)]
+    got = innermost_range(_frame(queries), _frame(ranges)).to_list()
+    assert got == [2, 3, 2, 0, 4, None] == _brute_innermost(ranges, queries)
+
+
+@settings(max_examples=200, deadline=None)
+@given(nested=_nested(), loose=st.lists(st.tuples(_times, st.integers(0, 40)), max_size=8),
+       queries=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 80), st.integers(0, 6)), max_size=16))
+def test_innermost_range_with_nested_and_overlapping_threads(nested, loose, queries):
+    """Thread 3's ranges overlap without nesting (answered by the join), beside nested threads."""
+    ranges = nested + [(3, s, s + d) for s, d in loose]
+    queries = [(t, s, s + d) for t, s, d in queries]
+    assert innermost_range(_frame(queries), _frame(ranges)).to_list() == _brute_innermost(ranges, queries)
+
+
 @settings(max_examples=150, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 2), _times, st.integers(0, 15)), max_size=20))
 def test_busy_time_is_the_union_length(intervals):
