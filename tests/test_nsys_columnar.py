@@ -106,3 +106,18 @@ def test_a_name_id_missing_from_stringids_gives_a_null_name(tmp_path):
     trace = _read(path, rows=False)
     _same(trace, _read(path, rows=True))
     assert trace.runtime["name"].null_count() == 1
+
+
+def test_ranges_never_closed_are_counted_apart_and_the_rest_read_by_column(tmp_path, monkeypatch):
+    """Captures often end with NVTX ranges still open: those are set aside (as the row read does),
+    and the other ranges are still read a column at a time (no row read happens at all here)."""
+    path = _copy_demo(tmp_path, "UPDATE NVTX_EVENTS SET end = NULL WHERE rowid IN (SELECT rowid FROM NVTX_EVENTS "
+                                "WHERE eventType = 59 ORDER BY rowid LIMIT 2)")
+    by_rows = _read(path, rows=True)
+    assert by_rows.skipped_reasons == {"unclosed_range": 2}
+
+    def no_rows(*args, **kwargs):
+        raise AssertionError("a row read")
+
+    monkeypatch.setattr(nsys_module._Export, "_frame", no_rows)
+    _same(_read(path, rows=False), by_rows)

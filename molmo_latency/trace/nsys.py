@@ -148,19 +148,30 @@ class _Export(ExportDB):
 
     def _checked_frame(self, items: list[str], bad: str, table: str, schema: dict[str, pl.DataType],
                        where: str = "", join: str = "", named: _Named | None = None,
-                       bad_unjoined: str | None = None) -> pl.DataFrame:
+                       bad_unjoined: str | None = None, aside: tuple[str, str] | None = None) -> pl.DataFrame:
         """The rows of ``SELECT items FROM table AS t [join] [WHERE where]`` that `bad` (see
         :func:`_reason`) gives no reason against; the others are counted under their reason.
 
         A table none of whose rows has a reason (every real export) is read column by column
         (:meth:`_columnar`), checked in the same pass by `bad_unjoined` (`bad` without the checks
         of the joined StringIds value) and, with `named`, without the join: item 0, the name, is
-        looked up once per distinct id (and a value that is not text found there). Otherwise, or
-        when a value cannot be read back so, rows are read in batches with their reason."""
+        looked up once per distinct id (and a value that is not text found there). `aside`: (reason,
+        SQL) of rows that reason alone sets aside (NVTX ranges never closed), counted apart, so that
+        they do not send the whole table to the row read. Otherwise, or when a value cannot be read
+        back so, rows are read in batches with their reason."""
         if bad_unjoined is not None:
-            frame = self._columnar_named(table, items, schema, where, named, bad_unjoined)
+            kept = where
+            if aside is not None:
+                kept = f"{where + ' AND ' if where else ''}NOT ({aside[1]})"
+            frame = self._columnar_named(table, items, schema, kept, named, bad_unjoined)
             if frame is not None:
                 self.events += frame.height
+                if aside is not None:
+                    n = self.db.execute(f"SELECT COUNT(*) FROM {table} AS t WHERE "
+                                        f"{where + ' AND ' if where else ''}{aside[1]}").fetchone()[0]
+                    if n:
+                        self.skipped[aside[0]] += n
+                        self.events += n
                 return frame
         source = f"{table} AS t{join}"
         tail = f" WHERE {where}" if where else ""
@@ -507,7 +518,8 @@ class _Export(ExportDB):
         bad_unjoined = _reason("t.start", "t.end", ids, ["t.text"] if "text" in columns else [],
                                end_missing="unclosed_range")
         frame = self._checked_frame(items, bad, _NVTX, schema, where=ranges, join=join, named=named,
-                                    bad_unjoined=bad_unjoined)
+                                    bad_unjoined=bad_unjoined,
+                                    aside=("unclosed_range", "t.start IS NOT NULL AND t.end IS NULL"))
         # the domain's name, looked up by (process, domainId) as one int64 key: no join, no copy of the frame
         domains = {(pid << 32) | domain_id: name for pid, domain_id, name in self._domains(text, join)}
         key = (pl.col("pid") * (1 << 32)) + pl.col("domain_id")
