@@ -529,9 +529,12 @@ def test_nvml_rate_per_request_and_power_from_the_energy_counter(tiny):
     for r in rep.requests.iter_rows(named=True):
         inside = rep.telemetry.filter(pl.col("t_ns").is_between(r["start_ns"], r["end_ns"])).height
         assert r["telemetry_hz"] == pytest.approx(inside / (r["total_ms"] / 1e3))
-        assert 0 < inside <= r["total_ms"] / 5 + 2  # at most one sample per 5 ms interval (+ jitter)
+        # at most one sample per 5 ms interval (+ the start and stop samples); none is possible where a
+        # busy machine held the sampler's thread back for a whole request
+        assert 0 <= inside <= r["total_ms"] / 5 + 2
         if inside >= 2:
             assert r["power_from_energy_w"] == pytest.approx(250.0, rel=0.05)
+    assert rep.telemetry.height >= 2  # the samples taken when the sampler started and stopped, at least
     short = rep.phases.filter(pl.col("telemetry_hz") * pl.col("ms") / 1e3 < 1.5)  # < 2 samples inside
     assert short["power_from_energy_w"].null_count() == short.height  # too short to say
 
