@@ -110,7 +110,8 @@ def _geo_sum(tau: float, n: np.ndarray) -> np.ndarray:
     """sum_{s=0}^{n-1} exp(-s / tau), elementwise (0 for n = 0).
 
     Example:
-        >>> float(_geo_sum(4.0, np.array([3.0]))[0]) == sum(math.exp(-s / 4.0) for s in range(3))
+        >>> math.isclose(float(_geo_sum(4.0, np.array([3.0]))[0]), sum(math.exp(-s / 4.0) for s in range(3)),
+        ...              rel_tol=1e-12)
         True
     """
     return (1.0 - np.exp(n * (-1.0 / tau))) / (1.0 - math.exp(-1.0 / tau))
