@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import pytest
 import torch
 
 PAD, EOS, BOS = 0, 1, 2
@@ -92,6 +93,8 @@ class Family:
     def build(self, seed: int = 0):
         import transformers
 
+        if not hasattr(transformers, self.cls):  # an older 5.x than the newest, which CI runs
+            pytest.skip(f"{self.cls} is not in transformers {transformers.__version__}")
         torch.manual_seed(seed)
         cfg = self.build_config()
         model = getattr(transformers, self.cls)(cfg).eval()
