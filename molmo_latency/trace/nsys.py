@@ -160,15 +160,13 @@ class _Export(ExportDB):
         they do not send the whole table to the row read. Otherwise, or when a value cannot be read
         back so, rows are read in batches with their reason."""
         if bad_unjoined is not None:
-            kept = where
-            if aside is not None:
-                kept = f"{where + ' AND ' if where else ''}NOT ({aside[1]})"
+            also = f"{where} AND " if where else ""
+            kept = where if aside is None else f"{also}NOT ({aside[1]})"
             frame = self._columnar_named(table, items, schema, kept, named, bad_unjoined)
             if frame is not None:
                 self.events += frame.height
                 if aside is not None:
-                    n = self.db.execute(f"SELECT COUNT(*) FROM {table} AS t WHERE "
-                                        f"{where + ' AND ' if where else ''}{aside[1]}").fetchone()[0]
+                    n = self.db.execute(f"SELECT COUNT(*) FROM {table} AS t WHERE {also}{aside[1]}").fetchone()[0]
                     if n:
                         self.skipped[aside[0]] += n
                         self.events += n
@@ -278,16 +276,12 @@ class _Export(ExportDB):
         StringIds lacks), as the reader's join gives it. Looked up once per distinct id. None when
         such a value is not text (the reader sets those rows aside: the caller reads rows)."""
         ids = frame.filter(pl.col("_text").is_null())["_id"].drop_nulls().unique().to_list()
-        strings = self._strings(named.table)
         lookup: dict[int, str] = {}
-        for i in range(0, len(ids), 500):
-            chunk = ids[i:i + 500]
-            for key, value in self.db.execute(f"SELECT id, value FROM {strings} WHERE id IN "
-                                              f"({', '.join('?' * len(chunk))})", chunk).fetchall():
-                if value is not None and type(value) is not str:  # the reader's reason non_text_name
-                    return None
-                if value is not None:
-                    lookup.setdefault(key, value)
+        for key, value in self._string_values(named.table, ids).items():
+            if value is not None and type(value) is not str:  # the reader's reason non_text_name
+                return None
+            if value is not None:
+                lookup[key] = value
         by_id = (pl.col("_id").replace_strict(lookup, default=None, return_dtype=pl.String) if lookup
                  else pl.lit(None, dtype=pl.String))
         return frame.with_columns(pl.coalesce(pl.col("_text"), by_id).alias("_text")).drop("_id").rename(

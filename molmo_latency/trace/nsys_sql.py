@@ -258,6 +258,18 @@ class ExportDB:
                                       "(SELECT MIN(rowid) FROM StringIds GROUP BY id))")
         return self._string_table
 
+    def _string_values(self, table: str, ids: list[int]) -> dict[int, object]:
+        """id -> value in the StringIds table the readers join for `table` (its first string of a
+        repeated id), for the integer `ids` it has, looked up 500 at a time (SQLite's limit on
+        parameters is far above); the values as stored (the caller judges one that is not text)."""
+        strings = self._strings(table)
+        found: dict[int, object] = {}
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            found.update(self.db.execute(f"SELECT id, value FROM {strings} WHERE id IN "
+                                         f"({', '.join('?' * len(chunk))})", chunk).fetchall())
+        return found
+
     def _metadata(self) -> dict[str, str]:
         if "META_DATA_EXPORT" not in self.tables or not {"name", "value"} <= self._columns("META_DATA_EXPORT"):
             return {}
@@ -614,13 +626,8 @@ class _Summary(ExportDB):
         """`rows` grouped by kernel name id, with the name (the reader's StringIds join) in place of
         the id; a group whose name is not text (and that no earlier reason set aside) gets the
         reader's reason ``non_text_name``."""
-        ids = sorted({r[1] for r in rows if type(r[1]) is int})
-        names: dict[int, object] = {}
+        names = self._string_values(src.table, sorted({r[1] for r in rows if type(r[1]) is int}))
         strings = self._strings(src.table)
-        for i in range(0, len(ids), 500):
-            chunk = ids[i:i + 500]
-            names.update(self.db.execute(f"SELECT id, value FROM {strings} WHERE id IN "
-                                         f"({', '.join('?' * len(chunk))})", chunk).fetchall())
         for key in {r[1] for r in rows if r[1] is not None and type(r[1]) is not int}:  # SQLite's = decides
             row = self.db.execute(f"SELECT value FROM {strings} WHERE id = ?", (key,)).fetchone()
             names[key] = row[0] if row else None
