@@ -278,8 +278,8 @@ def busy_ns(frame: pl.DataFrame, by: list[str]) -> pl.DataFrame:
     if frame.height == 0:
         return frame.select(*by).with_columns(busy_ns=pl.lit(0, dtype=pl.Int64)).clear()
     rows = frame.select(*by, "start_ns", "end_ns").sort([*by, "start_ns"])
-    low, high = rows.select(pl.min_horizontal(pl.col("start_ns").min(), pl.col("end_ns").min()),
-                            pl.max_horizontal(pl.col("start_ns").max(), pl.col("end_ns").max())).row(0)
+    low, high = rows.select(pl.min_horizontal(pl.col("start_ns").min(), pl.col("end_ns").min()).alias("low"),
+                            pl.max_horizontal(pl.col("start_ns").max(), pl.col("end_ns").max()).alias("high")).row(0)
     stretch = None if low is None else high - low + 1
     if stretch is not None and rows.height * stretch < 2**62:
         # Each group's times moved onto their own stretch of one axis, in group order: one running
