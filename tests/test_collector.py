@@ -20,6 +20,7 @@ from molmo_latency.telemetry import FakeGpu, NvmlSettings
 from molmo_latency.telemetry import source as telemetry_source
 from molmo_latency.telemetry.policy import MIN_INTERVAL_MS
 from molmo_latency.telemetry.source import GpuIdentity, open_telemetry, resolve_gpu
+from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -162,8 +163,6 @@ def _hook_count(model) -> int:
 def test_a_sampler_failing_under_required_still_leaves_the_model_as_it_was(tiny, tmp_path):
     """Closing runs every undo step (torch.profiler, sampler, wrappers, hooks) even when stopping
     the sampler raises."""
-    import time
-
     from molmo_latency.errors import NvmlUnavailable
 
     before = _hook_count(tiny.model)
@@ -172,9 +171,7 @@ def test_a_sampler_failing_under_required_still_leaves_the_model_as_it_was(tiny,
         with profile_phases(tiny.model, trace_dir=tmp_path, nvml="required", nvml_device=gpu,
                             nvml_interval_ms=5):
             tiny.model.generate(**tiny.request(crops=1, new_tokens=2))
-            deadline = time.monotonic() + 5
-            while gpu.failures == 0 and time.monotonic() < deadline:
-                time.sleep(0.005)
+            wait_until(lambda: gpu.failures > 0, timeout_s=5, poll_s=0.005)
     assert "generate" not in vars(tiny.model) and "get_compiled_call" not in vars(tiny.model)
     assert _hook_count(tiny.model) == before
     assert not torch.autograd._profiler_enabled()  # our torch.profiler was stopped too

@@ -1,7 +1,6 @@
 """nvml="auto" | "off" | "required" on machines without NVML (CI has neither driver nor GPU)."""
 
 import sys
-import time
 import warnings
 
 import polars as pl
@@ -21,6 +20,7 @@ from molmo_latency.telemetry import (
 )
 from molmo_latency.telemetry import policy
 from tests.test_telemetry_device import FakeNvml
+from tests.waiting import wait_until
 
 
 @pytest.fixture(autouse=True)
@@ -110,18 +110,14 @@ def test_a_bad_mode_is_a_user_error():
 def test_available_device_gives_a_running_sampler_and_its_samples():
     sampler = start_telemetry("auto", FakeGpu(sm_clock_mhz=1700.0), interval_ms=2)
     assert isinstance(sampler, NvmlSampler) and sampler.running
-    deadline = time.monotonic() + 30  # a busy machine may hold the sampler's thread back a while
-    while sampler.samples().height < 2 and time.monotonic() < deadline:
-        time.sleep(0.002)
+    wait_until(lambda: sampler.samples().height >= 2)  # a busy machine may hold the sampler's thread back
     samples = stop_telemetry(sampler, "auto")  # the start sample, a tick or more, the stop sample
     assert samples.height >= 3 and samples["sm_clock_mhz"].unique().to_list() == [1700.0]
 
 
 def test_a_sampler_failing_mid_run(monkeypatch):
     def failed(sampler):  # the thread's third read failed (a busy machine may take a while to get there)
-        deadline = time.monotonic() + 30
-        while sampler.error is None and time.monotonic() < deadline:
-            time.sleep(0.002)
+        wait_until(lambda: sampler.error is not None)
         return sampler
 
     sampler = failed(start_telemetry("auto", FakeGpu(fail_after=2), interval_ms=1))
@@ -179,6 +175,4 @@ def test_profile_phases_required_surfaces_a_sampler_failing_mid_run(tiny):
     with pytest.raises(NvmlUnavailable, match="failed after 2 samples"):
         with profile_phases(tiny.model, nvml="required", nvml_device=gpu, nvml_interval_ms=5):
             tiny.model.generate(**tiny.request(crops=1, new_tokens=4))
-            deadline = time.monotonic() + 5
-            while gpu.failures == 0 and time.monotonic() < deadline:
-                time.sleep(0.005)
+            wait_until(lambda: gpu.failures > 0, timeout_s=5, poll_s=0.005)

@@ -10,6 +10,7 @@ from molmo_latency.errors import MolmoLatencyError, NvmlUnavailable
 from molmo_latency.schema import TELEMETRY_SAMPLE_COLUMNS
 from molmo_latency.telemetry import FakeGpu, NvmlSampler
 from tests.test_telemetry_device import FakeNvml
+from tests.waiting import wait_until
 
 
 def test_samples_on_the_phase_clock_with_the_contract_columns():
@@ -69,27 +70,17 @@ def test_start_and_stop_bracket_the_run_with_a_sample_each():
         sampler.start()
 
 
-def _until(condition, timeout_s: float = 30.0) -> bool:
-    """Wait for `condition` (a busy machine may hold the sampler's thread back for a while)."""
-    deadline = time.monotonic() + timeout_s
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.002)
-    return condition()
-
-
 def test_samples_can_be_read_while_running():
     with NvmlSampler(device=FakeGpu(), interval_ms=2) as sampler:
-        assert _until(lambda: sampler.samples().height >= 2)  # the start sample and one tick
+        assert wait_until(lambda: sampler.samples().height >= 2)  # the start sample and one tick
         first = sampler.samples().height
-        assert _until(lambda: sampler.samples().height > first)
+        assert wait_until(lambda: sampler.samples().height > first)
 
 
 def test_an_error_in_the_thread_is_kept_and_raised_at_stop():
     gpu = FakeGpu(fail_after=3)
     sampler = NvmlSampler(device=gpu, interval_ms=1).start()
-    deadline = time.monotonic() + 5
-    while sampler.error is None and time.monotonic() < deadline:
-        time.sleep(0.005)
+    wait_until(lambda: sampler.error is not None, timeout_s=5, poll_s=0.005)
     assert isinstance(sampler.error, RuntimeError)
     assert not sampler._thread.is_alive()  # the thread ended instead of raising
     assert sampler.running                 # still to be stopped, which reports the failure
