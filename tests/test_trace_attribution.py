@@ -26,6 +26,7 @@ from molmo_latency.trace import (
     annotation_name_stats,
     attribute,
     busy_ns,
+    charged_name_stats,
     innermost_range,
     kernel_category,
     phase_category_table,
@@ -143,13 +144,16 @@ def test_per_annotation_name_kernels_match_naive_attribution(name):
     instances = collections.Counter(a["name"] for a in annotations)
 
     trace = read(DATA / name)
-    per_name = annotation_name_stats(
-        annotation_gpu_stats(attribute(trace.gpu, trace.runtime, trace.annotations), trace.annotations)
-    )
-    got = {r["name"]: [r["gpu_activities"], r["gpu_kernel_ns"]] for r in per_name.iter_rows(named=True)
-           if r["gpu_activities"]}
-    assert got == dict(expected)
-    assert dict(zip(per_name["name"], per_name["instances"])) == dict(instances)
+    attributed = attribute(trace.gpu, trace.runtime, trace.annotations)
+    per_name = annotation_name_stats(annotation_gpu_stats(attributed, trace.annotations))
+    charged = charged_name_stats(attributed, trace.annotations)  # what `trace summary` computes
+    for table in (per_name, charged):
+        got = {r["name"]: [r["gpu_activities"], r["gpu_kernel_ns"]] for r in table.iter_rows(named=True)
+               if r["gpu_activities"]}
+        assert got == dict(expected)
+        assert dict(zip(table["name"], table["instances"])) == dict(instances)
+    # the busy/span/idle sums and the launch delays: the same figures, rows and order by both ways
+    assert charged.equals(per_name)
 
 
 @pytest.mark.parametrize("name", WITH_ANNOTATIONS)

@@ -17,7 +17,7 @@ import importlib
 #: :mod:`molmo_latency.trace.nsys_sql`, imports no polars).
 _WHERE = {
     **dict.fromkeys(("PHASE_GPU_COLUMNS", "annotation_gpu_stats", "annotation_name_stats", "attribute", "busy_ns",
-                     "device_gpu_stats", "innermost_range", "kernel_breakdown", "link_launches", "module_gpu_table", "module_op_table",
+                     "charged_name_stats", "device_gpu_stats", "innermost_range", "kernel_breakdown", "link_launches", "module_gpu_table", "module_op_table",
                      "phase_category_table", "phase_gpu_table", "phase_of", "request_of"), "attribution"),
     **dict.fromkeys(("CATEGORIES", "CPU_OP_RULES", "cpu_op_category", "kernel_category", "with_category"),
                     "categories"),
@@ -39,6 +39,7 @@ __all__ = [
     "annotation_gpu_stats",
     "annotation_name_stats",
     "attribute",
+    "charged_name_stats",
     "busy_ns",
     "device_gpu_stats",
     "innermost_range",

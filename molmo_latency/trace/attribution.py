@@ -45,6 +45,7 @@ __all__ = [
     "PHASE_GPU_COLUMNS",
     "annotation_gpu_stats",
     "annotation_name_stats",
+    "charged_name_stats",
     "attribute",
     "busy_ns",
     "device_gpu_stats",
@@ -365,18 +366,46 @@ def annotation_name_stats(instance_stats: pl.DataFrame) -> pl.DataFrame:
         >>> annotation_name_stats(per).select("name", "instances", "gpu_activities").row(0)
         ('prefill', 1, 3)
     """
+    return _per_name(instance_stats.select("name"), instance_stats)
+
+
+def charged_name_stats(attributed: pl.DataFrame, annotations: pl.DataFrame) -> pl.DataFrame:
+    """:func:`annotation_name_stats` of :func:`annotation_gpu_stats` (the same frame), without the
+    table of every instance: the figures are summed over the instances charged with a GPU activity
+    only (an instance that launched nothing adds zeros and no maximum), and every name of
+    `annotations` counts its instances. What ``trace summary`` uses: a trace of a million ranges,
+    few of which launch kernels, does not hold a row of sixteen columns per range.
+
+    Example:
+        >>> import tempfile
+        >>> from molmo_latency.trace import read_kineto
+        >>> from molmo_latency.trace._demo import write_demo_trace
+        >>> t = read_kineto(write_demo_trace(tempfile.mkdtemp()))
+        >>> attributed = attribute(t.gpu, t.runtime, t.annotations)
+        >>> charged_name_stats(attributed, t.annotations).equals(
+        ...     annotation_name_stats(annotation_gpu_stats(attributed, t.annotations)))
+        True
+    """
+    charged = attributed.filter(pl.col("annotation_id").is_not_null())
+    stats = _gpu_aggregates(charged, ["annotation_id"])
+    names = annotations.select("name").with_row_index("annotation_id")
+    stats = stats.join(names, on="annotation_id", how="left")  # every charged id is a row of `annotations`
+    return _per_name(annotations.select("name"), stats)
+
+
+#: The per-instance figures a name sums (zero for an instance charged with nothing).
+_NAME_SUMS = ("gpu_activities", "gpu_kernel_ns", "gpu_busy_ns", "gpu_span_ns", "gpu_idle_ns", "launch_delay_sum_ns")
+
+
+def _per_name(names: pl.DataFrame, stats: pl.DataFrame) -> pl.DataFrame:
+    """Per name of `names` (one row per instance): ``instances``, and the figures of `stats` (rows
+    of some of those instances, with their ``name``) summed, their launch delay maximum, mean."""
+    counts = names.group_by("name", maintain_order=True).agg(instances=pl.len().cast(pl.Int64))
+    sums = stats.group_by("name").agg(*(pl.col(c).sum() for c in _NAME_SUMS),
+                                      launch_delay_max_ns=pl.col("launch_delay_max_ns").max())
     return (
-        instance_stats.group_by("name", maintain_order=True)
-        .agg(
-            instances=pl.len().cast(pl.Int64),
-            gpu_activities=pl.col("gpu_activities").sum(),
-            gpu_kernel_ns=pl.col("gpu_kernel_ns").sum(),
-            gpu_busy_ns=pl.col("gpu_busy_ns").sum(),
-            gpu_span_ns=pl.col("gpu_span_ns").sum(),
-            gpu_idle_ns=pl.col("gpu_idle_ns").sum(),
-            launch_delay_sum_ns=pl.col("launch_delay_sum_ns").sum(),
-            launch_delay_max_ns=pl.col("launch_delay_max_ns").max(),
-        )
+        counts.join(sums, on="name", how="left", nulls_equal=True, maintain_order="left")
+        .with_columns(pl.col(c).fill_null(0) for c in _NAME_SUMS)
         .with_columns(
             launch_delay_mean_ns=pl.when(pl.col("gpu_activities") > 0).then(
                 pl.col("launch_delay_sum_ns") / pl.col("gpu_activities"))

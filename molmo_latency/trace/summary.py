@@ -12,9 +12,8 @@ import polars as pl
 
 from molmo_latency.trace.attribution import (
     MODULE_PATTERN,
-    annotation_gpu_stats,
-    annotation_name_stats,
     attribute,
+    charged_name_stats,
     device_gpu_stats,
     grouped,
     kernel_breakdown,
@@ -38,7 +37,7 @@ class TraceSummary:
     - ``kernels``: :func:`~molmo_latency.trace.attribution.kernel_breakdown`, every GPU activity
       grouped by exact name;
     - ``annotations``: :func:`~molmo_latency.trace.attribution.annotation_name_stats` over all
-      CPU user annotations (``instances``, ``gpu_activities``, ``gpu_kernel_ns``, ...);
+      CPU user annotations (computed by :func:`~molmo_latency.trace.attribution.charged_name_stats`) (``instances``, ``gpu_activities``, ``gpu_kernel_ns``, ...);
     - ``devices``: :func:`~molmo_latency.trace.attribution.device_gpu_stats`;
     - ``categories``: ``category, count, total_ns`` over every GPU activity;
     - ``unattributed``: GPU activities charged to no annotation; ``unlinked``: those whose
@@ -91,8 +90,7 @@ def summarize(trace: KinetoTrace, parts: tuple[str, ...] | list[str] | None = No
         # only the columns the figures below read: the join then carries 4 of the GPU table's 11
         attributed = attribute(trace.gpu.select("correlation", "start_ns", "end_ns", "dur_ns"), trace.runtime,
                                trace.annotations)
-        per_instance = annotation_gpu_stats(attributed, trace.annotations)
-        annotations = annotation_name_stats(per_instance)
+        annotations = charged_name_stats(attributed, trace.annotations)
         unattributed = int(attributed["annotation_id"].is_null().sum())
         unlinked = int(attributed["launch_start_ns"].is_null().sum())
     if "categories" in computed:
