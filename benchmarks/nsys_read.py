@@ -34,7 +34,7 @@ and deleted after:
                  (molmo_latency/trace/nsys_sql.py), what nsys-ai's ``summary`` shows too;
   ours full      ``python -m molmo_latency trace summary EXPORT --json --no-cache`` (every part:
                  NVTX attribution, launch join; the full reader, a first read) at the smallest
-                 size only;
+                 size, and at every size up to ``--full-max-mb``;
   ours cached    a second ``trace summary EXPORT --json`` (every part) of the same export: the
                  first fills the cache (tables and the kept document), the measured one prints
                  the kept document (:data:`CACHED_READ_ARGS`);
@@ -247,6 +247,8 @@ def main() -> None:
     parser.add_argument("--versus", action="store_true",
                         help="issue 29: whole-process trace summary against nsys-ai at --sizes-mb")
     parser.add_argument("--sizes-mb", default="100,500,2000", help="--versus: export sizes (MB), comma list")
+    parser.add_argument("--full-max-mb", type=float, default=0.0,
+                        help="--versus: measure `ours full` at every export up to this size too (default: the smallest only)")
     parser.add_argument("--lock", help="--versus: a lock file held (flock) while measuring, not while building")
     parser.add_argument("--work", help="--versus: build the exports in this folder and reuse those already there "
                                        "(kept after: delete it yourself); default a temporary folder, deleted after")
@@ -419,7 +421,7 @@ def versus(args: argparse.Namespace) -> None:
                 "sqlite group-by": [sys.executable, str(Path(__file__).resolve()), "--worker", "sql group-by",
                                     "--path", "{path}"],
             }
-            if i == 0:  # a first read, every time (a repeat would print the document the cache keeps)
+            if i == 0 or sizes[i] <= args.full_max_mb:  # a first read every time (not the document the cache keeps)
                 kinds["ours full"] = [*ours, "--no-cache"]
             results: dict[str, list[dict]] = {k: [] for k in kinds}
             if CACHED_READ_ARGS is not None:
@@ -494,6 +496,7 @@ def versus_report(rows, checks, load, ai_version, args) -> None:
               "benchmarks/nsys_read.py)."))
     body = "\n".join([
         f"`python benchmarks/nsys_read.py --versus --sizes-mb {args.sizes_mb} --runs {args.runs}"
+        f"{' --full-max-mb ' + format(args.full_max_mb, 'g') if args.full_max_mb else ''}"
         f"{' --lock ' + args.lock if args.lock else ''}`. Side by side in one run: every reader is a fresh whole process "
         "(start-up and imports included; wall, CPU = user + system, peak RSS = `ru_maxrss`, from `os.wait4`), the "
         "readers alternate. The exports: the shared 2-process FSDP capture with its event rows replicated by SQL "
@@ -504,7 +507,7 @@ def versus_report(rows, checks, load, ai_version, args) -> None:
         "memory are what ran). `ours sql` = `trace summary EXPORT --json --parts gpu,categories,kernels` (per "
         "device, per category, per kernel: what nsys-ai's summary shows too, computed by SQLite); `ours full` = "
         "`trace summary EXPORT --json --no-cache` with every part (NVTX attribution, launch join; a first read), "
-        "smallest export only; `ours cached` = `trace summary EXPORT --json` run twice, the second measured: it "
+        f"{'at exports up to ' + format(args.full_max_mb, 'g') + ' MB' if args.full_max_mb else 'smallest export only'}; `ours cached` = `trace summary EXPORT --json` run twice, the second measured: it "
         "prints the document the first kept beside the export's cached tables.",
         "",
         f"Machine: `{' '.join(platform.uname()).strip()}`, {os.cpu_count()} cores (1-min load average "
