@@ -148,7 +148,8 @@ class _Export(ExportDB):
 
     def _checked_frame(self, items: list[str], bad: str, table: str, schema: dict[str, pl.DataType],
                        where: str = "", join: str = "", named: _Named | None = None,
-                       bad_unjoined: str | None = None, aside: tuple[str, str] | None = None) -> pl.DataFrame:
+                       bad_unjoined: str | None = None, aside: tuple[str, str] | None = None,
+                       checked: tuple[str, ...] = ()) -> pl.DataFrame:
         """The rows of ``SELECT items FROM table AS t [join] [WHERE where]`` that `bad` (see
         :func:`_reason`) gives no reason against; the others are counted under their reason.
 
@@ -157,12 +158,15 @@ class _Export(ExportDB):
         of the joined StringIds value) and, with `named`, without the join: item 0, the name, is
         looked up once per distinct id (and a value that is not text found there). `aside`: (reason,
         SQL) of rows that reason alone sets aside (NVTX ranges never closed), counted apart, so that
-        they do not send the whole table to the row read. Otherwise, or when a value cannot be read
-        back so, rows are read in batches with their reason."""
+        they do not send the whole table to the row read. `checked`: the columns (and expressions
+        of them) whose type `bad_unjoined` checks, read there without their own check (see
+        :meth:`_unchecked`). Otherwise, or when a value cannot be read back so, rows are read in
+        batches with their reason."""
         if bad_unjoined is not None:
             also = f"{where} AND " if where else ""
             kept = where if aside is None else f"{also}NOT ({aside[1]})"
-            frame = self._columnar_named(table, items, schema, kept, named, bad_unjoined)
+            frame = self._columnar_named(table, [self._unchecked(i, checked) for i in items], schema, kept, named,
+                                         bad_unjoined)
             if frame is not None:
                 self.events += frame.height
                 if aside is not None:
@@ -175,6 +179,28 @@ class _Export(ExportDB):
         tail = f" WHERE {where}" if where else ""
         frame = self._frame(f"SELECT {', '.join([*items, bad])} FROM {source}{tail}", {**schema, "_bad": pl.String})
         return self._valid(frame)
+
+    def _unchecked(self, item: str, checked: tuple[str, ...]) -> str:
+        """`item` (SQL) without the per-value type checks of the `checked` columns: ``_int(c)`` is
+        ``c`` and a time item is the column plus the base. Only for the column read, whose rows are
+        used only when the same query's reason gives none of them one: the reason requires each
+        checked id to be an integer or NULL and each time an integer in range, where the plain
+        expression has the checked one's value. A column the reason does not check keeps its
+        check (a name's id: text there would be NULL, not a number).
+
+        Example:
+            >>> export = _Export.__new__(_Export)
+            >>> export.base_time_ns = 5
+            >>> export._unchecked(f"{_int('t.a')} + {_int('t.b')}", ("t.a",))
+            "t.a + (CASE WHEN typeof(t.b) = 'integer' THEN t.b END)"
+            >>> export._unchecked(export._time("t.start"), ("t.start",))
+            't.start + 5'
+        """
+        for column in checked:
+            item = item.replace(_int(column), column)
+            if column in ("t.start", "t.end"):
+                item = item.replace(self._time(column), f"{column} + {self.base_time_ns}")
+        return item
 
     def _columnar_named(self, table: str, items: list[str], schema: dict[str, pl.DataType], where: str,
                         named: _Named | None, bad: str) -> pl.DataFrame | None:
@@ -335,10 +361,11 @@ class _Export(ExportDB):
 
     def _times(self) -> list[str]:
         """SQL select items start_ns, end_ns (NULL where the row's ``_bad`` reason sets it aside)."""
-        def ns(column: str) -> str:
-            return (f"CASE WHEN typeof({column}) = 'integer' AND {column} BETWEEN -{_TIME_LIMIT_NS} AND "
-                    f"{_TIME_LIMIT_NS} THEN {column} + {self.base_time_ns} END")
-        return [ns("t.start"), ns("t.end")]
+        return [self._time("t.start"), self._time("t.end")]
+
+    def _time(self, column: str) -> str:
+        return (f"CASE WHEN typeof({column}) = 'integer' AND {column} BETWEEN -{_TIME_LIMIT_NS} AND "
+                f"{_TIME_LIMIT_NS} THEN {column} + {self.base_time_ns} END")
 
     def _activity_columns(self, table: str, columns: set[str], extra_ids: list[str] = ()) -> list[str]:
         """SQL select items shared by kernels, memcpy and memset: times, device, stream,
@@ -351,6 +378,7 @@ class _Export(ExportDB):
         ids = [f"t.{c}" for c in ("deviceId", "streamId", "correlationId", "globalPid") if c in columns]
         self._bad = _reason("t.start", "t.end", [*ids, *extra_ids], self._names)
         self._bad_unjoined = _reason("t.start", "t.end", [*ids, *extra_ids], [])  # names: checked per id
+        self._checked = ("t.start", "t.end", *ids, *extra_ids)
         return [
             *self._times(),
             _int("t.deviceId") if "deviceId" in columns else "NULL",
@@ -364,6 +392,7 @@ class _Export(ExportDB):
     }
     _names: list[str] = []
     _bad = _bad_unjoined = "NULL"
+    _checked: tuple[str, ...] = ()
 
     def _finish_gpu(self, frame: pl.DataFrame, kind: str) -> pl.DataFrame:
         dims = ("grid", "block")
@@ -397,7 +426,8 @@ class _Export(ExportDB):
             schema.update({d: pl.Int64 for d in dims})
         frame = self._checked_frame(items, self._bad, _KERNEL, schema,
                                     join=f" LEFT JOIN {strings} AS s ON s.id = t.{name_id}",
-                                    named=_Named(_KERNEL, _int(f"t.{name_id}")), bad_unjoined=self._bad_unjoined)
+                                    named=_Named(_KERNEL, _int(f"t.{name_id}")), bad_unjoined=self._bad_unjoined,
+                                    checked=self._checked)
         if has_dims:
             frame = frame.with_columns(
                 grid=pl.concat_list("gridX", "gridY", "gridZ").list.to_array(3),
@@ -415,7 +445,7 @@ class _Export(ExportDB):
         schema = {k: v for k, v in self._ACTIVITY_SCHEMA.items() if k != "name"}
         items += [_int(f"t.{c}") for c in codes]
         schema.update({c: pl.Int64 for c in codes})
-        frame = self._checked_frame(items, self._bad, _MEMCPY, schema, bad_unjoined=self._bad)
+        frame = self._checked_frame(items, self._bad, _MEMCPY, schema, bad_unjoined=self._bad, checked=self._checked)
         return self._finish_gpu(frame.with_columns(name=self._memcpy_names(frame, codes)), "gpu_memcpy")
 
     def _memcpy_names(self, frame: pl.DataFrame, codes: list[str]) -> pl.Expr:
@@ -443,7 +473,7 @@ class _Export(ExportDB):
         if "memKind" in columns:
             items.append(_int("t.memKind"))
             schema["memKind"] = pl.Int64
-        frame = self._checked_frame(items, self._bad, _MEMSET, schema, bad_unjoined=self._bad)
+        frame = self._checked_frame(items, self._bad, _MEMSET, schema, bad_unjoined=self._bad, checked=self._checked)
         kinds = {i: label for i, label in self._enum_labels("ENUM_CUDA_MEM_KIND")
                  if type(i) is int and type(label) is str}
         if "memKind" in columns and kinds:
@@ -475,7 +505,7 @@ class _Export(ExportDB):
                  start, end]
         frame = self._checked_frame(items, bad, _RUNTIME, schema, join=f" LEFT JOIN {strings} AS s ON s.id = t.nameId",
                                     named=_Named(_RUNTIME, _int("t.nameId")),
-                                    bad_unjoined=_reason("t.start", "t.end", ids, []))
+                                    bad_unjoined=_reason("t.start", "t.end", ids, []), checked=("t.start", "t.end", *ids))
         return frame.with_columns(
             name=pl.col("name").str.replace(r"_v\d+$", ""),
             external_id=pl.lit(None, dtype=pl.Int64),
@@ -513,7 +543,8 @@ class _Export(ExportDB):
                                end_missing="unclosed_range")
         frame = self._checked_frame(items, bad, _NVTX, schema, where=ranges, join=join, named=named,
                                     bad_unjoined=bad_unjoined,
-                                    aside=("unclosed_range", "t.start IS NOT NULL AND t.end IS NULL"))
+                                    aside=("unclosed_range", "t.start IS NOT NULL AND t.end IS NULL"),
+                                    checked=("t.start", "t.end", *ids, payload))  # payload: a COALESCE of ids
         # the domain's name, looked up by (process, domainId) as one int64 key: no join, no copy of the frame
         domains = {(pid << 32) | domain_id: name for pid, domain_id, name in self._domains(text, join)}
         key = (pl.col("pid") * (1 << 32)) + pl.col("domain_id")
