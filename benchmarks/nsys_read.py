@@ -247,6 +247,9 @@ def main() -> None:
     parser.add_argument("--versus", action="store_true",
                         help="issue 29: whole-process trace summary against nsys-ai at --sizes-mb")
     parser.add_argument("--sizes-mb", default="100,500,2000", help="--versus: export sizes (MB), comma list")
+    parser.add_argument("--baseline-src", help="--versus: a folder holding an earlier molmo_latency package "
+                        "(`git archive REV molmo_latency`): its whole first-read summary measured beside ours full")
+    parser.add_argument("--baseline-label", default="before", help=argparse.SUPPRESS)
     parser.add_argument("--full-max-mb", type=float, default=0.0,
                         help="--versus: measure `ours full` at every export up to this size too (default: the smallest only)")
     parser.add_argument("--lock", help="--versus: a lock file held (flock) while measuring, not while building")
@@ -423,6 +426,8 @@ def versus(args: argparse.Namespace) -> None:
             }
             if i == 0 or sizes[i] <= args.full_max_mb:  # a first read every time (not the document the cache keeps)
                 kinds["ours full"] = [*ours, "--no-cache"]
+                if args.baseline_src:  # the same, by the package as it was (run from its own folder)
+                    kinds[f"{args.baseline_label}: full"] = [*ours, "--no-cache"]
             results: dict[str, list[dict]] = {k: [] for k in kinds}
             if CACHED_READ_ARGS is not None:
                 results["ours cached"] = []
@@ -430,7 +435,9 @@ def versus(args: argparse.Namespace) -> None:
                 for kind, command in kinds.items():
                     command = [c.replace("{path}", str(path)) for c in command]
                     out = work / "ours.json" if (kind == "ours sql" and run == 0) else None
-                    results[kind].append(measure(command, work, out, env))
+                    before = kind.startswith(f"{args.baseline_label}:") and args.baseline_src
+                    results[kind].append(measure(command, work, out, {**env, "PYTHONPATH": args.baseline_src}
+                                                 if before else env))
                     print(f"{mb:.0f} MB {kind} run {run + 1}: {results[kind][-1]['wall_s']:.2f} s wall, "
                           f"{results[kind][-1]['cpu_s']:.2f} s CPU, {results[kind][-1]['peak_mb']:.0f} MB", flush=True)
                 if CACHED_READ_ARGS is not None:
@@ -491,12 +498,23 @@ def versus_report(rows, checks, load, ai_version, args) -> None:
             f"memory); nsys-ai {'fell back to sqlite3 (no DuckDB extension download here)' if fell_back else 'ran on DuckDB'}; "
             f"ours' per-kernel counts and totals {'**equal**' if same else '**differ from**'} SQLite's GROUP BY."
         )
+        full = results.get("ours full")
+        if full:
+            cpu_f, rss_f = statistics.median(r["cpu_s"] for r in full), max(r["peak_mb"] for r in full)
+            before = results.get(f"{args.baseline_label}: full")
+            lines.append(
+                f"  - every part (NVTX attribution, launch join), a first read: ours full {cpu_f:.2f} s CPU, "
+                f"{rss_f:.0f} MB ({rss_f / mb:.2f}x the export) = {cpu_f / cpu_a:.1f}x nsys-ai's CPU, "
+                f"{rss_f / rss_a:.1f}x its memory"
+                + (f"; {args.baseline_label}: {statistics.median(r['cpu_s'] for r in before):.2f} s CPU, "
+                   f"{max(r['peak_mb'] for r in before):.0f} MB" if before else "") + ".")
     cached = ("- cached read: " + ("measured above (ours cached)." if CACHED_READ_ARGS is not None else
               "not measured: the Parquet cache is not in this tree (hook `CACHED_READ_ARGS` in "
               "benchmarks/nsys_read.py)."))
     body = "\n".join([
         f"`python benchmarks/nsys_read.py --versus --sizes-mb {args.sizes_mb} --runs {args.runs}"
         f"{' --full-max-mb ' + format(args.full_max_mb, 'g') if args.full_max_mb else ''}"
+        f"{' --baseline-src DIR --baseline-label ' + repr(args.baseline_label) if args.baseline_src else ''}"
         f"{' --lock ' + args.lock if args.lock else ''}`. Side by side in one run: every reader is a fresh whole process "
         "(start-up and imports included; wall, CPU = user + system, peak RSS = `ru_maxrss`, from `os.wait4`), the "
         "readers alternate. The exports: the shared 2-process FSDP capture with its event rows replicated by SQL "
