@@ -357,3 +357,18 @@ def test_the_direct_command_line_reads_the_options_typer_declares(tmp_path, caps
     for odd in (["--help"], [str(path), "--top", "x"], [str(path), "--top", "0"], [str(path), "--bogus"],
                 [str(path), str(path)], [], [str(path), "--json=1"], [str(path), "--cache-dir"]):
         assert direct_summary(odd) is None, odd  # left to Typer and its messages
+
+
+@pytest.mark.parametrize("size", [0, 1, 6, 7, 8, 100])
+def test_the_digest_is_the_sha256_of_the_file_read_in_steps(tmp_path, monkeypatch, size):
+    """The hashing thread reads the trace in large steps (few GIL hand-overs while the parser
+    runs): the digest is still SHA-256 of the bytes, whatever the last step holds."""
+    import hashlib
+
+    from molmo_latency.trace import cache
+
+    monkeypatch.setattr(cache, "_HASH_CHUNK", 7)  # steps of 7 bytes: 0, 1, exactly one, several
+    data = bytes(range(256)) * 4
+    path = tmp_path / "t.json"
+    path.write_bytes(data[:size])
+    assert cache.trace_digest(path) == hashlib.sha256(data[:size]).hexdigest()
