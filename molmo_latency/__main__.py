@@ -1,5 +1,5 @@
 import sys
 
-from molmo_latency.cli.main import main
+from molmo_latency.cli.main import console
 
-sys.exit(main())
+sys.exit(console())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -162,7 +163,6 @@ def test_nvml_required_without_nvml_is_refused_before_anything_is_written(tmp_pa
 
 
 def test_ray_alone_means_a_local_ray_as_the_readme_says(tmp_path):
-    from pathlib import Path
 
     from molmo_latency.cli.main import _fill_optional_values
 
@@ -200,6 +200,24 @@ def test_top_level_help_lists_every_command_without_importing_any():
     assert "HEAVY [] 0" in res.stdout, res.stdout + res.stderr
     for name in ("profile", "report", "demo", "explain", "diff", "fit", "predict", "trace"):
         assert f" {name} " in res.stdout
+
+
+def test_the_program_freezes_what_is_left_before_exiting_and_keeps_the_exit_code():
+    """The installed program and `python -m molmo_latency` run `console`: the command's exit code,
+    and every object left frozen so the interpreter's last collection skips them; `main` (what
+    tests and other programs call) freezes nothing."""
+    import tomllib
+
+    scripts = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["molmo-latency"] == "molmo_latency.cli.main:console"
+    code = ("import gc, sys\nfrom molmo_latency.cli.main import console, main\n"
+            "rc = main(['trace', 'summary', '/nonexistent.json'])\nbefore = gc.get_freeze_count()\n"
+            "sys.argv = ['molmo-latency', 'trace', 'summary', '/nonexistent.json']\n"
+            "print('RC', rc, console(), before, gc.get_freeze_count() > 0)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "RC 2 2 0 True" in res.stdout, res.stdout + res.stderr
+    res = _cli("trace", "summary", "/nonexistent.json")
+    assert res.returncode == 2 and "nonexistent" in res.stderr
 
 
 def test_the_listing_of_commands_is_each_command_s_own_help():
@@ -409,7 +427,6 @@ def test_run_sweep_with_nvml_required_and_no_nvml_writes_nothing(tmp_path):
 
 
 def test_every_terminal_table_goes_through_the_one_renderer():
-    from pathlib import Path
 
     cli = Path(__file__).parents[1] / "molmo_latency" / "cli"
     for module in cli.glob("*.py"):
