@@ -163,7 +163,6 @@ def test_nvml_required_without_nvml_is_refused_before_anything_is_written(tmp_pa
 
 
 def test_ray_alone_means_a_local_ray_as_the_readme_says(tmp_path):
-
     from molmo_latency.cli.main import _fill_optional_values
 
     assert _fill_optional_values(["profile", "--ray"]) == ["profile", "--ray", "local"]
@@ -427,7 +426,6 @@ def test_run_sweep_with_nvml_required_and_no_nvml_writes_nothing(tmp_path):
 
 
 def test_every_terminal_table_goes_through_the_one_renderer():
-
     cli = Path(__file__).parents[1] / "molmo_latency" / "cli"
     for module in cli.glob("*.py"):
         if module.name != "show.py":
