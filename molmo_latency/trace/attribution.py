@@ -345,9 +345,7 @@ def annotation_gpu_stats(attributed: pl.DataFrame, annotations: pl.DataFrame) ->
         (2, 14250, 14250, 14500, 250)
     """
     instances = annotations.select("name", "pid", "tid", "start_ns", "end_ns").with_row_index("annotation_id")
-    charged = attributed.filter(pl.col("annotation_id").is_not_null())
-    stats = _gpu_aggregates(charged, ["annotation_id"])
-    out = instances.join(stats, on="annotation_id", how="left", maintain_order="left")
+    out = instances.join(_charged_stats(attributed), on="annotation_id", how="left", maintain_order="left")
     return out.with_columns(pl.col(c).fill_null(v) for c, v in _ZERO_STATS.items())
 
 
@@ -386,11 +384,16 @@ def charged_name_stats(attributed: pl.DataFrame, annotations: pl.DataFrame) -> p
         ...     annotation_name_stats(annotation_gpu_stats(attributed, t.annotations)))
         True
     """
-    charged = attributed.filter(pl.col("annotation_id").is_not_null())
-    stats = _gpu_aggregates(charged, ["annotation_id"])
     names = annotations.select("name").with_row_index("annotation_id")
-    stats = stats.join(names, on="annotation_id", how="left")  # every charged id is a row of `annotations`
+    # every charged id is a row of `annotations`
+    stats = _charged_stats(attributed).join(names, on="annotation_id", how="left")
     return _per_name(annotations.select("name"), stats)
+
+
+def _charged_stats(attributed: pl.DataFrame) -> pl.DataFrame:
+    """The GPU figures of each annotation instance :func:`attribute` charged an activity to, by
+    ``annotation_id`` (instances charged with nothing have no row)."""
+    return _gpu_aggregates(attributed.filter(pl.col("annotation_id").is_not_null()), ["annotation_id"])
 
 
 #: The per-instance figures a name sums (zero for an instance charged with nothing).

@@ -37,7 +37,8 @@ class TraceSummary:
     - ``kernels``: :func:`~molmo_latency.trace.attribution.kernel_breakdown`, every GPU activity
       grouped by exact name;
     - ``annotations``: :func:`~molmo_latency.trace.attribution.annotation_name_stats` over all
-      CPU user annotations (computed by :func:`~molmo_latency.trace.attribution.charged_name_stats`) (``instances``, ``gpu_activities``, ``gpu_kernel_ns``, ...);
+      CPU user annotations (``instances``, ``gpu_activities``, ``gpu_kernel_ns``, ...), computed
+      by :func:`~molmo_latency.trace.attribution.charged_name_stats`;
     - ``devices``: :func:`~molmo_latency.trace.attribution.device_gpu_stats`;
     - ``categories``: ``category, count, total_ns`` over every GPU activity;
     - ``unattributed``: GPU activities charged to no annotation; ``unlinked``: those whose
